@@ -1,0 +1,1 @@
+"""The onboard real-time loop: cameras, inference worker, chunk scheduling, safety, watchdog, telemetry."""

@@ -1,0 +1,45 @@
+"""The one chokepoint for heavy optional imports (LeRobot's `require_package` habit)."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from edge_vla.errors import MissingDependencyError
+
+# import name -> (pip extra, why it is needed)
+_EXTRAS: dict[str, tuple[str, str]] = {
+    "torch": ("export", "training, distillation and ONNX export"),
+    "onnx": ("export", "ONNX graph export and linting"),
+    "onnxscript": ("export", "ONNX graph export"),
+    "safetensors": ("export", "reading and writing checkpoints"),
+    "tqdm": ("export", "progress bars"),
+    "tensorrt": ("tensorrt", "the TensorRT backend and engine builds"),
+    "cuda": ("tensorrt", "CUDA memory, streams and kernels"),
+    "pyrealsense2": ("realsense", "Intel RealSense cameras"),
+    "mcap": ("telemetry", "MCAP telemetry logs"),
+    "cryptography": ("provision", "bundle signing"),
+    "matplotlib": ("plot", "latency plots"),
+}
+
+
+def require(module: str) -> ModuleType:
+    """Import `module` or raise an error that names the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        top = module.split(".")[0]
+        extra, why = _EXTRAS.get(top, (None, "this feature"))
+        hint = f"pip install 'edge-vla[{extra}]'" if extra else f"pip install {top}"
+        raise MissingDependencyError(
+            f"{module!r} is needed for {why} but could not be imported ({exc}). Install it with: {hint}"
+        ) from exc
+
+
+def available(module: str) -> bool:
+    """True when `module` imports (without raising for any reason)."""
+    try:
+        importlib.import_module(module)
+    except Exception:
+        return False
+    return True

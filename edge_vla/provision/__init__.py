@@ -1,0 +1,1 @@
+"""Provisioning robot computers: package, sign, install, doctor."""

@@ -1,0 +1,1 @@
+"""Onboard inference: bundle -> Policy (onnxruntime or TensorRT), ODE solvers, latency profiling."""
