@@ -1,0 +1,106 @@
+"""Model configuration: a frozen dataclass family with size presets (openpi habit).
+
+The config is plain data (no torch) so that the runtime can read it back from a bundle manifest.
+The export side builds the PyTorch model and fake inputs from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from edge_vla.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class VLAConfig:
+    """A pi0-style VLA: vision + text + state -> prefix (trunk); action expert denoises an H x D chunk."""
+
+    preset: str = "tiny"
+    # Observation.
+    image_size: int = 64
+    num_cameras: int = 1
+    patch_size: int = 8
+    max_text_len: int = 24
+    state_dim: int = 2
+    # Action chunk.
+    action_dim: int = 2
+    chunk_len: int = 8
+    # Trunk (prefix).
+    width: int = 128
+    depth: int = 2
+    heads: int = 4
+    # Action expert.
+    expert_width: int = 128
+    expert_depth: int = 2
+    expert_heads: int = 4
+    mlp_ratio: int = 4
+    # Sampler.
+    num_steps: int = 10
+
+    # Byte-level tokenizer: 0 = pad, 1 = end of text, bytes map to 2..257.
+    @property
+    def vocab_size(self) -> int:
+        return 258
+
+    @property
+    def tokens_per_camera(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def prefix_len(self) -> int:
+        return self.num_cameras * self.tokens_per_camera + self.max_text_len + 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.expert_width // self.expert_heads
+
+    def validate(self) -> VLAConfig:
+        problems = []
+        if self.image_size % self.patch_size:
+            problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.width % self.heads:
+            problems.append(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.expert_width % self.expert_heads:
+            problems.append(f"expert_width {self.expert_width} is not divisible by expert_heads {self.expert_heads}")
+        for name in ("num_cameras", "depth", "expert_depth", "chunk_len", "action_dim", "state_dim", "num_steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1")
+        if problems:
+            raise ConfigError("invalid VLAConfig: " + "; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VLAConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; this edge-vla knows {sorted(known)}")
+        return cls(**data).validate()
+
+
+PRESETS: dict[str, VLAConfig] = {
+    # A TinyVLA-sized student that trains on a 2-core CPU in minutes (~1M parameters).
+    "tiny": VLAConfig(preset="tiny"),
+    # A larger teacher (~8M parameters).
+    "small": VLAConfig(
+        preset="small", width=256, depth=4, heads=8,
+        expert_width=256, expert_depth=4, expert_heads=8,
+    ),
+    # Octo-Base sized (~90M parameters) for export and latency work with untrained weights.
+    "base": VLAConfig(
+        preset="base", image_size=224, num_cameras=2, patch_size=16, max_text_len=32,
+        width=768, depth=8, heads=12, expert_width=512, expert_depth=6, expert_heads=8,
+        chunk_len=16,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> VLAConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides).validate()
