@@ -1,0 +1,113 @@
+"""Demonstration datasets: expert rollouts with perturbations, stored as one .npz (no pickles).
+
+Arrays: images uint8 [N, C, S, S, 3], instructions str [N], states float32 [N, 2],
+actions float32 [N, chunk, 2] (the expert's clean plan from that state), episodes int32 [N].
+The executed actions are perturbed (DART-style) so the data covers recoveries from small errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_vla.errors import EdgeVlaError
+from edge_vla.sim.env import ReachEnv
+from edge_vla.sim.expert import expert_chunk
+
+DATASET_CHUNK = 16
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Dataset:
+    images: np.ndarray
+    instructions: np.ndarray
+    states: np.ndarray
+    actions: np.ndarray
+    episodes: np.ndarray
+    meta: dict
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def action_stats(self) -> dict[str, list[float]]:
+        flat = self.actions.reshape(-1, self.actions.shape[-1])
+        return {"mean": flat.mean(0).tolist(), "std": (flat.std(0) + 1e-6).tolist()}
+
+    def state_stats(self) -> dict[str, list[float]]:
+        return {"mean": self.states.mean(0).tolist(), "std": (self.states.std(0) + 1e-6).tolist()}
+
+
+def generate(
+    seeds: range, image_size: int = 64, num_cameras: int = 1, noise: float = 0.15, chunk_len: int = DATASET_CHUNK
+) -> Dataset:
+    env = ReachEnv(image_size=image_size, num_cameras=num_cameras)
+    images, instr, states, actions, episodes = [], [], [], [], []
+    for seed in seeds:
+        obs = env.reset(seed)
+        rng = np.random.default_rng(10_000_000 + seed)
+        assert env.scene is not None
+        done = False
+        while not done:
+            plan = expert_chunk(env.scene, obs.state, chunk_len)
+            images.append(np.stack(obs.images))
+            instr.append(obs.instruction)
+            states.append(obs.state)
+            actions.append(plan)
+            episodes.append(seed)
+            executed = plan[0] + rng.normal(0.0, noise, size=2).astype(np.float32) * (rng.random() < 0.5)
+            obs, _, done = env.step(executed)
+    return Dataset(
+        images=np.stack(images),
+        instructions=np.array(instr),
+        states=np.stack(states).astype(np.float32),
+        actions=np.stack(actions).astype(np.float32),
+        episodes=np.array(episodes, dtype=np.int32),
+        meta={
+            "format_version": FORMAT_VERSION,
+            "task": "reach",
+            "image_size": image_size,
+            "num_cameras": num_cameras,
+            "seeds": [seeds.start, seeds.stop],
+            "noise": noise,
+            "action_period_s": env.action_period_s,
+        },
+    )
+
+
+def save(ds: Dataset, path: str | Path) -> Path:
+    """Write atomically: a temp file in the same directory, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(
+                f, images=ds.images, instructions=ds.instructions, states=ds.states, actions=ds.actions,
+                episodes=ds.episodes, meta=np.array(json.dumps(ds.meta)),
+            )
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load(path: str | Path) -> Dataset:
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeVlaError(f"dataset {path} does not exist; make one with `edge-vla make-data -o {path}`")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in ("images", "instructions", "states", "actions", "episodes", "meta")}
+    except (OSError, ValueError, KeyError) as exc:
+        raise EdgeVlaError(f"dataset {path} is not a readable edge-vla dataset ({exc}); regenerate it") from exc
+    meta = json.loads(str(arrays.pop("meta")))
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise EdgeVlaError(f"dataset {path} has format {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    return Dataset(meta=meta, **arrays)

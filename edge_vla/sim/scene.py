@@ -1,0 +1,137 @@
+"""A 2-link planar arm over a table with coloured blocks, rendered to RGB with numpy.
+
+The scene is separate from the dynamics so that anything that knows the joint angles (the sim's own
+integrator, or a motor-controller emulator) can render cameras and score success.
+Units: metres on a 1 m x 1 m table, radians for joints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 80, 230),
+    "yellow": (230, 210, 40),
+}
+TEMPLATES = ("reach the {} block", "touch the {} block", "go to the {} block")
+TABLE_RGB = (150, 140, 125)
+ARM_RGB = (30, 30, 30)
+EE_RGB = (250, 250, 250)
+
+BASE = np.array([0.5, 0.05])
+LINKS = (0.45, 0.40)
+JOINT_NAMES = ("shoulder", "elbow")
+JOINT_LOWER = np.array([0.0, -2.6], dtype=np.float32)
+JOINT_UPPER = np.array([np.pi, 2.6], dtype=np.float32)
+JOINT_VEL_LIMIT = np.array([2.5, 2.5], dtype=np.float32)  # rad/s
+HOME = np.array([np.pi / 2, 0.0], dtype=np.float32)
+BLOCK_HALF = 0.05
+SUCCESS_RADIUS = 0.06
+NUM_BLOCKS = 3
+
+
+def forward_kinematics(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(elbow xy, end-effector xy) for joint angles q = [shoulder, elbow]."""
+    a1 = float(q[0])
+    a2 = a1 + float(q[1])
+    elbow = BASE + LINKS[0] * np.array([np.cos(a1), np.sin(a1)])
+    ee = elbow + LINKS[1] * np.array([np.cos(a2), np.sin(a2)])
+    return elbow, ee
+
+
+def inverse_kinematics(target: np.ndarray, q_near: np.ndarray) -> np.ndarray:
+    """Joint angles that put the end effector on `target`, choosing the branch nearest `q_near`."""
+    d = np.asarray(target, dtype=np.float64) - BASE
+    l1, l2 = LINKS
+    r2 = float(d @ d)
+    c2 = np.clip((r2 - l1 * l1 - l2 * l2) / (2 * l1 * l2), -1.0, 1.0)
+    best = None
+    for sign in (1.0, -1.0):
+        q2 = sign * np.arccos(c2)
+        q1 = np.arctan2(d[1], d[0]) - np.arctan2(l2 * np.sin(q2), l1 + l2 * np.cos(q2))
+        q = np.array([q1, q2])
+        q = np.clip(q, JOINT_LOWER, JOINT_UPPER)
+        cost = float(np.abs(q - q_near).sum())
+        if best is None or cost < best[0]:
+            best = (cost, q)
+    assert best is not None
+    return best[1].astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Block positions and colours, and which block the instruction names."""
+
+    block_xy: np.ndarray  # [NUM_BLOCKS, 2]
+    block_colors: tuple[str, ...]
+    target: int
+    instruction: str
+
+    @classmethod
+    def sample(cls, rng: np.random.Generator) -> Scene:
+        colors = tuple(rng.choice(list(COLORS), size=NUM_BLOCKS, replace=False).tolist())
+        blocks: list[np.ndarray] = []
+        while len(blocks) < NUM_BLOCKS:
+            # Reachable, in front of the base, apart from each other and away from the home pose.
+            r = rng.uniform(0.35, 0.75)
+            ang = rng.uniform(0.25, np.pi - 0.25)
+            p = BASE + r * np.array([np.cos(ang), np.sin(ang)])
+            if not (0.08 < p[0] < 0.92 and 0.15 < p[1] < 0.92):
+                continue
+            if all(np.linalg.norm(p - b) > 0.2 for b in blocks):
+                blocks.append(p)
+        target = int(rng.integers(NUM_BLOCKS))
+        template = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
+        return cls(np.stack(blocks), colors, target, template.format(colors[target]))
+
+    @property
+    def target_xy(self) -> np.ndarray:
+        return self.block_xy[self.target]
+
+    def distance(self, q: np.ndarray) -> float:
+        return float(np.linalg.norm(forward_kinematics(q)[1] - self.target_xy))
+
+    def reached(self, q: np.ndarray) -> bool:
+        return self.distance(q) < SUCCESS_RADIUS
+
+    def render(self, q: np.ndarray, size: int, center: np.ndarray | None = None, extent: float = 1.0) -> np.ndarray:
+        """RGB uint8 [size, size, 3] of a square window `extent` metres wide (the whole table by default)."""
+        if center is None:
+            center = np.array([0.5, 0.5])
+        coords = (np.arange(size) + 0.5) / size * extent
+        xs = center[0] - extent / 2 + coords
+        ys = center[1] + extent / 2 - coords  # image row 0 is the far edge of the table
+        px, py = np.meshgrid(xs, ys)
+        img = np.empty((size, size, 3), dtype=np.uint8)
+        img[:] = TABLE_RGB
+        outside = (px < 0) | (px > 1) | (py < 0) | (py > 1)
+        img[outside] = (60, 60, 60)
+        for xy, color in zip(self.block_xy, self.block_colors):
+            mask = (np.abs(px - xy[0]) <= BLOCK_HALF) & (np.abs(py - xy[1]) <= BLOCK_HALF)
+            img[mask] = COLORS[color]
+        elbow, ee = forward_kinematics(q)
+        width = max(0.018, 1.2 * extent / size)
+        for a, b in ((BASE, elbow), (elbow, ee)):
+            img[_segment_distance(px, py, a, b) <= width] = ARM_RGB
+        img[np.hypot(px - ee[0], py - ee[1]) <= max(0.025, 1.5 * extent / size)] = EE_RGB
+        return img
+
+    def cameras(self, q: np.ndarray, size: int, num_cameras: int) -> list[np.ndarray]:
+        """Camera 0 sees the whole table; camera 1 is a wrist view, 0.4 m wide, centred on the end effector."""
+        views = [self.render(q, size)]
+        if num_cameras > 1:
+            views.append(self.render(q, size, center=forward_kinematics(q)[1], extent=0.4))
+        for _ in range(2, num_cameras):
+            views.append(views[0].copy())
+        return views
+
+
+def _segment_distance(px: np.ndarray, py: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    ab = b - a
+    t = ((px - a[0]) * ab[0] + (py - a[1]) * ab[1]) / max(float(ab @ ab), 1e-12)
+    t = np.clip(t, 0.0, 1.0)
+    return np.hypot(px - (a[0] + t * ab[0]), py - (a[1] + t * ab[1]))
