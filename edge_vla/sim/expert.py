@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_vla.sim.scene import JOINT_LOWER, JOINT_UPPER, JOINT_VEL_LIMIT, Scene, inverse_kinematics
 from edge_vla.sim.env import ACTION_PERIOD_S
+from edge_vla.sim.scene import JOINT_LOWER, JOINT_UPPER, JOINT_VEL_LIMIT, Scene, inverse_kinematics
 
 
 def expert_chunk(scene: Scene, q: np.ndarray, chunk_len: int) -> np.ndarray:

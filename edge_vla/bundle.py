@@ -1,0 +1,257 @@
+"""The bundle: a directory (optionally a .tar/.tar.gz) holding a versioned manifest, ONNX graphs and reports.
+
+Layout:
+    manifest.json     schema version, model config, graph IO specs, precision, normalization, action
+                      space, sampler, tokenizer, provenance, and the sha256 of every file below
+    manifest.sig      optional Ed25519 signature over manifest.json (see edge_vla.provision.signing)
+    graphs/*.onnx     the exported graphs
+    reports/*.json    numerics check, TensorRT lint
+    build_engines.sh  trtexec command lines for building engines on the target
+    target/           made on the robot (engines, timing cache, profile reports): not hashed, since the
+                      manifest (and its signature) is fixed at export time
+
+Loading verifies the schema and every hash, and fails with a message that says what is wrong.
+No pickles anywhere: JSON and ONNX only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_vla.action_space import ActionSpace
+from edge_vla.config import VLAConfig
+from edge_vla.errors import BundleError, ConfigError
+
+SCHEMA_VERSION = 1
+FORMAT = "edge-vla-bundle"
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+TARGET_DIR = "target"
+_UNHASHED = {MANIFEST, SIGNATURE}
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hashed_files(root: Path) -> list[str]:
+    out = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel not in _UNHASHED and not rel.startswith(TARGET_DIR + "/"):
+            out.append(rel)
+    return out
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    file: str
+    inputs: list[dict[str, Any]]  # [{"name", "shape", "dtype"}]
+    outputs: list[dict[str, Any]]
+
+    def input(self, name: str) -> dict[str, Any]:
+        for spec in self.inputs:
+            if spec["name"] == name:
+                return spec
+        raise BundleError(f"graph {self.name!r} has no input {name!r}")
+
+
+class Bundle:
+    """A verified bundle on disk. Use `Bundle.open(path)`."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], tmp: tempfile.TemporaryDirectory | None = None):
+        self.root = root
+        self.manifest = manifest
+        self._tmp = tmp  # keeps an extracted tarball alive as long as the Bundle
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], verify: bool = True) -> Bundle:
+        path = Path(path)
+        tmp = None
+        if path.is_file() and (path.suffix in {".tar", ".tgz"} or path.name.endswith(".tar.gz")):
+            tmp = tempfile.TemporaryDirectory(prefix="edge-vla-bundle-")
+            root = _extract(path, Path(tmp.name))
+        elif path.is_dir():
+            root = path
+        elif not path.exists():
+            raise BundleError(f"bundle {path} does not exist; make one with `edge-vla export CHECKPOINT -o {path}`")
+        else:
+            raise BundleError(f"{path} is neither a bundle directory nor a .tar/.tar.gz bundle")
+        manifest = read_manifest(root)
+        bundle = cls(root, manifest, tmp)
+        if verify:
+            bundle.verify()
+        return bundle
+
+    def verify(self) -> None:
+        """Check every listed file's sha256, and that no unlisted file sits among the hashed ones."""
+        files: Mapping[str, str] = self.manifest["files"]
+        problems = []
+        for rel, digest in files.items():
+            p = self.root / rel
+            if not p.is_file():
+                problems.append(f"missing file {rel}")
+            elif sha256_file(p) != digest:
+                problems.append(f"{rel} does not match its sha256 (tampered with or truncated)")
+        extra = sorted(set(_hashed_files(self.root)) - set(files))
+        problems += [f"unexpected file {rel} not listed in the manifest" for rel in extra]
+        if problems:
+            raise BundleError(
+                f"bundle {self.root} failed verification: " + "; ".join(problems)
+                + ". Re-export it or copy it again; do not edit a bundle by hand."
+            )
+
+    # --- typed views of the manifest -------------------------------------------------------------
+    @property
+    def config(self) -> VLAConfig:
+        try:
+            return VLAConfig.from_dict(self.manifest["model"])
+        except ConfigError as exc:
+            raise BundleError(f"bundle {self.root}: {exc}") from exc
+
+    @property
+    def action_space(self) -> ActionSpace:
+        return ActionSpace.from_dict(self.manifest["action_space"])
+
+    @property
+    def precision(self) -> str:
+        return str(self.manifest["precision"])
+
+    def graph(self, name: str) -> GraphSpec:
+        graphs = self.manifest["graphs"]
+        if name not in graphs:
+            raise BundleError(f"bundle {self.root} has no graph {name!r}; it has {sorted(graphs)}")
+        g = graphs[name]
+        return GraphSpec(name, g["file"], g["inputs"], g["outputs"])
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    @property
+    def target_dir(self) -> Path:
+        return self.root / TARGET_DIR
+
+
+_REQUIRED = ("schema_version", "format", "model", "precision", "graphs", "normalization", "action_space",
+             "sampler", "tokenizer", "files", "provenance")
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"{root} has no {MANIFEST}: not an edge-vla bundle, or an incomplete copy")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{mpath} is not valid JSON ({exc}); the bundle is corrupt, re-export it") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{mpath} is not an edge-vla bundle manifest (format != {FORMAT!r})")
+    version = manifest.get("schema_version")
+    if not isinstance(version, int):
+        raise BundleError(f"{mpath} has no integer schema_version")
+    if version > SCHEMA_VERSION:
+        raise BundleError(
+            f"bundle schema {version} is newer than this edge-vla supports ({SCHEMA_VERSION}); "
+            "upgrade edge-vla on this machine"
+        )
+    if version < SCHEMA_VERSION:
+        raise BundleError(f"bundle schema {version} is older than supported ({SCHEMA_VERSION}); re-export it")
+    missing = [k for k in _REQUIRED if k not in manifest]
+    if missing:
+        raise BundleError(f"{mpath} lacks required fields {missing}; re-export the bundle")
+    return manifest
+
+
+def write_bundle(out: str | os.PathLike[str], manifest: dict[str, Any], files: Mapping[str, Path | bytes],
+                 overwrite: bool = False) -> Path:
+    """Write a bundle atomically: build it in a temp dir beside `out`, hash everything, then rename.
+
+    `files` maps relative paths inside the bundle to a source file or to bytes. The manifest's
+    `files` field is filled in here. An existing bundle is replaced only with overwrite=True, and
+    then only after the new one is complete.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise BundleError(f"{out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for rel, src in files.items():
+            if rel in _UNHASHED or Path(rel).is_absolute() or ".." in Path(rel).parts:
+                raise BundleError(f"invalid bundle member name {rel!r}")
+            dst = staging / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(src, bytes):
+                dst.write_bytes(src)
+            else:
+                shutil.copyfile(src, dst)
+        manifest = dict(manifest, schema_version=SCHEMA_VERSION, format=FORMAT)
+        manifest["files"] = {rel: sha256_file(staging / rel) for rel in _hashed_files(staging)}
+        _write_json(staging / MANIFEST, manifest)
+        _fsync_tree(staging)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(staging, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Atomic JSON write for files that change after export (target/ reports, engine index)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_write_json = write_json_atomic
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _extract(archive: Path, dest: Path) -> Path:
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(dest, filter="data")  # refuses absolute paths, links out, devices
+    except (tarfile.TarError, OSError) as exc:
+        raise BundleError(f"cannot extract bundle archive {archive}: {exc}") from exc
+    entries = [p for p in dest.iterdir()]
+    if (dest / MANIFEST).is_file():
+        return dest
+    if len(entries) == 1 and (entries[0] / MANIFEST).is_file():
+        return entries[0]
+    raise BundleError(f"archive {archive} holds no {MANIFEST} at its top level")
