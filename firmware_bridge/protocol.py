@@ -1,0 +1,392 @@
+"""Message types and their little-endian fixed layouts (see PROTOCOL.md).
+
+Every quantity travels as a scaled integer so the firmware never needs floats: positions in
+micro-radians, velocities in micro-radians per second, efforts in milli-newton-metres, gains in
+1e-4 SI units. Messages here hold SI floats (numpy float64 arrays); encoding rounds and saturates.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum, IntFlag
+from typing import ClassVar
+
+import numpy as np
+
+from firmware_bridge.errors import FrameError
+
+PROTOCOL_MAJOR = 1  # carried in every frame header; a different major is refused
+PROTOCOL_MINOR = 0  # carried in HELLO/CAPABILITIES; newer minors only add optional features
+MIN_FIRMWARE_MINOR = 0  # this host refuses firmware older than PROTOCOL_MAJOR.MIN_FIRMWARE_MINOR
+MAX_JOINTS = 16
+NAME_LEN = 16
+
+POS_SCALE = 1e6  # wire units per radian (or metre for a prismatic joint)
+VEL_SCALE = 1e6  # per rad/s
+EFFORT_SCALE = 1e3  # per N*m (or N)
+GAIN_SCALE = 1e4  # per N*m/rad (kp) and N*m*s/rad (kd)
+
+_I32 = (-(2**31), 2**31 - 1)
+_U32 = (0, 2**32 - 1)
+
+
+class MsgType(IntEnum):
+    HELLO = 0x01
+    CAPABILITIES = 0x02
+    ARM = 0x03
+    DISARM = 0x04
+    SETPOINT = 0x05
+    STATE = 0x06
+    HEARTBEAT = 0x07
+    STOP = 0x08
+    FAULT = 0x09
+    ACK = 0x0A
+    NACK = 0x0B
+
+
+class Mode(IntEnum):
+    DISARMED = 0  # torque off, no fault
+    ARMED = 1  # tracking setpoints
+    STOPPING = 2  # category-1 ramp in progress
+    TRIPPED = 3  # torque off after a trip; needs an explicit ARM
+
+
+class Fault(IntFlag):
+    NONE = 0
+    HEARTBEAT_TIMEOUT = 0x0001
+    LINK_ERRORS = 0x0002
+    HOST_STOP_CAT0 = 0x0004
+    HOST_STOP_CAT1 = 0x0008
+    INJECTED = 0x0010
+    SETPOINT_CLAMPED = 0x0100  # status bit, not a trip: the last setpoint was outside a limit
+
+
+class NackCode(IntEnum):
+    OK = 0
+    NOT_ARMED = 1
+    BAD_LENGTH = 2
+    BAD_JOINT_COUNT = 3
+    BUSY = 4
+    BAD_VERSION = 5
+    BAD_ARGUMENT = 6
+    UNKNOWN_TYPE = 7
+
+
+SETPOINT_HAS_VELOCITY = 0x01
+SETPOINT_HAS_EFFORT = 0x02
+SETPOINT_HAS_GAINS = 0x04
+
+_SETPOINT_JOINT = np.dtype([("pos", "<i4"), ("vel", "<i4"), ("eff", "<i4"), ("kp", "<u4"), ("kd", "<u4")])
+_STATE_JOINT = np.dtype([("pos", "<i4"), ("vel", "<i4"), ("eff", "<i4")])
+_CAP_JOINT = np.dtype(
+    [("name", "S16"), ("pos_min", "<i4"), ("pos_max", "<i4"), ("vel_max", "<i4"), ("eff_max", "<i4")]
+)
+
+
+def to_wire(values: np.ndarray | Sequence[float], scale: float, bounds: tuple[int, int] = _I32) -> np.ndarray:
+    """SI floats -> rounded, saturated integers (NaN is refused: it must never reach a motor)."""
+    arr = np.asarray(values, dtype=np.float64) * scale
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"non-finite value in {np.asarray(values)!r}; refusing to encode it")
+    return np.clip(np.rint(arr), *bounds).astype(np.int64)
+
+
+def _joints(n: int) -> int:
+    if not 0 <= n <= MAX_JOINTS:
+        raise ValueError(f"joint count {n} outside 0..{MAX_JOINTS}")
+    return n
+
+
+def _require_len(payload: bytes, expected: int, what: str) -> None:
+    if len(payload) != expected:
+        raise FrameError("bad_length", f"{what} payload is {len(payload)} bytes, expected {expected}")
+
+
+@dataclass(frozen=True)
+class Hello:
+    TYPE: ClassVar[MsgType] = MsgType.HELLO
+    host_major: int = PROTOCOL_MAJOR
+    host_minor: int = PROTOCOL_MINOR
+
+    def encode(self) -> bytes:
+        return struct.pack("<BBH", self.host_major, self.host_minor, 0)
+
+    @classmethod
+    def decode(cls, p: bytes) -> Hello:
+        _require_len(p, 4, "HELLO")
+        major, minor, _ = struct.unpack("<BBH", p)
+        return cls(major, minor)
+
+
+@dataclass(frozen=True)
+class JointLimits:
+    name: str
+    position_min: float
+    position_max: float
+    velocity_max: float
+    effort_max: float
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the firmware reports about itself in answer to HELLO."""
+
+    TYPE: ClassVar[MsgType] = MsgType.CAPABILITIES
+    protocol_major: int
+    protocol_minor: int
+    firmware_version: tuple[int, int, int]
+    heartbeat_timeout_s: float
+    state_rate_hz: int
+    stop_ramp_s: float
+    joints: tuple[JointLimits, ...]
+
+    _HEAD: ClassVar[struct.Struct] = struct.Struct("<BBBBIHHHH")
+
+    @property
+    def joint_count(self) -> int:
+        return len(self.joints)
+
+    @property
+    def joint_names(self) -> list[str]:
+        return [j.name for j in self.joints]
+
+    def limits_array(self, attr: str) -> np.ndarray:
+        return np.array([getattr(j, attr) for j in self.joints], dtype=np.float64)
+
+    def encode(self) -> bytes:
+        major, minor, patch = self.firmware_version
+        head = self._HEAD.pack(
+            self.protocol_major, self.protocol_minor, _joints(len(self.joints)), 0,
+            (major << 16) | (minor << 8) | patch,
+            round(self.heartbeat_timeout_s * 1000), self.state_rate_hz, round(self.stop_ramp_s * 1000), 0,
+        )
+        rows = np.zeros(len(self.joints), dtype=_CAP_JOINT)
+        for i, j in enumerate(self.joints):
+            rows[i] = (j.name.encode()[:NAME_LEN], *to_wire([j.position_min, j.position_max], POS_SCALE),
+                       to_wire([j.velocity_max], VEL_SCALE)[0], to_wire([j.effort_max], EFFORT_SCALE)[0])
+        return head + rows.tobytes()
+
+    @classmethod
+    def decode(cls, p: bytes) -> Capabilities:
+        if len(p) < cls._HEAD.size:
+            raise FrameError("bad_length", f"CAPABILITIES payload is {len(p)} bytes, too short")
+        major, minor, n, _, fw, hb_ms, rate, ramp_ms, _ = cls._HEAD.unpack_from(p)
+        _require_len(p, cls._HEAD.size + n * _CAP_JOINT.itemsize, "CAPABILITIES")
+        if n > MAX_JOINTS:
+            raise FrameError("bad_length", f"CAPABILITIES claims {n} joints, max {MAX_JOINTS}")
+        rows = np.frombuffer(p, dtype=_CAP_JOINT, offset=cls._HEAD.size, count=n)
+        joints = tuple(
+            JointLimits(r["name"].decode(errors="replace"), float(r["pos_min"]) / POS_SCALE,
+                        float(r["pos_max"]) / POS_SCALE,
+                        float(r["vel_max"]) / VEL_SCALE, float(r["eff_max"]) / EFFORT_SCALE)
+            for r in rows
+        )
+        return cls(major, minor, ((fw >> 16) & 0xFF, (fw >> 8) & 0xFF, fw & 0xFF), hb_ms / 1000, rate,
+                   ramp_ms / 1000, joints)
+
+
+@dataclass(frozen=True)
+class _Empty:
+    def encode(self) -> bytes:
+        return b""
+
+    @classmethod
+    def decode(cls, p: bytes) -> _Empty:
+        _require_len(p, 0, cls.__name__.upper())
+        return cls()
+
+
+@dataclass(frozen=True)
+class Arm(_Empty):
+    TYPE: ClassVar[MsgType] = MsgType.ARM
+
+
+@dataclass(frozen=True)
+class Disarm(_Empty):
+    TYPE: ClassVar[MsgType] = MsgType.DISARM
+
+
+@dataclass(frozen=True, eq=False)
+class Setpoint:
+    """Per-joint targets in SI units. Missing velocity/effort/gains are sent as zero and flagged
+    absent, so the firmware uses zero feed-forward and its own default gains."""
+
+    TYPE: ClassVar[MsgType] = MsgType.SETPOINT
+    positions: np.ndarray
+    velocities: np.ndarray | None = None
+    efforts: np.ndarray | None = None
+    kp: np.ndarray | None = None
+    kd: np.ndarray | None = None
+
+    _HEAD: ClassVar[struct.Struct] = struct.Struct("<BBH")
+
+    def encode(self) -> bytes:
+        n = _joints(len(self.positions))
+        rows = np.zeros(n, dtype=_SETPOINT_JOINT)
+        rows["pos"] = to_wire(self.positions, POS_SCALE)
+        flags = 0
+        if self.velocities is not None:
+            rows["vel"], flags = to_wire(self.velocities, VEL_SCALE), flags | SETPOINT_HAS_VELOCITY
+        if self.efforts is not None:
+            rows["eff"], flags = to_wire(self.efforts, EFFORT_SCALE), flags | SETPOINT_HAS_EFFORT
+        if self.kp is not None or self.kd is not None:
+            if self.kp is None or self.kd is None:
+                raise ValueError("give both kp and kd, or neither (the firmware then uses its defaults)")
+            rows["kp"] = to_wire(self.kp, GAIN_SCALE, _U32)
+            rows["kd"] = to_wire(self.kd, GAIN_SCALE, _U32)
+            flags |= SETPOINT_HAS_GAINS
+        return self._HEAD.pack(n, flags, 0) + rows.tobytes()
+
+    @classmethod
+    def decode(cls, p: bytes) -> Setpoint:
+        if len(p) < cls._HEAD.size:
+            raise FrameError("bad_length", f"SETPOINT payload is {len(p)} bytes, too short")
+        n, flags, _ = cls._HEAD.unpack_from(p)
+        _require_len(p, cls._HEAD.size + n * _SETPOINT_JOINT.itemsize, "SETPOINT")
+        r = np.frombuffer(p, dtype=_SETPOINT_JOINT, offset=cls._HEAD.size, count=n)
+        gains = bool(flags & SETPOINT_HAS_GAINS)
+        return cls(
+            r["pos"] / POS_SCALE,
+            r["vel"] / VEL_SCALE if flags & SETPOINT_HAS_VELOCITY else None,
+            r["eff"] / EFFORT_SCALE if flags & SETPOINT_HAS_EFFORT else None,
+            r["kp"] / GAIN_SCALE if gains else None,
+            r["kd"] / GAIN_SCALE if gains else None,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class State:
+    """Measured joint state as the firmware reports it (wire layout of STATE)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.STATE
+    firmware_time_us: int
+    ack_seq: int  # sequence number of the last SETPOINT applied (for round-trip time)
+    fault_bits: Fault
+    mode: Mode
+    positions: np.ndarray
+    velocities: np.ndarray
+    efforts: np.ndarray
+
+    _HEAD: ClassVar[struct.Struct] = struct.Struct("<QHHBBH")
+
+    def encode(self) -> bytes:
+        n = _joints(len(self.positions))
+        rows = np.zeros(n, dtype=_STATE_JOINT)
+        rows["pos"] = to_wire(self.positions, POS_SCALE)
+        rows["vel"] = to_wire(self.velocities, VEL_SCALE)
+        rows["eff"] = to_wire(self.efforts, EFFORT_SCALE)
+        head = self._HEAD.pack(self.firmware_time_us, self.ack_seq, int(self.fault_bits), int(self.mode), n, 0)
+        return head + rows.tobytes()
+
+    @classmethod
+    def decode(cls, p: bytes) -> State:
+        if len(p) < cls._HEAD.size:
+            raise FrameError("bad_length", f"STATE payload is {len(p)} bytes, too short")
+        t, ack, faults, mode, n, _ = cls._HEAD.unpack_from(p)
+        _require_len(p, cls._HEAD.size + n * _STATE_JOINT.itemsize, "STATE")
+        r = np.frombuffer(p, dtype=_STATE_JOINT, offset=cls._HEAD.size, count=n)
+        return cls(t, ack, Fault(faults), _mode(mode), r["pos"] / POS_SCALE, r["vel"] / VEL_SCALE,
+                   r["eff"] / EFFORT_SCALE)
+
+
+def _mode(value: int) -> Mode:
+    try:
+        return Mode(value)
+    except ValueError:
+        raise FrameError("bad_field", f"unknown firmware mode {value}") from None
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    TYPE: ClassVar[MsgType] = MsgType.HEARTBEAT
+    counter: int = 0
+
+    def encode(self) -> bytes:
+        return struct.pack("<I", self.counter & 0xFFFFFFFF)
+
+    @classmethod
+    def decode(cls, p: bytes) -> Heartbeat:
+        _require_len(p, 4, "HEARTBEAT")
+        return cls(struct.unpack("<I", p)[0])
+
+
+@dataclass(frozen=True)
+class Stop:
+    TYPE: ClassVar[MsgType] = MsgType.STOP
+    category: int
+    reason: int = 0
+
+    def encode(self) -> bytes:
+        if self.category not in (0, 1):
+            raise ValueError(f"stop category must be 0 (torque off now) or 1 (ramp, then torque off), got "
+                             f"{self.category}")
+        return struct.pack("<BBH", self.category, self.reason & 0xFF, 0)
+
+    @classmethod
+    def decode(cls, p: bytes) -> Stop:
+        _require_len(p, 4, "STOP")
+        cat, reason, _ = struct.unpack("<BBH", p)
+        return cls(cat, reason)
+
+
+@dataclass(frozen=True)
+class FaultReport:
+    """A trip or fault the firmware reports on its own initiative."""
+
+    TYPE: ClassVar[MsgType] = MsgType.FAULT
+    firmware_time_us: int
+    fault_code: Fault  # the bit that caused this report
+    fault_bits: Fault  # all latched bits
+    stop_category: int  # 0, 1, or 255 when no stop was taken
+    mode: Mode
+
+    _S: ClassVar[struct.Struct] = struct.Struct("<QHHBBH")
+
+    def encode(self) -> bytes:
+        return self._S.pack(self.firmware_time_us, int(self.fault_code), int(self.fault_bits),
+                            self.stop_category, int(self.mode), 0)
+
+    @classmethod
+    def decode(cls, p: bytes) -> FaultReport:
+        _require_len(p, cls._S.size, "FAULT")
+        t, code, bits, cat, mode, _ = cls._S.unpack(p)
+        return cls(t, Fault(code), Fault(bits), cat, _mode(mode))
+
+
+@dataclass(frozen=True)
+class Ack:
+    TYPE: ClassVar[MsgType] = MsgType.ACK
+    acked_seq: int
+    acked_type: int
+    code: int = 0
+
+    def encode(self) -> bytes:
+        return struct.pack("<HBB", self.acked_seq, self.acked_type, self.code)
+
+    @classmethod
+    def decode(cls, p: bytes) -> Ack:
+        _require_len(p, 4, cls.TYPE.name)
+        return cls(*struct.unpack("<HBB", p))
+
+
+@dataclass(frozen=True)
+class Nack(Ack):
+    TYPE: ClassVar[MsgType] = MsgType.NACK
+
+    @property
+    def reason(self) -> str:
+        try:
+            return NackCode(self.code).name
+        except ValueError:
+            return f"code {self.code}"
+
+
+Message = (
+    Hello | Capabilities | Arm | Disarm | Setpoint | State | Heartbeat | Stop | FaultReport | Ack | Nack
+)
+MESSAGE_CLASSES: dict[int, type] = {
+    cls.TYPE: cls for cls in (Hello, Capabilities, Arm, Disarm, Setpoint, State, Heartbeat, Stop, FaultReport,
+                              Ack, Nack)
+}
