@@ -1,0 +1,211 @@
+/* Host unit tests for the firmware reference: `make test` or `./test_fw ../vectors/frames.json`.
+ * Checks the shared vectors byte for byte, then drives the watchdog state machine. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fw_core.h"
+
+static int failures, checks;
+#define CHECK(cond, ...)                                                              \
+    do {                                                                              \
+        checks++;                                                                     \
+        if (!(cond)) { failures++; printf("FAIL %s:%d: ", __FILE__, __LINE__);       \
+                       printf(__VA_ARGS__); printf("\n"); }                          \
+    } while (0)
+
+/* ---- minimal reader for frames.json: one object per line, known keys ---------------------- */
+
+static long json_int(const char *obj, const char *key) {
+    char pat[64];
+    snprintf(pat, sizeof pat, "\"%s\": ", key);
+    const char *p = strstr(obj, pat);
+    return p ? strtol(p + strlen(pat), NULL, 10) : -1;
+}
+
+static size_t json_hex(const char *obj, const char *key, uint8_t *out, size_t cap) {
+    char pat[64];
+    snprintf(pat, sizeof pat, "\"%s\": \"", key);
+    const char *p = strstr(obj, pat);
+    if (!p) return (size_t)-1;
+    p += strlen(pat);
+    size_t n = 0;
+    while (p[0] != '"' && p[1] && n < cap) {
+        unsigned v;
+        if (sscanf(p, "%2x", &v) != 1) return (size_t)-1;
+        out[n++] = (uint8_t)v;
+        p += 2;
+    }
+    return n;
+}
+
+static void test_vectors(const char *path) {
+    static char text[1 << 20];
+    FILE *f = fopen(path, "rb");
+    CHECK(f != NULL, "cannot open %s", path);
+    if (!f) return;
+    size_t len = fread(text, 1, sizeof text - 1, f);
+    fclose(f);
+    text[len] = 0;
+
+    static uint8_t payload[FW_MAX_PAYLOAD], frame[FW_MAX_ENCODED + 8], out[FW_MAX_ENCODED + 8], raw[FW_MAX_RAW];
+    int frames = 0, rejects = 0;
+    for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) {
+        if (strstr(line, "\"crc32c_check\"")) {
+            CHECK(strstr(line, "\"crc\": \"e3069283\"") != NULL, "vector file check value is not e3069283");
+            continue;
+        }
+        if (strncmp(line, "{\"name\"", 7) != 0) continue;
+        if (strstr(line, "\"block\"")) { /* a reject vector */
+            size_t n = json_hex(line, "block", frame, sizeof frame);
+            uint8_t v, t; uint16_t s; size_t pl;
+            int st = fw_frame_decode(frame, n, raw, &v, &t, &s, &pl);
+            CHECK(st == json_int(line, "status"), "reject vector %.40s: status %d", line, st);
+            rejects++;
+            continue;
+        }
+        size_t plen = json_hex(line, "payload", payload, sizeof payload);
+        size_t flen = json_hex(line, "frame", frame, sizeof frame);
+        size_t n = fw_frame_encode((uint8_t)json_int(line, "version"), (uint8_t)json_int(line, "type"),
+                                   (uint16_t)json_int(line, "seq"), payload, plen, out, sizeof out);
+        CHECK(n == flen && memcmp(out, frame, n) == 0, "encode differs for %.40s", line);
+        uint8_t v, t; uint16_t s; size_t pl;
+        int st = fw_frame_decode(frame, flen - 1, raw, &v, &t, &s, &pl);
+        CHECK(st == FW_DECODE_OK && v == json_int(line, "version") && t == json_int(line, "type") &&
+              s == json_int(line, "seq") && pl == plen && memcmp(raw + FW_HEADER_LEN, payload, pl) == 0,
+              "decode differs for %.40s (status %d)", line, st);
+        frames++;
+    }
+    CHECK(frames >= 10 && rejects >= 3, "too few vectors read: %d frames, %d rejects", frames, rejects);
+}
+
+/* ---- state machine ------------------------------------------------------------------------ */
+
+static fw_t fw; /* static, as on the target */
+static uint16_t host_seq;
+
+static void host_send(uint8_t type, const uint8_t *payload, size_t len, uint64_t now) {
+    uint8_t buf[FW_MAX_ENCODED];
+    size_t n = fw_frame_encode(FW_PROTO_MAJOR, type, host_seq++, payload, len, buf, sizeof buf);
+    fw_rx_bytes(&fw, buf, n, now);
+}
+
+/* Decodes everything the firmware sent; returns how many frames had type `type` (last one in *payload). */
+static int count_tx(uint8_t type, uint8_t *payload) {
+    static uint8_t tx[FW_TX_BUF], raw[FW_MAX_RAW];
+    size_t n = fw_tx_take(&fw, tx, sizeof tx), start = 0;
+    int count = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (tx[i] != 0) continue;
+        uint8_t v, t; uint16_t s; size_t pl;
+        if (fw_frame_decode(tx + start, i - start, raw, &v, &t, &s, &pl) == FW_DECODE_OK && t == type) {
+            count++;
+            if (payload) memcpy(payload, raw + FW_HEADER_LEN, pl);
+        }
+        start = i + 1;
+    }
+    return count;
+}
+
+static int has_event(uint8_t kind) {
+    uint64_t t; uint8_t k, a; uint16_t f;
+    int found = 0;
+    while (fw_pop_event(&fw, &t, &k, &a, &f)) found |= (k == kind);
+    return found;
+}
+
+static void setup(void) {
+    fw_init(&fw, 2, 100, 200, 0, 3, 0x010000);
+    fw_set_joint(&fw, 0, "a", -1000000, 1000000, 2000000, 5000, 500000, 20000);
+    fw_set_joint(&fw, 1, "b", -1000000, 1000000, 2000000, 5000, 500000, 20000);
+    host_seq = 0;
+    uint8_t hello[4] = {FW_PROTO_MAJOR, FW_PROTO_MINOR, 0, 0};
+    host_send(FW_MSG_HELLO, hello, 4, 0);
+    CHECK(count_tx(FW_MSG_CAPABILITIES, NULL) == 1, "HELLO not answered with CAPABILITIES");
+}
+
+static void setpoint(int32_t p0, int32_t p1, uint64_t now) {
+    uint8_t sp[4 + 40] = {2, 0, 0, 0};
+    fw_put_u32(sp + 4, (uint32_t)p0);
+    fw_put_u32(sp + 24, (uint32_t)p1);
+    host_send(FW_MSG_SETPOINT, sp, sizeof sp, now);
+}
+
+static void test_watchdog(void) {
+    setup();
+    uint8_t ack[4];
+    setpoint(0, 0, 1000);
+    CHECK(count_tx(FW_MSG_NACK, ack) == 1 && ack[3] == FW_NACK_NOT_ARMED, "setpoint before ARM must be refused");
+    host_send(FW_MSG_ARM, NULL, 0, 2000);
+    CHECK(fw_mode(&fw) == FW_MODE_ARMED && has_event(FW_EV_ARMED), "ARM did not arm");
+    setpoint(5000000, -300000, 3000);
+    int32_t cmd[10];
+    CHECK(fw_get_commands(&fw, cmd) == 1 && cmd[0] == 1000000 && cmd[5] == -300000, "setpoint not clamped/applied");
+    CHECK(fw_faults(&fw) & FW_FAULT_SETPOINT_CLAMPED, "clamping not flagged");
+
+    fw_tick(&fw, 3000 + 100000); /* exactly the timeout: still armed */
+    CHECK(fw_mode(&fw) == FW_MODE_ARMED, "tripped before the timeout elapsed");
+    int32_t meas[6] = {100000, 1000000, 0, 0, -1000000, 0};
+    fw_set_measured(&fw, meas);
+    fw_tick(&fw, 3000 + 100001);
+    CHECK(fw_mode(&fw) == FW_MODE_STOPPING && has_event(FW_EV_HEARTBEAT_TIMEOUT), "no cat-1 stop on heartbeat loss");
+    fw_tick(&fw, 3000 + 100001 + 100000); /* half-way through the ramp: half the speed */
+    fw_get_commands(&fw, cmd);
+    CHECK(cmd[1] == 500000 && cmd[6] == -500000, "ramp velocity %d/%d, expected +-500000", cmd[1], cmd[6]);
+    CHECK(cmd[0] == 100000 + 75000, "ramp position %d, expected 175000", cmd[0]);
+    host_send(FW_MSG_ARM, NULL, 0, 3000 + 150000);
+    CHECK(count_tx(FW_MSG_NACK, ack) >= 1 && ack[3] == FW_NACK_BUSY, "ARM during the ramp must be refused");
+    fw_tick(&fw, 3000 + 100001 + 200000);
+    CHECK(fw_mode(&fw) == FW_MODE_TRIPPED && fw_get_commands(&fw, cmd) == 0 && has_event(FW_EV_TORQUE_OFF),
+          "torque not off after the ramp");
+    fw_tick(&fw, 10000000);
+    CHECK(fw_mode(&fw) == FW_MODE_TRIPPED, "re-armed without an explicit ARM");
+    setpoint(0, 0, 10000001);
+    CHECK(count_tx(FW_MSG_NACK, ack) == 1 && ack[3] == FW_NACK_NOT_ARMED, "setpoint applied while tripped");
+    host_send(FW_MSG_ARM, NULL, 0, 10000002);
+    CHECK(fw_mode(&fw) == FW_MODE_ARMED && fw_faults(&fw) == 0, "explicit ARM did not clear the trip");
+}
+
+static void test_link_errors_cat0(void) {
+    setup();
+    host_send(FW_MSG_ARM, NULL, 0, 0);
+    has_event(0);
+    uint8_t garbage[] = {0x05, 0x11, 0x22, 0x33, 0x44, 0x00};
+    fw_rx_bytes(&fw, garbage, sizeof garbage, 10);
+    fw_rx_bytes(&fw, garbage, sizeof garbage, 20);
+    CHECK(fw_mode(&fw) == FW_MODE_ARMED, "tripped before the link-error limit");
+    fw_rx_bytes(&fw, garbage, sizeof garbage, 30);
+    CHECK(fw_mode(&fw) == FW_MODE_TRIPPED && (fw_faults(&fw) & FW_FAULT_LINK_ERRORS), "no cat-0 on link errors");
+    CHECK(has_event(FW_EV_STOP_CAT0), "no stop_cat0 event");
+    CHECK(count_tx(FW_MSG_FAULT, NULL) == 1, "no FAULT report sent");
+    CHECK(fw_stat(&fw, FW_STAT_RX_CRC_ERRORS) + fw_stat(&fw, FW_STAT_RX_FRAMING_ERRORS) == 3, "errors not counted");
+}
+
+static void test_duplicates_and_stop(void) {
+    setup();
+    host_send(FW_MSG_ARM, NULL, 0, 0);
+    uint8_t buf[FW_MAX_ENCODED], hb[4] = {1, 0, 0, 0};
+    size_t n = fw_frame_encode(FW_PROTO_MAJOR, FW_MSG_HEARTBEAT, host_seq++, hb, 4, buf, sizeof buf);
+    count_tx(0, NULL);
+    fw_rx_bytes(&fw, buf, n, 10);
+    fw_rx_bytes(&fw, buf, n, 20);
+    CHECK(count_tx(FW_MSG_ACK, NULL) == 1 && fw_stat(&fw, FW_STAT_RX_DUPLICATES) == 1, "duplicate applied twice");
+    uint8_t stop[4] = {0, 0, 0, 0};
+    host_send(FW_MSG_STOP, stop, 4, 30);
+    CHECK(fw_mode(&fw) == FW_MODE_TRIPPED && (fw_faults(&fw) & FW_FAULT_HOST_STOP_CAT0), "STOP 0 not immediate");
+    uint8_t bad_version_frame[FW_MAX_ENCODED];
+    n = fw_frame_encode(FW_PROTO_MAJOR + 1, FW_MSG_ARM, host_seq++, NULL, 0, bad_version_frame, sizeof buf);
+    fw_rx_bytes(&fw, bad_version_frame, n, 40);
+    CHECK(fw_mode(&fw) == FW_MODE_TRIPPED, "a frame of another protocol version was applied");
+}
+
+int main(int argc, char **argv) {
+    uint8_t check[] = "123456789";
+    CHECK(fw_crc32c(check, 9, 0) == 0xE3069283u, "CRC-32C check value");
+    test_vectors(argc > 1 ? argv[1] : "../vectors/frames.json");
+    test_watchdog();
+    test_link_errors_cat0();
+    test_duplicates_and_stop();
+    printf("%d checks, %d failures\n", checks, failures);
+    return failures ? 1 : 0;
+}
