@@ -187,7 +187,8 @@ class EnsembleScheduler(Scheduler):
     def push(self, chunk: Chunk, now: float) -> None:
         super().push(chunk, now)
         assert self.current is not None
-        self.active = [t for t in self.active if t.end > now][-(self.max_chunks - 1):] + [self.current]
+        keep = [t for t in self.active if t.end > now][-(self.max_chunks - 1):]
+        self.active = [*keep, self.current]
 
     def sample(self, now: float) -> Sample:
         if self.current is None:
