@@ -18,6 +18,7 @@ Module sources, in order (``source="auto"``): a prebuilt fatbin directory (``pre
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -173,10 +174,8 @@ class DeviceBuffer:
             self._dptr = None
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown or context already gone
             self.free()
-        except Exception:  # interpreter shutdown or context already gone
-            pass
 
 
 class Kernels:

@@ -215,7 +215,7 @@ def schedule_times(steps: int, method: str = "euler") -> np.ndarray:
 def precompute_schedule(ts: np.ndarray, w: TimeCondWeights) -> Schedule:
     """Evaluate temb, c and all modulation vectors once for every t in the schedule."""
     ts = np.asarray(ts, dtype=np.float64)
-    layers, six_e, width = w.wm.shape
+    layers, _, width = w.wm.shape
     cond = time_conditioning(ts, w)
     sc = silu(cond.astype(np.float64))
     mod = np.einsum("se,lfe->slf", sc, w.wm.astype(np.float64)) + w.bm[None]

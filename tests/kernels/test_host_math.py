@@ -7,10 +7,7 @@ import ctypes
 
 import numpy as np
 import pytest
-
 from edge_vla.kernels import reference as ref
-
-F32P = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
 
 
 def _ptr(a: np.ndarray | None) -> int | None:
@@ -71,7 +68,7 @@ def test_ode_step_matches_reference(ode: ctypes.CDLL, mode: int, clamp: bool) ->
 def test_host_loop_matches_reference_integrate(ode: ctypes.CDLL, method: str) -> None:
     rng = np.random.default_rng(7)
     a, b = rng.standard_normal((2, 8, 2)).astype(np.float32)
-    vel = lambda x, t: (a * x + b * t).astype(np.float32)  # noqa: E731
+    vel = lambda x, t: (a * x + b * t).astype(np.float32)
     x0 = rng.standard_normal((8, 2)).astype(np.float32)
     lo, hi = np.array([-2, -2], np.float32), np.array([2, 2], np.float32)
     steps, dt = 10, 0.1
