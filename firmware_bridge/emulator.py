@@ -1,0 +1,349 @@
+"""A motor controller emulator: the C firmware reference (via ctypes) + simulated joints, on a pty or CAN.
+
+    python -m firmware_bridge.emulator --pty --print-path --joints 7 --events events.jsonl
+    edge-vla emulate --can vcan0 --can-interface socketcan
+
+The protocol and the watchdog are the firmware's own C code (firmware/fw_core.c); this module only
+moves bytes, steps the joint dynamics, injects faults and writes events as JSON lines with
+time.monotonic() timestamps (one clock for every process on the machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+from cobs import cobs
+
+from firmware_bridge.emulator_process import EmulatorProcess, read_events
+from firmware_bridge.faults import FaultConfig, FaultInjector
+from firmware_bridge.firmware import EventKind, FirmwareRef
+from firmware_bridge.framing import StreamDecoder
+from firmware_bridge.plant import JointPlant
+from firmware_bridge.protocol import Fault, JointLimits, Mode, MsgType
+from firmware_bridge.transport import CanTransport, PtyTransport, Transport
+
+log = logging.getLogger(__name__)
+_LIVENESS = (MsgType.HEARTBEAT, MsgType.SETPOINT)
+
+__all__ = ["Emulator", "EmulatorConfig", "EmulatorProcess", "configure", "default_limits", "main", "read_events"]
+
+
+def default_limits(n: int, names: list[str] | None = None) -> list[JointLimits]:
+    names = names or [f"joint{i}" for i in range(n)]
+    return [JointLimits(names[i], -3.0, 3.0, 3.0, 20.0) for i in range(n)]
+
+
+@dataclass
+class EmulatorConfig:
+    joints: list[JointLimits] = field(default_factory=lambda: default_limits(2))
+    heartbeat_timeout_ms: int = 100
+    stop_ramp_ms: int = 200
+    state_rate_hz: int = 100
+    tick_hz: int = 1000
+    link_error_limit: int = 4
+    baud: int = 0  # > 0: pace each direction as a UART at this rate (10 bits per byte)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    stall_at: float | None = None  # seconds after start: ignore the host for stall_for seconds
+    stall_for: float = 0.0
+    unplug_at: float | None = None  # seconds after start: close the pty, reopen after unplug_for
+    unplug_for: float = 0.5
+    inject_fault_at: float | None = None  # seconds after start: a firmware fault of inject_fault_cat
+    inject_fault_cat: int = 0
+    seed: int | None = None
+    protocol: tuple[int, int] | None = None  # pretend to speak another protocol version (tests)
+    firmware_version: tuple[int, int, int] = (1, 0, 0)
+
+
+class _Paced:
+    """Frames waiting for their release time: fault delays and, with baud > 0, UART wire time."""
+
+    def __init__(self, baud: int) -> None:
+        self.byte_time = 10.0 / baud if baud > 0 else 0.0
+        self.free_at = 0.0
+        self.queue: list[tuple[float, int, bytes]] = []
+
+    def push(self, now: float, frame: bytes, extra_delay: float, stream: int = 0) -> None:
+        done = max(now, self.free_at) + len(frame) * self.byte_time
+        self.free_at = done
+        self.queue.append((done + extra_delay, stream, frame))
+
+    def due(self, now: float) -> list[tuple[int, bytes]]:
+        if not self.queue:
+            return []
+        ready = [(s, f) for t, s, f in self.queue if t <= now]
+        if ready:
+            self.queue = [q for q in self.queue if q[0] > now]
+        return ready
+
+    def next_time(self) -> float:
+        return min((t for t, _, _ in self.queue), default=float("inf"))
+
+
+def _frame_type(block: bytes) -> int | None:
+    try:
+        raw = cobs.decode(block)
+    except cobs.DecodeError:
+        return None
+    return raw[1] if len(raw) >= 8 else None
+
+
+class Emulator:
+    """One emulated motor controller on a transport. run() blocks; start() runs it in a thread."""
+
+    def __init__(self, config: EmulatorConfig, transport: Transport,
+                 on_event: Callable[[dict], None] | None = None) -> None:
+        self.config = config
+        self.transport = transport
+        self.fw = FirmwareRef(config.joints, config.heartbeat_timeout_ms, config.stop_ramp_ms,
+                              config.state_rate_hz, config.link_error_limit, config.firmware_version,
+                              protocol=config.protocol)
+        self.plant = JointPlant(config.joints)
+        self.injector = FaultInjector(config.faults, config.seed)
+        self.events: list[dict] = []
+        self._on_event = on_event
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._unplug_request: float | None = None
+        self._t0 = time.monotonic()
+        self.last_liveness: float | None = None  # when the firmware last got a heartbeat or setpoint
+        self._stopped_reported = True
+
+    # ---- control from other threads / signal handlers ----
+    def start(self) -> Emulator:
+        self.transport.open()
+        self._thread = threading.Thread(target=self._run_opened, name="fw-emulator", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> Emulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def unplug(self, duration: float) -> None:
+        """Close the port now and reopen it after `duration` seconds (pty only)."""
+        self._unplug_request = duration
+
+    @property
+    def port(self) -> str:
+        return getattr(self.transport, "port", self.transport.description)
+
+    # ---- the loop ----
+    def run(self, duration: float | None = None) -> None:
+        self.transport.open()
+        self._run_opened(duration)
+
+    def _run_opened(self, duration: float | None = None) -> None:
+        cfg = self.config
+        period = 1.0 / cfg.tick_hz
+        self._t0 = now = time.monotonic()
+        end = now + duration if duration else float("inf")
+        rx, tx = _Paced(cfg.baud), _Paced(cfg.baud)
+        decoders: dict[int, StreamDecoder] = {}
+        next_tick, last_plant = now, now
+        injected = False
+        self._event("started", port=self.port)
+        try:
+            while not self._stop.is_set() and now < end:
+                wait = min(next_tick, rx.next_time(), tx.next_time()) - time.monotonic()
+                chunks = self.transport.read(max(0.0, wait))
+                now = time.monotonic()
+                stalled = cfg.stall_at is not None and 0 <= now - self._t0 - cfg.stall_at < cfg.stall_for
+                for stream, data in chunks:
+                    for block in decoders.setdefault(stream, StreamDecoder()).feed(data):
+                        if stalled:
+                            continue
+                        for delay, frame in self.injector.apply(block, "rx"):
+                            rx.push(now, frame, delay, stream)
+                for _, block in rx.due(now):
+                    if _frame_type(block) in _LIVENESS:
+                        self.last_liveness = now
+                    self.fw.rx(block + b"\x00", self._us(now))
+                if now >= next_tick:
+                    self.plant.step(now - last_plant, *self.fw.commands())
+                    last_plant = now
+                    self.fw.set_measured(self.plant.q, self.plant.v, self.plant.tau)
+                    self.fw.tick(self._us(now))
+                    next_tick = max(next_tick + period, now - period)
+                    if cfg.inject_fault_at is not None and not injected and now - self._t0 >= cfg.inject_fault_at:
+                        injected = True
+                        self.fw.inject_fault(cfg.inject_fault_cat, self._us(now))
+                out = self.fw.tx_take()
+                if out:
+                    for block in out.split(b"\x00")[:-1]:
+                        urgent = _frame_type(block) == MsgType.FAULT
+                        for delay, frame in self.injector.apply(block + b"\x00", "tx"):
+                            tx.push(now, frame, delay, int(urgent))
+                for urgent, frame in tx.due(now):
+                    self.transport.write(frame, bool(urgent))
+                self._drain_events(now)
+                now = self._maybe_unplug(now, decoders)
+        finally:
+            self._event("exit")
+            self.transport.close()
+
+    def _maybe_unplug(self, now: float, decoders: dict[int, StreamDecoder]) -> float:
+        cfg = self.config
+        duration = self._unplug_request
+        if duration is None and cfg.unplug_at is not None and now - self._t0 >= cfg.unplug_at:
+            duration, cfg.unplug_at = cfg.unplug_for, None
+        if duration is None:
+            return now
+        self._unplug_request = None
+        self.transport.close()
+        self._event("unplugged", seconds=duration)
+        deadline = now + duration
+        while time.monotonic() < deadline and not self._stop.is_set():
+            # The firmware keeps running while its cable is out: the watchdog must still trip.
+            t = time.monotonic()
+            self.plant.step(0.001, *self.fw.commands())
+            self.fw.set_measured(self.plant.q, self.plant.v, self.plant.tau)
+            self.fw.tick(self._us(t))
+            self.fw.tx_take()
+            self._drain_events(t)
+            time.sleep(0.001)
+        self.transport.open()
+        for d in decoders.values():
+            d.reset()
+        self._event("replugged", port=self.port)
+        return time.monotonic()
+
+    def _us(self, t: float) -> int:
+        return int((t - self._t0) * 1e6)
+
+    def _drain_events(self, now: float) -> None:
+        for ev in self.fw.events():
+            extra: dict = {}
+            if ev.kind in (EventKind.TORQUE_OFF, EventKind.HEARTBEAT_TIMEOUT, EventKind.STOP_CAT1) and \
+                    self.last_liveness is not None:
+                extra["since_last_heartbeat_s"] = round(now - self.last_liveness, 6)
+            if ev.kind in (EventKind.STOP_CAT0, EventKind.STOP_CAT1):
+                self._stopped_reported = False
+            self._event(ev.kind.name.lower(), firmware_time_us=ev.firmware_time_us,
+                        faults=[f.name for f in Fault if f and f in ev.fault_bits], **extra)
+        mode = self.fw.mode
+        if not self._stopped_reported and mode in (Mode.STOPPING, Mode.TRIPPED) and \
+                float(np.max(np.abs(self.plant.v))) < 1e-3:
+            self._stopped_reported = True
+            extra = {}
+            if self.last_liveness is not None:
+                extra["since_last_heartbeat_s"] = round(now - self.last_liveness, 6)
+            self._event("motion_stopped", **extra)
+
+    def _event(self, name: str, **fields: object) -> None:
+        ev = {"t": time.monotonic(), "event": name, **fields}
+        self.events.append(ev)
+        log.info("emulator event %s", ev)
+        if self._on_event is not None:
+            self._on_event(ev)
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Options of `edge-vla emulate` / `python -m firmware_bridge.emulator`."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--pty", action="store_true", help="serve on a new pseudo-terminal (default)")
+    where.add_argument("--can", metavar="CHANNEL", help="serve on a CAN channel instead (e.g. vcan0)")
+    parser.add_argument("--can-interface", default="socketcan",
+                        help="python-can interface for --can (default socketcan; 'virtual' only works in-process)")
+    parser.add_argument("--node-id", type=int, default=1, help="CAN node id 0..63 (default 1)")
+    parser.add_argument("--link", metavar="PATH", help="stable symlink to the pty, survives --unplug-*")
+    parser.add_argument("--print-path", action="store_true", help="print the port path as the first stdout line")
+    parser.add_argument("--joints", type=int, default=7, help="joint count (default 7)")
+    parser.add_argument("--limits", default="-3,3,3,20", metavar="PMIN,PMAX,VMAX,EMAX",
+                        help="limits for every joint in rad, rad/s, N*m (default -3,3,3,20)")
+    parser.add_argument("--heartbeat-timeout-ms", type=int, default=100)
+    parser.add_argument("--stop-ramp-ms", type=int, default=200, help="category-1 deceleration time")
+    parser.add_argument("--rate-hz", type=int, default=100, help="unsolicited STATE rate (0: only on setpoints)")
+    parser.add_argument("--tick-hz", type=int, default=1000, help="firmware control tick")
+    parser.add_argument("--link-error-limit", type=int, default=4, help="consecutive bad frames -> category 0")
+    parser.add_argument("--baud", type=int, default=0, help="pace the line like a UART at this baud (0: off)")
+    faults = parser.add_argument_group("fault injection")
+    faults.add_argument("--drop", type=float, default=0.0, help="probability a frame is dropped")
+    faults.add_argument("--corrupt", type=float, default=0.0, help="probability a frame is corrupted")
+    faults.add_argument("--duplicate", type=float, default=0.0, help="probability a frame is sent twice")
+    faults.add_argument("--delay-prob", type=float, default=0.0, help="probability a frame is delayed")
+    faults.add_argument("--delay-ms", type=float, default=0.0, help="the delay of a delayed frame")
+    faults.add_argument("--fault-direction", choices=("rx", "tx", "both"), default="both")
+    faults.add_argument("--stall-at", type=float, help="seconds after start: ignore the host (a stalled host)")
+    faults.add_argument("--stall-for", type=float, default=1.0)
+    faults.add_argument("--unplug-at", type=float, help="seconds after start: close the port (SIGUSR1: now)")
+    faults.add_argument("--unplug-for", type=float, default=0.5)
+    faults.add_argument("--inject-fault-at", type=float, help="seconds after start: a firmware fault")
+    faults.add_argument("--inject-fault-cat", type=int, choices=(0, 1), default=0)
+    faults.add_argument("--seed", type=int)
+    parser.add_argument("--protocol", metavar="MAJOR.MINOR", help="speak another protocol version (tests)")
+    parser.add_argument("--events", metavar="PATH", help="append JSON-lines events here")
+    parser.add_argument("--duration", type=float, help="exit after this many seconds")
+
+
+def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
+    pmin, pmax, vmax, emax = (float(x) for x in args.limits.split(","))
+    joints = [JointLimits(f"joint{i}", pmin, pmax, vmax, emax) for i in range(args.joints)]
+    protocol = tuple(int(x) for x in args.protocol.split(".")) if args.protocol else None
+    return EmulatorConfig(
+        joints=joints, heartbeat_timeout_ms=args.heartbeat_timeout_ms, stop_ramp_ms=args.stop_ramp_ms,
+        state_rate_hz=args.rate_hz, tick_hz=args.tick_hz, link_error_limit=args.link_error_limit, baud=args.baud,
+        faults=FaultConfig(args.drop, args.corrupt, args.duplicate, args.delay_prob, args.delay_ms / 1000,
+                           args.fault_direction),
+        stall_at=args.stall_at, stall_for=args.stall_for, unplug_at=args.unplug_at, unplug_for=args.unplug_for,
+        inject_fault_at=args.inject_fault_at, inject_fault_cat=args.inject_fault_cat, seed=args.seed,
+        protocol=protocol,  # type: ignore[arg-type]
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if args.can:
+        transport: Transport = CanTransport(args.can_interface, args.can, args.node_id, side="firmware")
+    else:
+        transport = PtyTransport(args.link)
+    sink: IO[str] | None = open(args.events, "a", buffering=1) if args.events else None  # noqa: SIM115
+
+    def on_event(ev: dict) -> None:
+        if sink is not None:
+            sink.write(json.dumps(ev) + "\n")
+
+    emu = Emulator(config, transport, on_event)
+    signal.signal(signal.SIGTERM, lambda *_: emu._stop.set())
+    signal.signal(signal.SIGUSR1, lambda *_: emu.unplug(config.unplug_for))
+    transport.open()
+    if args.print_path:
+        print(emu.port, flush=True)
+    log.info("emulating %d joints on %s", len(config.joints), emu.port)
+    try:
+        emu._run_opened(args.duration)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if sink is not None:
+            sink.close()
+        if args.link:
+            Path(args.link).unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="python -m firmware_bridge.emulator", description=__doc__.splitlines()[0])
+    configure(_parser)
+    logging.basicConfig(level=logging.WARNING)
+    sys.exit(main(_parser.parse_args()))

@@ -1,0 +1,192 @@
+"""Byte transports under the protocol: each moves whole frames and returns received bytes per stream.
+
+A stream key separates independent byte streams (one per CAN ID; a serial port has one, key 0),
+so reassembly never mixes an urgent CAN frame into a half-received normal one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import time
+from abc import ABC, abstractmethod
+
+import can
+import serial
+
+from firmware_bridge import canbus
+from firmware_bridge.errors import BridgeError, LinkDownError
+
+log = logging.getLogger(__name__)
+Chunks = list[tuple[int, bytes]]
+
+
+class Transport(ABC):
+    description: str = "transport"
+
+    @abstractmethod
+    def open(self) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    def read(self, timeout: float) -> Chunks:
+        """Bytes that arrived within `timeout` seconds (at least one chunk if any arrived); [] if none."""
+
+    @abstractmethod
+    def write(self, frame: bytes, urgent: bool = False) -> None: ...
+
+
+class SerialTransport(Transport):
+    """pyserial: a device path, a pty path, or any URL pyserial accepts (socket://, rfc2217://, loop://)."""
+
+    def __init__(self, port: str, baudrate: int = 1_000_000, write_timeout: float = 0.5) -> None:
+        self.port, self.baudrate, self.write_timeout = port, baudrate, write_timeout
+        self.description = f"serial port {port}"
+        self._ser: serial.SerialBase | None = None
+
+    def open(self) -> None:
+        try:
+            self._ser = serial.serial_for_url(self.port, baudrate=self.baudrate, timeout=0,
+                                              write_timeout=self.write_timeout)
+        except (serial.SerialException, OSError, ValueError) as exc:
+            raise LinkDownError(
+                f"cannot open {self.description}: {exc}. Check the cable and power of the motor controller, "
+                f"that the device exists (ls -l {self.port}), and that this user may open it (dialout group / udev)."
+            ) from exc
+
+    def close(self) -> None:
+        if self._ser is not None:
+            with contextlib.suppress(serial.SerialException, OSError):  # a vanished port may refuse
+                self._ser.close()
+            self._ser = None
+
+    def read(self, timeout: float) -> Chunks:
+        ser = self._ser
+        assert ser is not None, "read() on a closed transport"
+        fileno = getattr(ser, "fileno", None)
+        if fileno is not None and hasattr(ser, "fd"):
+            ready, _, _ = select.select([fileno()], [], [], max(0.0, timeout))
+            if not ready:
+                return []
+            data = ser.read(max(1, ser.in_waiting))
+        else:  # URL handlers without a file descriptor: poll
+            deadline = time.monotonic() + timeout
+            while not (data := ser.read(max(1, ser.in_waiting))) and time.monotonic() < deadline:
+                time.sleep(0.0005)
+        return [(0, data)] if data else []
+
+    def write(self, frame: bytes, urgent: bool = False) -> None:
+        assert self._ser is not None, "write() on a closed transport"
+        self._ser.write(frame)
+
+
+class CanTransport(Transport):
+    """python-can: frames segmented into 8-byte CAN frames (64 with CAN-FD) under the canbus ID scheme."""
+
+    def __init__(self, interface: str, channel: str, node_id: int = 1, side: str = "host", fd: bool = False,
+                 bitrate: int | None = None) -> None:
+        if side not in ("host", "firmware"):
+            raise BridgeError(f"CAN side must be 'host' or 'firmware', got {side!r}")
+        host = side == "host"
+        self.interface, self.channel, self.fd, self.bitrate = interface, channel, fd, bitrate
+        self.tx_id = canbus.can_id(canbus.HOST_TO_FW if host else canbus.FW_TO_HOST, node_id)
+        self.tx_urgent_id = canbus.can_id(canbus.HOST_TO_FW_URGENT if host else canbus.FW_TO_HOST_URGENT, node_id)
+        rx = (canbus.FW_TO_HOST, canbus.FW_TO_HOST_URGENT) if host else (canbus.HOST_TO_FW, canbus.HOST_TO_FW_URGENT)
+        self.rx_ids = {canbus.can_id(b, node_id) for b in rx}
+        self.description = f"CAN {interface}/{channel} node {node_id}"
+        self._bus: can.BusABC | None = None
+        self.frames_sent = 0
+
+    def open(self) -> None:
+        kw: dict[str, object] = {"fd": self.fd}
+        if self.bitrate:
+            kw["bitrate"] = self.bitrate
+        try:
+            self._bus = can.Bus(interface=self.interface, channel=self.channel,
+                                can_filters=[{"can_id": i, "can_mask": 0x7FF} for i in self.rx_ids], **kw)
+        except (can.CanError, OSError, ValueError, ImportError) as exc:
+            raise LinkDownError(
+                f"cannot open {self.description}: {exc}. Check that the interface exists and is up "
+                f"(`ip link show {self.channel}`; `sudo ip link set {self.channel} up type can bitrate 1000000`) "
+                "and that python-can supports it."
+            ) from exc
+
+    def close(self) -> None:
+        if self._bus is not None:
+            self._bus.shutdown()
+            self._bus = None
+
+    def read(self, timeout: float) -> Chunks:
+        bus = self._bus
+        assert bus is not None, "read() on a closed transport"
+        out: Chunks = []
+        msg = bus.recv(max(0.0, timeout))
+        while msg is not None:
+            if msg.arbitration_id in self.rx_ids and not msg.is_remote_frame:
+                out.append((msg.arbitration_id, bytes(msg.data)))
+            msg = bus.recv(0.0)
+        return out
+
+    def write(self, frame: bytes, urgent: bool = False) -> None:
+        bus = self._bus
+        assert bus is not None, "write() on a closed transport"
+        arb = self.tx_urgent_id if urgent else self.tx_id
+        for chunk in canbus.segment(frame, canbus.FD_DLC if self.fd else canbus.CLASSIC_DLC):
+            bus.send(can.Message(arbitration_id=arb, data=chunk, is_extended_id=False, is_fd=self.fd))
+            self.frames_sent += 1
+
+
+class PtyTransport(Transport):
+    """Emulator side of a pseudo-terminal; a stable symlink (like socat's link=) survives re-plugging."""
+
+    def __init__(self, link: str | None = None) -> None:
+        self.link = link
+        self.path = ""
+        self._master = self._slave = -1
+        self.description = "pty"
+        self.dropped_bytes = 0
+
+    def open(self) -> None:
+        import tty
+
+        self._master, self._slave = os.openpty()
+        tty.setraw(self._slave)  # no echo, no CR/LF translation before the host configures the port
+        os.set_blocking(self._master, False)
+        self.path = os.ttyname(self._slave)
+        if self.link:
+            tmp = f"{self.link}.tmp{os.getpid()}"
+            os.symlink(self.path, tmp)
+            os.replace(tmp, self.link)  # atomic: the host sees the old pty or the new one, never nothing
+        self.description = f"pty {self.port}"
+
+    @property
+    def port(self) -> str:
+        return self.link or self.path
+
+    def close(self) -> None:
+        for fd in (self._master, self._slave):
+            if fd >= 0:
+                os.close(fd)
+        self._master = self._slave = -1
+
+    def read(self, timeout: float) -> Chunks:
+        ready, _, _ = select.select([self._master], [], [], max(0.0, timeout))
+        if not ready:
+            return []
+        try:
+            data = os.read(self._master, 65536)
+        except BlockingIOError:
+            return []
+        return [(0, data)] if data else []
+
+    def write(self, frame: bytes, urgent: bool = False) -> None:
+        try:
+            n = os.write(self._master, frame)
+        except BlockingIOError:
+            n = 0
+        if n < len(frame):  # nobody reading: the pty buffer is full; a real UART drops too
+            self.dropped_bytes += len(frame) - n
