@@ -1,0 +1,182 @@
+"""`edge-vla install PKG (--rootfs DIR | --host user@robot) [--dry-run] [--rollback]`.
+
+--rootfs DIR   stage into a root filesystem: Linux_for_Tegra/rootfs before flashing (every robot
+               flashed from it boots into the policy), or `/` on the robot itself (install.sh does that).
+--host U@H     copy the package to a live robot (rsync, or scp without it) and run its install.sh
+               there over ssh; that script makes the venv and calls `edge-vla install --rootfs /`.
+--dry-run      print every file and command; change nothing (the package is still verified).
+--rollback     point `current` back at the previous release.
+
+Idempotent (same package twice -> "unchanged") and atomic (see rootfs.py and plan.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_vla.errors import ConfigError
+from edge_vla.provision import rootfs
+from edge_vla.provision.errors import InstallError
+from edge_vla.provision.plan import remove_tree
+
+log = logging.getLogger(__name__)
+
+REMOTE_EDGE_VLA = "/opt/edge-vla/venv/bin/edge-vla"
+
+
+@dataclass
+class InstallReport:
+    changed: bool
+    release: str | None
+    previous: str | None
+    steps: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)
+
+
+def install_rootfs(pkg: Path, root: Path, *, trusted_keys: Sequence[str | Path] = (), dry_run: bool = False,
+                   keep: int = 3) -> InstallReport:
+    """Verify `pkg`, then stage it into `root` and make it current (or only plan it with dry_run)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InstallError(f"rootfs {root} is not a directory; pass Linux_for_Tegra/rootfs (or / on the robot)")
+    # Extract on the rootfs's filesystem so that the staged dir becomes the release by one rename;
+    # a dry run extracts to /tmp and leaves the rootfs untouched.
+    staging = Path(tempfile.mkdtemp(prefix="edge-vla-dry-run-")) if dry_run else rootfs.staging_dir(root)
+    try:
+        staged = rootfs.open_package(Path(pkg), staging, trusted_keys)
+        plan = rootfs.plan_install(root, staged, trusted_keys)
+        report = InstallReport(not plan.empty, staged.release, rootfs.current_release(root),
+                               [s.show for s in plan.steps], plan.notes)
+        if not dry_run and not plan.empty:
+            plan.run()
+            report.pruned = rootfs.prune(root, keep)
+        return report
+    finally:
+        remove_tree(staging)  # gone already when it became the release
+
+
+def rollback_rootfs(root: Path, *, dry_run: bool = False) -> InstallReport:
+    plan = rootfs.plan_rollback(Path(root))
+    report = InstallReport(not plan.empty, rootfs.previous_release(root), rootfs.current_release(root),
+                           [s.show for s in plan.steps], plan.notes)
+    if not dry_run:
+        plan.run()
+    return report
+
+
+def host_commands(pkg: Path, host: str, release: str, *, trusted_keys: Sequence[Path] = (), rollback: bool = False,
+                  ssh_options: Sequence[str] = (), have_rsync: bool | None = None) -> list[list[str]]:
+    """The commands that install `pkg` on a live robot (or roll it back); what --dry-run prints."""
+    ssh = ["ssh", *ssh_options, host]
+    if rollback:
+        remote = f"sudo {REMOTE_EDGE_VLA} install --rollback --rootfs / && sudo systemctl restart edge-vla.service"
+        return [[*ssh, remote]]
+    if have_rsync is None:
+        have_rsync = shutil.which("rsync") is not None
+    stem = f"/tmp/edge-vla-{release}"
+    remote_pkg, remote_dir = f"{stem}.tar.gz", stem
+    sources = [str(pkg)]
+    install_args = []
+    for i, key in enumerate(trusted_keys):
+        sources.append(str(key))
+        install_args += ["--trusted-key", f"{stem}-key{i}.pub"]
+    copies = []
+    for i, src in enumerate(sources):
+        dest = remote_pkg if i == 0 else f"{stem}-key{i - 1}.pub"
+        if have_rsync:
+            rsh = ["-e", shlex.join(["ssh", *ssh_options])] if ssh_options else []
+            copies.append(["rsync", "-a", "--partial", "--checksum", *rsh, src, f"{host}:{dest}"])
+        else:
+            copies.append(["scp", "-q", *ssh_options, src, f"{host}:{dest}"])
+    q = shlex.quote
+    env = f"EDGE_VLA_PKG={q(remote_pkg)}"
+    if install_args:
+        env += f" EDGE_VLA_INSTALL_ARGS={q(shlex.join(install_args))}"
+    remote = (f"set -e; rm -rf {q(remote_dir)}; mkdir -p {q(remote_dir)}; tar -xzf {q(remote_pkg)} -C {q(remote_dir)}; "
+              f"sudo {env} sh {q(remote_dir + '/install.sh')}; rm -rf {q(remote_dir)}")
+    return [*copies, [*ssh, remote]]
+
+
+def install_host(pkg: Path, host: str, *, trusted_keys: Sequence[Path] = (), dry_run: bool = False,
+                 rollback: bool = False, ssh_options: Sequence[str] = ()) -> list[list[str]]:
+    release = ""
+    if not rollback:
+        # Verify here first: a bad package never leaves the workstation.
+        with tempfile.TemporaryDirectory(prefix="edge-vla-verify-") as tmp:
+            staged = rootfs.open_package(pkg, Path(tmp), trusted_keys)
+            release = staged.release
+    commands = host_commands(pkg, host, release, trusted_keys=trusted_keys, rollback=rollback, ssh_options=ssh_options)
+    if not dry_run:
+        for cmd in commands:
+            log.info("running %s", shlex.join(cmd))
+            try:
+                subprocess.run(cmd, check=True)
+            except FileNotFoundError as exc:
+                raise InstallError(f"{cmd[0]} is not installed on this machine; install openssh-client/rsync") from exc
+            except subprocess.CalledProcessError as exc:
+                raise InstallError(
+                    f"`{shlex.join(cmd)}` failed with exit status {exc.returncode}; the robot keeps its previous "
+                    "release (install.sh switches `current` only after verifying). Check ssh access and sudo."
+                ) from exc
+    return commands
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("package", nargs="?", help="robot package from `edge-vla package` (not needed with --rollback)")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--rootfs", metavar="DIR", help="root filesystem to stage into (Linux_for_Tegra/rootfs, or /)")
+    where.add_argument("--host", metavar="USER@ROBOT", help="live robot to install onto over ssh")
+    parser.add_argument("--dry-run", action="store_true", help="print every file and command; change nothing")
+    parser.add_argument("--rollback", action="store_true", help="switch back to the previous release")
+    parser.add_argument("--trusted-key", action="append", default=[], metavar="PUBKEY",
+                        help="refuse the bundle unless signed by this Ed25519 public key (repeatable); "
+                             "the key is also installed in /etc/edge-vla/trusted-keys")
+    parser.add_argument("--keep", type=int, default=3, help="releases to keep (default %(default)s)")
+    parser.add_argument("--ssh-option", action="append", default=[], metavar="OPT",
+                        help="extra ssh argument, e.g. --ssh-option=-p2222 (repeatable)")
+
+
+def _print_report(report: InstallReport, dry_run: bool, where: str) -> None:
+    for note in report.notes:
+        print(f"warning: {note}")
+    if not report.changed:
+        print(f"unchanged: release {report.release} is already installed and current in {where}")
+        return
+    prefix = "would " if dry_run else ""
+    for step in report.steps:
+        print(f"  {prefix}{step}")
+    verb = "dry run: nothing changed" if dry_run else f"release {report.release} is current in {where}"
+    print(f"{verb} (previous: {report.previous or 'none'})")
+    if report.pruned:
+        print(f"  removed old releases: {', '.join(report.pruned)}")
+
+
+def main(args: argparse.Namespace) -> int:
+    if not args.rollback and not args.package:
+        raise ConfigError("give the PACKAGE to install (or --rollback)")
+    keys = [Path(k) for k in args.trusted_key]
+    if args.host:
+        commands = install_host(Path(args.package) if args.package else Path(), args.host, trusted_keys=keys,
+                                dry_run=args.dry_run, rollback=args.rollback, ssh_options=args.ssh_option)
+        for cmd in commands:
+            print(("would run: " if args.dry_run else "ran: ") + shlex.join(cmd))
+        return 0
+    root = Path(args.rootfs)
+    if args.rollback:
+        report = rollback_rootfs(root, dry_run=args.dry_run)
+    else:
+        report = install_rootfs(Path(args.package), root, trusted_keys=keys, dry_run=args.dry_run, keep=args.keep)
+    _print_report(report, args.dry_run, str(root))
+    if not args.dry_run and report.changed and str(root) != "/":
+        print("flash the rootfs; on first boot edge-vla-firstboot.service makes the venv and engines, "
+              "then edge-vla.service starts")
+    return 0

@@ -1,0 +1,115 @@
+"""The robot's configuration file (/etc/edge-vla/robot.env): link, camera, rate, extra arguments.
+
+A systemd EnvironmentFile (KEY=VALUE lines), read by edge-vla.service and by `edge-vla doctor`.
+Operators edit it on the robot; `edge-vla install` keeps their edits (see install/rootfs).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from edge_vla.errors import ConfigError
+
+CONFIG_PATH = "/etc/edge-vla/robot.env"
+DEFAULT_LINK = "serial:///dev/edge-vla-motor"  # the udev symlink the package installs
+_KEY = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class RobotConfig:
+    link: str = DEFAULT_LINK
+    camera: str = "realsense"
+    rate_hz: float = 50.0
+    extra_args: str = ""  # appended to `edge-vla run`, split on whitespace by systemd
+
+    def validate(self) -> RobotConfig:
+        kind = link_kind(self.link)
+        if kind == "serial" and not urlparse(self.link).path:
+            raise ConfigError(f"link {self.link!r} names no device; use serial:///dev/ttyACM0")
+        if kind == "can" and not urlparse(self.link).netloc:
+            raise ConfigError(f"link {self.link!r} names no interface; use can://can0")
+        if not (self.camera in {"realsense", "sim"} or self.camera.startswith("video:")):
+            raise ConfigError(f"camera {self.camera!r}: use realsense, sim or video:PATH")
+        if not 1 <= self.rate_hz <= 2000:
+            raise ConfigError(f"rate {self.rate_hz} Hz is outside 1..2000")
+        for value in (self.link, self.camera, self.extra_args):
+            if "\n" in value or '"' in value:
+                raise ConfigError(f"config value {value!r} contains a newline or a double quote")
+        return self
+
+    def to_env(self) -> str:
+        rate = f"{self.rate_hz:g}"
+        return (
+            "# edge-vla robot configuration, read by edge-vla.service (EnvironmentFile=) and `edge-vla doctor`.\n"
+            "# Edit here, then: sudo systemctl restart edge-vla.service\n"
+            "# Link: serial:///dev/DEVICE (default: the udev symlink for the motor controller) or can://IFACE\n"
+            f'EDGE_VLA_LINK="{self.link}"\n'
+            "# Camera: realsense | video:PATH | sim\n"
+            f'EDGE_VLA_CAMERA="{self.camera}"\n'
+            "# Control rate of the loop (Hz)\n"
+            f'EDGE_VLA_RATE_HZ="{rate}"\n'
+            "# Extra arguments for `edge-vla run` (whitespace-separated)\n"
+            f'EDGE_VLA_EXTRA_ARGS="{self.extra_args}"\n'
+        )
+
+    @classmethod
+    def from_env(cls, text: str) -> RobotConfig:
+        env = parse_env(text)
+        try:
+            return cls(
+                link=env.get("EDGE_VLA_LINK", DEFAULT_LINK),
+                camera=env.get("EDGE_VLA_CAMERA", "realsense"),
+                rate_hz=float(env.get("EDGE_VLA_RATE_HZ", "50")),
+                extra_args=env.get("EDGE_VLA_EXTRA_ARGS", ""),
+            )
+        except ValueError as exc:
+            raise ConfigError(f"robot config: EDGE_VLA_RATE_HZ is not a number ({exc})") from exc
+
+    @classmethod
+    def load(cls, path: str | Path) -> RobotConfig:
+        try:
+            return cls.from_env(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read robot config {path}: {exc}") from exc
+
+
+def parse_env(text: str) -> dict[str, str]:
+    """KEY=VALUE lines as systemd's EnvironmentFile reads them (comments, optional quotes)."""
+    out: dict[str, str] = {}
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not _KEY.match(key):
+            raise ConfigError(f"robot config line {n} is not KEY=VALUE: {raw!r}")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        out[key] = value
+    return out
+
+
+def link_kind(link: str) -> str:
+    scheme = urlparse(link).scheme
+    if scheme not in {"serial", "can"}:
+        raise ConfigError(f"link {link!r}: use serial:///dev/DEVICE or can://IFACE")
+    return scheme
+
+
+def link_device(link: str) -> str:
+    """serial:///dev/ttyACM0 -> /dev/ttyACM0; can://can0 -> can0."""
+    parsed = urlparse(link)
+    return parsed.path if parsed.scheme == "serial" else parsed.netloc
+
+
+def run_command(bundle: str, config: RobotConfig) -> str:
+    """The `edge-vla run` line the service executes, for humans (docs, dry runs)."""
+    args = ["edge-vla", "run", bundle, "--link", config.link, "--camera", config.camera,
+            "--rate-hz", f"{config.rate_hz:g}", *config.extra_args.split()]
+    return shlex.join(args)

@@ -1,0 +1,270 @@
+"""Ed25519 bundle signatures: manifest.sig over the exact bytes of manifest.json.
+
+The manifest lists the sha256 of every bundle file, so a valid signature plus `Bundle.verify()`
+(the hash check) covers the whole bundle: change any graph and its hash no longer matches; change
+the manifest to match and the signature no longer verifies.
+
+manifest.sig is JSON: {"format": "edge-vla-signature", "version": 1, "algorithm": "ed25519",
+"key_id": <first 16 hex of sha256(raw public key)>, "signature": <base64>}.
+
+Keys: a private key is a PKCS#8 PEM file or a raw 32-byte seed file; a public (trusted) key is a
+SubjectPublicKeyInfo PEM file, a raw 32-byte file, or text: 64 hex digits or base64 of the raw key,
+optionally prefixed "ed25519:". `python -m edge_vla.provision.signing keygen PATH` makes a pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from edge_vla.bundle import MANIFEST, SIGNATURE
+from edge_vla.errors import BundleError, ConfigError
+from edge_vla.optional import require
+
+SIG_FORMAT = "edge-vla-signature"
+SIG_VERSION = 1
+
+
+def _crypto() -> Any:
+    require("cryptography")
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    return ed25519
+
+
+def key_id(public_raw: bytes) -> str:
+    return hashlib.sha256(public_raw).hexdigest()[:16]
+
+
+def _raw_public(pub: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def load_private_key(path: str | os.PathLike[str]) -> Any:
+    """An Ed25519 private key from a PKCS#8 PEM file or a raw 32-byte seed file."""
+    ed25519 = _crypto()
+    from cryptography.hazmat.primitives import serialization
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read signing key {path}: {exc}") from exc
+    if len(data) == 32:
+        return ed25519.Ed25519PrivateKey.from_private_bytes(data)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"{path} is neither an unencrypted PEM private key nor a raw 32-byte Ed25519 seed ({exc}); "
+            "make one with `edge-vla package --keygen PATH`"
+        ) from exc
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise ConfigError(f"{path} holds a {type(key).__name__}, not an Ed25519 key; bundles are signed with Ed25519")
+    return key
+
+
+def load_public_key(spec: str | os.PathLike[str]) -> bytes:
+    """A trusted key (file or text, see the module doc) -> the raw 32-byte public key."""
+    ed25519 = _crypto()
+    from cryptography.hazmat.primitives import serialization
+
+    data: bytes
+    path = Path(spec)
+    is_file = isinstance(spec, os.PathLike) or (len(str(spec)) < 4096 and path.is_file())
+    if is_file:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read trusted key {path}: {exc}") from exc
+        if len(data) == 32:
+            return data
+    else:
+        data = str(spec).encode()
+    text = data.strip()
+    if text.startswith(b"-----BEGIN"):
+        try:
+            key = serialization.load_pem_public_key(text)
+        except ValueError:
+            # A private key given as trusted key: accept it, trust its public half.
+            try:
+                key = serialization.load_pem_private_key(text, password=None).public_key()
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"trusted key {spec}: unreadable PEM ({exc})") from exc
+        if not isinstance(key, ed25519.Ed25519PublicKey):
+            raise ConfigError(f"trusted key {spec} is a {type(key).__name__}, not an Ed25519 public key")
+        return _raw_public(key)
+    text = text.removeprefix(b"ed25519:")
+    try:
+        raw = bytes.fromhex(text.decode()) if len(text) == 64 else base64.b64decode(text, validate=True)
+    except (ValueError, binascii.Error) as exc:
+        raise ConfigError(f"trusted key {spec!s:.80} is not a PEM, hex or base64 Ed25519 public key") from exc
+    if len(raw) != 32:
+        raise ConfigError(f"trusted key {spec!s:.80} decodes to {len(raw)} bytes; an Ed25519 public key has 32")
+    return raw
+
+
+def signature_bytes(manifest_bytes: bytes, private_key: Any) -> bytes:
+    """The manifest.sig content for `manifest_bytes` (deterministic: Ed25519 has no nonce)."""
+    sig = private_key.sign(manifest_bytes)
+    doc = {
+        "format": SIG_FORMAT,
+        "version": SIG_VERSION,
+        "algorithm": "ed25519",
+        "key_id": key_id(_raw_public(private_key.public_key())),
+        "signature": base64.b64encode(sig).decode(),
+    }
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+
+def sign_bundle(root: str | os.PathLike[str], key: str | os.PathLike[str] | Any) -> str:
+    """Write root/manifest.sig atomically; returns the key id."""
+    root = Path(root)
+    private = load_private_key(key) if isinstance(key, (str, os.PathLike)) else key
+    manifest = root / MANIFEST
+    if not manifest.is_file():
+        raise BundleError(f"{root} has no {MANIFEST}: not a bundle, nothing to sign")
+    data = signature_bytes(manifest.read_bytes(), private)
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{SIGNATURE}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, root / SIGNATURE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return json.loads(data)["key_id"]
+
+
+def read_signature(root: Path) -> dict[str, Any] | None:
+    """The parsed manifest.sig, or None when the bundle is unsigned."""
+    path = root / SIGNATURE
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON ({exc}): corrupt signature; re-sign the bundle") from exc
+    if not isinstance(doc, dict) or doc.get("format") != SIG_FORMAT or doc.get("algorithm") != "ed25519":
+        raise BundleError(f"{path} is not an edge-vla Ed25519 signature; re-sign the bundle")
+    if doc.get("version") != SIG_VERSION:
+        raise BundleError(f"{path} has signature version {doc.get('version')!r}; this edge-vla reads {SIG_VERSION}")
+    if not isinstance(doc.get("key_id"), str) or not isinstance(doc.get("signature"), str):
+        raise BundleError(f"{path} lacks key_id or signature; re-sign the bundle")
+    return doc
+
+
+def verify_bundle_signature(root: Path, trusted_keys: Sequence[str | Path]) -> str:
+    """Check root/manifest.sig against the trusted keys; return the key id that verified.
+
+    Raises BundleError saying why: no trusted keys, unsigned, malformed signature, signed by an
+    unknown key, or a signature that does not match manifest.json (the manifest was changed after
+    signing). Checks the signature only: combine with `Bundle.verify()` for the file hashes.
+    """
+    root = Path(root)
+    if not trusted_keys:
+        raise BundleError("no trusted keys configured: pass the signer's public key (e.g. robot-signing.pub)")
+    ed25519 = _crypto()
+    from cryptography.exceptions import InvalidSignature
+
+    doc = read_signature(root)
+    if doc is None:
+        raise BundleError(
+            f"bundle {root} is unsigned (no {SIGNATURE}) but trusted keys are configured; "
+            "sign it with `edge-vla package BUNDLE --sign KEY`"
+        )
+    trusted: dict[str, bytes] = {}
+    for spec in trusted_keys:
+        raw = load_public_key(spec)
+        trusted[key_id(raw)] = raw
+    kid = doc["key_id"]
+    if kid not in trusted:
+        raise BundleError(
+            f"bundle {root} is signed by unknown key {kid}; trusted key ids: {', '.join(sorted(trusted))}. "
+            "Add the signer's public key to the trusted keys, or re-sign with a trusted key."
+        )
+    try:
+        sig = base64.b64decode(doc["signature"], validate=True)
+    except (ValueError, binascii.Error) as exc:
+        raise BundleError(f"{root / SIGNATURE}: signature is not base64 ({exc}); re-sign the bundle") from exc
+    manifest = root / MANIFEST
+    if not manifest.is_file():
+        raise BundleError(f"bundle {root} has a signature but no {MANIFEST}; copy the bundle again")
+    try:
+        ed25519.Ed25519PublicKey.from_public_bytes(trusted[kid]).verify(sig, manifest.read_bytes())
+    except InvalidSignature:
+        raise BundleError(
+            f"bundle {root}: bad signature: {MANIFEST} does not match the signature by key {kid} "
+            "(the manifest was changed after signing, or the signature is corrupt). "
+            "Do not deploy it; re-export and re-sign the bundle."
+        ) from None
+    return kid
+
+
+def generate_keypair(path: str | os.PathLike[str], overwrite: bool = False) -> tuple[Path, Path, str]:
+    """Write PATH (PKCS#8 PEM private key, mode 0600) and PATH.pub (PEM public key); returns the key id."""
+    ed25519 = _crypto()
+    from cryptography.hazmat.primitives import serialization
+
+    priv_path = Path(path)
+    pub_path = priv_path.with_name(priv_path.name + ".pub")
+    if not overwrite and (priv_path.exists() or pub_path.exists()):
+        raise ConfigError(f"{priv_path} or {pub_path} exists; refusing to overwrite a signing key")
+    key = ed25519.Ed25519PrivateKey.generate()
+    priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    priv_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(priv)
+    pub_path.write_bytes(pub)
+    return priv_path, pub_path, key_id(_raw_public(key.public_key()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m edge_vla.provision.signing keygen|sign|verify ...` (small helper for scripts)."""
+    parser = argparse.ArgumentParser(prog="python -m edge_vla.provision.signing")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("keygen", help="write PATH and PATH.pub")
+    p.add_argument("path")
+    p = sub.add_parser("sign", help="write BUNDLE/manifest.sig")
+    p.add_argument("bundle")
+    p.add_argument("key")
+    p = sub.add_parser("verify", help="check BUNDLE/manifest.sig and every file hash")
+    p.add_argument("bundle")
+    p.add_argument("trusted", nargs="+")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "keygen":
+            priv, pub, kid = generate_keypair(args.path)
+            print(f"wrote {priv} (keep secret) and {pub} (trust this on robots); key id {kid}")
+        elif args.cmd == "sign":
+            print(f"signed {args.bundle} with key {sign_bundle(args.bundle, args.key)}")
+        else:
+            from edge_vla.bundle import Bundle
+
+            kid = verify_bundle_signature(Path(args.bundle), args.trusted)
+            Bundle.open(args.bundle)
+            print(f"{args.bundle}: signature by {kid} and every file hash verified")
+    except (BundleError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

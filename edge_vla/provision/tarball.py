@@ -1,0 +1,66 @@
+"""Deterministic, atomically written tarballs, and safe extraction.
+
+Same inputs -> same bytes: members sorted, mtime/uid/gid fixed, modes normalised, gzip header
+without time or name. So the package digest identifies its content, and a rebuilt package that did
+not change installs as "unchanged".
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from edge_vla.provision.errors import PackageError
+
+FIXED_MTIME = 0
+
+
+def _info(name: str, size: int, mode: int, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = mode
+    info.type = kind
+    info.mtime = FIXED_MTIME
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    return info
+
+
+def write_tarball(out: Path, files: Mapping[str, bytes], executable: frozenset[str] = frozenset()) -> Path:
+    """Write `files` ({relative path: bytes}) as a .tar.gz at `out`, atomically."""
+    dirs = sorted({str(Path(rel).parents[i]) for rel in files for i in range(len(Path(rel).parts) - 1)})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            with (gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=FIXED_MTIME, compresslevel=6) as gz,
+                  tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar):
+                for d in dirs:
+                    tar.addfile(_info(d, 0, 0o755, tarfile.DIRTYPE))
+                for rel in sorted(files):
+                    data = files[rel]
+                    mode = 0o755 if rel in executable else 0o644
+                    tar.addfile(_info(rel, len(data), mode), io.BytesIO(data))
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def extract_tarball(archive: Path, dest: Path) -> None:
+    """Extract with tarfile's "data" filter: no absolute paths, no links out, no devices."""
+    if not archive.is_file():
+        raise PackageError(f"package {archive} does not exist; make one with `edge-vla package BUNDLE -o {archive}`")
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(dest, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise PackageError(f"cannot extract package {archive}: {exc}; the file is corrupt, copy or rebuild it") from exc
