@@ -228,6 +228,9 @@ static void handle_frame(fw_t *fw, const uint8_t *block, size_t n) {
     fw->stats[FW_STAT_RX_FRAMES]++;
     const uint8_t *p = fw->rx_raw + FW_HEADER_LEN;
     if (version != fw->proto_major) {
+        /* HELLO and CAPABILITIES keep their layout across versions, so a host of any version learns
+         * ours and can refuse us cleanly; every other frame of a foreign version is refused. */
+        if (type == FW_MSG_HELLO) { send_capabilities(fw); return; }
         fw->stats[FW_STAT_RX_BAD_MESSAGES]++;
         send_ack(fw, FW_MSG_NACK, seq, type, FW_NACK_BAD_VERSION);
         return;
