@@ -1,0 +1,244 @@
+"""The reference pi0-style VLA in PyTorch, built from a VLAConfig.
+
+    images, instruction tokens, state --trunk--> prefix --per expert layer K/V--> prefix_kv   (once per chunk)
+    x_t, t, prefix_kv --action expert (adaLN on t, cross-attention to prefix_kv)--> velocity  (each ODE step)
+
+Flow convention (rectified flow): x_0 = noise, x_1 = normalized action chunk,
+x_t = (1 - t) x_0 + t x_1, target velocity v = x_1 - x_0, sampling integrates t from 0 to 1.
+Attention is written as MatMul + Softmax so that both onnxruntime and TensorRT's ONNX parser take it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from edge_vla.config import VLAConfig
+
+TIME_SCALE = 100.0  # t in [0, 1] is scaled before the sinusoidal embedding
+LN_EPS = 1e-6
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """q [B, h, Tq, d], k/v [B, h, Tk, d] -> [B, h, Tq, d]."""
+    scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    b, t, c = x.shape
+    return x.reshape(b, t, heads, c // heads).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * d)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        y = attention(split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads))
+        return self.out(merge_heads(y))
+
+
+class Mlp(nn.Sequential):
+    def __init__(self, dim: int, ratio: int) -> None:
+        super().__init__(nn.Linear(dim, ratio * dim), nn.GELU(approximate="tanh"), nn.Linear(ratio * dim, dim))
+
+
+class TrunkBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = SelfAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = Mlp(dim, mlp_ratio)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: LayerNorm without affine, then a per-channel scale and shift computed from t."""
+    return F.layer_norm(x, x.shape[-1:], eps=LN_EPS) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class ExpertBlock(nn.Module):
+    """DiT-style block: adaLN-modulated self-attention and MLP, plus cross-attention to the prefix."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, prefix_dim: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.mod = nn.Linear(dim, 6 * dim)
+        self.attn = SelfAttention(dim, heads)
+        self.cross_norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.cross_q = nn.Linear(dim, dim)
+        self.cross_kv = nn.Linear(prefix_dim, 2 * dim)
+        self.cross_out = nn.Linear(dim, dim)
+        self.mlp = Mlp(dim, mlp_ratio)
+
+    def prefix_kv(self, prefix: Tensor) -> Tensor:
+        """[B, P, prefix_dim] -> [2, B, heads, P, head_dim]: computed once per chunk."""
+        k, v = self.cross_kv(prefix).chunk(2, dim=-1)
+        return torch.stack([split_heads(k, self.heads), split_heads(v, self.heads)])
+
+    def forward(self, x: Tensor, c: Tensor, kv: Tensor) -> Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.mod(F.silu(c)).chunk(6, dim=-1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(x, shift1, scale1))
+        q = split_heads(self.cross_q(self.cross_norm(x)), self.heads)
+        x = x + self.cross_out(merge_heads(attention(q, kv[0], kv[1])))
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(x, shift2, scale2))
+
+
+def timestep_embedding(t: Tensor, dim: int) -> Tensor:
+    """t [B] in [0, 1] -> [B, dim]: cos/sin of t * TIME_SCALE at geometric frequencies."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = (t.float() * TIME_SCALE).unsqueeze(-1) * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class VLA(nn.Module):
+    def __init__(self, config: VLAConfig) -> None:
+        super().__init__()
+        cfg = self.config = config.validate()
+        w = cfg.width
+        self.patch = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.camera_emb = nn.Parameter(torch.zeros(cfg.num_cameras, 1, w))
+        self.patch_pos = nn.Parameter(torch.randn(1, cfg.tokens_per_camera, w) * 0.02)
+        self.token_emb = nn.Embedding(cfg.vocab_size, w)
+        self.text_pos = nn.Parameter(torch.randn(1, cfg.max_text_len, w) * 0.02)
+        self.state_proj = nn.Linear(cfg.state_dim, w)
+        self.trunk = nn.ModuleList(TrunkBlock(w, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.trunk_norm = nn.LayerNorm(w, eps=LN_EPS)
+
+        e = cfg.expert_width
+        self.action_in = nn.Linear(cfg.action_dim, e)
+        self.action_pos = nn.Parameter(torch.randn(1, cfg.chunk_len, e) * 0.02)
+        self.time_mlp = nn.Sequential(nn.Linear(e, e), nn.SiLU(), nn.Linear(e, e))
+        self.expert = nn.ModuleList(
+            ExpertBlock(e, cfg.expert_heads, cfg.mlp_ratio, w) for _ in range(cfg.expert_depth)
+        )
+        self.final_mod = nn.Linear(e, 2 * e)
+        self.action_out = nn.Linear(e, cfg.action_dim)
+        # Normalization statistics travel with the weights (and into the bundle manifest).
+        self.register_buffer("state_mean", torch.zeros(cfg.state_dim))
+        self.register_buffer("state_std", torch.ones(cfg.state_dim))
+        self.register_buffer("action_mean", torch.zeros(cfg.action_dim))
+        self.register_buffer("action_std", torch.ones(cfg.action_dim))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        # adaLN-zero: each expert block starts as the identity, a well-known stabiliser for DiTs.
+        for blk in self.expert:
+            nn.init.zeros_(blk.mod.weight)
+        nn.init.zeros_(self.final_mod.weight)
+        nn.init.zeros_(self.action_out.weight)
+
+    # --- prefix: once per chunk -----------------------------------------------------------------
+    def embed_prefix(self, images: Tensor, tokens: Tensor, state: Tensor) -> Tensor:
+        """images float [B, C, 3, S, S] in [0, 1]; tokens int [B, L]; state [B, state_dim] (physical)."""
+        b, c = images.shape[:2]
+        x = self.patch((images.flatten(0, 1) - 0.5) / 0.25)  # [B*C, w, S/p, S/p]
+        x = x.flatten(2).transpose(1, 2).reshape(b, c, -1, self.config.width)
+        x = (x + self.patch_pos.unsqueeze(0) + self.camera_emb.unsqueeze(0)).flatten(1, 2)
+        text = self.token_emb(tokens) + self.text_pos
+        s = self.state_proj((state - self.state_mean) / self.state_std).unsqueeze(1)
+        h = torch.cat([x, text, s], dim=1)
+        for blk in self.trunk:
+            h = blk(h)
+        return self.trunk_norm(h)
+
+    def prefix_kv(self, images: Tensor, tokens: Tensor, state: Tensor) -> Tensor:
+        """-> [expert_depth, 2, B, heads, P, head_dim]: each expert layer's cross-attention K and V."""
+        prefix = self.embed_prefix(images, tokens, state)
+        return torch.stack([blk.prefix_kv(prefix) for blk in self.expert])
+
+    # --- one ODE step -------------------------------------------------------------------------------
+    def time_condition(self, t: Tensor) -> Tensor:
+        return self.time_mlp(timestep_embedding(t, self.config.expert_width))
+
+    def velocity(self, x_t: Tensor, t: Tensor, prefix_kv: Tensor) -> Tensor:
+        """x_t [B, H, D] (normalized actions), t [B] -> velocity [B, H, D]."""
+        c = self.time_condition(t)
+        h = self.action_in(x_t) + self.action_pos
+        for i, blk in enumerate(self.expert):
+            h = blk(h, c, prefix_kv[i])
+        shift, scale = self.final_mod(F.silu(c)).chunk(2, dim=-1)
+        return self.action_out(modulate(h, shift, scale))
+
+    # --- training and sampling ----------------------------------------------------------------------
+    def normalize_actions(self, actions: Tensor) -> Tensor:
+        return (actions - self.action_mean) / self.action_std
+
+    def denormalize_actions(self, x: Tensor) -> Tensor:
+        return x * self.action_std + self.action_mean
+
+    def flow_loss(self, images: Tensor, tokens: Tensor, state: Tensor, actions: Tensor,
+                  noise: Tensor | None = None, t: Tensor | None = None) -> Tensor:
+        """Flow-matching loss for a batch of physical-unit action chunks [B, H, D]."""
+        x1 = self.normalize_actions(actions)
+        x0 = torch.randn_like(x1) if noise is None else noise
+        if t is None:
+            t = torch.rand(x1.shape[0], device=x1.device)
+        x_t = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * x1
+        v = self.velocity(x_t, t, self.prefix_kv(images, tokens, state))
+        return F.mse_loss(v, x1 - x0)
+
+    @torch.no_grad()
+    def sample(self, images: Tensor, tokens: Tensor, state: Tensor, noise: Tensor,
+               steps: int | None = None, solver: str = "euler", cache_prefix: bool = True) -> Tensor:
+        """Integrate the flow from noise to an action chunk in physical units."""
+        steps = steps or self.config.num_steps
+        kv = self.prefix_kv(images, tokens, state) if cache_prefix else None
+        x = noise
+        dt = 1.0 / steps
+
+        def v_at(x: Tensor, t: float) -> Tensor:
+            tt = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
+            return self.velocity(x, tt, kv if kv is not None else self.prefix_kv(images, tokens, state))
+
+        for i in range(steps):
+            t = i * dt
+            v = v_at(x, t)
+            if solver == "euler":
+                x = x + dt * v
+            elif solver == "heun":
+                x_pred = x + dt * v
+                x = x + 0.5 * dt * (v + v_at(x_pred, t + dt))
+            elif solver == "midpoint":
+                x = x + dt * v_at(x + 0.5 * dt * v, t + 0.5 * dt)
+            else:
+                raise ValueError(f"unknown solver {solver!r}; use euler, heun or midpoint")
+        return self.denormalize_actions(x)
+
+
+def fake_inputs(config: VLAConfig, batch: int = 1, seed: int = 0) -> dict[str, Tensor]:
+    """Random inputs of the right shapes and dtypes for shape tests and export."""
+    g = torch.Generator().manual_seed(seed)
+    c = config
+    return {
+        "images": torch.rand(batch, c.num_cameras, 3, c.image_size, c.image_size, generator=g),
+        "tokens": torch.randint(2, c.vocab_size, (batch, c.max_text_len), generator=g, dtype=torch.int64).int(),
+        "state": torch.randn(batch, c.state_dim, generator=g),
+        "noise": torch.randn(batch, c.chunk_len, c.action_dim, generator=g),
+    }
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

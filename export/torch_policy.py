@@ -1,0 +1,27 @@
+"""The PyTorch model as a sim ChunkPolicy (what users run today: eager, prefix cached)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from edge_vla.runtime.types import Observation
+
+from .data import observation_tensors
+from .model import VLA
+
+
+class TorchPolicy:
+    def __init__(self, model: VLA, steps: int | None = None, solver: str = "euler", seed: int = 0) -> None:
+        self.model = model.eval()
+        self.steps = steps or model.config.num_steps
+        self.solver = solver
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, obs: Observation) -> np.ndarray:
+        cfg = self.model.config
+        images, tokens, state = observation_tensors(obs, cfg)
+        noise = torch.randn(1, cfg.chunk_len, cfg.action_dim, generator=self.generator)
+        with torch.inference_mode():
+            actions = self.model.sample(images, tokens, state, noise, steps=self.steps, solver=self.solver)
+        return actions[0].numpy()

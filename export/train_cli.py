@@ -1,0 +1,40 @@
+"""`edge-vla train`: flow-matching behaviour cloning of a preset on sim demonstrations."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from edge_vla.config import PRESETS, preset
+from edge_vla.sim import dataset
+
+from .train import TrainConfig, train
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--data", default="runs/data/reach.npz", help="dataset from `edge-vla make-data` (made if missing)")
+    parser.add_argument("-o", "--output", default=None, help="checkpoint directory (default runs/<preset>)")
+    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    parser.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
+    parser.add_argument("--episodes", type=int, default=300, help="episodes to generate when --data is missing")
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = preset(args.preset)
+    data_path = Path(args.data)
+    if not data_path.exists():
+        print(f"{data_path} not found: generating {args.episodes} expert episodes")
+        dataset.save(dataset.generate(range(args.episodes), cfg.image_size, cfg.num_cameras), data_path)
+    ds = dataset.load(data_path)
+    out = Path(args.output or f"runs/{args.preset}")
+    tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                     threads=args.threads, checkpoint_every=args.checkpoint_every)
+    train(cfg, ds, out, tc, resume=args.resume)
+    print(f"checkpoint written to {out}")
+    return 0
