@@ -30,6 +30,12 @@ def make_bundle(out: Path, graph_bytes: bytes = b"not really onnx, but hashed li
 
 
 @pytest.fixture
+def bundle_factory():
+    """make_bundle(out, graph_bytes): another bundle, e.g. a newer release."""
+    return make_bundle
+
+
+@pytest.fixture
 def bundle(tmp_path: Path) -> Path:
     return make_bundle(tmp_path / "bundle")
 
