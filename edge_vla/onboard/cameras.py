@@ -1,0 +1,209 @@
+"""Camera sources. Every source returns a `Frame` with a monotonic capture timestamp.
+
+    realsense[:SERIAL]   Intel RealSense via pyrealsense2 (colour, optional aligned depth, hardware time)
+    video:PATH           a folder of images (.png/.jpg via matplotlib, .npy), an .npy array [N, H, W, 3],
+                         or a video file (needs OpenCV)
+    sim                  the edge_vla.sim scene rendered at the joint angles the motor controller reports
+
+`open_camera(spec, ...)` parses the spec; missing devices and packages raise `CameraError` / a
+`MissingDependencyError` that say what to install or plug in.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from edge_vla.onboard.errors import CameraError
+from edge_vla.optional import require
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
+
+
+@dataclass
+class Frame:
+    images: list[np.ndarray]  # HxWx3 uint8 RGB, one per camera
+    timestamp: float  # time.monotonic() at capture (oldest image)
+    hw_timestamp_ms: float | None = None  # the device's own clock, where it has one
+    depth: list[np.ndarray] = field(default_factory=list)  # aligned depth (metres), where enabled
+
+
+class CameraSource(Protocol):
+    def read(self) -> Frame: ...
+    def close(self) -> None: ...
+
+
+def resize_nearest(img: np.ndarray, size: int) -> np.ndarray:
+    """Square nearest-neighbour resize (no OpenCV on the robot); a no-op at the right size."""
+    h, w = img.shape[:2]
+    if h == size and w == size:
+        return img
+    rows = (np.arange(size) * h // size).clip(0, h - 1)
+    cols = (np.arange(size) * w // size).clip(0, w - 1)
+    return img[rows][:, cols]
+
+
+def _to_rgb_u8(img: np.ndarray) -> np.ndarray:
+    a = np.asarray(img)
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    a = a[:, :, :3]
+    if a.dtype != np.uint8:
+        a = (np.clip(a, 0.0, 1.0) * 255).astype(np.uint8) if a.dtype.kind == "f" else a.astype(np.uint8)
+    return np.ascontiguousarray(a)
+
+
+class SimCamera:
+    """Renders the sim scene at the joint angles `state_fn()` returns (the emulator's, over the link)."""
+
+    def __init__(self, scene: object, state_fn: Callable[[], tuple[np.ndarray, float] | None], size: int,
+                 num_cameras: int = 1) -> None:
+        self.scene = scene
+        self.state_fn = state_fn
+        self.size, self.num_cameras = size, num_cameras
+
+    def read(self) -> Frame:
+        got = self.state_fn()
+        if got is None:
+            raise CameraError("sim camera: no joint state yet from the control loop; it renders the arm at the "
+                              "motor controller's joint angles, so the link must be up first")
+        q, t = got
+        images = self.scene.cameras(np.asarray(q), self.size, self.num_cameras)  # type: ignore[attr-defined]
+        return Frame(images=images, timestamp=t)
+
+    def close(self) -> None:
+        pass
+
+
+class FolderCamera:
+    """Replays frames from a folder, an .npy stack or a video at `fps`, looping; timestamps are replay times."""
+
+    def __init__(self, path: str | Path, size: int | None = None, fps: float = 30.0, loop: bool = True,
+                 num_cameras: int = 1) -> None:
+        p = Path(path)
+        if not p.exists():
+            raise CameraError(f"video source {p} does not exist; give a folder of images, an .npy file or a video")
+        self.frames = self._load(p)
+        if not self.frames:
+            raise CameraError(f"no frames in {p}; supported: {', '.join(IMAGE_SUFFIXES)} files, [N,H,W,3] .npy")
+        self.size, self.fps, self.loop, self.num_cameras = size, fps, loop, num_cameras
+        self._i = 0
+        self._t0 = time.monotonic()
+
+    @staticmethod
+    def _load(p: Path) -> list[np.ndarray]:
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            out = []
+            for f in files:
+                if f.suffix.lower() == ".npy":
+                    out.append(_to_rgb_u8(np.load(f)))
+                else:
+                    out.append(_to_rgb_u8(require("matplotlib.pyplot").imread(f)))
+            return out
+        if p.suffix.lower() == ".npy":
+            arr = np.load(p)
+            return [_to_rgb_u8(a) for a in (arr if arr.ndim == 4 else arr[None])]
+        cv2 = require("cv2")
+        cap = cv2.VideoCapture(str(p))
+        out = []
+        ok, img = cap.read()
+        while ok:
+            out.append(img[:, :, ::-1].copy())  # BGR -> RGB
+            ok, img = cap.read()
+        cap.release()
+        return out
+
+    def read(self) -> Frame:
+        if self._i >= len(self.frames):
+            if not self.loop:
+                raise CameraError(f"video source ended after {len(self.frames)} frames")
+            self._i = 0
+        # Pace like a camera: frame i is due at t0 + i / fps.
+        due = self._t0 + self._i / self.fps
+        now = time.monotonic()
+        if due > now:
+            time.sleep(due - now)
+        img = self.frames[self._i % len(self.frames)]
+        self._i += 1
+        if self.size:
+            img = resize_nearest(img, self.size)
+        return Frame(images=[img] * self.num_cameras, timestamp=time.monotonic())
+
+    def close(self) -> None:
+        pass
+
+
+class RealSenseCamera:
+    """One RealSense device: colour (and optionally depth aligned to colour), by serial number."""
+
+    def __init__(self, serial: str | None = None, width: int = 640, height: int = 480, fps: int = 30,
+                 depth: bool = False, size: int | None = None, timeout_ms: int = 1000) -> None:
+        rs = require("pyrealsense2")
+        self.rs = rs
+        devices = [d.get_info(rs.camera_info.serial_number) for d in rs.context().query_devices()]
+        if not devices:
+            raise CameraError("no RealSense camera found: check the USB 3 cable and `rs-enumerate-devices`")
+        if serial is not None and serial not in devices:
+            raise CameraError(f"RealSense with serial {serial} not found; connected: {', '.join(devices)}")
+        self.pipeline = rs.pipeline()
+        cfg = rs.config()
+        if serial:
+            cfg.enable_device(serial)
+        cfg.enable_stream(rs.stream.color, width, height, rs.format.rgb8, fps)
+        if depth:
+            cfg.enable_stream(rs.stream.depth, width, height, rs.format.z16, fps)
+        profile = self.pipeline.start(cfg)
+        self.align = rs.align(rs.stream.color) if depth else None
+        self.depth_scale = profile.get_device().first_depth_sensor().get_depth_scale() if depth else 1.0
+        self.size, self.timeout_ms = size, timeout_ms
+        self.serial = serial or devices[0]
+        log.info("RealSense %s streaming %dx%d@%d%s", self.serial, width, height, fps, " + depth" if depth else "")
+
+    def read(self) -> Frame:
+        try:
+            frames = self.pipeline.wait_for_frames(self.timeout_ms)
+        except RuntimeError as exc:
+            raise CameraError(f"RealSense {self.serial} delivered no frame within {self.timeout_ms} ms ({exc})") from exc
+        now = time.monotonic()
+        if self.align is not None:
+            frames = self.align.process(frames)
+        color = frames.get_color_frame()
+        img = np.asanyarray(color.get_data())
+        if self.size:
+            img = resize_nearest(img, self.size)
+        depth = []
+        if self.align is not None:
+            d = frames.get_depth_frame()
+            depth.append(np.asanyarray(d.get_data()).astype(np.float32) * self.depth_scale)
+        # Host receive time as the monotonic stamp; the device clock travels alongside for drift analysis.
+        return Frame(images=[img], timestamp=now, hw_timestamp_ms=float(color.get_timestamp()), depth=depth)
+
+    def close(self) -> None:
+        self.pipeline.stop()
+
+
+def open_camera(spec: str, size: int, num_cameras: int = 1, scene: object = None,
+                state_fn: Callable[[], tuple[np.ndarray, float] | None] | None = None,
+                depth: bool = False) -> CameraSource:
+    """realsense[:SERIAL] | video:PATH | sim (needs `scene` and `state_fn`)."""
+    kind, _, arg = spec.partition(":")
+    if kind == "realsense":
+        return RealSenseCamera(serial=arg or None, size=size, depth=depth)
+    if kind == "video":
+        if not arg:
+            raise CameraError("video: needs a path, e.g. --camera video:/data/frames")
+        return FolderCamera(arg, size=size, num_cameras=num_cameras)
+    if kind == "sim":
+        if scene is None or state_fn is None:
+            raise CameraError("the sim camera needs a sim scene and the control loop's joint state")
+        return SimCamera(scene, state_fn, size, num_cameras)
+    raise CameraError(f"unknown camera {spec!r}; use realsense[:SERIAL], video:PATH or sim")

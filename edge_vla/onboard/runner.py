@@ -1,0 +1,145 @@
+"""Wires the pieces: control loop in a child process, inference worker in a thread of this process.
+
+    with OnboardRunner(control_config, source, camera_factory, instruction) as run:
+        run.wait(duration)            # or run.rearm(), run.request_stop(), run.control_pid ...
+    summary = run.summary
+
+The parent's SIGINT/SIGTERM handlers (installed by the CLI) call `request_stop()`: the control process
+then makes a category-1 stop, disarms and exits; `close()` waits for that, and only kills the child if
+it does not exit (the firmware watchdog then stops the motors).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from edge_vla.onboard import shared as sh
+from edge_vla.onboard.cameras import CameraSource
+from edge_vla.onboard.control import ControlConfig, control_main
+from edge_vla.onboard.errors import StartupError
+from edge_vla.onboard.worker import ChunkSource, InferenceWorker
+
+log = logging.getLogger(__name__)
+
+CameraFactory = Callable[[sh.SharedBus], CameraSource]
+
+
+def bus_state_fn(bus: sh.SharedBus) -> Callable[[], tuple[Any, float] | None]:
+    def state() -> tuple[Any, float] | None:
+        rec = bus.read_state()
+        return None if rec is None else (rec.positions, rec.time)
+
+    return state
+
+
+class OnboardRunner:
+    def __init__(self, config: ControlConfig, source: ChunkSource, camera_factory: CameraFactory, instruction: str,
+                 image_size: int | None = None, max_chunk_len: int = 64, log_level: int = logging.INFO) -> None:
+        self.config = config
+        self.bus = sh.SharedBus(config.action_space.dim, max_chunk_len)
+        self.source = source
+        self.camera_factory = camera_factory
+        self.instruction = instruction
+        self.image_size = image_size
+        self.log_level = log_level
+        self.summary: dict[str, Any] | None = None
+        self.worker: InferenceWorker | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._worker_error: BaseException | None = None
+        ctx = mp.get_context("spawn")  # no fork: onnxruntime threads and locks do not survive it
+        self._recv, send = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=control_main, args=(config, self.bus, send, log_level),
+                                name="edge-vla-control", daemon=False)
+        self._send = send
+
+    @property
+    def control_pid(self) -> int | None:
+        return self.proc.pid
+
+    def start(self, timeout: float = 30.0) -> OnboardRunner:
+        self.proc.start()
+        self._send.close()  # only the child writes
+        deadline = time.monotonic() + timeout
+        while self.bus.read_state() is None:
+            if not self.proc.is_alive() or time.monotonic() > deadline:
+                summary = self._collect(1.0)
+                err = (summary or {}).get("error", "no joint state")
+                raise StartupError(f"the control loop did not come up on {self.config.link_url}: {err}")
+            time.sleep(0.01)
+        camera = self.camera_factory(self.bus)
+        self.worker = InferenceWorker(self.source, camera, self.bus, self.instruction, self.image_size,
+                                      sync=self.config.strategy == "sync")
+        self._thread = threading.Thread(target=self._run_worker, name="edge-vla-worker", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run_worker(self) -> None:
+        assert self.worker is not None
+        try:
+            self.worker.run(self._stop, alive=self.proc.is_alive)
+        except BaseException as exc:  # the watchdog sees the silence; the parent reports why
+            self._worker_error = exc
+            log.exception("inference worker died")
+
+    def wait_ready(self, timeout: float = 60.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.is_alive():
+            if self.bus.get("ready") > 0:
+                return True
+            time.sleep(0.01)
+        return False
+
+    def wait(self, duration: float | None = None) -> None:
+        """Until `duration` passes or the control process exits (its own duration, a stop request)."""
+        end = time.monotonic() + duration if duration is not None else float("inf")
+        while self.proc.is_alive() and time.monotonic() < end:
+            self.proc.join(timeout=0.05)
+
+    def status(self) -> str:
+        return sh.STATUS_NAMES[int(self.bus.get("status"))]
+
+    def request_stop(self) -> None:
+        self.bus.set("stop_request", 1.0)
+
+    def rearm(self) -> None:
+        """The explicit operator action that clears a latched stop."""
+        self.bus.set("rearm_request", self.bus.get("rearm_request") + 1)
+
+    def _collect(self, timeout: float) -> dict[str, Any] | None:
+        if self._recv.poll(timeout):
+            try:
+                return self._recv.recv()
+            except EOFError:
+                return None
+        return None
+
+    def close(self, timeout: float = 10.0) -> dict[str, Any] | None:
+        self.request_stop()
+        self.summary = self._collect(timeout) if self.summary is None else self.summary
+        self.proc.join(timeout=timeout)
+        if self.proc.is_alive():
+            log.error("control process did not exit; killing it (the firmware watchdog stops the motors)")
+            self.proc.kill()
+            self.proc.join()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+        if self.worker is not None:
+            self.worker.camera.close()
+        if self.summary is not None and self.worker is not None:
+            self.summary["worker"] = self.worker.stats.as_dict()
+            if self._worker_error is not None:
+                self.summary["worker"]["error"] = repr(self._worker_error)
+        return self.summary
+
+    def __enter__(self) -> OnboardRunner:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

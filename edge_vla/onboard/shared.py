@@ -1,0 +1,145 @@
+"""Shared memory between the inference worker (parent process) and the control loop (child process).
+
+One flat float64 `multiprocessing.RawArray`, no locks: a lock held by a process that dies (kill -9)
+would freeze the other side, and the control loop must never wait on the worker. Multi-word records
+(the latest state, the latest chunk) use a seqlock: the writer makes the sequence odd, writes, makes it
+even; a reader copies and retries if the sequence was odd or changed. Single words (heartbeats,
+flags) are written whole. Each record has exactly one writer process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edge_vla.onboard.scheduler import Chunk
+
+# Control-loop status codes (STATUS word).
+STATUS_STARTING, STATUS_HOMING, STATUS_RUNNING, STATUS_STOPPING, STATUS_STOPPED, STATUS_EXITED = range(6)
+STATUS_NAMES = ("starting", "homing", "running", "stopping", "stopped", "exited")
+
+# Single words: (name, index)
+_WORDS = (
+    "worker_heartbeat",  # monotonic time of the worker's last sign of life (written by the worker)
+    "frame_time",  # capture time of the newest camera frame the worker used (worker)
+    "stop_request",  # > 0: the parent asks for a controlled stop and exit (parent)
+    "rearm_request",  # incremented by the parent to re-arm after a latched stop (parent)
+    "status",  # STATUS_* (control)
+    "ready",  # 1 after the first good cycle (control)
+    "consumed_seq",  # sync strategy: newest chunk fully played (control)
+    "armed_since",  # monotonic time of the latest arm (control); chunks from before it are stale
+    "cycles",  # control cycles so far (control)
+)
+
+
+@dataclass
+class StateRecord:
+    positions: np.ndarray
+    velocities: np.ndarray
+    time: float  # host monotonic time the state frame arrived
+    seq: int
+
+
+class SharedBus:
+    """Latest state (control -> worker), latest chunk (worker -> control), and a few words."""
+
+    def __init__(self, dim: int, max_chunk_len: int = 64) -> None:
+        self.dim, self.max_chunk_len = dim, max_chunk_len
+        self._state_len = 2 + 2 * dim  # seq, time, positions, velocities
+        self._chunk_len = 5 + dim + max_chunk_len * dim  # seq, obs_t, period, n, publish_t, start, actions
+        size = len(_WORDS) + self._state_len + self._chunk_len
+        self._raw = mp.RawArray("d", size)
+        self._views()
+        self.arr[:] = 0.0
+        self.arr[self._w["consumed_seq"]] = -1.0
+
+    def _views(self) -> None:
+        self.arr = np.frombuffer(self._raw, dtype=np.float64)
+        self._w = {name: i for i, name in enumerate(_WORDS)}
+        s0 = len(_WORDS)
+        self._state = self.arr[s0 : s0 + self._state_len]
+        self._chunk = self.arr[s0 + self._state_len :]
+
+    # Picklable for multiprocessing spawn: the RawArray travels, numpy views are rebuilt.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"dim": self.dim, "max_chunk_len": self.max_chunk_len, "_state_len": self._state_len,
+                "_chunk_len": self._chunk_len, "_raw": self._raw}
+
+    def __setstate__(self, d: dict[str, Any]) -> None:
+        self.__dict__.update(d)
+        self._views()
+
+    # -- single words --------------------------------------------------------------------------
+    def get(self, name: str) -> float:
+        return float(self.arr[self._w[name]])
+
+    def set(self, name: str, value: float) -> None:
+        self.arr[self._w[name]] = value
+
+    def beat(self) -> None:
+        self.set("worker_heartbeat", time.monotonic())
+
+    # -- seqlocked records ---------------------------------------------------------------------
+    @staticmethod
+    def _write(rec: np.ndarray, payload: np.ndarray) -> None:
+        rec[0] += 1.0  # odd: writing
+        rec[1 : 1 + len(payload)] = payload
+        rec[0] += 1.0  # even: consistent
+
+    @staticmethod
+    def _read(rec: np.ndarray, n: int, tries: int = 1000) -> tuple[int, np.ndarray] | None:
+        for _ in range(tries):
+            s1 = rec[0]
+            if int(s1) % 2:
+                continue
+            copy = rec[1 : 1 + n].copy()
+            if rec[0] == s1:
+                return int(s1) // 2, copy
+        return None  # the writer is stuck mid-write (it died): treat as no data
+
+    def write_state(self, positions: np.ndarray, velocities: np.ndarray, t: float) -> None:
+        d = self.dim
+        payload = np.empty(1 + 2 * d)
+        payload[0] = t
+        payload[1 : 1 + d] = positions
+        payload[1 + d :] = velocities
+        self._write(self._state, payload)
+
+    def read_state(self) -> StateRecord | None:
+        got = self._read(self._state, self._state_len - 1)
+        if got is None or got[0] == 0:
+            return None
+        seq, p = got
+        d = self.dim
+        return StateRecord(positions=p[1 : 1 + d], velocities=p[1 + d :], time=float(p[0]), seq=seq)
+
+    def chunk_seq(self) -> int:
+        return int(self._chunk[0]) // 2
+
+    def publish_chunk(self, actions: np.ndarray, period: float, obs_timestamp: float, start_state: np.ndarray) -> int:
+        acts = np.asarray(actions, np.float64)
+        n, d = acts.shape
+        if d != self.dim or n > self.max_chunk_len or n < 1:
+            raise ValueError(f"chunk of shape {acts.shape} does not fit [1..{self.max_chunk_len}, {self.dim}]")
+        payload = np.empty(4 + d + n * d)
+        payload[:4] = (obs_timestamp, period, n, time.monotonic())
+        payload[4 : 4 + d] = start_state
+        payload[4 + d :] = acts.reshape(-1)
+        self._write(self._chunk, payload)
+        return self.chunk_seq()
+
+    def read_chunk(self) -> tuple[Chunk, float] | None:
+        """(chunk, publish time) of the newest chunk, or None before the first."""
+        got = self._read(self._chunk, self._chunk_len - 1)
+        if got is None or got[0] == 0:
+            return None
+        seq, p = got
+        d = self.dim
+        n = int(p[2])
+        chunk = Chunk(actions=p[4 + d : 4 + d + n * d].reshape(n, d), period=float(p[1]), obs_timestamp=float(p[0]),
+                      start_state=p[4 : 4 + d].copy(), seq=seq)
+        return chunk, float(p[3])
