@@ -200,3 +200,14 @@ def test_firmware_stops_motors_after_host_is_killed() -> None:
         assert 0.1 <= off["since_last_heartbeat_s"] <= 0.4
         kinds = [e["event"] for e in emu.events()]
         assert kinds.index("heartbeat_timeout") < kinds.index("torque_off")
+
+
+def test_stalled_host_injection_trips_the_watchdog() -> None:
+    cfg = EmulatorConfig(joints=default_limits(2), heartbeat_timeout_ms=50, stop_ramp_ms=50, stall_at=0.3,
+                         stall_for=5.0)
+    with Emulator(cfg, PtyTransport()) as emu, SerialLink(emu.port) as link:
+        link.hello()
+        link.arm()
+        wait_for(link, lambda: any(f.fault_code == Fault.HEARTBEAT_TIMEOUT for f in link.faults), timeout=2.0,
+                 heartbeat=True)  # the host keeps heart-beating; the firmware stops hearing it
+    assert "torque_off" in [e["event"] for e in emu.events]
