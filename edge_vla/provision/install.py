@@ -29,7 +29,7 @@ from edge_vla.provision.plan import remove_tree
 
 log = logging.getLogger(__name__)
 
-REMOTE_EDGE_VLA = "/opt/edge-vla/venv/bin/edge-vla"
+REMOTE_EDGE_VLA = "/opt/edge-vla/current/venv/bin/edge-vla"
 
 
 @dataclass

@@ -136,7 +136,7 @@ def build_package(
         "usb_serial_match": f', ATTRS{{serial}}=="{usb.serial}"' if usb.serial else "",
         "firstboot_what": "build the TensorRT engines from the bundle's ONNX (timing cache kept in bundle/target)"
         if t.gpu else "nothing else (CPU target: no engines to build)",
-        "firstboot_exec": "ExecStart=/opt/edge-vla/venv/bin/edge-vla build-engines /opt/edge-vla/current/bundle"
+        "firstboot_exec": "ExecStart=/opt/edge-vla/current/venv/bin/edge-vla build-engines /opt/edge-vla/current/bundle"
         if t.gpu else "ExecStart=/bin/true",
     }
     files["requirements.lock"] = platforms.requirements_lock(platform, __version__, pins or {}).encode()

@@ -4,7 +4,8 @@ On the robot (paths relative to the rootfs; `/` on a live robot):
     /opt/edge-vla/releases/<bundle-hash16>-<package-digest8>/   one unpacked package per release
     /opt/edge-vla/current  -> releases/<id>                      what the service runs
     /opt/edge-vla/previous -> releases/<id>                      what --rollback goes back to
-    /opt/edge-vla/venv/                                          made on first boot from the lock
+    /opt/edge-vla/releases/<id>/venv/                            made on first start from the release's
+                                                                  lock, so a rollback rolls back the code too
     /etc/systemd/system/edge-vla{,-firstboot}.service (+ multi-user.target.wants links, made by hand:
                                                                   a rootfs has no running systemctl)
     /etc/udev/rules.d/99-edge-vla.rules, /etc/edge-vla/robot.env, /etc/edge-vla/trusted-keys/
@@ -52,7 +53,8 @@ WANTS = UNIT_DIR / "multi-user.target.wants"
 UDEV_DIR = Path("etc/udev/rules.d")
 CONFIG = Path("etc/edge-vla/robot.env")
 KEYS_DIR = Path("etc/edge-vla/trusted-keys")
-_RUNTIME_FILES = ("bundle/" + TARGET_DIR + "/",)  # written on the robot after install, never compared
+# Made on the robot after install (engines, timing cache, the release's venv): never compared.
+_RUNTIME_FILES = ("bundle/" + TARGET_DIR + "/", "venv/")
 
 
 @dataclass(frozen=True)

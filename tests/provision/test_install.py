@@ -77,6 +77,12 @@ def test_install_into_rootfs_lays_out_the_tree(pkg: Path, rootfs: Path):
 
 def test_second_install_is_unchanged(pkg: Path, rootfs: Path, capsys):
     install.install_rootfs(pkg, rootfs)
+    # What the robot adds on first start (venv, engines, timing cache) does not count as a change.
+    cur = rootfs / "opt/edge-vla/current"
+    (cur / "venv/bin").mkdir(parents=True)
+    (cur / "venv/bin/edge-vla").write_text("#!/bin/sh\n")
+    (cur / "bundle/target/engines").mkdir(parents=True)
+    (cur / "bundle/target/timing.cache").write_bytes(b"cache")
     before = _tree(rootfs)
     report = install.install_rootfs(pkg, rootfs)
     assert not report.changed and report.steps == []
@@ -231,7 +237,7 @@ def test_host_dry_run_prints_the_commands(pkg: Path, capsys, keypair):
     scp = install.host_commands(pkg, "robot", "abc", have_rsync=False)
     assert scp[0][0] == "scp"
     rb = install.host_commands(pkg, "robot", "", rollback=True)
-    assert rb == [["ssh", "robot", "sudo /opt/edge-vla/venv/bin/edge-vla install --rollback --rootfs / && "
+    assert rb == [["ssh", "robot", "sudo /opt/edge-vla/current/venv/bin/edge-vla install --rollback --rootfs / && "
                                    "sudo systemctl restart edge-vla.service"]]
 
 

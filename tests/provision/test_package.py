@@ -65,7 +65,7 @@ def test_service_unit_runs_edge_vla_run_unprivileged_with_watchdog(bundle: Path,
         assert f"\n{line}\n" in unit, line
     assert "edge-vla run /opt/edge-vla/current/bundle --link ${EDGE_VLA_LINK}" in unit
     firstboot = files["systemd/edge-vla-firstboot.service"].decode()
-    assert "ExecStart=/opt/edge-vla/venv/bin/edge-vla build-engines /opt/edge-vla/current/bundle" in firstboot
+    assert "ExecStart=/opt/edge-vla/current/venv/bin/edge-vla build-engines /opt/edge-vla/current/bundle" in firstboot
     assert "Before=edge-vla.service" in firstboot and "Type=oneshot" in firstboot
     assert "ConditionPathExists=!/opt/edge-vla/current/bundle/target/.firstboot-done" in firstboot
     cpu = _members(build_package(bundle, tmp_path / "c.tar.gz", "x86-cpu").path)
@@ -151,7 +151,7 @@ def test_units_pass_systemd_analyze_verify(bundle: Path, tmp_path: Path, target:
     units = tmp_path / "units"
     units.mkdir()
     for name in ("edge-vla.service", "edge-vla-firstboot.service"):
-        text = files[f"systemd/{name}"].decode().replace("/opt/edge-vla/venv/bin/edge-vla", str(stub))
+        text = files[f"systemd/{name}"].decode().replace("/opt/edge-vla/current/venv/bin/edge-vla", str(stub))
         (units / name).write_text(text)
     proc = subprocess.run(["systemd-analyze", "verify", *map(str, sorted(units.iterdir()))],
                           capture_output=True, text=True, timeout=60)

@@ -1,0 +1,177 @@
+"""`edge-vla doctor`: a coherent report on this machine, and each check against fake machines."""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import pytest
+
+from edge_vla.cli import main as cli
+from edge_vla.provision import doctor
+from edge_vla.provision.doctor import FAIL, PASS, WARN, Expectation, Machine
+from edge_vla.provision.package import build_package
+from edge_vla.provision.platforms import resolve
+from edge_vla.provision.robot_config import RobotConfig
+
+
+def _fake_machine(tmp_path: Path, *, governor: str | None = "performance", clocksource: str = "tsc",
+                  smi: str | None = None, modules: dict | None = None, tegra: str | None = None) -> Machine:
+    sys_root, etc, proc = tmp_path / "sys", tmp_path / "etc", tmp_path / "proc"
+    cs = sys_root / "devices/system/clocksource/clocksource0"
+    cs.mkdir(parents=True)
+    (cs / "current_clocksource").write_text(clocksource + "\n")
+    (cs / "available_clocksource").write_text("tsc hpet acpi_pm\n")
+    if governor:
+        for cpu in ("cpu0", "cpu1"):
+            d = sys_root / f"devices/system/cpu/{cpu}/cpufreq"
+            d.mkdir(parents=True)
+            (d / "scaling_governor").write_text(governor + "\n")
+    etc.mkdir()
+    if tegra:
+        (etc / "nv_tegra_release").write_text(tegra)
+    proc.mkdir()
+    (proc / "meminfo").write_text("MemTotal: 8000000 kB\nMemAvailable: 6000000 kB\n")
+    modules = modules or {}
+
+    def import_module(name: str):
+        if name in modules:
+            return modules[name]
+        raise ImportError(f"No module named {name!r}")
+
+    return Machine(sys_root=sys_root, proc_root=proc, etc_root=etc, trusted_keys=tmp_path / "no-keys",
+                   which=lambda cmd: "/usr/bin/nvidia-smi" if smi and cmd == "nvidia-smi" else None,
+                   run=lambda cmd: smi if "--query-gpu=name,compute_cap,memory.free" in cmd else
+                   "| NVIDIA-SMI 560.35  Driver Version: 560.35  CUDA Version: 12.6 |",
+                   import_module=import_module)
+
+
+def _ort(*providers: str):
+    return types.SimpleNamespace(__version__="1.20.0", get_available_providers=lambda: list(providers))
+
+
+def _by_name(checks):
+    return {c.name: c for c in checks}
+
+
+def test_doctor_on_this_machine_prints_a_coherent_report(bundle: Path, tmp_path: Path, capsys):
+    pkg = build_package(bundle, tmp_path / "p.tar.gz", "x86-cpu",
+                        config=RobotConfig(link="serial:///dev/null", camera="sim")).path
+    code = cli(["doctor", str(pkg)])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == f"edge-vla doctor: package {pkg}"
+    names = [line.split()[1] for line in lines[1:-1] if not line.startswith(" ")]
+    assert names[:2] == ["python", "bundle"] and {"rtprio", "memlock", "clocksource", "governor", "link"} <= set(names)
+    for line in lines[1:-1]:
+        assert line.split()[0] in {"PASS", "WARN", "FAIL", "fix:"}
+    assert "PASS  bundle" in out and "PASS  tensorrt     not needed (CPU target)" in out
+    summary = lines[-1]
+    n_fail = int(summary.split(",")[2].split()[0])
+    assert code == (1 if n_fail else 0)
+    # Every line that does not pass carries a fix.
+    status_lines = [i for i, line in enumerate(lines[1:-1], 1) if not line.startswith(" ")]
+    for i in status_lines:
+        if not lines[i].startswith("PASS"):
+            assert lines[i + 1].strip().startswith("fix: "), lines[i]
+
+    assert cli(["doctor", str(pkg), "--json"]) == code
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] == (code == 0) and all(c["status"] in {PASS, WARN, FAIL} for c in doc["checks"])
+
+
+def test_doctor_without_a_package_checks_the_machine(capsys, monkeypatch, tmp_path: Path):
+    monkeypatch.setattr(doctor, "INSTALLED", tmp_path / "nothing-installed")
+    assert cli(["doctor"]) == 0  # nothing here can fail without a package
+    assert "edge-vla doctor: this machine only" in capsys.readouterr().out
+
+
+def test_gpu_target_on_a_matching_jetson(tmp_path: Path):
+    exp = Expectation(platform=resolve("orin-nano").to_dict())
+    m = _fake_machine(tmp_path, smi="Orin (nvgpu), 8.7, 5000", tegra="# R36 (release), REVISION: 4.3, GCID: 1\n",
+                      modules={"onnxruntime": _ort("TensorrtExecutionProvider", "CUDAExecutionProvider"),
+                               "tensorrt": types.SimpleNamespace(__version__="10.3.0.30")})
+    checks = _by_name(doctor.run_checks(exp, m))
+    assert {k: c.status for k, c in checks.items() if k in {"onnxruntime", "tensorrt", "cuda", "gpu", "l4t",
+                                                            "clocksource", "governor"}} == dict.fromkeys(
+        ["onnxruntime", "tensorrt", "cuda", "gpu", "l4t", "clocksource", "governor"], PASS)
+    assert "compute capability 8.7, 5000 MiB free" in checks["gpu"].detail
+
+
+def test_gpu_target_mismatches_warn_or_fail_with_fixes(tmp_path: Path):
+    exp = Expectation(platform=resolve("thor").to_dict())
+    m = _fake_machine(tmp_path, smi="NVIDIA GeForce RTX 4090, 8.9, 20000", governor="powersave",
+                      clocksource="hpet", modules={"onnxruntime": _ort("CPUExecutionProvider"),
+                                                   "tensorrt": types.SimpleNamespace(__version__="10.3.0")},
+                      tegra="# R36 (release), REVISION: 4.3\n")
+    checks = _by_name(doctor.run_checks(exp, m))
+    assert checks["gpu"].status == FAIL and "11.0" in checks["gpu"].detail
+    assert checks["onnxruntime"].status == WARN and "sbsa/cu130" in checks["onnxruntime"].fix
+    assert checks["tensorrt"].status == WARN and "build-engines" in checks["tensorrt"].fix
+    assert checks["cuda"].status == WARN and "13.0" in checks["cuda"].detail
+    assert checks["l4t"].status == WARN
+    assert checks["clocksource"].status == WARN and "echo tsc" in checks["clocksource"].fix
+    assert checks["governor"].status == WARN and "jetson_clocks" in checks["governor"].fix
+    assert all(c.fix for c in checks.values() if c.status != PASS)
+
+
+def test_missing_onnxruntime_fails(tmp_path: Path):
+    checks = _by_name(doctor.run_checks(Expectation(), _fake_machine(tmp_path)))
+    assert checks["onnxruntime"].status == FAIL
+    assert checks["gpu"].status == WARN and checks["tensorrt"].status == WARN  # unknown target: warn, not fail
+
+
+def test_link_checks(tmp_path: Path):
+    m = _fake_machine(tmp_path)
+    can = tmp_path / "sys/class/net/can0"
+    can.mkdir(parents=True)
+    (can / "operstate").write_text("down\n")
+
+    def link(url: str, user: str | None = None):
+        return doctor.check_link(Expectation(config=RobotConfig(link=url), user=user), m)
+
+    assert link("can://can0").status == FAIL and "ip link set can0 up" in link("can://can0").fix
+    (can / "operstate").write_text("up\n")
+    assert link("can://can0").status == PASS
+    assert link("can://can9").status == FAIL
+    missing = link("serial:///dev/edge-vla-motor")
+    assert missing.status == FAIL and "idVendor" in missing.fix
+    assert link("serial:///dev/null").status == PASS  # crw-rw-rw-
+    assert link("serial:///dev/null", user="root").status == PASS
+    assert link("serial:///dev/null", user="no-such-user-xyz").status == FAIL
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    assert link(f"serial://{plain}").status == FAIL
+
+
+def test_bad_bundle_fails(bundle: Path, tmp_path: Path):
+    (bundle / "graphs/prefix.onnx").write_bytes(b"changed")
+    check = doctor.check_bundle(Expectation(bundle_root=bundle), _fake_machine(tmp_path))
+    assert check.status == FAIL and "sha256" in check.detail
+
+
+def test_trusted_keys_on_the_machine_are_enforced(bundle: Path, tmp_path: Path, keypair):
+    m = _fake_machine(tmp_path)
+    m.trusted_keys.mkdir()
+    (m.trusted_keys / "k.pub").write_bytes(keypair[1].read_bytes())
+    assert doctor.check_bundle(Expectation(bundle_root=bundle), m).status == FAIL  # unsigned
+    from edge_vla.provision.signing import sign_bundle
+
+    sign_bundle(bundle, keypair[0])
+    assert doctor.check_bundle(Expectation(bundle_root=bundle), m).status == PASS
+
+
+@pytest.mark.parametrize("what", ["bundle-dir", "package-dir"])
+def test_expectation_sources(bundle: Path, tmp_path: Path, what: str):
+    if what == "bundle-dir":
+        with doctor.expectation_for(bundle) as exp:
+            assert exp.bundle_root == bundle and exp.platform is None
+    else:
+        pkg = build_package(bundle, tmp_path / "p.tar.gz", "agx-orin").path
+        from edge_vla.provision.rootfs import open_package
+
+        staged = open_package(pkg, tmp_path / "unpacked")
+        with doctor.expectation_for(staged.dir) as exp:
+            assert exp.platform["target"] == "agx-orin" and exp.user == "edge-vla"
+            assert exp.config.link == "serial:///dev/edge-vla-motor"
