@@ -210,4 +210,7 @@ def test_stalled_host_injection_trips_the_watchdog() -> None:
         link.arm()
         wait_for(link, lambda: any(f.fault_code == Fault.HEARTBEAT_TIMEOUT for f in link.faults), timeout=2.0,
                  heartbeat=True)  # the host keeps heart-beating; the firmware stops hearing it
+        deadline = time.monotonic() + 2.0
+        while "torque_off" not in [e["event"] for e in emu.events] and time.monotonic() < deadline:
+            time.sleep(0.01)
     assert "torque_off" in [e["event"] for e in emu.events]
