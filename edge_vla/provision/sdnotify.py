@@ -8,6 +8,8 @@ edge-vla.service is `Type=notify` with `WatchdogSec=`, so the onboard loop must:
 If the pings stop, systemd kills the process (SIGABRT) and Restart=on-failure brings it back; the
 firmware's heartbeat timeout stops the motors meanwhile.
 
+The unit sets NotifyAccess=all, so these may come from the control-loop child process; create the
+Notifier in that process (after fork/spawn: it inherits NOTIFY_SOCKET through the environment).
 Outside systemd (no NOTIFY_SOCKET) every call is a cheap no-op returning False.
 """
 

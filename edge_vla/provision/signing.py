@@ -167,6 +167,12 @@ def read_signature(root: Path) -> dict[str, Any] | None:
     return doc
 
 
+def trusted_keys_from_dir(directory: str | os.PathLike[str] = "/etc/edge-vla/trusted-keys") -> list[Path]:
+    """The *.pub files `edge-vla install --trusted-key` puts on a robot (empty when there are none)."""
+    d = Path(directory)
+    return sorted(d.glob("*.pub")) if d.is_dir() else []
+
+
 def verify_bundle_signature(root: Path, trusted_keys: Sequence[str | Path]) -> str:
     """Check root/manifest.sig against the trusted keys; return the key id that verified.
 

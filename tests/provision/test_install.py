@@ -14,7 +14,7 @@ import pytest
 
 from edge_vla.cli import main as cli
 from edge_vla.errors import BundleError, EdgeVlaError
-from edge_vla.provision import install, plan, rootfs
+from edge_vla.provision import install, plan, rootfs, signing
 from edge_vla.provision.errors import PackageError
 from edge_vla.provision.package import UsbId, build_package
 from edge_vla.provision.robot_config import RobotConfig
@@ -191,7 +191,10 @@ def test_trusted_keys_refuse_unsigned_and_accept_signed(bundle: Path, rootfs: Pa
     signed = build_package(bundle, tmp_path / "s.tar.gz", "orin-nano", sign_key=priv)
     report = install.install_rootfs(signed.path, rootfs, trusted_keys=[pub])
     assert report.changed
-    assert (rootfs / f"etc/edge-vla/trusted-keys/{signed.key_id}.pub").is_file()
+    installed_keys = signing.trusted_keys_from_dir(rootfs / "etc/edge-vla/trusted-keys")
+    assert [k.name for k in installed_keys] == [f"{signed.key_id}.pub"]
+    current = rootfs / "opt/edge-vla/current/bundle"
+    assert signing.verify_bundle_signature(current, installed_keys) == signed.key_id  # what the runtime will do
 
     def tamper(files):  # a new manifest that matches the new graph, but the old signature
         m = json.loads(files["bundle/manifest.json"])

@@ -59,7 +59,7 @@ def test_package_is_deterministic(bundle: Path, tmp_path: Path, keypair):
 def test_service_unit_runs_edge_vla_run_unprivileged_with_watchdog(bundle: Path, tmp_path: Path):
     files = _members(build_package(bundle, tmp_path / "p.tar.gz", "orin-nx", watchdog_sec=1.5).path)
     unit = files["systemd/edge-vla.service"].decode()
-    for line in ("Type=notify", "User=edge-vla", "SupplementaryGroups=dialout plugdev video", "Restart=on-failure",
+    for line in ("Type=notify", "NotifyAccess=all", "User=edge-vla", "SupplementaryGroups=dialout plugdev video", "Restart=on-failure",
                  "WatchdogSec=1.5", "StartLimitBurst=5", "EnvironmentFile=/etc/edge-vla/robot.env",
                  "Requires=edge-vla-firstboot.service", "LimitRTPRIO=95", "LimitMEMLOCK=infinity"):
         assert f"\n{line}\n" in unit, line
