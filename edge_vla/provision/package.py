@@ -176,7 +176,7 @@ def build_package(
     out = write_tarball(Path(out), files, executable=frozenset({"install.sh"}))
     result = PackageResult(out, hashlib.sha256(package_json).hexdigest(), release_id(bundle_hash, package_json),
                            bundle_hash, key_id)
-    log.info("wrote %s (release %s, %d files)", out, result.release, len(files))
+    log.debug("wrote %s (release %s, %d files)", out, result.release, len(files))
     return result
 
 

@@ -103,7 +103,7 @@ class Plan:
         undo: list[Callable[[], None]] = []
         try:
             for step in self.steps:
-                log.info("%s", step.show)
+                log.debug("%s", step.show)
                 revert = step.apply()
                 if revert is not None:
                     undo.append(revert)
