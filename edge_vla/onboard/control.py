@@ -284,16 +284,21 @@ class ControlLoop:
         if new_faults:
             bits |= int(new_faults[-1].fault_code)
         chunk = bus.read_chunk() if policy_phase else None
+        # Camera age: how stale frames are when the worker takes them, or how long it has been blocked
+        # inside camera.read(). A worker hung elsewhere (inference) is the worker check's business.
+        stuck = (t - beat) if beat > 0 else 0.0
+        in_camera = bus.get("worker_phase") == sh.WORKER_CAMERA
+        camera_age = max(bus.get("frame_age"), stuck if in_camera else 0.0) if policy_phase and frame_t > 0 else None
         return Signals(
             now=t,
-            camera_age_s=(t - frame_t) if policy_phase and frame_t > 0 else None,
+            camera_age_s=camera_age,
             chunk_age_s=(t - chunk[0].obs_timestamp) if chunk is not None else None,
             exhausted_for_s=(t - self._exhausted_since) if self._exhausted_since is not None else 0.0,
             consecutive_overruns=self.clock.consecutive if self.clock else 0,
             link_age_s=(t - st.host_time) if st is not None else None,
             link_errors_total=self._link_errors(),
             firmware_faults=bits,
-            worker_age_s=(t - beat) if beat > 0 else None,
+            worker_age_s=stuck if beat > 0 and not in_camera else None,
             consecutive_nonfinite=self.safety.consecutive_rejects,
         )
 

@@ -22,10 +22,14 @@ from edge_vla.onboard.scheduler import Chunk
 STATUS_STARTING, STATUS_HOMING, STATUS_RUNNING, STATUS_STOPPING, STATUS_STOPPED, STATUS_EXITED = range(6)
 STATUS_NAMES = ("starting", "homing", "running", "stopping", "stopped", "exited")
 
+WORKER_IDLE, WORKER_CAMERA, WORKER_INFER = 0, 1, 2
+
 # Single words: (name, index)
 _WORDS = (
     "worker_heartbeat",  # monotonic time of the worker's last sign of life (written by the worker)
     "frame_time",  # capture time of the newest camera frame the worker used (worker)
+    "frame_age",  # how old that frame already was when the worker got it (worker)
+    "worker_phase",  # WORKER_IDLE / WORKER_CAMERA / WORKER_INFER: where a hung worker is stuck (worker)
     "stop_request",  # > 0: the parent asks for a controlled stop and exit (parent)
     "rearm_request",  # incremented by the parent to re-arm after a latched stop (parent)
     "status",  # STATUS_* (control)

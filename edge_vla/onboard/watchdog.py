@@ -135,7 +135,8 @@ class Watchdog:
             return None
         self.active = trip
         self.state = State.STOPPED if trip.category == 0 else State.STOPPING
-        log.error("SAFETY STOP category %d at t=%.6f: %s: %s", trip.category, now, kind.value, reason)
+        level = logging.WARNING if kind is FaultKind.OPERATOR_STOP else logging.ERROR
+        log.log(level, "SAFETY STOP category %d at t=%.6f: %s: %s", trip.category, now, kind.value, reason)
         return trip
 
     def stop_complete(self) -> None:

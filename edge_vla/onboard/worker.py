@@ -85,8 +85,10 @@ class InferenceWorker:
     """Loop: wait until the control loop runs, observe, infer, publish; beat the heartbeat throughout."""
 
     def __init__(self, source: ChunkSource, camera: CameraSource, bus: sh.SharedBus, instruction: str,
-                 image_size: int | None = None, sync: bool = False) -> None:
+                 image_size: int | None = None, sync: bool = False, min_interval_s: float = 0.05) -> None:
         self.source, self.camera, self.bus = source, camera, bus
+        self.min_interval_s = min_interval_s  # replanning faster than this buys nothing and costs a core
+        self._last_start = 0.0
         self.instruction, self.image_size, self.sync = instruction, image_size, sync
         self.stats = WorkerStats()
         self._published = 0
@@ -108,17 +110,28 @@ class InferenceWorker:
             return False
         if self.sync and self._published:
             self._wait_consumed(stop)
+        wait = self._last_start + self.min_interval_s - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        self._last_start = time.monotonic()
+        self.bus.set("worker_phase", sh.WORKER_CAMERA)
         frame = self.camera.read()
+        got = time.monotonic()
+        self.bus.set("worker_phase", sh.WORKER_IDLE)
+        self.bus.beat()
         state = self.bus.read_state()
         if state is None:
             time.sleep(0.005)
             return False
         self.bus.set("frame_time", frame.timestamp)
+        self.bus.set("frame_age", max(0.0, got - frame.timestamp))
         images = [resize_nearest(im, self.image_size) for im in frame.images] if self.image_size else frame.images
         obs = Observation(images=images, instruction=self.instruction, state=state.positions.astype(np.float32),
                           timestamp=min(frame.timestamp, state.time))
         t0 = time.perf_counter()
+        self.bus.set("worker_phase", sh.WORKER_INFER)
         chunk = self.source.infer(obs)
+        self.bus.set("worker_phase", sh.WORKER_IDLE)
         self.stats.latencies_ms.append((time.perf_counter() - t0) * 1e3)
         self.bus.beat()
         self._published = self.bus.publish_chunk(chunk.actions, chunk.action_period_s, obs.timestamp, obs.state)
