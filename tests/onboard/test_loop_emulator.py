@@ -1,0 +1,161 @@
+"""The whole loop over the firmware emulator on a real pty: closed loop, SIGTERM, and the drills."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_vla.action_space import sim_action_space
+from edge_vla.onboard.cameras import SimCamera
+from edge_vla.onboard.control import ControlConfig
+from edge_vla.onboard.drill import EMULATOR_LIMITS, SceneHolder, drill_corrupt, drill_kill, drill_stall
+from edge_vla.onboard.runner import OnboardRunner, bus_state_fn
+from edge_vla.onboard.telemetry import read_records
+from edge_vla.onboard.worker import ExpertSource
+from edge_vla.sim.env import ReachEnv
+
+emulator_process = pytest.importorskip("firmware_bridge.emulator_process")
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def emulator():
+    with emulator_process.EmulatorProcess(joints=2, limits=EMULATOR_LIMITS) as emu:
+        yield emu
+
+
+def _events(emu) -> list[str]:
+    return [e["event"] for e in emu.events()]
+
+
+def test_closed_loop_reaches_and_ends_disarmed(emulator, tmp_path) -> None:
+    env = ReachEnv()
+    env.reset(1_000_000)
+    scene = env.scene
+    telemetry = tmp_path / "run.mcap"
+    cfg = ControlConfig(link_url=f"serial://{emulator.port}", action_space=sim_action_space(), rate_hz=100.0,
+                        home=tuple(float(x) for x in env.q), home_time_s=0.5, telemetry_path=str(telemetry))
+    run = OnboardRunner(cfg, ExpertSource(scene, delay_s=0.02), lambda bus: SimCamera(scene, bus_state_fn(bus), 64),
+                        scene.instruction, image_size=64)
+    reached = False
+    with run:
+        assert run.wait_ready(30), "control loop never became ready"
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not reached:
+            st = run.bus.read_state()
+            reached = st is not None and scene.reached(st.positions)
+            time.sleep(0.02)
+    s = run.summary
+    assert reached, "the expert through the whole stack should reach the block"
+    assert s is not None and not s["armed_at_exit"] and s["final_state"] == "stopped"
+    assert [t["kind"] for t in s["trips"]] == ["operator_stop"]
+    assert s["chunks"]["adopted"] > 0 and s["cycles"] > 50
+    ev = _events(emulator)
+    assert ev.index("armed") < ev.index("stop_cat1") < ev.index("disarmed")
+    assert "heartbeat_timeout" not in ev
+    # Telemetry opens with the mcap reader and has every kind of record.
+    recs = read_records(telemetry)
+    topics = {r["topic"] for r in recs}
+    assert {"/control/cycle", "/control/chunk", "/watchdog/event", "/control/summary"} <= topics
+    cycle = next(r for r in recs if r["topic"] == "/control/cycle")
+    assert len(cycle["sent"]) == 2 and len(cycle["requested"]) == 2
+
+
+def test_sigterm_gives_a_controlled_stop_and_disarm(emulator, tmp_path) -> None:
+    cmd = [sys.executable, "-m", "edge_vla.cli", "-v", "run", "--expert", "--link", f"serial://{emulator.port}",
+           "--rate-hz", "100", "--telemetry", str(tmp_path / "t.jsonl")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while "armed" not in _events(emulator):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "never armed"
+            time.sleep(0.05)
+        time.sleep(1.0)  # moving
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "SIGTERM" in err and "operator_stop" in out
+    ev = _events(emulator)
+    assert ev.index("stop_cat1") < ev.index("disarmed")
+    assert "heartbeat_timeout" not in ev  # the host stopped it, not the firmware watchdog
+    recs = read_records(tmp_path / "t.jsonl")
+    assert any(r["topic"] == "/watchdog/event" and r.get("event") == "stop_sent" for r in recs)
+
+
+@pytest.mark.slow
+def test_watchdog_drills_over_the_emulator(emulator) -> None:
+    holder = SceneHolder()
+    source = ExpertSource(holder, delay_s=0.02)
+    space = sim_action_space()
+    args = (emulator.port, source, holder, space, 64, 1, 100.0, 30)
+    stall = drill_stall(*args)
+    assert stall["trip"] is not None and stall["trip"]["category"] == 1
+    assert stall["trip"]["kind"] in ("chunk_exhausted", "worker_dead", "chunk_stale")
+    assert stall["disarmed"]
+    corrupt = drill_corrupt(*args, events=emulator.events)
+    assert corrupt["trip"] is not None and corrupt["trip"]["category"] == 0
+    assert corrupt["inject_to_firmware_torque_off_ms"] is not None and corrupt["disarmed"]
+    kill = drill_kill(*args, events=emulator.events)
+    assert kill["firmware_detected"]
+    # The firmware's timeout is 100 ms, then its category-1 ramp; generous bound for a shared machine.
+    assert kill["last_heartbeat_to_torque_off_ms"] is not None and kill["last_heartbeat_to_torque_off_ms"] < 2000
+
+
+def test_startup_fails_clearly_without_a_controller(tmp_path) -> None:
+    from edge_vla.onboard.errors import StartupError
+
+    scene = ReachEnv().reset(1) and None
+    cfg = ControlConfig(link_url=f"serial://{tmp_path}/no-such-tty", action_space=sim_action_space())
+    run = OnboardRunner(cfg, ExpertSource(scene), lambda bus: None, "x")  # type: ignore[arg-type,return-value]
+    with pytest.raises(StartupError, match="did not come up"):
+        run.start(timeout=20)
+    run.close()
+
+
+def test_nan_chunks_are_held_then_tripped(emulator) -> None:
+    """A policy that outputs NaN: safety holds (never sent), the watchdog stops with category 1."""
+    env = ReachEnv()
+    env.reset(1_000_003)
+    scene = env.scene
+
+    class NanSource(ExpertSource):
+        def infer(self, obs):
+            chunk = super().infer(obs)
+            chunk.actions[:] = np.nan
+            return chunk
+
+    cfg = ControlConfig(link_url=f"serial://{emulator.port}", action_space=sim_action_space(), rate_hz=100.0)
+    run = OnboardRunner(cfg, NanSource(scene, delay_s=0.02), lambda bus: SimCamera(scene, bus_state_fn(bus), 64),
+                        scene.instruction)
+    with run:
+        run.wait_ready(30)
+        deadline = time.monotonic() + 10
+        while run.status() != "stopped" and time.monotonic() < deadline:
+            time.sleep(0.02)
+    s = run.summary
+    assert s is not None
+    kinds = [t["kind"] for t in s["trips"]]
+    assert kinds[0] == "nonfinite_action" and s["clamps"]["nonfinite"] >= 3 and not s["armed_at_exit"]
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_children():
+    yield
+    # Every test must leave no control process behind (they run with a real link).
+    import multiprocessing as mp
+
+    for child in mp.active_children():
+        child.join(timeout=5)
+        assert not child.is_alive(), f"leftover process {child.name}"
+    assert os.getpid()
