@@ -1,0 +1,181 @@
+"""Control loop figures on this machine, with inference running (CPU-bound) in the same run.
+
+    .venv/bin/pytest benchmarks/bench_control_loop.py -s --benchmark-disable-gc
+
+Prints: control period error p50/p99/max and missed deadlines per minute at 100 Hz and 500 Hz for
+three designs (baseline: the loop as a thread beside inference, sharing its GIL; the loop in its own
+process; the same under SCHED_FIFO where permitted); time from a fault to the stop frame on the wire;
+closed-loop success through the whole stack vs calling the same chunk source directly.
+The chunk source is the bundle's Policy when EDGE_VLA_BUNDLE names one, else the sim expert plus
+numpy work that holds a core (standing in for preprocessing + inference).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge_vla.action_space import sim_action_space
+from edge_vla.onboard import shared as sh
+from edge_vla.onboard.cameras import SimCamera
+from edge_vla.onboard.control import ControlConfig, ControlLoop
+from edge_vla.onboard.drill import (
+    EMULATOR_LIMITS,
+    SceneHolder,
+    closed_loop,
+    drill_corrupt,
+    drill_stall,
+    load_source,
+    prioritize_emulator,
+)
+from edge_vla.onboard.rt import RealtimeConfig
+from edge_vla.onboard.runner import OnboardRunner, bus_state_fn
+from edge_vla.onboard.worker import ExpertSource, InferenceWorker
+from edge_vla.sim.env import ReachEnv
+from edge_vla.sim.evaluate import EVAL_SEED_BASE, evaluate
+
+emulator_process = pytest.importorskip("firmware_bridge.emulator_process")
+RUN_S = float(os.environ.get("BENCH_LOOP_SECONDS", "6"))
+BUNDLE = os.environ.get("EDGE_VLA_BUNDLE")
+
+
+class BusyExpert(ExpertSource):
+    """The sim expert plus ~`work_s` of numpy matmuls per chunk: inference-like CPU load with GIL churn."""
+
+    def __init__(self, scene: Any, work_s: float = 0.04) -> None:
+        super().__init__(scene)
+        self.work_s = work_s
+        self._a = np.random.default_rng(0).standard_normal((128, 128)).astype(np.float32)
+
+    def infer(self, obs):  # type: ignore[no-untyped-def]
+        end = time.perf_counter() + self.work_s
+        x = self._a
+        while time.perf_counter() < end:
+            x = np.tanh(x @ self._a) * 0.5  # small ops: the GIL changes hands often, as in preprocessing
+        return super().infer(obs)
+
+
+def _source(holder: SceneHolder):
+    if BUNDLE:
+        return load_source(BUNDLE, holder)[0]
+    return BusyExpert(holder)
+
+
+def _thread_run(port: str, rate_hz: float, holder: SceneHolder, instruction: str) -> dict[str, Any]:
+    """Baseline: the same ControlLoop as a thread of the inference process (one GIL for both)."""
+    from firmware_bridge.link import open_link
+
+    cfg = ControlConfig(link_url=f"serial://{port}", action_space=sim_action_space(), rate_hz=rate_hz,
+                        duration_s=RUN_S)
+    bus = sh.SharedBus(2)
+    loop = ControlLoop(cfg, bus, open_link(cfg.link_url))
+    result: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: result.update(loop.run()))
+    t.start()
+    while bus.read_state() is None and t.is_alive():
+        time.sleep(0.01)
+    worker = InferenceWorker(_source(holder), SimCamera(holder, bus_state_fn(bus), 64), bus, instruction, 64)
+    stop = threading.Event()
+    wt = threading.Thread(target=worker.run, args=(stop, t.is_alive), daemon=True)
+    wt.start()
+    t.join()
+    stop.set()
+    wt.join(5)
+    return result
+
+
+def _process_run(port: str, rate_hz: float, holder: SceneHolder, instruction: str, fifo: bool) -> dict[str, Any]:
+    cfg = ControlConfig(link_url=f"serial://{port}", action_space=sim_action_space(), rate_hz=rate_hz,
+                        duration_s=RUN_S, realtime=RealtimeConfig(fifo_priority=50 if fifo else None,
+                                                                  lock_memory=fifo))
+    run = OnboardRunner(cfg, _source(holder), lambda bus: SimCamera(holder, bus_state_fn(bus), 64), instruction,
+                        image_size=64, log_level=logging.WARNING)
+    with run:
+        run.wait(RUN_S + 30)
+    return run.summary or {}
+
+
+def _row(name: str, s: dict[str, Any]) -> str:
+    pe = s.get("period_error", {})
+    if not pe:
+        return f"{name:<34} no data ({s.get('error', '')})"
+    trips = [t["kind"] for t in s.get("trips", []) if t["kind"] != "operator_stop"]
+    return (f"{name:<34} p50 {pe['p50_ms']:7.3f}  p99 {pe['p99_ms']:7.3f}  max {pe['max_ms']:8.3f} ms  "
+            f"missed/min {s['missed_per_minute']:7.1f}  trips {trips or '-'}")
+
+
+@pytest.mark.slow
+def test_control_period_error_with_inference_running(benchmark) -> None:
+    env = ReachEnv()
+    env.reset(EVAL_SEED_BASE)
+    holder = SceneHolder()
+    holder.scene = env.scene
+    rows: list[str] = []
+
+    def measure() -> None:
+        with emulator_process.EmulatorProcess(joints=2, limits=EMULATOR_LIMITS) as emu:
+            prioritize_emulator(emu.proc.pid)  # it stands in for the controller's own MCU
+            for rate in (100.0, 500.0):
+                base = _thread_run(emu.port, rate, holder, env.scene.instruction)
+                proc = _process_run(emu.port, rate, holder, env.scene.instruction, fifo=False)
+                fifo = _process_run(emu.port, rate, holder, env.scene.instruction, fifo=True)
+                rows.append(_row(f"{rate:.0f} Hz thread beside inference", base))
+                rows.append(_row(f"{rate:.0f} Hz own process", proc))
+                rows.append(_row(f"{rate:.0f} Hz own process + SCHED_FIFO", fifo))
+                rt = fifo.get("realtime", {}).get("sched_fifo", "n/a")
+                b99, f99 = base.get("period_error", {}).get("p99_ms"), fifo.get("period_error", {}).get("p99_ms")
+                if b99 and f99:
+                    rows.append(f"  -> p99 period error, thread / process+FIFO: {b99 / max(f99, 1e-6):.0f}x "
+                                f"(sched_fifo: {rt})")
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    print(f"\ncontrol loop, {RUN_S:g} s per run, 2-core CPU, source: {'bundle ' + BUNDLE if BUNDLE else 'busy expert'}")
+    print("\n".join(rows))
+
+
+@pytest.mark.slow
+def test_fault_to_stop_frame_and_success_through_the_stack(benchmark) -> None:
+    holder = SceneHolder()
+    out: dict[str, Any] = {}
+
+    def measure() -> None:
+        with emulator_process.EmulatorProcess(joints=2, limits=EMULATOR_LIMITS) as emu:
+            prioritize_emulator(emu.proc.pid)
+            src = _source(holder)
+            args = (emu.port, src, holder, sim_action_space(), 64, 1, 100.0, logging.WARNING)
+            out["stall"] = [drill_stall(*args) for _ in range(3)]
+            out["corrupt"] = [drill_corrupt(*args, events=emu.events) for _ in range(3)]
+            out["stack"] = closed_loop(emu.port, src, holder, sim_action_space(), 64, 1, duration_s=1e9,
+                                       max_episodes=10, rate_hz=100.0)
+        # The same source called directly on the sim (no link, no scheduler, no safety), same seeds.
+        direct_src = _source(holder)
+
+        def direct(obs):  # type: ignore[no-untyped-def]
+            return direct_src.infer(obs).actions
+
+        env = ReachEnv()
+        successes = 0
+        for i in range(10):
+            env.reset(EVAL_SEED_BASE + i)
+            holder.scene = env.scene
+            successes += evaluate(direct, episodes=1, seed_base=EVAL_SEED_BASE + i).successes
+        out["direct"] = successes
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    stop_ms = [d["fault_to_stop_frame_ms"] for d in out["stall"] + out["corrupt"] if d["fault_to_stop_frame_ms"]]
+    print("\nfault -> stop frame written (host, detection to wire): "
+          + ", ".join(f"{v:.2f}" for v in stop_ms) + " ms")
+    print("stall -> trip: " + ", ".join(f"{d['stall_to_trip_ms']} ms ({d['trip']['kind']})"
+                                      for d in out["stall"] if d["trip"]))
+    print("corrupt frames -> firmware torque off: "
+          + ", ".join(f"{d['inject_to_firmware_torque_off_ms']} ms" for d in out["corrupt"])
+          + "; -> host trip: " + ", ".join(f"{d['inject_to_host_trip_ms']} ms" for d in out["corrupt"]))
+    stack = out["stack"]
+    print(f"closed-loop success: whole stack {stack['successes']}/{stack['episodes']} vs direct "
+          f"{out['direct']}/10 (same seeds {EVAL_SEED_BASE}..{EVAL_SEED_BASE + 9})")
