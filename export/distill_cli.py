@@ -1,0 +1,74 @@
+"""`edge-vla distill`: teacher checkpoint -> small student (knowledge distillation + DAgger), then reflow
+so the student needs 1-2 ODE steps. Runs data-parallel unchanged under `torchrun --nproc_per_node N`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from edge_vla.config import PRESETS, preset
+from edge_vla.sim import dataset
+
+from .distill import DistillConfig, ObsPool, distill
+from .teacher import load_teacher
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    d = DistillConfig()
+    parser.add_argument("--teacher", required=True, help="teacher checkpoint directory (from `edge-vla train`)")
+    parser.add_argument("--teacher-steps", type=int, default=None, help="teacher ODE steps (default: its config's)")
+    parser.add_argument("--student-preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--student-init", default=None, help="start the student from this checkpoint (same preset)")
+    parser.add_argument("-o", "--output", required=True,
+                        help="student checkpoint; with --reflow-steps > 0 the pre-reflow student goes to <output>_kd")
+    parser.add_argument("--data", default="runs/data/reach.npz", help="observations to label (sim dataset .npz)")
+    parser.add_argument("--max-obs", type=int, default=None, help="use at most this many dataset observations")
+    parser.add_argument("--steps", type=int, default=d.steps, help="knowledge-distillation steps over all rounds")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--velocity-weight", type=float, default=d.velocity_weight,
+                        help="weight of matching the teacher's velocity field (0: actions only)")
+    parser.add_argument("--samples-per-obs", type=int, default=d.samples_per_obs)
+    parser.add_argument("--dagger-rounds", type=int, default=d.dagger_rounds,
+                        help="closed-loop collection rounds (teacher first, then more and more student)")
+    parser.add_argument("--dagger-episodes", type=int, default=d.dagger_episodes)
+    parser.add_argument("--dagger-beta", type=float, default=d.dagger_beta)
+    parser.add_argument("--reflow-steps", type=int, default=500, help="step-distillation steps (0: skip)")
+    parser.add_argument("--reflow-lr", type=float, default=d.reflow_lr)
+    parser.add_argument("--fast-steps", type=int, default=d.fast_steps,
+                        help="ODE steps written into the step-distilled student's config")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+
+def main(args: argparse.Namespace) -> int:
+    teacher = load_teacher(args.teacher, steps=args.teacher_steps)
+    student_cfg = preset(args.student_preset, chunk_len=teacher.chunk_len, action_dim=teacher.action_dim)
+    data_path = Path(args.data)
+    if not data_path.is_file():
+        print(f"{data_path} not found; make it with `edge-vla make-data -o {data_path}`")
+        return 2
+    pool = ObsPool.from_dataset(dataset.load(data_path), args.max_obs, args.seed)
+    init = None
+    if args.student_init:
+        from .checkpoint import load_checkpoint
+
+        init, _ = load_checkpoint(args.student_init)
+    cfg = DistillConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, velocity_weight=args.velocity_weight,
+        samples_per_obs=args.samples_per_obs, dagger_rounds=args.dagger_rounds,
+        dagger_episodes=args.dagger_episodes, dagger_beta=args.dagger_beta, reflow_steps=args.reflow_steps,
+        reflow_lr=args.reflow_lr, fast_steps=args.fast_steps, seed=args.seed, threads=args.threads,
+        device=args.device,
+    )
+    res = distill(teacher, student_cfg, pool, cfg, out=args.output, student_init=init)
+    out = Path(args.output)
+    print(f"distilled {args.teacher} -> {args.student_preset} on {res.observations} observations "
+          f"({res.targets} teacher targets)")
+    if res.fast_student is not None:
+        print(f"knowledge-distilled student: {out.with_name(out.name + '_kd')}")
+        print(f"step-distilled student ({cfg.fast_steps} steps): {out}")
+    else:
+        print(f"student: {out}")
+    return 0
