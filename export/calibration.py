@@ -1,0 +1,69 @@
+"""Observations for INT8 calibration and numerics checks, and the graph feeds made from them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge_vla.config import VLAConfig
+from edge_vla.errors import EdgeVlaError
+from edge_vla.sim import dataset
+
+from .data import TensorDataset
+from .model import VLA
+
+CALIB_SEED_BASE = 500_000  # away from training seeds and from held-out evaluation seeds
+
+
+def load_observations(config: VLAConfig, source: str | Path | None, count: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """images/tokens/state tensors for `count` observations: the sim's by default, or a user .npz / folder."""
+    if source is None:
+        ds = dataset.generate(range(CALIB_SEED_BASE + seed, CALIB_SEED_BASE + seed + max(1, count // 4)),
+                              config.image_size, config.num_cameras)
+    else:
+        path = Path(source)
+        files = sorted(path.glob("*.npz")) if path.is_dir() else [path]
+        if not files:
+            raise EdgeVlaError(f"no .npz observation files in {path}")
+        parts = [dataset.load(f) for f in files]
+        ds = dataset.Dataset(
+            images=np.concatenate([p.images for p in parts]),
+            instructions=np.concatenate([p.instructions for p in parts]),
+            states=np.concatenate([p.states for p in parts]),
+            actions=np.concatenate([p.actions for p in parts]),
+            episodes=np.concatenate([p.episodes for p in parts]),
+            meta=parts[0].meta,
+        )
+    data = TensorDataset(ds, config)
+    idx = torch.from_numpy(np.random.default_rng(seed).permutation(len(data))[:count])
+    images, tokens, state, _ = data.batch(idx)
+    return {"images": images, "tokens": tokens, "state": state}
+
+
+def prefix_feeds(obs: dict[str, torch.Tensor]) -> list[dict[str, np.ndarray]]:
+    return [{k: v[i : i + 1].numpy() for k, v in obs.items()} for i in range(len(obs["state"]))]
+
+
+@torch.no_grad()
+def step_feeds(model: VLA, obs: dict[str, torch.Tensor], steps: int, limit: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """(x_t, t, prefix_kv) along real Euler trajectories, so calibration sees the activations it will serve."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    feeds = []
+    n = len(obs["state"])
+    per_obs = max(1, min(steps, limit // max(n, 1)))
+    for i in range(n):
+        kv = model.prefix_kv(obs["images"][i : i + 1], obs["tokens"][i : i + 1], obs["state"][i : i + 1])
+        x = torch.randn(1, cfg.chunk_len, cfg.action_dim, generator=g)
+        chosen = set(torch.randperm(steps, generator=g)[:per_obs].tolist())
+        for k in range(steps):
+            t = torch.full((1,), k / steps)
+            v = model.velocity(x, t, kv)
+            if k in chosen:
+                feeds.append({"x_t": x.numpy().copy(), "t": t.numpy(), "prefix_kv": kv.numpy()})
+            x = x + v / steps
+        if len(feeds) >= limit:
+            break
+    return feeds[:limit]

@@ -1,0 +1,33 @@
+"""`edge-vla export CHECKPOINT -o BUNDLE [--precision fp32|fp16|int8] [--steps N] [--calib DATA]`."""
+
+from __future__ import annotations
+
+import argparse
+
+from .exporter import PRECISIONS, ExportOptions, export_checkpoint
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint directory (safetensors + config.json)")
+    parser.add_argument("-o", "--output", required=True, help="bundle directory to write")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--steps", type=int, default=None, help="default ODE steps in the bundle")
+    parser.add_argument("--calib", default=None, help=".npz dataset or folder of them for INT8 calibration "
+                        "(default: fresh sim observations)")
+    parser.add_argument("--calib-count", type=int, default=32, help="calibration observations")
+    parser.add_argument("--unrolled", action="store_true", help="also export the whole N-step loop as one graph")
+    parser.add_argument("--allow-lint-errors", action="store_true", help="write the bundle despite TensorRT lint errors")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically)")
+
+
+def main(args: argparse.Namespace) -> int:
+    opts = ExportOptions(precision=args.precision, steps=args.steps, unrolled=args.unrolled, calib=args.calib,
+                         calib_count=args.calib_count, allow_lint_errors=args.allow_lint_errors,
+                         overwrite=args.overwrite)
+    result = export_checkpoint(args.checkpoint, args.output, opts)
+    print(f"bundle written to {result.bundle} in {result.seconds:.1f} s")
+    print("  numerics " + result.numerics.summary())
+    print(f"  TensorRT lint: {result.lint['errors']} error(s), {result.lint['warnings']} warning(s)")
+    for name, size in result.sizes.items():
+        print(f"  graphs/{name}.onnx: {size / 1e6:.2f} MB")
+    return 0

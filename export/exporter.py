@@ -1,0 +1,167 @@
+"""checkpoint -> ONNX graphs -> (FP16 | INT8) -> numerics check -> TensorRT lint -> bundle."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import logging
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+
+import edge_vla
+from edge_vla.action_space import ActionSpace, sim_action_space
+from edge_vla.bundle import sha256_file, write_bundle
+from edge_vla.errors import EdgeVlaError
+from edge_vla.tokenizer import EOS_ID, PAD_ID, VOCAB_SIZE
+
+from . import calibration, numerics, quantize, trt_lint
+from .checkpoint import WEIGHTS, load_checkpoint
+from .engines import build_script
+from .model import VLA, count_parameters
+from .onnx_graphs import OPSET, export_graphs, io_specs
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8")
+NUMERICS_SEED = 700_000
+
+
+@dataclass
+class ExportOptions:
+    precision: str = "fp32"
+    steps: int | None = None
+    unrolled: bool = False
+    calib: str | None = None
+    calib_count: int = 32
+    numerics_count: int = 8
+    allow_lint_errors: bool = False
+    overwrite: bool = False
+    action_space: ActionSpace | None = None
+
+
+@dataclass
+class ExportResult:
+    bundle: Path
+    numerics: numerics.NumericsReport
+    lint: dict
+    seconds: float
+    sizes: dict[str, int]
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptions) -> ExportResult:
+    model, meta = load_checkpoint(checkpoint)
+    return export_model(model, out, opts, source_hash=sha256_file(Path(checkpoint) / WEIGHTS),
+                        source=str(checkpoint), meta=meta)
+
+
+def export_model(model: VLA, out: str | Path, opts: ExportOptions, source_hash: str = "untrained",
+                 source: str = "in-memory", meta: dict | None = None) -> ExportResult:
+    if opts.precision not in PRECISIONS:
+        raise EdgeVlaError(f"unknown precision {opts.precision!r}; choose one of {PRECISIONS}")
+    t0 = time.perf_counter()
+    meta = meta or {}
+    if opts.steps:
+        model.config = dataclasses.replace(model.config, num_steps=opts.steps).validate()
+    cfg = model.config
+    with tempfile.TemporaryDirectory(prefix="edge-vla-export-") as tmp:
+        work = Path(tmp)
+        fp32 = {g.name: g.path for g in export_graphs(model, work / "fp32", cfg.num_steps if opts.unrolled else None)}
+        graphs, calib_desc = _apply_precision(model, fp32, work, opts)
+        numerics_obs = calibration.load_observations(cfg, None, opts.numerics_count, seed=NUMERICS_SEED)
+        report = numerics.check(model, opts.precision, graphs["prefix"], graphs["denoise_step"], numerics_obs,
+                                graphs.get("chunk"), cfg.num_steps)
+        log.info("numerics %s", report.summary())
+        findings = trt_lint.lint_files(graphs)
+        lint = trt_lint.report(findings)
+        if not report.passed:
+            raise EdgeVlaError(f"numerics check failed, no bundle written: {report.summary()}")
+        if lint["errors"] and not opts.allow_lint_errors:
+            raise EdgeVlaError("TensorRT lint found errors, no bundle written (pass --allow-lint-errors to "
+                               "export anyway):\n" + trt_lint.format_findings(findings))
+        manifest = _manifest(model, graphs, opts, report, calib_desc, source_hash, source, meta)
+        files: dict[str, Path | bytes] = {f"graphs/{name}.onnx": path for name, path in graphs.items()}
+        files["reports/numerics.json"] = _json_bytes(report.as_dict())
+        files["reports/lint.json"] = _json_bytes(lint)
+        files["build_engines.sh"] = build_script(manifest).encode()
+        bundle = write_bundle(out, manifest, files, overwrite=opts.overwrite)
+        (bundle / "build_engines.sh").chmod(0o755)
+        sizes = {name: path.stat().st_size for name, path in graphs.items()}
+    return ExportResult(bundle, report, lint, time.perf_counter() - t0, sizes)
+
+
+def _apply_precision(model: VLA, fp32: dict[str, Path], work: Path, opts: ExportOptions) -> tuple[dict[str, Path], dict]:
+    if opts.precision == "fp32":
+        return fp32, {}
+    out_dir = work / opts.precision
+    out_dir.mkdir()
+    if opts.precision == "fp16":
+        return {name: quantize.to_fp16(path, out_dir / path.name) for name, path in fp32.items()}, {}
+    cfg = model.config
+    obs = calibration.load_observations(cfg, opts.calib, opts.calib_count)
+    prefix_feeds = calibration.prefix_feeds(obs)
+    step_feeds = calibration.step_feeds(model, obs, cfg.num_steps, limit=max(64, 2 * opts.calib_count))
+    feeds = {"prefix": prefix_feeds, "denoise_step": step_feeds}
+    if "chunk" in fp32:
+        g = np.random.default_rng(0)
+        feeds["chunk"] = [f | {"noise": g.standard_normal((1, cfg.chunk_len, cfg.action_dim)).astype(np.float32)}
+                          for f in prefix_feeds]
+    graphs = {name: quantize.to_int8(path, out_dir / path.name, feeds[name]) for name, path in fp32.items()}
+    desc = {"source": opts.calib or "sim (seeds from 500000)", "observations": len(prefix_feeds),
+            "step_samples": len(step_feeds), "method": "minmax", "format": "QDQ symmetric, per-channel weights"}
+    return graphs, desc
+
+
+def _manifest(model: VLA, graphs: dict[str, Path], opts: ExportOptions, report: numerics.NumericsReport,
+              calib: dict, source_hash: str, source: str, meta: dict) -> dict:
+    cfg = model.config
+    step_distilled = bool(meta.get("step_distilled"))
+    gspecs = {}
+    for name, path in graphs.items():
+        ins, outs = io_specs(onnx.load(str(path), load_external_data=False))
+        gspecs[name] = {"file": f"graphs/{name}.onnx", "inputs": ins, "outputs": outs}
+    space = opts.action_space or sim_action_space()
+    return {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": cfg.to_dict(),
+        "parameters": count_parameters(model),
+        "precision": opts.precision,
+        "graphs": gspecs,
+        "normalization": {
+            "state": {"mean": model.state_mean.tolist(), "std": model.state_std.tolist()},
+            "action": {"mean": model.action_mean.tolist(), "std": model.action_std.tolist()},
+            "images": {"layout": "camera-major RGB, float [0, 1], NCHW", "in_graph": "(x - 0.5) / 0.25"},
+        },
+        "action_space": space.to_dict(),
+        "control": {"action_period_s": space.action_period_s, "chunk_len": cfg.chunk_len,
+                    "execute_horizon": max(1, cfg.chunk_len // 2), "default_rate_hz": 50},
+        "cameras": [{"name": ["main", "wrist"][i] if i < 2 else f"cam{i}", "image_size": cfg.image_size}
+                    for i in range(cfg.num_cameras)],
+        "sampler": {
+            "flow": "x_t = (1 - t) * noise + t * action; integrate t from 0 to 1",
+            "solver": "euler", "num_steps": cfg.num_steps, "min_steps": 1, "max_steps": 64,
+            "recommended_min_steps": 1 if step_distilled else cfg.num_steps,
+            "unrolled_graph_steps": cfg.num_steps if "chunk" in graphs else None,
+        },
+        "tokenizer": {"kind": "bytes", "max_len": cfg.max_text_len, "pad_id": PAD_ID, "eos_id": EOS_ID,
+                      "vocab_size": VOCAB_SIZE, "normalize": "lower-case, collapse whitespace"},
+        "numerics": {"passed": report.passed, "actions": report.actions},
+        "provenance": {
+            "edge_vla": edge_vla.__version__, "source_checkpoint": source, "source_sha256": source_hash,
+            "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "opset": OPSET, "calibration": calib, "host": platform.node(), "training": meta.get("train"),
+        },
+    }
+
+
+def _json_bytes(data: dict) -> bytes:
+    import json
+
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()

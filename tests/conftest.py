@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny model with random (non-trivial) weights, and bundles exported from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def randomized_tiny_model(seed: int = 0):
+    """A tiny VLA whose zero-initialised output layers are randomised, so its actions depend on inputs."""
+    from edge_vla.export.model import VLA
+
+    from edge_vla.config import preset
+
+    torch.manual_seed(seed)
+    model = VLA(preset("tiny")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if torch.count_nonzero(p) == 0 and p.dim() == 2:
+                p.normal_(0.0, 0.05)
+        model.action_mean.copy_(torch.tensor([1.5, 0.3]))
+        model.action_std.copy_(torch.tensor([0.4, 0.8]))
+        model.state_mean.copy_(torch.tensor([1.5, 0.0]))
+        model.state_std.copy_(torch.tensor([0.3, 0.3]))
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return randomized_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_model) -> Path:
+    from edge_vla.export.checkpoint import save_checkpoint
+
+    return save_checkpoint(tiny_model, tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+def _export(tmp_path_factory, model, precision: str, **kw) -> Path:
+    from edge_vla.export.exporter import ExportOptions, export_model
+
+    out = tmp_path_factory.mktemp(f"bundle_{precision}") / "bundle"
+    opts = ExportOptions(precision=precision, calib_count=8, numerics_count=4, **kw)
+    return export_model(model, out, opts).bundle
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_model) -> Path:
+    return _export(tmp_path_factory, tiny_model, "fp32", unrolled=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_fp16(tmp_path_factory, tiny_model) -> Path:
+    return _export(tmp_path_factory, tiny_model, "fp16")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_int8(tmp_path_factory, tiny_model) -> Path:
+    return _export(tmp_path_factory, tiny_model, "int8")
