@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import time
 from collections.abc import Callable
@@ -27,8 +28,10 @@ from edge_vla.sim.evaluate import EVAL_SEED_BASE, evaluate
 from .checkpoint import load_checkpoint
 from .distill import ObsPool, action_error
 from .model import VLA, count_parameters, fake_inputs
-from .teacher import VLATeacher
+from .teacher import ObsBatch, VLATeacher
 from .torch_policy import TorchPolicy
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,38 +71,80 @@ def heldout_pool(episodes: int, cfg_image_size: int, num_cameras: int, max_obs: 
     return ObsPool.from_dataset(ds, max_obs)
 
 
-def torch_row(name: str, model: VLA, steps: int, teacher: VLATeacher, pool: ObsPool, episodes: int,
-              obs: Observation) -> Row:
-    policy = TorchPolicy(model, steps=steps)
-    res = evaluate(policy, episodes, image_size=model.config.image_size, num_cameras=model.config.num_cameras,
-                   name=name)
-    rmse = action_error(VLATeacher(model, steps=steps), teacher, pool)
-    return Row(name, count_parameters(model), chunk_flops(model, steps), latency_ms(lambda: policy(obs)),
-               "PyTorch eager (prefix cached)", rmse, res.success_rate, (res.ci_low, res.ci_high), episodes)
+class NoiseFeed:
+    """Stands in for the runtime Policy's numpy Generator so that a bundle starts from given noise: the
+    INT8 student is then compared with the teacher from the same noise, like every other row."""
+
+    def __init__(self) -> None:
+        self.noise: np.ndarray | None = None
+
+    def standard_normal(self, out: np.ndarray, dtype: object = None) -> np.ndarray:
+        assert self.noise is not None
+        out[...] = self.noise.reshape(out.shape)
+        return out
 
 
-def bundle_row(name: str, bundle: str, teacher: VLATeacher, pool: ObsPool, episodes: int, obs: Observation,
-               flops: int | None, params: int | None) -> Row:
-    """A bundle through the onboard runtime. Its noise is its own, so its RMSE is against the teacher
-    from different noise (an upper bound on the same-noise figure)."""
-    from edge_vla.runtime.policy import Policy
+def to_observation(ob: ObsBatch, i: int = 0) -> Observation:
+    images = [(ob.images[i, c].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+              for c in range(ob.images.shape[1])]
+    return Observation(images=images, instruction=ob.instructions[i], state=ob.state[i].numpy())
 
-    policy = Policy.load(bundle)
-    cfg = policy.config
-    res = evaluate(lambda o: policy.infer(o).actions, episodes, image_size=cfg.image_size,
-                   num_cameras=cfg.num_cameras, name=name)
+
+def runtime_error(policy: object, teacher: VLATeacher, pool: ObsPool, seed: int = 0) -> float:
+    """RMSE of a runtime Policy vs the teacher, same noise, same states (as distill.action_error)."""
+    feed, saved = NoiseFeed(), policy.rng  # type: ignore[attr-defined]
+    policy.rng = feed  # type: ignore[attr-defined]
+    gen = torch.Generator().manual_seed(seed)
     sq, n = 0.0, 0
-    gen = torch.Generator().manual_seed(0)
-    for i in range(len(pool)):
-        ob = pool.batch([i])
-        o = Observation(images=[(ob.images[0, c].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-                                for c in range(ob.images.shape[1])], instruction=ob.instructions[0],
-                        state=ob.state[0].numpy())
-        ref = teacher.act(ob, torch.randn(1, teacher.chunk_len, teacher.action_dim, generator=gen))[0].numpy()
-        d = np.asarray(policy.infer(o).actions) - ref
-        sq, n = sq + float((d ** 2).sum()), n + d.size
-    return Row(name, params, flops, latency_ms(lambda: policy.infer(obs)), f"edge_vla runtime ({policy.precision})",
-               (sq / max(n, 1)) ** 0.5, res.success_rate, (res.ci_low, res.ci_high), episodes)
+    try:
+        for i in range(len(pool)):
+            ob = pool.batch([i])
+            noise = torch.randn(1, teacher.chunk_len, teacher.action_dim, generator=gen)
+            feed.noise = noise.numpy()
+            d = policy.infer(to_observation(ob)).actions - teacher.act(ob, noise)[0].numpy()  # type: ignore
+            sq, n = sq + float((d ** 2).sum()), n + d.size
+    finally:
+        policy.rng = saved  # type: ignore[attr-defined]
+    return (sq / max(n, 1)) ** 0.5
+
+
+def measure_row(name: str, model: VLA, steps: int, teacher: VLATeacher, pool: ObsPool, episodes: int,
+                obs: Observation, bundle: Path | None = None, quality_via_bundle: bool = False,
+                threads: int = 1) -> Row:
+    """FLOPs and parameters from the PyTorch model; latency through the runtime when a bundle is given;
+    quality through the bundle for quantized rows, else through PyTorch (fp32 bundles match it)."""
+    cfg = model.config
+    policy = None
+    if bundle is not None:
+        from edge_vla.runtime.policy import Policy
+
+        policy = Policy.load(bundle, steps=steps, threads=threads)
+        lat, via = latency_ms(lambda: policy.infer(obs)), f"edge_vla runtime, onnxruntime CPU {policy.precision}"
+    else:
+        tp = TorchPolicy(model, steps=steps)
+        lat, via = latency_ms(lambda: tp(obs)), "PyTorch eager, prefix cached"
+    if quality_via_bundle and policy is not None:
+        policy.reset(0)
+        res = evaluate(lambda o: policy.infer(o).actions, episodes, image_size=cfg.image_size,
+                       num_cameras=cfg.num_cameras, name=name)
+        rmse = runtime_error(policy, teacher, pool)
+    else:
+        res = evaluate(TorchPolicy(model, steps=steps), episodes, image_size=cfg.image_size,
+                       num_cameras=cfg.num_cameras, name=name)
+        rmse = action_error(VLATeacher(model, steps=steps), teacher, pool)
+    log.info("%s: %s, rmse %.4f, %.1f ms", name, res, rmse, lat)
+    return Row(name, count_parameters(model), chunk_flops(model, steps), lat, via, rmse, res.success_rate,
+               (res.ci_low, res.ci_high), episodes)
+
+
+def ensure_bundle(ckpt: str, out: Path, precision: str, calib: str | None) -> Path:
+    """Export once; later runs reuse the bundle (delete it to re-export)."""
+    if (out / "manifest.json").is_file():
+        return out
+    from .exporter import ExportOptions, export_checkpoint
+
+    opts = ExportOptions(precision=precision, calib=calib if precision == "int8" else None, overwrite=True)
+    return Path(export_checkpoint(ckpt, out, opts).bundle)
 
 
 def fmt_flops(f: int | None) -> str:
@@ -125,49 +170,67 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher", required=True, help="teacher checkpoint")
     parser.add_argument("--student", required=True, help="knowledge-distilled student checkpoint (<output>_kd)")
     parser.add_argument("--fast-student", default=None, help="step-distilled student checkpoint (<output>)")
-    parser.add_argument("--int8-bundle", default=None,
-                        help="INT8 student bundle from `edge-vla export CKPT -o BUNDLE --precision int8`")
+    parser.add_argument("--bundles", default=None,
+                        help="export (once) fp32 bundles of every checkpoint and an INT8 bundle of the final "
+                             "student into this folder; latency then goes through the edge_vla runtime")
+    parser.add_argument("--int8-bundle", default=None, help="an existing INT8 student bundle (overrides --bundles)")
+    parser.add_argument("--calib", default="runs/data/reach.npz", help="INT8 calibration data for --bundles")
     parser.add_argument("--episodes", type=int, default=100, help="held-out closed-loop episodes per row")
     parser.add_argument("--error-obs", type=int, default=256, help="held-out states for the action error")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for every row (latency included)")
+    parser.add_argument("--threads", type=int, default=1, help="threads for every row (latency included)")
     parser.add_argument("-o", "--output", default=None, help="write the markdown table here")
     parser.add_argument("--json", dest="json_out", default=None, help="also write the rows as JSON here")
 
 
 def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     teacher_model, _ = load_checkpoint(args.teacher)
     student, _ = load_checkpoint(args.student)
+    fast = load_checkpoint(args.fast_student)[0] if args.fast_student else None
     tsteps = teacher_model.config.num_steps
     teacher = VLATeacher(teacher_model, steps=tsteps)
     cfg = student.config
     pool = heldout_pool(max(8, args.error_obs // 10), cfg.image_size, cfg.num_cameras, args.error_obs)
-    obs = dataset.generate(range(EVAL_SEED_BASE, EVAL_SEED_BASE + 1), cfg.image_size, cfg.num_cameras)
-    one = Observation(images=list(obs.images[0]), instruction=str(obs.instructions[0]), state=obs.states[0])
-    rows = [torch_row(f"teacher {teacher_model.config.preset} ({tsteps} steps)", teacher_model, tsteps, teacher, pool,
-                      args.episodes, one)]
-    ssteps = cfg.num_steps
-    rows.append(torch_row(f"student {cfg.preset} ({ssteps} steps)", student, ssteps, teacher, pool, args.episodes, one))
-    rows.append(torch_row(f"student {cfg.preset}, no step distillation (1 step)", student, 1, teacher, pool,
-                          args.episodes, one))
-    fast = None
-    if args.fast_student:
-        fast, _ = load_checkpoint(args.fast_student)
-        for k in (2, 1):
-            rows.append(torch_row(f"student {cfg.preset}, reflow ({k} steps)", fast, k, teacher, pool, args.episodes,
-                                  one))
-    int8_name = "student INT8 (runtime)"
+    first = dataset.generate(range(EVAL_SEED_BASE, EVAL_SEED_BASE + 1), cfg.image_size, cfg.num_cameras)
+    one = Observation(images=list(first.images[0]), instruction=str(first.instructions[0]), state=first.states[0])
+
+    bundles: dict[str, Path | None] = {"teacher": None, "student": None, "fast": None, "int8": None}
+    if args.bundles:
+        root = Path(args.bundles)
+        bundles["teacher"] = ensure_bundle(args.teacher, root / "teacher_fp32", "fp32", None)
+        bundles["student"] = ensure_bundle(args.student, root / "student_kd_fp32", "fp32", None)
+        final = args.fast_student or args.student
+        if fast is not None:
+            bundles["fast"] = ensure_bundle(final, root / "student_fast_fp32", "fp32", None)
+        bundles["int8"] = ensure_bundle(final, root / "student_int8", "int8", args.calib)
     if args.int8_bundle:
-        ref = fast or student
-        rows.append(bundle_row(int8_name, args.int8_bundle, teacher, pool, args.episodes, one,
-                               chunk_flops(ref, ref.config.num_steps), count_parameters(ref)))
+        bundles["int8"] = Path(args.int8_bundle)
+
+    def row(name: str, model: VLA, steps: int, bundle: Path | None, via_bundle: bool = False) -> Row:
+        return measure_row(name, model, steps, teacher, pool, args.episodes, one, bundle, via_bundle, args.threads)
+
+    p = cfg.preset
+    rows = [row(f"teacher {teacher_model.config.preset} ({tsteps} steps)", teacher_model, tsteps, bundles["teacher"]),
+            row(f"student {p} ({cfg.num_steps} steps)", student, cfg.num_steps, bundles["student"]),
+            row(f"student {p}, no step distillation (1 step)", student, 1, bundles["student"])]
+    if fast is not None:
+        rows += [row(f"student {p}, reflow ({k} step{'s' if k > 1 else ''})", fast, k, bundles["fast"])
+                 for k in (2, 1)]
+    final_model = fast or student
+    k = final_model.config.num_steps
+    int8_name = f"student {p}{', reflow' if fast is not None else ''} INT8 ({k} step{'s' if k > 1 else ''})"
+    if bundles["int8"] is not None:
+        rows.append(row(int8_name, final_model, k, bundles["int8"], via_bundle=True))
     else:
-        rows.append(Row(int8_name + ": pending (pass --int8-bundle)", None, None, None, "", None, None, None, 0))
+        rows.append(Row(int8_name + ": pending (pass --bundles or --int8-bundle)", None, None, None, "", None, None,
+                        None, 0))
     table = markdown(rows, rows[0].flops or 1)
     vias = sorted({r.latency_via for r in rows if r.latency_via})
-    note = (f"Latency: {', '.join(vias)}; batch 1, {args.threads} thread(s), median of 30. RMSE vs the teacher's "
-            f"{tsteps}-step chunks from the same noise on {len(pool)} held-out states. Success: {args.episodes} "
-            f"held-out episodes (seeds {EVAL_SEED_BASE}+).\n")
+    note = (f"Latency: {'; '.join(vias)}; batch 1, {args.threads} thread(s), median of 30 chunks. "
+            f"FLOPs: matmul/conv, one chunk (prefix + N steps), PyTorch FlopCounterMode. RMSE vs the teacher's "
+            f"{tsteps}-step chunks from the same noise on {len(pool)} held-out states. Success: the same "
+            f"{args.episodes} held-out episodes (seeds {EVAL_SEED_BASE}+) for every row.\n")
     print(table + "\n" + note)
     if args.output:
         Path(args.output).write_text(table + "\n" + note)
