@@ -1,0 +1,54 @@
+"""`edge-vla distill` then `edge-vla compare`, end to end on a micro teacher (seconds, not quality)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from edge_vla.export import compare_cli, distill_cli
+from edge_vla.export.checkpoint import load_checkpoint, save_checkpoint
+from edge_vla.export.model import VLA
+
+from edge_vla.config import preset
+from edge_vla.sim import dataset
+
+
+def parse(module, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    module.configure(parser)
+    return parser.parse_args(argv)
+
+
+def test_distill_then_compare(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    # 64 px like the tiny student, but a much smaller trunk than the real teacher.
+    teacher = VLA(preset("small", patch_size=16, width=32, depth=1, heads=2, expert_width=32, expert_depth=1,
+                         expert_heads=2, mlp_ratio=2))
+    save_checkpoint(teacher, tmp_path / "teacher")
+    dataset.save(dataset.generate(range(2), image_size=64), tmp_path / "reach.npz")
+    try:
+        rc = distill_cli.main(parse(distill_cli, [
+            "--teacher", str(tmp_path / "teacher"), "--student-preset", "tiny", "-o", str(tmp_path / "student"),
+            "--data", str(tmp_path / "reach.npz"), "--max-obs", "12", "--steps", "3", "--batch-size", "4",
+            "--dagger-episodes", "1", "--reflow-steps", "2", "--fast-steps", "2", "--threads", "1",
+            "--device", "cpu"]))
+        assert rc == 0
+        fast, meta = load_checkpoint(tmp_path / "student")
+        assert fast.config.preset == "tiny" and fast.config.num_steps == 2 and meta["stage"] == "reflow"
+        assert torch.equal(fast.action_std, teacher.action_std)  # the teacher's action space is kept
+        rc = compare_cli.main(parse(compare_cli, [
+            "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student_kd"),
+            "--fast-student", str(tmp_path / "student"), "--episodes", "1", "--error-obs", "4",
+            "-o", str(tmp_path / "table.md"), "--json", str(tmp_path / "rows.json")]))
+        assert rc == 0
+    finally:
+        torch.set_num_threads(threads)
+    table = (tmp_path / "table.md").read_text()
+    assert "| teacher small (10 steps) |" in table and "reflow (1 step)" in table and "INT8" in table
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert rows[0]["rmse"] == 0.0 and rows[1]["flops"] > rows[3]["flops"] > rows[4]["flops"] > 0  # 10 > 2 > 1 steps
+    assert "| model |" in capsys.readouterr().out
