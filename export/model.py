@@ -22,9 +22,9 @@ TIME_SCALE = 100.0  # t in [0, 1] is scaled before the sinusoidal embedding
 LN_EPS = 1e-6
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """q [B, h, Tq, d], k/v [B, h, Tk, d] -> [B, h, Tq, d]."""
-    scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """q [B, h, Tq, d], k/v [B, h, Tk, d] -> [B, h, Tq, d]; scale = 1/sqrt(d) as a Python float (a constant)."""
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
     return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
@@ -42,12 +42,13 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
+        self.scale = 1.0 / math.sqrt(dim // heads)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        y = attention(split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads))
+        y = attention(split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads), self.scale)
         return self.out(merge_heads(y))
 
 
@@ -80,6 +81,7 @@ class ExpertBlock(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: int, prefix_dim: int) -> None:
         super().__init__()
         self.heads = heads
+        self.scale = 1.0 / math.sqrt(dim // heads)
         self.mod = nn.Linear(dim, 6 * dim)
         self.attn = SelfAttention(dim, heads)
         self.cross_norm = nn.LayerNorm(dim, eps=LN_EPS)
@@ -97,7 +99,7 @@ class ExpertBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.mod(F.silu(c)).chunk(6, dim=-1)
         x = x + gate1.unsqueeze(1) * self.attn(modulate(x, shift1, scale1))
         q = split_heads(self.cross_q(self.cross_norm(x)), self.heads)
-        x = x + self.cross_out(merge_heads(attention(q, kv[0], kv[1])))
+        x = x + self.cross_out(merge_heads(attention(q, kv[0], kv[1], self.scale)))
         return x + gate2.unsqueeze(1) * self.mlp(modulate(x, shift2, scale2))
 
 

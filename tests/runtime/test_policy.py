@@ -1,0 +1,93 @@
+import numpy as np
+import pytest
+import torch
+
+from edge_vla.errors import ConfigError, ObservationError
+from edge_vla.runtime.policy import Policy
+from edge_vla.runtime.types import Observation
+from edge_vla.sim.env import ReachEnv
+
+
+@pytest.fixture(scope="module")
+def obs():
+    return ReachEnv().reset(123)
+
+
+def torch_actions(model, obs, noise, steps, solver="euler"):
+    from edge_vla.export.data import observation_tensors
+
+    images, tokens, state = observation_tensors(obs, model.config)
+    out = model.sample(images, tokens, state, torch.from_numpy(noise), steps=steps, solver=solver)
+    return out[0].numpy()
+
+
+def replay_noise(seed, cfg):
+    noise = np.zeros((1, cfg.chunk_len, cfg.action_dim), dtype=np.float32)
+    np.random.default_rng(seed).standard_normal(out=noise, dtype=np.float32)
+    return noise
+
+
+@pytest.mark.parametrize(("solver", "steps"), [("euler", 10), ("euler", 2), ("heun", 3), ("midpoint", 4)])
+def test_policy_matches_pytorch_sampler(tiny_bundle, tiny_model, obs, solver, steps):
+    policy = Policy.load(tiny_bundle, steps=steps, solver=solver, seed=5)
+    chunk = policy.infer(obs)
+    expected = torch_actions(tiny_model, obs, replay_noise(5, tiny_model.config), steps, solver)
+    np.testing.assert_allclose(chunk.actions, expected, atol=2e-5, rtol=1e-5)
+    assert chunk.actions.shape == (8, 2) and chunk.actions.dtype == np.float32
+    assert chunk.action_period_s == pytest.approx(0.1)
+
+
+def test_reset_replays_the_same_chunk(tiny_bundle, obs):
+    policy = Policy.load(tiny_bundle, seed=1)
+    a = policy.infer(obs).actions.copy()
+    b = policy.infer(obs).actions.copy()
+    policy.reset()
+    c = policy.infer(obs).actions
+    np.testing.assert_array_equal(a, c)
+    assert not np.array_equal(a, b)  # fresh noise per chunk
+
+
+def test_timings_cover_every_stage(tiny_bundle, obs):
+    chunk = Policy.load(tiny_bundle, steps=3).infer(obs)
+    t = chunk.timings_ms
+    assert {"preprocess", "prefix", "step_0", "step_1", "step_2", "postprocess", "total"} <= set(t)
+    parts = t["preprocess"] + t["prefix"] + t["ode_total"] + t["postprocess"]
+    assert parts <= t["total"] + 1e-6
+    assert all(v >= 0 for v in t.values())
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_reduced_precision_bundles_stay_close(request, precision, tiny_model, obs):
+    bundle = request.getfixturevalue(f"tiny_bundle_{precision}")
+    policy = Policy.load(bundle, seed=3)
+    got = policy.infer(obs).actions
+    expected = torch_actions(tiny_model, obs, replay_noise(3, tiny_model.config), 10)
+    rel = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+    assert rel < {"fp16": 1e-2, "int8": 8e-2}[precision]
+
+
+def test_bad_observations_are_rejected(tiny_bundle, obs):
+    policy = Policy.load(tiny_bundle)
+    img = obs.images[0]
+    cases = {
+        "expected 1 camera": Observation([img, img], obs.instruction, obs.state),
+        "expected a uint8 RGB image of shape": Observation([img[:32]], obs.instruction, obs.state),
+        "got float32": Observation([img.astype(np.float32)], obs.instruction, obs.state),
+        "instruction is missing": Observation([img], "", obs.state),
+        "NaN or Inf": Observation([img], obs.instruction, np.array([np.nan, 0.0], np.float32)),
+        "state must have shape": Observation([img], obs.instruction, np.zeros(3, np.float32)),
+        "at most": Observation([img], "x" * 100, obs.state),
+    }
+    for message, bad in cases.items():
+        with pytest.raises(ObservationError, match=message):
+            policy.infer(bad)
+    policy.infer(obs)  # still works afterwards
+
+
+def test_step_count_and_backend_are_validated(tiny_bundle):
+    with pytest.raises(ConfigError, match="allows 1..64"):
+        Policy.load(tiny_bundle, steps=100)
+    with pytest.raises(ConfigError, match="unknown backend"):
+        Policy.load(tiny_bundle, backend="magic")
+    with pytest.raises(ConfigError, match="unknown solver"):
+        Policy.load(tiny_bundle, solver="rk45")
