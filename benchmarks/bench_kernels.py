@@ -56,6 +56,7 @@ def torch_graph(fn: Callable[[], None], stream: Any) -> Callable[[], None]:
 
 def bench_ode(k: Any, preset: str, steps: int, reps: int, peak: float) -> list[tuple]:
     import torch
+
     from edge_vla.kernels import reference as ref
     from edge_vla.kernels.loader import CapturedGraph
 
@@ -104,6 +105,7 @@ def bench_ode(k: Any, preset: str, steps: int, reps: int, peak: float) -> list[t
 def bench_adaln(k: Any, preset: str, reps: int, peak: float) -> list[tuple]:
     import torch
     import torch.nn.functional as F
+
     from edge_vla.kernels import reference as ref
 
     H, E = PRESETS[preset]["H"], PRESETS[preset]["E"]

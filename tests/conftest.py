@@ -11,9 +11,8 @@ torch = pytest.importorskip("torch")
 
 def randomized_tiny_model(seed: int = 0):
     """A tiny VLA whose zero-initialised output layers are randomised, so its actions depend on inputs."""
-    from edge_vla.export.model import VLA
-
     from edge_vla.config import preset
+    from edge_vla.export.model import VLA
 
     torch.manual_seed(seed)
     model = VLA(preset("tiny")).eval()

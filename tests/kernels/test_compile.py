@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from edge_vla.kernels import build, loader
 
 nvcc = build.find_nvcc()

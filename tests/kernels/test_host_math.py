@@ -7,6 +7,7 @@ import ctypes
 
 import numpy as np
 import pytest
+
 from edge_vla.kernels import reference as ref
 
 
