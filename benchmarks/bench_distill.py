@@ -12,10 +12,10 @@ import platform
 
 import pytest
 import torch
-from edge_vla.export.compare_cli import chunk_flops, latency_ms
-from edge_vla.export.model import VLA, count_parameters, fake_inputs
 
 from edge_vla.config import preset
+from edge_vla.export.compare_cli import chunk_flops, latency_ms
+from edge_vla.export.model import VLA, count_parameters, fake_inputs
 
 
 @pytest.mark.slow

@@ -7,6 +7,9 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+
+from edge_vla.config import preset
+from edge_vla.errors import ConfigError, EdgeVlaError
 from edge_vla.export.checkpoint import load_checkpoint, save_checkpoint
 from edge_vla.export.distill import (
     DistillConfig,
@@ -19,9 +22,6 @@ from edge_vla.export.distill import (
 )
 from edge_vla.export.model import VLA
 from edge_vla.export.teacher import FlowTeacher, FunctionTeacher, ObsBatch, Teacher, VLATeacher
-
-from edge_vla.config import preset
-from edge_vla.errors import ConfigError, EdgeVlaError
 from edge_vla.sim import dataset
 
 MICRO = dict(image_size=16, patch_size=8, mlp_ratio=2, chunk_len=8)
@@ -153,3 +153,12 @@ def test_obs_batch_from_observations() -> None:
     seen = rollout_observations(lambda o: np.repeat(o.state[None], 8, 0), [1], 16, 1, execute=8)[:3]
     b = ObsBatch.from_observations(seen, num_cameras=1)
     assert b.images.shape == (3, 1, 3, 16, 16) and b.images.max() <= 1.0 and len(b) == 3
+
+
+def test_student_init_must_match_and_is_loaded() -> None:
+    init = VLA(STUDENT)
+    with torch.no_grad():
+        init.action_out.weight.fill_(0.5)
+    assert torch.equal(new_student(STUDENT, init=init).action_out.weight, init.action_out.weight)
+    with pytest.raises(ConfigError, match="student-init"):
+        new_student(STUDENT, init=VLA(dataclasses.replace(STUDENT, expert_depth=2)))

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from edge_vla.config import preset
 from edge_vla.export import compare_cli, distill_cli
 from edge_vla.export.checkpoint import load_checkpoint, save_checkpoint
 from edge_vla.export.model import VLA
-
-from edge_vla.config import preset
 from edge_vla.sim import dataset
 
 

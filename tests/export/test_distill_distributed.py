@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from edge_vla.export.distributed import DistContext, init_from_env
 
 WORKER = textwrap.dedent('''
