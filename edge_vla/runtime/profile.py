@@ -154,7 +154,9 @@ def format_table(config: dict[str, Any]) -> str:
             f"{'PASS' if v['pass'] else 'FAIL'} p99 {config['stages']['total']['p99']:.3f} ms vs budget "
             f"{v['budget_ms']:.3f} ms, headroom {v['headroom_ms']:+.3f} ms, {v['misses']} over budget")
     lines = [head, f"  {'stage':<12}{'p50':>9}{'p90':>9}{'p99':>9}{'max':>9}{'std':>8}{'p99-p50':>9}{'%p50':>6}"]
-    for name, st in config["stages"].items():
+    steps = [f"step_{i}" for i in range(config["steps"])]
+    for name in ["preprocess", "prefix", *steps, "ode_total", "postprocess", "total"]:  # JSON sorts keys
+        st = config["stages"][name]
         share = 100.0 * st["p50"] / total_p50
         lines.append(f"  {name:<12}{st['p50']:9.3f}{st['p90']:9.3f}{st['p99']:9.3f}{st['max']:9.3f}"
                      f"{st['std']:8.3f}{st['jitter_p99_p50']:9.3f}{share:6.1f}")
@@ -191,7 +193,11 @@ def plot_latency(results: list[ConfigResult], budget_ms: float, path: str | Path
     fig, (ax_dist, ax_stack) = plt.subplots(1, 2, figsize=(12, 0.6 * len(results) + 3.5))
     labels = [r.label for r in results]
     totals = [r.samples["total"] for r in results]
-    ax_dist.boxplot(totals, vert=False, whis=(1, 99), showfliers=True, flierprops={"markersize": 2})
+    box = {"whis": (1, 99), "showfliers": True, "flierprops": {"markersize": 2}}
+    try:
+        ax_dist.boxplot(totals, orientation="horizontal", **box)
+    except TypeError:  # matplotlib < 3.10 only knows vert=
+        ax_dist.boxplot(totals, vert=False, **box)
     ax_dist.set_yticks(range(1, len(labels) + 1), labels)
     ax_dist.axvline(budget_ms, color="red", linestyle="--", label=f"budget {budget_ms:g} ms")
     ax_dist.set_xlabel("total latency per chunk (ms); whiskers p1..p99")
