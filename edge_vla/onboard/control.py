@@ -14,6 +14,7 @@ stop + disarm at the end, on SIGINT/SIGTERM, or on a stop request from the paren
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from edge_vla.onboard.safety import SafetyLayer, SafetyLimits
 from edge_vla.onboard.scheduler import Scheduler, Trajectory, make_scheduler
 from edge_vla.onboard.telemetry import CycleStats, Telemetry, summarize
 from edge_vla.onboard.watchdog import FaultKind, Signals, State, Watchdog, WatchdogConfig
+from edge_vla.provision.sdnotify import Notifier, watchdog_interval_s
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,12 @@ class ControlLoop:
         self._ready = False
         self._realtime: dict[str, str] = {}
         self._rearms = 0
+        # systemd supervision (Type=notify, WatchdogSec): pinged from this loop, so a stuck loop stops the
+        # pings. The unit sets NotifyAccess=all because this child process, not the service's main PID, pings.
+        env = {k: v for k, v in os.environ.items() if k != "WATCHDOG_PID"}
+        self._notifier = Notifier(env)
+        self._sd_watchdog_s = watchdog_interval_s(env)
+        self._next_sd_ping = 0.0
 
     # -- helpers ---------------------------------------------------------------------------------
     def _link_errors(self) -> int:
@@ -199,6 +207,9 @@ class ControlLoop:
                     self._stop(1, reason, t, operator=True)
                 return
             self._cycle(t, homing, n)
+            if self._sd_watchdog_s is not None and t >= self._next_sd_ping:
+                self._notifier.watchdog()
+                self._next_sd_ping = t + self._sd_watchdog_s
             if homing is not None and t >= homing.end:
                 homing = None
                 self.bus.set("status", sh.STATUS_RUNNING)
@@ -271,6 +282,7 @@ class ControlLoop:
         elif not self._ready:
             self._ready = True
             self.bus.set("ready", 1.0)
+            self._notifier.ready(f"running at {self.cfg.rate_hz:.0f} Hz")
             log.info("control loop ready: first good cycle at %.0f Hz", self.cfg.rate_hz)
 
     def _signals(self, t: float, st: Any, homing: bool) -> Signals:
@@ -318,6 +330,7 @@ class ControlLoop:
             log.error("could not send the category-%d stop frame (%s); relying on the firmware watchdog",
                       category, exc)
         t_wire = time.monotonic()
+        self._notifier.status(f"safety stop category {category}: {reason}")
         self.stop_info = {"category": category, "fault_to_stop_frame_ms": (t_wire - t_fault) * 1e3}
         self._event(t_wire, "stop_sent", category=category, kind=kind, reason=reason, t_fault=t_fault)
         if category == 1:

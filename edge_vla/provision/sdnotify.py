@@ -43,6 +43,8 @@ class Notifier:
         self._sock: socket.socket | None = None
         if self._addr is not None:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Never block the control loop: if the receiver's queue is full, the datagram is dropped.
+            self._sock.setblocking(False)
 
     @property
     def enabled(self) -> bool:

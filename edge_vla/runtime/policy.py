@@ -57,14 +57,21 @@ class Policy:
     def load(cls, bundle: str | os.PathLike[str] | Bundle, backend: str = "auto", steps: int | None = None,
              solver: str | None = None, seed: int = 0, threads: int | None = None,
              trusted_keys: list[str | Path] | None = None) -> Policy:
-        """Verify and load a bundle. `steps` may lower the ODE step count where the bundle allows it."""
+        """Verify and load a bundle. `steps` may lower the ODE step count where the bundle allows it.
+
+        `trusted_keys`: Ed25519 public keys; the bundle must carry a valid signature by one of them.
+        Default: the keys in /etc/edge-vla/trusted-keys, if any (else no signature is required).
+        """
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
         b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-        if trusted_keys:
-            from edge_vla.provision.signing import verify_bundle_signature
+        from edge_vla.provision.signing import trusted_keys_from_dir, verify_bundle_signature
 
-            verify_bundle_signature(b.root, trusted_keys)
+        # A robot provisioned with trusted keys (edge-vla install --trusted-key) runs only signed bundles.
+        keys = trusted_keys if trusted_keys is not None else trusted_keys_from_dir()
+        if keys:
+            key_id = verify_bundle_signature(b.root, keys)
+            log.info("bundle %s signed by trusted key %s", b.root, key_id)
         sampler = b.manifest["sampler"]
         solver = solver or sampler.get("solver", "euler")
         if solver not in SOLVERS:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,10 +71,24 @@ def test_closed_loop_reaches_and_ends_disarmed(emulator, tmp_path) -> None:
     assert len(cycle["sent"]) == 2 and len(cycle["requested"]) == 2
 
 
+def _drain(sock: socket.socket) -> list[str]:
+    out = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            out.append(sock.recv(4096).decode())
+    return out
+
+
 def test_sigterm_gives_a_controlled_stop_and_disarm(emulator, tmp_path) -> None:
     cmd = [sys.executable, "-m", "edge_vla.cli", "-v", "run", "--expert", "--link", f"serial://{emulator.port}",
            "--rate-hz", "100", "--telemetry", str(tmp_path / "t.jsonl")]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Run it as systemd would (Type=notify, WatchdogSec): a real datagram socket collects sd_notify messages.
+    sock_dir = tempfile.mkdtemp(dir="/tmp")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(f"{sock_dir}/notify")
+    notify.setblocking(False)
+    env = dict(os.environ, NOTIFY_SOCKET=f"{sock_dir}/notify", WATCHDOG_USEC="200000", WATCHDOG_PID="1")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 30
         while "armed" not in _events(emulator):
@@ -79,6 +96,7 @@ def test_sigterm_gives_a_controlled_stop_and_disarm(emulator, tmp_path) -> None:
             assert time.monotonic() < deadline, "never armed"
             time.sleep(0.05)
         time.sleep(1.0)  # moving
+        messages = _drain(notify)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=20)
     finally:
@@ -91,6 +109,10 @@ def test_sigterm_gives_a_controlled_stop_and_disarm(emulator, tmp_path) -> None:
     assert "heartbeat_timeout" not in ev  # the host stopped it, not the firmware watchdog
     recs = read_records(tmp_path / "t.jsonl")
     assert any(r["topic"] == "/watchdog/event" and r.get("event") == "stop_sent" for r in recs)
+    messages += _drain(notify)
+    notify.close()
+    assert any(m.startswith("READY=1") for m in messages), messages
+    assert sum(m == "WATCHDOG=1" for m in messages) >= 3  # pinged from the control loop at WatchdogSec/2
 
 
 @pytest.mark.slow

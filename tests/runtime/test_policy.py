@@ -91,3 +91,18 @@ def test_step_count_and_backend_are_validated(tiny_bundle):
         Policy.load(tiny_bundle, backend="magic")
     with pytest.raises(ConfigError, match="unknown solver"):
         Policy.load(tiny_bundle, solver="rk45")
+
+
+def test_trusted_keys_refuse_unsigned_and_accept_signed(tiny_bundle, tmp_path, obs):
+    import shutil
+
+    from edge_vla.errors import BundleError
+    from edge_vla.provision.signing import generate_keypair, sign_bundle
+
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b)
+    secret, public, _ = generate_keypair(tmp_path / "key")
+    with pytest.raises(BundleError, match="unsigned"):
+        Policy.load(b, trusted_keys=[public])
+    sign_bundle(b, secret)
+    Policy.load(b, trusted_keys=[public]).infer(obs)
