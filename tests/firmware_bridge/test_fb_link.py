@@ -139,8 +139,9 @@ def test_bad_frames_are_counted_and_never_applied() -> None:
     with Emulator(EmulatorConfig(joints=default_limits(2), faults=faults, seed=1, state_rate_hz=500),
                   PtyTransport()) as emu, SerialLink(emu.port) as link:
         states = []
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline:
+        # Collect until enough states arrived (a loaded CI box may deliver fewer than 500 per second).
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and (len(states) <= 150 or link.stats.drops == 0):
             states += [m for m in link.poll(0.01) if type(m).__name__ == "State"]
         s = link.stats
         assert s.crc_errors + s.framing_errors > 10 and s.duplicates > 0 and s.drops > 0
