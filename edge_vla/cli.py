@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from edge_vla import __version__
 from edge_vla.errors import EdgeVlaError
+from firmware_bridge.errors import BridgeError
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         module.configure(parser)
         args = parser.parse_args(argv[split + 1 :])
         return int(module.main(args) or 0)
-    except EdgeVlaError as exc:
+    except (EdgeVlaError, BridgeError) as exc:
         logging.getLogger("edge_vla").debug("command failed", exc_info=True)
         print(f"edge-vla {sub.name}: error: {exc}", file=sys.stderr)
         return 1
