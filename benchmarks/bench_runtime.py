@@ -27,7 +27,7 @@ import pytest
 
 # Before torch loads its OpenMP runtime: idle OpenMP workers sleep instead of spin-waiting. With active
 # spinning (the default) on a loaded 2-core box, eager tiny at 2 threads ran ~6x slower (136 vs 23 ms per
-# chunk) and starved onnxruntime in the same process; the baseline should not lose to scheduler contention.
+# chunk standalone); the baseline should not lose to spin-waiting. (The 2-thread rows still show contention.)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 torch = pytest.importorskip("torch")
 
