@@ -203,18 +203,23 @@ def write_bundle(out: str | os.PathLike[str], manifest: dict[str, Any], files: M
         manifest["files"] = {rel: sha256_file(staging / rel) for rel in _hashed_files(staging)}
         _write_json(staging / MANIFEST, manifest)
         _fsync_tree(staging)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, out)
+        swap_in_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def swap_in_dir(staging: Path, out: Path) -> None:
+    """Put a complete directory at `out` by rename; an existing `out` is removed only after the swap."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

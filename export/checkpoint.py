@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from edge_vla.bundle import swap_in_dir
 from edge_vla.config import VLAConfig
 from edge_vla.errors import CheckpointError, ConfigError
 
@@ -39,14 +40,7 @@ def save_checkpoint(model: VLA, path: str | os.PathLike[str], meta: dict[str, An
             save_file(_optimizer_tensors(model, optimizer), staging / OPTIMIZER)
         if train_state is not None:
             (staging / TRAIN_STATE).write_text(json.dumps(train_state, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, out)
+        swap_in_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

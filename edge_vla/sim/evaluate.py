@@ -61,9 +61,10 @@ def evaluate(
     num_cameras: int = 1,
     execute: int = 4,
     name: str = "policy",
+    env: ReachEnv | None = None,
 ) -> EvalResult:
     """Run `episodes` seeded episodes; each chunk's first `execute` actions run before replanning."""
-    env = ReachEnv(image_size=image_size, num_cameras=num_cameras)
+    env = env or ReachEnv(image_size=image_size, num_cameras=num_cameras)
     successes, steps = 0, []
     for i in range(episodes):
         obs = env.reset(seed_base + i)
@@ -81,21 +82,14 @@ def evaluate(
 
 
 def evaluate_expert(episodes: int = 50, seed_base: int = EVAL_SEED_BASE) -> EvalResult:
+    """The scripted expert reads the scene (which a learned policy cannot), so it gets the env."""
     env = ReachEnv()
-    successes, steps = 0, []
-    for i in range(episodes):
-        obs = env.reset(seed_base + i)
-        done = success = False
-        while not done:
-            assert env.scene is not None
-            for action in expert_chunk(env.scene, obs.state, 8)[:4]:
-                obs, success, done = env.step(action)
-                if done:
-                    break
-        successes += int(success)
-        steps.append(env.t)
-    lo, hi = wilson_interval(successes, episodes)
-    return EvalResult("expert", episodes, successes, lo, hi, float(np.mean(steps)))
+
+    def act(obs: Observation) -> np.ndarray:
+        assert env.scene is not None
+        return expert_chunk(env.scene, obs.state, 8)
+
+    return evaluate(act, episodes, seed_base, name="expert", env=env)
 
 
 def random_policy(seed: int = 0, chunk_len: int = 8) -> ChunkPolicy:
