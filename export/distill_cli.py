@@ -4,6 +4,7 @@ so the student needs 1-2 ODE steps. Runs data-parallel unchanged under `torchrun
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from edge_vla.config import PRESETS, preset
@@ -64,6 +65,8 @@ def main(args: argparse.Namespace) -> int:
     )
     res = distill(teacher, student_cfg, pool, cfg, out=args.output, student_init=init)
     out = Path(args.output)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, one report is enough
+        return 0
     print(f"distilled {args.teacher} -> {args.student_preset} on {res.observations} observations "
           f"({res.targets} teacher targets)")
     if res.fast_student is not None:
