@@ -122,7 +122,7 @@ def _apply_precision(model: VLA, fp32: dict[str, Path], work: Path, opts: Export
 def _manifest(model: VLA, graphs: dict[str, Path], opts: ExportOptions, report: numerics.NumericsReport,
               calib: dict, source_hash: str, source: str, meta: dict) -> dict:
     cfg = model.config
-    step_distilled = bool(meta.get("step_distilled"))
+    step_distilled = bool(meta.get("step_distilled")) or meta.get("stage") == "reflow"
     gspecs = {}
     for name, path in graphs.items():
         ins, outs = io_specs(onnx.load(str(path), load_external_data=False))
