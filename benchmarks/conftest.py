@@ -82,7 +82,7 @@ def bench_export_opts() -> dict[str, dict[str, int]]:
 @pytest.fixture(scope="session")
 def bench_precisions() -> Callable[[str], list[str]]:
     """preset -> the precisions the runtime benchmark exports (INT8 for base unless BENCH_BASE_INT8=0)."""
-    return lambda name: ["fp32", "int8"] if name != "base" or BASE_INT8 else ["fp32"]
+    return lambda name: ["fp32", "int8", "int8-prefix"] if name != "base" or BASE_INT8 else ["fp32", "int8-prefix"]
 
 
 @pytest.fixture(scope="session")
@@ -110,7 +110,9 @@ def bench_exports(tmp_path_factory: pytest.TempPathFactory, bench_models: Callab
     def get(name: str, precision: str) -> Any:
         key = (name, precision)
         if key not in cache:
-            opts = ExportOptions(precision=precision, overwrite=True, **EXPORT_OPTS[name])
+            # "int8-prefix": INT8 prefix graph, FP32 denoise-step graph (ExportOptions.int8_graphs).
+            kw = {"precision": "int8", "int8_graphs": ("prefix",)} if precision == "int8-prefix" else {"precision": precision}
+            opts = ExportOptions(overwrite=True, **kw, **EXPORT_OPTS[name])
             cache[key] = export_model(bench_models(name), root / f"{name}_{precision}", opts)
         return cache[key]
 

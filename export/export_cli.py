@@ -15,6 +15,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib", default=None, help=".npz dataset or folder of them for INT8 calibration "
                         "(default: fresh sim observations)")
     parser.add_argument("--calib-count", type=int, default=32, help="calibration observations")
+    parser.add_argument("--int8-graphs", default="prefix,denoise_step,chunk",
+                        help="with --precision int8: the graphs to quantize, comma-separated (others stay FP32); "
+                        "'prefix' is often fastest on CPUs")
     parser.add_argument("--unrolled", action="store_true", help="also export the whole N-step loop as one graph")
     parser.add_argument("--allow-lint-errors", action="store_true", help="write the bundle despite TensorRT lint errors")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically)")
@@ -23,6 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     opts = ExportOptions(precision=args.precision, steps=args.steps, unrolled=args.unrolled, calib=args.calib,
                          calib_count=args.calib_count, allow_lint_errors=args.allow_lint_errors,
+                         int8_graphs=tuple(g.strip() for g in args.int8_graphs.split(",") if g.strip()),
                          overwrite=args.overwrite)
     result = export_checkpoint(args.checkpoint, args.output, opts)
     print(f"bundle written to {result.bundle} in {result.seconds:.1f} s")

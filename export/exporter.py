@@ -42,6 +42,10 @@ class ExportOptions:
     calib: str | None = None
     calib_count: int = 32
     numerics_count: int = 8
+    # With precision int8: which graphs to quantize (the rest stay FP32). On CPUs the 16-row
+    # denoise-step GEMMs gain nothing from INT8 while its Q/DQ nodes cost time, so ("prefix",)
+    # is often the faster bundle; on TensorRT, quantize both.
+    int8_graphs: tuple[str, ...] = ("prefix", "denoise_step", "chunk")
     allow_lint_errors: bool = False
     overwrite: bool = False
     action_space: ActionSpace | None = None
@@ -113,8 +117,13 @@ def _apply_precision(model: VLA, fp32: dict[str, Path], work: Path, opts: Export
         g = np.random.default_rng(0)
         feeds["chunk"] = [f | {"noise": g.standard_normal((1, cfg.chunk_len, cfg.action_dim)).astype(np.float32)}
                           for f in prefix_feeds]
-    graphs = {name: quantize.to_int8(path, out_dir / path.name, feeds[name]) for name, path in fp32.items()}
+    unknown = set(opts.int8_graphs) - {"prefix", "denoise_step", "chunk"}
+    if unknown:
+        raise EdgeVlaError(f"unknown graph(s) {sorted(unknown)} in int8_graphs; choose from prefix, denoise_step, chunk")
+    graphs = {name: quantize.to_int8(path, out_dir / path.name, feeds[name]) if name in opts.int8_graphs else path
+              for name, path in fp32.items()}
     desc = {"source": opts.calib or "sim (seeds from 500000)", "observations": len(prefix_feeds),
+            "graphs": [name for name in fp32 if name in opts.int8_graphs],
             "step_samples": len(step_feeds), "method": "minmax", "format": "QDQ symmetric, per-channel weights"}
     return graphs, desc
 
@@ -126,7 +135,9 @@ def _manifest(model: VLA, graphs: dict[str, Path], opts: ExportOptions, report: 
     gspecs = {}
     for name, path in graphs.items():
         ins, outs = io_specs(onnx.load(str(path), load_external_data=False))
-        gspecs[name] = {"file": f"graphs/{name}.onnx", "inputs": ins, "outputs": outs}
+        quantized = opts.precision != "int8" or name in opts.int8_graphs
+        gspecs[name] = {"file": f"graphs/{name}.onnx", "inputs": ins, "outputs": outs,
+                        "precision": opts.precision if quantized else "fp32"}
     space = opts.action_space or sim_action_space()
     return {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

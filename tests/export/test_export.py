@@ -113,3 +113,17 @@ def test_base_preset_exports(tmp_path):
     assert b.manifest["graphs"]["prefix"]["inputs"][0]["shape"] == [1, 2, 3, 224, 224]
     assert res.sizes["prefix"] > 200e6  # FP32 weights of the ~95M-parameter trunk
     assert np.isfinite(res.numerics.actions["rel_l2"])
+
+
+def test_int8_prefix_only_keeps_the_step_graph_fp32(tmp_path, tiny_model):
+    res = export_model(tiny_model, tmp_path / "b", ExportOptions(precision="int8", int8_graphs=("prefix",),
+                                                                 calib_count=4, numerics_count=2))
+    b = Bundle.open(res.bundle)
+    step = onnx.load(str(b.root / b.graph("denoise_step").file))
+    prefix = onnx.load(str(b.root / b.graph("prefix").file))
+    assert not any(n.op_type == "QuantizeLinear" for n in step.graph.node)
+    assert any(n.op_type == "QuantizeLinear" for n in prefix.graph.node)
+    assert b.manifest["graphs"]["denoise_step"]["precision"] == "fp32"
+    assert b.manifest["graphs"]["prefix"]["precision"] == "int8"
+    with pytest.raises(EdgeVlaError, match="unknown graph"):
+        export_model(tiny_model, tmp_path / "c", ExportOptions(precision="int8", int8_graphs=("trunk",)))
