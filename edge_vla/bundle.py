@@ -47,11 +47,16 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _safe_member(rel: str) -> bool:
+    parts = Path(rel).parts
+    return bool(parts) and not Path(rel).is_absolute() and ".." not in parts and parts[0] != TARGET_DIR
+
+
 def _hashed_files(root: Path) -> list[str]:
     out = []
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
-        if p.is_file() and rel not in _UNHASHED and not rel.startswith(TARGET_DIR + "/"):
+        if (p.is_file() or p.is_symlink()) and rel not in _UNHASHED and not rel.startswith(TARGET_DIR + "/"):
             out.append(rel)
     return out
 
@@ -101,9 +106,16 @@ class Bundle:
         """Check every listed file's sha256, and that no unlisted file sits among the hashed ones."""
         files: Mapping[str, str] = self.manifest["files"]
         problems = []
+        for rel in self.manifest.get("graphs", {}).values():
+            if rel.get("file") not in files:
+                problems.append(f"graph file {rel.get('file')!r} is not among the hashed files")
         for rel, digest in files.items():
             p = self.root / rel
-            if not p.is_file():
+            if not _safe_member(rel):
+                problems.append(f"file entry {rel!r} points outside the hashed part of the bundle")
+            elif p.is_symlink():
+                problems.append(f"{rel} is a symbolic link; bundles hold regular files only")
+            elif not p.is_file():
                 problems.append(f"missing file {rel}")
             elif sha256_file(p) != digest:
                 problems.append(f"{rel} does not match its sha256 (tampered with or truncated)")

@@ -23,5 +23,9 @@ class ObservationError(EdgeVlaError, ValueError):
     """An observation does not match what the policy expects."""
 
 
+class PolicyOutputError(EdgeVlaError):
+    """The policy produced an action that must not reach the robot (NaN or Inf)."""
+
+
 class ConfigError(EdgeVlaError, ValueError):
     """A configuration value is invalid."""

@@ -149,6 +149,7 @@ class ControlLoop:
 
     def _arm(self) -> np.ndarray:
         self.link.arm()
+        self.armed = True  # from here on, the `finally` must stop and disarm, whatever fails next
         st = self._wait_state(1.0)
         q = np.asarray(st.positions, np.float64)
         self.safety.reset(q)
@@ -389,11 +390,11 @@ class ControlLoop:
         """The `finally`: whatever happened, the robot ends stopped and disarmed, the link closed."""
         if self.armed:
             cat = 1 if clean else 0
-            if self.watchdog.state is State.RUNNING:
-                self.watchdog.trip(FaultKind.OPERATOR_STOP if clean else FaultKind.LOOP_ERROR,
-                                   "control loop exiting", time.monotonic())
             try:
-                self.link.stop(cat)
+                self.link.stop(cat)  # the stop frame first: nothing below may delay or prevent it
+                if self.watchdog.state is State.RUNNING:
+                    self.watchdog.trip(FaultKind.OPERATOR_STOP if clean else FaultKind.LOOP_ERROR,
+                                       "control loop exiting", time.monotonic())
                 if cat == 1:
                     self._wait_ramp()
             except Exception as exc:

@@ -21,7 +21,7 @@ import numpy as np
 from edge_vla.action_space import ActionSpace
 from edge_vla.bundle import Bundle
 from edge_vla.config import VLAConfig
-from edge_vla.errors import BundleError, ConfigError, ObservationError
+from edge_vla.errors import BundleError, ConfigError, EdgeVlaError, ObservationError, PolicyOutputError
 from edge_vla.runtime.solvers import SOLVERS, OdeLoop
 from edge_vla.runtime.types import ActionChunk, Observation
 from edge_vla.tokenizer import tokenize
@@ -41,7 +41,13 @@ class Policy:
         self.steps = steps
         self.solver = solver
         self.ode = OdeLoop(backend, solver)
-        self._whole_chunk = solver == "euler" and hasattr(backend, "run_chunk")
+        self._whole_chunk = solver == "euler" and hasattr(backend, "prepare_chunk")
+        if self._whole_chunk:
+            try:  # load the CUDA kernels and capture the chunk graph now, not on the first infer()
+                backend.prepare_chunk(steps)
+            except EdgeVlaError as exc:
+                log.warning("whole-chunk CUDA graph unavailable (%s); stepping the ODE from the host", exc)
+                self._whole_chunk = False
         norm = bundle.manifest["normalization"]["action"]
         self._action_mean = np.asarray(norm["mean"], dtype=np.float32)
         self._action_std = np.asarray(norm["std"], dtype=np.float32)
@@ -106,9 +112,10 @@ class Policy:
             t2 = clock()
             x = self.ode.run(self._noise, self.steps, self._step_times, clock)
             t3 = clock()
-        actions = x[0] * self._action_std + self._action_mean
+        actions = x[0] * self._action_std + self._action_mean  # float32 [H, D], the one array per chunk
         if not np.all(np.isfinite(actions)):
-            raise ObservationError("the policy produced a non-finite action; refusing to return it")
+            raise PolicyOutputError("the policy produced a non-finite action; refusing to return it. Check the "
+                                    "bundle's numerics report and the observation (image range, state units)")
         t4 = clock()
         timings = {"preprocess": 1e3 * (t1 - t0)}
         if self._whole_chunk:
@@ -120,7 +127,7 @@ class Policy:
             timings["ode_total"] = 1e3 * (t3 - t2)
         timings["postprocess"] = 1e3 * (t4 - t3)
         timings["total"] = 1e3 * (t4 - t0)
-        return ActionChunk(actions.astype(np.float32), self.action_space.action_period_s, obs.timestamp, timings)
+        return ActionChunk(actions, self.action_space.action_period_s, obs.timestamp, timings)
 
     # --- internals ---------------------------------------------------------------------------------
     def _preprocess(self, obs: Observation) -> None:

@@ -83,11 +83,19 @@ class TrtBackend:
             for i in range(engine.num_io_tensors):
                 tname = engine.get_tensor_name(i)
                 shape = tuple(engine.get_tensor_shape(tname))
+                if any(d < 0 for d in shape):
+                    raise BundleError(f"engine tensor {tname} has a dynamic shape {shape}; build with static shapes")
                 dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(tname)))
                 if tname not in self.specs:
                     self.specs[tname] = (shape, dtype)
                     nbytes = int(np.prod(shape)) * dtype.itemsize
                     self.dev[tname] = int(_ck(self.cudart.cudaMalloc(nbytes), "cudaMalloc"))
+        # The chunk graph bakes t addresses as float32[1] offsets and runs the fp32 ode_step kernel:
+        # strongly typed engines keep the exporter's float32 IO, so anything else is a wrong bundle.
+        for tname, want in (("t", ((1,), np.float32)), ("x_t", (self.specs["velocity"][0], np.float32)),
+                            ("velocity", (self.specs["x_t"][0], np.float32))):
+            if self.specs[tname] != (tuple(want[0]), np.dtype(want[1])):
+                raise BundleError(f"engine tensor {tname} is {self.specs[tname]}, expected {want}; re-export the bundle")
         for tname in ("images", "tokens", "state", "velocity", "x_t", "t"):
             self.host[tname] = _Pinned(self.cudart, *self.specs[tname])
         self.buf = {k: v.array for k, v in self.host.items()}
@@ -164,14 +172,16 @@ class TrtBackend:
             _ck(self.cudart.cudaMemcpyAsync(self.dev[name], h.ptr, h.nbytes, kind.cudaMemcpyHostToDevice, stream), "H2D")
         _ck(self.cudart.cudaMemcpyAsync(self.x_dev, self.noise.ptr, self.noise.nbytes, kind.cudaMemcpyHostToDevice,
                                         stream), "H2D noise")
-        self.contexts["prefix"].execute_async_v3(int(stream))
+        if not self.contexts["prefix"].execute_async_v3(int(stream)):
+            raise EdgeVlaError("TensorRT prefix engine failed to enqueue")
         # x_in (the step engine's x_t) <- x; then per step: v = f(x_in, t_i); x += dt v; x_in <- x.
         self.kernels.ode_step(self.x_dev, self.dev["velocity"], 0, self.dev["x_t"], 0, 0, 0, n=n, D=d, E=0,
                               dt=1.0 / steps, t_next=0.0, mode=MODE_INIT, stream=stream)
         step_ctx = self.contexts["denoise_step"]
         for i in range(steps):
             step_ctx.set_tensor_address("t", self.ts_dev + 4 * i)  # baked into the captured graph
-            step_ctx.execute_async_v3(int(stream))
+            if not step_ctx.execute_async_v3(int(stream)):
+                raise EdgeVlaError("TensorRT denoise-step engine failed to enqueue")
             self.kernels.ode_step(self.x_dev, self.dev["velocity"], 0, self.dev["x_t"], 0, 0, 0, n=n, D=d, E=0,
                                   dt=1.0 / steps, t_next=(i + 1) / steps, mode=MODE_EULER, stream=stream)
         step_ctx.set_tensor_address("t", self.dev["t"])

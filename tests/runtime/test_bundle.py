@@ -95,3 +95,23 @@ def test_write_bundle_is_atomic_and_refuses_overwrite(tmp_path, tiny_bundle):
         write_bundle(tmp_path / "other", manifest, {"../escape": b"x"})
     assert not (tmp_path / "other").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
+
+
+def test_graph_outside_hashed_files_is_rejected(bundle_copy):
+    mpath = bundle_copy / "manifest.json"
+    m = json.loads(mpath.read_text())
+    (bundle_copy / "target").mkdir()
+    shutil.copy(bundle_copy / "graphs" / "prefix.onnx", bundle_copy / "target" / "prefix.onnx")
+    m["graphs"]["prefix"]["file"] = "target/prefix.onnx"
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="not among the hashed files"):
+        Bundle.open(bundle_copy)
+
+
+def test_escaping_file_entries_are_rejected(bundle_copy):
+    mpath = bundle_copy / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["files"]["../outside.txt"] = "0" * 64
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="points outside"):
+        Bundle.open(bundle_copy)
