@@ -228,7 +228,11 @@ def swap_in_dir(staging: Path, out: Path) -> None:
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out, old)
-        os.replace(staging, out)
+        try:
+            os.replace(staging, out)
+        except BaseException:
+            os.replace(old, out)  # put the previous one back: never leave `out` missing
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, out)

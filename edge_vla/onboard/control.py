@@ -263,7 +263,7 @@ class ControlLoop:
             self.bus.set("consumed_seq", float(self.scheduler.consumed_seq))
         res = self.safety.command(target)
         link.send_setpoints(res.sent)
-        if res.clamped or n % self.cfg.telemetry_every == 0:
+        if self.telemetry.enabled and (res.clamped or n % self.cfg.telemetry_every == 0):
             self.telemetry.record("/control/cycle", t, {
                 "n": n, "requested": res.requested.tolist(), "sent": res.sent.tolist(),
                 "state": None if st is None else np.asarray(st.positions).tolist(),

@@ -75,11 +75,15 @@ class _Mcap:
 class Telemetry:
     """Queue records cheaply; write them when there is time."""
 
+    MAX_QUEUED = 100_000
+
     def __init__(self, path: str | Path | None) -> None:
         self.path: Path | None = None
         self._sink: _JsonLines | _Mcap | None = None
-        self._queue: deque[tuple[str, float, dict[str, Any]]] = deque()
+        # Bounded: if the loop never has slack to write, old records go (counted), memory does not grow.
+        self._queue: deque[tuple[str, float, dict[str, Any]]] = deque(maxlen=self.MAX_QUEUED)
         self.written = 0
+        self.dropped = 0
         if path is None:
             return
         p = Path(path)
@@ -98,7 +102,13 @@ class Telemetry:
 
     def record(self, topic: str, t: float, data: dict[str, Any]) -> None:
         if self._sink is not None:
+            if len(self._queue) == self.MAX_QUEUED:
+                self.dropped += 1
             self._queue.append((topic, t, data))
+
+    @property
+    def enabled(self) -> bool:
+        return self._sink is not None
 
     def drain(self, budget_s: float) -> int:
         """Write queued records for at most `budget_s` seconds; returns how many were written."""
