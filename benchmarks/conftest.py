@@ -50,21 +50,11 @@ def machine() -> str:
 def randomized_model(name: str, seed: int = 0) -> Any:
     """A VLA preset whose zero-initialised 2-D layers are randomised (as tests/conftest.py does for tiny),
     so that actions depend on the inputs and every layer does real work."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from edge_vla.config import preset
-    from edge_vla.export.model import VLA
+    from edge_vla.export.model import untrained_with_live_outputs
 
-    torch.manual_seed(seed)
-    model = VLA(preset(name)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if torch.count_nonzero(p) == 0 and p.dim() == 2:
-                p.normal_(0.0, 0.05)
-        model.action_mean.copy_(torch.tensor([1.5, 0.3]))
-        model.action_std.copy_(torch.tensor([0.4, 0.8]))
-        model.state_mean.copy_(torch.tensor([1.5, 0.0]))
-        model.state_std.copy_(torch.tensor([0.3, 0.3]))
-    return model
+    return untrained_with_live_outputs(preset(name), seed)
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_vla.action_space import ActionSpace
+from edge_vla.atomic import atomic_write
 from edge_vla.config import VLAConfig
 from edge_vla.errors import BundleError, ConfigError
 
@@ -213,7 +214,7 @@ def write_bundle(out: str | os.PathLike[str], manifest: dict[str, Any], files: M
                 shutil.copyfile(src, dst)
         manifest = dict(manifest, schema_version=SCHEMA_VERSION, format=FORMAT)
         manifest["files"] = {rel: sha256_file(staging / rel) for rel in _hashed_files(staging)}
-        _write_json(staging / MANIFEST, manifest)
+        write_json_atomic(staging / MANIFEST, manifest)
         _fsync_tree(staging)
         swap_in_dir(staging, out)
     except BaseException:
@@ -240,21 +241,9 @@ def swap_in_dir(staging: Path, out: Path) -> None:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Atomic JSON write for files that change after export (target/ reports, engine index)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-_write_json = write_json_atomic
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def _fsync_tree(root: Path) -> None:

@@ -242,5 +242,21 @@ def fake_inputs(config: VLAConfig, batch: int = 1, seed: int = 0) -> dict[str, T
     }
 
 
+def untrained_with_live_outputs(config: VLAConfig, seed: int = 0) -> VLA:
+    """An untrained model whose zero-initialised (adaLN-zero) layers are randomised, with non-trivial
+    normalization, so that its actions depend on its inputs: for export round trips, tests and latency work."""
+    torch.manual_seed(seed)
+    model = VLA(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if torch.count_nonzero(p) == 0 and p.dim() == 2:
+                p.normal_(0.0, 0.05)
+        model.action_mean.copy_(torch.tensor([1.5, 0.3]))
+        model.action_std.copy_(torch.tensor([0.4, 0.8]))
+        model.state_mean.copy_(torch.tensor([1.5, 0.0]))
+        model.state_std.copy_(torch.tensor([0.3, 0.3]))
+    return model
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

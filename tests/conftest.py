@@ -12,19 +12,9 @@ torch = pytest.importorskip("torch")
 def randomized_tiny_model(seed: int = 0):
     """A tiny VLA whose zero-initialised output layers are randomised, so its actions depend on inputs."""
     from edge_vla.config import preset
-    from edge_vla.export.model import VLA
+    from edge_vla.export.model import untrained_with_live_outputs
 
-    torch.manual_seed(seed)
-    model = VLA(preset("tiny")).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if torch.count_nonzero(p) == 0 and p.dim() == 2:
-                p.normal_(0.0, 0.05)
-        model.action_mean.copy_(torch.tensor([1.5, 0.3]))
-        model.action_std.copy_(torch.tensor([0.4, 0.8]))
-        model.state_mean.copy_(torch.tensor([1.5, 0.0]))
-        model.state_std.copy_(torch.tensor([0.3, 0.3]))
-    return model
+    return untrained_with_live_outputs(preset("tiny"), seed)
 
 
 @pytest.fixture(scope="session")

@@ -108,6 +108,7 @@ class ControlLoop:
         self.stop_info: dict[str, float] = {}
         self.chunks_adopted = 0
         self._last_chunk_seq = 0
+        self._latest_chunk_obs_t: float | None = None
         self._first_chunk_t: float | None = None  # adoption time of the first chunk since arming
         self._exhausted_since: float | None = None
         self._arm_t = 0.0
@@ -247,6 +248,7 @@ class ControlLoop:
             if got is not None:
                 chunk, _published = got
                 self._last_chunk_seq = chunk.seq
+                self._latest_chunk_obs_t = chunk.obs_timestamp  # the watchdog's chunk age, without re-reading
                 if chunk.obs_timestamp >= self._arm_t:
                     self.scheduler.push(chunk, t)
                     self.chunks_adopted += 1
@@ -296,7 +298,6 @@ class ControlLoop:
             bits |= 0x8000  # the firmware left ARMED on its own
         if new_faults:
             bits |= int(new_faults[-1].fault_code)
-        chunk = bus.read_chunk() if policy_phase else None
         # Camera age: how stale frames are when the worker takes them, or how long it has been blocked
         # inside camera.read(). A worker hung elsewhere (inference) is the worker check's business.
         stuck = (t - beat) if beat > 0 else 0.0
@@ -305,7 +306,8 @@ class ControlLoop:
         return Signals(
             now=t,
             camera_age_s=camera_age,
-            chunk_age_s=(t - chunk[0].obs_timestamp) if chunk is not None else None,
+            chunk_age_s=(t - self._latest_chunk_obs_t)
+            if policy_phase and self._latest_chunk_obs_t is not None else None,
             exhausted_for_s=(t - self._exhausted_since) if self._exhausted_since is not None else 0.0,
             consecutive_overruns=self.clock.consecutive if self.clock else 0,
             link_age_s=(t - st.host_time) if st is not None else None,

@@ -148,14 +148,20 @@ def _trip(summary: dict[str, Any] | None) -> dict[str, Any] | None:
     return trips[0] if trips else None
 
 
+def _drill_runner(episode: int, port: str, source: ChunkSource, holder: SceneHolder, space: ActionSpace, size: int,
+                  cams: int, rate_hz: float, log_level: int) -> OnboardRunner:
+    """A fresh 8 s control process on held-out episode `episode`, for one drill."""
+    env = ReachEnv(image_size=size, num_cameras=cams)
+    env.reset(EVAL_SEED_BASE + episode)
+    holder.scene = env.scene
+    cfg = _config(port, space, rate_hz, duration_s=8.0)
+    return _runner(cfg, source, holder, env.scene.instruction, size, cams, log_level)
+
+
 def drill_stall(port: str, source: ChunkSource, holder: SceneHolder, space: ActionSpace, size: int, cams: int,
                 rate_hz: float, log_level: int) -> dict[str, Any]:
-    env = ReachEnv(image_size=size, num_cameras=cams)
-    env.reset(EVAL_SEED_BASE + 100)
-    holder.scene = env.scene
     stallable = StallableSource(source)
-    cfg = _config(port, space, rate_hz, duration_s=8.0)
-    run = _runner(cfg, stallable, holder, env.scene.instruction, size, cams, log_level)
+    run = _drill_runner(100, port, stallable, holder, space, size, cams, rate_hz, log_level)
     with run:
         run.wait_ready(30)
         time.sleep(0.5)
@@ -172,11 +178,7 @@ def drill_stall(port: str, source: ChunkSource, holder: SceneHolder, space: Acti
 
 def drill_corrupt(port: str, source: ChunkSource, holder: SceneHolder, space: ActionSpace, size: int, cams: int,
                   rate_hz: float, log_level: int, events: Any) -> dict[str, Any]:
-    env = ReachEnv(image_size=size, num_cameras=cams)
-    env.reset(EVAL_SEED_BASE + 101)
-    holder.scene = env.scene
-    cfg = _config(port, space, rate_hz, duration_s=8.0)
-    run = _runner(cfg, source, holder, env.scene.instruction, size, cams, log_level)
+    run = _drill_runner(101, port, source, holder, space, size, cams, rate_hz, log_level)
     n_events = len(events())
     with run:
         run.wait_ready(30)
@@ -207,11 +209,7 @@ def inject_garbage(port: str, frames: int = 8, seed: int = 0) -> float:
 
 def drill_kill(port: str, source: ChunkSource, holder: SceneHolder, space: ActionSpace, size: int, cams: int,
                rate_hz: float, log_level: int, events: Any) -> dict[str, Any]:
-    env = ReachEnv(image_size=size, num_cameras=cams)
-    env.reset(EVAL_SEED_BASE + 102)
-    holder.scene = env.scene
-    cfg = _config(port, space, rate_hz, duration_s=8.0)
-    run = _runner(cfg, source, holder, env.scene.instruction, size, cams, log_level)
+    run = _drill_runner(102, port, source, holder, space, size, cams, rate_hz, log_level)
     n_events = len(events())
     with run:
         run.wait_ready(30)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import tarfile
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from edge_vla.atomic import atomic_write
 from edge_vla.provision.errors import PackageError
 
 FIXED_MTIME = 0
@@ -34,24 +33,16 @@ def _info(name: str, size: int, mode: int, kind: bytes = tarfile.REGTYPE) -> tar
 def write_tarball(out: Path, files: Mapping[str, bytes], executable: frozenset[str] = frozenset()) -> Path:
     """Write `files` ({relative path: bytes}) as a .tar.gz at `out`, atomically."""
     dirs = sorted({str(Path(rel).parents[i]) for rel in files for i in range(len(Path(rel).parts) - 1)})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            with (gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=FIXED_MTIME, compresslevel=6) as gz,
-                  tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar):
-                for d in dirs:
-                    tar.addfile(_info(d, 0, 0o755, tarfile.DIRTYPE))
-                for rel in sorted(files):
-                    data = files[rel]
-                    mode = 0o755 if rel in executable else 0o644
-                    tar.addfile(_info(rel, len(data), mode), io.BytesIO(data))
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Exit order (tar, gzip, then the atomic file) writes the gzip trailer before the fsync and rename.
+    with (atomic_write(out) as raw,
+          gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=FIXED_MTIME, compresslevel=6) as gz,
+          tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar):
+        for d in dirs:
+            tar.addfile(_info(d, 0, 0o755, tarfile.DIRTYPE))
+        for rel in sorted(files):
+            data = files[rel]
+            mode = 0o755 if rel in executable else 0o644
+            tar.addfile(_info(rel, len(data), mode), io.BytesIO(data))
     return out
 
 

@@ -150,6 +150,8 @@ class Policy:
         tokens = self._token_cache.get(obs.instruction)
         if tokens is None:
             tokens = tokenize(obs.instruction, cfg.max_text_len).astype(buf["tokens"].dtype)
+            if len(self._token_cache) >= 256:  # bounded: a stream of distinct instructions must not grow memory
+                self._token_cache.clear()
             self._token_cache[obs.instruction] = tokens
         buf["tokens"][0] = tokens
         state = np.asarray(obs.state)

@@ -8,13 +8,12 @@ The executed actions are perturbed (DART-style) so the data covers recoveries fr
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from edge_vla.atomic import atomic_write
 from edge_vla.errors import EdgeVlaError
 from edge_vla.sim.env import ReachEnv
 from edge_vla.sim.expert import expert_chunk
@@ -83,18 +82,11 @@ def generate(
 def save(ds: Dataset, path: str | Path) -> Path:
     """Write atomically: a temp file in the same directory, then rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(
-                f, images=ds.images, instructions=ds.instructions, states=ds.states, actions=ds.actions,
-                episodes=ds.episodes, meta=np.array(json.dumps(ds.meta)),
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        np.savez_compressed(
+            f, images=ds.images, instructions=ds.instructions, states=ds.states, actions=ds.actions,
+            episodes=ds.episodes, meta=np.array(json.dumps(ds.meta)),
+        )
     return path
 
 
