@@ -39,6 +39,7 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("build-engines", "edge_vla.export.engines", "build TensorRT engines for a bundle (or write trtexec lines)", "target"),
     Subcommand("profile", "edge_vla.runtime.profile_cli", "latency budget per stage, with trace, plot and roofline", "target"),
     Subcommand("run", "edge_vla.onboard.cli", "run the robot: cameras -> policy -> safety -> motor controller", "target"),
+    Subcommand("serve", "edge_vla.serve.cli", "answer openpi-client robots (websocket protocol) from a bundle", "target"),
     Subcommand("emulate", "firmware_bridge.emulator", "a motor controller emulator on a pty or CAN bus", "target"),
     Subcommand("package", "edge_vla.provision.package", "bundle + service + udev rules -> robot package", "provisioning"),
     Subcommand("install", "edge_vla.provision.install", "install a robot package into a rootfs or onto a robot", "provisioning"),

@@ -20,6 +20,8 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     "mcap": ("telemetry", "MCAP telemetry logs"),
     "cryptography": ("provision", "bundle signing"),
     "matplotlib": ("plot", "latency plots"),
+    "websockets": ("serve", "the openpi-protocol policy server (edge-vla serve)"),
+    "msgpack": ("serve", "the openpi-protocol policy server (edge-vla serve)"),
 }
 
 

@@ -1,0 +1,327 @@
+"""The websocket policy server: openpi's protocol (openpi-client 0.1.2) in front of one edge-vla Policy.
+
+Protocol, per connection:
+    1. the client connects to ws://host:port (optionally with the header `Authorization: Api-Key <key>`);
+    2. the server sends a msgpack dict of metadata (action space, chunk length, action period, model
+       family and precision, the observation keys it expects, this connection's seed);
+    3. each binary frame from the client is a msgpack-numpy packed observation dict; the reply is a packed
+       dict {"actions": float32 [H, D] in the robot's units, "policy_timing": {...}, "server_timing": {...}};
+       a text frame instead is an error naming what was wrong (openpi-client raises it as RuntimeError),
+       and the connection stays open for the next request.
+`GET /healthz` answers 200 with a small JSON status (no API key needed; it reveals no observations).
+
+Concurrency model: one Policy instance, one worker thread. The asyncio event loop does all socket I/O for
+every client; each complete request (decode, key mapping, inference, reply encoding) runs on the single
+worker thread, so requests from all clients are served one at a time, in the order they arrived, and the
+Policy's buffers are never shared between two requests. onnxruntime releases the GIL while it runs, so the
+event loop keeps answering handshakes, pings and /healthz meanwhile. A client that disconnects mid-request
+leaves nothing behind: its request finishes, the reply is dropped, and its connection entry (seed stream,
+counters) is removed.
+
+Seeds: the protocol carries none. The k-th connection accepted since the server started (k = 0, 1, ...)
+draws its flow-matching noise from its own generator seeded with `--seed + k`, so its replies equal
+`Policy.load(bundle, seed=seed + k).infer(obs)` on the same observations, whatever other clients do in
+between. The metadata tells each client its `connection` number and `seed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import http
+import ipaddress
+import itertools
+import json
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edge_vla import __version__
+from edge_vla.bundle import MANIFEST, sha256_file
+from edge_vla.errors import ObservationError, PolicyOutputError
+from edge_vla.optional import require
+from edge_vla.runtime.policy import Policy
+from edge_vla.serve import codec
+from edge_vla.serve.codec import Limits
+from edge_vla.serve.errors import RequestError, ServeError
+from edge_vla.serve.obs_map import ObservationMapper
+
+require("websockets")
+from websockets.asyncio.server import Server, ServerConnection, serve  # noqa: E402
+from websockets.datastructures import Headers  # noqa: E402
+from websockets.exceptions import ConnectionClosed  # noqa: E402
+from websockets.http11 import Request, Response  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = "openpi-websocket (openpi-client 0.1.2: msgpack-numpy over websockets)"
+CLIENT_ERRORS = (RequestError, ObservationError, PolicyOutputError)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port (tests)
+    api_key: str | None = None
+    allow_remote_without_key: bool = False
+    seed: int = 0
+    limits: Limits = field(default_factory=Limits)
+    max_clients: int = 8
+
+
+@dataclass
+class _Connection:
+    id: int
+    seed: int
+    peer: Any
+    rng: np.random.Generator
+    requests: int = 0
+    prev_total_ms: float | None = None
+
+
+class _Fatal(str):
+    """An error text after which the connection is closed (a server fault, not the client's)."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(opts: ServeOptions) -> ServeOptions:
+    """Loopback by default; any other address needs an API key or an explicit opt-out."""
+    if not is_loopback(opts.host) and not opts.api_key and not opts.allow_remote_without_key:
+        raise ServeError(
+            f"refusing to serve on {opts.host!r} without an API key: anyone who reaches this port could drive "
+            "the robot's policy. Pass --api-key-file FILE (clients send 'Authorization: Api-Key <key>'), or "
+            "--allow-remote-without-key on an isolated network, or bind 127.0.0.1 and tunnel (ssh -L)"
+        )
+    return opts
+
+
+class PolicyServer:
+    def __init__(self, policy: Policy, mapper: ObservationMapper, options: ServeOptions | None = None) -> None:
+        self.policy = policy
+        self.mapper = mapper
+        self.options = opts = check_bind(options or ServeOptions())
+        self._auth = f"Api-Key {opts.api_key}".encode() if opts.api_key else None
+        # One worker thread: requests from every client run one at a time, in arrival order.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-vla-serve-policy")
+        self._packer = codec.packer()  # used on the worker thread only
+        self._ids = itertools.count()
+        self._connections: dict[int, _Connection] = {}
+        self._served = 0
+        self._refused = 0
+        self._peak_connections = 0
+        self._recent_ms: deque[float] = deque(maxlen=1000)
+        self._stats_lock = threading.Lock()  # the worker thread writes stats, /healthz reads them
+        self._server: Server | None = None
+        self.metadata = self._metadata()
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        lim = self.options.limits
+        self._server = await serve(
+            self._handle, self.options.host, self.options.port,
+            process_request=self._process_request,
+            max_size=lim.max_message_bytes,  # a larger frame closes the connection with 1009
+            compression=None,  # no permessage-deflate: no decompression bombs, and openpi-client asks for none
+            max_queue=4,  # frames buffered per connection before TCP back-pressure
+        )
+        log.info("serving %s (%s, %s, %d ODE steps) on ws://%s:%d; obs map %s; seed %d; API key %s",
+                 self.policy.bundle.root, self.metadata["model_family"], self.policy.precision, self.policy.steps,
+                 self.options.host, self.port, self.mapper.map.name, self.options.seed,
+                 "required" if self._auth else "off")
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise ServeError("the server is not started")
+        return int(next(iter(self._server.sockets)).getsockname()[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        self._worker.shutdown(wait=True)
+
+    def stats(self) -> dict[str, Any]:
+        with self._stats_lock:
+            recent = np.asarray(self._recent_ms) if self._recent_ms else None
+        return {
+            "status": "ok", "connections": len(self._connections), "peak_connections": self._peak_connections,
+            "requests": self._served, "refused": self._refused,
+            "latency_ms": None if recent is None else {
+                "p50": round(float(np.percentile(recent, 50)), 3), "p99": round(float(np.percentile(recent, 99)), 3),
+                "max": round(float(recent.max()), 3), "n": len(recent)},
+        }
+
+    # --- HTTP: health check, API key, client cap ---------------------------------------------------
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.path.split("?", 1)[0] == "/healthz":
+            return _respond(http.HTTPStatus.OK, json.dumps(self.stats()) + "\n", "application/json")
+        if self._auth is not None:
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, self._auth):  # constant time in the key's content
+                log.warning("refused %s: missing or wrong API key", connection.remote_address)
+                return _respond(http.HTTPStatus.UNAUTHORIZED,
+                                "missing or wrong API key: send the header 'Authorization: Api-Key <key>'\n")
+        if len(self._connections) >= self.options.max_clients:
+            return _respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                            f"this policy server already serves {self.options.max_clients} clients\n")
+        return None
+
+    # --- websocket ---------------------------------------------------------------------------------
+    async def _handle(self, ws: ServerConnection) -> None:
+        cid = next(self._ids)
+        conn = _Connection(cid, self.options.seed + cid, ws.remote_address,
+                           np.random.default_rng(self.options.seed + cid))
+        self._connections[cid] = conn
+        self._peak_connections = max(self._peak_connections, len(self._connections))
+        log.info("connection %d from %s opened (seed %d)", cid, conn.peer, conn.seed)
+        loop = asyncio.get_running_loop()
+        try:
+            await ws.send(codec.packb(self.metadata | {"connection": cid, "seed": conn.seed}))
+            async for message in ws:
+                arrived = time.perf_counter()
+                reply = await loop.run_in_executor(self._worker, self._answer, conn, message, arrived)
+                await ws.send(reply)
+                conn.prev_total_ms = 1e3 * (time.perf_counter() - arrived)
+                if isinstance(reply, _Fatal):
+                    await ws.close(1011, "internal server error; see the previous text frame and the server log")
+                    break
+        except ConnectionClosed as exc:
+            log.info("connection %d closed (%s)", cid, exc)
+        finally:
+            self._connections.pop(cid, None)
+            log.info("connection %d gone after %d request(s)", cid, conn.requests)
+
+    def _answer(self, conn: _Connection, message: bytes | str, arrived: float) -> bytes | str:
+        """Decode, map, infer, encode: runs on the worker thread. Returns the reply frame."""
+        clock = time.perf_counter
+        t0 = clock()
+        conn.requests += 1
+        n = conn.requests
+        try:
+            request = codec.decode(message, self.options.limits)  # type: ignore[arg-type]
+            t1 = clock()
+            obs = self.mapper.to_observation(request)
+            t2 = clock()
+            self.policy.rng = conn.rng  # this connection's own noise stream
+            chunk = self.policy.infer(obs)
+            t3 = clock()
+        except CLIENT_ERRORS as exc:
+            with self._stats_lock:
+                self._refused += 1
+            log.warning("connection %d request %d refused: %s", conn.id, n, exc)
+            return f"edge-vla serve: request {n} refused: {exc}"
+        except Exception as exc:
+            with self._stats_lock:
+                self._refused += 1
+            log.exception("connection %d request %d: internal error", conn.id, n)
+            return _Fatal(f"edge-vla serve: internal error on request {n} ({type(exc).__name__}: {exc}); "
+                          "see the server log")
+        pk = self._packer
+        head = pk.pack_map_header(3) + pk.pack("actions") + pk.pack(chunk.actions)
+        t4 = clock()
+        timing = {"queue_ms": 1e3 * (t0 - arrived), "decode_ms": 1e3 * (t1 - t0), "map_ms": 1e3 * (t2 - t1),
+                  "infer_ms": 1e3 * (t3 - t2), "encode_ms": 1e3 * (t4 - t3), "total_ms": 1e3 * (t4 - arrived)}
+        if conn.prev_total_ms is not None:
+            timing["prev_total_ms"] = conn.prev_total_ms  # the previous request, including its send
+        policy_timing = {"infer_ms": chunk.timings_ms.get("total", timing["infer_ms"])}
+        policy_timing |= {f"{k}_ms": v for k, v in chunk.timings_ms.items() if k != "total"}
+        reply = head + pk.pack("policy_timing") + pk.pack(policy_timing) + pk.pack("server_timing") + pk.pack(timing)
+        with self._stats_lock:
+            self._served += 1
+            self._recent_ms.append(timing["total_ms"])
+        log.info("connection %d request %d: queue %.2f decode %.2f map %.2f infer %.2f encode %.2f total %.2f ms",
+                 conn.id, n, timing["queue_ms"], timing["decode_ms"], timing["map_ms"], timing["infer_ms"],
+                 timing["encode_ms"], timing["total_ms"])
+        return reply
+
+    def _metadata(self) -> dict[str, Any]:
+        b, cfg, space = self.policy.bundle, self.policy.config, self.policy.action_space
+        control = b.manifest.get("control", {})
+        return {
+            "server": "edge-vla", "edge_vla_version": __version__, "protocol": PROTOCOL,
+            "model_family": b.manifest.get("family", "edge-vla"), "model_preset": cfg.preset,
+            "precision": self.policy.precision, "backend": type(self.policy.backend).__name__,
+            "ode_steps": self.policy.steps, "solver": self.policy.solver,
+            "bundle_manifest_sha256": sha256_file(b.root / MANIFEST),
+            "action_space": space.to_dict(), "action_dim": space.dim, "chunk_len": cfg.chunk_len,
+            "action_period_s": space.action_period_s, "execute_horizon": control.get("execute_horizon"),
+            "observation": self.mapper.describe(),
+            "reply": {"actions": f"float32 [{cfg.chunk_len}, {space.dim}] in {space.units}",
+                      "timing": ["policy_timing", "server_timing"]},
+        }
+
+
+def _respond(status: http.HTTPStatus, body: str, content_type: str = "text/plain; charset=utf-8") -> Response:
+    data = body.encode()
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(data))), ("Connection", "close")])
+    return Response(status.value, status.phrase, headers, data)
+
+
+class ServerThread:
+    """Run a PolicyServer on its own event loop in a background thread (tests, benchmarks, embedding).
+
+        with ServerThread(PolicyServer(policy, mapper, ServeOptions(port=0))) as st:
+            ... ws://127.0.0.1:{st.port} ...
+    """
+
+    def __init__(self, server: PolicyServer, start_timeout_s: float = 30.0) -> None:
+        self.server = server
+        self._timeout = start_timeout_s
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._main, name="edge-vla-serve", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        if not self._ready.wait(self._timeout):
+            raise ServeError(f"the policy server did not start within {self._timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=30)
+
+    def _main(self) -> None:
+        async def main() -> None:
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            try:
+                await self.server.start()
+            except BaseException as exc:
+                self._error = exc
+                self._ready.set()
+                raise
+            self._ready.set()
+            try:
+                await self._stop.wait()
+            finally:
+                await self.server.close()
+
+        try:
+            asyncio.run(main())
+        except BaseException:
+            if not self._ready.is_set():
+                self._ready.set()
