@@ -30,6 +30,7 @@ TOPICS = {
     "/control/chunk": "a chunk adopted by the scheduler",
     "/watchdog/event": "arm, trip, stop complete, re-arm",
     "/control/summary": "the run summary, written once at exit",
+    "/serve/request": "one edge-vla serve request: connection, request number, timings or the error",
 }
 
 

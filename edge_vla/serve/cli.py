@@ -47,6 +47,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-message-mb", type=float, default=32.0, help="largest request accepted (MiB)")
     parser.add_argument("--max-array-mb", type=float, default=16.0, help="largest single array accepted (MiB)")
     parser.add_argument("--max-clients", type=int, default=8, help="concurrent connections accepted")
+    parser.add_argument("--telemetry", default=None,
+                        help="record every request's timings to FILE (.mcap with edge-vla[telemetry], else JSON lines)")
 
 
 def read_api_key(path: Path) -> str:
@@ -76,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
     options = ServeOptions(host=args.host, port=args.port,
                            api_key=read_api_key(args.api_key_file) if args.api_key_file else None,
                            allow_remote_without_key=args.allow_remote_without_key, seed=args.seed, limits=limits,
-                           max_clients=args.max_clients)
+                           max_clients=args.max_clients, telemetry=args.telemetry)
     check_bind(options)  # before the (slow) bundle load
     policy = Policy.load(args.bundle, backend=args.backend, steps=args.steps, seed=args.seed, threads=args.threads)
     mapper = ObservationMapper(parse_obs_map(args.obs_map, policy.config.num_cameras), policy.config, args.prompt)

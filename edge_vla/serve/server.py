@@ -45,6 +45,7 @@ import numpy as np
 from edge_vla import __version__
 from edge_vla.bundle import MANIFEST, sha256_file
 from edge_vla.errors import ObservationError, PolicyOutputError
+from edge_vla.onboard.telemetry import Telemetry
 from edge_vla.optional import require
 from edge_vla.runtime.policy import Policy
 from edge_vla.serve import codec
@@ -73,6 +74,7 @@ class ServeOptions:
     seed: int = 0
     limits: Limits = field(default_factory=Limits)
     max_clients: int = 8
+    telemetry: str | None = None  # a .mcap or .jsonl file: one /serve/request record per request
 
 
 @dataclass
@@ -126,6 +128,7 @@ class PolicyServer:
         self._recent_ms: deque[float] = deque(maxlen=1000)
         self._stats_lock = threading.Lock()  # the worker thread writes stats, /healthz reads them
         self._server: Server | None = None
+        self._telemetry = Telemetry(opts.telemetry)  # written on the worker thread only
         self.metadata = self._metadata()
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -154,6 +157,7 @@ class PolicyServer:
             self._server.close()
             await self._server.wait_closed()
         self._worker.shutdown(wait=True)
+        self._telemetry.close()
 
     def stats(self) -> dict[str, Any]:
         with self._stats_lock:
@@ -224,6 +228,7 @@ class PolicyServer:
             with self._stats_lock:
                 self._refused += 1
             log.warning("connection %d request %d refused: %s", conn.id, n, exc)
+            self._record(conn, n, {"error": str(exc)})
             return f"edge-vla serve: request {n} refused: {exc}"
         except Exception as exc:
             with self._stats_lock:
@@ -247,7 +252,13 @@ class PolicyServer:
         log.info("connection %d request %d: queue %.2f decode %.2f map %.2f infer %.2f encode %.2f total %.2f ms",
                  conn.id, n, timing["queue_ms"], timing["decode_ms"], timing["map_ms"], timing["infer_ms"],
                  timing["encode_ms"], timing["total_ms"])
+        self._record(conn, n, {"server_timing": timing, "policy_timing": policy_timing})
         return reply
+
+    def _record(self, conn: _Connection, n: int, data: dict[str, Any]) -> None:
+        if self._telemetry.enabled:
+            self._telemetry.record("/serve/request", time.monotonic(), {"connection": conn.id, "request": n, **data})
+            self._telemetry.drain(0.002)  # a little at a time; the rest at close
 
     def _metadata(self) -> dict[str, Any]:
         b, cfg, space = self.policy.bundle, self.policy.config, self.policy.action_space

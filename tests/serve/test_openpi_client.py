@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 from serve_helpers import Obs, healthz, run_client, start_client
 
 from edge_vla.onboard.cameras import resize_nearest
+from edge_vla.onboard.telemetry import read_records
 from edge_vla.runtime.policy import Policy
 from edge_vla.runtime.types import Observation
 
@@ -226,8 +228,11 @@ def test_cli_serves_with_api_key(bundle2, openpi_python, tmp_path) -> None:
     key_file = tmp_path / "api-key"
     key_file.write_text(key + "\n")
     key_file.chmod(0o600)
-    proc = subprocess.Popen([*cli, "--port", "0", "--api-key-file", str(key_file)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    telemetry = tmp_path / "serve.jsonl"
+    proc = subprocess.Popen([*cli, "--port", "0", "--api-key-file", str(key_file), "--telemetry", str(telemetry)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(90, proc.kill)  # a server that never starts fails the test, not the suite
+    watchdog.start()
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -247,5 +252,9 @@ def test_cli_serves_with_api_key(bundle2, openpi_python, tmp_path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
+        watchdog.cancel()
     assert proc.returncode == 0, err[-2000:]
     assert "missing or wrong API key" in err and "connection 0 request 1: queue" in err
+    records = read_records(telemetry)
+    assert [r["topic"] for r in records] == ["/serve/request"]
+    assert records[0]["server_timing"]["infer_ms"] > 0 and records[0]["policy_timing"]["prefix_ms"] > 0
