@@ -131,6 +131,8 @@ def test_bad_requests_get_clear_errors_and_the_connection_survives(servers, bund
         (good | {"state": nan_state}, "contains NaN or Inf"),
         (good | {"state": o.array(np.ones(14, dtype=bool))}, "numeric array for the state"),
         (good | {"prompt": 5}, "must be a string"),
+        # Finite but absurd: overflows inside the graph; the NaN action never leaves the server.
+        (good | {"state": o.array(np.full(14, 3e38))}, "non-finite action"),
     ]
     steps: list[dict[str, Any]] = [{"op": "infer", "obs": wire} for wire, _ in cases]
     steps += [{"op": "send_raw", "hex": "c1"},  # 0xc1 is never valid msgpack
@@ -142,8 +144,9 @@ def test_bad_requests_get_clear_errors_and_the_connection_survives(servers, bund
         assert needle in line["error"], line
     assert "not a valid msgpack-numpy packed dict" in out[len(cases) + 1]["text"]
     assert "must be a packed dict" in out[len(cases) + 2]["text"]
-    # Refused requests draw no noise: the good one gets the connection's first chunk.
-    want = expected(bundle4, out[0]["metadata"]["seed"], [good_obs])[0]
+    # Requests refused before inference draw no noise; the overflow one drew one chunk's noise, so the good
+    # request gets the connection's second chunk.
+    want = expected(bundle4, out[0]["metadata"]["seed"], [good_obs, good_obs])[1]
     np.testing.assert_array_equal(np.asarray(out[-1]["reply"]["actions"], dtype=np.float32), want)
 
 
