@@ -134,13 +134,17 @@ class PolicyServer:
     # --- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         lim = self.options.limits
-        self._server = await serve(
-            self._handle, self.options.host, self.options.port,
-            process_request=self._process_request,
-            max_size=lim.max_message_bytes,  # a larger frame closes the connection with 1009
-            compression=None,  # no permessage-deflate: no decompression bombs, and openpi-client asks for none
-            max_queue=4,  # frames buffered per connection before TCP back-pressure
-        )
+        try:
+            self._server = await serve(
+                self._handle, self.options.host, self.options.port,
+                process_request=self._process_request,
+                max_size=lim.max_message_bytes,  # a larger frame closes the connection with 1009
+                compression=None,  # no permessage-deflate: no decompression bombs, and openpi-client asks for none
+                max_queue=4,  # frames buffered per connection before TCP back-pressure
+            )
+        except OSError as exc:
+            raise ServeError(f"cannot listen on {self.options.host}:{self.options.port} ({exc}); is another server "
+                             "running there? Stop it or pick another --port") from exc
         log.info("serving %s (%s, %s, %d ODE steps) on ws://%s:%d; obs map %s; seed %d; API key %s",
                  self.policy.bundle.root, self.metadata["model_family"], self.policy.precision, self.policy.steps,
                  self.options.host, self.port, self.mapper.map.name, self.options.seed,

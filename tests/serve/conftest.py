@@ -108,7 +108,7 @@ def start_server() -> Iterator[Callable[..., ServerThread]]:
         policy = Policy.load(bundle, seed=seed, threads=1)
         mapper = ObservationMapper(parse_obs_map(obs_map, policy.config.num_cameras), policy.config,
                                    kw.pop("prompt", None))
-        st = ServerThread(PolicyServer(policy, mapper, ServeOptions(port=0, seed=seed, limits=TEST_LIMITS, **kw)))
+        st = ServerThread(PolicyServer(policy, mapper, ServeOptions(**({"port": 0, "seed": seed, "limits": TEST_LIMITS} | kw))))
         running.append(st.__enter__())
         return st
 

@@ -11,6 +11,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from edge_vla.serve import codec
+from edge_vla.serve.errors import ServeError
 
 
 def test_client_cap_text_frames_and_healthz(start_server, bundle2) -> None:
@@ -28,3 +29,9 @@ def test_client_cap_text_frames_and_healthz(start_server, bundle2) -> None:
         assert (h["status"], h["connections"], h["requests"], h["refused"]) == ("ok", 1, 0, 1)
     with pytest.raises(urllib.error.HTTPError, match="426"):  # plain HTTP on the websocket path
         urllib.request.urlopen(f"http://127.0.0.1:{st.port}/", timeout=5)
+
+
+def test_a_taken_port_is_a_clear_error(start_server, bundle2) -> None:
+    st = start_server(bundle2, "libero,state_fit=cut")
+    with pytest.raises(ServeError, match=f"cannot listen on 127.0.0.1:{st.port}.*pick another --port"):
+        start_server(bundle2, "libero,state_fit=cut", port=st.port)
