@@ -85,8 +85,10 @@ def test_bad_observations_are_rejected(tiny_bundle, obs):
 
 
 def test_step_count_and_backend_are_validated(tiny_bundle):
-    with pytest.raises(ConfigError, match="allows 1..64"):
+    with pytest.raises(ConfigError, match="allows 1..20"):
         Policy.load(tiny_bundle, steps=100)
+    with pytest.raises(ConfigError, match=r"time-conditioning tables for \[1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20\]"):
+        Policy.load(tiny_bundle, steps=7)
     with pytest.raises(ConfigError, match="unknown backend"):
         Policy.load(tiny_bundle, backend="magic")
     with pytest.raises(ConfigError, match="unknown solver"):
