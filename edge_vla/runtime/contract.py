@@ -130,8 +130,8 @@ class Contract:
         if not isinstance(prep, Mapping) or "kind" not in prep:
             problems.append("preprocessing must be an object with a 'kind'")
             prep = {}
-        if problems:
-            raise _invalid(problems)
+        if len(by_role["prefix"]) != 1 or len(by_role["step"]) != 1:
+            raise _invalid(problems)  # nothing to wire; else go on, so every problem is reported at once
         prefix, step = by_role["prefix"][0], by_role["step"][0]
         chunk = by_role["chunk"][0] if by_role["chunk"] else None
         contract = cls(str(manifest.get("family", "")), prefix, step, chunk, flow, solvers, solver,
