@@ -19,7 +19,7 @@ from edge_vla.bundle import Bundle
 from edge_vla.export.engines import OrtGraphRunner, engine_graphs, verify
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
-import trt_fakes as F  # noqa: E402
+import trt_fakes as F
 
 
 class Perturbed:

@@ -118,8 +118,9 @@ def _npy(arr):
 
 @pytest.mark.parametrize(("solver", "steps"), [("euler", 7), ("heun", 3), ("midpoint", 5)])
 def test_scalar_t_bundle_matches_pytorch_at_any_step_count(tiny_bundle_scalar_t, tiny_model, solver, steps):
-    from edge_vla.sim.env import ReachEnv
     from test_policy import replay_noise, torch_actions
+
+    from edge_vla.sim.env import ReachEnv
 
     obs = ReachEnv().reset(9)
     got = Policy.load(tiny_bundle_scalar_t, steps=steps, solver=solver, seed=4).infer(obs).actions
