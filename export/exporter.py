@@ -142,7 +142,8 @@ def _apply_precision(model: VLA, fp32: dict[str, Path], work: Path, opts: Export
               for name, path in fp32.items()}
     desc = {"source": opts.calib or "sim (seeds from 500000)", "observations": len(prefix_feeds),
             "graphs": [name for name in fp32 if name in opts.int8_graphs],
-            "step_samples": len(step_feeds), "method": "minmax", "format": "QDQ symmetric, per-channel weights"}
+            "step_samples": len(step_feeds), "method": "minmax",
+            "format": "QDQ symmetric, per-channel weights in a 7-bit range (reduce_range)"}
     return graphs, desc
 
 
