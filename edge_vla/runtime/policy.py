@@ -120,6 +120,8 @@ class Policy:
         self.close()
 
     def infer(self, obs: Observation) -> ActionChunk:
+        if self.backend.closed:
+            raise EdgeVlaError("this Policy was closed; load the bundle again with Policy.load()")
         clock = time.perf_counter
         t0 = clock()
         self._encoder.encode(obs, self._inputs)

@@ -239,7 +239,7 @@ class TrtBackend(Backend):
     def run_prefix(self) -> None:
         """Uploads every per-chunk input (observation inputs of both engines), runs the prefix engine."""
         for name in self.per_chunk:
-            if name != self.time_name:
+            if name not in (self.x_name, self.time_name):
                 self._h2d(name, self.stream)
         self._execute("prefix", self.stream)
         self._sync()

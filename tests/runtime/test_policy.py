@@ -108,3 +108,14 @@ def test_trusted_keys_refuse_unsigned_and_accept_signed(tiny_bundle, tmp_path, o
         Policy.load(b, trusted_keys=[public])
     sign_bundle(b, secret)
     Policy.load(b, trusted_keys=[public]).infer(obs)
+
+
+def test_closed_policy_refuses_to_infer(tiny_bundle, obs):
+    from edge_vla.errors import EdgeVlaError
+
+    with Policy.load(tiny_bundle) as policy:
+        policy.infer(obs)
+    assert policy.backend.closed
+    policy.close()  # idempotent
+    with pytest.raises(EdgeVlaError, match="was closed"):
+        policy.infer(obs)
