@@ -21,6 +21,7 @@ stops there and skips the last layer's attention output and MLP (they influence 
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,20 +190,37 @@ def export_graphs(model: nn.Module, shapes: Pi0Shapes, example: dict[str, Tensor
 
 def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], path: Path,
             external_data: bool) -> None:
-    torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs, opset_version=OPSET,
-                      dynamo=False, do_constant_folding=True, external_data=external_data)
+    if external_data:
+        # Over 2 GB (the full π0): the exporter writes one file per tensor in a scratch directory; gather them
+        # into `<graph>.onnx.data` beside the graph, which is what the bundle ships.
+        scratch = path.parent / f".{path.stem}-tensors"
+        scratch.mkdir(exist_ok=True)
+        torch.onnx.export(module, args, str(scratch / path.name), input_names=inputs, output_names=outputs,
+                          opset_version=OPSET, dynamo=False, do_constant_folding=True, external_data=True)
+        model = onnx.load(str(scratch / path.name))
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data")
+        del model
+        shutil.rmtree(scratch)
+    else:
+        torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs, opset_version=OPSET,
+                          dynamo=False, do_constant_folding=True)
     onnx.checker.check_model(str(path))
-    if not external_data:
-        drop_noop_casts(path)
-        separate_consumed_outputs(path)
-        clamp_slice_bounds(path)
+    drop_noop_casts(path)
+    separate_consumed_outputs(path)
+    clamp_slice_bounds(path)
     log.info("exported %s (%.1f MB)", path, path.stat().st_size / 1e6)
+
+
+def _load_graph(path: Path) -> onnx.ModelProto:
+    """The graph without its external weights (they stay in their file; node edits do not touch them)."""
+    return onnx.load(str(path), load_external_data=False)
 
 
 def drop_noop_casts(path: Path) -> int:
     """Remove Cast nodes whose input already has the target type (the tracer records every `.to(dtype)` and
     `.float()`); onnxconverter-common would otherwise mistype them when converting to FP16. Returns the count."""
-    model = onnx.load(str(path))
+    model = _load_graph(path)
     inferred = onnx.shape_inference.infer_shapes(model)
     types = {v.name: v.type.tensor_type.elem_type for v in
              [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
@@ -256,7 +274,7 @@ def to_fp16(src: Path, dst: Path) -> Path:
 def separate_consumed_outputs(path: Path) -> int:
     """Give every graph output that other nodes also read its own Identity: the FP16 converter (keep_io_types)
     mistypes an output tensor that is consumed inside the graph (π0's K/V feed the next attention)."""
-    model = onnx.load(str(path))
+    model = _load_graph(path)
     outputs = {o.name for o in model.graph.output}
     consumed = {i for n in model.graph.node for i in n.input} & outputs
     for name in sorted(consumed):
@@ -280,7 +298,7 @@ def clamp_slice_bounds(path: Path) -> int:
     import numpy as np
     from onnx import numpy_helper
 
-    model = onnx.load(str(path))
+    model = _load_graph(path)
     consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
     inits = {i.name: i for i in model.graph.initializer}
     changed = 0
