@@ -99,7 +99,9 @@ def _fill(backend: OrtBackend, seed: int = 0) -> None:
     buf["state"][...] = rng.standard_normal(buf["state"].shape)
     backend.run_prefix()
     buf["x_t"][...] = rng.standard_normal(buf["x_t"].shape)
-    buf["t"][...] = 0.5
+    for name in ("t", "time_cond"):  # the step graph's time input: scalar t or a time-table row
+        if name in buf:
+            buf[name][...] = 0.5
 
 
 @pytest.mark.parametrize(("name", "threads"), LATENCY, ids=[f"{n}-{t}thr" for n, t in LATENCY])

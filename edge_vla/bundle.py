@@ -1,10 +1,13 @@
 """The bundle: a directory (optionally a .tar/.tar.gz) holding a versioned manifest, ONNX graphs and reports.
 
 Layout:
-    manifest.json     schema version, model config, graph IO specs, precision, normalization, action
-                      space, sampler, tokenizer, provenance, and the sha256 of every file below
+    manifest.json     schema version, model family and config, graph IO specs with roles, precision,
+                      normalization, action space, sampler (flow convention, time input),
+                      preprocessing, tokenizer, provenance, and the sha256 of every file below
+                      (the computation it describes: docs/MANIFEST.md, edge_vla.runtime.contract)
     manifest.sig      optional Ed25519 signature over manifest.json (see edge_vla.provision.signing)
     graphs/*.onnx     the exported graphs
+    tables/*.npy      precomputed time-conditioning tables, one per supported step count (optional)
     reports/*.json    numerics check, TensorRT lint
     build_engines.sh  trtexec command lines for building engines on the target
     target/           made on the robot (engines, timing cache, profile reports): not hashed, since the
@@ -31,8 +34,9 @@ from edge_vla.action_space import ActionSpace
 from edge_vla.atomic import atomic_write
 from edge_vla.config import VLAConfig
 from edge_vla.errors import BundleError, ConfigError
+from edge_vla.runtime.contract import Contract
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: graph/IO roles, per-layer prefix K/V, flow convention, time input
 FORMAT = "edge-vla-bundle"
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
@@ -110,6 +114,10 @@ class Bundle:
         for rel in self.manifest.get("graphs", {}).values():
             if rel.get("file") not in files:
                 problems.append(f"graph file {rel.get('file')!r} is not among the hashed files")
+        time_input = self.manifest.get("sampler", {}).get("time_input") or {}
+        for table in (time_input.get("tables") or {}).values():
+            if table not in files:
+                problems.append(f"time table {table!r} is not among the hashed files")
         for rel, digest in files.items():
             p = self.root / rel
             if not _safe_member(rel):
@@ -139,6 +147,15 @@ class Bundle:
     @property
     def action_space(self) -> ActionSpace:
         return ActionSpace.from_dict(self.manifest["action_space"])
+
+    @property
+    def family(self) -> str:
+        return str(self.manifest.get("family", ""))
+
+    @property
+    def contract(self) -> Contract:
+        """The computation this bundle describes, validated (graph roles, flow, time input)."""
+        return Contract.from_manifest(self.manifest, self.root)
 
     @property
     def precision(self) -> str:
@@ -182,7 +199,11 @@ def read_manifest(root: Path) -> dict[str, Any]:
             "upgrade edge-vla on this machine"
         )
     if version < SCHEMA_VERSION:
-        raise BundleError(f"bundle schema {version} is older than supported ({SCHEMA_VERSION}); re-export it")
+        raise BundleError(
+            f"bundle schema {version} is older than this edge-vla supports ({SCHEMA_VERSION}): it predates the "
+            "manifest-driven contract (graph roles, per-layer prefix K/V, declared flow convention); re-export "
+            "it from its checkpoint with `edge-vla export CHECKPOINT -o BUNDLE`"
+        )
     missing = [k for k in _REQUIRED if k not in manifest]
     if missing:
         raise BundleError(f"{mpath} lacks required fields {missing}; re-export the bundle")

@@ -9,10 +9,12 @@ import torch
 
 from edge_vla.config import VLAConfig
 from edge_vla.errors import EdgeVlaError
+from edge_vla.runtime.flow import REFERENCE_FLOW, integrate
 from edge_vla.sim import dataset
 
 from .data import TensorDataset
 from .model import VLA
+from .onnx_graphs import StepTime, kv_names, split_kv
 
 CALIB_SEED_BASE = 500_000  # away from training seeds and from held-out evaluation seeds
 
@@ -47,23 +49,34 @@ def prefix_feeds(obs: dict[str, torch.Tensor]) -> list[dict[str, np.ndarray]]:
 
 
 @torch.no_grad()
-def step_feeds(model: VLA, obs: dict[str, torch.Tensor], steps: int, limit: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """(x_t, t, prefix_kv) along real Euler trajectories, so calibration sees the activations it will serve."""
+def step_feeds(model: VLA, obs: dict[str, torch.Tensor], steps: int, limit: int, seed: int = 0,
+               step_time: StepTime | None = None) -> list[dict[str, np.ndarray]]:
+    """The step graph's inputs along real Euler trajectories, so calibration sees the activations it will serve."""
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
-    feeds = []
+    step_time = step_time or StepTime(model, "scalar")
+    feeds: list[dict[str, np.ndarray]] = []
     n = len(obs["state"])
     per_obs = max(1, min(steps, limit // max(n, 1)))
     for i in range(n):
         kv = model.prefix_kv(obs["images"][i : i + 1], obs["tokens"][i : i + 1], obs["state"][i : i + 1])
         x = torch.randn(1, cfg.chunk_len, cfg.action_dim, generator=g)
         chosen = set(torch.randperm(steps, generator=g)[:per_obs].tolist())
-        for k in range(steps):
-            t = torch.full((1,), k / steps)
-            v = model.velocity(x, t, kv)
-            if k in chosen:
-                feeds.append({"x_t": x.numpy().copy(), "t": t.numpy(), "prefix_kv": kv.numpy()})
-            x = x + v / steps
+        feeds += _trajectory_feeds(model, kv, x, steps, chosen, step_time)
         if len(feeds) >= limit:
             break
     return feeds[:limit]
+
+
+def _trajectory_feeds(model: VLA, kv: torch.Tensor, x: torch.Tensor, steps: int, chosen: set[int],
+                      step_time: StepTime) -> list[dict[str, np.ndarray]]:
+    """The step graph's feeds at the chosen steps of one Euler trajectory from x."""
+    kv_feed = {name: t.numpy() for name, t in zip(kv_names(model), split_kv(kv), strict=True)}
+    feeds: list[dict[str, np.ndarray]] = []
+
+    def record(step: int, _stage: int, x_in: torch.Tensor, t: float, _v: torch.Tensor) -> None:
+        if step in chosen:
+            feeds.append({"x_t": x_in.numpy().copy(), **step_time.feed(t), **kv_feed})
+
+    integrate(lambda x_in, t: model.velocity(x_in, torch.full((1,), t), kv), x, REFERENCE_FLOW, steps, "euler", record)
+    return feeds

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from edge_vla.config import VLAConfig
 from edge_vla.errors import ConfigError, EdgeVlaError
+from edge_vla.runtime.flow import REFERENCE_FLOW, integrate
 from edge_vla.runtime.types import Observation
 from edge_vla.sim.dataset import Dataset
 from edge_vla.sim.env import ReachEnv
@@ -169,18 +170,24 @@ def generate_targets(teacher: Teacher, pool: ObsPool, action_mean: Tensor, actio
 
 
 def _teacher_path(teacher: FlowTeacher, obs: ObsBatch, x0: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The teacher's Euler path (flow t: 0 -> 1, the FlowTeacher convention): every (x_t, v) it visits."""
     ctx = teacher.encode(obs)
     dev = teacher.action_mean.device
     k = teacher.num_steps
-    x, xs, vs = x0.to(dev), [], []
-    for i in range(k):
-        t = torch.full((x.shape[0],), i / k, device=dev)
-        v = teacher.velocity(ctx, x, t)
+    xs: list[Tensor] = []
+    vs: list[Tensor] = []
+
+    def velocity(x: Tensor, t: float) -> Tensor:
+        return teacher.velocity(ctx, x, torch.full((x.shape[0],), t, device=dev))
+
+    def record(_step: int, _stage: int, x: Tensor, _t: float, v: Tensor) -> None:
         xs.append(x.cpu())
         vs.append(v.cpu())
-        x = x + v / k
+
+    x = integrate(velocity, x0.to(dev), REFERENCE_FLOW, k, "euler", record)
     phys = (x * teacher.action_std + teacher.action_mean).cpu()
-    return phys, torch.stack(xs, 1), torch.stack(vs, 1), torch.arange(k) / k
+    path_t = torch.from_numpy(REFERENCE_FLOW.half_grid(k)[0:-1:2]).float()  # t_i = i / k
+    return phys, torch.stack(xs, 1), torch.stack(vs, 1), path_t
 
 
 def _renorm(x_teacher: Tensor, teacher: FlowTeacher, mean: Tensor, std: Tensor) -> Tensor:

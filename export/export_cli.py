@@ -18,16 +18,31 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int8-graphs", default="prefix,denoise_step,chunk",
                         help="with --precision int8: the graphs to quantize, comma-separated (others stay FP32); "
                         "'prefix' is often fastest on CPUs")
+    parser.add_argument("--time-input", choices=("table", "scalar"), default="table",
+                        help="step graph time input: a precomputed time-conditioning table row (faster; step counts "
+                        "limited to --table-steps) or the scalar t (any step count)")
+    parser.add_argument("--table-steps", default=None,
+                        help="comma-separated step counts that get a time table (default 1-6,8,10,12,16,20 + --steps)")
     parser.add_argument("--unrolled", action="store_true", help="also export the whole N-step loop as one graph")
     parser.add_argument("--allow-lint-errors", action="store_true", help="write the bundle despite TensorRT lint errors")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically)")
+    pi0 = parser.add_argument_group("transformers π0 checkpoints (config.json model_type 'pi0'; docs/PI0.md)")
+    pi0.add_argument("--sidecar", default=None, help="robot.json: action names, units, limits, kind, cameras")
+    pi0.add_argument("--cameras", type=int, default=None, help="camera count (default: the sidecar's, else 1)")
 
 
 def main(args: argparse.Namespace) -> int:
+    from .pi0.checkpoint import is_pi0_checkpoint
+
+    if is_pi0_checkpoint(args.checkpoint):
+        from .pi0.cli import main as pi0_main
+
+        return pi0_main(args)
     opts = ExportOptions(precision=args.precision, steps=args.steps, unrolled=args.unrolled, calib=args.calib,
                          calib_count=args.calib_count, allow_lint_errors=args.allow_lint_errors,
                          int8_graphs=tuple(g.strip() for g in args.int8_graphs.split(",") if g.strip()),
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, time_input=args.time_input,
+                         table_steps=tuple(int(n) for n in args.table_steps.split(",")) if args.table_steps else None)
     result = export_checkpoint(args.checkpoint, args.output, opts)
     print(f"bundle written to {result.bundle} in {result.seconds:.1f} s")
     print("  numerics " + result.numerics.summary())

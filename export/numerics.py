@@ -2,43 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from edge_vla.runtime.compare import THRESHOLDS, Metrics
+from edge_vla.runtime.contract import Contract
 from edge_vla.runtime.ort_backend import OrtBackend, make_session
-from edge_vla.runtime.solvers import OdeLoop
+from edge_vla.runtime.sampler import Sampler
 
 from .model import VLA
-
-# Per precision: (max relative L2 error, min cosine similarity) of the normalized action chunk.
-THRESHOLDS: dict[str, tuple[float, float]] = {
-    "fp32": (1e-4, 0.99999),
-    "fp16": (1e-2, 0.9995),
-    "int8": (8e-2, 0.995),
-}
-
-
-@dataclass
-class Metrics:
-    max_abs: float
-    rel_l2: float
-    cosine: float
-
-    @classmethod
-    def of(cls, ref: np.ndarray, got: np.ndarray) -> Metrics:
-        ref64, got64 = ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()
-        if not np.all(np.isfinite(got64)):
-            return cls(float("inf"), float("inf"), -1.0)
-        diff = got64 - ref64
-        denom = max(np.linalg.norm(ref64), 1e-12)
-        cos = float(ref64 @ got64 / max(np.linalg.norm(ref64) * np.linalg.norm(got64), 1e-12))
-        return cls(float(np.abs(diff).max()), float(np.linalg.norm(diff) / denom), cos)
-
-    def worst(self, other: Metrics) -> Metrics:
-        return Metrics(max(self.max_abs, other.max_abs), max(self.rel_l2, other.rel_l2), min(self.cosine, other.cosine))
+from .onnx_graphs import StepTime, kv_names, split_kv
 
 
 @dataclass
@@ -64,53 +41,64 @@ class NumericsReport:
 
 
 @torch.no_grad()
-def check(model: VLA, precision: str, prefix_path: Path, step_path: Path, obs: dict[str, torch.Tensor],
-          chunk_path: Path | None = None, chunk_steps: int | None = None, seed: int = 1234) -> NumericsReport:
-    """Compare every graph, and the full sampler through the runtime's own ODE loop, with PyTorch."""
+def check(model: VLA, precision: str, contract: Contract, graphs: Mapping[str, Path], obs: dict[str, torch.Tensor],
+          seed: int = 1234) -> NumericsReport:
+    """Compare every graph, and the full sampler through the runtime's own Sampler, with PyTorch (VLA.sample)."""
     cfg = model.config
-    backend = OrtBackend(prefix_path, step_path, providers=["CPUExecutionProvider"])
-    ode = OdeLoop(backend)
+    steps = contract.num_steps
+    backend = OrtBackend(graphs[contract.prefix.name], graphs[contract.step.name], providers=["CPUExecutionProvider"])
+    sampler = Sampler(backend, contract, "euler", steps)
+    step_time = StepTime(model, contract.time_input.kind)
+    names = kv_names(model)
+    kv_bufs = [backend.buffer(name) for name in names]
     g = torch.Generator().manual_seed(seed)
     n = len(obs["state"])
     worst = {name: Metrics(0.0, 0.0, 1.0) for name in ("prefix", "denoise_step", "chunk")}
     ref_all, got_all = [], []
-    chunk_sess = make_session(chunk_path, None, ["CPUExecutionProvider"]) if chunk_path else None
+    chunk = contract.chunk
+    chunk_sess = make_session(graphs[chunk.name], None, ["CPUExecutionProvider"]) if chunk else None
     for i in range(n):
         images, tokens, state = (obs[k][i : i + 1] for k in ("images", "tokens", "state"))
         kv = model.prefix_kv(images, tokens, state)
-        backend.buf["images"][...] = images.numpy()
-        backend.buf["tokens"][...] = tokens.numpy()
-        backend.buf["state"][...] = state.numpy()
+        ref_kv = [t.numpy() for t in split_kv(kv)]
+        backend.buffer("images")[...] = images.numpy()
+        backend.buffer("tokens")[...] = tokens.numpy()
+        backend.buffer("state")[...] = state.numpy()
         backend.run_prefix()
-        worst["prefix"] = worst["prefix"].worst(Metrics.of(kv.numpy(), backend.buf["prefix_kv"]))
+        worst["prefix"] = worst["prefix"].worst(
+            Metrics.of(np.concatenate([r.ravel() for r in ref_kv]), np.concatenate([b.ravel() for b in kv_bufs])))
         # One denoise step from a random (x_t, t), on the reference prefix so errors don't compound.
         x = torch.randn(1, cfg.chunk_len, cfg.action_dim, generator=g)
         t = torch.rand(1, generator=g)
         ref_v = model.velocity(x, t, kv).numpy()
-        saved_kv = backend.buf["prefix_kv"].copy()
-        backend.buf["prefix_kv"][...] = kv.numpy()
-        backend.buf["x_t"][...] = x.numpy()
-        backend.buf["t"][...] = t.numpy()
-        backend.run_step()
-        worst["denoise_step"] = worst["denoise_step"].worst(Metrics.of(ref_v, backend.buf["velocity"]))
-        backend.buf["prefix_kv"][...] = saved_kv
-        # The whole chunk through the runtime's ODE loop, same noise as PyTorch.
+        saved_kv = [b.copy() for b in kv_bufs]
+        for buf, ref in zip(kv_bufs, ref_kv, strict=True):
+            buf[...] = ref
+        backend.buffer("x_t")[...] = x.numpy()
+        for name, value in step_time.feed(float(t)).items():
+            backend.buffer(name)[...] = value
+        backend.run_step(None)
+        worst["denoise_step"] = worst["denoise_step"].worst(Metrics.of(ref_v, backend.buffer("velocity")))
+        for buf, saved in zip(kv_bufs, saved_kv, strict=True):
+            buf[...] = saved
+        # The whole chunk through the runtime's Sampler, same noise as PyTorch.
         noise = torch.randn(1, cfg.chunk_len, cfg.action_dim, generator=g)
         # Compared in the normalized action space: in physical units a joint's offset (its mean)
         # would dilute the relative error and push the cosine towards 1 whatever the graph did.
-        ref_actions = model.normalize_actions(model.sample(images, tokens, state, noise, steps=cfg.num_steps))
-        got = ode.run(noise.numpy(), cfg.num_steps)
+        ref_actions = model.normalize_actions(model.sample(images, tokens, state, noise, steps=steps))
+        got = sampler.run(noise.numpy())
         ref_all.append(ref_actions.numpy())
         got_all.append(got.copy())
-        if chunk_sess is not None:
+        if chunk_sess is not None and chunk is not None:
             out = chunk_sess.run(None, {"images": images.numpy(), "tokens": tokens.numpy(), "state": state.numpy(),
                                         "noise": noise.numpy()})[0]
-            ref_u = model.normalize_actions(model.sample(images, tokens, state, noise, steps=chunk_steps)).numpy()
+            ref_u = model.normalize_actions(model.sample(images, tokens, state, noise, steps=chunk.steps)).numpy()
             worst["chunk"] = worst["chunk"].worst(Metrics.of(ref_u, out))
+    backend.close()
     actions = Metrics.of(np.concatenate(ref_all), np.concatenate(got_all))
     rel_max, cos_min = THRESHOLDS[precision]
     passed = actions.rel_l2 <= rel_max and actions.cosine >= cos_min
     if chunk_sess is not None:
         passed = passed and worst["chunk"].rel_l2 <= rel_max and worst["chunk"].cosine >= cos_min
-    graphs = {k: asdict(v) for k, v in worst.items() if k != "chunk" or chunk_sess is not None}
-    return NumericsReport(precision, n, cfg.num_steps, graphs, asdict(actions), rel_max, cos_min, passed)
+    graphs_report = {k: asdict(v) for k, v in worst.items() if k != "chunk" or chunk_sess is not None}
+    return NumericsReport(precision, n, steps, graphs_report, asdict(actions), rel_max, cos_min, passed)

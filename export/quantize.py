@@ -121,6 +121,7 @@ def to_int8(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], method: st
             per_channel=True,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
+            reduce_range=True,  # 7-bit weights: see the module docstring
             op_types_to_quantize=INT8_OPS,
             calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                               "percentile": CalibrationMethod.Percentile}[method],

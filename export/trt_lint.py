@@ -1,4 +1,4 @@
-"""Lint ONNX graphs against what TensorRT's ONNX parser takes (10.3 on JetPack 6, 11.x on JetPack 7).
+"""Lint ONNX graphs against what TensorRT's ONNX parser takes (10.3 on JetPack 6, 10.13 on JetPack 7).
 
 Also the `edge-vla lint BUNDLE` subcommand. The op lists follow onnx-tensorrt's operator support
 table; "restricted" ops parse only in some forms, which the checks below look for.
@@ -15,14 +15,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-TARGETS = ("10.3", "11")
+TARGETS = ("10.3", "10.13")  # the JetPack rows in edge_vla/provision/platforms.py
 
 # Ops TensorRT 10.3's ONNX parser supports (opset <= 20 forms), from onnx-tensorrt's operators table.
 _TRT10_OPS = frozenset(["Abs", "Acos", "Acosh", "Add", "And", "ArgMax", "ArgMin", "Asin", "Asinh", "Atan", "Atanh", "AveragePool", "BatchNormalization", "Bernoulli", "BitShift", "Cast", "CastLike", "Ceil", "Celu", "Clip", "Compress", "Concat", "ConcatFromSequence", "Constant", "ConstantOfShape", "Conv", "ConvTranspose", "Cos", "Cosh", "CumSum", "DeformConv", "DepthToSpace", "DequantizeLinear", "Div", "Dropout", "DynamicQuantizeLinear", "Einsum", "Elu", "Equal", "Erf", "Exp", "Expand", "EyeLike", "Flatten", "Floor", "GRU", "Gather", "GatherElements", "GatherND", "Gelu", "Gemm", "GlobalAveragePool", "GlobalLpPool", "GlobalMaxPool", "Greater", "GreaterOrEqual", "GridSample", "GroupNormalization", "HammingWindow", "HannWindow", "HardSigmoid", "HardSwish", "Hardmax", "Identity", "If", "ImageScaler", "InstanceNormalization", "IsInf", "IsNaN", "LRN", "LSTM", "LayerNormalization", "LeakyRelu", "Less", "LessOrEqual", "Log", "LogSoftmax", "Loop", "LpNormalization", "LpPool", "MatMul", "MatMulInteger", "Max", "MaxPool", "MaxRoi", "MaxUnpool", "Mean", "MeanVarianceNormalization", "Min", "Mish", "Mod", "Mul", "Multinomial", "Neg", "NonMaxSuppression", "NonZero", "Not", "OneHot", "Or", "PRelu", "Pad", "ParametricSoftplus", "Pow", "QLinearConv", "QLinearMatMul", "QuantizeLinear", "RNN", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Range", "Reciprocal", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare", "Relu", "Reshape", "Resize", "ReverseSequence", "RoiAlign", "Round", "STFT", "ScaledTanh", "Scan", "Scatter", "ScatterElements", "ScatterND", "Selu", "SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceErase", "SequenceInsert", "SequenceLength", "Shape", "Shrink", "Sigmoid", "Sign", "Sin", "Sinh", "Size", "Slice", "Softmax", "Softplus", "Softsign", "SpaceToDepth", "Split", "SplitToSequence", "Sqrt", "Squeeze", "Sub", "Sum", "Tan", "Tanh", "ThresholdedRelu", "Tile", "TopK", "Transpose", "Trilu", "Unique", "Unsqueeze", "Upsample", "Where", "Xor"])
-# TensorRT 11 adds opset-23 Attention (with restrictions checked below) and RMSNormalization; it drops
-# nothing our exporter emits.
-_TRT11_OPS = _TRT10_OPS | {"Attention", "RMSNormalization", "RotaryEmbedding"}
-SUPPORTED = {"10.3": _TRT10_OPS, "11": _TRT11_OPS}
+# 10.13 adds no op our exporters emit. Its parser does not take opset-23 Attention (onnx-tensorrt: from
+# 10.14) nor RMSNormalization / RotaryEmbedding (from 10.15), so neither JetPack row may see them.
+_TRT10_13_OPS = _TRT10_OPS
+SUPPORTED = {"10.3": _TRT10_OPS, "10.13": _TRT10_13_OPS}
 
 
 @dataclass
@@ -71,11 +71,9 @@ def lint_model(model: onnx.ModelProto, graph_name: str, targets: tuple[str, ...]
                 findings.append(Finding("error", graph_name, node.name, node.op_type, "all",
                                         "Loop with a dynamic trip count: unroll it or make the count a constant"))
         if node.op_type == "Attention":
-            if len(node.input) > 4 and node.input[4]:
-                findings.append(Finding("error", graph_name, node.name, node.op_type, "11",
-                                        "Attention with past key/value inputs is not supported by TensorRT's parser"))
-            findings.append(Finding("error", graph_name, node.name, node.op_type, "10.3",
-                                    "Attention (opset 23) is unsupported in TensorRT 10.3; export MatMul+Softmax"))
+            findings.append(Finding("error", graph_name, node.name, node.op_type, "all",
+                                    "Attention (opset 23) is parsed from TensorRT 10.14 on, after both JetPack rows "
+                                    "(10.3, 10.13); export attention as MatMul + Softmax"))
     for vi in list(model.graph.input) + list(model.graph.output):
         if vi.type.tensor_type.elem_type == onnx.TensorProto.INT64:
             findings.append(Finding("warning", graph_name, vi.name, "io", "all",

@@ -73,8 +73,8 @@ def load_source(bundle_dir: str | Path | None, holder: SceneHolder, backend: str
     from edge_vla.runtime.policy import Policy
 
     policy = Policy.load(bundle_dir, backend=backend, steps=steps)
-    cfg = policy.config
-    return _PolicyAdapter(policy), policy.action_space, cfg.image_size, cfg.num_cameras
+    images = policy.contract.preprocessing["images"]  # any model family (docs/MANIFEST.md)
+    return _PolicyAdapter(policy), policy.action_space, int(images["height"]), int(images["cameras"])
 
 
 # The demo asks for SCHED_FIFO and memory locking; where not permitted the loop logs it and runs anyway.

@@ -1,7 +1,9 @@
 """onnxruntime backend: one session per graph, created once, with IO binding to preallocated buffers.
 
-The denoise step's inputs (x_t, t, prefix_kv) and output (velocity) are bound once to numpy arrays
-that the ODE loop updates in place, so a step allocates nothing and copies nothing on the host.
+Every graph input and output is bound once to a numpy array, shared by name between graphs: the prefix
+graph's per-layer K/V outputs are the very arrays the step graph's inputs read. The sampler updates
+x_t in place and `run_step(slot)` copies the slot's time row into the bound time input, so a step
+allocates nothing and binds nothing.
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from edge_vla.bundle import Bundle
 from edge_vla.errors import BundleError
+from edge_vla.runtime.backend import Backend
+from edge_vla.runtime.contract import DTYPES, Contract
 
 log = logging.getLogger(__name__)
 
-_NP = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64, "uint8": np.uint8}
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int32)": "int32",
+              "tensor(int64)": "int64", "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
 
 
 def choose_providers(requested: str = "auto") -> list[str]:
@@ -46,17 +52,20 @@ def make_session(path: Path, threads: int | None, providers: list[str]) -> ort.I
 
 
 class Buffers:
-    """Every array the policy touches per chunk, allocated once."""
+    """Every array the policy touches per chunk, allocated once, keyed by graph IO name."""
 
     def __init__(self, specs: dict[str, dict]) -> None:
-        self.arrays = {name: np.zeros(s["shape"], dtype=_NP[s["dtype"]]) for name, s in specs.items()}
+        self.arrays = {name: np.zeros(s["shape"], dtype=DTYPES[s["dtype"]]) for name, s in specs.items()}
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.arrays[name]
 
+    def __contains__(self, name: str) -> bool:
+        return name in self.arrays
 
-class OrtBackend:
-    """Runs the prefix graph once per chunk and the denoise-step graph once per ODE evaluation."""
+
+class OrtBackend(Backend):
+    """Runs the prefix graph once per chunk and the step graph once per ODE evaluation."""
 
     name = "onnxruntime"
 
@@ -65,15 +74,30 @@ class OrtBackend:
         self.providers = providers or choose_providers()
         self.prefix_sess = make_session(prefix_path, threads, self.providers)
         self.step_sess = make_session(step_path, threads, self.providers)
-        specs = {}
+        specs: dict[str, dict] = {}
         for sess in (self.prefix_sess, self.step_sess):
             for v in [*sess.get_inputs(), *sess.get_outputs()]:
                 if not all(isinstance(d, int) for d in v.shape):
                     raise BundleError(f"graph IO {v.name} has a dynamic shape {v.shape}; export with static shapes")
-                specs[v.name] = {"shape": v.shape, "dtype": _onnx_dtype(v.type)}
+                spec = {"shape": v.shape, "dtype": _ORT_TYPES.get(v.type, v.type)}
+                if spec["dtype"] not in DTYPES:
+                    raise BundleError(f"graph IO {v.name} has unsupported type {v.type}")
+                if specs.setdefault(v.name, spec) != spec:
+                    raise BundleError(f"graph IO {v.name} is {spec} in one graph and {specs[v.name]} in the other; "
+                                      "re-export the bundle")
         self.buf = Buffers(specs)
         self._prefix_binding = self._bind(self.prefix_sess)
         self._step_binding = self._bind(self.step_sess)
+        self._time: tuple[np.ndarray, np.ndarray] | None = None  # (bound input, rows)
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, contract: Contract, threads: int | None = None,
+                    providers: list[str] | None = None) -> OrtBackend:
+        paths = [bundle.root / g.file for g in (contract.prefix, contract.step)]
+        for p in paths:
+            if not p.is_file():
+                raise BundleError(f"bundle {bundle.root} lacks graph file {p.relative_to(bundle.root)}")
+        return cls(*paths, threads=threads, providers=providers)
 
     def _bind(self, sess: ort.InferenceSession) -> ort.IOBinding:
         binding = sess.io_binding()
@@ -84,15 +108,33 @@ class OrtBackend:
             binding.bind_output(v.name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
         return binding
 
+    def buffer(self, name: str) -> np.ndarray:
+        if name not in self.buf:
+            raise BundleError(f"no graph has an input or output named {name!r}")
+        return self.buf[name]
+
+    def set_time_rows(self, name: str, rows: np.ndarray) -> None:
+        target = self.buffer(name)
+        if rows.shape[1:] != target.shape or rows.dtype != target.dtype:
+            raise BundleError(f"time rows {rows.dtype}{list(rows.shape)} do not fit input {name!r} "
+                              f"{target.dtype}{list(target.shape)}")
+        self._time = (target, np.ascontiguousarray(rows))
+
     def run_prefix(self) -> None:
-        """Reads buf images/tokens/state, writes buf prefix_kv."""
+        """Reads the observation buffers, writes the prefix outputs (the step graph's per-layer K/V)."""
         self.prefix_sess.run_with_iobinding(self._prefix_binding)
 
-    def run_step(self) -> None:
-        """Reads buf x_t/t/prefix_kv, writes buf velocity."""
+    def run_step(self, slot: int | None = None) -> None:
+        """Reads x_t, the time input (row `slot` of the rows set; None: as it is in its buffer) and the
+        prefix outputs; writes velocity."""
+        if slot is not None:
+            if self._time is None:
+                raise BundleError("run_step(slot) before set_time_rows(): the sampler sets the schedule first")
+            target, rows = self._time
+            np.copyto(target, rows[slot])
         self.step_sess.run_with_iobinding(self._step_binding)
 
-
-def _onnx_dtype(type_str: str) -> str:
-    return {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int32)": "int32",
-            "tensor(int64)": "int64", "tensor(uint8)": "uint8"}[type_str]
+    def _release(self) -> None:
+        # Sessions hold no device resources on the CPU provider; dropping them frees their arenas.
+        self._prefix_binding = self._step_binding = None  # type: ignore[assignment]
+        self.prefix_sess = self.step_sess = None  # type: ignore[assignment]

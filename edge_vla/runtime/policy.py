@@ -4,8 +4,10 @@
     chunk = policy.infer(Observation(images=[rgb], instruction="reach the red block", state=q))
     chunk.actions      # [H, D] joint targets (rad), chunk.timings_ms per stage
 
-The prefix is computed once per chunk; the N denoise steps run on preallocated, bound buffers.
-Noise comes from a seeded generator, so a run can be replayed with `reset(seed)`.
+Everything model-specific comes from the bundle's manifest (docs/MANIFEST.md): the observation encoder
+(preprocessing kind), the graphs' IO roles, the flow convention and the step graph's time input. The
+prefix is computed once per chunk; the N denoise steps run through one Sampler on preallocated, bound
+buffers. Noise comes from a seeded generator, so a run can be replayed with `reset(seed)`.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ import numpy as np
 
 from edge_vla.action_space import ActionSpace
 from edge_vla.bundle import Bundle
-from edge_vla.config import VLAConfig
-from edge_vla.errors import BundleError, ConfigError, EdgeVlaError, ObservationError, PolicyOutputError
-from edge_vla.runtime.solvers import SOLVERS, OdeLoop
+from edge_vla.errors import ConfigError, EdgeVlaError, PolicyOutputError
+from edge_vla.runtime.backend import Backend
+from edge_vla.runtime.contract import REFERENCE_FAMILY, Contract
+from edge_vla.runtime.flow import SOLVERS
+from edge_vla.runtime.observation import make_encoder
+from edge_vla.runtime.sampler import Sampler
 from edge_vla.runtime.types import ActionChunk, Observation
-from edge_vla.tokenizer import tokenize
 
 log = logging.getLogger(__name__)
 
@@ -32,30 +36,35 @@ BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
 
 class Policy:
-    def __init__(self, bundle: Bundle, backend: Any, steps: int, solver: str, seed: int) -> None:
+    def __init__(self, bundle: Bundle, backend: Backend, steps: int, solver: str, seed: int,
+                 contract: Contract | None = None) -> None:
         self.bundle = bundle
-        self.config: VLAConfig = bundle.config
+        self.contract = contract or bundle.contract
+        # VLAConfig for edge-vla's own model; a third-party family's config is its manifest "model" dict.
+        self.config: Any = bundle.config if self.contract.family == REFERENCE_FAMILY else bundle.manifest["model"]
         self.action_space: ActionSpace = bundle.action_space
         self.precision = bundle.precision
         self.backend = backend
         self.steps = steps
         self.solver = solver
-        self.ode = OdeLoop(backend, solver)
-        self._whole_chunk = solver == "euler" and hasattr(backend, "prepare_chunk")
+        self.sampler = Sampler(backend, self.contract, solver, steps)
+        self._encoder = make_encoder(bundle, self.contract)
+        self._inputs = {role: backend.buffer(spec.name) for role, spec in self.contract.observation_inputs().items()}
+        self._whole_chunk = solver == "euler" and backend.supports_fused_chunk()
         if self._whole_chunk:
             try:  # load the CUDA kernels and capture the chunk graph now, not on the first infer()
-                backend.prepare_chunk(steps)
+                backend.prepare_fused_chunk(steps, self.sampler.dt)
             except EdgeVlaError as exc:
                 log.warning("whole-chunk CUDA graph unavailable (%s); stepping the ODE from the host", exc)
                 self._whole_chunk = False
         norm = bundle.manifest["normalization"]["action"]
         self._action_mean = np.asarray(norm["mean"], dtype=np.float32)
         self._action_std = np.asarray(norm["std"], dtype=np.float32)
-        cfg = self.config
-        self._noise = np.zeros((1, cfg.chunk_len, cfg.action_dim), dtype=np.float32)
+        action = self.contract.preprocessing.get("action", {})
+        self._valid_dims = int(action.get("valid_dims", self._action_mean.shape[0]))
+        self._noise = np.zeros(self.contract.x_t.shape, dtype=np.float32)
         self._step_times = [0.0] * steps
         self._step_keys = [f"step_{i}" for i in range(steps)]
-        self._token_cache: dict[str, np.ndarray] = {}
         self._seed = seed
         self.rng = np.random.default_rng(seed)
 
@@ -63,7 +72,7 @@ class Policy:
     def load(cls, bundle: str | os.PathLike[str] | Bundle, backend: str = "auto", steps: int | None = None,
              solver: str | None = None, seed: int = 0, threads: int | None = None,
              trusted_keys: list[str | Path] | None = None) -> Policy:
-        """Verify and load a bundle. `steps` may lower the ODE step count where the bundle allows it.
+        """Verify and load a bundle. `steps` may change the ODE step count where the bundle allows it.
 
         `trusted_keys`: Ed25519 public keys; the bundle must carry a valid signature by one of them.
         Default: the keys in /etc/edge-vla/trusted-keys, if any (else no signature is required).
@@ -78,41 +87,57 @@ class Policy:
         if keys:
             key_id = verify_bundle_signature(b.root, keys)
             log.info("bundle %s signed by trusted key %s", b.root, key_id)
-        sampler = b.manifest["sampler"]
-        solver = solver or sampler.get("solver", "euler")
+        contract = b.contract
+        solver = solver or contract.solver
         if solver not in SOLVERS:
             raise ConfigError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
-        steps = int(steps or sampler["num_steps"])
-        lo, hi = sampler.get("min_steps", 1), sampler.get("max_steps", 64)
-        if not lo <= steps <= hi:
-            raise ConfigError(f"this bundle allows {lo}..{hi} ODE steps, not {steps}")
-        if steps < sampler.get("recommended_min_steps", 1):
+        contract.check_solver(solver)
+        steps = int(steps or contract.num_steps)
+        contract.check_steps(steps)
+        if steps < contract.recommended_min_steps:
             log.warning("running %d ODE steps; this model was trained for %d (not step-distilled): expect worse "
-                        "actions", steps, sampler["num_steps"])
-        engine = _make_backend(b, backend, threads)
-        return cls(b, engine, steps, solver, seed)
+                        "actions", steps, contract.num_steps)
+        engine = _make_backend(b, contract, backend, threads)
+        try:
+            return cls(b, engine, steps, solver, seed, contract)
+        except BaseException:
+            engine.close()
+            raise
 
     # --- API ---------------------------------------------------------------------------------------
     def reset(self, seed: int | None = None) -> None:
         """Forget per-episode state and restart the noise stream (same seed -> same actions)."""
         self.rng = np.random.default_rng(self._seed if seed is None else seed)
 
+    def close(self) -> None:
+        """Release the backend (sessions, device memory, CUDA graph). Idempotent."""
+        self.backend.close()
+
+    def __enter__(self) -> Policy:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def infer(self, obs: Observation) -> ActionChunk:
+        if self.backend.closed:
+            raise EdgeVlaError("this Policy was closed; load the bundle again with Policy.load()")
         clock = time.perf_counter
         t0 = clock()
-        self._preprocess(obs)
+        self._encoder.encode(obs, self._inputs)
         t1 = clock()
         self.rng.standard_normal(out=self._noise, dtype=np.float32)
         if self._whole_chunk:
             # TensorRT: prefix and every step in one CUDA graph launch; no per-stage host timings.
-            x = self.backend.run_chunk(self._noise, self.steps)
+            x = self.backend.run_fused_chunk(self._noise)
             t2 = t3 = clock()
         else:
             self.backend.run_prefix()
             t2 = clock()
-            x = self.ode.run(self._noise, self.steps, self._step_times, clock)
+            x = self.sampler.run(self._noise, self._step_times, clock)
             t3 = clock()
-        actions = x[0] * self._action_std + self._action_mean  # float32 [H, D], the one array per chunk
+        # float32 [H, D], the one array per chunk; padded action dims (pi0: 32) are dropped.
+        actions = x[0, :, : self._valid_dims] * self._action_std + self._action_mean
         if not np.all(np.isfinite(actions)):
             raise PolicyOutputError("the policy produced a non-finite action; refusing to return it. Check the "
                                     "bundle's numerics report and the observation (image range, state units)")
@@ -129,52 +154,16 @@ class Policy:
         timings["total"] = 1e3 * (t4 - t0)
         return ActionChunk(actions, self.action_space.action_period_s, obs.timestamp, timings)
 
-    # --- internals ---------------------------------------------------------------------------------
-    def _preprocess(self, obs: Observation) -> None:
-        cfg, buf = self.config, self.backend.buf
-        if not isinstance(obs, Observation):
-            raise ObservationError(f"expected an Observation, got {type(obs).__name__}")
-        if len(obs.images) != cfg.num_cameras:
-            raise ObservationError(f"expected {cfg.num_cameras} camera image(s), got {len(obs.images)}")
-        want = (cfg.image_size, cfg.image_size, 3)
-        images = buf["images"]
-        for i, img in enumerate(obs.images):
-            if not isinstance(img, np.ndarray) or img.shape != want or img.dtype != np.uint8:
-                got = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
-                raise ObservationError(
-                    f"camera {i}: expected a uint8 RGB image of shape {want}, got {got}; "
-                    "resize/convert frames before inference"
-                )
-            # HWC uint8 -> CHW float in [0, 1], written into the bound input buffer.
-            np.multiply(img.transpose(2, 0, 1), 1.0 / 255.0, out=images[0, i], casting="unsafe")
-        tokens = self._token_cache.get(obs.instruction)
-        if tokens is None:
-            tokens = tokenize(obs.instruction, cfg.max_text_len).astype(buf["tokens"].dtype)
-            if len(self._token_cache) >= 256:  # bounded: a stream of distinct instructions must not grow memory
-                self._token_cache.clear()
-            self._token_cache[obs.instruction] = tokens
-        buf["tokens"][0] = tokens
-        state = np.asarray(obs.state)
-        if state.shape != (cfg.state_dim,):
-            raise ObservationError(f"state must have shape ({cfg.state_dim},), got {state.shape}")
-        if not np.all(np.isfinite(state)):
-            raise ObservationError(f"state contains NaN or Inf: {state.tolist()}; check the joint encoder feed")
-        buf["state"][0] = state
 
-
-def _make_backend(b: Bundle, backend: str, threads: int | None) -> Any:
+def _make_backend(b: Bundle, contract: Contract, backend: str, threads: int | None) -> Backend:
     if backend == "tensorrt" or (backend == "auto" and _trt_engines_present(b)):
         from edge_vla.runtime.trt_backend import TrtBackend, tensorrt_available
 
         if backend == "tensorrt" or tensorrt_available():
-            return TrtBackend.from_bundle(b)
+            return TrtBackend.from_bundle(b, contract)
     from edge_vla.runtime.ort_backend import OrtBackend
 
-    prefix, step = b.graph("prefix"), b.graph("denoise_step")
-    for spec in (prefix, step):
-        if not (b.root / spec.file).is_file():
-            raise BundleError(f"bundle {b.root} lacks graph file {spec.file}")
-    return OrtBackend(b.root / prefix.file, b.root / step.file, threads=threads)
+    return OrtBackend.from_bundle(b, contract, threads=threads)
 
 
 def _trt_engines_present(b: Bundle) -> bool:

@@ -60,8 +60,8 @@ def observations(bundle: Bundle, count: int = 8, seed: int = 0) -> list[Observat
     """Realistic inputs from the reaching sim (rendered once, outside the timed region)."""
     from edge_vla.sim.env import ReachEnv
 
-    cfg = bundle.config
-    env = ReachEnv(image_size=cfg.image_size, num_cameras=cfg.num_cameras)
+    images = bundle.contract.preprocessing["images"]  # any model family: the manifest says what it takes
+    env = ReachEnv(image_size=int(images["height"]), num_cameras=int(images["cameras"]))
     return [env.reset(seed + i) for i in range(count)]
 
 

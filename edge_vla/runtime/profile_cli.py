@@ -71,9 +71,9 @@ def resolve_budget(budget_ms: float | None, rate_hz: float | None, bundle: Bundl
 
 
 def default_steps(bundle: Bundle) -> list[int]:
-    s = bundle.manifest["sampler"]
-    lo, hi = s.get("min_steps", 1), s.get("max_steps", 64)
-    return sorted({n for n in (1, 2, 5, int(s["num_steps"])) if lo <= n <= hi})
+    contract = bundle.contract
+    allowed = set(contract.allowed_steps())  # a time-table bundle allows only the counts it has tables for
+    return sorted({n for n in (1, 2, 5, contract.num_steps) if n in allowed})
 
 
 def roofline_for(bundle: Bundle, steps: list[int], solver: str | None) -> dict[str, Any]:

@@ -55,7 +55,7 @@ def test_lint_catches_planted_unsupported_op():
                          helper.make_node("MyOp", ["x"], ["z"], name="custom", domain="com.acme")], [x], [y])
     findings = trt_lint.lint_model(model, "g")
     assert {(f.op, f.target) for f in findings if f.level == "error"} >= {("StringNormalizer", "10.3"),
-                                                                        ("StringNormalizer", "11"), ("MyOp", "11")}
+                                                                        ("StringNormalizer", "10.13"), ("MyOp", "10.13")}
 
 
 def test_lint_catches_nonzero_zero_point_and_dynamic_loop_and_int64_io():
@@ -76,12 +76,13 @@ def test_lint_catches_nonzero_zero_point_and_dynamic_loop_and_int64_io():
     assert "INT64 graph IO" in messages
 
 
-def test_attention_op_is_flagged_for_trt10():
+def test_attention_op_is_flagged_for_both_jetpack_rows():
     q = helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 2, 4, 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 8])
     model = _tiny_graph([helper.make_node("Attention", ["q", "q", "q"], ["y"], name="attn")], [q], [y])
-    targets = {f.target for f in trt_lint.lint_model(model, "g") if f.level == "error"}
-    assert "10.3" in targets and "11" not in targets
+    errors = [f for f in trt_lint.lint_model(model, "g") if f.level == "error"]
+    assert {"10.3", "10.13"} <= {f.target for f in errors}
+    assert any("from TensorRT 10.14" in f.message for f in errors)
 
 
 def test_numerics_failure_writes_nothing(tmp_path, tiny_model, monkeypatch):

@@ -24,7 +24,9 @@ def test_exported_bundle_verifies(tiny_bundle):
                 "files", "provenance", "control"):
         assert key in m
     assert set(m["graphs"]) == {"prefix", "denoise_step", "chunk"}
-    assert m["graphs"]["prefix"]["inputs"][0] == {"name": "images", "shape": [1, 1, 3, 64, 64], "dtype": "float32"}
+    assert m["graphs"]["prefix"]["inputs"][0] == {"name": "images", "shape": [1, 1, 3, 64, 64], "dtype": "float32",
+                                                  "role": "images"}
+    assert m["family"] == "edge-vla-reference" and m["schema_version"] == SCHEMA_VERSION == 2
     assert all(len(h) == 64 for h in m["files"].values())
     assert m["provenance"]["torch"] and m["provenance"]["onnx"]
 

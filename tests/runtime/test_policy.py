@@ -85,8 +85,10 @@ def test_bad_observations_are_rejected(tiny_bundle, obs):
 
 
 def test_step_count_and_backend_are_validated(tiny_bundle):
-    with pytest.raises(ConfigError, match="allows 1..64"):
+    with pytest.raises(ConfigError, match="allows 1..20"):
         Policy.load(tiny_bundle, steps=100)
+    with pytest.raises(ConfigError, match=r"time-conditioning tables for \[1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20\]"):
+        Policy.load(tiny_bundle, steps=7)
     with pytest.raises(ConfigError, match="unknown backend"):
         Policy.load(tiny_bundle, backend="magic")
     with pytest.raises(ConfigError, match="unknown solver"):
@@ -106,3 +108,14 @@ def test_trusted_keys_refuse_unsigned_and_accept_signed(tiny_bundle, tmp_path, o
         Policy.load(b, trusted_keys=[public])
     sign_bundle(b, secret)
     Policy.load(b, trusted_keys=[public]).infer(obs)
+
+
+def test_closed_policy_refuses_to_infer(tiny_bundle, obs):
+    from edge_vla.errors import EdgeVlaError
+
+    with Policy.load(tiny_bundle) as policy:
+        policy.infer(obs)
+    assert policy.backend.closed
+    policy.close()  # idempotent
+    with pytest.raises(EdgeVlaError, match="was closed"):
+        policy.infer(obs)

@@ -1,0 +1,81 @@
+"""The backend interface: what the sampler needs from an inference engine, and nothing else.
+
+Modelled on Polygraphy's runners: a backend is built from a bundle's graphs, exposes host buffers bound
+to graph IO by name, runs the prefix graph once per chunk and the step graph once per ODE evaluation,
+and is closed explicitly (idempotent; a context manager; a warning if it is garbage-collected open,
+the way python-can's BusABC.shutdown does it). Capabilities are methods, not attribute sniffing.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import warnings
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class Backend(abc.ABC):
+    name: str = "backend"
+    _closed: bool = False
+
+    @abc.abstractmethod
+    def buffer(self, name: str) -> np.ndarray:
+        """The host array bound to graph IO `name` (observation inputs, x_t, velocity); write/read it in place."""
+
+    @abc.abstractmethod
+    def set_time_rows(self, name: str, rows: np.ndarray) -> None:
+        """The step input `name`'s value for every slot of a schedule (row k = slot k); kept until replaced."""
+
+    @abc.abstractmethod
+    def run_prefix(self) -> None:
+        """Observation buffers in; the prefix outputs stay where the step graph reads them."""
+
+    @abc.abstractmethod
+    def run_step(self, slot: int) -> None:
+        """buffer(x_t) and time slot `slot` in; buffer(velocity) out."""
+
+    # --- optional capability: the whole Euler chunk in one device launch (TensorRT + CUDA graph) ---
+    def supports_fused_chunk(self) -> bool:
+        return False
+
+    def prepare_fused_chunk(self, steps: int, dt: float) -> None:
+        raise NotImplementedError(f"the {self.name} backend has no fused chunk")
+
+    def run_fused_chunk(self, noise: np.ndarray) -> np.ndarray:
+        raise NotImplementedError(f"the {self.name} backend has no fused chunk")
+
+    # --- lifetime ----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release sessions, device memory, streams and graphs. Safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        self._release()
+
+    @abc.abstractmethod
+    def _release(self) -> None:
+        """Free what this backend holds (called once, by close())."""
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not self._closed and getattr(self, "_opened", False):
+            warnings.warn(f"{type(self).__name__} was not closed; call close() or use it as a context manager "
+                          "so device memory and streams are released deterministically",
+                          ResourceWarning, stacklevel=2)
+            try:
+                self.close()
+            except Exception:  # interpreter shutdown: the libraries may already be gone
+                log.debug("close() in __del__ failed", exc_info=True)

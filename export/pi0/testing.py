@@ -1,0 +1,111 @@
+"""Small π0 checkpoint directories built offline (no downloads), as `save_pretrained` writes them.
+
+Used by the tests (narrow widths, a few layers) and the benchmark (full widths, a few layers). The
+tokenizer is a tiny BPE trained here with the `tokenizers` library; the processor is transformers'
+`PI0Processor` with its `PI0ImageProcessor`, so the directory holds exactly the files a real π0 export has:
+config.json, model.safetensors, tokenizer.json, tokenizer_config.json, processor_config.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+_CORPUS = [
+    "pick up the red block", "put the cube in the bowl", "open the top drawer", "push the green button",
+    "stack the blue block on the red block", "move the arm to the left", "close the gripper", "reach the target\n",
+]
+
+
+def tiny_pi0_config(**overrides: Any) -> dict[str, Any]:
+    """Keyword arguments of `PI0Config` for an 8M-parameter π0 (2+2 Gemma layers, 1 SigLIP layer, 56 px)."""
+    cfg: dict[str, Any] = {
+        "vlm_config": {
+            "model_type": "paligemma",
+            "text_config": {"model_type": "gemma", "hidden_size": 64, "intermediate_size": 128,
+                            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                            "head_dim": 32, "vocab_size": 300},
+            "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                              "num_hidden_layers": 1, "num_attention_heads": 2, "patch_size": 14,
+                              "image_size": 56, "vision_use_head": False},
+            "projection_dim": 64,
+            "image_token_id": 299,  # replaced by the tokenizer's <image> id in make_checkpoint
+        },
+        "dit_config": {"model_type": "gemma", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32},
+        "chunk_size": 8, "max_state_dim": 8, "max_action_dim": 8,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def full_width_pi0_config(vlm_layers: int = 2, dit_layers: int = 2, vision_layers: int = 2,
+                          chunk_size: int = 50) -> dict[str, Any]:
+    """π0's real widths (SigLIP so400m, Gemma-2B, Gemma-300M expert, 224 px, 32-dim padding) with few layers."""
+    return {
+        "vlm_config": {
+            "model_type": "paligemma",
+            "text_config": {"model_type": "gemma", "hidden_size": 2048, "num_hidden_layers": vlm_layers,
+                            "intermediate_size": 16384, "num_attention_heads": 8, "num_key_value_heads": 1,
+                            "head_dim": 256, "vocab_size": 257152},
+            "vision_config": {"model_type": "siglip_vision_model", "intermediate_size": 4304, "hidden_size": 1152,
+                              "patch_size": 14, "image_size": 224, "num_hidden_layers": vision_layers,
+                              "num_attention_heads": 16, "vision_use_head": False},
+            "projection_dim": 2048, "image_token_id": 257152,
+        },
+        "dit_config": {"model_type": "gemma", "hidden_size": 1024, "num_hidden_layers": dit_layers,
+                       "intermediate_size": 4096, "num_attention_heads": 8, "num_key_value_heads": 1,
+                       "head_dim": 256},
+        "chunk_size": chunk_size,
+    }
+
+
+def build_tokenizer(vocab_size: int = 96):
+    """A small BPE tokenizer wrapped for transformers (bos/eos/pad/unk like Gemma's, Metaspace like SentencePiece)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"])
+    tok.train_from_iterator(_CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def make_checkpoint(out: str | Path, config: dict[str, Any] | None = None, num_cameras: int = 2,
+                    state_dim: int = 3, action_dim: int = 3, seed: int = 0, with_processor: bool = True,
+                    dtype: str = "float32") -> Path:
+    """Write a random-weight π0 checkpoint directory with its tokenizer and processor (statistics included)."""
+    import numpy as np
+    import torch
+    from transformers import PI0Config, PI0ForConditionalGeneration, PI0Processor
+    from transformers.models.pi0.image_processing_pi0 import PI0ImageProcessor
+
+    out = Path(out)
+    cfg = dict(config or tiny_pi0_config())
+    vision = cfg["vlm_config"]["vision_config"]
+    size = int(vision["image_size"])
+    seq_len = (size // int(vision["patch_size"])) ** 2
+    tokenizer = build_tokenizer()
+    image_processor = PI0ImageProcessor(size={"max_height": size, "max_width": size},
+                                        pad_size={"height": size, "width": size}, image_seq_length=seq_len)
+    g = np.random.default_rng(seed)
+    processor = PI0Processor(
+        image_processor=image_processor, tokenizer=tokenizer,
+        state_mean=g.normal(0, 0.5, state_dim).round(4).tolist(), state_std=g.uniform(0.2, 1.0, state_dim).round(4).tolist(),
+        actions_mean=g.normal(0, 0.5, action_dim).round(4).tolist(),
+        actions_std=g.uniform(0.2, 1.0, action_dim).round(4).tolist(),
+        max_state_dim=int(cfg.get("max_state_dim", 32)), chunk_size=int(cfg.get("chunk_size", 50)),
+    )
+    # The tokenizer decides the <image> id (Gemma's real one: 257152, just past its vocabulary).
+    cfg["vlm_config"] = dict(cfg["vlm_config"], image_token_id=processor.image_token_id)
+    torch.manual_seed(seed)
+    model = PI0ForConditionalGeneration(PI0Config(**cfg)).eval()
+    if dtype != "float32":
+        model = model.to(getattr(torch, dtype))
+    model.save_pretrained(out)
+    if with_processor:
+        processor.save_pretrained(out)
+    return out
