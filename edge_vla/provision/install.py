@@ -59,6 +59,12 @@ def install_rootfs(pkg: Path, root: Path, *, trusted_keys: Sequence[str | Path] 
         if not dry_run and not plan.empty:
             plan.run()
             report.pruned = rootfs.prune(root, keep)
+            try:
+                saved = rootfs.dedupe_wheels(root, staged.release)
+            except OSError as exc:  # a space saving only: the release is installed either way
+                log.warning("could not share wheels between releases: %s", exc)
+            else:
+                log.info("shared %.1f MB of wheels with other releases (hard links)", saved / 1e6)
         return report
     finally:
         remove_tree(staging)  # gone already when it became the release

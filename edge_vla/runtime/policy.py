@@ -167,7 +167,12 @@ def _make_backend(b: Bundle, backend: str, threads: int | None) -> Any:
         from edge_vla.runtime.trt_backend import TrtBackend, tensorrt_available
 
         if backend == "tensorrt" or tensorrt_available():
+            log.info("backend %s: TensorRT (engines in %s)", backend, b.target_dir / "engines")
             return TrtBackend.from_bundle(b)
+        log.warning("backend auto: onnxruntime, although TensorRT engines are built in %s: tensorrt or "
+                    "cuda.bindings does not import (run `edge-vla doctor`)", b.target_dir / "engines")
+    elif backend == "auto":
+        log.info("backend auto: onnxruntime (no TensorRT engines in %s)", b.target_dir / "engines")
     from edge_vla.runtime.ort_backend import OrtBackend
 
     prefix, step = b.graph("prefix"), b.graph("denoise_step")

@@ -11,7 +11,6 @@ import pytest
 from edge_vla.cli import main as cli
 from edge_vla.provision import doctor
 from edge_vla.provision.doctor import FAIL, PASS, WARN, Expectation, Machine
-from edge_vla.provision.package import build_package
 from edge_vla.provision.platforms import resolve
 from edge_vla.provision.robot_config import RobotConfig
 
@@ -55,8 +54,8 @@ def _by_name(checks):
     return {c.name: c for c in checks}
 
 
-def test_doctor_on_this_machine_prints_a_coherent_report(bundle: Path, tmp_path: Path, capsys):
-    pkg = build_package(bundle, tmp_path / "p.tar.gz", "x86-cpu",
+def test_doctor_on_this_machine_prints_a_coherent_report(build, bundle: Path, tmp_path: Path, capsys):
+    pkg = build(bundle, tmp_path / "p.tar.gz", "x86-cpu",
                         config=RobotConfig(link="serial:///dev/null", camera="sim")).path
     code = cli(["doctor", str(pkg)])
     out = capsys.readouterr().out
@@ -163,12 +162,12 @@ def test_trusted_keys_on_the_machine_are_enforced(bundle: Path, tmp_path: Path, 
 
 
 @pytest.mark.parametrize("what", ["bundle-dir", "package-dir"])
-def test_expectation_sources(bundle: Path, tmp_path: Path, what: str):
+def test_expectation_sources(build, bundle: Path, tmp_path: Path, what: str):
     if what == "bundle-dir":
         with doctor.expectation_for(bundle) as exp:
             assert exp.bundle_root == bundle and exp.platform is None
     else:
-        pkg = build_package(bundle, tmp_path / "p.tar.gz", "agx-orin").path
+        pkg = build(bundle, tmp_path / "p.tar.gz", "agx-orin").path
         from edge_vla.provision.rootfs import open_package
 
         staged = open_package(pkg, tmp_path / "unpacked")
