@@ -33,7 +33,7 @@ from edge_vla.errors import ConfigError
 from edge_vla.optional import require
 from edge_vla.provision import platforms, signing
 from edge_vla.provision.errors import PackageError
-from edge_vla.provision.lock import LOCK_FILE, ONLINE_FILE, WHEELS_DIR, LockEntry, lock_text
+from edge_vla.provision.lock import LOCK_FILE, ONLINE_FILE, WHEELS_DIR, LockEntry, canonical_name, lock_text
 from edge_vla.provision.render import render_template
 from edge_vla.provision.robot_config import RobotConfig
 from edge_vla.provision.tarball import write_tarball
@@ -127,9 +127,7 @@ def _online_requirements(requirements: list[str], platform: platforms.Platform, 
     lines += [f"--extra-index-url {u}" for u in sources.extra_index_urls]
     if platform.jetpack is not None and platform.jetpack.ort_index not in sources.extra_index_urls:
         lines.append(f"--extra-index-url {platform.jetpack.ort_index}")
-    pinned = {c.split("==")[0] for c in constraints if "==" in c}
-    lines += [r for r in requirements if re.split(r"[<>=!~\[;]", r, maxsplit=1)[0] not in pinned]
-    lines += constraints
+    lines += requirements + [c for c in constraints if c not in requirements]
     return "\n".join(lines) + "\n"
 
 
@@ -139,9 +137,14 @@ def _wheel_files(platform: platforms.Platform, edge_wheel: Path, tmp: Path, *, p
     require("packaging")  # workstation only: the provision extra
     from edge_vla.provision import wheelhouse
 
+    pins = {canonical_name(n): v for n, v in pins.items()}
     _, _, requires = wheelhouse.check_edge_vla_wheel(edge_wheel, __version__)
     requirements = wheelhouse.runtime_requirements(requires, platform)
-    constraints = [*platform.constraints, *(f"{n}=={v}" for n, v in sorted(pins.items()))]
+    # A pin replaces its top-level requirement (so a missing pinned version is named as such) and
+    # constrains it anywhere else in the closure.
+    roots = {wheelhouse.requirement_name(r) for r in requirements}
+    requirements = [f"{n}=={pins[n]}" if (n := wheelhouse.requirement_name(r)) in pins else r for r in requirements]
+    constraints = [*platform.constraints, *(f"{n}=={v}" for n, v in sorted(pins.items()) if n not in roots)]
     ev = wheelhouse.LockedWheel("edge-vla", __version__, edge_wheel, sha256_file(edge_wheel), edge_wheel.stat().st_size)
     locked = [ev]
     online_text = None

@@ -264,6 +264,10 @@ def check_edge_vla_wheel(path: Path, version: str) -> tuple[str, str, list[str]]
     return name, wheel_version, requires
 
 
+def requirement_name(spec: str) -> str:
+    return canonicalize_name(Requirement(spec).name)
+
+
 def runtime_requirements(requires_dist: Iterable[str], platform: Platform) -> list[str]:
     """The robot's top-level requirements: edge-vla's Requires-Dist for the target (+ ROBOT_EXTRAS),
     with the target's onnxruntime distribution and, on GPU targets, its cuda-python range."""
@@ -307,7 +311,8 @@ def _fix(req: str, platform: Platform, sources: Sources) -> str:
         return (f"NVIDIA publishes onnxruntime-gpu for JetPack {jp.version} on {jp.ort_index}, not on PyPI. "
                 f"On this workstation run `pip download --no-deps {flags} --index-url {jp.ort_index} "
                 f"-d jetson-wheels '{req}'` and package again with `--wheels jetson-wheels`")
-    return (f"on a {platform.target.arch} machine with Python {platform.python} run `pip wheel --no-deps '{req}' "
+    return (f"on a machine like the target ({platform.target.arch}, Python {platform.python}) run "
+            f"`pip wheel --no-deps '{req}' "
             f"-w extra-wheels` and package again with `--wheels extra-wheels`, or pick a version that has a "
             f"wheel with `--pin {name}==VERSION`, or name an index that has one with --index-url")
 

@@ -35,8 +35,10 @@ setup_venv() {
              "repackage with --python $have (x86) or the matching --jetpack" >&2
         exit 1
     fi
-    # --system-site-packages: TensorRT's Python bindings come from apt (python3-libnvinfer).
-    "$PYTHON" -m venv --clear --system-site-packages "$venv"
+    # --system-site-packages: TensorRT's Python bindings come from apt (python3-libnvinfer). pip: the
+    # system's, seen through the same door, when it has one (ensurepip takes long on a small board).
+    "$PYTHON" -m venv --clear --without-pip --system-site-packages "$venv"
+    "$venv/bin/python" -m pip --version >/dev/null 2>&1 || "$venv/bin/python" -m ensurepip --default-pip >/dev/null
     if [ -f "$HERE/requirements.online.txt" ]; then
         echo "install.sh: WARNING: development (--online) package: fetching dependencies from an index," \
              "unpinned and without hash checks" >&2
