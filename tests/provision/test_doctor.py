@@ -174,3 +174,27 @@ def test_expectation_sources(build, bundle: Path, tmp_path: Path, what: str):
         with doctor.expectation_for(staged.dir) as exp:
             assert exp.platform["target"] == "agx-orin" and exp.user == "edge-vla"
             assert exp.config.link == "serial:///dev/edge-vla-motor"
+
+
+def test_engines_built_but_tensorrt_backend_unavailable_fails(bundle: Path, tmp_path: Path):
+    """What `--backend auto` would silently do (run onnxruntime) is a failure doctor names."""
+    engines = bundle / "target/engines"
+    engines.mkdir(parents=True)
+    (engines / "index.json").write_text("{}\n")
+    exp = Expectation(platform=resolve("orin-nano").to_dict(), bundle_root=bundle)
+    check = doctor.check_tensorrt(exp, _fake_machine(tmp_path / "m1", modules={"tensorrt": types.SimpleNamespace(
+        __version__="10.3.0")}))
+    assert check.status == FAIL and "engines built but TensorRT backend unavailable" in check.detail
+    assert "cuda.bindings" in check.detail and "--setup-venv" in check.fix
+    both = {"tensorrt": types.SimpleNamespace(__version__="10.3.0"), "cuda.bindings": types.SimpleNamespace()}
+    assert doctor.check_tensorrt(exp, _fake_machine(tmp_path / "m2", modules=both)).status == PASS
+    (engines / "index.json").unlink()  # no engines: TensorRT missing is only slower, a warning
+    assert doctor.check_tensorrt(exp, _fake_machine(tmp_path / "m3")).status == WARN
+
+
+def test_lock_check_without_a_venv_says_where_to_run_it(build, bundle: Path, tmp_path: Path):
+    pkg = build(bundle, tmp_path / "p.tar.gz", "x86-cpu").path
+    with doctor.expectation_for(pkg) as exp:
+        check = doctor.check_lock(exp, Machine())
+    assert exp.lock is not None and [e.name for e in exp.lock] == ["edge-vla"]
+    assert check.status == PASS and "run doctor there" in check.detail

@@ -153,6 +153,10 @@ def test_upgrade_then_rollback_and_forward_again(build, bundle_factory, pkg: Pat
                                config=RobotConfig(rate_hz=100)).path
     second = install.install_rootfs(second_pkg, rootfs)
     assert second.previous == first.release
+    releases = rootfs / "opt/edge-vla/releases"
+    shared = [w.name for w in (releases / second.release / "wheels").glob("*.whl")]
+    assert shared and all(os.path.samefile(releases / first.release / "wheels" / w,  # one copy on disk
+                                           releases / second.release / "wheels" / w) for w in shared)
     assert rootfs.joinpath("opt/edge-vla/current").resolve().name == second.release
     assert RobotConfig.load(rootfs / "etc/edge-vla/robot.env").rate_hz == 100  # unedited: replaced
 
