@@ -131,6 +131,17 @@ def _online_requirements(requirements: list[str], platform: platforms.Platform, 
     return "\n".join(lines) + "\n"
 
 
+def _warn_generic_jetson_ort(platform: platforms.Platform, wheels: Sequence[Any]) -> None:
+    """PyPI's aarch64 onnxruntime-gpu (manylinux) is a server-Arm (SBSA) build, not NVIDIA's Jetson build
+    (linux_aarch64, from the JetPack row's index): it may lack a working CUDA provider on the board."""
+    jp = platform.jetpack
+    ort = next((w for w in wheels if w.name == "onnxruntime-gpu"), None)
+    if jp is not None and ort is not None and "linux_aarch64" not in ort.path.name.split("-")[-1]:
+        log.warning("onnxruntime-gpu %s is PyPI's generic aarch64 build (%s), not NVIDIA's Jetson build for JetPack "
+                    "%s: check `edge-vla doctor` lists CUDAExecutionProvider on the board, or ship NVIDIA's wheel "
+                    "from %s with --wheels", ort.version, ort.path.name, jp.version, jp.ort_index)
+
+
 def _wheel_files(platform: platforms.Platform, edge_wheel: Path, tmp: Path, *, pins: dict[str, str],
                  sources: Any, online: bool) -> tuple[dict[str, Path], list[LockEntry], dict[str, Any], str | None]:
     """The wheels to ship, the lock entries, package.json's wheel list, and the --online requirements."""
@@ -160,6 +171,7 @@ def _wheel_files(platform: platforms.Platform, edge_wheel: Path, tmp: Path, *, p
                 f"no wheel for {len(house.missing)} locked requirement(s) of {platform.target.name}; nothing "
                 "written (an offline robot cannot install them):\n" + "\n".join(f"  - {m}" for m in house.missing))
         locked += house.wheels
+        _warn_generic_jetson_ort(platform, house.wheels)
     files = {f"{WHEELS_DIR}/{w.path.name}": w.path for w in locked}
     listing = {w.path.name: {"name": w.name, "version": w.version, "sha256": w.sha256, "size": w.size}
                for w in locked}

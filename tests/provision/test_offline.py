@@ -324,3 +324,25 @@ def _robot_imports(wheel: Path) -> tuple[dict[str, str], dict[str, str]]:
                     top = mod.split(".")[0]
                     (hard if id(node) in top_level else lazy).setdefault(top, name)
     return hard, lazy
+
+
+def test_target_markers_not_this_machines_decide_the_closure(orin_wheelhouse, tmp_path: Path):
+    """pip evaluates markers for the interpreter running it (pypa/pip#11198); the target's win here.
+    cryptography needs typing-extensions only below Python 3.11: the Orin's 3.10 gets it."""
+    plat = platforms.resolve("orin-nano")
+    crypto = next(w for w in orin_wheelhouse.wheels if w.name == "cryptography")
+    house = wheelhouse.download([f"cryptography=={crypto.version}"], plat,
+                                wheelhouse.Sources(index_url=None, find_links=(orin_wheelhouse.dir,)), tmp_path / "w")
+    names = {w.name for w in house.wheels}
+    assert names == {"cryptography", "cffi", "pycparser", "typing-extensions"}, names
+    if sys.version_info >= (3, 11):  # and pip alone, on this machine, would have left it out
+        assert "typing-extensions" not in _pip_download_names(f"cryptography=={crypto.version}", plat,
+                                                              orin_wheelhouse.dir, tmp_path / "plain")
+
+
+def _pip_download_names(req: str, plat, find_links: Path, dest: Path) -> set[str]:
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-index", "--find-links", str(find_links),
+                           "--dest", str(dest), *wheelhouse.pip_target_args(plat), req],
+                          capture_output=True, text=True, env=os.environ | {"PIP_CONFIG_FILE": os.devnull})
+    assert proc.returncode == 0, proc.stderr
+    return {canonical_name(p.name.split("-")[0]) for p in dest.glob("*.whl")}
