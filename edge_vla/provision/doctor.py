@@ -254,7 +254,8 @@ def check_lock(exp: Expectation, m: Machine) -> Check | None:
     if python is None or not python.exists():
         return Check("lock", PASS, f"{len(exp.lock)} locked wheels; no venv here to compare (the robot makes it "
                                    "on first boot; run doctor there)")
-    out = m.run([str(python), "-c", _DISTS_SCRIPT, json.dumps([e.name for e in exp.lock])])
+    # -I: no current directory on sys.path (a checkout's *.egg-info would answer), no PYTHON* variables.
+    out = m.run([str(python), "-I", "-c", _DISTS_SCRIPT, json.dumps([e.name for e in exp.lock])])
     try:
         found = json.loads(out or "")
     except ValueError:

@@ -198,3 +198,18 @@ def test_lock_check_without_a_venv_says_where_to_run_it(build, bundle: Path, tmp
         check = doctor.check_lock(exp, Machine())
     assert exp.lock is not None and [e.name for e in exp.lock] == ["edge-vla"]
     assert check.status == PASS and "run doctor there" in check.detail
+
+
+def test_lock_check_reports_versions_that_differ_from_the_lock():
+    """Against this interpreter's own environment (a venv in `make test`), through its real python."""
+    import sys
+
+    from edge_vla.provision.lock import LockEntry
+
+    exp = Expectation(lock=[LockEntry("edge-vla", "9.9.9"), LockEntry("numpy", "0.0.1"),
+                            LockEntry("not-a-real-distribution", "1.0")], venv=Path(sys.prefix))
+    check = doctor.check_lock(exp, Machine())
+    assert check.status == FAIL, check
+    assert "edge-vla 0.1.0 installed, lock 9.9.9" in check.detail
+    assert "not-a-real-distribution missing (lock 1.0)" in check.detail
+    assert "numpy" in check.detail and "--setup-venv" in check.fix

@@ -179,17 +179,6 @@ def test_x86_package_installs_offline_and_runs(x86_package: Path, rootfs: Path, 
     doctor = _doctor(venv, rel, offline_env, tmp_path)
     assert doctor["lock"]["status"] == "pass", doctor["lock"]
 
-    # An installed version that differs from the lock.
-    edited = tmp_path / "edited"
-    edited.mkdir()
-    shutil.copy(rel / "package.json", edited)
-    (edited / "venv").symlink_to(venv)
-    numpy_line = next(e for e in lock if e.name == "numpy")
-    (edited / "requirements.lock").write_text((rel / "requirements.lock").read_text().replace(
-        f"numpy=={numpy_line.version}", "numpy==1.0.0"))
-    check = _doctor(venv, edited, offline_env, tmp_path)["lock"]
-    assert check["status"] == "fail" and f"numpy {numpy_line.version} installed, lock 1.0.0" in check["detail"]
-
     # A locked wheel gone from the venv: the system's copy (through --system-site-packages) serves it.
     gone = _run([str(venv / "bin/python"), "-m", "pip", "uninstall", "-y", "-q", "cobs"],
                 offline_env | {"PIP_CONFIG_FILE": os.devnull}, tmp_path)
@@ -334,15 +323,5 @@ def test_target_markers_not_this_machines_decide_the_closure(orin_wheelhouse, tm
     house = wheelhouse.download([f"cryptography=={crypto.version}"], plat,
                                 wheelhouse.Sources(index_url=None, find_links=(orin_wheelhouse.dir,)), tmp_path / "w")
     names = {w.name for w in house.wheels}
+    # Without the re-walk, pip on Python >= 3.11 leaves typing-extensions out.
     assert names == {"cryptography", "cffi", "pycparser", "typing-extensions"}, names
-    if sys.version_info >= (3, 11):  # and pip alone, on this machine, would have left it out
-        assert "typing-extensions" not in _pip_download_names(f"cryptography=={crypto.version}", plat,
-                                                              orin_wheelhouse.dir, tmp_path / "plain")
-
-
-def _pip_download_names(req: str, plat, find_links: Path, dest: Path) -> set[str]:
-    proc = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-index", "--find-links", str(find_links),
-                           "--dest", str(dest), *wheelhouse.pip_target_args(plat), req],
-                          capture_output=True, text=True, env=os.environ | {"PIP_CONFIG_FILE": os.devnull})
-    assert proc.returncode == 0, proc.stderr
-    return {canonical_name(p.name.split("-")[0]) for p in dest.glob("*.whl")}
