@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_vla.errors import ConfigError
-from edge_vla.provision import rootfs
+from edge_vla.provision import rootfs, signing
 from edge_vla.provision.errors import InstallError
 from edge_vla.provision.plan import remove_tree
 
@@ -44,10 +44,15 @@ class InstallReport:
 
 def install_rootfs(pkg: Path, root: Path, *, trusted_keys: Sequence[str | Path] = (), dry_run: bool = False,
                    keep: int = 3) -> InstallReport:
-    """Verify `pkg`, then stage it into `root` and make it current (or only plan it with dry_run)."""
+    """Verify `pkg`, then stage it into `root` and make it current (or only plan it with dry_run).
+
+    Without `trusted_keys`, the keys an earlier install left in the rootfs (/etc/edge-vla/trusted-keys)
+    apply: a robot that trusts a key installs only packages signed by it."""
     root = Path(root)
     if not root.is_dir():
         raise InstallError(f"rootfs {root} is not a directory; pass Linux_for_Tegra/rootfs (or / on the robot)")
+    if not trusted_keys:
+        trusted_keys = signing.trusted_keys_from_dir(root / rootfs.KEYS_DIR)
     # Extract on the rootfs's filesystem so that the staged dir becomes the release by one rename;
     # a dry run extracts to /tmp and leaves the rootfs untouched.
     staging = Path(tempfile.mkdtemp(prefix="edge-vla-dry-run-")) if dry_run else rootfs.staging_dir(root)

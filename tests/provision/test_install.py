@@ -209,6 +209,11 @@ def test_trusted_keys_refuse_unsigned_and_accept_signed(build, bundle: Path, roo
     evil = _repack(signed.path, tmp_path / "evil.tar.gz", tamper)
     with pytest.raises(EdgeVlaError, match="bad signature"):
         install.install_rootfs(evil, rootfs, trusted_keys=[pub])
+    # Once the rootfs trusts a key, an install that names none still requires it (install.sh's case).
+    newer_unsigned = build(bundle, tmp_path / "u2.tar.gz", "orin-nano", config=RobotConfig(rate_hz=100)).path
+    with pytest.raises(BundleError, match="package .* is unsigned"):
+        install.install_rootfs(newer_unsigned, rootfs)
+    assert rootfs.joinpath("opt/edge-vla/current").resolve().name == signed.release
 
 
 def test_old_releases_are_pruned_but_never_current_or_previous(build, bundle_factory, pkg: Path, rootfs: Path, tmp_path: Path):
