@@ -19,6 +19,7 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     "pyrealsense2": ("realsense", "Intel RealSense cameras"),
     "mcap": ("telemetry", "MCAP telemetry logs"),
     "cryptography": ("provision", "bundle signing"),
+    "packaging": ("provision", "resolving robot packages"),
     "matplotlib": ("plot", "latency plots"),
     "websockets": ("serve", "the openpi-protocol policy server (edge-vla serve)"),
     "msgpack": ("serve", "the openpi-protocol policy server (edge-vla serve)"),

@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from edge_vla import __version__
-from edge_vla.bundle import MANIFEST, Bundle
+from edge_vla.bundle import MANIFEST, TARGET_DIR, Bundle
 from edge_vla.errors import EdgeVlaError
 from edge_vla.provision import signing
+from edge_vla.provision.lock import LOCK_FILE, LockEntry, parse_lock
 from edge_vla.provision.package import PACKAGE_JSON
 from edge_vla.provision.robot_config import CONFIG_PATH, RobotConfig, link_device, link_kind
 from edge_vla.provision.tarball import extract_tarball
@@ -64,6 +65,8 @@ class Expectation:
     bundle_root: Path | None = None
     edge_vla_version: str | None = None
     signed: bool | None = None
+    lock: list[LockEntry] | None = None
+    venv: Path | None = None  # the release's venv (package dir/venv), whose installs are compared to the lock
 
 
 @dataclass
@@ -132,6 +135,8 @@ def _from_package_dir(d: Path, source: str) -> Expectation:
         bundle_root=d / "bundle",
         edge_vla_version=meta.get("edge_vla_version"),
         signed=meta.get("bundle", {}).get("signed"),
+        lock=parse_lock((d / LOCK_FILE).read_text(encoding="utf-8")) if (d / LOCK_FILE).is_file() else None,
+        venv=d / "venv",
     )
 
 
@@ -146,7 +151,7 @@ def check_python(exp: Expectation) -> Check:
     detail = f"Python {have} ({sys.executable})"
     if exp.edge_vla_version and exp.edge_vla_version != __version__:
         return Check("python", WARN, f"{detail}; edge-vla {__version__} here, package made with {exp.edge_vla_version}",
-                     f"pip install edge-vla=={exp.edge_vla_version} (install.sh does)")
+                     "remake the venv from the package: sudo sh /opt/edge-vla/current/install.sh --setup-venv")
     return Check("python", PASS, f"{detail}, edge-vla {__version__}")
 
 
@@ -177,7 +182,7 @@ def check_onnxruntime(exp: Expectation, m: Machine) -> Check:
     try:
         ort = m.import_module("onnxruntime")
     except ImportError as exc:
-        return Check("onnxruntime", FAIL, f"not importable ({exc})", "pip install -r requirements.lock (install.sh does)")
+        return Check("onnxruntime", FAIL, f"not importable ({exc})", "remake the venv from the package: sudo sh /opt/edge-vla/current/install.sh --setup-venv")
     providers = list(ort.get_available_providers())
     detail = f"onnxruntime {ort.__version__}: {', '.join(providers)}"
     gpu_eps = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
@@ -192,8 +197,23 @@ def _version_prefix(have: str, want: str, parts: int) -> bool:
     return have.split(".")[:parts] == want.split(".")[:parts]
 
 
+def _engines_built(exp: Expectation) -> bool:
+    return exp.bundle_root is not None and (exp.bundle_root / TARGET_DIR / "engines" / "index.json").is_file()
+
+
 def check_tensorrt(exp: Expectation, m: Machine) -> Check:
     want = (exp.platform or {}).get("tensorrt")
+    if _engines_built(exp):
+        # `--backend auto` uses the engines only when both import; otherwise it runs onnxruntime.
+        for module, fix in (("tensorrt", "sudo apt install python3-libnvinfer (the venv sees it through "
+                                         "--system-site-packages)"),
+                            ("cuda.bindings", "cuda-python is in the package's lock: remake the venv with "
+                                              "`sudo sh /opt/edge-vla/current/install.sh --setup-venv`")):
+            try:
+                m.import_module(module)
+            except ImportError as exc:
+                return Check("tensorrt", FAIL, f"engines built but TensorRT backend unavailable: {module} does not "
+                             f"import ({exc}); `--backend auto` runs onnxruntime instead", fix)
     if _gpu_target(exp) is False:
         return Check("tensorrt", PASS, "not needed (CPU target)")
     try:
@@ -208,6 +228,54 @@ def check_tensorrt(exp: Expectation, m: Machine) -> Check:
                      "engines and timing caches only load in the TensorRT that built them: rebuild with "
                      "`edge-vla build-engines BUNDLE` here, or repackage for this JetPack")
     return Check("tensorrt", PASS, f"TensorRT {have}" + (f" (expected {want})" if want else ""))
+
+
+_DISTS_SCRIPT = """
+import importlib.metadata as md, json, os, sys
+prefix = os.path.realpath(sys.prefix) + os.sep
+out = {}
+for name in json.loads(sys.argv[1]):
+    try:
+        d = md.distribution(name)
+    except md.PackageNotFoundError:
+        out[name] = None
+        continue
+    loc = os.path.realpath(str(d.locate_file("")))
+    out[name] = [d.version, loc, (loc + os.sep).startswith(prefix)]
+print(json.dumps(out))
+"""
+
+
+def check_lock(exp: Expectation, m: Machine) -> Check | None:
+    """The release venv holds exactly the lock: same versions, and none served by system packages."""
+    if exp.lock is None:
+        return None
+    python = exp.venv / "bin/python" if exp.venv is not None else None
+    if python is None or not python.exists():
+        return Check("lock", PASS, f"{len(exp.lock)} locked wheels; no venv here to compare (the robot makes it "
+                                   "on first boot; run doctor there)")
+    # -I: no current directory on sys.path (a checkout's *.egg-info would answer), no PYTHON* variables.
+    out = m.run([str(python), "-I", "-c", _DISTS_SCRIPT, json.dumps([e.name for e in exp.lock])])
+    try:
+        found = json.loads(out or "")
+    except ValueError:
+        return Check("lock", FAIL, f"{python} could not list its installed distributions",
+                     "remake the venv: sudo sh /opt/edge-vla/current/install.sh --setup-venv")
+    differ, shadowed = [], []
+    for e in exp.lock:
+        got = found.get(e.name)
+        if got is None:
+            differ.append(f"{e.name} missing (lock {e.version})")
+        elif not got[2]:
+            shadowed.append(f"{e.name} {got[0]} from system {got[1]}")
+        elif got[0] != e.version:
+            differ.append(f"{e.name} {got[0]} installed, lock {e.version}")
+    if differ or shadowed:
+        detail = "; ".join([*(f"differs from the lock: {d}" for d in differ),
+                            *(f"lock entry shadowed by a system package (not hash-checked): {s}" for s in shadowed)])
+        return Check("lock", FAIL, detail, "remake the venv from the package's wheels: "
+                                           "sudo sh /opt/edge-vla/current/install.sh --setup-venv")
+    return Check("lock", PASS, f"{len(exp.lock)} locked distributions installed in {exp.venv} at the locked versions")
 
 
 def _cuda_version(m: Machine) -> str | None:
@@ -434,6 +502,7 @@ def run_checks(exp: Expectation, machine: Machine | None = None) -> list[Check]:
     checks = [
         check_python(exp),
         check_bundle(exp, m),
+        check_lock(exp, m),
         check_onnxruntime(exp, m),
         check_tensorrt(exp, m),
         check_cuda(exp, m),

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_vla.errors import ConfigError
-from edge_vla.provision import rootfs
+from edge_vla.provision import rootfs, signing
 from edge_vla.provision.errors import InstallError
 from edge_vla.provision.plan import remove_tree
 
@@ -44,10 +44,15 @@ class InstallReport:
 
 def install_rootfs(pkg: Path, root: Path, *, trusted_keys: Sequence[str | Path] = (), dry_run: bool = False,
                    keep: int = 3) -> InstallReport:
-    """Verify `pkg`, then stage it into `root` and make it current (or only plan it with dry_run)."""
+    """Verify `pkg`, then stage it into `root` and make it current (or only plan it with dry_run).
+
+    Without `trusted_keys`, the keys an earlier install left in the rootfs (/etc/edge-vla/trusted-keys)
+    apply: a robot that trusts a key installs only packages signed by it."""
     root = Path(root)
     if not root.is_dir():
         raise InstallError(f"rootfs {root} is not a directory; pass Linux_for_Tegra/rootfs (or / on the robot)")
+    if not trusted_keys:
+        trusted_keys = signing.trusted_keys_from_dir(root / rootfs.KEYS_DIR)
     # Extract on the rootfs's filesystem so that the staged dir becomes the release by one rename;
     # a dry run extracts to /tmp and leaves the rootfs untouched.
     staging = Path(tempfile.mkdtemp(prefix="edge-vla-dry-run-")) if dry_run else rootfs.staging_dir(root)
@@ -59,6 +64,12 @@ def install_rootfs(pkg: Path, root: Path, *, trusted_keys: Sequence[str | Path] 
         if not dry_run and not plan.empty:
             plan.run()
             report.pruned = rootfs.prune(root, keep)
+            try:
+                saved = rootfs.dedupe_wheels(root, staged.release)
+            except OSError as exc:  # a space saving only: the release is installed either way
+                log.warning("could not share wheels between releases: %s", exc)
+            else:
+                log.info("shared %.1f MB of wheels with other releases (hard links)", saved / 1e6)
         return report
     finally:
         remove_tree(staging)  # gone already when it became the release

@@ -33,10 +33,12 @@ from edge_vla.errors import BundleError
 from edge_vla.provision import signing
 from edge_vla.provision.accounts import plan_accounts
 from edge_vla.provision.errors import InstallError, PackageError
+from edge_vla.provision.lock import WHEELS_DIR, verify_wheelhouse
 from edge_vla.provision.package import (
     FIRSTBOOT,
     PACKAGE_FORMAT,
     PACKAGE_JSON,
+    PACKAGE_SIG,
     PACKAGE_VERSION,
     SERVICE,
     UDEV_RULES,
@@ -93,7 +95,8 @@ def verify_package_dir(d: Path, trusted_keys: Sequence[str | Path] = ()) -> Stag
     if not isinstance(meta, dict) or meta.get("format") != PACKAGE_FORMAT:
         raise PackageError(f"{meta_path} is not an edge-vla package description")
     if meta.get("version") != PACKAGE_VERSION:
-        raise PackageError(f"package format version {meta.get('version')!r}; this edge-vla installs {PACKAGE_VERSION}")
+        raise PackageError(f"package format version {meta.get('version')!r}; this edge-vla installs {PACKAGE_VERSION}: "
+                           "rebuild the package with this edge-vla's `edge-vla package`")
     listed: dict[str, str] = meta.get("files", {})
     problems = []
     for rel, digest in sorted(listed.items()):
@@ -104,7 +107,8 @@ def verify_package_dir(d: Path, trusted_keys: Sequence[str | Path] = ()) -> Stag
             problems.append(f"{rel} does not match its sha256")
     for p in sorted(d.rglob("*")):
         rel = p.relative_to(d).as_posix()
-        if p.is_file() and rel != PACKAGE_JSON and rel not in listed and not rel.startswith(_RUNTIME_FILES):
+        if p.is_file() and rel not in (PACKAGE_JSON, PACKAGE_SIG) and rel not in listed \
+                and not rel.startswith(_RUNTIME_FILES):
             problems.append(f"unexpected file {rel}")
     if problems:
         raise PackageError(f"package {d} failed verification: {'; '.join(problems)}. Rebuild or copy it again.")
@@ -115,9 +119,41 @@ def verify_package_dir(d: Path, trusted_keys: Sequence[str | Path] = ()) -> Stag
     bundle_hash = hashlib.sha256((d / "bundle" / MANIFEST).read_bytes()).hexdigest()
     if bundle_hash != meta["bundle"]["hash"]:
         raise PackageError(f"{PACKAGE_JSON} names bundle {meta['bundle']['hash'][:16]} but holds {bundle_hash[:16]}")
+    verify_wheelhouse(d, meta)  # the lock, wheels/ and package.json's wheel list agree hash by hash
     if trusted_keys:
+        # package.sig covers package.json, which lists every file's (and so every wheel's) sha256.
+        signing.verify_signed_file(d, PACKAGE_JSON, PACKAGE_SIG, trusted_keys, "package",
+                                   "rebuild it with `edge-vla package BUNDLE --sign KEY`")
         signing.verify_bundle_signature(d / "bundle", trusted_keys)
     return StagedPackage(d, meta, release_id(bundle_hash, meta_bytes))
+
+
+def dedupe_wheels(root: Path, release: str) -> int:
+    """Hard-link the release's wheels to identical ones (same name, same sha256 in package.json) in
+    other releases, so that keeping 3 releases costs one copy of a shared wheel. Returns bytes saved."""
+    rel_dir = releases_dir(root)
+    mine = _wheel_list(rel_dir / release)
+    saved = 0
+    for other in sorted(d for d in rel_dir.iterdir() if d.is_dir() and d.name != release and not d.name.startswith(".")):
+        for fname, digest in _wheel_list(other).items():
+            src, dst = other / WHEELS_DIR / fname, rel_dir / release / WHEELS_DIR / fname
+            if mine.get(fname) != digest or not src.is_file() or not dst.is_file() or os.path.samefile(src, dst):
+                continue
+            if sha256_file(src) != digest:  # a damaged copy elsewhere is never linked in
+                continue
+            tmp = dst.with_name(f".{fname}.link-{os.getpid()}")
+            os.link(src, tmp)
+            os.replace(tmp, dst)
+            saved += dst.stat().st_size
+    return saved
+
+
+def _wheel_list(release_dir: Path) -> dict[str, str]:
+    try:
+        meta = json.loads((release_dir / PACKAGE_JSON).read_text(encoding="utf-8"))
+        return {f: str(w["sha256"]) for f, w in meta.get("wheels", {}).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def open_package(archive: Path, into: Path, trusted_keys: Sequence[str | Path] = ()) -> StagedPackage:

@@ -149,21 +149,21 @@ def sign_bundle(root: str | os.PathLike[str], key: str | os.PathLike[str] | Any)
     return json.loads(data)["key_id"]
 
 
-def read_signature(root: Path) -> dict[str, Any] | None:
-    """The parsed manifest.sig, or None when the bundle is unsigned."""
-    path = root / SIGNATURE
+def read_signature(root: Path, name: str = SIGNATURE) -> dict[str, Any] | None:
+    """The parsed signature file root/name, or None when there is none."""
+    path = root / name
     if not path.is_file():
         return None
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path} is not valid JSON ({exc}): corrupt signature; re-sign the bundle") from exc
+        raise BundleError(f"{path} is not valid JSON ({exc}): corrupt signature; re-sign it") from exc
     if not isinstance(doc, dict) or doc.get("format") != SIG_FORMAT or doc.get("algorithm") != "ed25519":
-        raise BundleError(f"{path} is not an edge-vla Ed25519 signature; re-sign the bundle")
+        raise BundleError(f"{path} is not an edge-vla Ed25519 signature; re-sign it")
     if doc.get("version") != SIG_VERSION:
         raise BundleError(f"{path} has signature version {doc.get('version')!r}; this edge-vla reads {SIG_VERSION}")
     if not isinstance(doc.get("key_id"), str) or not isinstance(doc.get("signature"), str):
-        raise BundleError(f"{path} lacks key_id or signature; re-sign the bundle")
+        raise BundleError(f"{path} lacks key_id or signature; re-sign it")
     return doc
 
 
@@ -173,25 +173,21 @@ def trusted_keys_from_dir(directory: str | os.PathLike[str] = "/etc/edge-vla/tru
     return sorted(d.glob("*.pub")) if d.is_dir() else []
 
 
-def verify_bundle_signature(root: Path, trusted_keys: Sequence[str | Path]) -> str:
-    """Check root/manifest.sig against the trusted keys; return the key id that verified.
-
-    Raises BundleError saying why: no trusted keys, unsigned, malformed signature, signed by an
-    unknown key, or a signature that does not match manifest.json (the manifest was changed after
-    signing). Checks the signature only: combine with `Bundle.verify()` for the file hashes.
-    """
+def verify_signed_file(root: Path, signed: str, sig_name: str, trusted_keys: Sequence[str | Path],
+                       what: str, fix: str) -> str:
+    """Check root/sig_name, an Ed25519 signature over the exact bytes of root/signed, against the
+    trusted keys; return the key id that verified. `what` names the thing in messages, `fix` says
+    how to sign it. Raises BundleError saying why: no trusted keys, unsigned, malformed, unknown
+    key, or a signature that does not match (the file was changed after signing)."""
     root = Path(root)
     if not trusted_keys:
         raise BundleError("no trusted keys configured: pass the signer's public key (e.g. robot-signing.pub)")
     ed25519 = _crypto()
     from cryptography.exceptions import InvalidSignature
 
-    doc = read_signature(root)
+    doc = read_signature(root, sig_name)
     if doc is None:
-        raise BundleError(
-            f"bundle {root} is unsigned (no {SIGNATURE}) but trusted keys are configured; "
-            "sign it with `edge-vla package BUNDLE --sign KEY`"
-        )
+        raise BundleError(f"{what} {root} is unsigned (no {sig_name}) but trusted keys are configured; {fix}")
     trusted: dict[str, bytes] = {}
     for spec in trusted_keys:
         raw = load_public_key(spec)
@@ -199,25 +195,32 @@ def verify_bundle_signature(root: Path, trusted_keys: Sequence[str | Path]) -> s
     kid = doc["key_id"]
     if kid not in trusted:
         raise BundleError(
-            f"bundle {root} is signed by unknown key {kid}; trusted key ids: {', '.join(sorted(trusted))}. "
+            f"{what} {root} is signed by unknown key {kid}; trusted key ids: {', '.join(sorted(trusted))}. "
             "Add the signer's public key to the trusted keys, or re-sign with a trusted key."
         )
     try:
         sig = base64.b64decode(doc["signature"], validate=True)
     except (ValueError, binascii.Error) as exc:
-        raise BundleError(f"{root / SIGNATURE}: signature is not base64 ({exc}); re-sign the bundle") from exc
-    manifest = root / MANIFEST
-    if not manifest.is_file():
-        raise BundleError(f"bundle {root} has a signature but no {MANIFEST}; copy the bundle again")
+        raise BundleError(f"{root / sig_name}: signature is not base64 ({exc}); {fix}") from exc
+    target = root / signed
+    if not target.is_file():
+        raise BundleError(f"{what} {root} has a signature but no {signed}; copy it again")
     try:
-        ed25519.Ed25519PublicKey.from_public_bytes(trusted[kid]).verify(sig, manifest.read_bytes())
+        ed25519.Ed25519PublicKey.from_public_bytes(trusted[kid]).verify(sig, target.read_bytes())
     except InvalidSignature:
         raise BundleError(
-            f"bundle {root}: bad signature: {MANIFEST} does not match the signature by key {kid} "
-            "(the manifest was changed after signing, or the signature is corrupt). "
-            "Do not deploy it; re-export and re-sign the bundle."
+            f"{what} {root}: bad signature: {signed} does not match the signature by key {kid} "
+            f"({signed} was changed after signing, or the signature is corrupt). Do not deploy it; {fix}"
         ) from None
     return kid
+
+
+def verify_bundle_signature(root: Path, trusted_keys: Sequence[str | Path]) -> str:
+    """Check root/manifest.sig against the trusted keys; return the key id that verified.
+
+    Checks the signature only: combine with `Bundle.verify()` for the file hashes."""
+    return verify_signed_file(root, MANIFEST, SIGNATURE, trusted_keys, "bundle",
+                              "re-export and sign it with `edge-vla package BUNDLE --sign KEY`")
 
 
 def generate_keypair(path: str | os.PathLike[str], overwrite: bool = False) -> tuple[Path, Path, str]:

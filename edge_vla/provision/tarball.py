@@ -30,8 +30,8 @@ def _info(name: str, size: int, mode: int, kind: bytes = tarfile.REGTYPE) -> tar
     return info
 
 
-def write_tarball(out: Path, files: Mapping[str, bytes], executable: frozenset[str] = frozenset()) -> Path:
-    """Write `files` ({relative path: bytes}) as a .tar.gz at `out`, atomically."""
+def write_tarball(out: Path, files: Mapping[str, bytes | Path], executable: frozenset[str] = frozenset()) -> Path:
+    """Write `files` ({relative path: bytes, or a file to stream (wheels)}) as a .tar.gz at `out`, atomically."""
     dirs = sorted({str(Path(rel).parents[i]) for rel in files for i in range(len(Path(rel).parts) - 1)})
     # Exit order (tar, gzip, then the atomic file) writes the gzip trailer before the fsync and rename.
     with (atomic_write(out) as raw,
@@ -42,7 +42,11 @@ def write_tarball(out: Path, files: Mapping[str, bytes], executable: frozenset[s
         for rel in sorted(files):
             data = files[rel]
             mode = 0o755 if rel in executable else 0o644
-            tar.addfile(_info(rel, len(data), mode), io.BytesIO(data))
+            if isinstance(data, Path):
+                with open(data, "rb") as f:
+                    tar.addfile(_info(rel, data.stat().st_size, mode), f)
+            else:
+                tar.addfile(_info(rel, len(data), mode), io.BytesIO(data))
     return out
 
 

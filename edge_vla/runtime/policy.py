@@ -160,7 +160,12 @@ def _make_backend(b: Bundle, contract: Contract, backend: str, threads: int | No
         from edge_vla.runtime.trt_backend import TrtBackend, tensorrt_available
 
         if backend == "tensorrt" or tensorrt_available():
+            log.info("backend %s: TensorRT (engines in %s)", backend, b.target_dir / "engines")
             return TrtBackend.from_bundle(b, contract)
+        log.warning("backend auto: onnxruntime, although TensorRT engines are built in %s: tensorrt or "
+                    "cuda.bindings does not import (run `edge-vla doctor`)", b.target_dir / "engines")
+    elif backend == "auto":
+        log.info("backend auto: onnxruntime (no TensorRT engines in %s)", b.target_dir / "engines")
     from edge_vla.runtime.ort_backend import OrtBackend
 
     return OrtBackend.from_bundle(b, contract, threads=threads)

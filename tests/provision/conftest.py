@@ -63,3 +63,22 @@ def make_rootfs(root: Path) -> Path:
 @pytest.fixture
 def rootfs(tmp_path: Path) -> Path:
     return make_rootfs(tmp_path / "Linux_for_Tegra" / "rootfs")
+
+
+@pytest.fixture(scope="session")
+def edge_vla_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The edge-vla wheel built once from this checkout (what every package ships)."""
+    from edge_vla.provision.wheelhouse import build_edge_vla_wheel
+
+    return build_edge_vla_wheel(tmp_path_factory.mktemp("edge-vla-wheel"))
+
+
+@pytest.fixture
+def build(edge_vla_wheel: Path):
+    """build_package for tests about everything but the dependency wheels: --online (no downloads)
+    with the prebuilt edge-vla wheel. tests/provision/test_offline.py covers the offline wheelhouse."""
+    import functools
+
+    from edge_vla.provision.package import build_package
+
+    return functools.partial(build_package, edge_vla_wheel=edge_vla_wheel, online=True)

@@ -11,7 +11,6 @@ import pytest
 from edge_vla.cli import main as cli
 from edge_vla.provision import doctor
 from edge_vla.provision.doctor import FAIL, PASS, WARN, Expectation, Machine
-from edge_vla.provision.package import build_package
 from edge_vla.provision.platforms import resolve
 from edge_vla.provision.robot_config import RobotConfig
 
@@ -55,8 +54,8 @@ def _by_name(checks):
     return {c.name: c for c in checks}
 
 
-def test_doctor_on_this_machine_prints_a_coherent_report(bundle: Path, tmp_path: Path, capsys):
-    pkg = build_package(bundle, tmp_path / "p.tar.gz", "x86-cpu",
+def test_doctor_on_this_machine_prints_a_coherent_report(build, bundle: Path, tmp_path: Path, capsys):
+    pkg = build(bundle, tmp_path / "p.tar.gz", "x86-cpu",
                         config=RobotConfig(link="serial:///dev/null", camera="sim")).path
     code = cli(["doctor", str(pkg)])
     out = capsys.readouterr().out
@@ -163,15 +162,54 @@ def test_trusted_keys_on_the_machine_are_enforced(bundle: Path, tmp_path: Path, 
 
 
 @pytest.mark.parametrize("what", ["bundle-dir", "package-dir"])
-def test_expectation_sources(bundle: Path, tmp_path: Path, what: str):
+def test_expectation_sources(build, bundle: Path, tmp_path: Path, what: str):
     if what == "bundle-dir":
         with doctor.expectation_for(bundle) as exp:
             assert exp.bundle_root == bundle and exp.platform is None
     else:
-        pkg = build_package(bundle, tmp_path / "p.tar.gz", "agx-orin").path
+        pkg = build(bundle, tmp_path / "p.tar.gz", "agx-orin").path
         from edge_vla.provision.rootfs import open_package
 
         staged = open_package(pkg, tmp_path / "unpacked")
         with doctor.expectation_for(staged.dir) as exp:
             assert exp.platform["target"] == "agx-orin" and exp.user == "edge-vla"
             assert exp.config.link == "serial:///dev/edge-vla-motor"
+
+
+def test_engines_built_but_tensorrt_backend_unavailable_fails(bundle: Path, tmp_path: Path):
+    """What `--backend auto` would silently do (run onnxruntime) is a failure doctor names."""
+    engines = bundle / "target/engines"
+    engines.mkdir(parents=True)
+    (engines / "index.json").write_text("{}\n")
+    exp = Expectation(platform=resolve("orin-nano").to_dict(), bundle_root=bundle)
+    check = doctor.check_tensorrt(exp, _fake_machine(tmp_path / "m1", modules={"tensorrt": types.SimpleNamespace(
+        __version__="10.3.0")}))
+    assert check.status == FAIL and "engines built but TensorRT backend unavailable" in check.detail
+    assert "cuda.bindings" in check.detail and "--setup-venv" in check.fix
+    both = {"tensorrt": types.SimpleNamespace(__version__="10.3.0"), "cuda.bindings": types.SimpleNamespace()}
+    assert doctor.check_tensorrt(exp, _fake_machine(tmp_path / "m2", modules=both)).status == PASS
+    (engines / "index.json").unlink()  # no engines: TensorRT missing is only slower, a warning
+    assert doctor.check_tensorrt(exp, _fake_machine(tmp_path / "m3")).status == WARN
+
+
+def test_lock_check_without_a_venv_says_where_to_run_it(build, bundle: Path, tmp_path: Path):
+    pkg = build(bundle, tmp_path / "p.tar.gz", "x86-cpu").path
+    with doctor.expectation_for(pkg) as exp:
+        check = doctor.check_lock(exp, Machine())
+    assert exp.lock is not None and [e.name for e in exp.lock] == ["edge-vla"]
+    assert check.status == PASS and "run doctor there" in check.detail
+
+
+def test_lock_check_reports_versions_that_differ_from_the_lock():
+    """Against this interpreter's own environment (a venv in `make test`), through its real python."""
+    import sys
+
+    from edge_vla.provision.lock import LockEntry
+
+    exp = Expectation(lock=[LockEntry("edge-vla", "9.9.9"), LockEntry("numpy", "0.0.1"),
+                            LockEntry("not-a-real-distribution", "1.0")], venv=Path(sys.prefix))
+    check = doctor.check_lock(exp, Machine())
+    assert check.status == FAIL, check
+    assert "edge-vla 0.1.0 installed, lock 9.9.9" in check.detail
+    assert "not-a-real-distribution missing (lock 1.0)" in check.detail
+    assert "numpy" in check.detail and "--setup-venv" in check.fix

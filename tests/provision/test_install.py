@@ -16,7 +16,7 @@ from edge_vla.cli import main as cli
 from edge_vla.errors import BundleError, EdgeVlaError
 from edge_vla.provision import install, plan, rootfs, signing
 from edge_vla.provision.errors import PackageError
-from edge_vla.provision.package import UsbId, build_package
+from edge_vla.provision.package import UsbId
 from edge_vla.provision.robot_config import RobotConfig
 from edge_vla.provision.tarball import write_tarball
 
@@ -49,8 +49,8 @@ def _repack(pkg: Path, out: Path, mutate) -> Path:
 
 
 @pytest.fixture
-def pkg(bundle: Path, tmp_path: Path) -> Path:
-    return build_package(bundle, tmp_path / "robot-pkg.tar.gz", "orin-nano").path
+def pkg(build, bundle: Path, tmp_path: Path) -> Path:
+    return build(bundle, tmp_path / "robot-pkg.tar.gz", "orin-nano").path
 
 
 def test_install_into_rootfs_lays_out_the_tree(pkg: Path, rootfs: Path):
@@ -123,10 +123,10 @@ def test_corrupt_bundle_is_refused_before_switching(pkg: Path, rootfs: Path, tmp
     assert _tree(rootfs) == before
 
 
-def test_failure_midway_reverts_every_applied_step(bundle_factory, pkg: Path, rootfs: Path, tmp_path: Path, monkeypatch):
+def test_failure_midway_reverts_every_applied_step(build, bundle_factory, pkg: Path, rootfs: Path, tmp_path: Path, monkeypatch):
     first = install.install_rootfs(pkg, rootfs)
     before = _tree(rootfs)
-    newer = build_package(bundle_factory(tmp_path / "b2", b"new weights"), tmp_path / "p2.tar.gz", "orin-nano",
+    newer = build(bundle_factory(tmp_path / "b2", b"new weights"), tmp_path / "p2.tar.gz", "orin-nano",
                           config=RobotConfig(rate_hz=100), usb=UsbId("0483", "5740")).path
     real = plan.write_atomic
     written = []
@@ -147,12 +147,16 @@ def test_failure_midway_reverts_every_applied_step(bundle_factory, pkg: Path, ro
     assert install.install_rootfs(newer, rootfs).changed  # and a retry goes through
 
 
-def test_upgrade_then_rollback_and_forward_again(bundle_factory, pkg: Path, rootfs: Path, tmp_path: Path, capsys):
+def test_upgrade_then_rollback_and_forward_again(build, bundle_factory, pkg: Path, rootfs: Path, tmp_path: Path, capsys):
     first = install.install_rootfs(pkg, rootfs)
-    second_pkg = build_package(bundle_factory(tmp_path / "b2", b"new weights"), tmp_path / "p2.tar.gz", "orin-nano",
+    second_pkg = build(bundle_factory(tmp_path / "b2", b"new weights"), tmp_path / "p2.tar.gz", "orin-nano",
                                config=RobotConfig(rate_hz=100)).path
     second = install.install_rootfs(second_pkg, rootfs)
     assert second.previous == first.release
+    releases = rootfs / "opt/edge-vla/releases"
+    shared = [w.name for w in (releases / second.release / "wheels").glob("*.whl")]
+    assert shared and all(os.path.samefile(releases / first.release / "wheels" / w,  # one copy on disk
+                                           releases / second.release / "wheels" / w) for w in shared)
     assert rootfs.joinpath("opt/edge-vla/current").resolve().name == second.release
     assert RobotConfig.load(rootfs / "etc/edge-vla/robot.env").rate_hz == 100  # unedited: replaced
 
@@ -171,24 +175,24 @@ def test_rollback_without_previous_says_so(pkg: Path, rootfs: Path, capsys):
     assert "no previous release" in capsys.readouterr().err
 
 
-def test_operator_edits_to_robot_env_are_kept(bundle_factory, pkg: Path, rootfs: Path, tmp_path: Path):
+def test_operator_edits_to_robot_env_are_kept(build, bundle_factory, pkg: Path, rootfs: Path, tmp_path: Path):
     install.install_rootfs(pkg, rootfs)
     cfg = rootfs / "etc/edge-vla/robot.env"
     cfg.write_text(RobotConfig(link="can://can1").to_env())
-    newer = build_package(bundle_factory(tmp_path / "b2", b"v2"), tmp_path / "p2.tar.gz", "orin-nano").path
+    newer = build(bundle_factory(tmp_path / "b2", b"v2"), tmp_path / "p2.tar.gz", "orin-nano").path
     report = install.install_rootfs(newer, rootfs)
     assert RobotConfig.load(cfg).link == "can://can1"
     assert (rootfs / "etc/edge-vla/robot.env.new").is_file()
     assert any("edited" in n for n in report.notes)
 
 
-def test_trusted_keys_refuse_unsigned_and_accept_signed(bundle: Path, rootfs: Path, tmp_path: Path, keypair):
+def test_trusted_keys_refuse_unsigned_and_accept_signed(build, bundle: Path, rootfs: Path, tmp_path: Path, keypair):
     priv, pub = keypair
-    unsigned = build_package(bundle, tmp_path / "u.tar.gz", "orin-nano").path
+    unsigned = build(bundle, tmp_path / "u.tar.gz", "orin-nano").path
     with pytest.raises(BundleError, match="unsigned"):
         install.install_rootfs(unsigned, rootfs, trusted_keys=[pub])
     assert not (rootfs / "opt/edge-vla/current").exists()
-    signed = build_package(bundle, tmp_path / "s.tar.gz", "orin-nano", sign_key=priv)
+    signed = build(bundle, tmp_path / "s.tar.gz", "orin-nano", sign_key=priv)
     report = install.install_rootfs(signed.path, rootfs, trusted_keys=[pub])
     assert report.changed
     installed_keys = signing.trusted_keys_from_dir(rootfs / "etc/edge-vla/trusted-keys")
@@ -205,12 +209,17 @@ def test_trusted_keys_refuse_unsigned_and_accept_signed(bundle: Path, rootfs: Pa
     evil = _repack(signed.path, tmp_path / "evil.tar.gz", tamper)
     with pytest.raises(EdgeVlaError, match="bad signature"):
         install.install_rootfs(evil, rootfs, trusted_keys=[pub])
+    # Once the rootfs trusts a key, an install that names none still requires it (install.sh's case).
+    newer_unsigned = build(bundle, tmp_path / "u2.tar.gz", "orin-nano", config=RobotConfig(rate_hz=100)).path
+    with pytest.raises(BundleError, match="package .* is unsigned"):
+        install.install_rootfs(newer_unsigned, rootfs)
+    assert rootfs.joinpath("opt/edge-vla/current").resolve().name == signed.release
 
 
-def test_old_releases_are_pruned_but_never_current_or_previous(bundle_factory, pkg: Path, rootfs: Path, tmp_path: Path):
+def test_old_releases_are_pruned_but_never_current_or_previous(build, bundle_factory, pkg: Path, rootfs: Path, tmp_path: Path):
     ids = [install.install_rootfs(pkg, rootfs).release]
     for i in range(3):
-        p = build_package(bundle_factory(tmp_path / f"b{i}", f"w{i}".encode()), tmp_path / f"p{i}.tar.gz", "orin-nano")
+        p = build(bundle_factory(tmp_path / f"b{i}", f"w{i}".encode()), tmp_path / f"p{i}.tar.gz", "orin-nano")
         ids.append(install.install_rootfs(p.path, rootfs, keep=2).release)
     left = {d.name for d in (rootfs / "opt/edge-vla/releases").iterdir()}
     assert left == set(ids[-2:])
