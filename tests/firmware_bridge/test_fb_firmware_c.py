@@ -21,14 +21,34 @@ def test_vectors_file_is_what_the_python_codec_produces() -> None:
     assert VECTORS.read_text() == build(), "codec changed: regenerate with tests/firmware_bridge/fb_vectors_gen.py"
 
 
+FLAGS = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-Wshadow", "-Wconversion", "-Wno-sign-conversion",
+         '-DFW_PORT_HEADER="test_port.h"']
+
+
+def _build_c_tests(out: Path, *extra: str) -> Path:
+    run = subprocess.run(["gcc", *FLAGS, *extra, *(str(FW / f) for f in ("test_fw.c", "fw_core.c", "fw_codec.c")),
+                          "-o", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return out
+
+
 def test_c_unit_tests_pass_with_warnings_as_errors(tmp_path: Path) -> None:
-    exe = tmp_path / "test_fw"
-    flags = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-Wshadow", "-Wconversion", "-Wno-sign-conversion"]
-    subprocess.run(["gcc", *flags, *(str(FW / f) for f in ("test_fw.c", "fw_core.c", "fw_codec.c")), "-o", str(exe)],
-                   check=True, capture_output=True, text=True)
-    run = subprocess.run([str(exe), str(VECTORS)], capture_output=True, text=True, timeout=30)
+    """Includes the interrupt injector: a timer interrupt at every preemption point of the RX path."""
+    exe = _build_c_tests(tmp_path / "test_fw")
+    run = subprocess.run([str(exe), str(VECTORS)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "0 failures" in run.stdout
+    assert "0 runs with a corrupted, lost or misapplied frame" in run.stdout
+
+
+def test_interrupt_injector_detects_missing_critical_sections(tmp_path: Path) -> None:
+    """Negative control: the same injector on a build without critical sections finds broken runs,
+    so the test above could fail."""
+    exe = _build_c_tests(tmp_path / "test_fw_nocrit", "-DFW_TEST_NO_CRITICAL")
+    run = subprocess.run([str(exe), "--injector-only"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 3, run.stdout + run.stderr
+    broken = int(run.stdout.split(" runs with")[0].rsplit(", ", 1)[1])
+    assert broken > 0
 
 
 def test_c_and_python_agree_on_shared_vectors() -> None:
