@@ -78,3 +78,37 @@ def test_missing_compiler_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_
     monkeypatch.delenv("CC", raising=False)
     with pytest.raises(native.FirmwareBuildError, match="install gcc"):
         native.build_library(tmp_path)
+
+
+def test_c_firmware_and_python_agree_on_the_1_1_layouts() -> None:
+    """What the C firmware actually sends (SAFETY_CONFIG, STATE with its status word) decodes in Python
+    to the configured values and re-encodes to the same bytes."""
+    import numpy as np
+
+    from firmware_bridge import protocol as p
+    from firmware_bridge.firmware import FirmwareRef
+
+    safety = [p.JointSafety("joint", 0.25, 1.5, 0.0, 150.0, 7.5), p.JointSafety("gripper", 0.0, 0.0, 4.5, 80.0, 2.5)]
+    fw = FirmwareRef([p.JointLimits("a", -1, 1, 2, 10), p.JointLimits("b", -2, 2, 3, 6)], state_rate_hz=100,
+                     link_loss_category=0, link_error_category=1, enable_required=True, enable_category=1,
+                     seq_window=77, error_leak_per_s=12, joint_safety=safety)
+    fw.set_enable(True, 500)
+    fw.rx(framing.encode(p.Hello(), 9), 1000)
+    fw.rx(framing.encode(p.Stop(1), 10), 2000)
+    frames = [framing.decode_raw(b) for b in framing.StreamDecoder().feed(fw.tx_take())]
+    by_type = {f.type: f for f in frames}
+    sc = p.SafetyConfig.decode(by_type[p.MsgType.SAFETY_CONFIG].payload)
+    assert sc.encode() == by_type[p.MsgType.SAFETY_CONFIG].payload
+    assert (sc.link_loss_category, sc.link_error_category, sc.enable_category, sc.enable_required,
+            sc.enable_asserted, sc.seq_window, sc.error_leak_per_s, sc.link_error_limit) == (0, 1, 1, True, True, 77,
+                                                                                           12, 4)
+    assert sc.joints == tuple(safety)
+    caps = p.Capabilities.decode(by_type[p.MsgType.CAPABILITIES].payload)
+    assert (caps.protocol_major, caps.protocol_minor) == (1, 1)
+    fw.set_measured(np.array([0.5, -0.25]), np.zeros(2), np.array([0.0, 1.0]))
+    fw.tick(20_000)
+    states = [framing.decode_raw(b) for b in framing.StreamDecoder().feed(fw.tx_take())]
+    raw = next(f for f in states if f.type == p.MsgType.STATE)
+    st = p.State.decode(raw.payload)
+    assert st.encode() == raw.payload
+    assert st.status == p.Status.ENABLE_INPUT | p.Status.STOP_LATCHED | p.Status.ENABLE_REQUIRED
