@@ -18,9 +18,12 @@ import numpy as np
 
 from edge_vla.onboard.scheduler import Chunk
 
-# Control-loop status codes (STATUS word).
-STATUS_STARTING, STATUS_HOMING, STATUS_RUNNING, STATUS_STOPPING, STATUS_STOPPED, STATUS_EXITED = range(6)
-STATUS_NAMES = ("starting", "homing", "running", "stopping", "stopped", "exited")
+# Control-loop status codes (STATUS word). "disarmed": torque off, nothing latched by this host (a fresh
+# start: the firmware may still hold faults from before); "stopped": torque off after a trip or an
+# operator stop, latched until an operator arms again.
+(STATUS_STARTING, STATUS_HOMING, STATUS_RUNNING, STATUS_STOPPING, STATUS_STOPPED, STATUS_EXITED, STATUS_DISARMED,
+ STATUS_ARMING) = range(8)
+STATUS_NAMES = ("starting", "homing", "running", "stopping", "stopped", "exited", "disarmed", "arming")
 
 WORKER_IDLE, WORKER_CAMERA, WORKER_INFER = 0, 1, 2
 
@@ -31,8 +34,16 @@ _WORDS = (
     "frame_age",  # how old that frame already was when the worker got it (worker)
     "worker_phase",  # WORKER_IDLE / WORKER_CAMERA / WORKER_INFER: where a hung worker is stuck (worker)
     "stop_request",  # > 0: the parent asks for a controlled stop and exit (parent)
-    "rearm_request",  # incremented by the parent to re-arm after a latched stop (parent)
+    # Operator requests (edge_vla.onboard.operator): counters the parent increments; the control loop
+    # answers each by raising the matching *_ack to the same count (and arm_result for an arm).
+    "arm_request", "arm_ack", "arm_result",
+    "clear_request", "clear_ack",
+    "op_stop_request", "op_stop_ack",
+    "worker_errors",  # failed inferences so far (worker)
     "status",  # STATUS_* (control)
+    "armed",  # 1 while this host believes the firmware may be armed (control)
+    "fw_mode", "fw_faults",  # the firmware's latest mode (-1: none yet) and fault bits (control)
+    "trip_kind", "trip_category", "trip_t",  # the trip that caused the latest stop (1 + FaultKind index; control)
     "ready",  # 1 after the first good cycle (control)
     "consumed_seq",  # sync strategy: newest chunk fully played (control)
     "armed_since",  # monotonic time of the latest arm (control); chunks from before it are stale
@@ -60,6 +71,7 @@ class SharedBus:
         self._views()
         self.arr[:] = 0.0
         self.arr[self._w["consumed_seq"]] = -1.0
+        self.arr[self._w["fw_mode"]] = -1.0
 
     def _views(self) -> None:
         self.arr = np.frombuffer(self._raw, dtype=np.float64)
