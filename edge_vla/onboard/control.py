@@ -123,7 +123,7 @@ class ControlLoop:
                                                                  config.max_step))
         self.scheduler: Scheduler = make_scheduler(config.strategy, config.interp, config.blend_s, config.execute,
                                                    config.ensemble_m)
-        self.watchdog = Watchdog(config.watchdog)
+        self.watchdog = Watchdog(config.watchdog, defer_logs=True)
         self.tracking = TrackingCheck(config.tracking) if config.tracking is not None else None
         self.telemetry = Telemetry(config.telemetry_path)
         self.stats = CycleStats(self.period)
@@ -281,6 +281,7 @@ class ControlLoop:
             if self._sd_watchdog_s is not None and t >= self._next_sd_ping:
                 self._notifier.watchdog()
                 self._next_sd_ping = t + self._sd_watchdog_s
+            self.watchdog.flush_logs()  # after this cycle's frames went out
             self.stats.add(t, lateness, time.monotonic() - t, clock.missed - missed_before)
             self.bus.set("cycles", float(self.stats.cycles))
             # Telemetry writes only in the slack, leaving a margin for the wake-up.
@@ -645,11 +646,13 @@ class ControlLoop:
                     break
             if self.watchdog.state is State.RUNNING:
                 self.watchdog.trip(FaultKind.LOOP_ERROR, "control loop exiting", time.monotonic())
+            self.watchdog.flush_logs()
             self._disarm_blocking()
         try:
             self.link.close()
         except Exception as exc:
             log.error("closing the link failed: %s", exc)
+        self.watchdog.flush_logs()
         self._set_status(sh.STATUS_EXITED)
         summary = self.summary()
         self.telemetry.record("/control/summary", time.monotonic(), summary)

@@ -129,10 +129,24 @@ class Watchdog:
     trips: list[Trip] = field(default_factory=list)
     active: Trip | None = None  # the trip that caused the current stop
     _error_times: list[tuple[float, int]] = field(default_factory=list)
+    defer_logs: bool = False  # the control loop sends the STOP frame first and logs afterwards (flush_logs)
+    _pending_logs: list[tuple[int, str, tuple]] = field(default_factory=list)
     MAX_TRIPS = 64
 
     def __post_init__(self) -> None:
         self.config.validate()
+
+    def _log(self, level: int, msg: str, *args: object) -> None:
+        if self.defer_logs:
+            self._pending_logs.append((level, msg, args))
+        else:
+            log.log(level, msg, *args)
+
+    def flush_logs(self) -> None:
+        """Write deferred log lines (a log write must not delay the STOP frame)."""
+        while self._pending_logs:
+            level, msg, args = self._pending_logs.pop(0)
+            log.log(level, msg, *args)
 
     # -- transitions ---------------------------------------------------------------------------
     def arm(self, now: float, link_errors_total: int = 0) -> None:
@@ -152,17 +166,18 @@ class Watchdog:
         if kind is FaultKind.STOP_ESCALATED and self.state is State.STOPPING:
             self.active = trip
             self.state = State.STOPPED
-            log.error("SAFETY STOP escalated to category 0 at t=%.6f: %s", now, reason)
+            self._log(logging.ERROR, "SAFETY STOP escalated to category 0 at t=%.6f: %s", now, reason)
             return trip
         if self.state is not State.RUNNING:
-            log.info("watchdog: %s while %s (%s)", kind.value, self.state.value, reason)
+            self._log(logging.INFO, "watchdog: %s while %s (%s)", kind.value, self.state.value, reason)
             return None
         self.active = trip
         self.state = State.STOPPED if trip.category == 0 else State.STOPPING
         if kind is FaultKind.OPERATOR_STOP:  # a planned end or an operator's stop, not a fault
-            log.info("stopped (%s): category-%d stop at t=%.6f", reason, trip.category, now)
+            self._log(logging.INFO, "stopped (%s): category-%d stop at t=%.6f", reason, trip.category, now)
         else:
-            log.error("SAFETY STOP category %d at t=%.6f: %s: %s", trip.category, now, kind.value, reason)
+            self._log(logging.ERROR, "SAFETY STOP category %d at t=%.6f: %s: %s", trip.category, now, kind.value,
+                      reason)
         return trip
 
     def stop_complete(self) -> None:

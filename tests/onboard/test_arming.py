@@ -20,6 +20,7 @@ from edge_vla.errors import ConfigError
 from edge_vla.onboard.cameras import SimCamera
 from edge_vla.onboard.control import ControlConfig
 from edge_vla.onboard.runner import OnboardRunner, bus_state_fn
+from edge_vla.onboard.watchdog import WatchdogConfig
 from edge_vla.onboard.worker import ExpertSource, StallableSource
 from edge_vla.sim.env import ReachEnv
 
@@ -80,7 +81,8 @@ def test_restart_after_a_crash_stays_disarmed(emulator) -> None:
 
 def test_control_socket_and_cli_arm_stop_status(emulator, tmp_path) -> None:
     sock = tmp_path / "control.sock"
-    run = _runner(emulator.port, control_socket=str(sock))
+    # Starting the CLI's Python takes the shared box's CPU for a while: a generous link age for this test.
+    run = _runner(emulator.port, control_socket=str(sock), watchdog=WatchdogConfig(link_max_age_s=0.5))
     cli = [sys.executable, "-m", "edge_vla.cli"]
 
     def call(*args: str) -> subprocess.CompletedProcess:
