@@ -329,6 +329,7 @@ class Emulator:
                 self._drain_events(now)
                 now = self._maybe_unplug(now, decoders)
         finally:
+            self._drain_events(time.monotonic())  # what the firmware logged in the last iteration
             self._event("exit")
             self.transport.close()
 
