@@ -16,7 +16,9 @@ void fw_init(fw_t *fw, uint8_t n_joints, uint32_t hb_timeout_ms, uint32_t ramp_m
     fw->proto_major = FW_PROTO_MAJOR;
     fw->proto_minor = FW_PROTO_MINOR;
     fw->hb_timeout_us = (uint64_t)hb_timeout_ms * 1000u; /* 64-bit: no overflow for any u32 of ms */
-    fw->ramp_us = (uint64_t)ramp_ms * 1000u;
+    /* A category-1 ramp longer than a minute is not a stop; the cap also keeps the ramp's int64 math
+     * (r^2 and v0 * r below) far from overflow for any u32 input. */
+    fw->ramp_us = (uint64_t)(ramp_ms > FW_MAX_RAMP_MS ? FW_MAX_RAMP_MS : ramp_ms) * 1000u;
     fw->state_period_us = state_rate_hz ? 1000000u / state_rate_hz : 0u;
     fw->link_err_limit = link_err_limit ? link_err_limit : 1u;
     fw->fw_version = fw_version;
@@ -308,9 +310,11 @@ static void ramp_step(fw_t *fw) {
             return;
         }
         fw_cmd_t *c = &fw->cmd[j];
-        /* v(t) = v0 (1 - t/T);  p(t) = p0 + v0 t (2T - t) / 2T, split to stay inside int64; the target
-         * is clamped to the joint's limits (a ramp never commands past a hard stop). */
-        int64_t pos = fw->ramp_p0[j] + (v0 * el / 1000000) * (2 * r - el) / (2 * r);
+        /* v(t) = v0 (1 - t/T);  p(t) = p0 + v0 * t (2T - t) / 2T. With T <= 60 s every product stays
+         * below 2^63: t (2T - t) <= T^2 = 3.6e15, v0 * T/2 <= 2^31 * 3e7. The target is clamped to the
+         * joint's limits (a ramp never commands past a hard stop). */
+        int64_t travel_us = el * (2 * r - el) / (2 * r);
+        int64_t pos = fw->ramp_p0[j] + v0 * travel_us / 1000000;
         c->vel = (int32_t)v;
         c->pos = pos < cfg->pos_min ? cfg->pos_min : (pos > cfg->pos_max ? cfg->pos_max : (int32_t)pos);
         c->eff = 0;

@@ -43,6 +43,7 @@
 #define FW_EVENT_CAP 32u
 #define FW_DEFAULT_SEQ_WINDOW 256u
 #define FW_DEFAULT_ERR_LEAK_PER_S 10u
+#define FW_MAX_RAMP_MS 60000u /* category-1 ramps are capped at one minute */
 
 enum fw_msg {
     FW_MSG_HELLO = 0x01, FW_MSG_CAPABILITIES = 0x02, FW_MSG_ARM = 0x03, FW_MSG_DISARM = 0x04,

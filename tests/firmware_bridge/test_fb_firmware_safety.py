@@ -330,3 +330,21 @@ def test_crc_table_is_static_const_not_lazily_initialised() -> None:
     table = [line.split() for line in syms.splitlines() if line.endswith("crc_table")]
     assert table and table[0][1] in ("r", "R"), f"crc_table should live in read-only data: {table}"
     assert "crc_table_ready" not in syms
+
+
+def test_long_ramp_is_capped_and_its_math_does_not_overflow() -> None:
+    h = make(stop_ramp_ms=4_000_000_000, joints=limits(pmax=2000.0))  # u32 ms: capped at 60 s
+    h.set_measured([0.0, 0.0], vel=[3.0, -3.0])
+    h.arm()
+    h.send(p.Stop(1))
+    last = 0.0
+    for t_s in (1, 10, 30, 59):
+        h.tick(h.now + 0)  # keep the clock where it is, then jump
+        h.set_measured([last, -last], vel=[3.0 * (1 - t_s / 60), -3.0 * (1 - t_s / 60)])
+        h.tick(1000 + t_s * 1_000_000)
+        _, cmd = h.fw.commands()
+        assert cmd[0, 0] > last and cmd[1, 0] == pytest.approx(-cmd[0, 0])  # still integrating the ramp
+        last = cmd[0, 0]
+    assert last == pytest.approx(3.0 * 59 * (120 - 59) / 120, rel=1e-3) and h.fw.mode == p.Mode.STOPPING
+    h.tick(1000 + 60_000_001)
+    assert h.fw.mode == p.Mode.TRIPPED
