@@ -268,7 +268,7 @@ class Emulator:
             if what == "corrupted":
                 self._event("rx_corrupted", type=type_name(t))
             block = out
-        if t in _LIVENESS:
+        if t in _LIVENESS and not injected:  # a replayed heartbeat is not the host being alive
             self.last_liveness = now
         if t == MsgType.STOP:
             payload = frame_payload(block)

@@ -302,7 +302,7 @@ class Link(ABC):
                 break
             deadline = time.monotonic() + timeout
             while True:
-                if any(isinstance(self._acks.get(s), Ack) and not isinstance(self._acks.get(s), Nack) for s in sent):
+                if any(self.ack_result(s) is True for s in sent):  # a late ACK of an earlier copy counts too
                     return True
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._connected:
