@@ -32,6 +32,7 @@ from edge_vla.action_space import sim_action_space
 from edge_vla.onboard.cameras import Frame, SimCamera
 from edge_vla.onboard.control import ControlConfig
 from edge_vla.onboard.drill import EMULATOR_LIMITS, inject_garbage
+from edge_vla.onboard.following import TrackingLimits
 from edge_vla.onboard.runner import OnboardRunner, bus_state_fn
 from edge_vla.onboard.watchdog import WatchdogConfig
 from edge_vla.onboard.worker import ExpertSource, StallableSource
@@ -48,7 +49,9 @@ class FaultRow:
     fault: str
     detected_by: str  # "host" | "firmware" | "-"
     category: int | None = None
-    fault_to_stop_ms: float | None = None  # detection -> STOP at the firmware
+    kind: str | None = None  # the host's trip kind, where the host tripped
+    fault_to_stop_ms: float | None = None  # host detection -> STOP frame written (the wire)
+    stop_rx_ms: float | None = None  # host detection -> STOP received by the firmware (pty + emulator scheduling)
     stop_to_off_ms: float | None = None  # STOP (or last heartbeat + timeout) -> torque off
     bound_stop_ms: float | None = None
     bound_off_ms: float | None = None
@@ -69,13 +72,23 @@ class FaultRow:
 
 
 class _Poisonable:
-    """Chunk source whose actions can be made NaN/Inf (a corrupted chunk reaching the loop)."""
+    """Chunk source whose actions can be made NaN/Inf (a corrupted chunk reaching the loop), or a sweep of
+    joint 0 by 0.8 rad (a deterministic motion for the blocked-joint fault)."""
 
     def __init__(self, inner: Any) -> None:
-        self.inner, self.poison = inner, False
+        self.inner, self.poison, self.sweep = inner, False, False
+        self._sweep_target: np.ndarray | None = None
 
     def infer(self, obs: Observation) -> ActionChunk:
         chunk = self.inner.infer(obs)
+        if self.sweep:  # joint 0 to a fixed target 0.8 rad away, whatever is measured (the block shows)
+            q = np.asarray(obs.state, np.float64)
+            if self._sweep_target is None:
+                self._sweep_target = q.copy()
+                self._sweep_target[0] += 0.8 if q[0] < 1.5 else -0.8
+            chunk.actions[:] = self._sweep_target
+        else:
+            self._sweep_target = None
         if self.poison:
             chunk.actions[:] = np.nan
             chunk.actions[::2] = np.inf
@@ -117,6 +130,7 @@ class Campaign:
         self.poison = _Poisonable(self.stall)
         self.camera: _FreezableCamera | None = None
         self.period = 1.0 / self.rate_hz
+        self._episode = 0
 
     # -- plumbing --------------------------------------------------------------------------------
     def __enter__(self) -> Campaign:
@@ -144,7 +158,7 @@ class Campaign:
             time.sleep(0.005)
         return None
 
-    def start_host(self, bench: bool = True) -> OnboardRunner:
+    def start_host(self, bench: bool = True, telemetry: str | None = None) -> OnboardRunner:
         self.close_host()
         scene = self.env.scene
 
@@ -154,7 +168,8 @@ class Campaign:
 
         cfg = ControlConfig(link_url=f"serial://{self.emu.port}", action_space=sim_action_space(),
                             rate_hz=self.rate_hz, arm_on_start=bench, first_chunk_timeout_s=5.0,
-                            watchdog=WatchdogConfig(link_max_age_s=0.15))
+                            watchdog=WatchdogConfig(link_max_age_s=0.3),  # CPU starvation here is not a fault
+                            tracking=TrackingLimits.from_robot(sim_action_space().names, 0.3), telemetry_path=telemetry)
         self.run = OnboardRunner(cfg, self.poison, camera, scene.instruction, image_size=64,
                                  log_level=self.log_level).start()
         return self.run
@@ -168,44 +183,62 @@ class Campaign:
         """The operator's arm between faults; returns its time. The robot then moves under the expert."""
         assert self.run is not None
         self.stall.stall(0.0)
-        self.poison.poison = False
+        self.poison.poison = self.poison.sweep = False
         if self.camera is not None:
             self.camera.frozen = False
-        self.env.reset(self.seed)  # a fresh target: the expert moves again
+        self._episode += 1
+        self.env.reset(self.seed + self._episode)  # a fresh target: the expert moves again
         t = time.monotonic()
-        reply = self.run.operator.arm()
-        if not reply["ok"]:
-            raise RuntimeError(f"operator arm failed: {reply}")
+        self._wait(lambda: self.run.status() in ("running", "homing", "disarmed", "stopped"), 10)
+        if self.run.status() in ("disarmed", "stopped"):
+            reply = self.run.operator.arm()
+            if not reply["ok"]:
+                raise RuntimeError(f"operator arm failed: {reply}")
         self._wait(lambda: self.run.bus.get("ready") > 0 and self.run.status() == "running", 10)
         time.sleep(0.4)  # moving under the policy
         return t
 
     def _verdict(self, name: str, t_fault: float, detected_by: str, notes: str = "",
                  host_death: bool = False) -> FaultRow:
-        """Read the emulator's events after `t_fault`: the STOP, torque off, and any motion without an arm."""
+        """Read the emulator's events after `t_fault`: the STOP, torque off, and any motion without an arm.
+
+        STOP -> torque off is taken on the firmware's own clock (its `stop_received`/`stop_cat*` and
+        `torque_off` events carry firmware_time_us), so emulator scheduling does not blur the ramp."""
         off = self._wait(lambda: self.events("torque_off", t_fault), 5.0)
-        stops = self.events("rx_stop", t_fault)
-        stop = next((s for s in stops if not s.get("injected")), None)
+        stop = next(iter(self.events("stop_received", t_fault)), None)  # a host STOP reached the firmware
         row = FaultRow(name, detected_by, notes=notes)
-        trip = self.run.operator.status()["trip"] if self.run is not None and self.run.proc.is_alive() else None
+        alive = self.run is not None and self.run.proc.is_alive()
+        trip = self.run.operator.status()["trip"] if alive else None  # type: ignore[union-attr]
         if trip is not None and trip["t"] >= t_fault - 1e-3:
-            row.category = trip["category"]
-        elif stop is not None:
-            row.category = stop.get("category")
-        if detected_by == "host" and trip is not None and stop is not None:
-            row.fault_to_stop_ms = (stop["t"] - trip["t"]) * 1e3
+            row.category, row.kind = trip["category"], trip["kind"]
+        if detected_by == "host" and trip is not None:
+            row.fault_to_stop_ms = (trip["stop_sent_t"] - trip["t"]) * 1e3
             row.bound_stop_ms = (self.period + 0.001) * 1e3
-        if off:
-            off_ev = off[0]
-            if host_death and "since_last_heartbeat_s" in off_ev:
-                row.stop_to_off_ms = (off_ev["since_last_heartbeat_s"] - self.heartbeat_timeout_ms / 1e3) * 1e3
-                row.bound_off_ms = (self.ramp_ms / 1e3 + TICK_S) * 1e3
-            elif stop is not None:
-                row.stop_to_off_ms = (off_ev["t"] - stop["t"]) * 1e3
-                cat = stop.get("category") if row.category is None else row.category
-                row.bound_off_ms = ((self.ramp_ms / 1e3 if cat == 1 else 0.0) + TICK_S) * 1e3
-        else:
+            if stop is not None:
+                row.stop_rx_ms = (stop["t"] - trip["t"]) * 1e3
+        if not off:
             row.notes = (row.notes + "; " if row.notes else "") + "no torque off observed"
+            return row
+        off_ev = off[0]
+        if host_death and "since_last_heartbeat_s" in off_ev:
+            # The firmware's watchdog: last heartbeat + timeout -> its link-loss stop (category 1: the ramp).
+            row.category = 1 if row.category is None else row.category
+            row.stop_to_off_ms = (off_ev["since_last_heartbeat_s"] - self.heartbeat_timeout_ms / 1e3) * 1e3
+            row.bound_off_ms = (self.ramp_ms / 1e3 + TICK_S) * 1e3
+            return row
+        if detected_by == "firmware":  # the firmware's own trip -> torque off, on its clock
+            trip_ev = next(iter(self.events("stop_cat0", t_fault) + self.events("stop_cat1", t_fault)), None)
+            start = trip_ev if trip_ev is not None else stop
+            row.category = (0 if trip_ev["event"] == "stop_cat0" else 1) if trip_ev is not None else row.category
+            row.fault_to_stop_ms = None
+            row.notes = (row.notes + "; " if row.notes else "") + \
+                f"fault -> torque off {(off_ev['t'] - t_fault) * 1e3:.1f} ms"
+        else:
+            start = stop
+        if start is not None:
+            row.stop_to_off_ms = (off_ev["firmware_time_us"] - start["firmware_time_us"]) / 1e3
+            cat = row.category if row.category is not None else start.get("category")
+            row.bound_off_ms = ((self.ramp_ms / 1e3 if cat == 1 else 0.0) + TICK_S) * 1e3
         return row
 
     def _moved(self, since: float, until: float | None = None) -> bool:
@@ -248,7 +281,10 @@ class Campaign:
         self.emu.drop_next("STOP", 1)
         t = time.monotonic()
         self.run.operator.stop()  # type: ignore[union-attr]
-        row = self._verdict("lost STOP frame (operator stop)", t, "host", notes="first STOP dropped; retried")
+        row = self._verdict("lost STOP frame (operator stop)", t, "host", notes="first STOP dropped; resent after "
+                            "stop_retry_s (20 ms)")
+        if row.bound_stop_ms is not None:
+            row.bound_stop_ms += 20.0  # the retry interval: the first frame never arrives
         return self._record(row, t)
 
     def lost_disarm(self) -> FaultRow:
@@ -270,7 +306,7 @@ class Campaign:
     def alternating_corruption(self) -> FaultRow:
         self.rearm()
         t = time.monotonic()
-        self.emu.corrupt_alternate(20)
+        self.emu.corrupt_alternate(6)
         return self._record(self._verdict("alternating corrupt/good frames", t, "firmware"), t)
 
     def replayed_frames(self) -> FaultRow:
@@ -289,15 +325,21 @@ class Campaign:
         self.rearm()
         t = time.monotonic()
         self.emu.block_joint(0, True)
+        self.poison.sweep = True  # the policy now drives joint 0 0.8 rad away: the block shows as tracking error
         row = self._verdict("following error (blocked joint)", t, "host")
         self.emu.block_joint(0, False)
         return self._record(row, t)
 
     def time_steps_back(self) -> FaultRow:
+        """The firmware's time source jumps back 1 s; its watchdogs and ramp must still work: then a stop."""
         self.rearm()
-        t = time.monotonic()
         self.emu.step_time_back(1.0)
-        return self._record(self._verdict("firmware time steps back 1 s", t, "host"), t)
+        time.sleep(0.2)
+        t = time.monotonic()
+        self.run.operator.stop()  # type: ignore[union-attr]
+        row = self._verdict("firmware time steps back 1 s, then a stop", t, "host",
+                            notes="no spurious trip from the step; ramp timed on the firmware's monotonic clock")
+        return self._record(row, t)
 
     def link_unplug(self) -> FaultRow:
         self.rearm()
@@ -393,8 +435,8 @@ def format_table(rows_by_fault: dict[str, list[FaultRow]]) -> str:
             return "-"
         return f"{np.percentile(v, 99):.1f} / {max(v):.1f}"
 
-    lines = ["| fault | detected by | cat | fault->STOP ms p99/max (bound) | STOP->torque off ms p99/max (bound) "
-             "| moved without arm |", "|---|---|---|---|---|---|"]
+    lines = ["| fault | detected by | cat | detection->STOP written ms p99/max (bound) | detection->STOP at firmware ms "
+             "| STOP->torque off ms p99/max (bound) | moved without arm |", "|---|---|---|---|---|---|---|"]
     for name, rows in rows_by_fault.items():
         r0 = rows[0]
         cats = sorted({r.category for r in rows if r.category is not None})
@@ -402,6 +444,7 @@ def format_table(rows_by_fault: dict[str, list[FaultRow]]) -> str:
         b2 = f" ({r0.bound_off_ms:.0f})" if r0.bound_off_ms is not None else ""
         moved = sum(r.moved_without_arm for r in rows)
         lines.append(f"| {name} | {r0.detected_by} | {','.join(map(str, cats)) or '-'} | "
-                     f"{stat([r.fault_to_stop_ms for r in rows])}{b1} | {stat([r.stop_to_off_ms for r in rows])}{b2} | "
+                     f"{stat([r.fault_to_stop_ms for r in rows])}{b1} | {stat([r.stop_rx_ms for r in rows])} | "
+                     f"{stat([r.stop_to_off_ms for r in rows])}{b2} | "
                      f"{'NEVER' if moved == 0 else f'{moved}/{len(rows)}'} |")
     return "\n".join(lines)

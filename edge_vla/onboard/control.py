@@ -154,6 +154,7 @@ class ControlLoop:
         self._arm_seq: int | None = None
         self._arm_acked_t: float | None = None
         self._arm_deadline = 0.0
+        self._arm_sent_t = 0.0
         self._stop: dict[str, Any] = {}
         self._disarm: dict[str, Any] = {}
         # systemd supervision (Type=notify, WatchdogSec): pinged from this loop, so a stuck loop stops the
@@ -331,7 +332,11 @@ class ControlLoop:
         n = self._take("arm")
         if n is not None:
             self._arm_request_n = n
-            if self.status not in (sh.STATUS_DISARMED, sh.STATUS_STOPPED) or self.stop_requested is not None:
+            if self.status == sh.STATUS_ARMING:
+                pass  # the arm under way answers this request too
+            elif self.status in (sh.STATUS_RUNNING, sh.STATUS_HOMING) and self.stop_requested is None:
+                self._arm_done(ARM_OK)  # already armed: arming is idempotent for the operator
+            elif self.status not in (sh.STATUS_DISARMED, sh.STATUS_STOPPED) or self.stop_requested is not None:
                 self._arm_done(_ARM_NOT_DISARMED)
             elif not self.link.connected:
                 self._arm_done(_ARM_LINK_DOWN)
@@ -354,6 +359,7 @@ class ControlLoop:
         self._arm_seq = None
         self._arm_acked_t = None
         self._arm_deadline = t + self.cfg.arm_timeout_s
+        self._arm_sent_t = t
         self._set_status(sh.STATUS_ARMING)
         if self._clear_seq is None:
             self._send_arm()
@@ -361,17 +367,26 @@ class ControlLoop:
     def _send_arm(self) -> None:
         self._set_armed(True)  # from here the firmware may be armed: every exit path must stop it
         self._arm_seq = self._send(self.cmds.arm, "ARM")
+        self._arm_sent_t = time.monotonic()
 
     def _arming_cycle(self, t: float, st: Any) -> None:
+        # An unanswered CLEAR_FAULTS or ARM (a frame lost on the line) is resent every 0.1 s until the timeout.
+        resend = t - self._arm_sent_t >= 0.1
         if self._arm_seq is None and self._clear_seq is not None:
             r = self.cmds.result(self._clear_seq)
-            if isinstance(r, str):
+            if isinstance(r, str) and r not in ("forgotten", "unsent"):
                 self._arm_failed(t, _ARM_REFUSED, f"CLEAR_FAULTS refused: {r}")
                 return
             if r is OK:
                 self._send_arm()
+            elif resend:
+                self._clear_seq = self._send(self.cmds.clear_faults, "CLEAR_FAULTS (resend)")
+                self._arm_sent_t = t
         elif self._arm_seq is not None and self._arm_acked_t is None:
             r = self.cmds.result(self._arm_seq)
+            if (r is PENDING and resend) or r in ("forgotten", "unsent"):
+                self._send_arm()
+                return
             if isinstance(r, str):
                 code = _ARM_ENABLE_OFF if "ENABLE" in r else _ARM_REFUSED
                 self._arm_failed(t, code, f"ARM refused by the firmware: {r}")
@@ -475,7 +490,11 @@ class ControlLoop:
         if trip is not None:  # checked before the write: a tripped cycle sends the STOP, not a setpoint
             self._begin_stop(trip.category, trip.reason, t, trip.kind.value)
             return
-        self.link.send_setpoints(res.sent)
+        try:
+            self.link.send_setpoints(res.sent)
+        except Exception as exc:
+            self._trip(FaultKind.LINK_STALE, f"could not send a setpoint: {exc}", t)
+            return
         if self.telemetry.enabled and (res.clamped or self._n % self.cfg.telemetry_every == 0):
             self.telemetry.record("/control/cycle", t, {
                 "n": self._n, "requested": res.requested.tolist(), "sent": res.sent.tolist(),
@@ -543,6 +562,7 @@ class ControlLoop:
         self._set_status(sh.STATUS_STOPPING)
         seq = self._send(self.cmds.stop, f"the category-{category} STOP", category)
         t_wire = time.monotonic()
+        self.bus.set("stop_sent_t", t_wire)
         self._stop = {"category": category, "seq": seq, "t0": t_wire, "sent": t_wire, "tries": 1,
                       "acked": False, "deadline": t_wire + self.cfg.stop_timeout_s, "link_dead": False}
         self._disarm = {}

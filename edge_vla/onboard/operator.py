@@ -96,7 +96,7 @@ def bus_status(bus: sh.SharedBus) -> dict[str, Any]:
     kinds = list(FaultKind)
     k = int(bus.get("trip_kind"))
     trip = None if k <= 0 else {"kind": kinds[k - 1].value, "category": int(bus.get("trip_category")),
-                                "t": bus.get("trip_t")}
+                                "t": bus.get("trip_t"), "stop_sent_t": bus.get("stop_sent_t")}
     mode = int(bus.get("fw_mode"))
     firmware = None
     if mode >= 0:

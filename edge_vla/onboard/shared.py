@@ -65,6 +65,7 @@ _WORDS = (
     "armed",  # 1 while this host believes the firmware may be armed (control)
     "fw_mode", "fw_faults",  # the firmware's latest mode (-1: none yet) and fault bits (control)
     "trip_kind", "trip_category", "trip_t",  # the trip that caused the latest stop (1 + FaultKind index; control)
+    "stop_sent_t",  # when that stop's first STOP frame was written (control)
     "ready",  # 1 after the first good cycle (control)
     "consumed_seq",  # sync strategy: newest chunk fully played (control)
     "armed_since",  # monotonic time of the latest arm (control); chunks from before it are stale
