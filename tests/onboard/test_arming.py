@@ -162,3 +162,17 @@ def test_a_lost_stop_is_retried_and_no_heartbeat_keeps_the_firmware_armed() -> N
         # stall left (0.12 s) + ramp (0.2 s) + margin; the old host kept it alive until DISARM, ~1 s later.
         assert off["t"] - t_req < 0.6, off["t"] - t_req
         assert events(emu, "stop_cat1", since=t_req), "the host's STOP must have been retried and applied"
+
+
+def test_a_disarm_that_is_never_acknowledged_is_reported_and_armed_stays_true(caplog) -> None:
+    with start_emulator() as emu:
+        run = _runner(emu.port, arm_on_start=True)
+        with run:
+            assert run.wait_ready(30)
+            emu.drop_next("DISARM", 50)  # every DISARM is lost on the line
+            run.operator.stop()
+            wait_for(lambda: run.operator.status()["phase"] == "stopped", 5, "the stop to end")
+            st = run.operator.status()
+            assert st["armed"], "armed was cleared although no DISARM was acknowledged"
+            assert st["firmware"]["mode"] == "TRIPPED"  # torque off all the same: the STOP was confirmed
+        assert run.summary is not None and run.summary["stop"].get("disarm_failed")
