@@ -37,7 +37,8 @@ def run_campaign(reps: int, rate_hz: float = 100.0) -> dict[str, list[FaultRow]]
 def report(by_fault: dict[str, list[FaultRow]], reps: int, rate_hz: float) -> str:
     load = os.getloadavg()[0]
     head = (f"fault campaign: {reps} repetitions at {rate_hz:.0f} Hz, firmware heartbeat timeout 300 ms, ramp 200 ms, "
-            f"tick 1 ms; {platform.machine()} x{os.cpu_count()}, load {load:.1f} (shared machine)")
+            f"tick 1 ms; control loop and emulator SCHED_FIFO where permitted; {platform.machine()} x{os.cpu_count()}, "
+            f"load {load:.1f} (shared machine)")
     out_of_bounds = sum(not r.within_bounds for rows in by_fault.values() for r in rows)
     moved = sum(r.moved_without_arm for rows in by_fault.values() for r in rows)
     return "\n".join([head, format_table(by_fault),

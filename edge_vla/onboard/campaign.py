@@ -31,8 +31,9 @@ import numpy as np
 from edge_vla.action_space import sim_action_space
 from edge_vla.onboard.cameras import Frame, SimCamera
 from edge_vla.onboard.control import ControlConfig
-from edge_vla.onboard.drill import EMULATOR_LIMITS, inject_garbage
+from edge_vla.onboard.drill import DEMO_REALTIME, EMULATOR_LIMITS, inject_garbage, prioritize_emulator
 from edge_vla.onboard.following import TrackingLimits
+from edge_vla.onboard.rt import RealtimeConfig
 from edge_vla.onboard.runner import OnboardRunner, bus_state_fn
 from edge_vla.onboard.watchdog import WatchdogConfig
 from edge_vla.onboard.worker import ExpertSource, StallableSource
@@ -117,6 +118,7 @@ class Campaign:
     heartbeat_timeout_ms: int = 300
     ramp_ms: int = 200
     log_level: int = logging.WARNING
+    realtime: bool = True  # SCHED_FIFO for the control loop and the emulator where permitted (as the demo does)
     seed: int = 1_000_010
     emu: Any = None
     run: OnboardRunner | None = None
@@ -138,6 +140,8 @@ class Campaign:
 
         self.emu = EmulatorProcess(joints=2, limits=EMULATOR_LIMITS, heartbeat_timeout_ms=self.heartbeat_timeout_ms,
                                    stop_ramp_ms=self.ramp_ms, unplug_for=0.3).start()
+        if self.realtime:  # the emulator stands in for an MCU, whose ticks no host load delays
+            prioritize_emulator(self.emu.proc.pid, 40)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -169,7 +173,8 @@ class Campaign:
         cfg = ControlConfig(link_url=f"serial://{self.emu.port}", action_space=sim_action_space(),
                             rate_hz=self.rate_hz, arm_on_start=bench, first_chunk_timeout_s=5.0,
                             watchdog=WatchdogConfig(link_max_age_s=0.3),  # CPU starvation here is not a fault
-                            tracking=TrackingLimits.from_robot(sim_action_space().names, 0.3), telemetry_path=telemetry)
+                            tracking=TrackingLimits.from_robot(sim_action_space().names, 0.3), telemetry_path=telemetry,
+                            realtime=DEMO_REALTIME if self.realtime else RealtimeConfig())
         self.run = OnboardRunner(cfg, self.poison, camera, scene.instruction, image_size=64,
                                  log_level=self.log_level).start()
         return self.run

@@ -155,6 +155,7 @@ class ControlLoop:
         self._arm_acked_t: float | None = None
         self._arm_deadline = 0.0
         self._arm_sent_t = 0.0
+        self._hello_reconnects = 0
         self._stop: dict[str, Any] = {}
         self._disarm: dict[str, Any] = {}
         # systemd supervision (Type=notify, WatchdogSec): pinged from this loop, so a stuck loop stops the
@@ -353,6 +354,16 @@ class ControlLoop:
     # -- arming ----------------------------------------------------------------------------------
     def _begin_arm(self, t: float) -> None:
         log.info("operator arm: CLEAR_FAULTS then ARM")
+        reconnects = int(getattr(self.link.stats, "reconnects", 0))
+        if reconnects != self._hello_reconnects:
+            # The port was lost and re-opened since the last HELLO: a new session first. This one blocking
+            # call (<= 0.3 s) happens only here, disarmed, on an operator's request after a reconnect.
+            try:
+                self.link.hello(timeout=0.3)
+                self._hello_reconnects = reconnects
+            except Exception as exc:
+                self._arm_failed(t, _ARM_LINK_DOWN, f"no HELLO answer after the link reconnected: {exc}")
+                return
         if self.watchdog.state is State.STOPPED:
             self.watchdog.rearm()
         self._clear_seq = self._send(self.cmds.clear_faults, "CLEAR_FAULTS") if self.cmds.has_clear_faults else None
@@ -407,7 +418,7 @@ class ControlLoop:
             self.watchdog.arm(t, link_errors_total=self._link_errors())
             self._trip(FaultKind.LOOP_ERROR, f"arm not confirmed: {why}", t)
         else:
-            self._set_status(sh.STATUS_DISARMED)
+            self._set_status(sh.STATUS_STOPPED if self.watchdog.state is State.STOPPED else sh.STATUS_DISARMED)
 
     def _abort_arm(self, t: float, why: str) -> None:
         self._arm_done(_ARM_NOT_DISARMED)
