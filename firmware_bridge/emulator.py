@@ -253,6 +253,7 @@ class Emulator:
                 return
             try:
                 fn()
+                self._observe(time.monotonic())
                 self._event("control", cmd=name, ok=True, **fields)
             except (LookupError, ValueError) as exc:
                 self._event("control", cmd=name, ok=False, error=str(exc), **fields)
@@ -275,6 +276,7 @@ class Emulator:
             self._event("rx_stop", category=payload[0] if payload else None, injected=injected)
         self.observer.on_host_frame(t, injected)
         self.fw.rx(block + b"\x00", self._us(now))
+        self._observe(now)  # after every frame: an ARM and a stop may both land between two ticks
 
     # ---- the loop ----
     def run(self, duration: float | None = None) -> None:
@@ -364,7 +366,8 @@ class Emulator:
         return TIME_BASE_US + int((t - self._t0) * 1e6) - self._time_back_us
 
     def _observe(self, now: float) -> None:
-        """Judge the motors from outside the firmware: mode changes, motion, and torque after a stop."""
+        """Judge the motors from outside the firmware: mode changes, motion, and torque after a stop.
+        Called after every tick, frame and injection, so no mode or torque change goes unseen."""
         mode = self.fw.mode
         if mode != self._last_mode:
             if self._last_mode is not None:

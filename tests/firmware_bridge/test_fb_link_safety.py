@@ -154,7 +154,7 @@ def test_restarted_host_finds_the_firmware_tripped_and_disarmed(rig) -> None:
                  keepalive=True)
         with pytest.raises(NackError, match="FAULTS_LATCHED"):
             second.arm()
-    assert not emu.safety_report()["moved_without_operator_arm"]
+    assert not emu.safety_report()["moved_without_operator_arm"], [(e["event"], e.get("to"), round(e["t"], 4)) for e in emu.events]
 
 
 def test_observer_flags_torque_after_a_stop_without_clear_then_arm() -> None:
@@ -333,3 +333,24 @@ def test_emulator_process_injections_over_a_real_pty() -> None:
         assert len(report["stops"]) == 1 and len(report["torque_off"]) == 1
         assert report["torque_off"][0] >= report["stops"][0] and not report["moved_without_operator_arm"]
         assert report["modes"][-1][1] == "TRIPPED"
+
+
+def test_observer_sees_an_arm_and_a_stop_that_land_between_two_ticks() -> None:
+    """Regression: ARM then a new HELLO in one write used to reach the firmware between two ticks; the
+    observer saw torque on only after the stop and flagged a legitimate first arm as unauthorised."""
+    import serial
+
+    cfg = EmulatorConfig(joints=default_limits(2), tick_hz=50)  # 20 ms between ticks: both frames land in one
+    with Emulator(cfg, PtyTransport()) as emu:
+        port = serial.Serial(emu.port, timeout=0)
+        try:
+            port.write(framing.encode(p.Hello(), 1000))
+            time.sleep(0.05)
+            port.write(framing.encode(p.Arm(), 1001) + framing.encode(p.Hello(), 2000))
+            wait_event(emu, "session_reset")
+            time.sleep(0.05)
+        finally:
+            port.close()
+    kinds = [e["event"] for e in emu.events]
+    assert "armed" in kinds and "unauthorized_motion" not in kinds
+    assert emu.safety_report()["moved_without_operator_arm"] is False
