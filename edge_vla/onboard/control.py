@@ -200,6 +200,7 @@ class ControlLoop:
         if st is not None:
             self.bus.set("fw_mode", float(int(st.mode)))
             self.bus.set("fw_faults", float(int(st.fault_bits)))
+            self.bus.set("fw_status", float(int(getattr(st, "status", 0))))
 
     def _wait_first_state(self, timeout: float) -> Any:
         """Startup only (before the first cycle): the controller must be streaming state."""

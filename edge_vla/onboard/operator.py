@@ -101,8 +101,11 @@ def bus_status(bus: sh.SharedBus) -> dict[str, Any]:
     firmware = None
     if mode >= 0:
         bits = Fault(int(bus.get("fw_faults")))
+        status = int(bus.get("fw_status"))
         firmware = {"mode": Mode(mode).name, "fault_bits": int(bits),
-                    "faults": [f.name for f in Fault if f and f in bits]}
+                    "faults": [f.name for f in Fault if f and f in bits],
+                    # the hardware enable input (protocol 1.1 Status bits: ENABLE_INPUT 0x1, ENABLE_REQUIRED 0x4)
+                    "enable_input": bool(status & 0x1), "enable_required": bool(status & 0x4)}
     last_arm = int(bus.get("arm_result"))
     return {
         "phase": sh.STATUS_NAMES[int(bus.get("status"))],

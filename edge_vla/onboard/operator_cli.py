@@ -32,6 +32,8 @@ def format_status(s: dict[str, Any]) -> str:
         f"firmware  {fw.get('mode', 'unknown')}" + (f", faults {', '.join(fw['faults'])}" if fw.get("faults") else ""),
         "last trip " + ("none" if trip is None else f"category {trip['category']} {trip['kind']}"),
     ]
+    if fw.get("enable_required"):
+        lines.append(f"enable    {'asserted' if fw.get('enable_input') else 'NOT asserted (arming is refused)'}")
     if s.get("last_arm"):
         lines.append(f"last arm  {s['last_arm']}")
     if s.get("worker_errors"):

@@ -63,7 +63,7 @@ _WORDS = (
     "worker_errors",  # failed inferences so far (worker)
     "status",  # STATUS_* (control)
     "armed",  # 1 while this host believes the firmware may be armed (control)
-    "fw_mode", "fw_faults",  # the firmware's latest mode (-1: none yet) and fault bits (control)
+    "fw_mode", "fw_faults", "fw_status",  # the firmware's latest mode (-1: none yet), fault and status bits (control)
     "trip_kind", "trip_category", "trip_t",  # the trip that caused the latest stop (1 + FaultKind index; control)
     "stop_sent_t",  # when that stop's first STOP frame was written (control)
     "ready",  # 1 after the first good cycle (control)

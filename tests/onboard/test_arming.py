@@ -176,3 +176,19 @@ def test_a_disarm_that_is_never_acknowledged_is_reported_and_armed_stays_true(ca
             assert st["armed"], "armed was cleared although no DISARM was acknowledged"
             assert st["firmware"]["mode"] == "TRIPPED"  # torque off all the same: the STOP was confirmed
         assert run.summary is not None and run.summary["stop"].get("disarm_failed")
+
+
+def test_the_enable_input_gates_an_operator_arm() -> None:
+    with start_emulator(enable_required=True, enable_initial="0") as emu:
+        run = _runner(emu.port)
+        with run:
+            wait_for(lambda: run.operator.status()["phase"] == "disarmed", 20, "the loop")
+            fw = run.operator.status()["firmware"]
+            assert fw["enable_required"] and not fw["enable_input"]
+            reply = run.operator.arm()
+            assert not reply["ok"] and "enable" in reply["error"], reply
+            assert events(emu, "armed") == []
+            emu.set_enable(True)
+            wait_for(lambda: run.operator.status()["firmware"]["enable_input"], 3, "the enable input")
+            assert run.operator.arm()["ok"]
+            wait_for(lambda: events(emu, "armed"), 3, "the firmware to arm")
