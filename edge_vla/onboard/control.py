@@ -415,6 +415,9 @@ class ControlLoop:
         log.error("arm failed: %s", why)
         self._event(t, "arm_failed", reason=why)
         self._arm_done(code)
+        st = self.link.latest_state
+        if self.armed and code != _ARM_TIMEOUT and (st is None or int(st.mode) != _MODE_ARMED):
+            self._set_armed(False)  # refused (NACK) and the firmware does not report ARMED: it never armed
         if self.armed:  # the ARM may have landed: stop and disarm it the usual way
             self.watchdog.arm(t, link_errors_total=self._link_errors())
             self._trip(FaultKind.LOOP_ERROR, f"arm not confirmed: {why}", t)

@@ -188,6 +188,7 @@ def test_the_enable_input_gates_an_operator_arm() -> None:
             reply = run.operator.arm()
             assert not reply["ok"] and "enable" in reply["error"], reply
             assert events(emu, "armed") == []
+            assert not reply["status"]["armed"]  # a refused ARM is known not to have landed: no stop needed
             emu.set_enable(True)
             wait_for(lambda: run.operator.status()["firmware"]["enable_input"], 3, "the enable input")
             assert run.operator.arm()["ok"]
