@@ -72,7 +72,7 @@ def _thread_run(port: str, rate_hz: float, holder: SceneHolder, instruction: str
     from firmware_bridge.link import open_link
 
     cfg = ControlConfig(link_url=f"serial://{port}", action_space=sim_action_space(), rate_hz=rate_hz,
-                        duration_s=RUN_S)
+                        duration_s=RUN_S, arm_on_start=True)  # bench mode: armed without an operator
     bus = sh.SharedBus(2)
     loop = ControlLoop(cfg, bus, open_link(cfg.link_url))
     result: dict[str, Any] = {}
@@ -92,8 +92,8 @@ def _thread_run(port: str, rate_hz: float, holder: SceneHolder, instruction: str
 
 def _process_run(port: str, rate_hz: float, holder: SceneHolder, instruction: str, fifo: bool) -> dict[str, Any]:
     cfg = ControlConfig(link_url=f"serial://{port}", action_space=sim_action_space(), rate_hz=rate_hz,
-                        duration_s=RUN_S, realtime=RealtimeConfig(fifo_priority=50 if fifo else None,
-                                                                  lock_memory=fifo))
+                        duration_s=RUN_S, arm_on_start=True,
+                        realtime=RealtimeConfig(fifo_priority=50 if fifo else None, lock_memory=fifo))
     run = OnboardRunner(cfg, _source(holder), lambda bus: SimCamera(holder, bus_state_fn(bus), 64), instruction,
                         image_size=64, log_level=logging.WARNING)
     with run:
@@ -179,3 +179,68 @@ def test_fault_to_stop_frame_and_success_through_the_stack(benchmark) -> None:
     stack = out["stack"]
     print(f"closed-loop success: whole stack {stack['successes']}/{stack['episodes']} vs direct "
           f"{out['direct']}/10 (same seeds {EVAL_SEED_BASE}..{EVAL_SEED_BASE + 9})")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_soak_one_hour_of_cycles_keeps_rss_flat(benchmark) -> None:
+    """Bounded memory (issue 12): one hour of control cycles in simulated time through every per-cycle
+    structure of the real-time process (cycle statistics, safety layer, watchdog, tracking check, link
+    command tracking, worker latency statistics); RSS sampled every simulated 5 minutes must stay flat.
+
+        EDGE_VLA_SOAK_HOURS=1 EDGE_VLA_SOAK_HZ=100 .venv/bin/pytest benchmarks/bench_control_loop.py -k soak -s
+    """
+    from edge_vla.onboard.following import TrackingCheck, TrackingLimits
+    from edge_vla.onboard.linkops import Commands
+    from edge_vla.onboard.safety import SafetyLayer, SafetyLimits
+    from edge_vla.onboard.telemetry import CycleStats
+    from edge_vla.onboard.watchdog import Signals, Watchdog
+    from edge_vla.onboard.worker import WorkerStats
+
+    hours = float(os.environ.get("EDGE_VLA_SOAK_HOURS", "1"))
+    rate, space = float(os.environ.get("EDGE_VLA_SOAK_HZ", "100")), sim_action_space()
+    cycles = int(hours * 3600 * rate)
+    samples: list[tuple[float, float]] = []
+
+    def soak() -> None:
+        stats, worker = CycleStats(1 / rate), WorkerStats()
+        safety = SafetyLayer(SafetyLimits.from_action_space(space, rate))
+        safety.reset(np.zeros(space.dim))
+        wd = Watchdog()
+        wd.arm(0.0)
+        tracking = TrackingCheck(TrackingLimits.from_robot(space.names, 0.5))
+        rng = np.random.default_rng(0)
+        jitter = rng.exponential(50e-6, 4096)
+        q = np.zeros(space.dim)
+
+        class _Link:  # the command tracker's bookkeeping only (no frames): a STOP/ACK every second
+            def stop(self, category: int) -> int:
+                self.seq = getattr(self, "seq", 0) + 1
+                return self.seq
+
+        cmds = Commands(_Link())
+        for i in range(cycles):
+            t = i / rate
+            target = 0.3 * np.sin(np.array([t, 0.7 * t]))
+            res = safety.command(target)
+            tracking.check(res.sent, q, None, space.names)
+            q = res.sent
+            wd.check(Signals(now=t, camera_age_s=0.03, chunk_age_s=0.1, link_age_s=0.002, worker_age_s=0.01,
+                             link_errors_total=i // 100_000))
+            stats.add(t + jitter[i % 4096], jitter[i % 4096], 2e-4, 0)
+            if i % int(rate) == 0:
+                cmds.result(cmds.stop(1))
+            if i % int(rate / 20) == 0:  # inference at 20 Hz
+                worker.record_latency(30.0 + jitter[i % 4096] * 1e3)
+            if i % int(300 * rate) == 0:
+                samples.append((t / 60, _rss_mb()))
+        samples.append((cycles / rate / 60, _rss_mb()))
+
+    benchmark.pedantic(soak, rounds=1, iterations=1)
+    growth = samples[-1][1] - samples[1][1] if len(samples) > 2 else 0.0
+    print(f"\nsoak: {cycles} cycles at {rate:.0f} Hz ({hours:g} h simulated); RSS MB by minute: "
+          + ", ".join(f"{m:.0f}:{r:.1f}" for m, r in samples) + f"; growth after the first 5 min {growth:+.2f} MB")
+    assert growth < 1.0, samples

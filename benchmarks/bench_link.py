@@ -4,7 +4,9 @@
   over a pty with the emulator pacing both directions like a 1 Mbaud UART, the same unpaced, and over
   python-can's virtual bus;
 - corrupted frames accepted out of 10^5 random corruptions (must be 0), Python and C decoders;
-- time from the host's last heartbeat until the emulator's firmware has stopped the motors.
+- time from the host's last heartbeat until the emulator's firmware has stopped the motors;
+- acknowledged stops (issue 12): STOP sent -> ACK back (host clock) and STOP received -> torque off
+  (emulator clock) with 0, 1 and 2 STOP frames lost on the way, over a real pty.
 """
 
 from __future__ import annotations
@@ -154,3 +156,34 @@ def test_heartbeat_loss_to_motors_stopped(benchmark) -> None:
           f"(timeout {timeout_ms} ms); -> torque off: mean {off.mean():.1f} ms, max {off.max():.1f} ms "
           f"(timeout + {ramp_ms} ms ramp); n={trials}")
     assert off.max() < timeout_ms + ramp_ms + 50
+
+
+@pytest.mark.parametrize("lost", [0, 1, 2], ids=["no-loss", "1-lost", "2-lost"])
+def test_acknowledged_stop_with_lost_frames(benchmark, lost: int) -> None:
+    retry_s, trials = 0.02, 5
+    acked: list[float] = []
+    off: list[float] = []
+
+    def one() -> None:
+        with EmulatorProcess(joints=JOINTS, heartbeat_timeout_ms=200) as emu, \
+                open_link(f"serial://{emu.port}") as link:
+            link.hello()
+            link.arm()
+            end = time.monotonic() + 0.2
+            while time.monotonic() < end:
+                link.send_setpoints(np.full(JOINTS, 0.2))
+                link.poll(0.005)
+            if lost:
+                emu.drop_next("STOP", lost)
+            t0 = time.monotonic()
+            assert link.stop(0, timeout=retry_s, retries=5)
+            acked.append(time.monotonic() - t0)
+            torque_off = emu.wait_event("torque_off", timeout=5)["t"]
+            off.append(torque_off - t0)
+
+    benchmark.pedantic(one, rounds=trials, iterations=1)
+    a, o = np.array(acked) * 1e3, np.array(off) * 1e3
+    print(f"[link] category-0 STOP with {lost} frame(s) lost (retry every {retry_s * 1e3:.0f} ms): "
+          f"first STOP sent -> ACK p50 {np.median(a):.1f} ms max {a.max():.1f} ms; -> torque off (emulator) "
+          f"p50 {np.median(o):.1f} ms max {o.max():.1f} ms; n={trials}")
+    assert o.max() < (lost + 1) * retry_s * 1e3 + 100

@@ -7,6 +7,7 @@ on that C code. Imports neither edge_vla nor torch.
 
 from firmware_bridge.errors import (
     BridgeError,
+    DisarmFailedError,
     FirmwareBuildError,
     IncompatibleProtocolError,
     LinkDownError,
@@ -16,6 +17,7 @@ from firmware_bridge.errors import (
 
 __all__ = [
     "BridgeError",
+    "DisarmFailedError",
     "FirmwareBuildError",
     "IncompatibleProtocolError",
     "LinkDownError",

@@ -6,6 +6,11 @@
 The protocol and the watchdog are the firmware's own C code (firmware/fw_core.c); this module only
 moves bytes, steps the joint dynamics, injects faults and writes events as JSON lines with
 time.monotonic() timestamps (one clock for every process on the machine).
+
+Targeted fault injection (drop_next, inject_garbage, corrupt_alternate, replay, block_joint,
+step_time_back, set_enable) is thread-safe: each call is queued and applied by the emulator's loop
+within one tick, and logged as a `control` event. In another process (EmulatorProcess) the same calls
+travel as JSON lines on the emulator's stdin (--control-stdin).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import queue
 import signal
 import sys
 import threading
@@ -23,20 +29,32 @@ from pathlib import Path
 from typing import IO
 
 import numpy as np
-from cobs import cobs
 
 from firmware_bridge.emulator_process import EmulatorProcess, read_events
 from firmware_bridge.faults import FaultConfig, FaultInjector
 from firmware_bridge.firmware import EventKind, FirmwareRef
 from firmware_bridge.framing import StreamDecoder
+from firmware_bridge.injection import (
+    HostFrameFaults,
+    SafetyObserver,
+    frame_payload,
+    frame_type,
+    safety_report,
+    type_name,
+)
 from firmware_bridge.plant import JointPlant
-from firmware_bridge.protocol import Fault, JointLimits, Mode, MsgType
+from firmware_bridge.protocol import Fault, JointLimits, JointSafety, Mode, MsgType
 from firmware_bridge.transport import CanTransport, PtyTransport, Transport
 
 log = logging.getLogger(__name__)
 _LIVENESS = (MsgType.HEARTBEAT, MsgType.SETPOINT)
+TIME_BASE_US = 1_000_000_000  # the firmware's time source starts here, so step_time_back has room
+MOTION_SPEED = 0.05  # rad/s: above this with torque on, the robot is moving
+CONTROL_COMMANDS = ("drop_next", "inject_garbage", "corrupt_alternate", "replay", "block_joint", "step_time_back",
+                    "set_enable")
 
-__all__ = ["Emulator", "EmulatorConfig", "EmulatorProcess", "configure", "default_limits", "main", "read_events"]
+__all__ = ["Emulator", "EmulatorConfig", "EmulatorProcess", "configure", "default_limits", "main", "read_events",
+           "safety_report"]
 
 
 def default_limits(n: int, names: list[str] | None = None) -> list[JointLimits]:
@@ -62,7 +80,26 @@ class EmulatorConfig:
     inject_fault_cat: int = 0
     seed: int | None = None
     protocol: tuple[int, int] | None = None  # pretend to speak another protocol version (tests)
-    firmware_version: tuple[int, int, int] = (1, 0, 0)
+    firmware_version: tuple[int, int, int] = (1, 1, 0)
+    # safety configuration of the emulated robot (protocol 1.1)
+    link_loss_category: int = 1  # heartbeat loss / new session while armed: 1 = controlled stop (default)
+    link_error_category: int = 0  # corrupted-frame bursts: 0 = torque off now
+    enable_required: bool = False  # ARM needs the hardware enable input; dropping it stops
+    enable_category: int = 0
+    enable_initial: bool = True  # the enable input's level at start
+    following_error: float = 1.0  # rad, per joint: |commanded - measured| -> category 0 (0: off)
+    gripper_joints: tuple[int, ...] = ()  # these get an effort limit instead of a following-error limit
+    gripper_effort_limit: float = 0.0  # N*m (0: off)
+    kp_max: float = 200.0  # N*m/rad: host gains are clamped to these
+    kd_max: float = 10.0
+    seq_window: int = 256
+    error_leak_per_s: int = 10
+
+    def joint_safety(self) -> list[JointSafety]:
+        return [JointSafety("gripper", 0.0, 0.0, self.gripper_effort_limit, self.kp_max, self.kd_max)
+                if j in self.gripper_joints else JointSafety("joint", self.following_error, 0.0, 0.0, self.kp_max,
+                                                             self.kd_max)
+                for j in range(len(self.joints))]
 
 
 class _Paced:
@@ -90,14 +127,6 @@ class _Paced:
         return min((t for t, _, _ in self.queue), default=float("inf"))
 
 
-def _frame_type(block: bytes) -> int | None:
-    try:
-        raw = cobs.decode(block)
-    except cobs.DecodeError:
-        return None
-    return raw[1] if len(raw) >= 8 else None
-
-
 class Emulator:
     """One emulated motor controller on a transport. run() blocks; start() runs it in a thread."""
 
@@ -105,11 +134,24 @@ class Emulator:
                  on_event: Callable[[dict], None] | None = None) -> None:
         self.config = config
         self.transport = transport
+        bad = [j for j in config.gripper_joints if not 0 <= j < len(config.joints)]
+        if bad:
+            raise ValueError(f"gripper joints {bad} outside 0..{len(config.joints) - 1}")
         self.fw = FirmwareRef(config.joints, config.heartbeat_timeout_ms, config.stop_ramp_ms,
                               config.state_rate_hz, config.link_error_limit, config.firmware_version,
-                              protocol=config.protocol)
+                              protocol=config.protocol, link_loss_category=config.link_loss_category,
+                              link_error_category=config.link_error_category,
+                              enable_required=config.enable_required, enable_category=config.enable_category,
+                              seq_window=config.seq_window, error_leak_per_s=config.error_leak_per_s,
+                              joint_safety=config.joint_safety())
         self.plant = JointPlant(config.joints)
         self.injector = FaultInjector(config.faults, config.seed)
+        self.host_faults = HostFrameFaults()
+        self.observer = SafetyObserver()
+        self._controls: queue.SimpleQueue[tuple[str, Callable[[], object], dict]] = queue.SimpleQueue()
+        self._time_back_us = 0
+        self._last_mode: Mode | None = None
+        self._moving = False
         self.events: list[dict] = []
         self._on_event = on_event
         self._stop = threading.Event()
@@ -146,6 +188,96 @@ class Emulator:
     def port(self) -> str:
         return getattr(self.transport, "port", self.transport.description)
 
+    # ---- targeted fault injection (thread-safe: applied by the loop within one tick) ----
+    def drop_next(self, msg_type: MsgType | int | str, n: int = 1) -> None:
+        """Drop the next `n` host->firmware frames of this type (a lost STOP, a lost DISARM)."""
+        t = _msg_type(msg_type)
+        self._control("drop_next", lambda: self.host_faults.drop.__setitem__(t, self.host_faults.drop.get(t, 0) + n),
+                      type=t.name, n=n)
+
+    def inject_garbage(self, data: bytes | str) -> None:
+        """Feed raw bytes to the firmware's receiver (line noise; a malformed frame is a link error)."""
+        raw = bytes.fromhex(data) if isinstance(data, str) else bytes(data)
+        self._control("inject_garbage", lambda: self.fw.rx(raw, self._us(time.monotonic())), bytes=len(raw))
+
+    def corrupt_alternate(self, n: int) -> None:
+        """The next 2n host frames alternate corrupted, good, corrupted, good, ..."""
+        self._control("corrupt_alternate", lambda: setattr(self.host_faults, "alternate_left", 2 * n), n=n)
+
+    def replay(self, msg_type: MsgType | int | str, which: str = "oldest") -> None:
+        """Deliver an earlier host frame of this type again, byte for byte ("oldest" or "latest" kept)."""
+        t = _msg_type(msg_type)
+
+        def go() -> None:
+            block = self.host_faults.recorded(t, which)
+            self._deliver(block, time.monotonic(), injected=True)
+
+        self._control("replay", go, type=t.name, which=which)
+
+    def block_joint(self, joint: int, blocked: bool = True) -> None:
+        """Joint `joint` stops moving where it is (following error while the host keeps commanding)."""
+        if not 0 <= joint < len(self.config.joints):
+            raise ValueError(f"joint {joint} outside 0..{len(self.config.joints) - 1}")
+        self._control("block_joint", lambda: self.plant.block(joint, blocked), joint=joint, blocked=blocked)
+
+    def step_time_back(self, seconds: float) -> None:
+        """The firmware's time source jumps back by `seconds` (a timer reset or a bad clock)."""
+        us = int(seconds * 1e6)
+        if not 0 < us < TIME_BASE_US:
+            raise ValueError(f"step back must be in (0, {TIME_BASE_US / 1e6:g}) s, got {seconds}")
+        self._control("step_time_back", lambda: setattr(self, "_time_back_us", self._time_back_us + us),
+                      seconds=seconds)
+
+    def set_enable(self, asserted: bool) -> None:
+        """The hardware enable input (enable switch, E-stop chain) changes level."""
+        self._control("set_enable", lambda: self.fw.set_enable(bool(asserted), self._us(time.monotonic())),
+                      asserted=bool(asserted))
+
+    def control(self, cmd: str, **args: object) -> None:
+        """One injection by name (the control pipe of EmulatorProcess); see CONTROL_COMMANDS."""
+        if cmd not in CONTROL_COMMANDS:
+            raise ValueError(f"unknown emulator control {cmd!r}; one of {', '.join(CONTROL_COMMANDS)}")
+        getattr(self, cmd)(**args)
+
+    def safety_report(self) -> dict:
+        return safety_report(self.events)
+
+    def _control(self, name: str, fn: Callable[[], object], **fields: object) -> None:
+        self._controls.put((name, fn, fields))
+
+    def _apply_controls(self) -> None:
+        while True:
+            try:
+                name, fn, fields = self._controls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                fn()
+                self._observe(time.monotonic())
+                self._event("control", cmd=name, ok=True, **fields)
+            except (LookupError, ValueError) as exc:
+                self._event("control", cmd=name, ok=False, error=str(exc), **fields)
+
+    def _deliver(self, block: bytes, now: float, injected: bool = False) -> None:
+        """One host frame into the firmware (after the per-type faults), observed on the way."""
+        t = frame_type(block)
+        if not injected:
+            out, what = self.host_faults.filter(block)
+            if out is None:
+                self._event("rx_dropped", type=type_name(t))
+                return
+            if what == "corrupted":
+                self._event("rx_corrupted", type=type_name(t))
+            block = out
+        if t in _LIVENESS and not injected:  # a replayed heartbeat is not the host being alive
+            self.last_liveness = now
+        if t == MsgType.STOP:
+            payload = frame_payload(block)
+            self._event("rx_stop", category=payload[0] if payload else None, injected=injected)
+        self.observer.on_host_frame(t, injected)
+        self.fw.rx(block + b"\x00", self._us(now))
+        self._observe(now)  # after every frame: an ARM and a stop may both land between two ticks
+
     # ---- the loop ----
     def run(self, duration: float | None = None) -> None:
         self.transport.open()
@@ -160,6 +292,8 @@ class Emulator:
         decoders: dict[int, StreamDecoder] = {}
         next_tick, last_plant = now, now
         injected = False
+        if cfg.enable_required:
+            self.fw.set_enable(cfg.enable_initial, self._us(now))
         self._event("started", port=self.port)
         try:
             while not self._stop.is_set() and now < end:
@@ -173,15 +307,15 @@ class Emulator:
                             continue
                         for delay, frame in self.injector.apply(block, "rx"):
                             rx.push(now, frame, delay, stream)
+                self._apply_controls()
                 for _, block in rx.due(now):
-                    if _frame_type(block) in _LIVENESS:
-                        self.last_liveness = now
-                    self.fw.rx(block + b"\x00", self._us(now))
+                    self._deliver(block, now)
                 if now >= next_tick:
                     self.plant.step(now - last_plant, *self.fw.commands())
                     last_plant = now
                     self.fw.set_measured(self.plant.q, self.plant.v, self.plant.tau)
                     self.fw.tick(self._us(now))
+                    self._observe(now)
                     next_tick = max(next_tick + period, now - period)
                     if cfg.inject_fault_at is not None and not injected and now - self._t0 >= cfg.inject_fault_at:
                         injected = True
@@ -189,7 +323,7 @@ class Emulator:
                 out = self.fw.tx_take()
                 if out:
                     for block in out.split(b"\x00")[:-1]:
-                        urgent = _frame_type(block) == MsgType.FAULT
+                        urgent = frame_type(block) == MsgType.FAULT
                         for delay, frame in self.injector.apply(block + b"\x00", "tx"):
                             tx.push(now, frame, delay, int(urgent))
                 for urgent, frame in tx.due(now):
@@ -197,6 +331,7 @@ class Emulator:
                 self._drain_events(now)
                 now = self._maybe_unplug(now, decoders)
         finally:
+            self._drain_events(time.monotonic())  # what the firmware logged in the last iteration
             self._event("exit")
             self.transport.close()
 
@@ -227,7 +362,27 @@ class Emulator:
         return time.monotonic()
 
     def _us(self, t: float) -> int:
-        return int((t - self._t0) * 1e6)
+        """The firmware's time source: microseconds since start, on a base that leaves room to step back."""
+        return TIME_BASE_US + int((t - self._t0) * 1e6) - self._time_back_us
+
+    def _observe(self, now: float) -> None:
+        """Judge the motors from outside the firmware: mode changes, motion, and torque after a stop.
+        Called after every tick, frame and injection, so no mode or torque change goes unseen."""
+        mode = self.fw.mode
+        if mode != self._last_mode:
+            if self._last_mode is not None:
+                self._event("mode", **{"from": self._last_mode.name, "to": mode.name})
+            if mode in (Mode.STOPPING, Mode.TRIPPED):
+                self.observer.on_stop()
+            self._last_mode = mode
+        on, _ = self.fw.commands()
+        if self.observer.on_torque(on):
+            self._event("unauthorized_motion", mode=mode.name,
+                        reason="torque on after a stop without CLEAR_FAULTS then ARM from the host")
+        moving = on and float(np.max(np.abs(self.plant.v))) > MOTION_SPEED
+        if moving and not self._moving:
+            self._event("motion_started")
+        self._moving = moving
 
     def _drain_events(self, now: float) -> None:
         for ev in self.fw.events():
@@ -237,6 +392,15 @@ class Emulator:
                 extra["since_last_heartbeat_s"] = round(now - self.last_liveness, 6)
             if ev.kind in (EventKind.STOP_CAT0, EventKind.STOP_CAT1):
                 self._stopped_reported = False
+                self.observer.on_stop()
+            if ev.kind in (EventKind.FOLLOWING_ERROR, EventKind.EFFORT_LIMIT, EventKind.STOP_ESCALATED):
+                extra["joint"] = ev.arg
+            elif ev.kind == EventKind.ENABLE:
+                extra["asserted"] = bool(ev.arg)
+            elif ev.kind == EventKind.STALE_FRAME:
+                extra["type"] = type_name(ev.arg)
+            elif ev.kind == EventKind.STOP_RECEIVED:
+                extra["category"] = ev.arg
             self._event(ev.kind.name.lower(), firmware_time_us=ev.firmware_time_us,
                         faults=[f.name for f in Fault if f and f in ev.fault_bits], **extra)
         mode = self.fw.mode
@@ -291,6 +455,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
     faults.add_argument("--inject-fault-at", type=float, help="seconds after start: a firmware fault")
     faults.add_argument("--inject-fault-cat", type=int, choices=(0, 1), default=0)
     faults.add_argument("--seed", type=int)
+    safety = parser.add_argument_group("safety configuration of the emulated robot")
+    safety.add_argument("--link-loss-category", type=int, choices=(0, 1), default=1,
+                        help="stop category on heartbeat loss (default 1: controlled stop; 0: torque off)")
+    safety.add_argument("--link-error-category", type=int, choices=(0, 1), default=0,
+                        help="stop category on a burst of corrupted frames (default 0)")
+    safety.add_argument("--enable-required", action="store_true", help="ARM needs the hardware enable input")
+    safety.add_argument("--enable-category", type=int, choices=(0, 1), default=0,
+                        help="stop category when enable drops while armed (default 0)")
+    safety.add_argument("--enable-initial", type=int, choices=(0, 1), default=1, help="enable input level at start")
+    safety.add_argument("--following-error", type=float, default=1.0,
+                        help="rad: |commanded - measured| position that trips category 0 (default 1.0; 0 off)")
+    safety.add_argument("--gripper-joints", default="", metavar="J,J",
+                        help="joints with the gripper role (effort limit instead of following error)")
+    safety.add_argument("--gripper-effort-limit", type=float, default=0.0, help="N*m (0: off)")
+    safety.add_argument("--kp-max", type=float, default=200.0, help="host kp is clamped to this (N*m/rad)")
+    safety.add_argument("--kd-max", type=float, default=10.0, help="host kd is clamped to this (N*m*s/rad)")
+    safety.add_argument("--seq-window", type=int, default=256, help="frames a sequence number may jump ahead")
+    parser.add_argument("--control-stdin", action="store_true",
+                        help="read fault-injection commands as JSON lines on stdin (EmulatorProcess)")
     parser.add_argument("--protocol", metavar="MAJOR.MINOR", help="speak another protocol version (tests)")
     parser.add_argument("--events", metavar="PATH", help="append JSON-lines events here")
     parser.add_argument("--duration", type=float, help="exit after this many seconds")
@@ -308,7 +491,30 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         stall_at=args.stall_at, stall_for=args.stall_for, unplug_at=args.unplug_at, unplug_for=args.unplug_for,
         inject_fault_at=args.inject_fault_at, inject_fault_cat=args.inject_fault_cat, seed=args.seed,
         protocol=protocol,  # type: ignore[arg-type]
+        link_loss_category=args.link_loss_category, link_error_category=args.link_error_category,
+        enable_required=args.enable_required, enable_category=args.enable_category,
+        enable_initial=bool(args.enable_initial), following_error=args.following_error,
+        gripper_joints=tuple(int(j) for j in args.gripper_joints.split(",") if j.strip()),
+        gripper_effort_limit=args.gripper_effort_limit, kp_max=args.kp_max, kd_max=args.kd_max,
+        seq_window=args.seq_window,
     )
+
+
+def _msg_type(value: MsgType | int | str) -> MsgType:
+    try:
+        return MsgType[value.upper()] if isinstance(value, str) else MsgType(value)
+    except (KeyError, ValueError):
+        raise ValueError(f"unknown message type {value!r}; one of {', '.join(m.name for m in MsgType)}") from None
+
+
+def _read_controls(emu: Emulator, stream: IO[str]) -> None:
+    """JSON lines {"cmd": "drop_next", "args": {...}} -> emu.control(); each answered by one `control` event."""
+    for line in stream:
+        try:
+            req = json.loads(line)
+            emu.control(req["cmd"], **req.get("args", {}))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            emu._event("control", ok=False, error=f"bad control line {line.strip()!r}: {exc}")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -324,6 +530,8 @@ def main(args: argparse.Namespace) -> int:
             sink.write(json.dumps(ev) + "\n")
 
     emu = Emulator(config, transport, on_event)
+    if args.control_stdin:
+        threading.Thread(target=_read_controls, args=(emu, sys.stdin), name="fw-emulator-control", daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: emu._stop.set())
     signal.signal(signal.SIGUSR1, lambda *_: emu.unplug(config.unplug_for))
     transport.open()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -34,6 +35,9 @@ class EmulatorProcess:
     """`python -m firmware_bridge.emulator` on a pty behind a stable symlink; `.port` is that path.
 
     Extra keyword arguments become command-line options (heartbeat_timeout_ms=50 -> --heartbeat-timeout-ms 50).
+    Fault injection (drop_next, inject_garbage, corrupt_alternate, replay, block_joint, step_time_back,
+    set_enable) goes as JSON lines to the child's stdin; each call returns once the emulator's loop has
+    applied it (its `control` event is in the events file) and raises BridgeError if it was refused.
     """
 
     def __init__(self, joints: int = 2, startup_timeout: float = 20.0, **options: object) -> None:
@@ -41,7 +45,7 @@ class EmulatorProcess:
         self.port = str(Path(self._dir.name) / "tty")
         self.events_path = Path(self._dir.name) / "events.jsonl"
         self.args = [sys.executable, "-m", "firmware_bridge.emulator", "--pty", "--link", self.port, "--print-path",
-                     "--joints", str(joints), "--events", str(self.events_path)]
+                     "--joints", str(joints), "--events", str(self.events_path), "--control-stdin"]
         for key, value in options.items():
             if value is True:
                 self.args.append(f"--{key.replace('_', '-')}")
@@ -56,7 +60,8 @@ class EmulatorProcess:
                                              env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         self.log_path = Path(self._dir.name) / "emulator.log"
         with open(self.log_path, "w") as log:  # a file, not a pipe: a full pipe would stall the emulator
-            self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+            self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                         text=True, env=env)
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], self.startup_timeout)
         line = self.proc.stdout.readline().strip() if ready else ""
@@ -78,6 +83,50 @@ class EmulatorProcess:
             time.sleep(0.01)
         raise TimeoutError(f"no {name!r} event from the emulator within {timeout} s; events: {self.events()}")
 
+    # ---- fault injection (see Emulator for what each does) ----
+    def control(self, cmd: str, timeout: float = 5.0, **args: object) -> dict:
+        """Send one injection command and wait until the emulator applied it; returns its `control` event."""
+        assert self.proc is not None and self.proc.stdin is not None, "start() the emulator first"
+        seen = sum(1 for e in self.events() if e["event"] == "control")
+        self.proc.stdin.write(json.dumps({"cmd": cmd, "args": args}) + "\n")
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done = [e for e in self.events() if e["event"] == "control"]
+            if len(done) > seen:
+                ev = done[seen]
+                if not ev.get("ok"):
+                    raise BridgeError(f"emulator refused {cmd}({args}): {ev.get('error')}")
+                return ev
+            time.sleep(0.005)
+        raise BridgeError(f"emulator did not apply {cmd}({args}) within {timeout} s; log: {self.log_path}")
+
+    def drop_next(self, msg_type: str | int, n: int = 1) -> dict:
+        return self.control("drop_next", msg_type=_type_arg(msg_type), n=n)
+
+    def inject_garbage(self, data: bytes) -> dict:
+        return self.control("inject_garbage", data=bytes(data).hex())
+
+    def corrupt_alternate(self, n: int) -> dict:
+        return self.control("corrupt_alternate", n=n)
+
+    def replay(self, msg_type: str | int, which: str = "oldest") -> dict:
+        return self.control("replay", msg_type=_type_arg(msg_type), which=which)
+
+    def block_joint(self, joint: int, blocked: bool = True) -> dict:
+        return self.control("block_joint", joint=joint, blocked=blocked)
+
+    def step_time_back(self, seconds: float) -> dict:
+        return self.control("step_time_back", seconds=seconds)
+
+    def set_enable(self, asserted: bool) -> dict:
+        return self.control("set_enable", asserted=bool(asserted))
+
+    def safety_report(self) -> dict:
+        from firmware_bridge.injection import safety_report
+
+        return safety_report(self.events())
+
     def unplug(self) -> None:
         """Close the pty now and reopen it after --unplug-for seconds (SIGUSR1)."""
         assert self.proc is not None
@@ -91,8 +140,11 @@ class EmulatorProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc is not None and self.proc.stdout is not None:
-            self.proc.stdout.close()
+        if self.proc is not None:
+            for stream in (self.proc.stdin, self.proc.stdout):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
 
     def __enter__(self) -> EmulatorProcess:
         return self.start()
@@ -100,3 +152,8 @@ class EmulatorProcess:
     def __exit__(self, *exc: object) -> None:
         self.stop()
         self._dir.cleanup()
+
+
+def _type_arg(msg_type: str | int) -> str | int:
+    """A message type as JSON: its name (an IntEnum member is sent by name)."""
+    return getattr(msg_type, "name", msg_type)

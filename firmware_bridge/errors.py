@@ -27,6 +27,10 @@ class LinkTimeoutError(BridgeError, TimeoutError):
     """The firmware did not answer in time."""
 
 
+class DisarmFailedError(LinkTimeoutError):
+    """DISARM was not acknowledged after its retries: the firmware may still be armed."""
+
+
 class NackError(BridgeError):
     """The firmware refused a command (NACK); the message carries its reason."""
 

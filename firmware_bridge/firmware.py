@@ -7,6 +7,7 @@ commands to simulated joints. The codec helpers expose the C encoder/decoder to 
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -23,7 +24,9 @@ from firmware_bridge.protocol import (
     VEL_SCALE,
     Fault,
     JointLimits,
+    JointSafety,
     Mode,
+    Status,
 )
 
 _RAW_CAP = MAX_PAYLOAD + 8
@@ -39,10 +42,19 @@ class EventKind(IntEnum):
     HEARTBEAT_TIMEOUT = 6
     LINK_ERRORS = 7
     HELLO = 8
+    FAULTS_CLEARED = 9
+    FOLLOWING_ERROR = 10  # arg: joint
+    EFFORT_LIMIT = 11  # arg: joint
+    ENABLE = 12  # arg: 1 asserted, 0 dropped
+    TIME_BACKSTEP = 13
+    STALE_FRAME = 14  # arg: message type
+    STOP_ESCALATED = 15  # arg: joint
+    SESSION_RESET = 16
+    STOP_RECEIVED = 17  # arg: category
 
 
 STAT_NAMES = ("rx_frames", "rx_crc_errors", "rx_framing_errors", "rx_bad_messages", "rx_duplicates", "rx_gaps",
-              "tx_frames", "tx_overflows", "events_lost")
+              "tx_frames", "tx_overflows", "events_lost", "rx_stale", "time_backsteps")
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,14 @@ class FirmwareRef:
         kp_default: float = 50.0,
         kd_default: float = 2.0,
         protocol: tuple[int, int] | None = None,
+        *,
+        link_loss_category: int = 1,
+        link_error_category: int = 0,
+        enable_required: bool = False,
+        enable_category: int = 0,
+        seq_window: int = 256,
+        error_leak_per_s: int = 10,
+        joint_safety: Sequence[JointSafety] | None = None,
     ) -> None:
         if not 1 <= len(joints) <= MAX_JOINTS:
             raise BridgeError(f"the firmware supports 1..{MAX_JOINTS} joints, got {len(joints)}")
@@ -111,6 +131,25 @@ class FirmwareRef:
                 round(lim.effort_max * EFFORT_SCALE), round(kp_default * GAIN_SCALE), round(kd_default * GAIN_SCALE))
             if rc != 0:
                 raise BridgeError(f"joint {j} ({lim}) rejected by the firmware: need min <= max and max >= 0")
+        rc = self._lib.fw_set_safety(self._fw, link_loss_category, link_error_category, int(enable_required),
+                                     enable_category, seq_window, error_leak_per_s)
+        if rc != 0:
+            raise BridgeError(
+                f"safety configuration rejected by the firmware: categories must be 0 or 1 (got link loss "
+                f"{link_loss_category}, link errors {link_error_category}, enable {enable_category}) and the "
+                f"sequence window 1..32768 (got {seq_window})")
+        if joint_safety is not None:
+            if len(joint_safety) != self.n:
+                raise BridgeError(f"joint_safety has {len(joint_safety)} entries for {self.n} joints")
+            for j, s in enumerate(joint_safety):
+                kp_max = 4 * kp_default if s.kp_max is None else s.kp_max
+                kd_max = 4 * kd_default if s.kd_max is None else s.kd_max
+                rc = self._lib.fw_set_joint_safety(
+                    self._fw, j, 1 if s.role == "gripper" else 0, round(s.max_position_error * POS_SCALE),
+                    round(s.max_velocity_error * VEL_SCALE), round(s.effort_limit * EFFORT_SCALE),
+                    min(round(kp_max * GAIN_SCALE), 2**32 - 1), min(round(kd_max * GAIN_SCALE), 2**32 - 1))
+                if rc != 0:
+                    raise BridgeError(f"joint {j} safety {s} rejected by the firmware: limits must be >= 0")
         self._meas = np.zeros(self.n * 3, dtype=np.int32)
         self._cmd = np.zeros(self.n * 5, dtype=np.int32)
         self._tx = (ctypes.c_uint8 * TX_CAP)()
@@ -125,6 +164,10 @@ class FirmwareRef:
 
     def inject_fault(self, category: int, now_us: int) -> None:
         self._lib.fw_inject_fault(self._fw, category, now_us)
+
+    def set_enable(self, asserted: bool, now_us: int) -> None:
+        """The hardware enable input (an E-stop chain or enable switch) changed."""
+        self._lib.fw_set_enable(self._fw, int(bool(asserted)), now_us)
 
     def set_measured(self, pos: np.ndarray, vel: np.ndarray, eff: np.ndarray) -> None:
         m = self._meas.reshape(self.n, 3)
@@ -144,8 +187,9 @@ class FirmwareRef:
         c[:, 2] /= EFFORT_SCALE
         return on, c
 
-    def tx_take(self) -> bytes:
-        n = self._lib.fw_tx_take(self._fw, self._tx, TX_CAP)
+    def tx_take(self, cap: int = TX_CAP) -> bytes:
+        """Up to `cap` bytes of the firmware's output (a frame may be split across calls)."""
+        n = self._lib.fw_tx_take(self._fw, self._tx, min(cap, TX_CAP))
         return bytes(self._tx[:n])
 
     def events(self) -> list[FirmwareEvent]:
@@ -163,6 +207,15 @@ class FirmwareRef:
     @property
     def faults(self) -> Fault:
         return Fault(self._lib.fw_faults(self._fw))
+
+    @property
+    def status(self) -> Status:
+        return Status(self._lib.fw_status(self._fw))
+
+    @property
+    def time_us(self) -> int:
+        """The firmware's own monotonic clock (what STATE.time_us reports)."""
+        return self._lib.fw_time_us(self._fw)
 
     def stats(self) -> dict[str, int]:
         return {name: self._lib.fw_stat(self._fw, i) for i, name in enumerate(STAT_NAMES)}

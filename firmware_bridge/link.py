@@ -1,19 +1,26 @@
 """The host side of the motor-controller link: one `Link` interface over serial and CAN.
 
 Nothing here runs in the background: `poll()` reads and decodes what arrived; commands write
-immediately. Bad frames are counted and dropped, never applied. When the port disappears the
-link reports `connected == False`, and the next call re-opens it after an exponential backoff.
+immediately. Bad frames are counted and dropped, never applied; so are frames whose sequence number
+is not newer than the last one (a replay or a late copy). When the port disappears the link reports
+`connected == False`, and the next call re-opens it after an exponential backoff.
+
+Arming is an operator act: the firmware keeps faults latched until `clear_faults()`, and `arm()` is
+refused meanwhile. `stop()` is resent until the firmware acknowledges it. `send_*()` are the
+non-blocking forms for a control loop (answers are matched by `poll()`; read them with `ack_result`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import secrets
 import time
 import warnings
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import parse_qs, urlsplit
 
 import can
@@ -22,6 +29,7 @@ import serial
 
 from firmware_bridge import framing
 from firmware_bridge.errors import (
+    DisarmFailedError,
     FrameError,
     IncompatibleProtocolError,
     LinkDownError,
@@ -36,17 +44,22 @@ from firmware_bridge.protocol import (
     Ack,
     Arm,
     Capabilities,
+    ClearFaults,
     Disarm,
     Fault,
     FaultReport,
     Heartbeat,
     Hello,
+    Keepalive,
     Message,
     Mode,
     MsgType,
     Nack,
+    NackCode,
+    SafetyConfig,
     Setpoint,
     State,
+    Status,
     Stop,
 )
 from firmware_bridge.transport import Transport
@@ -54,6 +67,10 @@ from firmware_bridge.transport import Transport
 log = logging.getLogger(__name__)
 _TRANSPORT_ERRORS = (serial.SerialException, OSError, can.CanError)
 ArrayLike = np.ndarray | Sequence[float]
+
+
+FAULT_LOG_SIZE = 256  # FAULT reports kept in Link.faults (Link.fault_count counts all of them)
+ACK_MEMORY = 1024  # answers kept for ack_result()
 
 
 @dataclass(frozen=True)
@@ -64,8 +81,52 @@ class JointState:
     fault_bits: Fault
     mode: Mode
     firmware_time_s: float
-    host_time: float  # time.monotonic() when the frame was decoded
+    host_time: float  # time.monotonic() when the frame was decoded (arrival)
     ack_seq: int
+    # 1.1: when the firmware sampled this state, on this host's time.monotonic() clock (firmware time
+    # + the estimated clock offset). Use it for staleness: a STATE delayed in a buffer shows its real age.
+    sampled_host_time: float | None = None
+    status: Status = Status.NONE
+    seq: int = -1
+
+    @property
+    def sample_time(self) -> float:
+        return self.host_time if self.sampled_host_time is None else self.sampled_host_time
+
+
+class FirmwareClock:
+    """Maps firmware time (STATE.time_us, SAFETY_CONFIG.time_us) onto this host's time.monotonic().
+
+    Every frame gives arrival - firmware_time = offset + delay, delay >= 0; the estimate is the lower
+    envelope of those samples, allowed to rise by at most `drift` (200 ppm, crystal tolerance) so slow
+    clock drift is followed while a frame that sat in a buffer cannot pull the estimate up: its age then
+    shows. Reset on HELLO (a restarted firmware starts its clock again). If firmware time jumped back
+    without a HELLO, its states would look old: stale, the safe direction.
+    """
+
+    def __init__(self, drift: float = 200e-6) -> None:
+        self.drift = drift
+        self.reset()
+
+    def reset(self) -> None:
+        self.offset_s: float | None = None  # host monotonic - firmware time, seconds
+        self.samples = 0
+        self._last_arrival = 0.0
+
+    def observe(self, firmware_time_s: float, arrival: float) -> float:
+        """Record one frame; returns its firmware time mapped onto the host clock."""
+        sample = arrival - firmware_time_s
+        if self.offset_s is None:
+            self.offset_s = sample
+        else:
+            allowed = self.offset_s + self.drift * max(0.0, arrival - self._last_arrival)
+            self.offset_s = min(sample, allowed)
+        self._last_arrival = arrival
+        self.samples += 1
+        return firmware_time_s + self.offset_s
+
+    def to_host(self, firmware_time_s: float) -> float:
+        return math.nan if self.offset_s is None else firmware_time_s + self.offset_s
 
 
 @dataclass
@@ -78,7 +139,9 @@ class LinkStats:
     bad_messages: int = 0  # right CRC, wrong length/type/version/field
     duplicates: int = 0
     drops: int = 0  # gaps in the firmware's sequence numbers
+    stale: int = 0  # frames dropped for a sequence number older than the last one (replays, late copies)
     reconnects: int = 0
+    stops_unacknowledged: int = 0  # stop() calls that ended without an ACK
     rtts: deque = field(default_factory=lambda: deque(maxlen=4096))
 
     def rtt_percentiles(self, qs: Sequence[float] = (50, 90, 99)) -> dict[str, float]:
@@ -101,13 +164,20 @@ class Link(ABC):
                  inbox_size: int = 1024) -> None:
         self.transport = transport
         self.capabilities: Capabilities | None = None
-        self.faults: list[FaultReport] = []
+        self.faults: deque[FaultReport] = deque(maxlen=FAULT_LOG_SIZE)
+        self.fault_count = 0  # FAULT reports received ever; faults keeps the last FAULT_LOG_SIZE
         self.stats = LinkStats()
+        self.firmware_clock = FirmwareClock()
         self._latest: JointState | None = None
         self._connected = False
         self._opened = False
-        self._seq = 0
+        # A random first sequence number: frames of an earlier host process are then (almost surely)
+        # outside the firmware's window for this session, so a late copy of one is never applied.
+        self._seq = secrets.randbelow(0x10000)
         self._last_rx_seq: int | None = None
+        self._hello_pending = False
+        self._acks: OrderedDict[int, Ack] = OrderedDict()
+        self._stale_run = 0
         self._decoders: dict[int, framing.StreamDecoder] = {}
         self._sent_at: OrderedDict[int, float] = OrderedDict()
         self._inbox: deque[Message] = deque(maxlen=inbox_size)
@@ -115,6 +185,7 @@ class Link(ABC):
         self._backoff, self._retry_at = backoff, 0.0
         self._last_error = ""
         self._heartbeats = 0
+        self._keepalives = 0
 
     # ---- lifecycle ----
     def open(self) -> Link:
@@ -158,26 +229,139 @@ class Link(ABC):
 
     # ---- commands ----
     def hello(self, timeout: float = 1.0) -> Capabilities:
-        """Ask the firmware what it is; refuses a protocol this host cannot speak."""
-        seq = self._send(Hello(), expect_reply=False)
-        deadline = time.monotonic() + timeout
-        while True:
-            for msg in self._poll_once(deadline - time.monotonic(), keep=False):
-                if isinstance(msg, Capabilities):
-                    return self._accept_capabilities(msg)
-                if isinstance(msg, Nack) and msg.acked_seq == seq:
-                    raise IncompatibleProtocolError(
-                        f"firmware on {self.transport.description} refused HELLO ({msg.reason}); it does not speak "
-                        f"protocol {PROTOCOL_MAJOR}.x: update the firmware or use a matching host version")
-            if time.monotonic() >= deadline:
-                raise LinkTimeoutError(self._no_answer("HELLO", timeout))
+        """Start a session: ask the firmware what it is (CAPABILITIES, then its SAFETY_CONFIG) and refuse
+        a protocol this host cannot speak. Resets sequence tracking and the firmware clock estimate.
+        If the firmware was armed, a HELLO stops it (the firmware treats it as a new host)."""
+        self._hello_pending = True
+        self.firmware_clock.reset()
+        try:
+            seq = self._send(Hello(), expect_reply=False)
+            deadline = time.monotonic() + timeout
+            caps: Capabilities | None = None
+            while True:
+                for msg in self._poll_once(max(0.0, deadline - time.monotonic()), keep=False):
+                    if isinstance(msg, Capabilities):
+                        caps = self._accept_capabilities(msg)
+                        self._hello_pending = False
+                    elif isinstance(msg, SafetyConfig) and caps is not None:
+                        caps = self.capabilities = replace(caps, safety=msg)
+                        return caps
+                    elif isinstance(msg, Nack) and msg.acked_seq == seq:
+                        raise IncompatibleProtocolError(
+                            f"firmware on {self.transport.description} refused HELLO ({msg.reason}); it does not "
+                            f"speak protocol {PROTOCOL_MAJOR}.x: update the firmware or use a matching host version")
+                if time.monotonic() >= deadline:
+                    what = "SAFETY_CONFIG after CAPABILITIES" if caps is not None else "HELLO"
+                    raise LinkTimeoutError(self._no_answer(what, timeout))
+        finally:
+            self._hello_pending = False
 
     def arm(self, timeout: float = 0.5) -> None:
-        """Explicitly (re-)arm: clears latched trips in the firmware, which then holds its current position."""
-        self._await_ack(self._send(Arm()), MsgType.ARM, timeout)
+        """Arm (an operator act): the firmware holds its measured position with torque on.
 
-    def disarm(self, timeout: float = 0.5) -> None:
-        self._await_ack(self._send(Disarm()), MsgType.DISARM, timeout)
+        Refused (NackError, `.code`) while faults are latched (NackCode.FAULTS_LATCHED: call
+        clear_faults() first, as part of the operator's arm), without the enable input (ENABLE_OFF), or
+        during a category-1 ramp (BUSY). Arming never clears a fault by itself."""
+        self._await_ack(self.send_arm(), MsgType.ARM, timeout)
+
+    def clear_faults(self, timeout: float = 0.5) -> None:
+        """Clear the firmware's latched faults (TRIPPED -> DISARMED; torque stays off). NackError BUSY
+        during a category-1 ramp. Only an operator (or a bench tool acting for one) should call this."""
+        self._await_ack(self.send_clear_faults(), MsgType.CLEAR_FAULTS, timeout)
+
+    def disarm(self, timeout: float = 0.2, retries: int = 3) -> None:
+        """Torque off, confirmed: DISARM is resent until ACKed. Raises DisarmFailedError (no answer after
+        `retries` attempts) or LinkDownError; the caller must treat the firmware as possibly armed and
+        stop feeding its watchdog, so that it stops on its own."""
+        for attempt in range(1, max(1, retries) + 1):
+            try:
+                self._await_ack(self.send_disarm(), MsgType.DISARM, timeout)
+                return
+            except LinkTimeoutError:
+                log.warning("DISARM not acknowledged by %s (attempt %d of %d)", self.transport.description,
+                            attempt, retries)
+        raise DisarmFailedError(
+            f"the firmware on {self.transport.description} did not acknowledge DISARM after {retries} attempts "
+            f"of {timeout:g} s: it may still be armed. Send no HEARTBEAT or SETPOINT so its watchdog stops it, "
+            "and check the link")
+
+    def stop(self, category: int, reason: int = 0, timeout: float = 0.05, retries: int = 5) -> bool:
+        """Safety stop, acknowledged: 0 = torque off now, 1 = controlled ramp then torque off.
+
+        The first STOP goes out (urgent) before any wait; it is resent every `timeout` s until the
+        firmware ACKs one (True) or `retries` attempts went unanswered or the link is down (False, logged
+        as an error). Never raises for a lost link: a stop path must not throw."""
+        if category not in (0, 1):
+            raise ValueError(f"stop category must be 0 or 1, got {category}")
+        sent: set[int] = set()
+        for _ in range(max(1, retries)):
+            try:
+                sent.add(self.send_stop(category, reason))
+            except LinkDownError as exc:
+                log.error("STOP (category %d) could not be sent: %s", category, exc)
+                break
+            deadline = time.monotonic() + timeout
+            while True:
+                if any(self.ack_result(s) is True for s in sent):  # a late ACK of an earlier copy counts too
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._connected:
+                    break
+                self._poll_once(left, keep=True)
+        self.stats.stops_unacknowledged += 1
+        log.error("STOP (category %d) not acknowledged by the firmware on %s after %d frame(s); its watchdog is "
+                  "the backstop: send it nothing that feeds it", category, self.transport.description, len(sent))
+        return False
+
+    # ---- non-blocking commands (one frame, no wait; poll() matches the answers) ----
+    def send_arm(self) -> int:
+        return self._send(Arm())
+
+    def send_disarm(self) -> int:
+        return self._send(Disarm())
+
+    def send_clear_faults(self) -> int:
+        return self._send(ClearFaults())
+
+    def send_stop(self, category: int, reason: int = 0) -> int:
+        """One urgent STOP frame (on CAN it overtakes queued setpoints); returns its sequence number."""
+        if category not in (0, 1):
+            raise ValueError(f"stop category must be 0 or 1, got {category}")
+        return self._send(Stop(category, reason), urgent=True)
+
+    def ack_result(self, seq: int) -> bool | NackError | None:
+        """The firmware's answer to frame `seq`: None (none yet, or older than the last 1024 answers),
+        True (ACK), or a NackError (returned, not raised) whose `.code` is a NackCode."""
+        ans = self._acks.get(seq)
+        if ans is None:
+            return None
+        if isinstance(ans, Nack):
+            try:
+                what: object = MsgType(ans.acked_type)
+            except ValueError:
+                what = f"message type 0x{ans.acked_type:02x}"
+            return NackError(self._nack_message(what, ans), ans.code)
+        return True
+
+    def keepalive(self) -> int:
+        """Prove the link is alive without feeding the firmware's motion watchdog (for a disarmed or stopped
+        firmware). ACKed; returns the frame's sequence number."""
+        self._keepalives += 1
+        return self._send(Keepalive(self._keepalives))
+
+    def faults_since(self, count: int) -> list[FaultReport]:
+        """FAULT reports number `count` onwards (count from an earlier `fault_count`) that are still kept."""
+        kept = list(self.faults)
+        first = self.fault_count - len(kept)
+        return kept[max(0, count - first):]
+
+    def state_age(self, state: JointState | None = None, now: float | None = None) -> float:
+        """Seconds since the firmware sampled `state` (default: the latest), on its own clock mapped onto
+        this host's; inf without a state. Excludes only the link's minimum one-way latency."""
+        st = state if state is not None else self._latest
+        if st is None:
+            return math.inf
+        return (time.monotonic() if now is None else now) - st.sample_time
 
     def send_setpoints(self, positions: ArrayLike, velocities: ArrayLike | None = None,
                        efforts: ArrayLike | None = None, kp: ArrayLike | None = None,
@@ -195,15 +379,10 @@ class Link(ABC):
         return sp
 
     def heartbeat(self) -> int:
-        """Tell the firmware the host is alive (setpoints count too); returns the frame's sequence number."""
+        """Feed the firmware's motion watchdog (setpoints do too); only while armed and moving. After a
+        stop the firmware ignores it; use keepalive() instead. Returns the frame's sequence number."""
         self._heartbeats += 1
         return self._send(Heartbeat(self._heartbeats))
-
-    def stop(self, category: int, reason: int = 0) -> int:
-        """Safety stop: 0 = torque off now, 1 = controlled ramp then torque off. Sent as urgent, not awaited."""
-        if category not in (0, 1):
-            raise ValueError(f"stop category must be 0 or 1, got {category}")
-        return self._send(Stop(category, reason), urgent=True)
 
     def poll(self, timeout: float = 0.0) -> list[Message]:
         """Messages decoded since the last call, waiting up to `timeout` s for the first one.
@@ -221,7 +400,8 @@ class Link(ABC):
             raise IncompatibleProtocolError(
                 f"firmware on {self.transport.description} speaks protocol {caps.protocol_major}."
                 f"{caps.protocol_minor}, this host needs {PROTOCOL_MAJOR}.{MIN_FIRMWARE_MINOR} or a newer "
-                f"{PROTOCOL_MAJOR}.x: flash a matching firmware or install a matching edge-vla")
+                f"{PROTOCOL_MAJOR}.x (1.0 firmware clears latched faults on ARM): flash a matching firmware or "
+                "install a matching edge-vla")
         self.capabilities = caps
         log.info("firmware %s, protocol %d.%d, %d joints (%s)", ".".join(map(str, caps.firmware_version)),
                  caps.protocol_major, caps.protocol_minor, caps.joint_count, ", ".join(caps.joint_names))
@@ -249,14 +429,27 @@ class Link(ABC):
                 self._sent_at.popitem(last=False)
         return seq
 
+    def _nack_message(self, what: object, nack: Nack) -> str:
+        name = getattr(what, "name", what)
+        hint = {
+            NackCode.FAULTS_LATCHED: "faults are latched; an operator must clear them first (clear_faults(), "
+                                     "then arm())",
+            NackCode.ENABLE_OFF: "the hardware enable input is not asserted; close the enable circuit first",
+            NackCode.STALE_SEQ: "the firmware considers this frame stale (no session, or a sequence number "
+                                "outside its window); call hello() to start a new session",
+            NackCode.BUSY: "a category-1 stop ramp is in progress; wait for it to end",
+            NackCode.NOT_ARMED: "the firmware is not armed (or a stop is latched)",
+        }.get(nack.code, "")  # type: ignore[call-overload]
+        return (f"firmware on {self.transport.description} refused {name}: {nack.reason}"
+                + (f" ({hint})" if hint else ""))
+
     def _await_ack(self, seq: int, msg_type: MsgType, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
             for msg in self._poll_once(max(0.0, deadline - time.monotonic()), keep=True):
                 if isinstance(msg, Ack) and msg.acked_seq == seq:
                     if isinstance(msg, Nack):
-                        raise NackError(f"firmware on {self.transport.description} refused {msg_type.name}: "
-                                        f"{msg.reason}", msg.code)
+                        raise NackError(self._nack_message(msg_type, msg), msg.code)
                     return
             if time.monotonic() >= deadline:
                 raise LinkTimeoutError(self._no_answer(msg_type.name, timeout))
@@ -301,27 +494,42 @@ class Link(ABC):
             setattr(self.stats, kind, getattr(self.stats, kind) + 1)
             log.debug("dropped frame from %s: %s", self.transport.description, exc)
             return None
-        if self._last_rx_seq is not None:
+        session_start = self._hello_pending and isinstance(msg, Capabilities)
+        if self._last_rx_seq is not None and not session_start:
             gap = (raw.seq - self._last_rx_seq) & 0xFFFF
             if gap == 0:
                 self.stats.duplicates += 1
                 return None
-            if gap < 0x8000:
-                self.stats.drops += gap - 1
+            if gap >= 0x8000:  # older than the last accepted frame (serial-number arithmetic, RFC 1982)
+                self.stats.stale += 1
+                self._stale_run += 1
+                if self._stale_run == 64:
+                    log.warning("64 frames in a row from %s had old sequence numbers: did the firmware restart? "
+                                "call hello() to start a new session", self.transport.description)
+                return None
+            self.stats.drops += gap - 1
+        self._stale_run = 0
         self._last_rx_seq = raw.seq
         self.stats.frames_received += 1
-        self._on_message(msg, now)
+        self._on_message(msg, now, raw.seq)
         return msg
 
-    def _on_message(self, msg: Message, now: float) -> None:
+    def _on_message(self, msg: Message, now: float, seq: int) -> None:
         if isinstance(msg, State):
-            self._latest = JointState(msg.positions, msg.velocities, msg.efforts, msg.fault_bits, msg.mode,
-                                      msg.firmware_time_us / 1e6, now, msg.ack_seq)
+            fw_t = msg.firmware_time_us / 1e6
+            self._latest = JointState(msg.positions, msg.velocities, msg.efforts, msg.fault_bits, msg.mode, fw_t,
+                                      now, msg.ack_seq, self.firmware_clock.observe(fw_t, now), msg.status, seq)
             self._rtt(msg.ack_seq, now)
+        elif isinstance(msg, SafetyConfig):
+            self.firmware_clock.observe(msg.firmware_time_us / 1e6, now)
         elif isinstance(msg, Ack):  # Nack included
+            self._acks[msg.acked_seq] = msg
+            if len(self._acks) > ACK_MEMORY:
+                self._acks.popitem(last=False)
             self._rtt(msg.acked_seq, now)
         elif isinstance(msg, FaultReport):
             self.faults.append(msg)
+            self.fault_count += 1
             log.warning("firmware fault on %s: %s (stop category %s, mode %s)", self.transport.description,
                         msg.fault_code.name, msg.stop_category, msg.mode.name)
 
@@ -342,7 +550,8 @@ class Link(ABC):
         wait = max(0.0, self._retry_at - time.monotonic())
         return (f"{self.transport.description} is down ({self._last_error or 'not open'}); next reconnect attempt in "
                 f"{wait:.2f} s. Check the cable, the controller's power, and that the device node still exists; "
-                "after reconnecting, call hello() and arm() again (the firmware will have tripped)")
+                "after reconnecting, call hello(); the firmware will have tripped, and re-arming is an operator "
+                "act (clear_faults(), then arm())")
 
     def _ensure_connected(self) -> None:
         if self._connected:
@@ -364,7 +573,7 @@ class Link(ABC):
         for d in self._decoders.values():
             d.reset()
         self.stats.reconnects += 1
-        log.warning("reconnected %s; the firmware needs hello() and arm() again", self.transport.description)
+        log.warning("reconnected %s; the firmware needs hello() and an operator's arm", self.transport.description)
 
 
 def open_link(url: str, **kw: object) -> Link:

@@ -113,6 +113,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "fw_mode": (u8, [vp]),
         "fw_faults": (u16, [vp]),
         "fw_stat": (u32, [vp, c.c_int]),
+        "fw_set_safety": (c.c_int, [vp, u8, u8, u8, u8, u16, u16]),
+        "fw_set_joint_safety": (c.c_int, [vp, u8, u8, i32, i32, i32, u32, u32]),
+        "fw_set_enable": (None, [vp, u8, u64]),
+        "fw_status": (u16, [vp]),
+        "fw_time_us": (u64, [vp]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)

@@ -18,6 +18,13 @@ class JointPlant:
         self.q = np.clip(np.zeros(len(limits)), self.q_min, self.q_max)
         self.v = np.zeros(len(limits))
         self.tau = np.zeros(len(limits))
+        self.blocked = np.zeros(len(limits), dtype=bool)  # fault injection: an obstacle holds these joints
+        self._q_block = self.q.copy()
+
+    def block(self, joint: int, blocked: bool = True) -> None:
+        """Joint `joint` stops moving where it is (a collision, a jammed gearbox) until unblocked."""
+        self.blocked[joint] = blocked
+        self._q_block[joint] = self.q[joint]
 
     def step(self, dt: float, torque_on: bool, cmd: np.ndarray, max_substep: float = 5e-4) -> None:
         """Advance by dt seconds under commands (n x 5: q*, v*, tau_ff, kp, kd), semi-implicit Euler."""
@@ -34,3 +41,6 @@ class JointPlant:
             hit = (self.q < self.q_min) | (self.q > self.q_max)
             self.q = np.clip(self.q, self.q_min, self.q_max)
             self.v[hit] = 0.0
+            if self.blocked.any():  # the drive still pushes (tau stays), the joint does not move
+                self.q[self.blocked] = self._q_block[self.blocked]
+                self.v[self.blocked] = 0.0

@@ -18,8 +18,10 @@ import numpy as np
 from firmware_bridge.errors import FrameError
 
 PROTOCOL_MAJOR = 1  # carried in every frame header; a different major is refused
-PROTOCOL_MINOR = 0  # carried in HELLO/CAPABILITIES; newer minors only add optional features
-MIN_FIRMWARE_MINOR = 0  # this host refuses firmware older than PROTOCOL_MAJOR.MIN_FIRMWARE_MINOR
+PROTOCOL_MINOR = 1  # carried in HELLO/CAPABILITIES; newer minors only add optional features
+# 1.0 firmware clears latched faults on ARM and knows no CLEAR_FAULTS, so a host that relies on
+# latched faults for "arming is an operator act" refuses it.
+MIN_FIRMWARE_MINOR = 1
 MAX_JOINTS = 16
 NAME_LEN = 16
 
@@ -44,6 +46,9 @@ class MsgType(IntEnum):
     FAULT = 0x09
     ACK = 0x0A
     NACK = 0x0B
+    CLEAR_FAULTS = 0x0C  # 1.1
+    KEEPALIVE = 0x0D  # 1.1
+    SAFETY_CONFIG = 0x0E  # 1.1
 
 
 class Mode(IntEnum):
@@ -60,7 +65,26 @@ class Fault(IntFlag):
     HOST_STOP_CAT0 = 0x0004
     HOST_STOP_CAT1 = 0x0008
     INJECTED = 0x0010
+    FOLLOWING_ERROR = 0x0020  # 1.1: |commanded - measured| beyond the joint's limit (category 0)
+    EFFORT_LIMIT = 0x0040  # 1.1: a gripper's measured effort beyond its limit (category 0)
+    ENABLE_LOST = 0x0080  # 1.1: the hardware enable input dropped while armed
     SETPOINT_CLAMPED = 0x0100  # status bit, not a trip: the last setpoint was outside a limit
+    GAINS_CLAMPED = 0x0200  # 1.1 status bit: the last setpoint's kp/kd exceeded the configured maxima
+    STOP_ESCALATED = 0x0400  # 1.1: a category-1 ramp did not slow a joint down: category 0
+    SESSION_RESET = 0x0800  # 1.1: HELLO while armed (the host that armed is gone)
+
+
+STATUS_FAULTS = Fault.SETPOINT_CLAMPED | Fault.GAINS_CLAMPED
+TRIP_FAULTS = Fault(0xFFFF & ~int(STATUS_FAULTS))  # latched until CLEAR_FAULTS; ARM is refused meanwhile
+
+
+class Status(IntFlag):
+    """STATE's status word (1.1; zero from 1.0 firmware)."""
+
+    NONE = 0
+    ENABLE_INPUT = 0x1  # the hardware enable input is asserted (always 1 when none is configured)
+    STOP_LATCHED = 0x2  # a STOP was received; only an accepted ARM clears it
+    ENABLE_REQUIRED = 0x4
 
 
 class NackCode(IntEnum):
@@ -72,6 +96,9 @@ class NackCode(IntEnum):
     BAD_VERSION = 5
     BAD_ARGUMENT = 6
     UNKNOWN_TYPE = 7
+    FAULTS_LATCHED = 8  # 1.1: ARM refused while faults are latched: CLEAR_FAULTS first
+    ENABLE_OFF = 9  # 1.1: ARM refused: the enable input is required and not asserted
+    STALE_SEQ = 10  # 1.1: the frame's sequence number is not newer than the last one (or no HELLO yet)
 
 
 SETPOINT_HAS_VELOCITY = 0x01
@@ -141,6 +168,7 @@ class Capabilities:
     state_rate_hz: int
     stop_ramp_s: float
     joints: tuple[JointLimits, ...]
+    safety: SafetyConfig | None = None  # 1.1: the SAFETY_CONFIG frame that follows; not part of this layout
 
     _HEAD: ClassVar[struct.Struct] = struct.Struct("<BBBBIHHHH")
 
@@ -268,6 +296,7 @@ class State:
     positions: np.ndarray
     velocities: np.ndarray
     efforts: np.ndarray
+    status: Status = Status.NONE  # 1.1: the former reserved u16
 
     _HEAD: ClassVar[struct.Struct] = struct.Struct("<QHHBBH")
 
@@ -277,18 +306,19 @@ class State:
         rows["pos"] = to_wire(self.positions, POS_SCALE)
         rows["vel"] = to_wire(self.velocities, VEL_SCALE)
         rows["eff"] = to_wire(self.efforts, EFFORT_SCALE)
-        head = self._HEAD.pack(self.firmware_time_us, self.ack_seq, int(self.fault_bits), int(self.mode), n, 0)
+        head = self._HEAD.pack(self.firmware_time_us, self.ack_seq, int(self.fault_bits), int(self.mode), n,
+                               int(self.status))
         return head + rows.tobytes()
 
     @classmethod
     def decode(cls, p: bytes) -> State:
         if len(p) < cls._HEAD.size:
             raise FrameError("bad_length", f"STATE payload is {len(p)} bytes, too short")
-        t, ack, faults, mode, n, _ = cls._HEAD.unpack_from(p)
+        t, ack, faults, mode, n, status = cls._HEAD.unpack_from(p)
         _require_len(p, cls._HEAD.size + n * _STATE_JOINT.itemsize, "STATE")
         r = np.frombuffer(p, dtype=_STATE_JOINT, offset=cls._HEAD.size, count=n)
         return cls(t, ack, Fault(faults), _mode(mode), r["pos"] / POS_SCALE, r["vel"] / VEL_SCALE,
-                   r["eff"] / EFFORT_SCALE)
+                   r["eff"] / EFFORT_SCALE, Status(status))
 
 
 def _mode(value: int) -> Mode:
@@ -329,6 +359,105 @@ class Stop:
         _require_len(p, 4, "STOP")
         cat, reason, _ = struct.unpack("<BBH", p)
         return cls(cat, reason)
+
+
+@dataclass(frozen=True)
+class ClearFaults(_Empty):
+    """1.1: clear every latched fault (TRIPPED -> DISARMED); the operator's half of re-arming."""
+
+    TYPE: ClassVar[MsgType] = MsgType.CLEAR_FAULTS
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """1.1: proves the link is alive; ACKed, and never feeds the firmware's motion watchdog."""
+
+    TYPE: ClassVar[MsgType] = MsgType.KEEPALIVE
+    counter: int = 0
+
+    def encode(self) -> bytes:
+        return struct.pack("<I", self.counter & 0xFFFFFFFF)
+
+    @classmethod
+    def decode(cls, p: bytes) -> Keepalive:
+        _require_len(p, 4, "KEEPALIVE")
+        return cls(struct.unpack("<I", p)[0])
+
+
+ROLES = ("joint", "gripper")
+_SAFETY_JOINT = np.dtype([("role", "u1"), ("r0", "u1"), ("r1", "<u2"), ("pos_err", "<i4"), ("vel_err", "<i4"),
+                          ("effort", "<i4"), ("kp_max", "<u4"), ("kd_max", "<u4")])
+
+
+@dataclass(frozen=True)
+class JointSafety:
+    """Per-joint firmware safety limits (SI units; 0 = check off). A gripper is blocked by design when it
+    grasps, so it gets an effort limit instead of a following-error limit. kp_max/kd_max None: the
+    firmware's default (4x its default gains)."""
+
+    role: str = "joint"
+    max_position_error: float = 0.0  # rad (m): |commanded - measured| position -> category 0
+    max_velocity_error: float = 0.0  # rad/s
+    effort_limit: float = 0.0  # N*m: |measured effort| of a gripper -> category 0
+    kp_max: float | None = None  # N*m/rad; host kp is clamped to it
+    kd_max: float | None = None  # N*m*s/rad
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"joint role must be one of {ROLES}, got {self.role!r}")
+        for name in ("max_position_error", "max_velocity_error", "effort_limit", "kp_max", "kd_max"):
+            v = getattr(self, name)
+            if v is not None and not (np.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite value >= 0, got {v!r}")
+
+
+@dataclass(frozen=True)
+class SafetyConfig:
+    """1.1: the firmware's safety configuration, sent after CAPABILITIES to hosts announcing minor >= 1."""
+
+    TYPE: ClassVar[MsgType] = MsgType.SAFETY_CONFIG
+    firmware_time_us: int
+    link_loss_category: int  # heartbeat timeout / HELLO while armed: 0 torque off, 1 controlled stop
+    link_error_category: int  # too many corrupted frames
+    enable_category: int  # the enable input dropping while armed
+    enable_required: bool
+    enable_asserted: bool
+    seq_window: int
+    error_leak_per_s: int  # bad frames per second the error bucket forgives
+    link_error_limit: int  # bad frames in a burst that trip
+    joints: tuple[JointSafety, ...]
+
+    _HEAD: ClassVar[struct.Struct] = struct.Struct("<QBBBBHHBBH")
+
+    def encode(self) -> bytes:
+        n = _joints(len(self.joints))
+        flags = (1 if self.enable_required else 0) | (2 if self.enable_asserted else 0)
+        head = self._HEAD.pack(self.firmware_time_us, self.link_loss_category, self.link_error_category,
+                               self.enable_category, flags, self.seq_window, self.error_leak_per_s,
+                               self.link_error_limit, n, 0)
+        rows = np.zeros(n, dtype=_SAFETY_JOINT)
+        for i, j in enumerate(self.joints):
+            rows[i] = (ROLES.index(j.role), 0, 0, to_wire([j.max_position_error], POS_SCALE)[0],
+                       to_wire([j.max_velocity_error], VEL_SCALE)[0], to_wire([j.effort_limit], EFFORT_SCALE)[0],
+                       to_wire([j.kp_max or 0.0], GAIN_SCALE, _U32)[0], to_wire([j.kd_max or 0.0], GAIN_SCALE, _U32)[0])
+        return head + rows.tobytes()
+
+    @classmethod
+    def decode(cls, p: bytes) -> SafetyConfig:
+        if len(p) < cls._HEAD.size:
+            raise FrameError("bad_length", f"SAFETY_CONFIG payload is {len(p)} bytes, too short")
+        t, loss, err, en_cat, flags, window, leak, limit, n, _ = cls._HEAD.unpack_from(p)
+        _require_len(p, cls._HEAD.size + n * _SAFETY_JOINT.itemsize, "SAFETY_CONFIG")
+        rows = np.frombuffer(p, dtype=_SAFETY_JOINT, offset=cls._HEAD.size, count=n)
+        if any(int(r["role"]) >= len(ROLES) for r in rows):
+            raise FrameError("bad_field", f"SAFETY_CONFIG has an unknown joint role in {rows['role'].tolist()}")
+        joints = tuple(
+            JointSafety(ROLES[int(r["role"])], float(r["pos_err"]) / POS_SCALE if r["pos_err"] > 0 else 0.0,
+                        float(r["vel_err"]) / VEL_SCALE if r["vel_err"] > 0 else 0.0,
+                        float(r["effort"]) / EFFORT_SCALE if r["effort"] > 0 else 0.0,
+                        float(r["kp_max"]) / GAIN_SCALE, float(r["kd_max"]) / GAIN_SCALE)
+            for r in rows)
+        return cls(t, loss, err, en_cat, bool(flags & 1), bool(flags & 2), window, leak, limit, joints)
 
 
 @dataclass(frozen=True)
@@ -385,8 +514,9 @@ class Nack(Ack):
 
 Message = (
     Hello | Capabilities | Arm | Disarm | Setpoint | State | Heartbeat | Stop | FaultReport | Ack | Nack
+    | ClearFaults | Keepalive | SafetyConfig
 )
 MESSAGE_CLASSES: dict[int, type] = {
     cls.TYPE: cls for cls in (Hello, Capabilities, Arm, Disarm, Setpoint, State, Heartbeat, Stop, FaultReport,
-                              Ack, Nack)
+                              Ack, Nack, ClearFaults, Keepalive, SafetyConfig)
 }

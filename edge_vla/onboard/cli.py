@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from contextlib import ExitStack
@@ -16,11 +17,13 @@ from edge_vla.errors import ConfigError
 from edge_vla.onboard.cameras import open_camera
 from edge_vla.onboard.control import ControlConfig
 from edge_vla.onboard.drill import EMULATOR_LIMITS, SceneHolder, load_source, prioritize_emulator
+from edge_vla.onboard.operator import check_bench_mode, default_socket_path
 from edge_vla.onboard.rt import RealtimeConfig
 from edge_vla.onboard.runner import OnboardRunner, bus_state_fn
 from edge_vla.onboard.scheduler import INTERPOLATIONS, STRATEGIES
 from edge_vla.onboard.telemetry import format_summary
 from edge_vla.onboard.watchdog import WatchdogConfig
+from edge_vla.provision.robot_config import CONFIG_PATH, RobotConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"))
     parser.add_argument("--steps", type=int, help="ODE steps (default: the bundle's)")
     parser.add_argument("--telemetry", help="telemetry file: .mcap (needs the mcap package) or .jsonl")
+    op = parser.add_argument_group("operator (arming is an operator act: the loop starts disarmed)")
+    op.add_argument("--control-socket",
+                    help="serve arm/stop/status on this Unix socket (default under systemd: "
+                         "$RUNTIME_DIRECTORY/control.sock, i.e. /run/edge-vla/control.sock; 'none' to disable)")
+    op.add_argument("--arm-on-start", action="store_true",
+                    help="bench mode: arm once at start without an operator (refused under systemd unless the unit "
+                         "sets EDGE_VLA_ALLOW_ARM_ON_START=1)")
+    op.add_argument("--robot-config", default=None,
+                    help=f"robot configuration with following-error limits and the link-loss category "
+                         f"(default {CONFIG_PATH} if it exists)")
     wd = parser.add_argument_group("watchdog thresholds")
     defaults = WatchdogConfig()
     wd.add_argument("--camera-max-age", type=float, default=defaults.camera_max_age_s)
@@ -63,14 +76,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
-def _control_config(args: argparse.Namespace, link_url: str, space: Any) -> ControlConfig:
+def _robot_config(args: argparse.Namespace) -> RobotConfig:
+    path = args.robot_config or (CONFIG_PATH if os.path.isfile(CONFIG_PATH) else None)
+    return RobotConfig.load(path).validate() if path else RobotConfig()
+
+
+def _control_config(args: argparse.Namespace, link_url: str, space: Any,
+                    bundle_tracking: dict[str, Any] | None = None) -> ControlConfig:
     if not 1.0 <= args.rate_hz <= 1000.0:
         raise ConfigError(f"--rate-hz {args.rate_hz} is out of range; use 50-500 Hz")
+    robot = _robot_config(args)
+    tracking = robot.tracking_limits(space.names)
+    if bundle_tracking:  # a bundle may narrow the robot's limits, never widen them
+        tracking = tracking.narrowed(bundle_tracking.get("max_position_error"), bundle_tracking.get("max_effort"))
     exhausted = args.exhausted_max if args.exhausted_max is not None else (2.0 if args.strategy == "sync" else 0.3)
     watchdog = WatchdogConfig(
         camera_max_age_s=args.camera_max_age, chunk_max_age_s=args.chunk_max_age, chunk_exhausted_max_s=exhausted,
         max_consecutive_overruns=args.max_overruns, link_max_age_s=args.link_max_age,
         max_link_errors=args.max_link_errors, worker_max_age_s=args.worker_max_age,
+        link_loss_category=robot.link_loss_category,
     ).validate()
     home = tuple(float(x) for x in args.home.split(",")) if args.home else None
     if home is not None and len(home) != space.dim:
@@ -81,6 +105,7 @@ def _control_config(args: argparse.Namespace, link_url: str, space: Any) -> Cont
         strategy=args.strategy, interp=args.interp, blend_s=args.blend_s, execute=args.execute,
         max_step=args.max_step, watchdog=watchdog, home=home, telemetry_path=args.telemetry,
         realtime=RealtimeConfig(fifo_priority=args.rt_priority, cpus=cpus, lock_memory=args.mlock),
+        arm_on_start=args.arm_on_start, tracking=tracking,
     )
 
 
@@ -91,6 +116,10 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--expert plans from the sim scene, so it needs --camera sim")
     if bool(args.link) == args.emulate:
         raise ConfigError("give either --link URL (the motor controller) or --emulate (the firmware emulator)")
+    if args.arm_on_start:
+        check_bench_mode()
+    socket_path = None if args.control_socket == "none" else (
+        args.control_socket or (default_socket_path() if os.environ.get("RUNTIME_DIRECTORY") else None))
     holder = SceneHolder()
     source, space, size, cams = load_source(args.bundle, holder, backend=args.backend, steps=args.steps,
                                             expert_delay_s=0.0)
@@ -115,13 +144,16 @@ def main(args: argparse.Namespace) -> int:
             link_url = f"serial://{emu.port}"
             if args.rt_priority:
                 prioritize_emulator(emu.proc.pid, max(1, args.rt_priority - 10))
-        config = _control_config(args, link_url, space)
+        policy = getattr(source, "policy", None)
+        tracking = policy.bundle.manifest["action_space"].get("tracking") if policy is not None else None
+        config = _control_config(args, link_url, space, tracking)
 
         def camera_factory(bus: Any) -> Any:
             return open_camera(args.camera, size, cams, scene=holder, state_fn=bus_state_fn(bus), depth=args.depth)
 
         level = logging.getLogger().getEffectiveLevel()
-        runner = OnboardRunner(config, source, camera_factory, instruction, image_size=size, log_level=level)
+        runner = OnboardRunner(config, source, camera_factory, instruction, image_size=size, log_level=level,
+                               control_socket=socket_path)
         previous = {}
 
         def on_signal(signum: int, _frame: Any) -> None:
@@ -132,7 +164,7 @@ def main(args: argparse.Namespace) -> int:
             previous[sig] = signal.signal(sig, on_signal)
         try:
             runner.start()
-            if not runner.wait_ready(60.0):
+            if args.arm_on_start and not runner.wait_ready(60.0):
                 log.error("the control loop did not become ready")
             runner.wait(None)
         finally:

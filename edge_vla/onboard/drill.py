@@ -10,6 +10,9 @@
      it; the host watchdog stops too;
    - kill -9: the process holding the link dies without a `finally` -> the firmware's heartbeat
      watchdog stops the motors; reported as time from the last heartbeat to motors stopped.
+   - restart: after that crash a new control process starts (what systemd's Restart= does) without
+     bench mode -> it must stay disarmed, faults latched, until an explicit operator arm.
+   The demo arms through the operator interface in bench mode (`ControlConfig.arm_on_start`).
 3. returns the summary (and `main()` prints it).
 """
 
@@ -82,7 +85,9 @@ DEMO_REALTIME = RealtimeConfig(fifo_priority=50, lock_memory=True)
 
 
 def _config(port: str, space: ActionSpace, rate_hz: float, **kw: Any) -> ControlConfig:
+    """Bench mode: the demo and its drills arm through the operator interface at start (never under systemd)."""
     kw.setdefault("realtime", DEMO_REALTIME)
+    kw.setdefault("arm_on_start", True)
     return ControlConfig(link_url=f"serial://{port}", action_space=space, rate_hz=rate_hz, **kw)
 
 
@@ -237,6 +242,36 @@ def drill_kill(port: str, source: ChunkSource, holder: SceneHolder, space: Actio
             "kill_to_torque_off_ms": None if off is None else round((off["t"] - t_kill) * 1e3, 1)}
 
 
+def drill_restart(port: str, source: ChunkSource, holder: SceneHolder, space: ActionSpace, size: int, cams: int,
+                  rate_hz: float, log_level: int, events: Any, watch_s: float = 1.5) -> dict[str, Any]:
+    """A host restarted after a crash comes up disarmed and stays so until an operator arms it."""
+    env = ReachEnv(image_size=size, num_cameras=cams)
+    env.reset(EVAL_SEED_BASE + 103)
+    holder.scene = env.scene
+    crashed = _runner(_config(port, space, rate_hz, duration_s=8.0), source, holder, env.scene.instruction, size,
+                      cams, log_level)
+    with crashed:
+        crashed.wait_ready(30)
+        time.sleep(0.3)
+        os.kill(crashed.control_pid, signal.SIGKILL)  # type: ignore[arg-type]
+        crashed.proc.join(5.0)
+    n_armed = sum(e["event"] == "armed" for e in events())
+    restarted = _runner(_config(port, space, rate_hz, duration_s=8.0, arm_on_start=False), source, holder,
+                        env.scene.instruction, size, cams, log_level)
+    with restarted:
+        deadline = time.monotonic() + 30
+        while restarted.status() != "disarmed" and time.monotonic() < deadline and restarted.proc.is_alive():
+            time.sleep(0.01)
+        time.sleep(watch_s)
+        status = restarted.operator.status()
+        rearmed = sum(e["event"] == "armed" for e in events()) > n_armed
+        reply = restarted.operator.arm()  # the explicit operator act
+    return {"injected": "kill -9, then a fresh control process (as systemd's Restart= would)",
+            "stayed_disarmed_s": watch_s, "rearmed_by_itself": rearmed, "phase_after_restart": status["phase"],
+            "firmware_after_restart": (status.get("firmware") or {}).get("mode"),
+            "operator_arm_ok": bool(reply.get("ok"))}
+
+
 def _wait_status(run: OnboardRunner, status: str, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and run.proc.is_alive():
@@ -266,6 +301,7 @@ def run_demo(bundle_dir: str | Path | None = None, duration_s: float = 15.0, rat
             out["drill_stall"] = drill_stall(*args)
             out["drill_corrupt"] = drill_corrupt(*args, events=emu.events)
             out["drill_kill"] = drill_kill(*args, events=emu.events)
+            out["drill_restart"] = drill_restart(*args, events=emu.events)
     return out
 
 
@@ -297,6 +333,11 @@ def format_demo(d: dict[str, Any]) -> str:
             f"heartbeat; -> torque off "
             f"{k['last_heartbeat_to_torque_off_ms']} ms, -> motion stopped {k['last_heartbeat_to_motion_stopped_ms']} ms",
         ]
+        r = d.get("drill_restart")
+        if r:
+            lines.append(f"  restart after crash -> {'RE-ARMED BY ITSELF' if r['rearmed_by_itself'] else 'stayed disarmed'} "
+                         f"for {r['stayed_disarmed_s']:g} s (firmware {r['firmware_after_restart']}); operator arm "
+                         f"{'ok' if r['operator_arm_ok'] else 'failed'}")
     return "\n".join(lines)
 
 

@@ -1,8 +1,12 @@
 """Wires the pieces: control loop in a child process, inference worker in a thread of this process.
 
-    with OnboardRunner(control_config, source, camera_factory, instruction) as run:
-        run.wait(duration)            # or run.rearm(), run.request_stop(), run.control_pid ...
+    with OnboardRunner(control_config, source, camera_factory, instruction, control_socket=path) as run:
+        run.operator.arm()            # arming is an operator act (or ControlConfig.arm_on_start in bench mode)
+        run.wait(duration)            # or run.operator.stop(), run.request_stop(), run.control_pid ...
     summary = run.summary
+
+`run.operator` is the operator API (edge_vla.onboard.operator); with `control_socket` the same API is
+served on a Unix socket for `edge-vla arm / stop / status`.
 
 The parent's SIGINT/SIGTERM handlers (installed by the CLI) call `request_stop()`: the control process
 then makes a category-1 stop, disarms and exits; `close()` waits for that, and only kills the child if
@@ -22,6 +26,7 @@ from edge_vla.onboard import shared as sh
 from edge_vla.onboard.cameras import CameraSource
 from edge_vla.onboard.control import ControlConfig, control_main
 from edge_vla.onboard.errors import StartupError
+from edge_vla.onboard.operator import BusOperator, ControlSocketServer
 from edge_vla.onboard.worker import ChunkSource, InferenceWorker
 
 log = logging.getLogger(__name__)
@@ -39,7 +44,8 @@ def bus_state_fn(bus: sh.SharedBus) -> Callable[[], tuple[Any, float] | None]:
 
 class OnboardRunner:
     def __init__(self, config: ControlConfig, source: ChunkSource, camera_factory: CameraFactory, instruction: str,
-                 image_size: int | None = None, max_chunk_len: int = 64, log_level: int = logging.INFO) -> None:
+                 image_size: int | None = None, max_chunk_len: int = 64, log_level: int = logging.INFO,
+                 control_socket: str | None = None) -> None:
         self.config = config
         self.bus = sh.SharedBus(config.action_space.dim, max_chunk_len)
         self.source = source
@@ -57,6 +63,9 @@ class OnboardRunner:
         self.proc = ctx.Process(target=control_main, args=(config, self.bus, send, log_level),
                                 name="edge-vla-control", daemon=False)
         self._send = send
+        self.operator = BusOperator(self.bus, alive=self.proc.is_alive)
+        self._socket_path = control_socket
+        self._server: ControlSocketServer | None = None
 
     @property
     def control_pid(self) -> int | None:
@@ -77,6 +86,8 @@ class OnboardRunner:
                                       sync=self.config.strategy == "sync")
         self._thread = threading.Thread(target=self._run_worker, name="edge-vla-worker", daemon=True)
         self._thread.start()
+        if self._socket_path:
+            self._server = ControlSocketServer(self._socket_path, self.operator).start()
         return self
 
     def _run_worker(self) -> None:
@@ -107,9 +118,9 @@ class OnboardRunner:
     def request_stop(self) -> None:
         self.bus.set("stop_request", 1.0)
 
-    def rearm(self) -> None:
-        """The explicit operator action that clears a latched stop."""
-        self.bus.set("rearm_request", self.bus.get("rearm_request") + 1)
+    def rearm(self) -> dict[str, Any]:
+        """Deprecated alias of `operator.arm()` (kept for one release)."""
+        return self.operator.arm()
 
     def _collect(self, timeout: float) -> dict[str, Any] | None:
         if self._recv.poll(timeout):
@@ -120,6 +131,9 @@ class OnboardRunner:
         return None
 
     def close(self, timeout: float = 10.0) -> dict[str, Any] | None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
         self.request_stop()
         self.summary = self._collect(timeout) if self.summary is None else self.summary
         self.proc.join(timeout=timeout)

@@ -4,13 +4,34 @@ One flat float64 `multiprocessing.RawArray`, no locks: a lock held by a process 
 would freeze the other side, and the control loop must never wait on the worker. Multi-word records
 (the latest state, the latest chunk) use a seqlock: the writer makes the sequence odd, writes, makes it
 even; a reader copies and retries if the sequence was odd or changed. Single words (heartbeats,
-flags) are written whole. Each record has exactly one writer process.
+flags) are written whole (an aligned 8-byte store is single-copy atomic on x86-64 and AArch64). Each
+record has exactly one writer process.
+
+Memory ordering (why the seqlock is correct on aarch64, every Jetson): the Linux kernel's seqlock
+pattern. The writer issues a full fence after making the sequence odd and before making it even; the
+reader issues one after reading the sequence and before re-reading it:
+
+    writer: seq = odd;  fence;  payload = ...;  fence;  seq = even
+    reader: s1 = seq;   fence;  copy payload;   fence;  s2 = seq;  use the copy only if s1 == s2, even
+
+On a weakly ordered CPU (ARMv8) stores can become visible to the other core out of program order and
+loads can be satisfied out of order; without the fences a reader could see the new even sequence but
+old payload words (or the reverse) and accept a torn record. The fence is C11
+`atomic_thread_fence(memory_order_seq_cst)` (`dmb ish` on AArch64) from libatomic, called through
+ctypes; CPython itself emits no barriers. On x86-64 (TSO: stores are not reordered with stores, loads
+not with loads) the seqlock needs only compiler ordering, which Python's bytecode order already gives;
+the fence is still used where libatomic exists. Elsewhere, without libatomic, the bus refuses to start.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import multiprocessing as mp
+import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +39,12 @@ import numpy as np
 
 from edge_vla.onboard.scheduler import Chunk
 
-# Control-loop status codes (STATUS word).
-STATUS_STARTING, STATUS_HOMING, STATUS_RUNNING, STATUS_STOPPING, STATUS_STOPPED, STATUS_EXITED = range(6)
-STATUS_NAMES = ("starting", "homing", "running", "stopping", "stopped", "exited")
+# Control-loop status codes (STATUS word). "disarmed": torque off, nothing latched by this host (a fresh
+# start: the firmware may still hold faults from before); "stopped": torque off after a trip or an
+# operator stop, latched until an operator arms again.
+(STATUS_STARTING, STATUS_HOMING, STATUS_RUNNING, STATUS_STOPPING, STATUS_STOPPED, STATUS_EXITED, STATUS_DISARMED,
+ STATUS_ARMING) = range(8)
+STATUS_NAMES = ("starting", "homing", "running", "stopping", "stopped", "exited", "disarmed", "arming")
 
 WORKER_IDLE, WORKER_CAMERA, WORKER_INFER = 0, 1, 2
 
@@ -31,13 +55,44 @@ _WORDS = (
     "frame_age",  # how old that frame already was when the worker got it (worker)
     "worker_phase",  # WORKER_IDLE / WORKER_CAMERA / WORKER_INFER: where a hung worker is stuck (worker)
     "stop_request",  # > 0: the parent asks for a controlled stop and exit (parent)
-    "rearm_request",  # incremented by the parent to re-arm after a latched stop (parent)
+    # Operator requests (edge_vla.onboard.operator): counters the parent increments; the control loop
+    # answers each by raising the matching *_ack to the same count (and arm_result for an arm).
+    "arm_request", "arm_ack", "arm_result",
+    "clear_request", "clear_ack",
+    "op_stop_request", "op_stop_ack",
+    "worker_errors",  # failed inferences so far (worker)
     "status",  # STATUS_* (control)
+    "armed",  # 1 while this host believes the firmware may be armed (control)
+    "fw_mode", "fw_faults", "fw_status",  # the firmware's latest mode (-1: none yet), fault and status bits (control)
+    "trip_kind", "trip_category", "trip_t",  # the trip that caused the latest stop (1 + FaultKind index; control)
+    "stop_sent_t",  # when that stop's first STOP frame was written (control)
     "ready",  # 1 after the first good cycle (control)
     "consumed_seq",  # sync strategy: newest chunk fully played (control)
     "armed_since",  # monotonic time of the latest arm (control); chunks from before it are stale
     "cycles",  # control cycles so far (control)
 )
+
+
+_MEMORY_ORDER_SEQ_CST = 5
+
+
+@functools.cache
+def memory_fence() -> Callable[[], None]:
+    """A full hardware memory barrier (C11 atomic_thread_fence(seq_cst) from libatomic)."""
+    name = ctypes.util.find_library("atomic")
+    fence = None
+    if name:
+        try:
+            fence = ctypes.CDLL(name).atomic_thread_fence
+        except (OSError, AttributeError):
+            fence = None
+    if fence is not None:
+        fence.argtypes, fence.restype = [ctypes.c_int], None
+        return functools.partial(fence, _MEMORY_ORDER_SEQ_CST)
+    if platform.machine().lower() in ("x86_64", "amd64", "i686", "i386"):
+        return lambda: None  # TSO: the seqlock's order of stores and of loads is kept by the CPU
+    raise RuntimeError(f"no memory fence on {platform.machine()}: the shared-memory seqlock needs libatomic "
+                       "(apt install libatomic1) on a weakly ordered CPU")
 
 
 @dataclass
@@ -60,8 +115,10 @@ class SharedBus:
         self._views()
         self.arr[:] = 0.0
         self.arr[self._w["consumed_seq"]] = -1.0
+        self.arr[self._w["fw_mode"]] = -1.0
 
     def _views(self) -> None:
+        self._fence = memory_fence()
         self.arr = np.frombuffer(self._raw, dtype=np.float64)
         self._w = {name: i for i, name in enumerate(_WORDS)}
         s0 = len(_WORDS)
@@ -88,19 +145,23 @@ class SharedBus:
         self.set("worker_heartbeat", time.monotonic())
 
     # -- seqlocked records ---------------------------------------------------------------------
-    @staticmethod
-    def _write(rec: np.ndarray, payload: np.ndarray) -> None:
+    def _write(self, rec: np.ndarray, payload: np.ndarray) -> None:
+        fence = self._fence
         rec[0] += 1.0  # odd: writing
+        fence()  # the odd sequence is visible before any payload word
         rec[1 : 1 + len(payload)] = payload
+        fence()  # every payload word is visible before the even sequence
         rec[0] += 1.0  # even: consistent
 
-    @staticmethod
-    def _read(rec: np.ndarray, n: int, tries: int = 1000) -> tuple[int, np.ndarray] | None:
+    def _read(self, rec: np.ndarray, n: int, tries: int = 1000) -> tuple[int, np.ndarray] | None:
+        fence = self._fence
         for _ in range(tries):
             s1 = rec[0]
             if int(s1) % 2:
                 continue
+            fence()  # the payload is read after the first sequence read
             copy = rec[1 : 1 + n].copy()
+            fence()  # ... and before the second
             if rec[0] == s1:
                 return int(s1) // 2, copy
         return None  # the writer is stuck mid-write (it died): treat as no data

@@ -14,13 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from array import array
 from collections import deque
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
-
+from edge_vla.onboard.histogram import LogHistogram
 from edge_vla.optional import available, require
 
 log = logging.getLogger(__name__)
@@ -147,36 +145,27 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
 
 class CycleStats:
-    """Timing statistics kept for the summary (8 bytes a cycle, no allocation per cycle)."""
+    """Timing statistics kept for the summary: fixed memory (log-bucket histograms), whatever the run length."""
 
     def __init__(self, period: float) -> None:
         self.period = period
-        self.lateness = array("d")  # wake-up after the deadline (s)
-        self.period_error = array("d")  # actual period between consecutive cycle starts - nominal (s)
-        self.compute = array("d")  # cycle work time (s)
+        self.lateness = LogHistogram()  # wake-up after the deadline (s)
+        self.period_error = LogHistogram()  # |actual period between consecutive cycle starts - nominal| (s)
+        self.compute = LogHistogram()  # cycle work time (s)
         self._last_start: float | None = None
         self.cycles = 0
         self.t_first = self.t_last = 0.0
 
     def add(self, start: float, lateness: float, compute: float, skipped_before: int) -> None:
         if self._last_start is not None and skipped_before == 0:
-            self.period_error.append(start - self._last_start - self.period)
+            self.period_error.record(start - self._last_start - self.period)
         elif self._last_start is None:
             self.t_first = start
         self._last_start = start
         self.t_last = start
-        self.lateness.append(lateness)
-        self.compute.append(compute)
+        self.lateness.record(lateness)
+        self.compute.record(compute)
         self.cycles += 1
-
-
-def _pct(values: array, qs: tuple[float, ...] = (50, 99)) -> dict[str, float]:
-    if not len(values):
-        return {}
-    a = np.abs(np.frombuffer(values, dtype=np.float64)) * 1e3
-    out = {f"p{q:g}_ms": float(np.percentile(a, q)) for q in qs}
-    out["max_ms"] = float(a.max())
-    return out
 
 
 def summarize(stats: CycleStats, missed: int, clamps: dict[str, int], trips: list[dict],
@@ -188,9 +177,9 @@ def summarize(stats: CycleStats, missed: int, clamps: dict[str, int], trips: lis
         "rate_hz_achieved": (stats.cycles - 1) / span if stats.cycles > 1 else 0.0,
         "cycles": stats.cycles,
         "duration_s": span,
-        "period_error": _pct(stats.period_error),
-        "wake_lateness": _pct(stats.lateness),
-        "compute": _pct(stats.compute),
+        "period_error": stats.period_error.summary(),
+        "wake_lateness": stats.lateness.summary(),
+        "compute": stats.compute.summary(),
         "missed_deadlines": missed,
         "missed_per_minute": missed / minutes if minutes > 0 else 0.0,
         "clamps": dict(clamps),

@@ -40,8 +40,11 @@ class FaultKind(Enum):
     FIRMWARE_FAULT = "firmware_fault"
     WORKER_DEAD = "worker_dead"
     NONFINITE_ACTION = "nonfinite_action"
-    OPERATOR_STOP = "operator_stop"  # SIGINT / SIGTERM / stop request
+    OPERATOR_STOP = "operator_stop"  # SIGINT / SIGTERM / stop request / duration reached
     LOOP_ERROR = "loop_error"  # an exception inside the control loop itself
+    FOLLOWING_ERROR = "following_error"  # |commanded - measured| over the joint's limit (a collision, a block)
+    EFFORT_LIMIT = "effort_limit"  # a gripper-role joint over its effort limit
+    STOP_ESCALATED = "stop_escalated"  # a category-1 ramp did not end within its bound: torque off now
 
 
 STOP_CATEGORY: dict[FaultKind, int] = {
@@ -56,7 +59,14 @@ STOP_CATEGORY: dict[FaultKind, int] = {
     FaultKind.LINK_ERRORS: 0,
     FaultKind.FIRMWARE_FAULT: 0,
     FaultKind.LOOP_ERROR: 0,
+    FaultKind.FOLLOWING_ERROR: 1,
+    FaultKind.EFFORT_LIMIT: 1,
+    FaultKind.STOP_ESCALATED: 0,
 }
+# Losing the link is category 0 by default: a controller we cannot reach cannot be commanded through a
+# ramp, and its own heartbeat watchdog then runs its configured stop anyway. Robots that fall without
+# torque and have no brakes configure 1 (WatchdogConfig.link_loss_category, from the robot config).
+DEFAULT_LINK_LOSS_CATEGORY = 0
 
 
 @dataclass(frozen=True)
@@ -72,10 +82,13 @@ class WatchdogConfig:
     link_error_window_s: float = 1.0
     worker_max_age_s: float = 1.0  # inference worker heartbeat older than this
     max_consecutive_nonfinite: int = 3  # NaN/Inf chunks in a row (each is already held by safety)
+    link_loss_category: int = DEFAULT_LINK_LOSS_CATEGORY  # stop category for LINK_STALE (robot config)
 
     def validate(self) -> WatchdogConfig:
+        if self.link_loss_category not in (0, 1):
+            raise ConfigError(f"link_loss_category must be 0 or 1, got {self.link_loss_category}")
         for name, value in vars(self).items():
-            if not value > 0:
+            if name != "link_loss_category" and not value > 0:
                 raise ConfigError(f"watchdog threshold {name} must be > 0 (math.inf disables it), got {value}")
         return self
 
@@ -94,6 +107,8 @@ class Signals:
     firmware_faults: int = 0  # fault bits reported by the firmware (trip bits only)
     worker_age_s: float | None = None
     consecutive_nonfinite: int = 0
+    following_error: str | None = None  # why the tracking check failed this cycle (edge_vla.onboard.following)
+    effort_limit: str | None = None
 
 
 @dataclass(frozen=True)
@@ -114,9 +129,24 @@ class Watchdog:
     trips: list[Trip] = field(default_factory=list)
     active: Trip | None = None  # the trip that caused the current stop
     _error_times: list[tuple[float, int]] = field(default_factory=list)
+    defer_logs: bool = False  # the control loop sends the STOP frame first and logs afterwards (flush_logs)
+    _pending_logs: list[tuple[int, str, tuple]] = field(default_factory=list)
+    MAX_TRIPS = 64
 
     def __post_init__(self) -> None:
         self.config.validate()
+
+    def _log(self, level: int, msg: str, *args: object) -> None:
+        if self.defer_logs:
+            self._pending_logs.append((level, msg, args))
+        else:
+            log.log(level, msg, *args)
+
+    def flush_logs(self) -> None:
+        """Write deferred log lines (a log write must not delay the STOP frame)."""
+        while self._pending_logs:
+            level, msg, args = self._pending_logs.pop(0)
+            log.log(level, msg, *args)
 
     # -- transitions ---------------------------------------------------------------------------
     def arm(self, now: float, link_errors_total: int = 0) -> None:
@@ -128,21 +158,32 @@ class Watchdog:
 
     def trip(self, kind: FaultKind, reason: str, now: float) -> Trip | None:
         """Record a trip; returns it if it starts a stop (the first while running), else None."""
-        trip = Trip(kind, STOP_CATEGORY[kind], reason, now)
+        category = self.config.link_loss_category if kind is FaultKind.LINK_STALE else STOP_CATEGORY[kind]
+        trip = Trip(kind, category, reason, now)
         self.trips.append(trip)
+        if len(self.trips) > self.MAX_TRIPS:  # bounded: the first trips and the latest are what matter
+            del self.trips[self.MAX_TRIPS // 2]
+        if kind is FaultKind.STOP_ESCALATED and self.state is State.STOPPING:
+            self.active = trip
+            self.state = State.STOPPED
+            self._log(logging.ERROR, "SAFETY STOP escalated to category 0 at t=%.6f: %s", now, reason)
+            return trip
         if self.state is not State.RUNNING:
-            log.info("watchdog: %s while %s (%s)", kind.value, self.state.value, reason)
+            self._log(logging.INFO, "watchdog: %s while %s (%s)", kind.value, self.state.value, reason)
             return None
         self.active = trip
         self.state = State.STOPPED if trip.category == 0 else State.STOPPING
-        level = logging.WARNING if kind is FaultKind.OPERATOR_STOP else logging.ERROR
-        log.log(level, "SAFETY STOP category %d at t=%.6f: %s: %s", trip.category, now, kind.value, reason)
+        if kind is FaultKind.OPERATOR_STOP:  # a planned end or an operator's stop, not a fault
+            self._log(logging.INFO, "stopped (%s): category-%d stop at t=%.6f", reason, trip.category, now)
+        else:
+            self._log(logging.ERROR, "SAFETY STOP category %d at t=%.6f: %s: %s", trip.category, now, kind.value,
+                      reason)
         return trip
 
     def stop_complete(self) -> None:
         if self.state is State.STOPPING:
             self.state = State.STOPPED
-            log.warning("category-1 stop complete: torque off")
+            log.info("category-1 stop complete: torque off")
 
     def rearm(self) -> None:
         """The explicit operator action that clears a latched stop (the next arm() starts again)."""
@@ -150,7 +191,7 @@ class Watchdog:
             raise ConfigError(f"cannot re-arm while {self.state.value}; wait for the stop to complete")
         self.state = State.DISARMED
         self.active = None
-        log.warning("watchdog re-armed by explicit request")
+        log.info("watchdog reset by an explicit operator request")
 
     # -- checks ---------------------------------------------------------------------------------
     def check(self, s: Signals) -> Trip | None:
@@ -169,6 +210,10 @@ class Watchdog:
         recent = self._recent_link_errors(s.now, s.link_errors_total)
         if recent >= c.max_link_errors:
             return FaultKind.LINK_ERRORS, f"{recent} link errors within {c.link_error_window_s:g} s (limit {c.max_link_errors})"
+        if s.following_error is not None:
+            return FaultKind.FOLLOWING_ERROR, s.following_error
+        if s.effort_limit is not None:
+            return FaultKind.EFFORT_LIMIT, s.effort_limit
         if s.worker_age_s is not None and s.worker_age_s > c.worker_max_age_s:
             return FaultKind.WORKER_DEAD, f"inference worker silent for {s.worker_age_s:.2f} s (limit {c.worker_max_age_s:g})"
         if s.camera_age_s is not None and s.camera_age_s > c.camera_max_age_s:

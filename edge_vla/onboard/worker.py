@@ -10,12 +10,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from edge_vla.onboard import shared as sh
 from edge_vla.onboard.cameras import CameraSource, resize_nearest
+from edge_vla.onboard.histogram import LogHistogram
 from edge_vla.runtime.types import ActionChunk, Observation
 
 log = logging.getLogger(__name__)
@@ -71,14 +72,31 @@ class StallableSource:
 
 @dataclass
 class WorkerStats:
-    chunks: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
-    errors: int = 0
+    """Chunks, failed inferences by reason, and latency percentiles in fixed memory."""
 
-    def as_dict(self) -> dict[str, float]:
-        lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.zeros(1)
-        return {"chunks": self.chunks, "errors": self.errors, "infer_p50_ms": float(np.percentile(lat, 50)),
-                "infer_p99_ms": float(np.percentile(lat, 99))}
+    MAX_REASONS = 16  # distinct exception types kept by name; more are counted under "other"
+
+    chunks: int = 0
+    errors: int = 0
+    error_reasons: dict[str, int] = field(default_factory=dict)
+    last_error: str = ""
+    latency_ms: LogHistogram = field(default_factory=lambda: LogHistogram(lowest=1e-3, highest=1e6))
+
+    def record_latency(self, ms: float) -> None:
+        self.latency_ms.record(ms)
+
+    def record_error(self, exc: BaseException) -> None:
+        self.errors += 1
+        name = type(exc).__name__
+        if name not in self.error_reasons and len(self.error_reasons) >= self.MAX_REASONS:
+            name = "other"
+        self.error_reasons[name] = self.error_reasons.get(name, 0) + 1
+        self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"chunks": self.chunks, "errors": self.errors, "error_reasons": dict(self.error_reasons),
+                "last_error": self.last_error, "infer_p50_ms": self.latency_ms.percentile(50),
+                "infer_p99_ms": self.latency_ms.percentile(99)}
 
 
 class InferenceWorker:
@@ -105,7 +123,7 @@ class InferenceWorker:
         """One observe-infer-publish round; False when there was nothing to do."""
         self.bus.beat()
         status = self.bus.get("status")
-        if status not in (sh.STATUS_RUNNING, sh.STATUS_STOPPED):
+        if status not in (sh.STATUS_RUNNING, sh.STATUS_HOMING, sh.STATUS_STOPPED, sh.STATUS_DISARMED, sh.STATUS_ARMING):
             time.sleep(0.005)
             return False
         if self.sync and self._published:
@@ -130,9 +148,19 @@ class InferenceWorker:
                           timestamp=min(frame.timestamp, state.time))
         t0 = time.perf_counter()
         self.bus.set("worker_phase", sh.WORKER_INFER)
-        chunk = self.source.infer(obs)
+        try:
+            chunk = self.source.infer(obs)
+        except Exception as exc:
+            self.bus.set("worker_phase", sh.WORKER_IDLE)
+            self.bus.beat()
+            self.stats.record_error(exc)
+            self.bus.set("worker_errors", float(self.stats.errors))
+            if self.stats.errors == 1 or self.stats.errors % 100 == 0:  # no log flood at the replanning rate
+                log.error("inference failed (%d so far): %s; no chunk published, the watchdog stops the robot "
+                          "if this persists", self.stats.errors, self.stats.last_error)
+            return False
         self.bus.set("worker_phase", sh.WORKER_IDLE)
-        self.stats.latencies_ms.append((time.perf_counter() - t0) * 1e3)
+        self.stats.record_latency((time.perf_counter() - t0) * 1e3)
         self.bus.beat()
         self._published = self.bus.publish_chunk(chunk.actions, chunk.action_period_s, obs.timestamp, obs.state)
         self.stats.chunks += 1

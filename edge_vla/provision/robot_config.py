@@ -1,4 +1,13 @@
-"""The robot's configuration file (/etc/edge-vla/robot.env): link, camera, rate, extra arguments.
+"""The robot's configuration file (/etc/edge-vla/robot.env): link, camera, rate, safety limits, extra arguments.
+
+Safety keys (read by `edge-vla run`, which loads this file; a bundle may narrow the limits, never widen):
+- EDGE_VLA_FOLLOWING_ERROR: per-joint limit on |commanded - measured| position (rad), one value or one
+  per joint; over it for a few cycles -> category-1 stop (a collision or a blocked joint). Default 0.5.
+- EDGE_VLA_GRIPPER_JOINTS / EDGE_VLA_GRIPPER_EFFORT: joints with the gripper role (names or indices) are
+  blocked by design when they grasp, so they get an effort limit (N*m or N; 0 = off) instead.
+- EDGE_VLA_LINK_LOSS_CATEGORY: stop category when the motor controller stops answering. Default 0 (torque
+  off): a controller we cannot reach cannot be commanded through a ramp, and its own heartbeat watchdog
+  runs its stop anyway. Set 1 for arms that fall without torque and have no brakes.
 
 A systemd EnvironmentFile (KEY=VALUE lines), read by edge-vla.service and by `edge-vla doctor`.
 Operators edit it on the robot; `edge-vla install` keeps their edits (see install/rootfs).
@@ -13,6 +22,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from edge_vla.errors import ConfigError
+from edge_vla.onboard.following import TrackingLimits
+from edge_vla.onboard.watchdog import DEFAULT_LINK_LOSS_CATEGORY
 
 CONFIG_PATH = "/etc/edge-vla/robot.env"
 DEFAULT_LINK = "serial:///dev/edge-vla-motor"  # the udev symlink the package installs
@@ -25,6 +36,27 @@ class RobotConfig:
     camera: str = "realsense"
     rate_hz: float = 50.0
     extra_args: str = ""  # appended to `edge-vla run`, split on whitespace by systemd
+    following_error: str = "0.5"  # rad; one value or comma-separated per joint
+    gripper_joints: str = ""  # comma-separated joint names or indices with the gripper role
+    gripper_effort: float = 0.0  # effort limit of gripper-role joints (0: off)
+    link_loss_category: int = DEFAULT_LINK_LOSS_CATEGORY
+
+    def following_errors(self) -> list[float]:
+        try:
+            values = [float(x) for x in self.following_error.split(",") if x.strip()]
+        except ValueError as exc:
+            raise ConfigError(f"EDGE_VLA_FOLLOWING_ERROR={self.following_error!r} is not a number or a comma-separated "
+                              "list of numbers (rad)") from exc
+        if not values or any(not v > 0 for v in values):
+            raise ConfigError(f"EDGE_VLA_FOLLOWING_ERROR={self.following_error!r}: every limit must be > 0 rad")
+        return values
+
+    def tracking_limits(self, names: tuple[str, ...]) -> TrackingLimits:
+        """The host's following-error limits for these joints (edge_vla.onboard.following)."""
+        values = self.following_errors()
+        gripper = tuple(g.strip() for g in self.gripper_joints.split(",") if g.strip())
+        return TrackingLimits.from_robot(names, values if len(values) > 1 else values[0], gripper,
+                                         self.gripper_effort if self.gripper_effort > 0 else float("inf"))
 
     def validate(self) -> RobotConfig:
         kind = link_kind(self.link)
@@ -36,7 +68,13 @@ class RobotConfig:
             raise ConfigError(f"camera {self.camera!r}: use realsense, sim or video:PATH")
         if not 1 <= self.rate_hz <= 2000:
             raise ConfigError(f"rate {self.rate_hz} Hz is outside 1..2000")
-        for value in (self.link, self.camera, self.extra_args):
+        self.following_errors()
+        if self.link_loss_category not in (0, 1):
+            raise ConfigError(f"EDGE_VLA_LINK_LOSS_CATEGORY={self.link_loss_category}: use 0 (torque off, the default) "
+                              "or 1 (controlled stop, for arms that fall without torque and have no brakes)")
+        if self.gripper_effort < 0:
+            raise ConfigError(f"EDGE_VLA_GRIPPER_EFFORT={self.gripper_effort} must be >= 0 (0: off)")
+        for value in (self.link, self.camera, self.extra_args, self.following_error, self.gripper_joints):
             if "\n" in value or '"' in value:
                 raise ConfigError(f"config value {value!r} contains a newline or a double quote")
         return self
@@ -54,6 +92,14 @@ class RobotConfig:
             f'EDGE_VLA_RATE_HZ="{rate}"\n'
             "# Extra arguments for `edge-vla run` (whitespace-separated)\n"
             f'EDGE_VLA_EXTRA_ARGS="{self.extra_args}"\n'
+            "# Following error: max |commanded - measured| per joint (rad; one value or one per joint) -> stop\n"
+            f'EDGE_VLA_FOLLOWING_ERROR="{self.following_error}"\n'
+            "# Gripper-role joints (names or indices) get an effort limit instead (N*m; 0 = off)\n"
+            f'EDGE_VLA_GRIPPER_JOINTS="{self.gripper_joints}"\n'
+            f'EDGE_VLA_GRIPPER_EFFORT="{self.gripper_effort:g}"\n'
+            "# Stop category when the motor controller stops answering: 0 = torque off (default), 1 = controlled\n"
+            "# stop, for arms that fall without torque and have no brakes\n"
+            f'EDGE_VLA_LINK_LOSS_CATEGORY="{self.link_loss_category}"\n'
         )
 
     @classmethod
@@ -65,9 +111,14 @@ class RobotConfig:
                 camera=env.get("EDGE_VLA_CAMERA", "realsense"),
                 rate_hz=float(env.get("EDGE_VLA_RATE_HZ", "50")),
                 extra_args=env.get("EDGE_VLA_EXTRA_ARGS", ""),
+                following_error=env.get("EDGE_VLA_FOLLOWING_ERROR", "0.5"),
+                gripper_joints=env.get("EDGE_VLA_GRIPPER_JOINTS", ""),
+                gripper_effort=float(env.get("EDGE_VLA_GRIPPER_EFFORT", "0")),
+                link_loss_category=int(env.get("EDGE_VLA_LINK_LOSS_CATEGORY", str(DEFAULT_LINK_LOSS_CATEGORY))),
             )
         except ValueError as exc:
-            raise ConfigError(f"robot config: EDGE_VLA_RATE_HZ is not a number ({exc})") from exc
+            raise ConfigError(f"robot config: EDGE_VLA_RATE_HZ, EDGE_VLA_GRIPPER_EFFORT or EDGE_VLA_LINK_LOSS_CATEGORY "
+                              f"is not a number ({exc})") from exc
 
     @classmethod
     def load(cls, path: str | Path) -> RobotConfig:

@@ -163,7 +163,12 @@ static void test_watchdog(void) {
     setpoint(0, 0, 10000001);
     CHECK(count_tx(FW_MSG_NACK, ack) == 1 && ack[3] == FW_NACK_NOT_ARMED, "setpoint applied while tripped");
     host_send(FW_MSG_ARM, NULL, 0, 10000002);
-    CHECK(fw_mode(&fw) == FW_MODE_ARMED && fw_faults(&fw) == 0, "explicit ARM did not clear the trip");
+    CHECK(count_tx(FW_MSG_NACK, ack) == 1 && ack[3] == FW_NACK_FAULTS_LATCHED && fw_mode(&fw) == FW_MODE_TRIPPED,
+          "ARM must not clear latched faults");
+    host_send(FW_MSG_CLEAR_FAULTS, NULL, 0, 10000003);
+    CHECK(fw_mode(&fw) == FW_MODE_DISARMED && fw_faults(&fw) == 0, "CLEAR_FAULTS did not clear the trip");
+    host_send(FW_MSG_ARM, NULL, 0, 10000004);
+    CHECK(fw_mode(&fw) == FW_MODE_ARMED, "ARM after CLEAR_FAULTS did not arm");
 }
 
 static void test_link_errors_cat0(void) {
@@ -199,13 +204,155 @@ static void test_duplicates_and_stop(void) {
     CHECK(fw_mode(&fw) == FW_MODE_TRIPPED, "a frame of another protocol version was applied");
 }
 
+static void test_crc_table(void) {
+    /* the static const table must be the bit-by-bit CRC: recompute every single-byte CRC */
+    for (uint32_t b = 0; b < 256u; b++) {
+        uint32_t c = b ^ 0xFFFFFFFFu;
+        for (int k = 0; k < 8; k++) c = (c & 1u) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+        uint8_t byte = (uint8_t)b;
+        CHECK(fw_crc32c(&byte, 1, 0) == (c ^ 0xFFFFFFFFu), "CRC table entry %u", (unsigned)b);
+    }
+}
+
+static void test_time_backstep(void) {
+    setup();
+    host_send(FW_MSG_ARM, NULL, 0, 5000000);
+    fw_tick(&fw, 1000000); /* the time source jumped back 4 s: no elapsed time, counted */
+    CHECK(fw_mode(&fw) == FW_MODE_ARMED && fw_stat(&fw, FW_STAT_TIME_BACKSTEPS) == 1, "time backstep mishandled");
+    fw_tick(&fw, 1000000 + 100000);
+    CHECK(fw_mode(&fw) == FW_MODE_ARMED, "tripped before the timeout on the new time base");
+    fw_tick(&fw, 1000000 + 100001);
+    CHECK(fw_mode(&fw) == FW_MODE_STOPPING, "watchdog lost after a time backstep");
+}
+
+/* ---- the interrupt injector ----------------------------------------------------------------------
+ * A stream of host frames goes through fw_rx_bytes (the RX interrupt). At every point where an
+ * interrupt could fire (FW_PREEMPT_POINT, outside a critical section: every byte boundary, between
+ * decoding and applying a frame, inside send() when critical sections are compiled out), one run
+ * injects a timer interrupt (fw_tick) there. Every run must produce the same applied commands, the same
+ * ACK/NACK frames in the same order, and only intact frames, as the run without an injection. */
+
+static int crit_depth, crit_nested;
+static long preempt_count, preempt_target = -1;
+static int in_isr, injected;
+static uint64_t isr_now;
+
+void fw_test_enter_critical(void) { if (crit_depth) crit_nested++; crit_depth++; }
+void fw_test_exit_critical(void) { crit_depth--; }
+void fw_test_preempt(const void *p) {
+    if (p != &fw || crit_depth > 0 || in_isr) return; /* interrupts masked, or inside the injected one */
+    if (preempt_count++ != preempt_target) return;
+    in_isr = 1;
+    fw_tick(&fw, isr_now);
+    in_isr = 0;
+    injected++;
+}
+
+typedef struct {
+    int frames, bad, states, others, seq_breaks;
+    uint8_t other_sig[64][6]; /* type, acked seq, acked type, code of each non-STATE frame */
+    int32_t cmd[10];
+    uint8_t mode;
+} run_result_t;
+
+static size_t build_stream(uint8_t *out, size_t cap, uint16_t seq) {
+    size_t n = 0;
+    uint8_t hb[4] = {1, 0, 0, 0}, sp[4 + 40] = {2, 0, 0, 0};
+    for (int i = 0; i < 6; i++) {
+        fw_put_u32(sp + 4, (uint32_t)(1000 * (i + 1)));
+        fw_put_u32(sp + 24, (uint32_t)(-2000 * (i + 1)));
+        n += fw_frame_encode(FW_PROTO_MAJOR, FW_MSG_SETPOINT, seq++, sp, sizeof sp, out + n, cap - n);
+        n += fw_frame_encode(FW_PROTO_MAJOR, i % 2 ? FW_MSG_HEARTBEAT : FW_MSG_KEEPALIVE, seq++, hb, 4, out + n, cap - n);
+    }
+    return n;
+}
+
+static run_result_t injector_run(long target) {
+    static uint8_t stream[2048], tx[FW_TX_BUF], raw[FW_MAX_RAW];
+    run_result_t r;
+    memset(&r, 0, sizeof r);
+    fw_init(&fw, 2, 100, 200, 1000000, 3, 0x010000); /* STATE every 1 us: each injected tick sends one */
+    fw_set_joint(&fw, 0, "a", -1000000, 1000000, 2000000, 5000, 500000, 20000);
+    fw_set_joint(&fw, 1, "b", -1000000, 1000000, 2000000, 5000, 500000, 20000);
+    host_seq = 0;
+    uint8_t hello[4] = {FW_PROTO_MAJOR, FW_PROTO_MINOR, 0, 0};
+    preempt_target = -1;
+    host_send(FW_MSG_HELLO, hello, 4, 0);
+    host_send(FW_MSG_ARM, NULL, 0, 0);
+    fw_tx_take(&fw, tx, sizeof tx);
+    size_t n = build_stream(stream, sizeof stream, host_seq);
+    preempt_count = 0;
+    preempt_target = target;
+    injected = 0;
+    isr_now = 5010; /* the timer read 10 us after the RX interrupt's reading: a STATE is due */
+    fw_rx_bytes(&fw, stream, n, 5000);
+    preempt_target = -1;
+    size_t m = fw_tx_take(&fw, tx, sizeof tx), start = 0;
+    int have_seq = 0;
+    uint16_t last_seq = 0;
+    for (size_t i = 0; i < m; i++) {
+        if (tx[i] != 0) continue;
+        uint8_t v, t; uint16_t s; size_t pl;
+        int st = fw_frame_decode(tx + start, i - start, raw, &v, &t, &s, &pl);
+        if (st == FW_DECODE_OK) { /* the firmware numbers its frames consecutively: a gap is a lost frame */
+            if (have_seq && s != (uint16_t)(last_seq + 1u)) r.seq_breaks++;
+            have_seq = 1;
+            last_seq = s;
+        }
+        if (st != FW_DECODE_OK) r.bad++;
+        else if (t == FW_MSG_STATE) r.states++;
+        else if (r.others < 64) {
+            uint8_t *sig = r.other_sig[r.others++];
+            sig[0] = t; sig[1] = raw[4]; sig[2] = raw[5]; sig[3] = raw[6]; sig[4] = raw[7]; sig[5] = 0;
+        }
+        r.frames++;
+        start = i + 1;
+    }
+    fw_get_commands(&fw, r.cmd);
+    r.mode = fw_mode(&fw);
+    return r;
+}
+
+static int test_interrupt_injector(int quiet) {
+    run_result_t ref = injector_run(-1);
+    long points = preempt_count;
+    CHECK(points > 300, "too few preemption points: %ld", points);
+    CHECK(ref.bad == 0 && ref.seq_breaks == 0 && ref.states == 6 && ref.others == 6 && ref.mode == FW_MODE_ARMED,
+          "reference run: %d bad, %d states, %d others", ref.bad, ref.states, ref.others);
+    int broken = 0;
+    for (long k = 0; k < points; k++) {
+        run_result_t r = injector_run(k);
+        int ok = injected == 1 && r.bad == 0 && r.seq_breaks == 0 && r.states == ref.states + 1 &&
+                 r.others == ref.others && memcmp(r.other_sig, ref.other_sig, sizeof r.other_sig) == 0 &&
+                 memcmp(r.cmd, ref.cmd, sizeof r.cmd) == 0 && r.mode == ref.mode &&
+                 fw_stat(&fw, FW_STAT_RX_FRAMES) == 14 && fw_stat(&fw, FW_STAT_RX_CRC_ERRORS) == 0 &&
+                 fw_stat(&fw, FW_STAT_RX_STALE) == 0;
+        if (!ok) {
+            broken++;
+            if (!quiet && broken <= 3)
+                printf("injector: interrupt at point %ld: injected %d, %d bad frames, %d states, %d others\n", k,
+                       injected, r.bad, r.states, r.others);
+        }
+    }
+    CHECK(crit_nested == 0, "critical sections nested %d times", crit_nested);
+    printf("injector: %ld preemption points, %d runs with a corrupted, lost or misapplied frame\n", points, broken);
+    return broken;
+}
+
 int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "--injector-only") == 0) { /* the negative control */
+        int broken = test_interrupt_injector(1);
+        return broken ? 3 : 0;
+    }
     uint8_t check[] = "123456789";
     CHECK(fw_crc32c(check, 9, 0) == 0xE3069283u, "CRC-32C check value");
+    test_crc_table();
     test_vectors(argc > 1 ? argv[1] : "../vectors/frames.json");
     test_watchdog();
     test_link_errors_cat0();
     test_duplicates_and_stop();
+    test_time_backstep();
+    CHECK(test_interrupt_injector(0) == 0, "the interrupt injector found broken runs");
     printf("%d checks, %d failures\n", checks, failures);
     return failures ? 1 : 0;
 }

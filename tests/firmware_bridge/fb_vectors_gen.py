@@ -38,6 +38,16 @@ def messages() -> list[tuple[str, int, p.Message]]:
                                               p.Mode.STOPPING)),
         ("ack", 11, p.Ack(7, p.MsgType.HEARTBEAT)),
         ("nack_not_armed", 0xFFFF, p.Nack(4, p.MsgType.SETPOINT, p.NackCode.NOT_ARMED)),
+        # protocol 1.1
+        ("clear_faults", 12, p.ClearFaults()),
+        ("keepalive", 13, p.Keepalive(0x01020304)),
+        ("safety_config_2", 14, p.SafetyConfig(987_654, 1, 0, 1, True, True, 256, 10, 4, (
+            p.JointSafety("joint", 0.25, 1.5, 0.0, 200.0, 10.0), p.JointSafety("gripper", 0.0, 0.0, 4.5, 80.0, 2.5)))),
+        ("state_7_status", 15, p.State(2**40 + 3, 14, p.Fault.FOLLOWING_ERROR | p.Fault.GAINS_CLAMPED,
+                                        p.Mode.TRIPPED, seven, -seven, seven * 3,
+                                        p.Status.ENABLE_INPUT | p.Status.STOP_LATCHED)),
+        ("nack_faults_latched", 16, p.Nack(3, p.MsgType.ARM, p.NackCode.FAULTS_LATCHED)),
+        ("nack_stale_seq", 17, p.Nack(0x8001, p.MsgType.SETPOINT, p.NackCode.STALE_SEQ)),
     ]
 
 

@@ -35,14 +35,29 @@ def setpoints(draw: st.DrawFn) -> p.Setpoint:
 
 
 @st.composite
+def safety_configs(draw: st.DrawFn) -> p.SafetyConfig:
+    n = draw(joint_counts)
+    limit = st.floats(0.0, 2000.0, allow_nan=False)
+    joints = tuple(p.JointSafety(draw(st.sampled_from(p.ROLES)), draw(limit), draw(limit), draw(limit), draw(limit),
+                                 draw(limit)) for _ in range(n))
+    cat = st.integers(0, 1)
+    return p.SafetyConfig(draw(st.integers(0, 2**64 - 1)), draw(cat), draw(cat), draw(cat), draw(st.booleans()),
+                          draw(st.booleans()), draw(st.integers(1, 0x8000)), draw(st.integers(0, 0xFFFF)),
+                          draw(st.integers(1, 255)), joints)
+
+
+@st.composite
 def messages(draw: st.DrawFn) -> p.Message:
     n = draw(joint_counts)
     vec = lambda: np.array(draw(st.lists(finite, min_size=n, max_size=n)))
     u16, u8 = st.integers(0, 0xFFFF), st.integers(0, 255)
     return draw(st.one_of(
         setpoints(),
-        st.just(p.State(draw(st.integers(0, 2**64 - 1)), draw(u16), p.Fault(draw(st.integers(0, 0x1FF))),
-                        draw(st.sampled_from(p.Mode)), vec(), vec(), vec())),
+        st.just(p.State(draw(st.integers(0, 2**64 - 1)), draw(u16), p.Fault(draw(st.integers(0, 0xFFF))),
+                        draw(st.sampled_from(p.Mode)), vec(), vec(), vec(), p.Status(draw(st.integers(0, 7))))),
+        safety_configs(),
+        st.builds(p.Keepalive, st.integers(0, 2**32 - 1)),
+        st.just(p.ClearFaults()),
         st.builds(p.Heartbeat, st.integers(0, 2**32 - 1)),
         st.builds(p.Stop, st.integers(0, 1), u8),
         st.builds(p.Ack, u16, u8, u8),
@@ -128,3 +143,26 @@ def test_other_protocol_major_is_rejected() -> None:
     with pytest.raises(FrameError) as err:
         framing.decode(block)
     assert err.value.kind == "version"
+
+
+@settings(max_examples=150, deadline=None)
+@given(safety_configs())
+def test_safety_config_limits_survive_the_wire(cfg: p.SafetyConfig) -> None:
+    got = p.SafetyConfig.decode(cfg.encode())
+    assert (got.link_loss_category, got.enable_required, got.seq_window) == (
+        cfg.link_loss_category, cfg.enable_required, cfg.seq_window)
+    for a, b in zip(got.joints, cfg.joints, strict=True):
+        assert a.role == b.role
+        assert a.max_position_error == pytest.approx(b.max_position_error, abs=0.5 / p.POS_SCALE)
+        assert a.effort_limit == pytest.approx(b.effort_limit, abs=0.5 / p.EFFORT_SCALE)
+        assert a.kp_max == pytest.approx(b.kp_max, abs=0.5 / p.GAIN_SCALE)
+
+
+def test_capabilities_from_a_1_1_firmware_keep_the_1_0_layout() -> None:
+    """Minor-version rule: 1.1 adds a frame (SAFETY_CONFIG) and fills STATE's reserved word; the 1.0
+    layouts of CAPABILITIES and STATE are unchanged, so a 1.0 host still decodes them."""
+    caps = p.Capabilities(1, 1, (1, 1, 0), 0.1, 100, 0.2, (p.JointLimits("a", -1, 1, 2, 3),),
+                          safety=p.SafetyConfig(0, 1, 0, 0, False, True, 256, 10, 4, (p.JointSafety(),)))
+    assert len(caps.encode()) == 16 + 32 and p.Capabilities.decode(caps.encode()).safety is None
+    state = p.State(5, 1, p.Fault.NONE, p.Mode.ARMED, np.zeros(1), np.zeros(1), np.zeros(1), p.Status.STOP_LATCHED)
+    assert len(state.encode()) == 16 + 12 and state.encode()[14:16] == b"\x02\x00"

@@ -19,7 +19,7 @@ from firmware_bridge.emulator import Emulator, EmulatorConfig, EmulatorProcess, 
 from firmware_bridge.errors import IncompatibleProtocolError, LinkDownError, NackError, UrlError
 from firmware_bridge.faults import FaultConfig
 from firmware_bridge.link import Link, open_link
-from firmware_bridge.protocol import Fault, Mode, Nack
+from firmware_bridge.protocol import Fault, Mode, Nack, NackCode
 from firmware_bridge.serial_link import SerialLink
 from firmware_bridge.transport import CanTransport, PtyTransport
 
@@ -42,15 +42,23 @@ def emu() -> Iterator[Emulator]:
         yield e
 
 
-def test_host_drives_emulator_over_pty(emu: Emulator) -> None:
-    with open_link(f"serial://{emu.port}?baud=1000000") as link:
+def test_host_drives_emulator_over_pty() -> None:
+    cfg = EmulatorConfig(joints=default_limits(3), heartbeat_timeout_ms=300, stop_ramp_ms=100)
+    with Emulator(cfg, PtyTransport()) as emu, open_link(f"serial://{emu.port}?baud=1000000") as link:
         assert isinstance(link, SerialLink) and link.connected
         caps = link.hello()
         assert caps.joint_count == 3 and caps.joint_names == ["joint0", "joint1", "joint2"]
         assert caps.limits_array("position_max").tolist() == [3.0, 3.0, 3.0]
-        assert caps.heartbeat_timeout_s == pytest.approx(0.08)
+        assert caps.heartbeat_timeout_s == pytest.approx(0.3)
+        assert caps.protocol_minor == 1 and caps.safety is not None and caps.safety.link_loss_category == 1
+        assert [j.max_position_error for j in caps.safety.joints] == [1.0, 1.0, 1.0]
         link.arm()
-        target = np.array([0.5, -0.25, 5.0])  # the last one beyond the limit: the firmware clamps it
+        # in steps: a jump of more than the 1 rad following-error limit would trip category 0
+        for q in (0.9, 1.8, 2.6):
+            link.send_setpoints([0.5, -0.25, q])
+            wait_for(link, lambda q=q: link.latest_state is not None and link.latest_state.positions[2] > q - 0.1,
+                     heartbeat=True)
+        target = np.array([0.5, -0.25, 5.0])  # the last one beyond the limit: the firmware clamps it to 3.0
         sent = link.send_setpoints(target)
         assert sent.positions.tolist() == target.tolist()
         wait_for(link, lambda: link.latest_state is not None
@@ -81,6 +89,10 @@ def test_watchdog_trips_on_heartbeat_loss_and_needs_explicit_rearm(emu: Emulator
             seen += link.poll(0.02)
         assert any(isinstance(m, Nack) and m.reason == "NOT_ARMED" for m in seen)
         assert link.latest_state is not None and link.latest_state.mode == Mode.TRIPPED
+        with pytest.raises(NackError, match="FAULTS_LATCHED") as refused:  # ARM alone clears nothing
+            link.arm()
+        assert refused.value.code == NackCode.FAULTS_LATCHED
+        link.clear_faults()  # the operator's act
         link.arm()
         wait_for(link, lambda: link.latest_state.mode == Mode.ARMED and not link.latest_state.fault_bits,
                  heartbeat=True)
@@ -103,7 +115,10 @@ def test_link_reconnects_after_pty_closed_and_reopened(tmp_path) -> None:
         assert link.stats.reconnects == 1
         link.hello()
         wait_for(link, lambda: link.latest_state is not None and link.latest_state.mode == Mode.TRIPPED)
-        link.arm()  # the firmware tripped while unplugged; re-arming is explicit
+        with pytest.raises(NackError, match="FAULTS_LATCHED"):
+            link.arm()  # the firmware tripped while unplugged; re-arming is an operator's explicit act
+        link.clear_faults()
+        link.arm()
     assert [e["event"] for e in emu.events].count("replugged") == 1
 
 
@@ -118,7 +133,7 @@ def test_can_virtual_bus_round_trip_and_urgent_stop() -> None:
         link.send_setpoints(np.full(7, 0.2), velocities=np.zeros(7), efforts=np.zeros(7), kp=np.full(7, 40.0),
                             kd=np.full(7, 1.5))
         wait_for(link, lambda: link.latest_state is not None and link.latest_state.ack_seq > 0)
-        link.stop(0)
+        assert link.stop(0) is True  # acknowledged
         wait_for(link, lambda: any(f.fault_code == Fault.HOST_STOP_CAT0 for f in link.faults))
         assert link.faults[-1].stop_category == 0 and link.faults[-1].mode == Mode.TRIPPED
         link.send_setpoints(np.zeros(7))  # fire-and-forget: the refusal comes back as a NACK
@@ -128,9 +143,10 @@ def test_can_virtual_bus_round_trip_and_urgent_stop() -> None:
         while not refused(seen) and time.monotonic() < deadline:
             seen += link.poll(0.01)
         assert refused(seen)
+        link.clear_faults()
+        link.arm()
+        assert link.stop(1)
         with pytest.raises(NackError, match="BUSY"):  # ARM mid-ramp is refused
-            link.arm()
-            link.stop(1)
             link.arm()
 
 

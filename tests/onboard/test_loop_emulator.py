@@ -18,7 +18,7 @@ import pytest
 from edge_vla.action_space import sim_action_space
 from edge_vla.onboard.cameras import SimCamera
 from edge_vla.onboard.control import ControlConfig
-from edge_vla.onboard.drill import EMULATOR_LIMITS, SceneHolder, drill_corrupt, drill_kill, drill_stall
+from edge_vla.onboard.drill import EMULATOR_LIMITS, SceneHolder, drill_corrupt, drill_kill, drill_restart, drill_stall
 from edge_vla.onboard.runner import OnboardRunner, bus_state_fn
 from edge_vla.onboard.telemetry import read_records
 from edge_vla.onboard.worker import ExpertSource
@@ -46,7 +46,8 @@ def test_closed_loop_reaches_and_ends_disarmed(emulator, tmp_path) -> None:
     scene = env.scene
     telemetry = tmp_path / "run.mcap"
     cfg = ControlConfig(link_url=f"serial://{emulator.port}", action_space=sim_action_space(), rate_hz=100.0,
-                        home=tuple(float(x) for x in env.q), home_time_s=0.5, telemetry_path=str(telemetry))
+                        home=tuple(float(x) for x in env.q), home_time_s=0.5, telemetry_path=str(telemetry),
+                        arm_on_start=True)
     run = OnboardRunner(cfg, ExpertSource(scene, delay_s=0.02), lambda bus: SimCamera(scene, bus_state_fn(bus), 64),
                         scene.instruction, image_size=64)
     reached = False
@@ -82,8 +83,9 @@ def _drain(sock: socket.socket) -> list[str]:
 
 
 def test_sigterm_gives_a_controlled_stop_and_disarm(emulator, tmp_path) -> None:
+    control = tmp_path / "control.sock"
     cmd = [sys.executable, "-m", "edge_vla.cli", "-v", "run", "--expert", "--link", f"serial://{emulator.port}",
-           "--rate-hz", "100", "--telemetry", str(tmp_path / "t.jsonl")]
+           "--rate-hz", "100", "--telemetry", str(tmp_path / "t.jsonl"), "--control-socket", str(control)]
     # Run it as systemd would (Type=notify, WatchdogSec): a real datagram socket collects sd_notify messages.
     sock_dir = tempfile.mkdtemp(dir="/tmp")
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -91,14 +93,23 @@ def test_sigterm_gives_a_controlled_stop_and_disarm(emulator, tmp_path) -> None:
     notify.setblocking(False)
     env = dict(os.environ, NOTIFY_SOCKET=f"{sock_dir}/notify", WATCHDOG_USEC="200000", WATCHDOG_PID="1")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    messages: list[str] = []
     try:
         deadline = time.monotonic() + 30
-        while "armed" not in _events(emulator):
+        while not control.exists():
+            messages += _drain(notify)  # a datagram queue holds ~10 messages: keep it drained
             assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "never armed"
+            assert time.monotonic() < deadline, "no control socket"
             time.sleep(0.05)
+        time.sleep(0.5)
+        assert "armed" not in _events(emulator)  # under systemd it comes up disarmed: an operator arms it
+        armed = subprocess.run([sys.executable, "-m", "edge_vla.cli", "arm", "--socket", str(control)], cwd=REPO,
+                               capture_output=True, text=True, timeout=30)
+        assert armed.returncode == 0, armed.stdout + armed.stderr
+        assert "armed" in _events(emulator)
+        messages += _drain(notify)
         time.sleep(1.0)  # moving
-        messages = _drain(notify)
+        messages += _drain(notify)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=20)
     finally:
@@ -134,6 +145,9 @@ def test_watchdog_drills_over_the_emulator(emulator) -> None:
     assert kill["firmware_detected"]
     # The firmware's timeout is 300 ms here, then its category-1 ramp; generous bound for a shared machine.
     assert kill["last_heartbeat_to_torque_off_ms"] is not None and kill["last_heartbeat_to_torque_off_ms"] < 2000
+    restart = drill_restart(*args, events=emulator.events)
+    assert not restart["rearmed_by_itself"] and restart["phase_after_restart"] == "disarmed"
+    assert restart["operator_arm_ok"]
 
 
 def test_startup_fails_clearly_without_a_controller(tmp_path) -> None:
@@ -159,7 +173,8 @@ def test_nan_chunks_are_held_then_tripped(emulator) -> None:
             chunk.actions[:] = np.nan
             return chunk
 
-    cfg = ControlConfig(link_url=f"serial://{emulator.port}", action_space=sim_action_space(), rate_hz=100.0)
+    cfg = ControlConfig(link_url=f"serial://{emulator.port}", action_space=sim_action_space(), rate_hz=100.0,
+                        arm_on_start=True)
     run = OnboardRunner(cfg, NanSource(scene, delay_s=0.02), lambda bus: SimCamera(scene, bus_state_fn(bus), 64),
                         scene.instruction)
     with run:

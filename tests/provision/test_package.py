@@ -40,7 +40,8 @@ def test_package_contents_and_metadata(build, bundle: Path, tmp_path: Path):
     assert set(meta["files"]) == EXPECTED - {"package.json"}
     env = parse_env(files["config/robot.env"].decode())
     assert env == {"EDGE_VLA_LINK": "can://can0", "EDGE_VLA_CAMERA": "sim", "EDGE_VLA_RATE_HZ": "100",
-                   "EDGE_VLA_EXTRA_ARGS": ""}
+                   "EDGE_VLA_EXTRA_ARGS": "", "EDGE_VLA_FOLLOWING_ERROR": "0.5", "EDGE_VLA_GRIPPER_JOINTS": "",
+                   "EDGE_VLA_GRIPPER_EFFORT": "0", "EDGE_VLA_LINK_LOSS_CATEGORY": "0"}
     with tarfile.open(result.path) as tar:
         modes = {m.name: m.mode for m in tar.getmembers()}
         assert all(m.mtime == 0 and m.uid == 0 for m in tar.getmembers())
@@ -64,6 +65,13 @@ def test_service_unit_runs_edge_vla_run_unprivileged_with_watchdog(build, bundle
                  "Requires=edge-vla-firstboot.service", "LimitRTPRIO=95", "LimitMEMLOCK=infinity"):
         assert f"\n{line}\n" in unit, line
     assert "edge-vla run /opt/edge-vla/current/bundle --link ${EDGE_VLA_LINK}" in unit
+    # A restarted service comes up disarmed: the unit serves the operator socket and never arms on start.
+    for line in ("RuntimeDirectory=edge-vla", "RuntimeDirectoryMode=0750", "Restart=on-failure"):
+        assert f"\n{line}\n" in unit, line
+    exec_start = next(ln for ln in unit.splitlines() if ln.startswith("ExecStart="))
+    settings = [ln for ln in unit.splitlines() if not ln.startswith("#")]
+    assert "--arm-on-start" not in exec_start and not any("EDGE_VLA_ALLOW_ARM_ON_START" in ln for ln in settings)
+    assert "comes up DISARMED with the firmware's" in unit and "edge-vla arm" in unit
     firstboot = files["systemd/edge-vla-firstboot.service"].decode()
     assert "ExecStart=/opt/edge-vla/current/venv/bin/edge-vla build-engines /opt/edge-vla/current/bundle" in firstboot
     assert "Before=edge-vla.service" in firstboot and "Type=oneshot" in firstboot
