@@ -12,14 +12,18 @@ from edge_vla.errors import EdgeVlaError
 from edge_vla.sim import dataset
 
 from .data import TensorDataset
+from .lerobot.hooks import calibration_data, is_lerobot_source
 from .model import VLA
 
 CALIB_SEED_BASE = 500_000  # away from training seeds and from held-out evaluation seeds
 
 
 def load_observations(config: VLAConfig, source: str | Path | None, count: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """images/tokens/state tensors for `count` observations: the sim's by default, or a user .npz / folder."""
-    if source is None:
+    """images/tokens/state tensors for `count` observations: the sim's by default, a user .npz / folder, or
+    lerobot:PATH (frames from a LeRobot dataset's training episodes)."""
+    if is_lerobot_source(source):
+        ds = calibration_data(str(source), config, count)
+    elif source is None:
         ds = dataset.generate(range(CALIB_SEED_BASE + seed, CALIB_SEED_BASE + seed + max(1, count // 4)),
                               config.image_size, config.num_cameras)
     else:

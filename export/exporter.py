@@ -25,6 +25,7 @@ from edge_vla.tokenizer import EOS_ID, PAD_ID, VOCAB_SIZE
 from . import calibration, numerics, quantize, trt_lint
 from .checkpoint import WEIGHTS, load_checkpoint
 from .engines import build_script
+from .lerobot.hooks import is_lerobot_source
 from .model import VLA, count_parameters
 from .onnx_graphs import OPSET, export_graphs, io_specs
 
@@ -79,7 +80,8 @@ def export_model(model: VLA, out: str | Path, opts: ExportOptions, source_hash: 
         work = Path(tmp)
         fp32 = {g.name: g.path for g in export_graphs(model, work / "fp32", cfg.num_steps if opts.unrolled else None)}
         graphs, calib_desc = _apply_precision(model, fp32, work, opts)
-        numerics_obs = calibration.load_observations(cfg, None, opts.numerics_count, seed=NUMERICS_SEED)
+        recorded = opts.calib if is_lerobot_source(opts.calib) else None  # real frames, not the sim, for such models
+        numerics_obs = calibration.load_observations(cfg, recorded, opts.numerics_count, seed=NUMERICS_SEED)
         report = numerics.check(model, opts.precision, graphs["prefix"], graphs["denoise_step"], numerics_obs,
                                 graphs.get("chunk"), cfg.num_steps)
         log.info("numerics %s", report.summary())
@@ -168,6 +170,7 @@ def _manifest(model: VLA, graphs: dict[str, Path], opts: ExportOptions, report: 
             "edge_vla": edge_vla.__version__, "source_checkpoint": source, "source_sha256": source_hash,
             "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "opset": OPSET, "calibration": calib, "host": platform.node(), "training": meta.get("train"),
+            "dataset": meta.get("dataset"),
         },
     }
 

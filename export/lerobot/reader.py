@@ -155,8 +155,11 @@ def check_feature(meta: DatasetMeta, key: str, what: str, option: str, want_dim:
 
 def load_dataset(source: str | SourceSpec, image_size: int, num_cameras: int, chunk_len: int, split: str = "train",
                  state_dim: int | None = None, action_dim: int | None = None, max_samples: int | None = None,
-                 progress: bool = False) -> RecordedDataset:
-    """Read `split` of the dataset into memory; every `stride`-th frame becomes one sample."""
+                 max_episodes: int | None = None, progress: bool = False) -> RecordedDataset:
+    """Read `split` of the dataset into memory; every `stride`-th frame becomes one sample.
+
+    max_episodes: read only that many of the split's episodes, evenly spread (calibration needs a few
+    frames from across the recording, not all of it); max_samples: then keep that many frames, evenly spread."""
     spec = parse_source(source)
     if split not in SPLITS:
         raise LeRobotDatasetError(f"unknown split {split!r}; choose one of {SPLITS}")
@@ -177,6 +180,8 @@ def load_dataset(source: str | SourceSpec, image_size: int, num_cameras: int, ch
     if not chosen:
         raise LeRobotDatasetError(f"{meta.root}: the {split!r} split is empty ({len(all_eps)} episode(s), val share "
                                   f"{spec.val_fraction}); record more episodes or set ?val=0.2")
+    if max_episodes is not None and len(chosen) > max_episodes:
+        chosen = [chosen[i] for i in np.linspace(0, len(chosen) - 1, max(1, max_episodes)).round().astype(int)]
     period = spec.period or 1.0 / meta.fps
     by_index = {e.index: e for e in meta.episodes}
     parts: list[dict[str, np.ndarray]] = []
@@ -190,7 +195,7 @@ def load_dataset(source: str | SourceSpec, image_size: int, num_cameras: int, ch
     normalization = _normalization(meta, spec, cat)
     space = action_space(meta, spec.action, period, parts)
     ds_meta: dict[str, Any] = {
-        "format": "lerobot", "source": str(spec), "root": str(meta.root), "codebase_version": meta.version,
+        "format": "lerobot", "source": source if isinstance(source, str) else str(spec), "root": str(meta.root), "codebase_version": meta.version,
         "fps": meta.fps, "cameras": cameras, "state": spec.state, "action": spec.action, "state_dim": sdim,
         "action_dim": adim, "split": split, "episodes": chosen, "val_episodes": val_eps, "stride": spec.stride,
         "action_period_s": period, "chunk_len": chunk_len, "image_size": image_size, "num_cameras": num_cameras,

@@ -51,7 +51,10 @@ def write_dataset(ds: Dataset, out: str | Path, fps: int | None = None, version:
                   encoder: str = "h264-lossless", episodes_per_file: int = 50, robot_type: str = "edge-vla-sim",
                   state_names: list[str] | None = None, action_names: list[str] | None = None,
                   overwrite: bool = False) -> Path:
-    """Write `ds` (frames in episode order) as a LeRobot dataset at `out`, atomically (staging dir + rename)."""
+    """Write `ds` as a LeRobot dataset at `out`, atomically (staging dir + rename).
+
+    `ds` holds frames in episode order: images uint8 [N, cameras, H, W, 3] (H and W even for H.264), states
+    [N, Ds], actions [N, Da] or chunks [N, H, Da] (then each frame's action is its chunk's first), episodes [N]."""
     if version not in VERSIONS:
         raise LeRobotDatasetError(f"unknown LeRobot version {version!r}; choose one of {VERSIONS}")
     out = Path(out)
@@ -77,7 +80,7 @@ def _write(ds: Dataset, root: Path, fps: int, version: str, encoder: str, per_fi
            state_names: list[str] | None, action_names: list[str] | None) -> None:
     pa = require("pyarrow")
     pq = require("pyarrow.parquet")
-    n, cams, size = ds.images.shape[0], ds.images.shape[1], ds.images.shape[2]
+    n, cams, height, width = ds.images.shape[:4]
     sdim, adim = ds.states.shape[1], ds.actions.shape[-1]
     actions = ds.actions[:, 0] if ds.actions.ndim == 3 else ds.actions
     # Episodes are contiguous runs of frames, renumbered 0..E-1 in order as LeRobot requires.
@@ -88,7 +91,7 @@ def _write(ds: Dataset, root: Path, fps: int, version: str, encoder: str, per_fi
         tasks.setdefault(str(s), len(tasks))
     cam_keys = [camera_key(c) for c in range(cams)]
     features: dict[str, Any] = {
-        key: {"dtype": "video", "shape": [size, size, 3], "names": ["height", "width", "channels"]} for key in cam_keys}
+        key: {"dtype": "video", "shape": [height, width, 3], "names": ["height", "width", "channels"]} for key in cam_keys}
     features[STATE_KEY] = {"dtype": "float32", "shape": [sdim], "names": state_names or [f"q{i}" for i in range(sdim)]}
     features[ACTION_KEY] = {"dtype": "float32", "shape": [adim], "names": action_names or [f"q{i}" for i in range(adim)]}
     features.update(DEFAULT_FEATURES)
@@ -123,7 +126,7 @@ def _write(ds: Dataset, root: Path, fps: int, version: str, encoder: str, per_fi
             spans: dict[str, list[tuple[float, float]]] = {}
             for c, key in enumerate(cam_keys):
                 writer = VideoWriter(root / DEFAULT_VIDEO_PATH.format(video_key=key, chunk_index=chunk, file_index=file),
-                                     fps, size, size, encoder)
+                                     fps, width, height, encoder)
                 try:
                     spans[key] = [writer.append(ds.images[bounds[e][0]:bounds[e][1], c]) for e in eps]
                 finally:
@@ -154,7 +157,7 @@ def _write(ds: Dataset, root: Path, fps: int, version: str, encoder: str, per_fi
             pq.write_table(table([frame_cols[e]]), path)
             for c, key in enumerate(cam_keys):
                 writer = VideoWriter(root / LEGACY_VIDEO_PATH.format(episode_chunk=chunk, video_key=key, episode_index=e),
-                                     fps, size, size, encoder)
+                                     fps, width, height, encoder)
                 try:
                     writer.append(ds.images[a:b, c])
                 finally:
