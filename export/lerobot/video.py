@@ -162,6 +162,6 @@ def video_info(path: Path) -> dict[str, Any]:
     av = require("av")
     with av.open(str(path)) as c:
         s = c.streams.video[0]
-        return {"video.height": s.height, "video.width": s.width, "video.codec": s.codec_context.name,
+        return {"video.height": s.height, "video.width": s.width, "video.codec": s.codec.canonical_name,
                 "video.pix_fmt": s.pix_fmt, "video.is_depth_map": False, "video.fps": int(s.base_rate),
                 "video.channels": 3, "has_audio": bool(c.streams.audio)}
