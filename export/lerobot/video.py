@@ -48,7 +48,7 @@ def check_decodable(path: Path, camera: str) -> None:
             ctx = stream.codec_context
             name = ctx.name if ctx is not None else None
             if not name or name == "none" or ctx.codec is None or not ctx.codec.is_decoder:
-                raise _unsupported(path, name, stream)
+                raise _unsupported(path, name)
     except LeRobotDatasetError:
         raise
     except av.error.FFmpegError as exc:
@@ -56,10 +56,9 @@ def check_decodable(path: Path, camera: str) -> None:
                                   "video: re-download it") from exc
 
 
-def _unsupported(path: Path, name: str | None, stream: Any = None) -> LeRobotDatasetError:
-    tag = getattr(getattr(stream, "codec_context", None), "codec_tag", None)
+def _unsupported(path: Path, name: str | None) -> LeRobotDatasetError:
     return LeRobotDatasetError(
-        f"{path}: video codec {name or 'unknown'!r} (tag {tag!r}) cannot be decoded by this PyAV/FFmpeg build. "
+        f"{path}: video codec {name or 'unknown to FFmpeg'!r} cannot be decoded by this PyAV/FFmpeg build. "
         "Re-encode the dataset's videos to H.264 or AV1 (e.g. `ffmpeg -i in.mp4 -c:v libx264 -crf 18 -pix_fmt "
         "yuv420p out.mp4` per file) or install a PyAV wheel whose FFmpeg has that decoder")
 
