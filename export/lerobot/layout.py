@@ -141,15 +141,20 @@ def _open_v30(root: Path, info: dict[str, Any]) -> DatasetMeta:
     video_keys = [k for k, f in info["features"].items() if f.get("dtype") == "video"]
     episodes: list[EpisodeInfo] = []
     for path in ep_files:
-        cols = pq.read_table(path).to_pydict()
+        names = [n for n in pq.read_schema(path).names if not n.startswith("stats/")]  # per-episode stats unused
+        cols = pq.read_table(path, columns=names).to_pydict()
+        required = {"episode_index", "length", "data/chunk_index", "data/file_index"}
+        if required - set(cols):
+            raise LeRobotDatasetError(f"{path} lacks column(s) {sorted(required - set(cols))}; it is not LeRobot "
+                                      "v3.0 episode metadata (re-download meta/ or re-run the conversion)")
         for i in range(len(cols["episode_index"])):
-            row = {k: v[i] for k, v in cols.items() if not k.startswith("stats/")}
+            row = {k: v[i] for k, v in cols.items()}
             data = root / info["data_path"].format(chunk_index=int(row["data/chunk_index"]),
                                                    file_index=int(row["data/file_index"]))
             videos = {}
             for key in video_keys:
-                if f"videos/{key}/chunk_index" not in row or info.get("video_path") is None:
-                    continue
+                if info.get("video_path") is None or f"videos/{key}/from_timestamp" not in row:
+                    continue  # reported as a missing video entry if this camera is chosen
                 vpath = root / info["video_path"].format(video_key=key, chunk_index=int(row[f"videos/{key}/chunk_index"]),
                                                          file_index=int(row[f"videos/{key}/file_index"]))
                 videos[key] = VideoSegment(vpath, float(row[f"videos/{key}/from_timestamp"]),
