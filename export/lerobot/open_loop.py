@@ -62,9 +62,9 @@ class OpenLoopReport:
                  f"{'':<22}{'RMSE/std [95% CI]':<26}per dim (physical units)"]
         for p in self.pairs:
             dims = "  ".join(f"{n} {v:.4g}" for n, v in zip(self.action_names, p.rmse_per_dim))
-            lines.append(f"{p.name:<22}{p.rmse_std:.4f} [{p.ci95[0]:.4f}, {p.ci95[1]:.4f}]".ljust(48) + dims)
+            lines.append(f"{p.name:<22}{p.rmse_std:.4g} [{p.ci95[0]:.4g}, {p.ci95[1]:.4g}]".ljust(48) + dims)
         for p in self.pairs:
-            steps = " ".join(f"{v:.3f}" for v in p.rmse_std_per_step)
+            steps = " ".join(f"{v:.3g}" for v in p.rmse_std_per_step)
             lines.append(f"per chunk step, {p.name}: {steps}")
         lines.append(f"(CI: bootstrap over {self.bootstrap_unit})")
         return "\n".join(lines)
