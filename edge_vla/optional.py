@@ -14,6 +14,8 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     "onnxscript": ("export", "ONNX graph export"),
     "safetensors": ("export", "reading and writing checkpoints"),
     "tqdm": ("export", "progress bars"),
+    "pyarrow": ("export", "reading and writing LeRobot datasets (parquet)"),
+    "av": ("export", "decoding and encoding LeRobot dataset videos"),
     "tensorrt": ("tensorrt", "the TensorRT backend and engine builds"),
     "cuda": ("tensorrt", "CUDA memory, streams and kernels"),
     "pyrealsense2": ("realsense", "Intel RealSense cameras"),

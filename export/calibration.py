@@ -13,6 +13,7 @@ from edge_vla.runtime.flow import REFERENCE_FLOW, integrate
 from edge_vla.sim import dataset
 
 from .data import TensorDataset
+from .lerobot.hooks import calibration_data, is_lerobot_source
 from .model import VLA
 from .onnx_graphs import StepTime, kv_names, split_kv
 
@@ -20,8 +21,11 @@ CALIB_SEED_BASE = 500_000  # away from training seeds and from held-out evaluati
 
 
 def load_observations(config: VLAConfig, source: str | Path | None, count: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """images/tokens/state tensors for `count` observations: the sim's by default, or a user .npz / folder."""
-    if source is None:
+    """images/tokens/state tensors for `count` observations: the sim's by default, a user .npz / folder, or
+    lerobot:PATH (frames from a LeRobot dataset's training episodes)."""
+    if is_lerobot_source(source):
+        ds = calibration_data(str(source), config, count)
+    elif source is None:
         ds = dataset.generate(range(CALIB_SEED_BASE + seed, CALIB_SEED_BASE + seed + max(1, count // 4)),
                               config.image_size, config.num_cameras)
     else:

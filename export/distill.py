@@ -418,23 +418,25 @@ def new_student(config: VLAConfig, seed: int = 0, init: VLA | None = None) -> VL
 
 def distill(teacher: Teacher, student_config: VLAConfig, pool: ObsPool, cfg: DistillConfig,
             out: str | Path | None = None, student_init: VLA | None = None, progress: bool = True,
-            ctx: DistContext | None = None) -> DistillResult:
+            ctx: DistContext | None = None, data_meta: dict | None = None) -> DistillResult:
     """Knowledge distillation with DAgger rounds, then optional reflow. Writes checkpoints when `out` is given:
     `out` holds the final student (step-distilled if cfg.reflow_steps > 0) and `<out>_kd` the
-    knowledge-distilled one. Runs data-parallel when launched by torchrun."""
+    knowledge-distilled one. Runs data-parallel when launched by torchrun. `data_meta` (the dataset's meta)
+    goes into the checkpoints, so that an export of a student distilled on recorded data knows its action space."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     own_ctx = ctx is None
     ctx = ctx or init_from_env(cfg.device)
     try:
-        return _distill(teacher, student_config, pool, cfg, out, student_init, progress, ctx)
+        return _distill(teacher, student_config, pool, cfg, out, student_init, progress, ctx, data_meta)
     finally:
         if own_ctx:
             ctx.close()
 
 
 def _distill(teacher: Teacher, student_config: VLAConfig, pool: ObsPool, cfg: DistillConfig,
-             out: str | Path | None, student_init: VLA | None, progress: bool, ctx: DistContext) -> DistillResult:
+             out: str | Path | None, student_init: VLA | None, progress: bool, ctx: DistContext,
+             data_meta: dict | None = None) -> DistillResult:
     t0 = time.perf_counter()
     student = new_student(student_config, cfg.seed, student_init).to(ctx.device)
     if isinstance(teacher, VLATeacher):
@@ -460,6 +462,8 @@ def _distill(teacher: Teacher, student_config: VLAConfig, pool: ObsPool, cfg: Di
     result = DistillResult(student=student, history=d.history, observations=n_obs, targets=n_targets)
     meta = {"distill": {**dataclasses.asdict(cfg), "observations": n_obs, "targets": n_targets,
                         "world_size": ctx.world_size, "teacher": type(teacher).__name__}}
+    if data_meta is not None:
+        meta["dataset"] = data_meta
     kd_copy = copy.deepcopy(student) if cfg.reflow_steps > 0 else student
     if cfg.reflow_steps > 0:
         student.train()

@@ -11,6 +11,7 @@ from edge_vla.config import PRESETS, preset
 from edge_vla.sim import dataset
 
 from .distill import DistillConfig, ObsPool, distill
+from .lerobot.hooks import distill_data, is_lerobot_source
 from .teacher import load_teacher
 
 
@@ -22,7 +23,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student-init", default=None, help="start the student from this checkpoint (same preset)")
     parser.add_argument("-o", "--output", required=True,
                         help="student checkpoint; with --reflow-steps > 0 the pre-reflow student goes to <output>_kd")
-    parser.add_argument("--data", default="runs/data/reach.npz", help="observations to label (sim dataset .npz)")
+    parser.add_argument("--data", default="runs/data/reach.npz",
+                        help="observations to label: a sim dataset .npz, or lerobot:PATH (recorded states; offline, "
+                        "no DAgger)")
     parser.add_argument("--max-obs", type=int, default=None, help="use at most this many dataset observations")
     parser.add_argument("--steps", type=int, default=d.steps, help="knowledge-distillation steps over all rounds")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -45,12 +48,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     teacher = load_teacher(args.teacher, steps=args.teacher_steps)
-    student_cfg = preset(args.student_preset, chunk_len=teacher.chunk_len, action_dim=teacher.action_dim)
+    student_cfg = preset(args.student_preset, chunk_len=teacher.chunk_len, action_dim=teacher.action_dim,
+                         state_dim=teacher.model.config.state_dim)
     data_path = Path(args.data)
-    if not data_path.is_file():
+    data_meta = None
+    if is_lerobot_source(args.data):
+        if args.dagger_rounds > 0:
+            print("recorded data: DAgger needs the simulator, so the teacher labels the recorded states only "
+                  "(--dagger-rounds 0)")
+            args.dagger_rounds = 0
+        ds = distill_data(args.data, teacher.model.config, student_cfg)
+        data_meta = ds.meta
+    elif not data_path.is_file():
         print(f"{data_path} not found; make it with `edge-vla make-data -o {data_path}`")
         return 2
-    pool = ObsPool.from_dataset(dataset.load(data_path), args.max_obs, args.seed)
+    else:
+        ds = dataset.load(data_path)
+    pool = ObsPool.from_dataset(ds, args.max_obs, args.seed)
     init = None
     if args.student_init:
         from .checkpoint import load_checkpoint
@@ -63,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
         reflow_lr=args.reflow_lr, fast_steps=args.fast_steps, seed=args.seed, threads=args.threads,
         device=args.device,
     )
-    res = distill(teacher, student_cfg, pool, cfg, out=args.output, student_init=init)
+    res = distill(teacher, student_cfg, pool, cfg, out=args.output, student_init=init, data_meta=data_meta)
     out = Path(args.output)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, one report is enough
         return 0

@@ -1,4 +1,5 @@
-"""`edge-vla evaluate`: closed-loop success of a checkpoint, a bundle, the expert, or random actions."""
+"""`edge-vla evaluate`: closed-loop success of a checkpoint, a bundle, the expert, or random actions; with
+--data lerobot:PATH, an open-loop action-error check on a recorded dataset's held-out episodes."""
 
 from __future__ import annotations
 
@@ -15,10 +16,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="ODE steps (default: the model's)")
     parser.add_argument("--solver", choices=["euler", "heun", "midpoint"], default="euler")
     parser.add_argument("--json", dest="json_out", default=None, help="also write the result as JSON here")
+    parser.add_argument("--data", default=None, help="lerobot:PATH: an open-loop check on the dataset's held-out "
+                        "episodes instead of closed-loop sim episodes (for robots without a simulator)")
+    parser.add_argument("--teacher", default=None, help="with --data: a checkpoint or bundle to compare against, "
+                        "run from the same noise")
+    parser.add_argument("--samples", type=int, default=256, help="with --data: at most this many held-out chunks")
+    parser.add_argument("--seed", type=int, default=0, help="with --data: noise seed")
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.target == "expert":
+    if args.data is not None:
+        from .lerobot.open_loop import open_loop
+
+        result = open_loop(args.target, args.data, args.teacher, max_samples=args.samples, seed=args.seed,
+                           steps=args.steps, solver=args.solver)
+    elif args.target == "expert":
         result = evaluate_expert(args.episodes)
     elif args.target == "random":
         result = evaluate(random_policy(), args.episodes, name="random")

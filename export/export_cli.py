@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from .checkpoint import read_config
 from .exporter import PRECISIONS, ExportOptions, export_checkpoint
+from .lerobot.hooks import export_defaults
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -12,8 +14,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, help="bundle directory to write")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--steps", type=int, default=None, help="default ODE steps in the bundle")
-    parser.add_argument("--calib", default=None, help=".npz dataset or folder of them for INT8 calibration "
-                        "(default: fresh sim observations)")
+    parser.add_argument("--calib", default=None, help=".npz dataset or folder of them, or lerobot:PATH, for INT8 "
+                        "calibration (default: the checkpoint's LeRobot training data, else fresh sim observations)")
     parser.add_argument("--calib-count", type=int, default=32, help="calibration observations")
     parser.add_argument("--int8-graphs", default="prefix,denoise_step,chunk",
                         help="with --precision int8: the graphs to quantize, comma-separated (others stay FP32); "
@@ -38,7 +40,9 @@ def main(args: argparse.Namespace) -> int:
         from .pi0.cli import main as pi0_main
 
         return pi0_main(args)
-    opts = ExportOptions(precision=args.precision, steps=args.steps, unrolled=args.unrolled, calib=args.calib,
+    action_space, calib = export_defaults(read_config(args.checkpoint)[1], args.calib)
+    opts = ExportOptions(precision=args.precision, steps=args.steps, unrolled=args.unrolled, calib=calib,
+                         action_space=action_space,
                          calib_count=args.calib_count, allow_lint_errors=args.allow_lint_errors,
                          int8_graphs=tuple(g.strip() for g in args.int8_graphs.split(",") if g.strip()),
                          overwrite=args.overwrite, time_input=args.time_input,

@@ -27,6 +27,7 @@ from edge_vla.tokenizer import EOS_ID, PAD_ID, VOCAB_SIZE
 from . import calibration, numerics, quantize, trt_lint
 from .checkpoint import WEIGHTS, load_checkpoint
 from .engines import build_script
+from .lerobot.hooks import is_lerobot_source
 from .model import VLA, count_parameters
 from .onnx_graphs import GRAPH_ROLES, OPSET, TIME_INPUT, StepTime, export_graphs, io_specs, with_roles
 
@@ -96,7 +97,8 @@ def export_model(model: VLA, out: str | Path, opts: ExportOptions, source_hash: 
         tables = _write_time_tables(model, work, opts)
         manifest = _manifest(model, graphs, opts, calib_desc, source_hash, source, meta, tables)
         contract = Contract.from_manifest(manifest, work)
-        numerics_obs = calibration.load_observations(cfg, None, opts.numerics_count, seed=NUMERICS_SEED)
+        recorded = opts.calib if is_lerobot_source(opts.calib) else None  # real frames, not the sim, for such models
+        numerics_obs = calibration.load_observations(cfg, recorded, opts.numerics_count, seed=NUMERICS_SEED)
         report = numerics.check(model, opts.precision, contract, graphs, numerics_obs)
         log.info("numerics %s", report.summary())
         manifest["numerics"] = {"passed": report.passed, "actions": report.actions}
@@ -227,6 +229,7 @@ def _manifest(model: VLA, graphs: dict[str, Path], opts: ExportOptions, calib: d
             "edge_vla": edge_vla.__version__, "source_checkpoint": source, "source_sha256": source_hash,
             "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "opset": OPSET, "calibration": calib, "host": platform.node(), "training": meta.get("train"),
+            "dataset": meta.get("dataset"),
         },
     }
 

@@ -8,12 +8,15 @@ from pathlib import Path
 from edge_vla.config import PRESETS, preset
 from edge_vla.sim import dataset
 
+from .lerobot.hooks import is_lerobot_source, training_data
 from .train import TrainConfig, train
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--data", default="runs/data/reach.npz", help="dataset from `edge-vla make-data` (made if missing)")
+    parser.add_argument("--data", default="runs/data/reach.npz",
+                        help="dataset from `edge-vla make-data` (made if missing), or lerobot:PATH (a LeRobot v3.0/v2.1 "
+                        "dataset; see docs/LEROBOT.md)")
     parser.add_argument("-o", "--output", default=None, help="checkpoint directory (default runs/<preset>)")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
@@ -28,10 +31,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     cfg = preset(args.preset)
     data_path = Path(args.data)
-    if not data_path.exists():
-        print(f"{data_path} not found: generating {args.episodes} expert episodes")
-        dataset.save(dataset.generate(range(args.episodes), cfg.image_size, cfg.num_cameras), data_path)
-    ds = dataset.load(data_path)
+    if is_lerobot_source(args.data):
+        cfg, ds = training_data(args.data, cfg)
+    else:
+        if not data_path.exists():
+            print(f"{data_path} not found: generating {args.episodes} expert episodes")
+            dataset.save(dataset.generate(range(args.episodes), cfg.image_size, cfg.num_cameras), data_path)
+        ds = dataset.load(data_path)
     out = Path(args.output or f"runs/{args.preset}")
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                      threads=args.threads, checkpoint_every=args.checkpoint_every)

@@ -11,7 +11,14 @@ log = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-o", "--output", default="runs/data/reach.npz", help="output .npz file")
+    parser.add_argument("-o", "--output", default=None,
+                        help="output .npz file, or directory with --format lerobot (default runs/data/reach.npz / "
+                        "runs/data/reach_lerobot)")
+    parser.add_argument("--format", choices=["npz", "lerobot"], default="npz",
+                        help="lerobot: LeRobot's dataset layout (parquet + mp4), read back with --data lerobot:DIR")
+    parser.add_argument("--lerobot-version", choices=["v3.0", "v2.1"], default="v3.0")
+    parser.add_argument("--video-codec", choices=["h264-lossless", "h264", "av1"], default="h264-lossless",
+                        help="with --format lerobot: how camera frames are encoded")
     parser.add_argument("--episodes", type=int, default=300, help="number of expert episodes")
     parser.add_argument("--seed", type=int, default=0, help="first episode seed (held-out eval seeds start at 1e6)")
     parser.add_argument("--image-size", type=int, default=64)
@@ -23,6 +30,17 @@ def main(args: argparse.Namespace) -> int:
     ds = dataset.generate(
         range(args.seed, args.seed + args.episodes), args.image_size, args.cameras, noise=args.noise
     )
-    path = dataset.save(ds, args.output)
+    if args.format == "lerobot":
+        # Workstation side (pyarrow, av); imported only for this format.
+        from edge_vla.export.lerobot import write_dataset
+        from edge_vla.sim.scene import JOINT_NAMES
+
+        path = write_dataset(ds, args.output or "runs/data/reach_lerobot", version=args.lerobot_version,
+                             encoder=args.video_codec, state_names=list(JOINT_NAMES), action_names=list(JOINT_NAMES),
+                             overwrite=True)
+        print(f"wrote {len(ds)} frames from {args.episodes} episodes to {path} (LeRobot {args.lerobot_version}); "
+              f"train on it with --data lerobot:{path}")
+        return 0
+    path = dataset.save(ds, args.output or "runs/data/reach.npz")
     print(f"wrote {len(ds)} samples from {args.episodes} episodes to {path}")
     return 0
