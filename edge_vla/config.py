@@ -36,6 +36,9 @@ class VLAConfig:
     expert_depth: int = 2
     expert_heads: int = 4
     mlp_ratio: int = 4
+    # Language conditions vision before the trunk (FiLM on the patch tokens from the pooled instruction),
+    # so "which block is red" is a per-patch feature instead of a composition the trunk must learn.
+    text_film: bool = True
     # Sampler.
     num_steps: int = 10
 

@@ -1,21 +1,43 @@
-"""`edge-vla evaluate`: closed-loop success of a checkpoint, a bundle, the expert, or random actions; with
---data lerobot:PATH, an open-loop action-error check on a recorded dataset's held-out episodes."""
+"""`edge-vla evaluate`: closed-loop success of checkpoints, bundles, the expert or random actions.
+
+Several targets run on the same episode seeds and the same noise per episode, and each is compared
+with the first pair by pair (`paired_difference`): that is how the compression table is made.
+`TARGET@N` evaluates a checkpoint or bundle with N ODE steps. With --data lerobot:PATH, an open-loop
+action-error check on a recorded dataset's held-out episodes instead (for robots without a simulator).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from edge_vla.sim.evaluate import evaluate, evaluate_expert, random_policy
+from edge_vla.atomic import atomic_write
+from edge_vla.errors import EdgeVlaError
+from edge_vla.sim.evaluate import (
+    EVAL_SEED_BASE,
+    ChunkPolicy,
+    EvalResult,
+    Reseed,
+    evaluate,
+    evaluate_expert,
+    paired_difference,
+    random_policy,
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", help="checkpoint dir, bundle dir, or one of: expert, random")
+    parser.add_argument("targets", nargs="+", metavar="TARGET",
+                        help="checkpoint dir, bundle dir, expert or random; TARGET@N runs N ODE steps. "
+                             "With several, each is compared with the first on the same episodes and noise")
     parser.add_argument("--episodes", type=int, default=100, help="held-out seeded episodes")
+    parser.add_argument("--seed-base", type=int, default=EVAL_SEED_BASE, help="first episode seed")
     parser.add_argument("--steps", type=int, default=None, help="ODE steps (default: the model's)")
     parser.add_argument("--solver", choices=["euler", "heun", "midpoint"], default="euler")
-    parser.add_argument("--json", dest="json_out", default=None, help="also write the result as JSON here")
+    parser.add_argument("--sensitivity", action="store_true",
+                        help="also run every episode with another block named (instruction sensitivity)")
+    parser.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON here")
     parser.add_argument("--data", default=None, help="lerobot:PATH: an open-loop check on the dataset's held-out "
                         "episodes instead of closed-loop sim episodes (for robots without a simulator)")
     parser.add_argument("--teacher", default=None, help="with --data: a checkpoint or bundle to compare against, "
@@ -24,32 +46,98 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="with --data: noise seed")
 
 
-def main(args: argparse.Namespace) -> int:
-    if args.data is not None:
-        from .lerobot.open_loop import open_loop
+@dataclass
+class Contender:
+    name: str
+    act: ChunkPolicy
+    reseed: Reseed | None
+    image_size: int = 64
+    num_cameras: int = 1
 
-        result = open_loop(args.target, args.data, args.teacher, max_samples=args.samples, seed=args.seed,
-                           steps=args.steps, solver=args.solver)
-    elif args.target == "expert":
-        result = evaluate_expert(args.episodes)
-    elif args.target == "random":
-        result = evaluate(random_policy(), args.episodes, name="random")
-    elif (Path(args.target) / "manifest.json").is_file():
+    def run(self, episodes: int, seed_base: int, target_shift: int = 0) -> EvalResult:
+        if self.name == "expert":
+            return evaluate_expert(episodes, seed_base, target_shift=target_shift)
+        return evaluate(self.act, episodes, seed_base, image_size=self.image_size, num_cameras=self.num_cameras,
+                        name=self.name, target_shift=target_shift, reseed=self.reseed)
+
+
+def load_contender(spec: str, steps: int | None, solver: str) -> Contender:
+    target, _, at = spec.partition("@")
+    if at:
+        try:
+            steps = int(at)
+        except ValueError:
+            raise EdgeVlaError(f"{spec!r}: the part after @ must be an ODE step count, e.g. {target}@2") from None
+    if target == "expert":
+        return Contender("expert", lambda obs: obs, None)
+    if target == "random":
+        return Contender("random", random_policy(), None)
+    path = Path(target)
+    if (path / "manifest.json").is_file():
         from edge_vla.runtime.policy import Policy
 
-        policy = Policy.load(args.target, steps=args.steps, solver=args.solver)
+        policy = Policy.load(path, steps=steps, solver=solver)
         cfg = policy.config
-        result = evaluate(lambda obs: policy.infer(obs).actions, args.episodes, image_size=cfg.image_size,
-                          num_cameras=cfg.num_cameras, name=f"bundle {args.target} ({policy.precision})")
-    else:
-        from .checkpoint import load_checkpoint
-        from .torch_policy import TorchPolicy
+        return Contender(f"bundle {target} ({policy.precision}, {policy.steps} steps)",
+                         lambda obs: policy.infer(obs).actions, policy.reset, cfg.image_size, cfg.num_cameras)
+    if not path.exists():
+        raise EdgeVlaError(f"{target} does not exist; pass a checkpoint dir, a bundle dir, expert or random")
+    from .checkpoint import load_checkpoint
+    from .torch_policy import TorchPolicy
 
-        model, _ = load_checkpoint(args.target)
-        cfg = model.config
-        result = evaluate(TorchPolicy(model, steps=args.steps, solver=args.solver), args.episodes,
-                          image_size=cfg.image_size, num_cameras=cfg.num_cameras, name=f"checkpoint {args.target}")
+    model, _ = load_checkpoint(path)
+    torch_policy = TorchPolicy(model, steps=steps, solver=solver)
+    cfg = model.config
+    return Contender(f"checkpoint {target} ({torch_policy.steps} steps)", torch_policy, torch_policy.reset,
+                     cfg.image_size, cfg.num_cameras)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.data is not None:
+        return _open_loop(args)
+    contenders = [load_contender(t, args.steps, args.solver) for t in args.targets]
+    rows: list[dict] = []
+    base: list[EvalResult] = []
+    swapped: list[EvalResult] = []
+    for c in contenders:
+        result = c.run(args.episodes, args.seed_base)
+        base.append(result)
+        print(result)
+        row = {"result": result.as_dict()}
+        if args.sensitivity:
+            other = c.run(args.episodes, args.seed_base, target_shift=1)
+            swapped.append(other)
+            print(f"  instruction sensitivity (another block named in the same layout): {_pct(other)}")
+            row["instruction_sensitivity"] = other.as_dict()
+        rows.append(row)
+    pairs = []
+    for results, label in ((base, ""), (swapped, " (swapped instruction)")):
+        for other in results[1:]:
+            diff = paired_difference(other, results[0])
+            print(f"paired{label}: {diff}")
+            pairs.append(diff.as_dict() | {"swapped_instruction": bool(label)})
+    if args.json_out:
+        doc = {"episodes": args.episodes, "seed_base": args.seed_base, "contenders": rows, "paired": pairs}
+        with atomic_write(Path(args.json_out), "w") as f:
+            f.write(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+def _pct(r: EvalResult) -> str:
+    return f"{100 * r.success_rate:.1f}% (95% CI {100 * r.ci_low:.1f}-{100 * r.ci_high:.1f}%, {r.successes}/{r.episodes})"
+
+
+
+
+def _open_loop(args: argparse.Namespace) -> int:
+    from .lerobot.open_loop import open_loop
+
+    if len(args.targets) != 1:
+        raise EdgeVlaError("--data takes one checkpoint or bundle; compare against another with --teacher")
+    result = open_loop(args.targets[0], args.data, args.teacher, max_samples=args.samples, seed=args.seed,
+                       steps=args.steps, solver=args.solver)
     print(result)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+        with atomic_write(Path(args.json_out), "w") as f:
+            f.write(json.dumps(result.as_dict(), indent=2) + "\n")
     return 0

@@ -122,6 +122,7 @@ class VLA(nn.Module):
         self.token_emb = nn.Embedding(cfg.vocab_size, w)
         self.text_pos = nn.Parameter(torch.randn(1, cfg.max_text_len, w) * 0.02)
         self.state_proj = nn.Linear(cfg.state_dim, w)
+        self.text_film = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, 2 * w)) if cfg.text_film else None
         self.trunk = nn.ModuleList(TrunkBlock(w, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.trunk_norm = nn.LayerNorm(w, eps=LN_EPS)
 
@@ -146,6 +147,8 @@ class VLA(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
+        if self.text_film is not None:  # starts as the identity on the patch tokens
+            nn.init.zeros_(self.text_film[-1].weight)
         # adaLN-zero: each expert block starts as the identity, a well-known stabiliser for DiTs.
         for blk in self.expert:
             nn.init.zeros_(blk.mod.weight)
@@ -160,6 +163,11 @@ class VLA(nn.Module):
         x = x.flatten(2).transpose(1, 2).reshape(b, c, -1, self.config.width)
         x = (x + self.patch_pos.unsqueeze(0) + self.camera_emb.unsqueeze(0)).flatten(1, 2)
         text = self.token_emb(tokens) + self.text_pos
+        if self.text_film is not None:
+            mask = (tokens > 0).unsqueeze(-1).to(text.dtype)  # pad id is 0
+            pooled = (text * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            gamma, beta = self.text_film(pooled).unsqueeze(1).chunk(2, dim=-1)
+            x = x * (1 + gamma) + beta
         s = self.state_proj((state - self.state_mean) / self.state_std).unsqueeze(1)
         h = torch.cat([x, text, s], dim=1)
         for blk in self.trunk:

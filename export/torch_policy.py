@@ -12,16 +12,23 @@ from .model import VLA
 
 
 class TorchPolicy:
+    """Noise is drawn exactly as `edge_vla.Policy` draws it (numpy, float32, same seed -> same noise), so a
+    checkpoint and its bundles can be evaluated pair by pair on the same noise."""
+
     def __init__(self, model: VLA, steps: int | None = None, solver: str = "euler", seed: int = 0) -> None:
         self.model = model.eval()
         self.steps = steps or model.config.num_steps
         self.solver = solver
-        self.generator = torch.Generator().manual_seed(seed)
+        self._seed = seed
+        self.rng = np.random.default_rng(seed)
+
+    def reset(self, seed: int | None = None) -> None:
+        self.rng = np.random.default_rng(self._seed if seed is None else seed)
 
     def __call__(self, obs: Observation) -> np.ndarray:
         cfg = self.model.config
         images, tokens, state = observation_tensors(obs, cfg)
-        noise = torch.randn(1, cfg.chunk_len, cfg.action_dim, generator=self.generator)
+        noise = torch.from_numpy(self.rng.standard_normal((1, cfg.chunk_len, cfg.action_dim), dtype=np.float32))
         with torch.inference_mode():
             actions = self.model.sample(images, tokens, state, noise, steps=self.steps, solver=self.solver)
         return actions[0].numpy()

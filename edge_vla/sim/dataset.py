@@ -3,6 +3,9 @@
 Arrays: images uint8 [N, C, S, S, 3], instructions str [N], states float32 [N, 2],
 actions float32 [N, chunk, 2] (the expert's clean plan from that state), episodes int32 [N].
 The executed actions are perturbed (DART-style) so the data covers recoveries from small errors.
+With `counterfactual` (the default) every layout is demonstrated once per block, each time with that
+block named: pairs of samples that differ only in the instruction, so a policy cannot do well
+without reading it (with one instruction per layout it can settle for "some block").
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from edge_vla.atomic import atomic_write
 from edge_vla.errors import EdgeVlaError
 from edge_vla.sim.env import ReachEnv
 from edge_vla.sim.expert import expert_chunk
+from edge_vla.sim.scene import NUM_BLOCKS
 
 DATASET_CHUNK = 16
 FORMAT_VERSION = 1
@@ -43,24 +47,27 @@ class Dataset:
 
 
 def generate(
-    seeds: range, image_size: int = 64, num_cameras: int = 1, noise: float = 0.15, chunk_len: int = DATASET_CHUNK
+    seeds: range, image_size: int = 64, num_cameras: int = 1, noise: float = 0.15, chunk_len: int = DATASET_CHUNK,
+    counterfactual: bool = True,
 ) -> Dataset:
     env = ReachEnv(image_size=image_size, num_cameras=num_cameras)
     images, instr, states, actions, episodes = [], [], [], [], []
+    targets: list[int | None] = list(range(NUM_BLOCKS)) if counterfactual else [None]
     for seed in seeds:
-        obs = env.reset(seed)
-        rng = np.random.default_rng(10_000_000 + seed)
-        assert env.scene is not None
-        done = False
-        while not done:
-            plan = expert_chunk(env.scene, obs.state, chunk_len)
-            images.append(np.stack(obs.images))
-            instr.append(obs.instruction)
-            states.append(obs.state)
-            actions.append(plan)
-            episodes.append(seed)
-            executed = plan[0] + rng.normal(0.0, noise, size=2).astype(np.float32) * (rng.random() < 0.5)
-            obs, _, done = env.step(executed)
+        for k, target in enumerate(targets):
+            obs = env.reset(seed, target=target)
+            rng = np.random.default_rng([10_000_000 + seed, k])
+            assert env.scene is not None
+            done = False
+            while not done:
+                plan = expert_chunk(env.scene, obs.state, chunk_len)
+                images.append(np.stack(obs.images))
+                instr.append(obs.instruction)
+                states.append(obs.state)
+                actions.append(plan)
+                episodes.append(seed)  # all variants of a layout share it: splits keep them together
+                executed = plan[0] + rng.normal(0.0, noise, size=2).astype(np.float32) * (rng.random() < 0.5)
+                obs, _, done = env.step(executed)
     return Dataset(
         images=np.stack(images),
         instructions=np.array(instr),
@@ -74,6 +81,7 @@ def generate(
             "num_cameras": num_cameras,
             "seeds": [seeds.start, seeds.stop],
             "noise": noise,
+            "counterfactual": counterfactual,
             "action_period_s": env.action_period_s,
         },
     )

@@ -24,9 +24,12 @@ class ReachEnv:
         self.q = HOME.copy()
         self.t = 0
 
-    def reset(self, seed: int) -> Observation:
+    def reset(self, seed: int, target: int | None = None) -> Observation:
+        """A seeded episode; `target` names another block of the same layout (same start pose) instead."""
         rng = np.random.default_rng(seed)
         self.scene = Scene.sample(rng)
+        if target is not None:
+            self.scene = self.scene.with_target(target)
         self.q = (HOME + rng.uniform(-0.3, 0.3, size=2)).astype(np.float32)
         self.t = 0
         return self.observation()

@@ -1,4 +1,10 @@
-"""Closed-loop evaluation: success rate with a Wilson confidence interval over seeded episodes."""
+"""Closed-loop evaluation: success rate with a Wilson confidence interval over seeded episodes.
+
+Every contender runs the same episode seeds and, where it has a `reset(seed)` hook, the same noise
+per episode, so two results can be compared pair by pair (`paired_difference`), which resolves far
+smaller differences than two overlapping marginal intervals. `target_shift` renames the target to
+another block of the same layout: success under a shifted instruction is the instruction sensitivity.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +17,13 @@ import numpy as np
 from edge_vla.runtime.types import Observation
 from edge_vla.sim.env import ReachEnv
 from edge_vla.sim.expert import expert_chunk
-from edge_vla.sim.scene import JOINT_LOWER, JOINT_UPPER
+from edge_vla.sim.scene import JOINT_LOWER, JOINT_UPPER, NUM_BLOCKS
 
 # Held-out seeds start here; training data uses seeds below it.
 EVAL_SEED_BASE = 1_000_000
 
 ChunkPolicy = Callable[[Observation], np.ndarray]  # observation -> [H, action_dim] joint targets (rad)
+Reseed = Callable[[int], None]  # restart a policy's noise stream for an episode seed
 
 
 @dataclass(frozen=True)
@@ -27,13 +34,17 @@ class EvalResult:
     ci_low: float
     ci_high: float
     mean_steps: float
+    seed_base: int = EVAL_SEED_BASE
+    target_shift: int = 0
+    outcomes: tuple[int, ...] = ()  # per episode, 1 = success, in seed order
+
 
     @property
     def success_rate(self) -> float:
         return self.successes / max(self.episodes, 1)
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "success_rate": self.success_rate}
+        return {**asdict(self), "outcomes": list(self.outcomes), "success_rate": self.success_rate}
 
     def __str__(self) -> str:
         return (
@@ -62,12 +73,23 @@ def evaluate(
     execute: int = 4,
     name: str = "policy",
     env: ReachEnv | None = None,
+    target_shift: int = 0,
+    reseed: Reseed | None = None,
 ) -> EvalResult:
-    """Run `episodes` seeded episodes; each chunk's first `execute` actions run before replanning."""
+    """Run `episodes` seeded episodes; each chunk's first `execute` actions run before replanning.
+
+    `target_shift` k names block (target + k) mod 3 of the same layout instead of the sampled one;
+    `reseed(seed)` is called before each episode (pass `Policy.reset`) so contenders share noise."""
     env = env or ReachEnv(image_size=image_size, num_cameras=num_cameras)
-    successes, steps = 0, []
+    outcomes, steps = [], []
     for i in range(episodes):
-        obs = env.reset(seed_base + i)
+        seed = seed_base + i
+        obs = env.reset(seed)
+        if target_shift % NUM_BLOCKS:
+            assert env.scene is not None
+            obs = env.reset(seed, target=(env.scene.target + target_shift) % NUM_BLOCKS)
+        if reseed is not None:
+            reseed(seed)
         done = success = False
         while not done:
             chunk = np.asarray(policy(obs), dtype=np.float32)
@@ -75,13 +97,15 @@ def evaluate(
                 obs, success, done = env.step(action)
                 if done:
                     break
-        successes += int(success)
+        outcomes.append(int(success))
         steps.append(env.t)
+    successes = sum(outcomes)
     lo, hi = wilson_interval(successes, episodes)
-    return EvalResult(name, episodes, successes, lo, hi, float(np.mean(steps)))
+    return EvalResult(name, episodes, successes, lo, hi, float(np.mean(steps)) if steps else 0.0,
+                      seed_base, target_shift, tuple(outcomes))
 
 
-def evaluate_expert(episodes: int = 50, seed_base: int = EVAL_SEED_BASE) -> EvalResult:
+def evaluate_expert(episodes: int = 50, seed_base: int = EVAL_SEED_BASE, target_shift: int = 0) -> EvalResult:
     """The scripted expert reads the scene (which a learned policy cannot), so it gets the env."""
     env = ReachEnv()
 
@@ -89,7 +113,53 @@ def evaluate_expert(episodes: int = 50, seed_base: int = EVAL_SEED_BASE) -> Eval
         assert env.scene is not None
         return expert_chunk(env.scene, obs.state, 8)
 
-    return evaluate(act, episodes, seed_base, name="expert", env=env)
+    return evaluate(act, episodes, seed_base, name="expert", env=env, target_shift=target_shift)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Success of `a` minus success of `b` on the same episodes, with a 95% CI for paired proportions."""
+
+    a: str
+    b: str
+    episodes: int
+    only_a: int  # episodes a solved and b did not
+    only_b: int
+    diff: float
+    ci_low: float
+    ci_high: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return (f"{self.a} - {self.b}: {100 * self.diff:+.1f} points (paired 95% CI {100 * self.ci_low:+.1f} to "
+                f"{100 * self.ci_high:+.1f}; discordant {self.only_a} vs {self.only_b} of {self.episodes})")
+
+
+def paired_difference(a: EvalResult, b: EvalResult) -> PairedDifference:
+    """Newcombe's hybrid score interval (method 10, Stat. Med. 1998) for a difference of paired proportions.
+
+    It uses the Wilson interval of each rate and the correlation of the pairs, so two contenders that
+    fail on the same hard episodes get a much tighter interval than their marginal intervals suggest."""
+    if (a.seed_base, a.target_shift, a.episodes) != (b.seed_base, b.target_shift, b.episodes) or (
+        len(a.outcomes) != a.episodes or len(b.outcomes) != b.episodes
+    ):
+        raise ValueError(f"{a.name!r} and {b.name!r} did not run the same episodes; evaluate both with the same "
+                         "episodes, seed_base and target_shift")
+    n = a.episodes
+    x, y = np.asarray(a.outcomes, dtype=bool), np.asarray(b.outcomes, dtype=bool)
+    both, only_a, only_b = int(np.sum(x & y)), int(np.sum(x & ~y)), int(np.sum(~x & y))
+    neither = n - both - only_a - only_b
+    p1, p2 = (both + only_a) / n, (both + only_b) / n
+    l1, u1 = wilson_interval(both + only_a, n)
+    l2, u2 = wilson_interval(both + only_b, n)
+    margins = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
+    phi = (both * neither - only_a * only_b) / math.sqrt(margins) if margins else 0.0
+    theta = p1 - p2
+    lower = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    upper = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    return PairedDifference(a.name, b.name, n, only_a, only_b, theta, max(-1.0, theta - lower), min(1.0, theta + upper))
 
 
 def random_policy(seed: int = 0, chunk_len: int = 8) -> ChunkPolicy:

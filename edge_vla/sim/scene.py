@@ -88,6 +88,13 @@ class Scene:
         template = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
         return cls(np.stack(blocks), colors, target, template.format(colors[target]))
 
+    def with_target(self, target: int, template: str | None = None) -> Scene:
+        """The same layout with another block named: the counterfactual that makes language matter."""
+        if not 0 <= target < len(self.block_colors):
+            raise ValueError(f"target must be a block index in [0, {len(self.block_colors)}), got {target}")
+        template = template or next(t for t in TEMPLATES if t.format(self.block_colors[self.target]) == self.instruction)
+        return Scene(self.block_xy, self.block_colors, target, template.format(self.block_colors[target]))
+
     @property
     def target_xy(self) -> np.ndarray:
         return self.block_xy[self.target]
