@@ -47,6 +47,7 @@ ROOFLINE_CAMERAS = int(os.environ.get("BENCH_PI0_ROOFLINE_CAMERAS", "3"))
 LAYERS = int(os.environ.get("BENCH_PI0_LAYERS", "2"))
 ROUNDS = int(os.environ.get("BENCH_PI0_ROUNDS", "4"))
 COMPILE = os.environ.get("BENCH_PI0_COMPILE", "1") != "0"
+FULL_ROOFLINE = os.environ.get("BENCH_PI0_FULL_ROOFLINE", "1") != "0"  # 0: skip the 3 traces for the full-size estimate
 STEPS = 10
 VOCAB = 2048
 FULL = {"vision": 27, "expert": 18}  # π0: SigLIP so400m 27 layers; the expert reads 18 Gemma-2B layers
@@ -138,7 +139,36 @@ def test_pi0_latency_side_by_side(tmp_path_factory):
             return model.model.vlm(inputs_embeds=emb, attention_mask=mask, position_ids=mask.cumsum(-1) - 1,
                                    token_type_ids=torch.zeros_like(mask), use_cache=True).past_key_values
 
-    contenders = {"eager": eager, "eager prefix": eager_prefix, "runtime": lambda: policy.infer(obs[0])}
+    runtime = lambda: policy.infer(obs[0])
+    inner: list[tuple[float, float]] = []
+
+    def rounds(contenders: dict) -> dict[str, float]:
+        for fn in contenders.values():
+            fn()  # warm-up
+        times: dict[str, list[float]] = {k: [] for k in contenders}
+        names = list(contenders)
+        for r in range(ROUNDS):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                t0 = time.perf_counter()
+                out = contenders[name]()
+                times[name].append(1e3 * (time.perf_counter() - t0))
+                if name == "runtime":  # the same call's own stage timings
+                    inner.append((out.timings_ms["prefix"], out.timings_ms["ode_total"]))
+        return {k: statistics.median(v) for k, v in times.items()}
+
+    # Phase 1 without torch.compile in the process: after compiling sample_actions, plain eager calls of the
+    # same model ran 2-3x slower here, so eager is measured before and torch.compile against the runtime after.
+    med = rounds({"eager": eager, "eager prefix": eager_prefix, "runtime": runtime})
+    prefix_ms = statistics.median(p for p, _ in inner)
+    ode_ms = statistics.median(o for _, o in inner)
+    eager_ode = med["eager"] - med["eager prefix"]
+    print(f"\n| contender ({ROUNDS} rounds, median ms per chunk) | ms | speedup vs eager |\n|---|---|---|")
+    for k in ("eager", "runtime"):
+        print(f"| {k} | {med[k]:.0f} | {med['eager'] / med[k]:.2f}x |")
+    print(f"| prefix: eager / runtime | {med['eager prefix']:.0f} / {prefix_ms:.0f} | "
+          f"{med['eager prefix'] / prefix_ms:.2f}x |")
+    print(f"| {STEPS} ODE steps: eager (chunk - prefix) / runtime | {eager_ode:.0f} / {ode_ms:.0f} | "
+          f"{eager_ode / ode_ms:.2f}x |")
     compiled_note = "skipped (BENCH_PI0_COMPILE=0)"
     if COMPILE:
         try:
@@ -152,33 +182,12 @@ def test_pi0_latency_side_by_side(tmp_path_factory):
                 with torch.inference_mode():
                     return sample(**feeds, noise=noise, num_steps=STEPS)
 
-            contenders["compiled"] = compiled
+            med2 = rounds({"compiled": compiled, "runtime": runtime})
+            print(f"| torch.compile (phase 2) / runtime (phase 2) | {med2['compiled']:.0f} / {med2['runtime']:.0f} | "
+                  f"compiled {med['eager'] / med2['compiled']:.2f}x vs phase-1 eager, runtime "
+                  f"{med2['compiled'] / med2['runtime']:.2f}x vs compiled |")
         except Exception as exc:  # report why, keep the other contenders
             compiled_note = f"did not compile: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-    for fn in contenders.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {k: [] for k in contenders}
-    inner: list[tuple[float, float]] = []
-    names = list(contenders)
-    for r in range(ROUNDS):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            out = contenders[name]()
-            times[name].append(1e3 * (time.perf_counter() - t0))
-            if name == "runtime":  # the same call's own stage timings
-                inner.append((out.timings_ms["prefix"], out.timings_ms["ode_total"]))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    prefix_ms = statistics.median(p for p, _ in inner)
-    ode_ms = statistics.median(o for _, o in inner)
-    eager_ode = med["eager"] - med["eager prefix"]
-    print(f"\n| contender ({ROUNDS} rounds, median ms per chunk) | ms | speedup vs eager |\n|---|---|---|")
-    for k in ("eager", "compiled", "runtime"):
-        if k in med:
-            print(f"| {k} | {med[k]:.0f} | {med['eager'] / med[k]:.2f}x |")
-    print(f"| prefix: eager / runtime | {med['eager prefix']:.0f} / {prefix_ms:.0f} | "
-          f"{med['eager prefix'] / prefix_ms:.2f}x |")
-    print(f"| {STEPS} ODE steps: eager (chunk - prefix) / runtime | {eager_ode:.0f} / {ode_ms:.0f} | "
-          f"{eager_ode / ode_ms:.2f}x |")
     print(f"torch.compile: {compiled_note}. The runtime's prefix stops at the K/V of the last language layer the "
           f"expert reads (that layer's attention output and MLP feed nothing); at {LAYERS} layers that is a large "
           "share of eager's prefix work, at π0's 18 about 1/18 of the language model: read the ODE row as the "
@@ -192,6 +201,10 @@ def test_pi0_latency_side_by_side(tmp_path_factory):
     here = {STEPS: config["stages"]["prefix"]["p50"] + config["stages"]["ode_total"]["p50"]}
     print("\n" + prof.format_roofline(rl.roofline_report(rl.bundle_costs(policy.bundle), [STEPS]), here))
 
+    if not FULL_ROOFLINE:
+        policy.close()
+        assert result.numerics.passed
+        return
     full = _extrapolate(_graph_costs(tmp, 1, 1), _graph_costs(tmp, 2, 1), _graph_costs(tmp, 1, 2))
     print(f"\nfull π0 (27 SigLIP + 18 Gemma-2B layers read by 18 expert layers, {ROOFLINE_CAMERAS} "
           f"camera(s), 48 text tokens): prefix "

@@ -63,12 +63,13 @@ def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
 
 def resize_bicubic_aa(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """uint8 HWC -> uint8 HWC at (height, width): width pass, then height pass, then clamp/round."""
-    h, w = image.shape[:2]
+    h, w, c = image.shape
     x = image.astype(np.float32)
-    if w != width:
-        x = np.einsum("ow,hwc->hoc", resize_matrix(w, width), x, optimize=True)
-    if h != height:
-        x = np.einsum("oh,hwc->owc", resize_matrix(h, height), x, optimize=True)
+    if w != width:  # [h * c, w] @ [w, width] -> [h, width, c] (one 2-D GEMM)
+        x = (x.transpose(0, 2, 1).reshape(h * c, w) @ resize_matrix(w, width).T).reshape(h, c, width)
+        x = x.transpose(0, 2, 1)
+    if h != height:  # [height, h] @ [h, width * c]
+        x = (resize_matrix(h, height) @ np.ascontiguousarray(x).reshape(h, -1)).reshape(height, -1, c)
     return np.round(np.clip(x, 0, 255)).astype(np.uint8)
 
 
