@@ -164,8 +164,8 @@ class VLA(nn.Module):
         x = (x + self.patch_pos.unsqueeze(0) + self.camera_emb.unsqueeze(0)).flatten(1, 2)
         text = self.token_emb(tokens) + self.text_pos
         if self.text_film is not None:
-            mask = (tokens > 0).unsqueeze(-1).to(text.dtype)  # pad id is 0
-            pooled = (text * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            # Mean over every position, pads included: no mask, so no Cast that FP16 conversion would break.
+            pooled = text.mean(dim=1)
             gamma, beta = self.text_film(pooled).unsqueeze(1).chunk(2, dim=-1)
             x = x * (1 + gamma) + beta
         s = self.state_proj((state - self.state_mean) / self.state_std).unsqueeze(1)
