@@ -72,7 +72,7 @@ def test_ode_step_nan_is_not_clamped_away(gpu_kernels) -> None:
 
 @pytest.mark.parametrize("method", ["euler", "heun"])
 def test_captured_graph_integrates_like_reference(gpu_kernels, method: str) -> None:
-    """The whole N-step loop captured in one CUDA graph; a no-op kernel stands in for the engine launch."""
+    """Heun/Euler kernel modes in one captured graph, t baked per node (the time-slot binding is the next test)."""
     from edge_vla.kernels.loader import CapturedGraph, new_stream, synchronize
 
     H, D, E, steps = 8, 2, 128, 4
@@ -106,6 +106,76 @@ def test_captured_graph_integrates_like_reference(gpu_kernels, method: str) -> N
     graph.launch()
     synchronize(stream)
     ref.check_close(_host(bx, (H, D)), want + v_const, "fp32", "after replay")
+
+
+@pytest.mark.parametrize("flow", [(0.0, 1.0), (1.0, 0.0)], ids=["reference-0to1", "pi0-1to0"])
+def test_captured_graph_binds_each_step_time_slot(gpu_kernels, flow: tuple[float, float]) -> None:
+    """The fused chunk's real per-step time binding (TrtBackend._enqueue_chunk, MANIFEST.md `set_time_rows`).
+
+    The schedule's half-grid times live in one device array, row k at its own 256-byte-aligned slot; step i's
+    model evaluation reads slot 2i through a pointer baked into the captured graph. With TensorRT absent,
+    a real kernel stands in for the step engine and *reads t from that slot*: v = temb(t_slot) over the
+    H*D action elements (time_embed_schedule_f32 with one row), then ode_step (E=0, as the backend launches
+    it) integrates. A graph in which every step read the same t (the old `ts + 4*i` hazard: misaligned or
+    aliased slots) cannot reproduce the reference integral.
+    """
+    from edge_vla.kernels.loader import CapturedGraph, DeviceBuffer, new_stream, synchronize
+    from edge_vla.runtime.flow import Flow, integrate
+    from edge_vla.runtime.trt_backend import ALIGN, aligned
+
+    H, D, steps = 8, 2, 10
+    n = H * D
+    f = Flow(*flow)
+    rows = f.half_grid(steps).astype(np.float32)  # [2N+1] scalar time rows, as Sampler.set_time_rows hands them
+    stride = aligned(rows.itemsize)
+    assert stride % ALIGN == 0 and stride >= ALIGN
+    padded = np.zeros((len(rows), stride), np.uint8)
+    padded[:, :rows.itemsize] = rows.reshape(-1, 1).view(np.uint8)
+    slots = DeviceBuffer.from_array(padded)
+    assert slots.ptr % ALIGN == 0  # cuMemAlloc is at least 256-byte aligned; every slot then is too
+    slot_ptr = [slots.ptr + k * stride for k in range(len(rows))]
+    assert all(p % ALIGN == 0 for p in slot_ptr)
+
+    rng = np.random.default_rng()
+    x0 = rng.standard_normal((H, D)).astype(np.float32)
+    bx, bxin, bv = _dev(x0), _dev(np.zeros_like(x0)), _dev(np.zeros_like(x0))
+    dt = f.dt(steps)
+
+    def record(stream) -> None:
+        gpu_kernels.ode_step(bx, bv, None, bxin, None, None, None, n=n, D=D, E=0, dt=dt, t_next=0.0,
+                             mode=ref.MODE_INIT, stream=stream)
+        for i in range(steps):
+            # "step engine": reads x_in's shape and t from slot 2i (pointer baked into this node)
+            gpu_kernels.time_embed_schedule(bv, slot_ptr[f.slot(i, 0)], 1, n, stream=stream)
+            gpu_kernels.ode_step(bx, bv, None, bxin, None, None, None, n=n, D=D, E=0, dt=dt, t_next=0.0,
+                                 mode=ref.MODE_EULER, stream=stream)
+
+    stream = new_stream()
+    graph = CapturedGraph(stream, record)
+    graph.launch()
+    synchronize(stream)
+
+    def velocity(x: np.ndarray, t: float) -> np.ndarray:
+        return ref.time_embedding(np.float32(t), n).reshape(H, D).astype(np.float32)
+
+    want = integrate(velocity, x0.astype(np.float64), f, steps)
+    got = _host(bx, (H, D))
+    ref.check_close(got, want, "fp32", "x after the captured chunk")
+    ref.check_close(_host(bxin, (H, D)), want, "fp32", "x_in (next engine input)")
+    frozen = x0 + steps * dt * velocity(x0, float(rows[0]))  # what a graph stuck on slot 0 would give
+    assert np.abs(got - frozen).max() > 1e-2, "every step evaluated at the same t"
+
+    # The slots are read at replay time, not baked by value: new rows change the next replay's result.
+    bx.upload(x0)
+    rows2 = rows[::-1].copy()
+    padded[:, :rows.itemsize] = rows2.reshape(-1, 1).view(np.uint8)
+    slots.upload(padded)
+    graph.launch()
+    synchronize(stream)
+    want2 = x0.astype(np.float64)
+    for i in range(steps):
+        want2 = want2 + dt * velocity(want2, float(rows2[f.slot(i, 0)]))
+    ref.check_close(_host(bx, (H, D)), want2, "fp32", "x after replay with new time rows")
 
 
 ADALN_CASES = [(8, 128, 384, ref.ACT_NONE), (8, 128, 512, ref.ACT_GELU_TANH), (16, 512, 1536, ref.ACT_NONE),
