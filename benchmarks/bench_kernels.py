@@ -21,12 +21,14 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 CHUNK_GOAL_US = 1000.0  # issue 16: the whole tiny chunk within 1 ms
+CHUNK_MAX_REL_ERR = 1e-3  # every chunk variant against torch eager, fp32 (TF32 off)
 ODE_GOAL_SPEEDUP = 10.0  # ODE-loop kernels >= 10x PyTorch eager's loop ...
 ODE_GOAL_FLOOR_RATIO = 1.5  # ... and within 1.5x of the bandwidth/launch floor
 
@@ -245,6 +247,9 @@ class TinyChunk:
         from edge_vla.export.model import fake_inputs, untrained_with_live_outputs
         from edge_vla.runtime.flow import REFERENCE_FLOW
 
+        # fp32 everywhere (cuDNN's convolutions default to TF32), so the variants can be compared tightly
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
         dev = torch.device("cuda")
         self.k, self.steps, self.stream, self.sh = k, steps, stream, stream.cuda_stream
         self.model = m = untrained_with_live_outputs(preset("tiny")).to(dev).eval()
@@ -373,11 +378,13 @@ def bench_chunk(k: Any, steps: int, reps: int) -> list[tuple]:
     for name, fn in impls:
         got = c.result(fn)
         err = float(np.max(np.abs(got - want) / (1 + np.abs(want))))
-        if not np.isfinite(err) or err > 1e-3:
-            raise SystemExit(f"bench_kernels: {case} / {name} disagrees with torch eager (max rel err {err:.2e})")
+        verdict = f"max rel err {err:.1e}"
+        if not np.isfinite(err) or err > CHUNK_MAX_REL_ERR:  # timed anyway, but flagged and kept out of the goals
+            verdict = f"MISMATCH vs torch eager: {verdict}"
+            print(f"bench_kernels: {case} / {name}: {verdict}", flush=True)
         us = cuda_time_us(fn, stream, reps, warmup=5, inner=2)
         eager_us = eager_us or us
-        rows.append((case, f"{name} [max rel err {err:.1e}]", us, 0.0, 0.0, eager_us / us))
+        rows.append((case, f"{name} [{verdict}]", us, 0.0, 0.0, eager_us / us))
     return rows
 
 
@@ -385,7 +392,8 @@ def summarise(rows: list[tuple], steps: int, graph_launch_us: float) -> dict[str
     """The issue-16 goals, computed from this run's rows (None where a row is missing)."""
     by = {(case, impl.split(" [")[0]): (us, floor) for case, impl, us, _, floor, _ in rows}
     goals: dict[str, Any] = {}
-    chunk = [(us, impl) for (case, impl), (us, _) in by.items() if case.startswith("tiny chunk")]
+    chunk = [(us, impl.split(" [")[0]) for case, impl, us, *_ in rows
+             if case.startswith("tiny chunk") and "MISMATCH" not in impl]  # a wrong answer meets no goal
     if chunk:
         best_us, best = min(chunk)
         goals["tiny_chunk"] = {"best_us": best_us, "best": best, "goal_us": CHUNK_GOAL_US,
@@ -394,7 +402,7 @@ def summarise(rows: list[tuple], steps: int, graph_launch_us: float) -> dict[str
     if (ode_case, "torch eager") in by and (ode_case, "ode_step v2 in CUDA graph") in by:
         eager_us = by[(ode_case, "torch eager")][0]
         ours_us, bw_floor = by[(ode_case, "ode_step v2 in CUDA graph")]
-        floor = max(bw_floor, steps * graph_launch_us)  # one dependent launch per step
+        floor = max(bw_floor, steps * graph_launch_us)  # one dependent launch per step (0 if launch failed)
         goals["ode_loop"] = {"ours_us": ours_us, "torch_eager_us": eager_us, "speedup": eager_us / ours_us,
                              "goal_speedup": ODE_GOAL_SPEEDUP, "floor_us": floor, "vs_floor": ours_us / floor,
                              "goal_vs_floor": ODE_GOAL_FLOOR_RATIO,
@@ -440,19 +448,34 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {name}, peak {peak:.0f} GB/s (floor = bytes moved / peak), torch {torch.__version__}, "
           f"steps {args.steps}, reps {args.reps}", flush=True)
     rows: list[tuple] = []
+    errors: list[str] = []
     graph_launch_us = 0.0
+
+    def section(what: str, fn: Callable[[], list[tuple]]) -> None:
+        """One section's failure is reported and the others still run (one GPU call must say everything)."""
+        try:
+            rows.extend(fn())
+        except Exception as exc:
+            traceback.print_exc()
+            errors.append(f"{what}: {exc.__class__.__name__}: {exc}")
+        print(f"bench_kernels: {what} done", flush=True)
+
     if "bandwidth" in sections:
-        rows += bench_bandwidth(kernels, args.reps, peak)
+        section("bandwidth", lambda: bench_bandwidth(kernels, args.reps, peak))
     if "launch" in sections or "ode" in sections:
-        launch_rows, graph_launch_us = bench_launch(kernels, args.reps)
-        rows += launch_rows
+        def launch() -> list[tuple]:
+            nonlocal graph_launch_us
+            launch_rows, graph_launch_us = bench_launch(kernels, args.reps)
+            return launch_rows
+
+        section("launch", launch)
     for preset in PRESETS if args.preset == "all" else [args.preset]:
         if "ode" in sections:
-            rows += bench_ode(kernels, preset, args.steps, args.reps, peak)
+            section(f"ode {preset}", lambda p=preset: bench_ode(kernels, p, args.steps, args.reps, peak))
         if "adaln" in sections:
-            rows += bench_adaln(kernels, preset, args.reps, peak)
+            section(f"adaln {preset}", lambda p=preset: bench_adaln(kernels, p, args.reps, peak))
     if "chunk" in sections:
-        rows += bench_chunk(kernels, args.steps, max(args.reps // 4, 10))
+        section("chunk", lambda: bench_chunk(kernels, args.steps, max(args.reps // 4, 10)))
     print("| case | implementation | median us | achieved GB/s | floor us | speed-up vs first row of case |")
     print("|---|---|---:|---:|---:|---:|")
     for case, impl, us, gbs, floor, ratio in rows:
@@ -464,10 +487,12 @@ def main(argv: list[str] | None = None) -> int:
 
         doc = {"device": name, "peak_gbs": peak, "torch": torch.__version__, "steps": args.steps, "reps": args.reps,
                "rows": [dict(zip(("case", "impl", "us", "gbs", "floor_us", "speedup"), r, strict=True)) for r in rows],
-               "goals": goals}
+               "goals": goals, "errors": errors}
         with atomic_write(args.json, "w") as f:
             json.dump(doc, f, indent=1)
-    return 0
+    for err in errors:
+        print(f"bench_kernels: FAILED section {err}")
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

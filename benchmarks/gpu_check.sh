@@ -110,7 +110,7 @@ env_report() {
     "$PYTHON" - <<'PY'
 import importlib, platform
 print("python", platform.python_version())
-for name in ("numpy", "torch", "cupy", "cuda.bindings", "pytest", "onnxruntime", "transformers"):
+for name in ("numpy", "torch", "cupy", "cuda.bindings", "pytest"):
     try:
         mod = importlib.import_module(name)
         print(f"{name} {getattr(mod, '__version__', '?')}")
