@@ -14,6 +14,8 @@
 #                     (GPU_CHECK_DRY_BUILD=0 skips that), and run the GPU tests and the benchmark, which must
 #                     skip cleanly; nothing is installed.
 #   GPU_CHECK_ARCH    nvcc target (default sm_90: H100/H200)
+#   GPU_CHECK_TESTS   what `pytest -m gpu` runs (default tests/kernels; add e.g. a runtime test file whose
+#                     GPU tests run without TensorRT; its imports must not reach firmware_bridge)
 #
 # What comes back from $OUT (the device tool returns at most 8 files): gpu_check.log, summary.json,
 # pytest.xml (JUnit), bench.json, bench_steps2.json. Build outputs stay in a scratch directory.
@@ -165,7 +167,9 @@ run_standalone() {
 run_pytest() {
     local extra=()
     "$PYTHON" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=90)
-    EDGE_VLA_KERNEL_DIR=$KDIR "$PYTHON" "$WORK/guarded.py" -m pytest -m gpu tests/kernels -v -rfEs \
+    local targets
+    read -r -a targets <<<"${GPU_CHECK_TESTS:-tests/kernels}"
+    EDGE_VLA_KERNEL_DIR=$KDIR "$PYTHON" "$WORK/guarded.py" -m pytest -m gpu "${targets[@]}" -v -rfEs \
         -p no:cacheprovider --junitxml="$OUT/pytest.xml" "${extra[@]}"
 }
 
