@@ -59,6 +59,34 @@ def test_ode_step_matches_reference(gpu_kernels, preset: str, dtype: str, mode: 
         ref.check_close(_host(bvp, (H, D)), wvp, "fp32", "v_prev")
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+def test_fused_ode_step_matches_unfused_v1(gpu_kernels, preset: str) -> None:
+    """ode_step_v2 (one launch) against the v1 chain it replaces (axpy, clamp, time embedding: 3 launches)."""
+    from edge_vla.kernels.loader import synchronize
+
+    H, D, E = PRESETS[preset]
+    n = H * D
+    rng = np.random.default_rng()
+    x = (rng.standard_normal((H, D)) * 2).astype(np.float32)  # wide enough that some elements hit the bounds
+    v = (rng.standard_normal((H, D)) * 3).astype(np.float32)
+    lo, hi = np.array([-1.2, -0.8], np.float32), np.array([1.0, 1.5], np.float32)
+    dt, t_next = 0.1, float(rng.uniform())
+    bv, blo, bhi = _dev(v), _dev(lo), _dev(hi)
+    bx2, bxin2, btemb2 = _dev(x), _dev(np.zeros_like(x)), _dev(np.zeros(E))
+    gpu_kernels.ode_step(bx2, bv, None, bxin2, btemb2, blo, bhi, n=n, D=D, E=E, dt=dt, t_next=t_next,
+                         mode=ref.MODE_EULER)
+    bx1, btemb1 = _dev(x), _dev(np.zeros(E))
+    gpu_kernels.launch("axpy_v1_f32", (n + 255) // 256, 256, (bx1, bv, dt, n))
+    gpu_kernels.launch("clamp_v1_f32", (n + 255) // 256, 256, (bx1, blo, bhi, n, D))
+    gpu_kernels.launch("time_embed_v1_f32", (E + 255) // 256, 256, (btemb1, t_next, E))
+    synchronize()
+    unfused_x = _host(bx1, (H, D))
+    assert np.any(unfused_x == hi) or np.any(unfused_x == lo), "draw too small to exercise the clamp"
+    ref.check_close(_host(bx2, (H, D)), unfused_x, "fp32", "x: fused vs unfused")
+    ref.check_close(_host(bxin2, (H, D)), unfused_x, "fp32", "x_in: fused vs unfused x")
+    ref.check_close(_host(btemb2, E), _host(btemb1, E), "fp32", "temb: fused vs unfused")
+
+
 def test_ode_step_nan_is_not_clamped_away(gpu_kernels) -> None:
     from edge_vla.kernels.loader import synchronize
 
@@ -204,6 +232,24 @@ def test_adaln_linear_matches_reference(gpu_kernels, T: int, K: int, N: int, act
     # Reference on the weights as stored: isolates kernel error from the weights' quantisation.
     ref.check_close(got, ref.adaln_linear(x, shift, scale, ref.round_to(w, wdtype), b, act), "fp32", "vs stored W")
     ref.check_close(got, ref.adaln_linear(x, shift, scale, w, b, act), wdtype, "vs fp32 W")
+
+
+@pytest.mark.parametrize(("T", "K", "N", "act"), ADALN_CASES)
+def test_fused_adaln_linear_matches_unfused_v1(gpu_kernels, T: int, K: int, N: int, act: int) -> None:
+    """adaln_linear_v2 (one launch) against adaln_v1 + linear_v1 on the same device buffers (fp16 weights)."""
+    from edge_vla.kernels.loader import synchronize
+
+    rng = np.random.default_rng()
+    x = (rng.standard_normal((T, K)) * 2 + 3).astype(np.float32)
+    shift, scale = (rng.standard_normal((2, K)) * 0.2).astype(np.float32)
+    w = (rng.standard_normal((N, K)) / np.sqrt(K)).astype(np.float32)
+    b = (rng.standard_normal(N) * 0.1).astype(np.float32)
+    ins = [_dev(x), _dev(shift), _dev(scale), _dev(w, "fp16"), _dev(b)]
+    fused, unfused = _dev(np.zeros((T, N))), _dev(np.zeros((T, N)))
+    gpu_kernels.adaln_linear(*ins, fused, T=T, K=K, N=N, act=act, wdtype="fp16")
+    gpu_kernels.adaln_linear_unfused(*ins, unfused, _dev(np.zeros((T, K))), T=T, K=K, N=N, act=act, wdtype="fp16")
+    synchronize()
+    ref.check_close(_host(fused, (T, N)), _host(unfused, (T, N)), "fp32", "adaln_linear: fused vs unfused")
 
 
 def test_adaln_linear_rejects_unsupported_shapes(gpu_kernels) -> None:
