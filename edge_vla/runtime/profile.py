@@ -61,8 +61,14 @@ def observations(bundle: Bundle, count: int = 8, seed: int = 0) -> list[Observat
     from edge_vla.sim.env import ReachEnv
 
     images = bundle.contract.preprocessing["images"]  # any model family: the manifest says what it takes
+    state_dim = int(bundle.contract.preprocessing.get("state", {}).get("dim", 2))
     env = ReachEnv(image_size=int(images["height"]), num_cameras=int(images["cameras"]))
-    return [env.reset(seed + i) for i in range(count)]
+    obs = [env.reset(seed + i) for i in range(count)]
+    # The sim arm has 2 joints; a robot with another state size gets the sim's joints, zero-padded or cut
+    # (latency does not depend on the values).
+    for o in obs:
+        o.state = np.resize(np.pad(o.state, (0, max(0, state_dim - len(o.state)))), state_dim).astype(np.float32)
+    return obs
 
 
 def measure(policy: Policy, obs: list[Observation], iterations: int, warmup: int) -> dict[str, np.ndarray]:

@@ -269,7 +269,7 @@ class PolicyServer:
         control = b.manifest.get("control", {})
         return {
             "server": "edge-vla", "edge_vla_version": __version__, "protocol": PROTOCOL,
-            "model_family": b.manifest.get("family", "edge-vla"), "model_preset": cfg.preset,
+            "model_family": b.manifest.get("family", "edge-vla-reference"), "model_preset": cfg.preset,
             "precision": self.policy.precision, "backend": type(self.policy.backend).__name__,
             "ode_steps": self.policy.steps, "solver": self.policy.solver,
             "bundle_manifest_sha256": sha256_file(b.root / MANIFEST),

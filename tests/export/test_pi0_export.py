@@ -244,3 +244,12 @@ def test_numerics_miss_writes_nothing(pi0_dir, tmp_path, monkeypatch):
     with pytest.raises(EdgeVlaError, match="numerics check failed, no bundle written"):
         export_pi0(pi0_dir, tmp_path / "b", Pi0ExportOptions(numerics_count=1))
     assert not (tmp_path / "b").exists()
+
+
+def test_profile_feeds_a_pi0_bundle_its_own_state_size(bundles):
+    """The profiler renders sim frames but sizes the state from the manifest (this π0 has 3 state dims)."""
+    from edge_vla.bundle import Bundle
+    from edge_vla.runtime.profile import profile_bundle
+
+    results = profile_bundle(Bundle.open(bundles["fp32"]), [2], iterations=2, warmup=1, threads=1)
+    assert results and results[0].steps == 2

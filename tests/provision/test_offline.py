@@ -301,6 +301,12 @@ def _robot_imports(wheel: Path) -> tuple[dict[str, str], dict[str, str]]:
             if not name.endswith(".py") or name.startswith("edge_vla/export/"):
                 continue
             tree = ast.parse(zf.read(name), filename=name)
+            # A module-level require("x") (edge_vla.optional) gates the module behind x's extra: such a module
+            # is only imported by the command that needs the extra, so its imports of x count as lazy.
+            required = {n.value.args[0].value for n in tree.body
+                        if isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)
+                        and getattr(n.value.func, "id", None) == "require" and n.value.args
+                        and isinstance(n.value.args[0], ast.Constant)}
             top_level = {id(n) for n in tree.body}
             for node in ast.walk(tree):
                 if isinstance(node, ast.Import):
@@ -311,7 +317,7 @@ def _robot_imports(wheel: Path) -> tuple[dict[str, str], dict[str, str]]:
                     continue
                 for mod in mods:
                     top = mod.split(".")[0]
-                    (hard if id(node) in top_level else lazy).setdefault(top, name)
+                    (hard if id(node) in top_level and top not in required else lazy).setdefault(top, name)
     return hard, lazy
 
 

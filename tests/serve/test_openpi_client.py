@@ -100,7 +100,7 @@ def test_client_infer_equals_policy_infer(layout, servers, openpi_python, tmp_pa
     assert meta["seed"] == seed + meta["connection"]
     assert meta["chunk_len"] == 8 and meta["action_dim"] == 2 and meta["action_period_s"] == pytest.approx(0.1)
     assert meta["action_space"]["names"] == ["shoulder", "elbow"] and meta["action_space"]["units"] == "rad"
-    assert meta["precision"] == "fp32" and meta["model_family"] == "edge-vla"
+    assert meta["precision"] == "fp32" and meta["model_family"] == "edge-vla-reference"
     assert meta["observation"]["name"] == f"{layout}+overrides" and meta["observation"]["state_fit"] == "cut"
 
 
