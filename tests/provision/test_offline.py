@@ -168,7 +168,7 @@ def test_x86_package_installs_offline_and_runs(x86_package: Path, rootfs: Path, 
         assert Path(path).resolve().is_relative_to(venv.resolve()), path
 
     run = _run([*no_network, str(venv / "bin/edge-vla"), "run", str(rel / "bundle"), "--emulate", "--duration", "1",
-                "--json"], offline_env, tmp_path, timeout=180)
+                "--arm-on-start", "--json"], offline_env, tmp_path, timeout=180)
     # 0, or 3 when the watchdog tripped (on a loaded 2-core machine a heartbeat can starve): either way
     # the installed runtime loaded the bundle, ran inference and drove the link; 1 would be a crash.
     assert run.returncode in (0, 3), run.stdout[-2000:] + run.stderr[-3000:]
