@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from .checkpoint import read_config
 from .exporter import PRECISIONS, ExportOptions, export_checkpoint
@@ -47,10 +48,14 @@ def main(args: argparse.Namespace) -> int:
                          int8_graphs=tuple(g.strip() for g in args.int8_graphs.split(",") if g.strip()),
                          overwrite=args.overwrite, time_input=args.time_input,
                          table_steps=tuple(int(n) for n in args.table_steps.split(",")) if args.table_steps else None)
-    result = export_checkpoint(args.checkpoint, args.output, opts)
-    print(f"bundle written to {result.bundle} in {result.seconds:.1f} s")
+    print_result(export_checkpoint(args.checkpoint, args.output, opts), "bundle")
+    return 0
+
+
+def print_result(result: Any, what: str) -> None:
+    """What every export prints: where the bundle went, the numerics gate, the lint, the graph sizes."""
+    print(f"{what} written to {result.bundle} in {result.seconds:.1f} s")
     print("  numerics " + result.numerics.summary())
     print(f"  TensorRT lint: {result.lint['errors']} error(s), {result.lint['warnings']} warning(s)")
     for name, size in result.sizes.items():
         print(f"  graphs/{name}.onnx: {size / 1e6:.2f} MB")
-    return 0
