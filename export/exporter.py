@@ -10,6 +10,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -102,13 +103,7 @@ def export_model(model: VLA, out: str | Path, opts: ExportOptions, source_hash: 
         report = numerics.check(model, opts.precision, contract, graphs, numerics_obs)
         log.info("numerics %s", report.summary())
         manifest["numerics"] = {"passed": report.passed, "actions": report.actions}
-        findings = trt_lint.lint_files(graphs)
-        lint = trt_lint.report(findings)
-        if not report.passed:
-            raise EdgeVlaError(f"numerics check failed, no bundle written: {report.summary()}")
-        if lint["errors"] and not opts.allow_lint_errors:
-            raise EdgeVlaError("TensorRT lint found errors, no bundle written (pass --allow-lint-errors to "
-                               "export anyway):\n" + trt_lint.format_findings(findings))
+        lint = enforce_gates(report, graphs, opts.allow_lint_errors)
         files: dict[str, Path | bytes] = {f"graphs/{name}.onnx": path for name, path in graphs.items()}
         files.update({rel: work / rel for rel in tables.values()})
         files["reports/numerics.json"] = _json_bytes(report.as_dict())
@@ -238,3 +233,16 @@ def _json_bytes(data: dict) -> bytes:
     import json
 
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
+def enforce_gates(report: Any, graphs: dict[str, Path], allow_lint_errors: bool) -> dict:
+    """The two gates every export passes before anything is written: numerics, then the TensorRT lint
+    (errors refuse unless allowed). Returns the lint report for the bundle."""
+    findings = trt_lint.lint_files(graphs)
+    lint = trt_lint.report(findings)
+    if not report.passed:
+        raise EdgeVlaError(f"numerics check failed, no bundle written: {report.summary()}")
+    if lint["errors"] and not allow_lint_errors:
+        raise EdgeVlaError("TensorRT lint found errors, no bundle written (pass --allow-lint-errors to "
+                           "export anyway):\n" + trt_lint.format_findings(findings))
+    return lint

@@ -34,7 +34,8 @@ from edge_vla.runtime.ort_backend import OrtBackend
 from edge_vla.runtime.sampler import Sampler
 from edge_vla.runtime.types import Observation
 
-from .. import quantize, trt_lint
+from .. import quantize
+from ..exporter import enforce_gates
 from ..numerics import THRESHOLDS, Metrics
 from . import observations
 from .checkpoint import Pi0Source, open_pi0
@@ -139,13 +140,7 @@ def export_pi0(checkpoint: str | Path, out: str | Path, opts: Pi0ExportOptions) 
         contract = Contract.from_manifest(manifest)  # the runtime's own parser checks the description
         report = check_numerics(model, src, plan, graphs, contract, opts)
         log.info("numerics %s", report.summary())
-        findings = trt_lint.lint_files(graphs)
-        lint = trt_lint.report(findings)
-        if not report.passed:
-            raise EdgeVlaError(f"numerics check failed, no bundle written: {report.summary()}")
-        if lint["errors"] and not opts.allow_lint_errors:
-            raise EdgeVlaError("TensorRT lint found errors, no bundle written (pass --allow-lint-errors to export "
-                               "anyway):\n" + trt_lint.format_findings(findings))
+        lint = enforce_gates(report, graphs, opts.allow_lint_errors)
         manifest["numerics"] = {"passed": report.passed, "actions": report.actions,
                                 "reference": report.reference}
         files: dict[str, Path | bytes] = {}
