@@ -39,6 +39,13 @@ class VLAConfig:
     # Language conditions vision before the trunk (FiLM on the patch tokens from the pooled instruction),
     # so "which block is red" is a per-patch feature instead of a composition the trunk must learn.
     text_film: bool = True
+    # Vision stem. "patch": one linear patch embedding (ViT). "conv": a small conv stem at full resolution
+    # whose first layer is FiLM-modulated by the instruction (colour selection is a per-pixel operation),
+    # a strided conv to the same patch grid, and `keypoints` spatial-softmax keypoints per camera as extra
+    # tokens (the expected image coordinates of learned feature maps: where the named block is).
+    vision: str = "patch"
+    keypoints: int = 0
+    stem_channels: int = 16
     # Sampler.
     num_steps: int = 10
 
@@ -49,7 +56,7 @@ class VLAConfig:
 
     @property
     def tokens_per_camera(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return (self.image_size // self.patch_size) ** 2 + self.keypoints
 
     @property
     def prefix_len(self) -> int:
@@ -67,6 +74,14 @@ class VLAConfig:
             problems.append(f"width {self.width} is not divisible by heads {self.heads}")
         if self.expert_width % self.expert_heads:
             problems.append(f"expert_width {self.expert_width} is not divisible by expert_heads {self.expert_heads}")
+        if self.vision not in ("patch", "conv"):
+            problems.append(f"vision must be 'patch' or 'conv', got {self.vision!r}")
+        if self.vision == "patch" and self.keypoints:
+            problems.append("keypoints need vision='conv' (they come from the conv stem's feature maps)")
+        if self.vision == "conv" and (self.patch_size % 2 or self.image_size % 2):
+            problems.append("vision='conv' needs an even patch_size and image_size (its second conv has stride 2)")
+        if self.keypoints < 0 or self.stem_channels < 1:
+            problems.append("keypoints must be >= 0 and stem_channels >= 1")
         for name in ("num_cameras", "depth", "expert_depth", "chunk_len", "action_dim", "state_dim", "num_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")

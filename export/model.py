@@ -111,12 +111,56 @@ def timestep_embedding(t: Tensor, dim: int) -> Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+class ConvStem(nn.Module):
+    """Per-camera conv stem: instruction-FiLM on full-resolution features, the patch grid, and keypoints.
+
+    The FiLM after the first conv lets the instruction pick a colour per pixel; a spatial softmax over the
+    next feature maps then gives each keypoint channel's expected image coordinates, which is where a
+    selected block is, at sub-patch precision. Coordinates use Mul + ReduceSum (not a MatMul) so that INT8
+    quantization, which takes MatMul/Gemm/Conv, leaves them in floating point.
+    """
+
+    def __init__(self, cfg: VLAConfig) -> None:
+        super().__init__()
+        c1, w = cfg.stem_channels, cfg.width
+        c2 = 2 * c1
+        self.conv1 = nn.Conv2d(3, c1, 3, padding=1)
+        self.film = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, 2 * c1))
+        self.conv2 = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
+        self.grid = nn.Conv2d(c2, w, kernel_size=cfg.patch_size // 2, stride=cfg.patch_size // 2)
+        self.keypoints = cfg.keypoints
+        if self.keypoints:
+            self.kp_logits = nn.Conv2d(c2, self.keypoints, 1)
+            self.kp_proj = nn.Linear(2, w)
+            self.kp_emb = nn.Parameter(torch.randn(1, self.keypoints, w) * 0.02)
+            half = cfg.image_size // 2
+            lin = (torch.arange(half, dtype=torch.float32) + 0.5) / half * 2 - 1  # pixel centres in [-1, 1]
+            ys, xs = torch.meshgrid(lin, lin, indexing="ij")
+            self.register_buffer("kp_x", xs.reshape(1, 1, -1), persistent=False)
+            self.register_buffer("kp_y", ys.reshape(1, 1, -1), persistent=False)
+
+    def forward(self, images: Tensor, text: Tensor) -> Tensor:
+        """images [N, 3, S, S] (normalized); text [N, w] pooled instruction -> tokens [N, T, w]."""
+        gamma, beta = self.film(text).unsqueeze(-1).unsqueeze(-1).chunk(2, dim=1)
+        x = F.relu(self.conv1(images) * (1 + gamma) + beta)
+        x = F.relu(self.conv2(x))
+        tokens = self.grid(x).flatten(2).transpose(1, 2)
+        if not self.keypoints:
+            return tokens
+        attn = torch.softmax(self.kp_logits(x).flatten(2), dim=-1)  # [N, K, S/2 * S/2]
+        xy = torch.stack([(attn * self.kp_x).sum(-1), (attn * self.kp_y).sum(-1)], dim=-1)  # [N, K, 2]
+        return torch.cat([tokens, self.kp_proj(xy) + self.kp_emb], dim=1)
+
+
 class VLA(nn.Module):
     def __init__(self, config: VLAConfig) -> None:
         super().__init__()
         cfg = self.config = config.validate()
         w = cfg.width
-        self.patch = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        if cfg.vision == "conv":
+            self.stem = ConvStem(cfg)
+        else:
+            self.patch = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.camera_emb = nn.Parameter(torch.zeros(cfg.num_cameras, 1, w))
         self.patch_pos = nn.Parameter(torch.randn(1, cfg.tokens_per_camera, w) * 0.02)
         self.token_emb = nn.Embedding(cfg.vocab_size, w)
@@ -149,6 +193,8 @@ class VLA(nn.Module):
                 nn.init.zeros_(m.bias)
         if self.text_film is not None:  # starts as the identity on the patch tokens
             nn.init.zeros_(self.text_film[-1].weight)
+        if self.config.vision == "conv":  # the stem's FiLM starts as the identity too
+            nn.init.zeros_(self.stem.film[-1].weight)
         # adaLN-zero: each expert block starts as the identity, a well-known stabiliser for DiTs.
         for blk in self.expert:
             nn.init.zeros_(blk.mod.weight)
@@ -159,13 +205,18 @@ class VLA(nn.Module):
     def embed_prefix(self, images: Tensor, tokens: Tensor, state: Tensor) -> Tensor:
         """images float [B, C, 3, S, S] in [0, 1]; tokens int [B, L]; state [B, state_dim] (physical)."""
         b, c = images.shape[:2]
-        x = self.patch((images.flatten(0, 1) - 0.5) / 0.25)  # [B*C, w, S/p, S/p]
-        x = x.flatten(2).transpose(1, 2).reshape(b, c, -1, self.config.width)
-        x = (x + self.patch_pos.unsqueeze(0) + self.camera_emb.unsqueeze(0)).flatten(1, 2)
+        w = self.config.width
         text = self.token_emb(tokens) + self.text_pos
+        # Mean over every position, pads included: no mask, so no Cast that FP16 conversion would break.
+        pooled = text.mean(dim=1)
+        pixels = (images.flatten(0, 1) - 0.5) / 0.25
+        if self.config.vision == "conv":
+            x = self.stem(pixels, pooled.unsqueeze(1).expand(b, c, w).reshape(b * c, w))  # [B*C, T, w]
+        else:
+            x = self.patch(pixels).flatten(2).transpose(1, 2)  # [B*C, (S/p)^2, w]
+        x = x.reshape(b, c, -1, w)
+        x = (x + self.patch_pos.unsqueeze(0) + self.camera_emb.unsqueeze(0)).flatten(1, 2)
         if self.text_film is not None:
-            # Mean over every position, pads included: no mask, so no Cast that FP16 conversion would break.
-            pooled = text.mean(dim=1)
             gamma, beta = self.text_film(pooled).unsqueeze(1).chunk(2, dim=-1)
             x = x * (1 + gamma) + beta
         s = self.state_proj((state - self.state_mean) / self.state_std).unsqueeze(1)

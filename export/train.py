@@ -35,12 +35,37 @@ class TrainConfig:
     val_fraction: float = 0.05  # of the layouts (episodes), held out for a validation loss
 
 
-def default_threads() -> int:
+def default_threads(window_s: float = 0.5) -> int:
     """Intra-op threads for the cores that are actually free: torch with 2 threads on a 2-core box runs
-    ~10x slower when another process holds a core, while 1 thread loses only ~1.6x when the box is idle."""
+    ~10x slower when another process holds a core, while 1 thread loses only ~1.6x when the box is idle.
+
+    Busy cores are sampled from /proc/stat over a short window while this process sleeps, so its own
+    earlier work (e.g. generating the data just before training) does not count, as it would in the
+    load average. Elsewhere the 1-minute load average stands in."""
     cores = os.cpu_count() or 1
-    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
-    return max(1, min(cores, cores - busy))
+    busy = busy_cores(window_s)
+    return max(1, min(cores, cores - round(busy)))
+
+
+def busy_cores(window_s: float = 0.5) -> float:
+    """Cores busy with other processes over `window_s` (this one sleeps meanwhile)."""
+    def sample() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle
+
+    first = sample()
+    if first is None:
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    time.sleep(window_s)
+    second = sample()
+    assert second is not None
+    total, idle = second[0] - first[0], second[1] - first[1]
+    return 0.0 if total <= 0 else (os.cpu_count() or 1) * (1 - idle / total)
 
 
 def split_episodes(episodes, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:

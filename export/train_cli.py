@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
+from typing import Any
 
-from edge_vla.config import PRESETS, preset
+from edge_vla.config import PRESETS, VLAConfig, preset
+from edge_vla.errors import ConfigError
 from edge_vla.sim import dataset
 
 from .lerobot.hooks import is_lerobot_source, training_data
@@ -14,6 +17,9 @@ from .train import TrainConfig, train
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one model-config field of the preset, e.g. --set vision=conv --set keypoints=8 "
+                        "(repeatable; fields as in edge_vla/config.py VLAConfig)")
     parser.add_argument("--data", default="runs/data/reach.npz",
                         help="dataset from `edge-vla make-data` (made if missing), or lerobot:PATH (a LeRobot v3.0/v2.1 "
                         "dataset; see docs/LEROBOT.md)")
@@ -28,8 +34,29 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--episodes", type=int, default=300, help="episodes to generate when --data is missing")
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE strings -> typed config overrides (each value parsed as the field's type)."""
+    fields = {f.name: f.type for f in dataclasses.fields(VLAConfig)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in fields or key == "preset":
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(set(fields) - {'preset'})}")
+        kind = fields[key]
+        try:
+            if kind in ("bool", bool):
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(raw)
+                out[key] = raw.lower() in ("true", "1")
+            else:
+                out[key] = {"int": int, "float": float, "str": str}[str(kind)](raw)
+        except (ValueError, KeyError):
+            raise ConfigError(f"--set {item!r}: {raw!r} is not a valid {kind} for {key}") from None
+    return out
+
+
 def main(args: argparse.Namespace) -> int:
-    cfg = preset(args.preset)
+    cfg = preset(args.preset, **parse_overrides(args.set))
     data_path = Path(args.data)
     if is_lerobot_source(args.data):
         cfg, ds = training_data(args.data, cfg)

@@ -64,6 +64,8 @@ from firmware_bridge.protocol import (
 )
 from firmware_bridge.transport import Transport
 
+HOST_REQUESTED_STOPS = (Fault.HOST_STOP_CAT0, Fault.HOST_STOP_CAT1)
+
 log = logging.getLogger(__name__)
 _TRANSPORT_ERRORS = (serial.SerialException, OSError, can.CanError)
 ArrayLike = np.ndarray | Sequence[float]
@@ -530,8 +532,11 @@ class Link(ABC):
         elif isinstance(msg, FaultReport):
             self.faults.append(msg)
             self.fault_count += 1
-            log.warning("firmware fault on %s: %s (stop category %s, mode %s)", self.transport.description,
-                        msg.fault_code.name, msg.stop_category, msg.mode.name)
+            # A HOST_STOP_* report is the firmware confirming a stop the host asked for: a planned event, not
+            # a fault the operator must look into, so it does not log as a warning.
+            level = logging.INFO if msg.fault_code in HOST_REQUESTED_STOPS else logging.WARNING
+            log.log(level, "firmware fault on %s: %s (stop category %s, mode %s)", self.transport.description,
+                    msg.fault_code.name, msg.stop_category, msg.mode.name)
 
     def _rtt(self, seq: int, now: float) -> None:
         sent = self._sent_at.pop(seq, None)

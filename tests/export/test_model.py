@@ -109,3 +109,60 @@ def test_config_round_trip():
     cfg = preset("base")
     assert VLAConfig.from_dict(cfg.to_dict()) == cfg
     assert dataclasses.replace(cfg, num_steps=2).num_steps == 2
+
+
+CONV = dict(vision="conv", keypoints=4)
+
+
+def test_conv_stem_shapes_two_cameras_and_batch():
+    cfg = preset("tiny", num_cameras=2, **CONV)
+    assert cfg.tokens_per_camera == 64 + 4 and cfg.prefix_len == 2 * 68 + cfg.max_text_len + 1
+    model = VLA(cfg).eval()
+    x = fake_inputs(cfg, batch=3)
+    with torch.no_grad():
+        kv = model.prefix_kv(x["images"], x["tokens"], x["state"])
+        assert kv.shape == (cfg.expert_depth, 2, 3, cfg.expert_heads, cfg.prefix_len, cfg.head_dim)
+        assert model.sample(x["images"], x["tokens"], x["state"], x["noise"], steps=1).shape == (3, 8, 2)
+
+
+def test_conv_stem_keypoints_are_image_coordinates():
+    """A keypoint channel that responds to one pixel's colour reports that pixel's position in [-1, 1]."""
+    cfg = preset("tiny", **CONV)
+    stem = VLA(cfg).stem.eval()
+    with torch.no_grad():
+        stem.conv1.weight.zero_()
+        stem.conv1.bias.zero_()
+        stem.conv1.weight[0, 0, 1, 1] = 1.0  # channel 0 = the red input
+        stem.conv2.weight.zero_()
+        stem.conv2.bias.zero_()
+        stem.conv2.weight[0, 0, 1, 1] = 1.0  # stride 2: samples even pixels
+        stem.kp_logits.weight.zero_()
+        stem.kp_logits.bias.zero_()
+        stem.kp_logits.weight[:, 0] = 50.0  # every keypoint peaks on channel 0
+        img = torch.zeros(1, 3, 64, 64)
+        img[0, 0, 40, 10] = 1.0  # row 40, column 10 -> stride-2 cell (20, 5)
+        attn = torch.softmax(stem.kp_logits(torch.relu(stem.conv2(torch.relu(stem.conv1(img))))).flatten(2), -1)
+        xy = torch.stack([(attn * stem.kp_x).sum(-1), (attn * stem.kp_y).sum(-1)], -1)[0, 0]
+    cell = 2 / 32
+    assert torch.allclose(xy, torch.tensor([-1 + 5.5 * cell, -1 + 20.5 * cell]), atol=1e-3)
+
+
+def test_conv_stem_instruction_changes_the_features():
+    """The FiLM after the first conv makes the visual tokens depend on the instruction (once trained)."""
+    cfg = preset("tiny", **CONV)
+    model = VLA(cfg).eval()
+    torch.nn.init.normal_(model.stem.film[-1].weight, std=0.5)  # zero-initialised: the identity at start
+    x = fake_inputs(cfg)
+    other = x["tokens"].clone()
+    other[0, 4] = (other[0, 4] + 7) % 250 + 2
+    with torch.no_grad():
+        a = model.prefix_kv(x["images"], x["tokens"], x["state"])[..., : cfg.tokens_per_camera, :]
+        b = model.prefix_kv(x["images"], other, x["state"])[..., : cfg.tokens_per_camera, :]
+    assert not torch.allclose(a, b, atol=1e-4)
+
+
+def test_conv_config_errors():
+    with pytest.raises(ConfigError, match="keypoints need vision='conv'"):
+        preset("tiny", keypoints=4)
+    with pytest.raises(ConfigError, match="vision must be"):
+        preset("tiny", vision="vit")

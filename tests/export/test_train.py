@@ -1,3 +1,5 @@
+import os
+
 import torch
 
 from edge_vla.config import preset
@@ -21,3 +23,37 @@ def test_train_checkpoints_and_resumes(tmp_path):
     assert meta["step"] == 6
     # Normalization statistics come from the dataset and travel with the checkpoint.
     torch.testing.assert_close(model.action_mean, torch.tensor(ds.action_stats()["mean"]))
+
+
+def test_thread_default_leaves_a_core_that_another_process_holds():
+    """Busy cores come from /proc/stat over a window in which this process sleeps: a busy neighbour
+    counts, this process's own earlier work does not (the load average counted both)."""
+    import subprocess
+    import sys
+
+    from edge_vla.export.train import busy_cores, default_threads
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)
+        assert busy_cores(0.5) > 0.7
+        assert default_threads() <= max(1, (os.cpu_count() or 1) - 1)
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def test_parse_overrides_types_and_errors():
+    import pytest
+
+    from edge_vla.errors import ConfigError
+    from edge_vla.export.train_cli import parse_overrides
+
+    assert parse_overrides(["vision=conv", "keypoints=8", "text_film=false", "width=64"]) == {
+        "vision": "conv", "keypoints": 8, "text_film": False, "width": 64}
+    with pytest.raises(ConfigError, match="not a valid int"):
+        parse_overrides(["keypoints=many"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_overrides(["wings=2"])

@@ -4,6 +4,7 @@ fault-injection API (in-thread and in its own process)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 
@@ -72,6 +73,24 @@ def test_lost_stop_is_resent_until_acknowledged(rig) -> None:
     assert kinds.count("rx_dropped") == 2 and kinds.count("rx_stop") == 1
     assert off["t"] >= next(e for e in emu.events if e["event"] == "rx_stop")["t"]
     wait_for(link, mode_is(link, Mode.TRIPPED))
+
+
+def test_a_requested_stop_is_reported_at_info_a_watchdog_trip_at_warning(rig, caplog) -> None:
+    """Written first (failed before): every FaultReport logged WARNING, so a planned stop read as a fault."""
+    _, link = rig
+    caplog.set_level(logging.INFO, logger="firmware_bridge.link")
+    link.arm()
+    assert link.stop(1, timeout=0.2, retries=5) is True
+    wait_for(link, lambda: any(f.fault_code == Fault.HOST_STOP_CAT1 for f in link.faults))
+    stop_logs = [r for r in caplog.records if "HOST_STOP_CAT1" in r.getMessage()]
+    assert stop_logs and all(r.levelno == logging.INFO for r in stop_logs)
+    wait_for(link, mode_is(link, Mode.TRIPPED), timeout=3.0)
+    link.clear_faults()
+    link.arm()
+    caplog.clear()
+    wait_for(link, lambda: any(f.fault_code == Fault.HEARTBEAT_TIMEOUT for f in link.faults), timeout=3.0)
+    trips = [r for r in caplog.records if "HEARTBEAT_TIMEOUT" in r.getMessage()]
+    assert trips and all(r.levelno == logging.WARNING for r in trips)
 
 
 def test_unacknowledged_stop_returns_false_and_the_watchdog_is_the_backstop(rig) -> None:
