@@ -7,7 +7,7 @@ from firmware_bridge.transport import SerialTransport
 
 
 class SerialLink(Link):
-    def __init__(self, port: str, baudrate: int = 1_000_000, write_timeout: float = 0.5, **kw: float) -> None:
+    def __init__(self, port: str, baudrate: int = 1_000_000, write_timeout: float = 0.05, **kw: float) -> None:
         super().__init__(SerialTransport(port, baudrate, write_timeout), **kw)
         self.port, self.baudrate = port, baudrate
 

@@ -43,7 +43,9 @@ class Transport(ABC):
 class SerialTransport(Transport):
     """pyserial: a device path, a pty path, or any URL pyserial accepts (socket://, rfc2217://, loop://)."""
 
-    def __init__(self, port: str, baudrate: int = 1_000_000, write_timeout: float = 0.5) -> None:
+    def __init__(self, port: str, baudrate: int = 1_000_000, write_timeout: float = 0.05) -> None:
+        # 50 ms: a frame takes < 1 ms on the wire, so a write blocked this long is a stalled device; it
+        # becomes a link-loss trip instead of holding the control loop for half a second.
         self.port, self.baudrate, self.write_timeout = port, baudrate, write_timeout
         self.description = f"serial port {port}"
         self._ser: serial.SerialBase | None = None
