@@ -46,6 +46,9 @@ class VLAConfig:
     vision: str = "patch"
     keypoints: int = 0
     stem_channels: int = 16
+    # Training only: a head that reads where the named block is from the prefix (an auxiliary loss that
+    # gives localisation a direct gradient). Never exported: the prefix graph ends at the K/V.
+    goal_head: bool = False
     # Sampler.
     num_steps: int = 10
 

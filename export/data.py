@@ -30,6 +30,7 @@ class TensorDataset:
         self.tokens = torch.from_numpy(np.stack([vocab[s] for s in ds.instructions]).astype(np.int32))
         self.states = torch.from_numpy(ds.states)
         self.actions = torch.from_numpy(ds.actions[:, : config.chunk_len].copy())
+        self.goals = None if getattr(ds, "goals", None) is None else torch.from_numpy(ds.goals)
         self.n = n
 
     def __len__(self) -> int:

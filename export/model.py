@@ -169,6 +169,7 @@ class VLA(nn.Module):
         self.text_film = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, 2 * w)) if cfg.text_film else None
         self.trunk = nn.ModuleList(TrunkBlock(w, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.trunk_norm = nn.LayerNorm(w, eps=LN_EPS)
+        self.goal = nn.Sequential(nn.Linear(w, w), nn.GELU(), nn.Linear(w, 2)) if cfg.goal_head else None
 
         e = cfg.expert_width
         self.action_in = nn.Linear(cfg.action_dim, e)
@@ -251,15 +252,26 @@ class VLA(nn.Module):
         return x * self.action_std + self.action_mean
 
     def flow_loss(self, images: Tensor, tokens: Tensor, state: Tensor, actions: Tensor,
-                  noise: Tensor | None = None, t: Tensor | None = None) -> Tensor:
-        """Flow-matching loss for a batch of physical-unit action chunks [B, H, D]."""
+                  noise: Tensor | None = None, t: Tensor | None = None, goals: Tensor | None = None,
+                  goal_weight: float = 0.0) -> Tensor:
+        """Flow-matching loss for a batch of physical-unit action chunks [B, H, D]; with `goals` (target xy
+        in metres, [B, 2]) and a goal head, plus `goal_weight` times the goal-location loss."""
         x1 = self.normalize_actions(actions)
         x0 = torch.randn_like(x1) if noise is None else noise
         if t is None:
             t = torch.rand(x1.shape[0], device=x1.device)
         x_t = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * x1
-        v = self.velocity(x_t, t, self.prefix_kv(images, tokens, state))
-        return F.mse_loss(v, x1 - x0)
+        prefix = self.embed_prefix(images, tokens, state)
+        kv = torch.stack([blk.prefix_kv(prefix) for blk in self.expert])
+        loss = F.mse_loss(self.velocity(x_t, t, kv), x1 - x0)
+        if goals is not None and goal_weight > 0 and self.goal is not None:
+            loss = loss + goal_weight * F.mse_loss(self.goal_xy(prefix), goals)
+        return loss
+
+    def goal_xy(self, prefix: Tensor) -> Tensor:
+        """Where the named block is (metres), read from the mean of the prefix tokens (training probe)."""
+        assert self.goal is not None, "built without goal_head"
+        return self.goal(prefix.mean(dim=1)) * 0.25 + 0.5  # the table is [0, 1] m: predict around its centre
 
     @torch.no_grad()
     def sample(self, images: Tensor, tokens: Tensor, state: Tensor, noise: Tensor,

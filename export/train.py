@@ -33,6 +33,7 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     val_fraction: float = 0.05  # of the layouts (episodes), held out for a validation loss
+    goal_weight: float = 0.5  # auxiliary goal-location loss, where the model has a goal head and the data goals
 
 
 def default_threads(window_s: float = 0.5) -> int:
@@ -97,6 +98,23 @@ def validation_loss(model: VLA, data: TensorDataset, idx: torch.Tensor, seed: in
     return total / len(idx)
 
 
+@torch.no_grad()
+def goal_error_cm(model: VLA, data: TensorDataset, idx: torch.Tensor, max_samples: int = 512) -> float | None:
+    """Median distance (cm) between the goal head's estimate and the named block on held-out samples."""
+    if model.goal is None or data.goals is None or len(idx) == 0:
+        return None
+    was_training = model.training
+    model.eval()
+    idx = idx[:max_samples]
+    errs = []
+    for part in idx.split(128):
+        images, tokens, state, _ = data.batch(part)
+        pred = model.goal_xy(model.embed_prefix(images, tokens, state))
+        errs.append(torch.linalg.vector_norm(pred - data.goals[part], dim=-1))
+    model.train(was_training)
+    return float(torch.cat(errs).median()) * 100
+
+
 def set_normalization(model: VLA, ds: Dataset) -> None:
     a, s = ds.action_stats(), ds.state_stats()
     model.action_mean.copy_(torch.tensor(a["mean"]))
@@ -148,7 +166,8 @@ def train(config: VLAConfig, ds: Dataset, out: str | Path, tc: TrainConfig, resu
         for g in opt.param_groups:
             g["lr"] = lr_at(step, tc)
         idx = train_idx[torch.randint(0, len(train_idx), (tc.batch_size,))]
-        loss = model.flow_loss(*data.batch(idx))
+        goals = None if data.goals is None else data.goals[idx]
+        loss = model.flow_loss(*data.batch(idx), goals=goals, goal_weight=tc.goal_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -160,11 +179,13 @@ def train(config: VLAConfig, ds: Dataset, out: str | Path, tc: TrainConfig, resu
         if done % tc.checkpoint_every == 0 or done == tc.steps:
             rng = torch.get_rng_state()  # the validation pass must not perturb training (exact resume)
             val = validation_loss(model, data, val_idx)
+            goal_cm = goal_error_cm(model, data, val_idx)
             state = {"step": done, "torch_rng": rng.tolist(),
                      "loss": sum(losses[-50:]) / len(losses[-50:]), "val_loss": val,
                      "seconds": time.perf_counter() - t0}
-            log.info("step %d: train loss %.4f, validation loss %.4f", done, state["loss"], val)
-            bar.write(f"step {done}: train loss {state['loss']:.4f}, validation loss {val:.4f}")
+            probe = "" if goal_cm is None else f", goal probe median error {goal_cm:.1f} cm"
+            log.info("step %d: train loss %.4f, validation loss %.4f%s", done, state["loss"], val, probe)
+            bar.write(f"step {done}: train loss {state['loss']:.4f}, validation loss {val:.4f}{probe}")
             save_checkpoint(model, out, meta=meta | {"step": done, "loss": state["loss"], "val_loss": val},
                             optimizer=opt, train_state=state)
     return model.eval()

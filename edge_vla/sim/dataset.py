@@ -1,7 +1,8 @@
 """Demonstration datasets: expert rollouts with perturbations, stored as one .npz (no pickles).
 
 Arrays: images uint8 [N, C, S, S, 3], instructions str [N], states float32 [N, 2],
-actions float32 [N, chunk, 2] (the expert's clean plan from that state), episodes int32 [N].
+actions float32 [N, chunk, 2] (the expert's clean plan from that state), episodes int32 [N], and
+goals float32 [N, 2]: where the named block is (metres; for an auxiliary training loss, never an input).
 The executed actions are perturbed (DART-style) so the data covers recoveries from small errors.
 With `counterfactual` (the default) every layout is demonstrated once per block, each time with that
 block named: pairs of samples that differ only in the instruction, so a policy cannot do well
@@ -34,6 +35,7 @@ class Dataset:
     actions: np.ndarray
     episodes: np.ndarray
     meta: dict
+    goals: np.ndarray | None = None  # [N, 2] target xy; None for data that does not know it (older files)
 
     def __len__(self) -> int:
         return len(self.states)
@@ -51,7 +53,7 @@ def generate(
     counterfactual: bool = True,
 ) -> Dataset:
     env = ReachEnv(image_size=image_size, num_cameras=num_cameras)
-    images, instr, states, actions, episodes = [], [], [], [], []
+    images, instr, states, actions, episodes, goals = [], [], [], [], [], []
     targets: list[int | None] = list(range(NUM_BLOCKS)) if counterfactual else [None]
     for seed in seeds:
         for k, target in enumerate(targets):
@@ -66,6 +68,7 @@ def generate(
                 states.append(obs.state)
                 actions.append(plan)
                 episodes.append(seed)  # all variants of a layout share it: splits keep them together
+                goals.append(env.scene.target_xy)
                 executed = plan[0] + rng.normal(0.0, noise, size=2).astype(np.float32) * (rng.random() < 0.5)
                 obs, _, done = env.step(executed)
     return Dataset(
@@ -74,6 +77,7 @@ def generate(
         states=np.stack(states).astype(np.float32),
         actions=np.stack(actions).astype(np.float32),
         episodes=np.array(episodes, dtype=np.int32),
+        goals=np.stack(goals).astype(np.float32),
         meta={
             "format_version": FORMAT_VERSION,
             "task": "reach",
@@ -90,10 +94,11 @@ def generate(
 def save(ds: Dataset, path: str | Path) -> Path:
     """Write atomically: a temp file in the same directory, then rename."""
     path = Path(path)
+    extra = {} if ds.goals is None else {"goals": ds.goals}
     with atomic_write(path) as f:
         np.savez_compressed(
             f, images=ds.images, instructions=ds.instructions, states=ds.states, actions=ds.actions,
-            episodes=ds.episodes, meta=np.array(json.dumps(ds.meta)),
+            episodes=ds.episodes, meta=np.array(json.dumps(ds.meta)), **extra,
         )
     return path
 
@@ -105,9 +110,10 @@ def load(path: str | Path) -> Dataset:
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in ("images", "instructions", "states", "actions", "episodes", "meta")}
+            goals = z["goals"] if "goals" in z.files else None
     except (OSError, ValueError, KeyError) as exc:
         raise EdgeVlaError(f"dataset {path} is not a readable edge-vla dataset ({exc}); regenerate it") from exc
     meta = json.loads(str(arrays.pop("meta")))
     if meta.get("format_version") != FORMAT_VERSION:
         raise EdgeVlaError(f"dataset {path} has format {meta.get('format_version')}, expected {FORMAT_VERSION}")
-    return Dataset(meta=meta, **arrays)
+    return Dataset(meta=meta, goals=goals, **arrays)

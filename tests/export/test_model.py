@@ -166,3 +166,19 @@ def test_conv_config_errors():
         preset("tiny", keypoints=4)
     with pytest.raises(ConfigError, match="vision must be"):
         preset("tiny", vision="vit")
+
+
+def test_goal_head_adds_a_loss_and_stays_out_of_the_prefix_kv():
+    torch.manual_seed(0)
+    cfg = preset("tiny", goal_head=True, **CONV)
+    model = VLA(cfg).train()
+    x = fake_inputs(cfg, batch=4)
+    actions, noise, t = torch.randn(4, 8, 2), torch.randn(4, 8, 2), torch.rand(4)
+    goals = torch.rand(4, 2)
+    flow = model.flow_loss(x["images"], x["tokens"], x["state"], actions, noise=noise, t=t)
+    both = model.flow_loss(x["images"], x["tokens"], x["state"], actions, noise=noise, t=t, goals=goals, goal_weight=1.0)
+    assert both > flow
+    probe = model.goal_xy(model.embed_prefix(x["images"], x["tokens"], x["state"]))
+    assert torch.allclose(both - flow, torch.nn.functional.mse_loss(probe, goals), atol=1e-6)
+    plain = VLA(dataclasses.replace(cfg, goal_head=False))
+    assert {k for k in model.state_dict() if not k.startswith("goal.")} == set(plain.state_dict())

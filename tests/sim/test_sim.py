@@ -79,6 +79,15 @@ def test_dataset_round_trip(tmp_path):
     np.testing.assert_array_equal(back.actions, ds.actions)
     assert list(back.instructions) == list(ds.instructions)
     assert back.meta["image_size"] == 32
+    np.testing.assert_array_equal(back.goals, ds.goals)
+    # every goal is the named block of its layout: the expert's plan ends there
+    env = ReachEnv()
+    env.reset(0, target=0)
+    assert env.scene is not None
+    np.testing.assert_allclose(ds.goals[0], env.scene.target_xy, atol=1e-6)
+    # files written before goals existed still load, without them
+    old = dataset.Dataset(ds.images, ds.instructions, ds.states, ds.actions, ds.episodes, ds.meta)
+    assert dataset.load(dataset.save(old, tmp_path / "old.npz")).goals is None
 
 
 def test_dataset_errors_are_clear(tmp_path):
