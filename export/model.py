@@ -265,7 +265,8 @@ class VLA(nn.Module):
         kv = torch.stack([blk.prefix_kv(prefix) for blk in self.expert])
         loss = F.mse_loss(self.velocity(x_t, t, kv), x1 - x0)
         if goals is not None and goal_weight > 0 and self.goal is not None:
-            loss = loss + goal_weight * F.mse_loss(self.goal_xy(prefix), goals)
+            # In table-normalised units (centre 0.5 m, scale 0.25 m), so the loss is O(1) like the flow loss.
+            loss = loss + goal_weight * F.mse_loss(self.goal(prefix.mean(dim=1)), (goals - 0.5) / 0.25)
         return loss
 
     def goal_xy(self, prefix: Tensor) -> Tensor:

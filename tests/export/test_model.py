@@ -179,6 +179,7 @@ def test_goal_head_adds_a_loss_and_stays_out_of_the_prefix_kv():
     both = model.flow_loss(x["images"], x["tokens"], x["state"], actions, noise=noise, t=t, goals=goals, goal_weight=1.0)
     assert both > flow
     probe = model.goal_xy(model.embed_prefix(x["images"], x["tokens"], x["state"]))
-    assert torch.allclose(both - flow, torch.nn.functional.mse_loss(probe, goals), atol=1e-6)
+    assert torch.allclose(both - flow, torch.nn.functional.mse_loss((probe - 0.5) / 0.25, (goals - 0.5) / 0.25),
+                          atol=1e-5)
     plain = VLA(dataclasses.replace(cfg, goal_head=False))
     assert {k for k in model.state_dict() if not k.startswith("goal.")} == set(plain.state_dict())
