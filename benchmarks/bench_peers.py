@@ -32,6 +32,7 @@ Environment (defaults in brackets):
   BENCH_PEERS_THREADS          intra-op threads, a comma list [tiny "1", base os.cpu_count()]
   BENCH_PEERS_STEPS            ODE step counts ["10"]
   BENCH_PEERS_ROUNDS           timed rounds [tiny 12, base 6; quick 2]
+  BENCH_PEERS_PRECISIONS       runtime bundles, fp32 first ["fp32,fp16,int8,int8-prefix"]
   BENCH_PEERS_COMPILE_MODE     torch.compile mode, "default" for inductor's default, "off" to skip the row
                                ["max-autotune-no-cudagraphs"]
   BENCH_PEERS_COMPILE_BASE=1   also compile base (minutes per step count) [0]
@@ -84,6 +85,7 @@ if "BENCH_PEERS_ROUNDS" in os.environ:
     ROUNDS = dict.fromkeys(ROUNDS, int(os.environ["BENCH_PEERS_ROUNDS"]))
 WARMUP = {"tiny": 1 if QUICK else 3, "base": 1}
 BLOCK = {"tiny": 2 if QUICK else 6, "base": 1}  # calls per contender per round, the first untimed (bench_runtime)
+PRECISIONS = os.environ.get("BENCH_PEERS_PRECISIONS", "fp32,fp16,int8,int8-prefix").split(",")
 COMPILE_MODE = os.environ.get("BENCH_PEERS_COMPILE_MODE", "max-autotune-no-cudagraphs")
 COMPILE_BASE = os.environ.get("BENCH_PEERS_COMPILE_BASE", "0") == "1"
 MICRO_S = 0.03 if QUICK else 0.2  # seconds per microbenchmark repeat (3 repeats, best kept)
@@ -192,42 +194,70 @@ GEMM_SIZES = {"tiny-like 89x128x512": (89, 128, 512), "base-like 425x768x3072": 
               "square 1024": (1024, 1024, 1024)}
 
 
+class RoofMeter:
+    """Measures this machine's rates at one thread count, keeping the best value seen over every call to
+    measure(): on a shared machine a rate measured while another job ran is too low, and a floor from it
+    too high. Bandwidth is measured per footprint on first use and again at each later measure()."""
+
+    def __init__(self, threads: int, budget_s: float = MICRO_S, dram_bytes: int = 512 << 20) -> None:
+        self.threads, self.budget_s, self.dram_bytes = threads, budget_s, dram_bytes
+        self.detail: dict[str, float] = {}
+        self._bw: dict[int, float] = {}
+
+    def _keep(self, key: str, rate: float) -> None:
+        self.detail[key] = max(rate, self.detail.get(key, 0.0))
+
+    def measure(self) -> Roof:
+        prev = torch.get_num_threads()
+        torch.set_num_threads(self.threads)  # for the torch kernels; restored below
+        try:
+            for label, (m, k, n) in GEMM_SIZES.items():
+                work = 2.0 * m * k * n
+                self._keep(f"ort fp32 {label}", _best_rate(work, _ort_gemm(m, k, n, self.threads, False), self.budget_s))
+                self._keep(f"torch fp32 {label}", _best_rate(work, _torch_gemm(m, k, n), self.budget_s))
+            m, k, n = GEMM_SIZES["square 1024"]
+            self._keep("ort int8 square 1024",
+                       _best_rate(2.0 * m * k * n, _ort_gemm(m, k, n, self.threads, True), self.budget_s))
+        finally:
+            torch.set_num_threads(prev)
+        for key in {*self._bw, self._key(self.dram_bytes)}:
+            self._measure_bw(key)
+        self.detail["copy bandwidth DRAM"] = self._bw[self._key(self.dram_bytes)]
+        return self.roof()
+
+    def roof(self) -> Roof:
+        fp32 = max(v for key, v in self.detail.items() if " fp32 " in key)
+        return Roof(self.threads, fp32, max(self.detail["ort int8 square 1024"], fp32), self.bandwidth,
+                    dict(self.detail))
+
+    @staticmethod
+    def _key(nbytes: int) -> int:
+        # Rounded to 1/8 of a power of two, so that nearby footprints share one measurement; at least 64 KiB.
+        return max(1 << 16, int(2 ** (round(8 * math.log2(max(nbytes, 1))) / 8)))
+
+    def bandwidth(self, nbytes: int) -> float:
+        """Copy bandwidth (bytes/s) with `nbytes` as the footprint: half copied into the other half."""
+        key = self._key(nbytes)
+        if key not in self._bw:
+            self._measure_bw(key)
+        return self._bw[key]
+
+    def _measure_bw(self, key: int) -> None:
+        prev = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            src = torch.ones(key // 8)  # float32: key / 2 bytes each side, key bytes moved per copy
+            dst = torch.empty_like(src)
+            rate = _best_rate(float(key), lambda: dst.copy_(src), self.budget_s)
+        finally:
+            torch.set_num_threads(prev)
+        self._bw[key] = max(rate, self._bw.get(key, 0.0))
+        self.detail[f"copy bandwidth {key / 2**20:.3g} MiB"] = self._bw[key]  # reported: every footprint used
+
+
 def measure_roof(threads: int, budget_s: float = MICRO_S, dram_bytes: int = 512 << 20) -> Roof:
-    """GEMM rates and a copy-bandwidth function, measured now at `threads` (torch's thread count is set
-    to it for the torch kernels and restored)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    detail: dict[str, float] = {}
-    try:
-        for label, (m, k, n) in GEMM_SIZES.items():
-            work = 2.0 * m * k * n
-            detail[f"ort fp32 {label}"] = _best_rate(work, _ort_gemm(m, k, n, threads, int8=False), budget_s)
-            detail[f"torch fp32 {label}"] = _best_rate(work, _torch_gemm(m, k, n), budget_s)
-        m, k, n = GEMM_SIZES["square 1024"]
-        detail["ort int8 square 1024"] = _best_rate(2.0 * m * k * n, _ort_gemm(m, k, n, threads, int8=True), budget_s)
-    finally:
-        torch.set_num_threads(prev)
-    fp32 = max(v for key, v in detail.items() if " fp32 " in key)
-    cache: dict[int, float] = {}
-
-    def bandwidth(nbytes: int) -> float:
-        # Copy half the footprint into the other half (read + write = nbytes moved), rounded to 1/8 of a power
-        # of two so that nearby footprints share one measurement. At least 64 KiB.
-        key = max(1 << 16, int(2 ** (round(8 * math.log2(max(nbytes, 1))) / 8)))
-        if key not in cache:
-            prev_t = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            try:
-                src = torch.ones(key // 8)
-                dst = torch.empty_like(src)
-                cache[key] = _best_rate(float(2 * src.numel() * 4), lambda: dst.copy_(src), budget_s)
-            finally:
-                torch.set_num_threads(prev_t)
-            detail[f"copy bandwidth {key / 2**20:.3g} MiB"] = cache[key]  # reported: every footprint used
-        return cache[key]
-
-    detail["copy bandwidth DRAM"] = bandwidth(dram_bytes)
-    return Roof(threads, fp32, max(detail["ort int8 square 1024"], fp32), bandwidth, detail)
+    """GEMM rates and a copy-bandwidth function, measured once now at `threads`."""
+    return RoofMeter(threads, budget_s, dram_bytes).measure()
 
 
 # --- a plain loop over the bundle's graphs --------------------------------------------------------------
@@ -347,7 +377,8 @@ def compile_sampler(model: Any, steps: int, mode: str) -> Callable[..., Any]:
 @dataclass
 class Row:
     series: Series
-    floor: Floor | None = None
+    floor: Floor | None = None  # set after the rounds, from the best rates of the whole run
+    precision: str = "fp32"  # whose bundle's graph-level counts give the floor
     numerics: str = ""  # rel L2 vs the runtime FP32 chunk, or why there is no timing
     failed: str = ""  # set when the contender could not run: the table says so
 
@@ -384,7 +415,8 @@ def format_report(rows: list[tuple[str, int, int, list[Row], Roof]], machine: st
     lines += ["", f"goals (issue 17): {GOALS}",
               "floor: per graph max(FLOPs / GEMM rate, bytes / copy bandwidth at the graph's footprint), prefix + N "
               "steps, graph-level counts of `edge-vla profile` (eager and torch.compile recompute the time MLP per "
-              "step: same floor, more work). A lower bound, not a prediction."]
+              "step: same floor, more work). Rates: the best seen in this run (measured before and after each "
+              "case's rounds). A lower bound, not a prediction; absolute, so only meaningful on an idle machine."]
     return lines
 
 
@@ -411,7 +443,7 @@ def _rel_l2(ref: np.ndarray, got: np.ndarray) -> str:
     return f"{m.rel_l2:.1e}"
 
 
-_roofs: dict[int, Roof] = {}
+_meters: dict[int, RoofMeter] = {}
 
 
 @pytest.mark.parametrize(("name", "steps", "threads"), CASES, ids=[f"{n}-{k}steps-{t}thr" for n, k, t in CASES])
@@ -422,12 +454,14 @@ def test_peers(name: str, steps: int, threads: int, benchmark: Any, bench_models
     cfg = model.config
     torch.set_num_threads(threads)
     obs = observation(cfg)
-    precisions = ["fp32", "fp16", *bench_precisions(name)[1:]]
+    # fp32 always (the peers run its graphs); base full INT8 only where conftest's BENCH_BASE_INT8 allows it
+    precisions = ["fp32", *(p for p in PRECISIONS if p != "fp32" and (p == "fp16" or p in bench_precisions(name)))]
     bundles = {p: bench_exports(name, p).bundle for p in precisions}
-    if threads not in _roofs:
-        _roofs[threads] = measure_roof(threads)
-    roof = _roofs[threads]
-    floors = {p: chunk_floor(bundle_costs(_open(b)), steps, roof) for p, b in bundles.items()}
+    meter = _meters.setdefault(threads, RoofMeter(threads))
+    meter.measure()  # again after the rounds: the floor uses the best rates seen in the run
+    costs = {p: bundle_costs(_open(b)) for p, b in bundles.items()}
+    for c in costs.values():  # measure each footprint's bandwidth now, outside the timed rounds
+        meter.bandwidth(c["prefix"].bytes), meter.bandwidth(c["denoise_step"].bytes)
 
     # Numerics: every contender's chunk for the noise a Policy seeded with SEED draws first.
     policies = {p: Policy.load(b, steps=steps, threads=threads, seed=SEED) for p, b in bundles.items()}
@@ -439,15 +473,15 @@ def test_peers(name: str, steps: int, threads: int, benchmark: Any, bench_models
     rows: list[Row] = []
     runners: list[Callable[[], None]] = []
 
-    def add(label: str, fn: Callable[[], Any], floor: Floor, numerics: str) -> None:
-        row = Row(Series(label), floor, numerics)
+    def add(label: str, fn: Callable[[], Any], precision: str, numerics: str) -> None:
+        row = Row(Series(label), numerics=numerics, precision=precision)
         rows.append(row)
         runners.append(lambda: _timed_block(row.series, fn, BLOCK[name]))
 
     eager_out = eager_chunk(model, obs, noise_t, steps)[0]
     m = Metrics.of(fp32, eager_out)
     assert m.within("fp32"), f"eager torch vs runtime fp32: rel L2 {m.rel_l2:.1e}; the bundle does not match its model"
-    add("eager torch fp32 (prefix cached)", lambda: eager_chunk(model, obs, noise_t, steps), floors["fp32"],
+    add("eager torch fp32 (prefix cached)", lambda: eager_chunk(model, obs, noise_t, steps), "fp32",
         _rel_l2(fp32, eager_out))
 
     compile_label = f"torch.compile ({COMPILE_MODE})"
@@ -469,7 +503,7 @@ def test_peers(name: str, steps: int, threads: int, benchmark: Any, bench_models
                 with torch.inference_mode():
                     return fn(*observation_tensors(obs, cfg), noise_t)[0].numpy()
 
-            add(f"{compile_label}, compile {compile_s:.0f} s", run_compiled, floors["fp32"], note)
+            add(f"{compile_label}, compile {compile_s:.0f} s", run_compiled, "fp32", note)
         except Exception as exc:  # a peer that cannot compile is a finding, not a crash
             rows.append(Row(Series(compile_label), failed=f"FAILED: {_one_line(exc)}"))
 
@@ -477,7 +511,7 @@ def test_peers(name: str, steps: int, threads: int, benchmark: Any, bench_models
     got = plain.chunk(obs, noise)
     np.testing.assert_allclose(got, fp32, rtol=1e-5, atol=1e-5, err_msg="plain onnxruntime loop != runtime fp32")
     add("onnxruntime plain loop, default SessionOptions (fp32 graphs)", lambda: plain.chunk(obs, noise),
-        floors["fp32"], _rel_l2(fp32, got))
+        "fp32", _rel_l2(fp32, got))
 
     try:
         importlib.import_module("openvino")
@@ -491,15 +525,15 @@ def test_peers(name: str, steps: int, threads: int, benchmark: Any, bench_models
         m = Metrics.of(fp32, got)
         note = f"{m.rel_l2:.1e}" + ("" if m.within("fp16") else " (outside the FP16 export gate)")
         add(f"OpenVINO CPU default config (inference precision {default}; fp32 graphs)",
-            lambda: ov_default.chunk(obs, noise), floors["fp32"], note)
+            lambda: ov_default.chunk(obs, noise), "fp32", note)
         ov_f32 = PlainLoop(bundles["fp32"], steps, lambda p: openvino_runner(p, threads, "f32"))
         got = ov_f32.chunk(obs, noise)
         np.testing.assert_allclose(got, fp32, rtol=1e-4, atol=1e-4, err_msg="OpenVINO f32 loop != runtime fp32")
         add("OpenVINO CPU, INFERENCE_PRECISION_HINT=f32 (fp32 graphs)", lambda: ov_f32.chunk(obs, noise),
-            floors["fp32"], _rel_l2(fp32, got))
+            "fp32", _rel_l2(fp32, got))
 
     for p, pol in policies.items():
-        add(f"edge-vla runtime {p}", lambda pol=pol: pol.infer(obs), floors[p], _rel_l2(fp32, ref[p]))
+        add(f"edge-vla runtime {p}", lambda pol=pol: pol.infer(obs), p, _rel_l2(fp32, ref[p]))
 
     rnd = [0]
 
@@ -514,6 +548,9 @@ def test_peers(name: str, steps: int, threads: int, benchmark: Any, bench_models
     for r in rows:
         r.series.total.clear()
     benchmark.pedantic(one_round, rounds=ROUNDS[name], iterations=1)
+    roof = meter.measure()
+    for r in rows:
+        r.floor = chunk_floor(costs[r.precision], steps, roof)
     peer_report.append((name, steps, threads, rows, roof))
     for pol in policies.values():
         pol.close()
