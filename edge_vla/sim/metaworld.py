@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import time
+import warnings
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -217,6 +218,8 @@ def _modules() -> tuple[Any, Any, Any]:
     # Headless: MuJoCo renders through EGL (Mesa's CPU renderer where there is no GPU); MUJOCO_GL=osmesa
     # (apt-get install libosmesa6) also works. Must be set before mujoco is first imported.
     os.environ.setdefault("MUJOCO_GL", "egl")
+    # The experts' gains exceed the action range by design and the env clips; we clip too, so not worth a warning.
+    warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high", category=UserWarning)
     return require("metaworld"), require("mujoco"), require("metaworld.policies")
 
 
@@ -286,8 +289,8 @@ class MetaWorldEnv:
             return self._mujoco.Renderer(self.env.model, self.image_size, self.image_size)
         except Exception as exc:  # GL setup fails in many ways (no libEGL, no display, wrong MUJOCO_GL)
             raise EdgeVlaError(f"MuJoCo cannot render (MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}: {exc}); on a headless "
-                               "machine use MUJOCO_GL=egl (Mesa's libEGL) or MUJOCO_GL=osmesa (apt-get install "
-                               "libosmesa6)") from exc
+                               "machine set MUJOCO_GL=egl (Mesa's libEGL) or MUJOCO_GL=osmesa (apt-get install "
+                               "libosmesa6) before anything imports mujoco") from exc
 
     def step(self, action: np.ndarray) -> tuple[bool, bool]:
         """One env step (no rendering). Returns (success so far, done)."""
