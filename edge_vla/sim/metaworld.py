@@ -327,7 +327,11 @@ def generate(spec: MetaWorldSpec | str, seeds: range, image_size: int = 64, num_
     `frame_every` renders and records every n-th step only (calibration sets need few frames)."""
     spec = MetaWorldSpec.parse(spec) if isinstance(spec, str) else spec
     cams = spec.camera_names(num_cameras)
-    images, instr, states, actions, episodes = [], [], [], [], []
+    images: list[np.ndarray] = []
+    states: list[np.ndarray] = []
+    actions: list[np.ndarray] = []
+    instr: list[str] = []
+    episodes: list[int] = []
     failed: dict[str, int] = {}
     for ti, task in enumerate(spec.tasks):
         t0, before = time.perf_counter(), len(states)
