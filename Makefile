@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q "$(TORCH_PIN)"
-	$(VPY) -m pip install -q -e ".[export,pi0-export,dev]"
+	$(VPY) -m pip install -q -e ".[export,pi0-export,dev,metaworld]"
 	touch $(STAMP)
 
 venv: $(STAMP)

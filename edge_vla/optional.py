@@ -25,6 +25,9 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     "matplotlib": ("plot", "latency plots"),
     "websockets": ("serve", "the openpi-protocol policy server (edge-vla serve)"),
     "msgpack": ("serve", "the openpi-protocol policy server (edge-vla serve)"),
+    "metaworld": ("metaworld", "the MetaWorld benchmark (--env metaworld:TASKS)"),
+    "mujoco": ("metaworld", "rendering MetaWorld cameras (--env metaworld:TASKS)"),
+    "gymnasium": ("metaworld", "the MetaWorld benchmark (--env metaworld:TASKS)"),
 }
 
 

@@ -11,6 +11,7 @@ from edge_vla.config import PRESETS, preset
 from edge_vla.sim import dataset
 
 from .distill import DistillConfig, ObsPool, distill
+from .envs import dataset_env, student_config
 from .lerobot.hooks import distill_data, is_lerobot_source
 from .teacher import load_teacher
 
@@ -64,6 +65,13 @@ def main(args: argparse.Namespace) -> int:
         return 2
     else:
         ds = dataset.load(data_path)
+        if dataset_env(ds.meta) is not None:
+            student_cfg = student_config(student_cfg, teacher.model.config, ds.meta)
+            data_meta = ds.meta  # the student's bundle then declares MetaWorld's action space and cameras
+            if args.dagger_rounds > 0:
+                print(f"{dataset_env(ds.meta)}: DAgger rolls out in the sim only, so the teacher labels the dataset's "
+                      "observations (--dagger-rounds 0)")
+                args.dagger_rounds = 0
     pool = ObsPool.from_dataset(ds, args.max_obs, args.seed)
     init = None
     if args.student_init:

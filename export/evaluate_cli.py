@@ -4,6 +4,8 @@ Several targets run on the same episode seeds and the same noise per episode, an
 with the first pair by pair (`paired_difference`): that is how the compression table is made.
 `TARGET@N` evaluates a checkpoint or bundle with N ODE steps. With --data lerobot:PATH, an open-loop
 action-error check on a recorded dataset's held-out episodes instead (for robots without a simulator).
+With --env metaworld:TASKS (the default for a model trained on MetaWorld), every contender runs --episodes
+held-out episodes per task, reported per task and per difficulty group beside the published anchors.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edge_vla.atomic import atomic_write
-from edge_vla.errors import EdgeVlaError
+from edge_vla.errors import ConfigError, EdgeVlaError
+from edge_vla.sim.cli import ENV_HELP
 from edge_vla.sim.evaluate import (
     EVAL_SEED_BASE,
     ChunkPolicy,
@@ -25,13 +29,18 @@ from edge_vla.sim.evaluate import (
     paired_difference,
     random_policy,
 )
+from edge_vla.sim.metaworld import is_metaworld
+
+from .envs import resolve_env
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("targets", nargs="+", metavar="TARGET",
                         help="checkpoint dir, bundle dir, expert or random; TARGET@N runs N ODE steps. "
                              "With several, each is compared with the first on the same episodes and noise")
-    parser.add_argument("--episodes", type=int, default=100, help="held-out seeded episodes")
+    parser.add_argument("--episodes", type=int, default=100, help="held-out seeded episodes (MetaWorld: per task)")
+    parser.add_argument("--env", default=None, help=ENV_HELP + "; default: the environment the first model target "
+                        "was trained in")
     parser.add_argument("--seed-base", type=int, default=EVAL_SEED_BASE, help="first episode seed")
     parser.add_argument("--steps", type=int, default=None, help="ODE steps (default: the model's)")
     parser.add_argument("--solver", choices=["euler", "heun", "midpoint"], default="euler")
@@ -53,12 +62,26 @@ class Contender:
     reseed: Reseed | None
     image_size: int = 64
     num_cameras: int = 1
+    dims: tuple[int, int] | None = None  # (state, action) dims of a model
 
     def run(self, episodes: int, seed_base: int, target_shift: int = 0) -> EvalResult:
         if self.name == "expert":
             return evaluate_expert(episodes, seed_base, target_shift=target_shift)
         return evaluate(self.act, episodes, seed_base, image_size=self.image_size, num_cameras=self.num_cameras,
                         name=self.name, target_shift=target_shift, reseed=self.reseed)
+
+    def run_metaworld(self, env: str, episodes: int, seed_base: int) -> Any:
+        from edge_vla.sim import metaworld
+
+        if self.name == "expert":
+            return metaworld.evaluate_expert(env, episodes, seed_base)
+        act = metaworld.random_policy() if self.name == "random" else self.act
+        if self.dims is not None and self.dims != (4, 4):
+            raise ConfigError(f"{self.name} takes a {self.dims[0]}-D state and returns {self.dims[1]}-D actions; "
+                              f"MetaWorld's are 4-D (train on `edge-vla make-data --env {env}` data), or evaluate it "
+                              "with --env sim")
+        return metaworld.evaluate(act, env, episodes, seed_base, self.image_size, self.num_cameras, name=self.name,
+                                  reseed=self.reseed)
 
 
 def load_contender(spec: str, steps: int | None, solver: str) -> Contender:
@@ -79,7 +102,8 @@ def load_contender(spec: str, steps: int | None, solver: str) -> Contender:
         policy = Policy.load(path, steps=steps, solver=solver)
         cfg = policy.config
         return Contender(f"bundle {target} ({policy.precision}, {policy.steps} steps)",
-                         lambda obs: policy.infer(obs).actions, policy.reset, cfg.image_size, cfg.num_cameras)
+                         lambda obs: policy.infer(obs).actions, policy.reset, cfg.image_size, cfg.num_cameras,
+                         (cfg.state_dim, cfg.action_dim))
     if not path.exists():
         raise EdgeVlaError(f"{target} does not exist; pass a checkpoint dir, a bundle dir, expert or random")
     from .checkpoint import load_checkpoint
@@ -89,13 +113,18 @@ def load_contender(spec: str, steps: int | None, solver: str) -> Contender:
     torch_policy = TorchPolicy(model, steps=steps, solver=solver)
     cfg = model.config
     return Contender(f"checkpoint {target} ({torch_policy.steps} steps)", torch_policy, torch_policy.reset,
-                     cfg.image_size, cfg.num_cameras)
+                     cfg.image_size, cfg.num_cameras, (cfg.state_dim, cfg.action_dim))
 
 
 def main(args: argparse.Namespace) -> int:
     if args.data is not None:
         return _open_loop(args)
+    env = resolve_env(args.env, args.targets)
+    if env != "sim" and not is_metaworld(env):
+        raise ConfigError(f"--env {env!r}: use {ENV_HELP}")
     contenders = [load_contender(t, args.steps, args.solver) for t in args.targets]
+    if is_metaworld(env):
+        return _metaworld(args, env, contenders)
     rows: list[dict] = []
     base: list[EvalResult] = []
     swapped: list[EvalResult] = []
@@ -118,6 +147,32 @@ def main(args: argparse.Namespace) -> int:
             pairs.append(diff.as_dict() | {"swapped_instruction": bool(label)})
     if args.json_out:
         doc = {"episodes": args.episodes, "seed_base": args.seed_base, "contenders": rows, "paired": pairs}
+        with atomic_write(Path(args.json_out), "w") as f:
+            f.write(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+def _metaworld(args: argparse.Namespace, env: str, contenders: list[Contender]) -> int:
+    from edge_vla.sim import metaworld
+
+    if args.sensitivity:
+        raise ConfigError("--sensitivity swaps the sim's block colour; MetaWorld has one instruction per task")
+    results = []
+    for c in contenders:
+        result = c.run_metaworld(env, args.episodes, args.seed_base)
+        results.append(result)
+        print(metaworld.summary(result))
+    print()
+    print(metaworld.table(results, env))
+    pairs = []
+    for other in results[1:]:
+        diff = paired_difference(other.overall, results[0].overall)
+        print(f"paired: {diff}")
+        pairs.append(diff.as_dict())
+    if args.json_out:
+        doc = {"env": env, "episodes_per_task": args.episodes, "seed_base": args.seed_base,
+               "contenders": [r.as_dict() for r in results], "paired": pairs,
+               "anchors": metaworld.ANCHORS, "table": metaworld.table(results, env)}
         with atomic_write(Path(args.json_out), "w") as f:
             f.write(json.dumps(doc, indent=2) + "\n")
     return 0

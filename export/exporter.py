@@ -28,6 +28,7 @@ from edge_vla.tokenizer import EOS_ID, PAD_ID, VOCAB_SIZE
 from . import calibration, numerics, quantize, trt_lint
 from .checkpoint import WEIGHTS, load_checkpoint
 from .engines import build_script
+from .envs import export_options
 from .lerobot.hooks import is_lerobot_source
 from .model import VLA, count_parameters
 from .onnx_graphs import GRAPH_ROLES, OPSET, TIME_INPUT, StepTime, export_graphs, io_specs, with_roles
@@ -62,6 +63,11 @@ class ExportOptions:
     # (measured one run, shared 2-core box, 1 thread, 10-step loop: 1.14x faster on tiny, 1.18x on base).
     time_input: str = "table"
     table_steps: tuple[int, ...] | None = None
+    # The manifest's `cameras` entries (default: main, wrist, cam2, ...); MetaWorld checkpoints name theirs.
+    cameras: tuple[dict[str, Any], ...] | None = None
+    # Where the numerics check's fresh observations come from: None = the sim (or the --calib LeRobot dataset),
+    # or an environment such as metaworld:reach-v3 (filled in from a MetaWorld checkpoint's dataset).
+    observations: str | None = None
 
 
 @dataclass
@@ -85,6 +91,7 @@ def export_model(model: VLA, out: str | Path, opts: ExportOptions, source_hash: 
         raise EdgeVlaError(f"unknown precision {opts.precision!r}; choose one of {PRECISIONS}")
     t0 = time.perf_counter()
     meta = meta or {}
+    opts = export_options(opts, meta)
     if opts.steps:
         model.config = dataclasses.replace(model.config, num_steps=opts.steps).validate()
     if opts.time_input not in TIME_INPUT:
@@ -98,7 +105,8 @@ def export_model(model: VLA, out: str | Path, opts: ExportOptions, source_hash: 
         tables = _write_time_tables(model, work, opts)
         manifest = _manifest(model, graphs, opts, calib_desc, source_hash, source, meta, tables)
         contract = Contract.from_manifest(manifest, work)
-        recorded = opts.calib if is_lerobot_source(opts.calib) else None  # real frames, not the sim, for such models
+        # Real frames (or the model's own environment), not the sim, for models trained on them.
+        recorded = opts.observations or (opts.calib if is_lerobot_source(opts.calib) else None)
         numerics_obs = calibration.load_observations(cfg, recorded, opts.numerics_count, seed=NUMERICS_SEED)
         report = numerics.check(model, opts.precision, contract, graphs, numerics_obs)
         log.info("numerics %s", report.summary())
@@ -199,8 +207,9 @@ def _manifest(model: VLA, graphs: dict[str, Path], opts: ExportOptions, calib: d
         "action_space": space.to_dict(),
         "control": {"action_period_s": space.action_period_s, "chunk_len": cfg.chunk_len,
                     "execute_horizon": max(1, cfg.chunk_len // 2), "default_rate_hz": 50},
-        "cameras": [{"name": ["main", "wrist"][i] if i < 2 else f"cam{i}", "image_size": cfg.image_size}
-                    for i in range(cfg.num_cameras)],
+        "cameras": list(opts.cameras) if opts.cameras else
+        [{"name": ["main", "wrist"][i] if i < 2 else f"cam{i}", "image_size": cfg.image_size}
+         for i in range(cfg.num_cameras)],
         "sampler": {
             "flow": "x_t = (1 - t) * noise + t * action; integrate t from 0 to 1 with x <- x + dt * v",
             "time": {"start": REFERENCE_FLOW.start, "end": REFERENCE_FLOW.end},

@@ -1,4 +1,4 @@
-"""`edge-vla train`: flow-matching behaviour cloning of a preset on sim demonstrations."""
+"""`edge-vla train`: flow-matching behaviour cloning of a preset on sim (or MetaWorld) demonstrations."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ from typing import Any
 from edge_vla.config import PRESETS, VLAConfig, preset
 from edge_vla.errors import ConfigError
 from edge_vla.sim import dataset
+from edge_vla.sim.cli import ENV_HELP
+from edge_vla.sim.metaworld import is_metaworld
 
+from .envs import training_config
 from .lerobot.hooks import is_lerobot_source, training_data
 from .train import TrainConfig, train
 
@@ -20,9 +23,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one model-config field of the preset, e.g. --set vision=conv --set keypoints=8 "
                         "(repeatable; fields as in edge_vla/config.py VLAConfig)")
-    parser.add_argument("--data", default="runs/data/reach.npz",
-                        help="dataset from `edge-vla make-data` (made if missing), or lerobot:PATH (a LeRobot v3.0/v2.1 "
-                        "dataset; see docs/LEROBOT.md)")
+    parser.add_argument("--data", default=None,
+                        help="dataset from `edge-vla make-data` (made if missing; default runs/data/reach.npz, with a "
+                        "MetaWorld --env runs/data/metaworld.npz), or lerobot:PATH (a LeRobot v3.0/v2.1 dataset; see "
+                        "docs/LEROBOT.md). A MetaWorld dataset sets the model's state, action and camera counts")
+    parser.add_argument("--env", default="sim", help="the environment to generate --data from when it is missing: "
+                        + ENV_HELP)
     parser.add_argument("-o", "--output", default=None, help="checkpoint directory (default runs/<preset>)")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
@@ -31,7 +37,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     parser.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
-    parser.add_argument("--episodes", type=int, default=300, help="episodes to generate when --data is missing")
+    parser.add_argument("--episodes", type=int, default=300,
+                        help="episodes to generate when --data is missing (MetaWorld: per task)")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -57,14 +64,24 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def main(args: argparse.Namespace) -> int:
     cfg = preset(args.preset, **parse_overrides(args.set))
-    data_path = Path(args.data)
-    if is_lerobot_source(args.data):
-        cfg, ds = training_data(args.data, cfg)
+    mw = is_metaworld(args.env)
+    data = args.data or ("runs/data/metaworld.npz" if mw else "runs/data/reach.npz")
+    data_path = Path(data)
+    if is_lerobot_source(data):
+        cfg, ds = training_data(data, cfg)
     else:
         if not data_path.exists():
-            print(f"{data_path} not found: generating {args.episodes} expert episodes")
-            dataset.save(dataset.generate(range(args.episodes), cfg.image_size, cfg.num_cameras), data_path)
+            print(f"{data_path} not found: generating {args.episodes} expert episodes"
+                  + (f" per task of {args.env}" if mw else ""))
+            if mw:
+                from edge_vla.sim import metaworld
+
+                made = metaworld.generate(args.env, range(args.episodes), cfg.image_size, cfg.num_cameras)
+            else:
+                made = dataset.generate(range(args.episodes), cfg.image_size, cfg.num_cameras)
+            dataset.save(made, data_path)
         ds = dataset.load(data_path)
+        cfg = training_config(cfg, ds)
     out = Path(args.output or f"runs/{args.preset}")
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                      threads=args.threads, checkpoint_every=args.checkpoint_every)

@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from edge_vla.action_space import require_executable
 from edge_vla.errors import ConfigError
 from edge_vla.onboard.cameras import open_camera
-from edge_vla.onboard.control import ControlConfig
+from edge_vla.onboard.control import EXECUTABLE_ACTION_KINDS, EXECUTES_BECAUSE, ControlConfig
 from edge_vla.onboard.drill import EMULATOR_LIMITS, SceneHolder, load_source, prioritize_emulator
 from edge_vla.onboard.operator import check_bench_mode, default_socket_path
 from edge_vla.onboard.rt import RealtimeConfig
@@ -123,6 +124,9 @@ def main(args: argparse.Namespace) -> int:
     holder = SceneHolder()
     source, space, size, cams = load_source(args.bundle, holder, backend=args.backend, steps=args.steps,
                                             expert_delay_s=0.0)
+    # Before anything moves or starts: a policy whose actions this robot cannot execute is refused here.
+    require_executable(space, EXECUTABLE_ACTION_KINDS, f"bundle {args.bundle}", "this robot configuration",
+                       EXECUTES_BECAUSE)
     if args.camera == "sim":
         from edge_vla.sim.env import ReachEnv
 

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from edge_vla.action_space import ActionSpace
+from edge_vla.action_space import ActionSpace, require_executable
 from edge_vla.onboard import shared as sh
 from edge_vla.onboard.errors import StartupError
 from edge_vla.onboard.following import TrackingCheck, TrackingLimits
@@ -78,6 +78,11 @@ class LinkLike(Protocol):
     def connected(self) -> bool: ...
 
 
+# The link carries joint-position setpoints (firmware_bridge SETPOINT), so the loop executes one action kind.
+EXECUTABLE_ACTION_KINDS = ("absolute_joint_position",)
+EXECUTES_BECAUSE = "edge-vla run streams joint-position setpoints to the motor controller"
+
+
 @dataclass(frozen=True)
 class ControlConfig:
     link_url: str
@@ -106,6 +111,10 @@ class ControlConfig:
     spin_s: float = 0.0002
     telemetry_every: int = 1  # write every n-th cycle record
     link_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        require_executable(self.action_space, EXECUTABLE_ACTION_KINDS, "the action space", "the control loop",
+                           EXECUTES_BECAUSE)
 
 
 class ControlLoop:

@@ -1,16 +1,22 @@
-"""`edge-vla make-data`: write expert demonstrations from the sim."""
+"""`edge-vla make-data`: write expert demonstrations from the sim (or MetaWorld with --env metaworld:TASKS)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
+from edge_vla.errors import ConfigError
 from edge_vla.sim import dataset
+from edge_vla.sim.metaworld import is_metaworld
+
+ENV_HELP = ("sim (default: the project's reaching task) or metaworld:TASKS[?cameras=A,B&horizon=N], e.g. "
+            "metaworld:reach-v3,push-v3 or metaworld:mt10 (pip install 'edge-vla[metaworld]')")
 
 log = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--env", default="sim", help=ENV_HELP)
     parser.add_argument("-o", "--output", default=None,
                         help="output .npz file, or directory with --format lerobot (default runs/data/reach.npz / "
                         "runs/data/reach_lerobot)")
@@ -19,14 +25,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lerobot-version", choices=["v3.0", "v2.1"], default="v3.0")
     parser.add_argument("--video-codec", choices=["h264-lossless", "h264", "av1"], default="h264-lossless",
                         help="with --format lerobot: how camera frames are encoded")
-    parser.add_argument("--episodes", type=int, default=300, help="number of expert episodes")
+    parser.add_argument("--episodes", type=int, default=300, help="number of expert episodes (MetaWorld: per task)")
     parser.add_argument("--seed", type=int, default=0, help="first episode seed (held-out eval seeds start at 1e6)")
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--cameras", type=int, default=1)
-    parser.add_argument("--noise", type=float, default=0.15, help="std of the executed-action perturbation (rad)")
+    parser.add_argument("--cameras", type=int, default=1,
+                        help="cameras per frame (MetaWorld: corner2, gripperPOV, ... unless the env names them)")
+    parser.add_argument("--noise", type=float, default=None,
+                        help="std of the executed-action perturbation (sim: rad, default 0.15; MetaWorld: action "
+                        "units on the xyz deltas, default 0.1)")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.env != "sim":
+        return _metaworld(args)
+    args.noise = 0.15 if args.noise is None else args.noise
     ds = dataset.generate(
         range(args.seed, args.seed + args.episodes), args.image_size, args.cameras, noise=args.noise
     )
@@ -43,4 +55,21 @@ def main(args: argparse.Namespace) -> int:
         return 0
     path = dataset.save(ds, args.output or "runs/data/reach.npz")
     print(f"wrote {len(ds)} samples from {args.episodes} episodes to {path}")
+    return 0
+
+
+def _metaworld(args: argparse.Namespace) -> int:
+    if not is_metaworld(args.env):
+        raise ConfigError(f"--env {args.env!r}: use {ENV_HELP}")
+    if args.format != "npz":
+        raise ConfigError("MetaWorld demonstrations are written as .npz (--format npz)")
+    from edge_vla.sim import metaworld
+
+    spec = metaworld.MetaWorldSpec.parse(args.env)
+    ds = metaworld.generate(spec, range(args.seed, args.seed + args.episodes), args.image_size, args.cameras,
+                            noise=0.1 if args.noise is None else args.noise)
+    path = dataset.save(ds, args.output or "runs/data/metaworld.npz")
+    failed = sum(ds.meta["expert_failures"].values())
+    print(f"wrote {len(ds)} samples from {args.episodes} episodes x {len(spec.tasks)} task(s) of {ds.meta['env']} "
+          f"to {path} ({failed} episode(s) the expert failed were dropped)")
     return 0

@@ -1,7 +1,7 @@
 """The robot description a π0 checkpoint does not hold (`--sidecar robot.json`, documented in docs/PI0.md).
 
 {
-  "action": {"names": ["shoulder", ...], "units": "rad", "kind": "absolute_joint_position",
+  "action": {"names": ["shoulder", ...], "units": "rad", "kind": "absolute_joint_position",  # roles: optional
              "lower": [...], "upper": [...], "max_velocity": [...], "max_acceleration": [...]},
   "state_names": ["shoulder", ...],          # optional; its length must match the state statistics
   "cameras": ["base", "wrist"],              # optional camera names, in the order the policy takes them
@@ -22,10 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_vla.action_space import ActionSpace
+from edge_vla.action_space import ACTION_KINDS, ActionSpace
 from edge_vla.errors import ConfigError
-
-ACTION_KINDS = ("absolute_joint_position", "delta_joint_position", "absolute_ee_pose", "delta_ee_pose", "other")
 
 
 @dataclass
@@ -72,7 +70,10 @@ def parse_sidecar(data: Any, source: str = "sidecar") -> RobotSidecar:
     d = len(names)
     kind = act.get("kind", "absolute_joint_position")
     if kind not in ACTION_KINDS:
-        raise ConfigError(f"{source}: action.kind {kind!r} is not one of {ACTION_KINDS}")
+        raise ConfigError(f"{source}: action.kind {kind!r} is not one of {list(ACTION_KINDS)}")
+    roles = act.get("roles")
+    if roles is not None and (not isinstance(roles, list) or len(roles) != d):
+        raise ConfigError(f"{source}: action.roles must list {d} roles (joint, ee or gripper; one per action name)")
     period = (data.get("control") or {}).get("action_period_s", 0.02)
 
     def vec(key: str, default: float) -> list[float]:
@@ -84,7 +85,8 @@ def parse_sidecar(data: Any, source: str = "sidecar") -> RobotSidecar:
     try:
         space = ActionSpace(tuple(names), str(act.get("units", "rad")), np.asarray(vec("lower", -np.pi), np.float32),
                             np.asarray(vec("upper", np.pi), np.float32), np.asarray(vec("max_velocity", 2.0), np.float32),
-                            np.asarray(vec("max_acceleration", 20.0), np.float32), float(period)).validate()
+                            np.asarray(vec("max_acceleration", 20.0), np.float32), float(period), kind,
+                            tuple(str(r) for r in roles) if roles is not None else None).validate()
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
     stats: dict[str, tuple[list[float], list[float]]] = {}

@@ -1,0 +1,94 @@
+"""What the workstation commands do differently for a MetaWorld dataset, checkpoint or bundle (kept here so the
+CLIs change by a line). The sim (the default) passes through every function unchanged.
+
+A MetaWorld dataset's meta records its environment (`env`, e.g. `metaworld:mt10?cameras=corner2,gripperPOV`)
+and action space; training copies the dataset meta into the checkpoint, export into the bundle's provenance,
+so every later command finds the environment without being told.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_vla.action_space import ActionSpace
+from edge_vla.config import VLAConfig
+from edge_vla.errors import ConfigError
+from edge_vla.sim.dataset import Dataset
+from edge_vla.sim.metaworld import MetaWorldSpec, camera_entries, is_metaworld
+
+
+def dataset_env(meta: dict[str, Any] | None) -> str | None:
+    """The environment a dataset meta came from: a `metaworld:...` spec, or None for the sim (and recorded data)."""
+    if isinstance(meta, dict) and meta.get("task") == "metaworld" and is_metaworld(meta.get("env")):
+        return str(meta["env"])
+    return None
+
+
+def training_config(cfg: VLAConfig, ds: Dataset) -> VLAConfig:
+    """MetaWorld data fixes the model's state, action and camera counts (4, 4 and the dataset's cameras), and
+    the text budget grows to its longest instruction (byte tokens plus the end mark)."""
+    if dataset_env(ds.meta) is None:
+        return cfg
+    longest = max(len(str(s).encode()) for s in np.unique(ds.instructions))
+    return dataclasses.replace(cfg, state_dim=int(ds.states.shape[1]), action_dim=int(ds.actions.shape[-1]),
+                               num_cameras=int(ds.images.shape[1]),
+                               max_text_len=max(cfg.max_text_len, longest + 1)).validate()
+
+
+def student_config(student: VLAConfig, teacher: VLAConfig, data_meta: dict[str, Any] | None) -> VLAConfig:
+    """A student distilled on MetaWorld observations sees the teacher's cameras."""
+    if dataset_env(data_meta) is None:
+        return student
+    return dataclasses.replace(student, num_cameras=teacher.num_cameras,
+                               max_text_len=max(student.max_text_len, teacher.max_text_len)).validate()
+
+
+def export_options(opts: Any, meta: dict[str, Any]) -> Any:
+    """For a checkpoint trained or distilled on MetaWorld: the bundle declares MetaWorld's action space
+    (end-effector deltas and a gripper) and camera names, and INT8 calibration and the numerics check draw
+    fresh MetaWorld observations (calibration seeds) unless --calib names a dataset."""
+    env = dataset_env(meta.get("dataset"))
+    if env is None:
+        return opts
+    data = meta["dataset"]
+    spec = MetaWorldSpec.parse(env)
+    cams = spec.cameras or spec.camera_names(int(data.get("num_cameras", 1)))
+    return dataclasses.replace(
+        opts,
+        action_space=opts.action_space or ActionSpace.from_dict(data["action_space"]),
+        cameras=opts.cameras or tuple(camera_entries(cams, int(data.get("image_size", 64)))),
+        calib=opts.calib or env,
+        observations=opts.observations or env,
+    )
+
+
+def target_env(target: str) -> str | None:
+    """The environment a checkpoint or bundle directory was trained in (None: the sim, or not a model)."""
+    path = Path(target.partition("@")[0])
+    meta: Any = None
+    try:
+        if (path / "manifest.json").is_file():
+            meta = (json.loads((path / "manifest.json").read_text()).get("provenance") or {}).get("dataset")
+        elif (path / "config.json").is_file():
+            from .checkpoint import read_config
+
+            meta = read_config(path)[1].get("dataset")
+    except (OSError, ValueError, ConfigError):
+        return None
+    return dataset_env(meta)
+
+
+def resolve_env(env: str | None, targets: list[str]) -> str:
+    """--env as given, else the environment the first model target was trained in, else the sim."""
+    if env is not None:
+        return env
+    for t in targets:
+        found = target_env(t)
+        if found is not None:
+            return found
+    return "sim"
