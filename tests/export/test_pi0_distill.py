@@ -111,7 +111,7 @@ def test_a_checkpoint_with_live_padded_dims_gives_chunks_only(tmp_path, sim_data
     assert out.shape == (2, 8, 2) and torch.isfinite(out).all()
 
 
-def test_distill_cli_with_a_pi0_teacher(sim_pi0, sim_data, tmp_path):
+def test_distill_and_compare_cli_with_a_pi0_teacher(sim_pi0, sim_data, tmp_path):
     rc = cli.main(["distill", "--teacher", str(sim_pi0), "--student-preset", "tiny", "-o", str(tmp_path / "student"),
                    "--data", str(sim_data), "--max-obs", "8", "--steps", "2", "--batch-size", "4",
                    "--dagger-episodes", "1", "--reflow-steps", "1", "--threads", "1", "--device", "cpu"])
@@ -121,6 +121,13 @@ def test_distill_cli_with_a_pi0_teacher(sim_pi0, sim_data, tmp_path):
     assert (student.config.chunk_len, student.config.action_dim) == (8, 2)
     assert meta["distill"]["teacher"] == "Pi0FlowTeacher" and meta["stage"] == "reflow"
     torch.testing.assert_close(student.action_std, teacher.action_std)  # the teacher's action space is kept
+    table = tmp_path / "table.md"
+    rc = cli.main(["compare", "--teacher", str(sim_pi0), "--student", str(tmp_path / "student_kd"), "--fast-student",
+                   str(tmp_path / "student"), "--episodes", "1", "--error-obs", "4", "-o", str(table)])
+    assert rc == 0
+    lines = table.read_text().splitlines()
+    assert lines[2].startswith("| teacher π0 sim (10 steps) |") and "| 1.000x |" in lines[2]
+    assert "reflow (1 step)" in table.read_text()
 
 
 def test_chunk_flops_count_prefix_steps_and_attention(sim_pi0, sim_data):
