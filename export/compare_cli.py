@@ -245,7 +245,7 @@ def main(args: argparse.Namespace) -> int:
     if isinstance(teacher, VLATeacher):
         first = row(f"teacher {teacher.model.config.preset} ({tsteps} steps)", teacher.model, tsteps, bundles["teacher"])
     else:
-        first = measure_pi0_teacher_row(f"teacher π0 {Path(args.teacher).name} ({tsteps} steps)", teacher,
+        first = measure_pi0_teacher_row(f"teacher π0 ({tsteps} steps)", teacher,
                                         args.episodes, one, bundles["teacher"], args.threads)
     rows = [first,
             row(f"student {p} ({cfg.num_steps} steps)", student, cfg.num_steps, bundles["student"]),

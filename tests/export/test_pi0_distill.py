@@ -126,7 +126,7 @@ def test_distill_and_compare_cli_with_a_pi0_teacher(sim_pi0, sim_data, tmp_path)
                    str(tmp_path / "student"), "--episodes", "1", "--error-obs", "4", "-o", str(table)])
     assert rc == 0
     lines = table.read_text().splitlines()
-    assert lines[2].startswith("| teacher π0 sim (10 steps) |") and "| 1.000x |" in lines[2]
+    assert lines[2].startswith("| teacher π0 (10 steps) |") and "| 1.000x |" in lines[2]
     assert "reflow (1 step)" in table.read_text()
 
 
