@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 .venv/bin/pytest benchmarks/bench_pi0_distill.py -s -p no:cacheprovider
 
 Random weights (cost does not depend on them). The teacher is `sim_pi0_config()` (export/pi0/train.py), or
-the PI0Config overrides in BENCH_PI0_CONFIG (a JSON file, as `edge-vla train --family pi0 --pi0-config`
-takes); the student is the tiny preset with the teacher's chunk (8). Prints, batch 1:
+BENCH_PI0_CONFIG: a size name (`wide`) or a JSON file of overrides, as `edge-vla train --family pi0
+--pi0-config` takes them; the student is the tiny preset with the teacher's chunk (8). Prints, batch 1:
 - parameters and FLOPs per chunk (matmul/conv, FlopCounterMode; eager attention for π0) of the teacher at
   10 steps and the student at 10, 2 and 1 steps, with ratios to the teacher;
 - median latency per chunk in PyTorch eager (π0: `sample_actions` with its preprocessing);
@@ -16,7 +16,6 @@ then the throughput that sizes a real run, at BENCH_THREADS (default 1) threads:
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -38,7 +37,7 @@ from edge_vla.export.pi0.teacher import Pi0FlowTeacher, Pi0Inputs, pi0_chunk_flo
 from edge_vla.export.pi0.train import (  # noqa: E402
     TrainData,
     init_checkpoint,
-    load_config_file,
+    resolve_config,
     sim_pi0_config,
     text_tokens_needed,
     train_step,
@@ -64,7 +63,7 @@ def _median_ms(fn, iters: int = 10, warmup: int = 2) -> float:
 @pytest.mark.slow
 def test_pi0_teacher_vs_tiny_student(tmp_path: Path) -> None:
     torch.set_num_threads(THREADS)
-    overrides = load_config_file(os.environ["BENCH_PI0_CONFIG"]) if os.environ.get("BENCH_PI0_CONFIG") else {}
+    overrides = resolve_config(os.environ.get("BENCH_PI0_CONFIG"))
     cfg = sim_pi0_config(**overrides)
     ds = dataset.generate(range(12))
     model = init_checkpoint(ds, tmp_path / "pi0", cfg)
@@ -75,7 +74,7 @@ def test_pi0_teacher_vs_tiny_student(tmp_path: Path) -> None:
     student = VLA(preset("tiny", chunk_len=teacher.chunk_len)).eval()
     inp = fake_inputs(student.config)
 
-    print(f"\nπ0 teacher {json.dumps(overrides) if overrides else 'sim_pi0_config()'}; batch 1, {THREADS} thread(s)")
+    print(f"\nπ0 teacher {os.environ.get('BENCH_PI0_CONFIG') or 'reduced'}; batch 1, {THREADS} thread(s)")
     t_flops = pi0_chunk_flops(teacher, one)
     t_ms = _median_ms(lambda: teacher.act(one, torch.zeros(1, teacher.chunk_len, teacher.action_dim)))
     print(f"{'model':<24}{'params':>9}{'MFLOP/chunk':>13}{'x teacher':>11}{'ms eager':>10}{'x teacher':>11}")

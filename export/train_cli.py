@@ -23,8 +23,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "PI0ForConditionalGeneration written as a π0 checkpoint directory (docs/PI0.md)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="edge-vla family only")
     parser.add_argument("--pi0-config", default=None,
-                        help="pi0 family: JSON of PI0Config keyword arguments merged over the reduced default "
-                        "(export/pi0/train.py sim_pi0_config)")
+                        help="pi0 family: a size (reduced: the default, ~2.3M parameters; wide: ~7.2M) or a JSON "
+                        "file of PI0Config keyword arguments merged over the reduced default (export/pi0/train.py)")
     parser.add_argument("--data", default="runs/data/reach.npz",
                         help="dataset from `edge-vla make-data` (made if missing), or lerobot:PATH (a LeRobot v3.0/v2.1 "
                         "dataset; see docs/LEROBOT.md; edge-vla family only)")
@@ -67,12 +67,12 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _train_pi0(args: argparse.Namespace, tc: TrainConfig) -> int:
-    from .pi0.train import load_config_file, train_pi0
+    from .pi0.train import resolve_config, train_pi0
 
     if is_lerobot_source(args.data):
         raise ConfigError("--family pi0 trains on sim datasets (`edge-vla make-data`); lerobot: data is not "
                           "supported for it yet")
-    overrides = load_config_file(args.pi0_config) if args.pi0_config else None
+    overrides = resolve_config(args.pi0_config)
     data_path = Path(args.data)
     if not data_path.exists():
         print(f"{data_path} not found: generating {args.episodes} expert episodes")

@@ -83,7 +83,28 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Named overrides of sim_pi0_config (`--pi0-config NAME`). "wide" costs about what the edge-vla "small"
+# teacher costs per chunk (~1.4 GFLOP, 7.2M parameters), for a teacher/student FLOP ratio like issue 8's.
+SIM_PI0_SIZES: dict[str, dict[str, Any]] = {
+    "reduced": {},
+    "wide": {"vlm_config": {"text_config": {"hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 8},
+                            "vision_config": {"hidden_size": 192, "intermediate_size": 768}, "projection_dim": 256},
+             "dit_config": {"hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 8}},
+}
+
+
+def resolve_config(spec: str | None) -> dict[str, Any]:
+    """`--pi0-config`: a name from SIM_PI0_SIZES or a JSON file of PI0Config overrides."""
+    if not spec:
+        return {}
+    if spec in SIM_PI0_SIZES:
+        return copy.deepcopy(SIM_PI0_SIZES[spec])
+    return load_config_file(spec)
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise ConfigError(f"--pi0-config {path}: neither a size ({', '.join(SIM_PI0_SIZES)}) nor a JSON file")
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -184,6 +184,18 @@ def test_train_cli_writes_a_checkpoint_that_exports_evaluates_and_resumes(tmp_pa
     assert "π0 checkpoint" in printed and "paired:" in printed
 
 
+def test_config_sizes_and_bad_config():
+    from edge_vla.errors import ConfigError
+    from edge_vla.export.pi0.train import resolve_config
+
+    wide = sim_pi0_config(**resolve_config("wide"))
+    assert wide["vlm_config"]["text_config"]["hidden_size"] == 256
+    assert wide["vlm_config"]["text_config"]["head_dim"] == wide["dit_config"]["head_dim"]  # the expert reads its K/V
+    assert resolve_config(None) == resolve_config("reduced") == {}
+    with pytest.raises(ConfigError, match="neither a size"):
+        resolve_config("huge")
+
+
 def test_pi0_family_refuses_recorded_data(tmp_path, capsys):
     assert cli.main(["train", "--family", "pi0", "--data", "lerobot:/nowhere", "-o", str(tmp_path / "x")]) == 1
     assert "sim datasets" in capsys.readouterr().err
