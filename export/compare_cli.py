@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,7 +29,10 @@ from edge_vla.sim.evaluate import EVAL_SEED_BASE, evaluate
 from .checkpoint import load_checkpoint
 from .distill import ObsPool, action_error
 from .model import VLA, count_parameters, fake_inputs
-from .teacher import ObsBatch, VLATeacher
+
+if TYPE_CHECKING:
+    from .pi0.teacher import Pi0Teacher
+from .teacher import ObsBatch, Teacher, VLATeacher, load_teacher
 from .torch_policy import TorchPolicy
 
 log = logging.getLogger(__name__)
@@ -90,7 +94,7 @@ def to_observation(ob: ObsBatch, i: int = 0) -> Observation:
     return Observation(images=images, instruction=ob.instructions[i], state=ob.state[i].numpy())
 
 
-def runtime_error(policy: object, teacher: VLATeacher, pool: ObsPool, seed: int = 0) -> float:
+def runtime_error(policy: object, teacher: Teacher, pool: ObsPool, seed: int = 0) -> float:
     """RMSE of a runtime Policy vs the teacher, same noise, same states (as distill.action_error)."""
     feed, saved = NoiseFeed(), policy.rng  # type: ignore[attr-defined]
     policy.rng = feed  # type: ignore[attr-defined]
@@ -108,7 +112,7 @@ def runtime_error(policy: object, teacher: VLATeacher, pool: ObsPool, seed: int 
     return (sq / max(n, 1)) ** 0.5
 
 
-def measure_row(name: str, model: VLA, steps: int, teacher: VLATeacher, pool: ObsPool, episodes: int,
+def measure_row(name: str, model: VLA, steps: int, teacher: Teacher, pool: ObsPool, episodes: int,
                 obs: Observation, bundle: Path | None = None, quality_via_bundle: bool = False,
                 threads: int = 1) -> Row:
     """FLOPs and parameters from the PyTorch model; latency through the runtime when a bundle is given;
@@ -137,10 +141,38 @@ def measure_row(name: str, model: VLA, steps: int, teacher: VLATeacher, pool: Ob
                (res.ci_low, res.ci_high), episodes)
 
 
+def measure_pi0_teacher_row(name: str, teacher: Pi0Teacher, episodes: int, obs: Observation,
+                            bundle: Path | None = None, threads: int = 1) -> Row:
+    """The π0 teacher's row: FLOPs and parameters from transformers' model, latency through the runtime when a
+    bundle is given (else `sample_actions` eager), success through its own sampler."""
+    from .pi0.teacher import Pi0TorchPolicy, pi0_chunk_flops
+
+    tp = Pi0TorchPolicy(teacher)
+    if bundle is not None:
+        from edge_vla.runtime.policy import Policy
+
+        policy = Policy.load(bundle, steps=teacher.num_steps, threads=threads)
+        lat, via = latency_ms(lambda: policy.infer(obs)), f"edge_vla runtime, onnxruntime CPU {policy.precision}"
+    else:
+        lat, via = latency_ms(lambda: tp(obs)), "transformers eager (sample_actions)"
+    res = evaluate(tp, episodes, num_cameras=teacher.num_cameras, name=name)
+    log.info("%s: %s, %.1f ms", name, res, lat)
+    flops = pi0_chunk_flops(teacher, ObsBatch.from_observations([obs], teacher.num_cameras))
+    return Row(name, count_parameters(teacher.model), flops, lat, via, 0.0, res.success_rate,
+               (res.ci_low, res.ci_high), episodes)
+
+
 def ensure_bundle(ckpt: str, out: Path, precision: str, calib: str | None) -> Path:
     """Export once; later runs reuse the bundle (delete it to re-export)."""
     if (out / "manifest.json").is_file():
         return out
+    from .pi0.checkpoint import is_pi0_checkpoint
+
+    if is_pi0_checkpoint(ckpt):
+        from .pi0.exporter import Pi0ExportOptions, export_pi0
+
+        return Path(export_pi0(ckpt, out, Pi0ExportOptions(precision=precision, calib=calib,
+                                                             overwrite=True)).bundle)
     from .exporter import ExportOptions, export_checkpoint
 
     opts = ExportOptions(precision=precision, calib=calib if precision == "int8" else None, overwrite=True)
@@ -167,7 +199,7 @@ def markdown(rows: list[Row], teacher_flops: int) -> str:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher", required=True, help="teacher checkpoint")
+    parser.add_argument("--teacher", required=True, help="teacher checkpoint (edge-vla, or a transformers π0 directory)")
     parser.add_argument("--student", required=True, help="knowledge-distilled student checkpoint (<output>_kd)")
     parser.add_argument("--fast-student", default=None, help="step-distilled student checkpoint (<output>)")
     parser.add_argument("--bundles", default=None,
@@ -185,11 +217,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    teacher_model, _ = load_checkpoint(args.teacher)
+    teacher = load_teacher(args.teacher)
     student, _ = load_checkpoint(args.student)
     fast = load_checkpoint(args.fast_student)[0] if args.fast_student else None
-    tsteps = teacher_model.config.num_steps
-    teacher = VLATeacher(teacher_model, steps=tsteps)
+    tsteps = teacher.num_steps
     cfg = student.config
     pool = heldout_pool(max(8, args.error_obs // 10), cfg.image_size, cfg.num_cameras, args.error_obs)
     first = dataset.generate(range(EVAL_SEED_BASE, EVAL_SEED_BASE + 1), cfg.image_size, cfg.num_cameras)
@@ -211,7 +242,12 @@ def main(args: argparse.Namespace) -> int:
         return measure_row(name, model, steps, teacher, pool, args.episodes, one, bundle, via_bundle, args.threads)
 
     p = cfg.preset
-    rows = [row(f"teacher {teacher_model.config.preset} ({tsteps} steps)", teacher_model, tsteps, bundles["teacher"]),
+    if isinstance(teacher, VLATeacher):
+        first = row(f"teacher {teacher.model.config.preset} ({tsteps} steps)", teacher.model, tsteps, bundles["teacher"])
+    else:
+        first = measure_pi0_teacher_row(f"teacher π0 ({tsteps} steps)", teacher,
+                                        args.episodes, one, bundles["teacher"], args.threads)
+    rows = [first,
             row(f"student {p} ({cfg.num_steps} steps)", student, cfg.num_steps, bundles["student"]),
             row(f"student {p}, no step distillation (1 step)", student, 1, bundles["student"])]
     if fast is not None:

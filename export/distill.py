@@ -439,8 +439,9 @@ def _distill(teacher: Teacher, student_config: VLAConfig, pool: ObsPool, cfg: Di
              data_meta: dict | None = None) -> DistillResult:
     t0 = time.perf_counter()
     student = new_student(student_config, cfg.seed, student_init).to(ctx.device)
-    if isinstance(teacher, VLATeacher):
-        teacher.model.to(ctx.device)
+    teacher_model = getattr(teacher, "model", None)  # VLATeacher and the π0 teacher hold a torch module
+    if isinstance(teacher_model, nn.Module):
+        teacher_model.to(ctx.device)
     d = Distiller(teacher, student, pool, cfg, ctx, progress)
     d.add_observations(d.pool, cfg.seed)
     objective = ctx.wrap(StudentObjective(student))

@@ -8,17 +8,19 @@ import os
 from pathlib import Path
 
 from edge_vla.config import PRESETS, preset
+from edge_vla.errors import ConfigError
 from edge_vla.sim import dataset
 
 from .distill import DistillConfig, ObsPool, distill
 from .envs import dataset_env, student_config
 from .lerobot.hooks import distill_data, is_lerobot_source
-from .teacher import load_teacher
+from .teacher import VLATeacher, load_teacher
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     d = DistillConfig()
-    parser.add_argument("--teacher", required=True, help="teacher checkpoint directory (from `edge-vla train`)")
+    parser.add_argument("--teacher", required=True, help="teacher checkpoint directory: from `edge-vla train` (either family), or any transformers "
+                        "π0 checkpoint directory")
     parser.add_argument("--teacher-steps", type=int, default=None, help="teacher ODE steps (default: its config's)")
     parser.add_argument("--student-preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--student-init", default=None, help="start the student from this checkpoint (same preset)")
@@ -50,9 +52,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     teacher = load_teacher(args.teacher, steps=args.teacher_steps)
     student_cfg = preset(args.student_preset, chunk_len=teacher.chunk_len, action_dim=teacher.action_dim,
-                         state_dim=teacher.model.config.state_dim)
+                         state_dim=teacher.state_dim)
     data_path = Path(args.data)
     data_meta = None
+    if is_lerobot_source(args.data) and not isinstance(teacher, VLATeacher):
+        raise ConfigError("distilling a π0 teacher on recorded (lerobot:) data is not supported yet; use a sim "
+                          "dataset (`edge-vla make-data`) or an edge-vla teacher checkpoint")
     if is_lerobot_source(args.data):
         if args.dagger_rounds > 0:
             print("recorded data: DAgger needs the simulator, so the teacher labels the recorded states only "

@@ -36,7 +36,8 @@ from .envs import resolve_env
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("targets", nargs="+", metavar="TARGET",
-                        help="checkpoint dir, bundle dir, expert or random; TARGET@N runs N ODE steps. "
+                        help="checkpoint dir (edge-vla or transformers π0), bundle dir, expert or random; TARGET@N runs N "
+                             "ODE steps. "
                              "With several, each is compared with the first on the same episodes and noise")
     parser.add_argument("--episodes", type=int, default=100, help="held-out seeded episodes (MetaWorld: per task)")
     parser.add_argument("--env", default=None, help=ENV_HELP + "; default: the environment the first model target "
@@ -101,11 +102,26 @@ def load_contender(spec: str, steps: int | None, solver: str) -> Contender:
 
         policy = Policy.load(path, steps=steps, solver=solver)
         cfg = policy.config
-        return Contender(f"bundle {target} ({policy.precision}, {policy.steps} steps)",
-                         lambda obs: policy.infer(obs).actions, policy.reset, cfg.image_size, cfg.num_cameras,
+        name = f"bundle {target} ({policy.precision}, {policy.steps} steps)"
+        if isinstance(cfg, dict):  # a π0 bundle: the sim's own frames, which the policy resizes as π0 does
+            return Contender(name, lambda obs: policy.infer(obs).actions, policy.reset,
+                             num_cameras=int(cfg["num_cameras"]))
+        return Contender(name, lambda obs: policy.infer(obs).actions, policy.reset, cfg.image_size, cfg.num_cameras,
                          (cfg.state_dim, cfg.action_dim))
     if not path.exists():
         raise EdgeVlaError(f"{target} does not exist; pass a checkpoint dir, a bundle dir, expert or random")
+    from .pi0.checkpoint import is_pi0_checkpoint, open_pi0
+
+    if is_pi0_checkpoint(path):  # transformers π0: its own sampler, noise drawn as the π0 bundle's Policy does
+        from .pi0.teacher import Pi0Teacher, Pi0TorchPolicy
+
+        if solver != "euler":
+            raise EdgeVlaError(f"{target} is a π0 checkpoint: it runs transformers' Euler sampler; for --solver "
+                               f"{solver} evaluate its exported bundle (`edge-vla export {target} -o BUNDLE`)")
+        src = open_pi0(path)
+        pi0 = Pi0TorchPolicy(Pi0Teacher(src, src.load_model(), steps), steps)
+        return Contender(f"π0 checkpoint {target} ({pi0.steps} steps)", pi0, pi0.reset,
+                         num_cameras=pi0.teacher.num_cameras)
     from .checkpoint import load_checkpoint
     from .torch_policy import TorchPolicy
 

@@ -1,4 +1,5 @@
-"""`edge-vla train`: flow-matching behaviour cloning of a preset on sim (or MetaWorld) demonstrations."""
+"""`edge-vla train`: flow-matching behaviour cloning on sim (or MetaWorld) demonstrations, of an edge-vla
+preset or (`--family pi0`) of a reduced transformers π0 (export/pi0/train.py)."""
 
 from __future__ import annotations
 
@@ -17,24 +18,36 @@ from .envs import training_config
 from .lerobot.hooks import is_lerobot_source, training_data
 from .train import TrainConfig, train
 
+# π0 trains with a smaller batch and learning rate by default (deeper, wider prefix per sample).
+PI0_DEFAULTS = {"batch_size": 32, "lr": 5e-4}
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--family", choices=["edge-vla", "pi0"], default="edge-vla",
+                        help="edge-vla: this project's reference VLA (--preset); pi0: a reduced transformers "
+                        "PI0ForConditionalGeneration written as a π0 checkpoint directory (docs/PI0.md)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="edge-vla family only")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one model-config field of the preset, e.g. --set vision=conv --set keypoints=8 "
-                        "(repeatable; fields as in edge_vla/config.py VLAConfig)")
+                        "(repeatable; fields as in edge_vla/config.py VLAConfig; edge-vla family only)")
+    parser.add_argument("--pi0-config", default=None,
+                        help="pi0 family: a size (reduced: the default, ~2.3M parameters; wide: ~7.2M) or a JSON "
+                        "file of PI0Config keyword arguments merged over the reduced default (export/pi0/train.py)")
     parser.add_argument("--data", default=None,
                         help="dataset from `edge-vla make-data` (made if missing; default runs/data/reach.npz, with a "
                         "MetaWorld --env runs/data/metaworld.npz), or lerobot:PATH (a LeRobot v3.0/v2.1 dataset; see "
-                        "docs/LEROBOT.md). A MetaWorld dataset sets the model's state, action and camera counts")
+                        "docs/LEROBOT.md; edge-vla family only). A MetaWorld dataset sets the model's state, action "
+                        "and camera counts")
     parser.add_argument("--env", default="sim", help="the environment to generate --data from when it is missing: "
                         + ENV_HELP)
-    parser.add_argument("-o", "--output", default=None, help="checkpoint directory (default runs/<preset>)")
+    parser.add_argument("-o", "--output", default=None,
+                        help="checkpoint directory (default runs/<preset>, or runs/pi0 for --family pi0)")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
-    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"default {TrainConfig.batch_size} (pi0: {PI0_DEFAULTS['batch_size']})")
+    parser.add_argument("--lr", type=float, default=None, help=f"default {TrainConfig.lr} (pi0: {PI0_DEFAULTS['lr']})")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the free cores)")
     parser.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
     parser.add_argument("--episodes", type=int, default=300,
@@ -63,6 +76,17 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
+    pi0 = args.family == "pi0"
+    defaults = PI0_DEFAULTS if pi0 else {"batch_size": TrainConfig.batch_size, "lr": TrainConfig.lr}
+    tc = TrainConfig(steps=args.steps, batch_size=args.batch_size or defaults["batch_size"],
+                     lr=args.lr or defaults["lr"], seed=args.seed, threads=args.threads,
+                     checkpoint_every=args.checkpoint_every)
+    if pi0:
+        if args.set:
+            raise ConfigError("--set overrides edge-vla presets; for --family pi0 use --pi0-config")
+        return _train_pi0(args, tc)
+    if args.pi0_config:
+        raise ConfigError("--pi0-config needs --family pi0")
     cfg = preset(args.preset, **parse_overrides(args.set))
     mw = is_metaworld(args.env)
     data = args.data or ("runs/data/metaworld.npz" if mw else "runs/data/reach.npz")
@@ -83,8 +107,26 @@ def main(args: argparse.Namespace) -> int:
         ds = dataset.load(data_path)
         cfg = training_config(cfg, ds)
     out = Path(args.output or f"runs/{args.preset}")
-    tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                     threads=args.threads, checkpoint_every=args.checkpoint_every)
     train(cfg, ds, out, tc, resume=args.resume)
     print(f"checkpoint written to {out}")
+    return 0
+
+
+def _train_pi0(args: argparse.Namespace, tc: TrainConfig) -> int:
+    from .pi0.train import resolve_config, train_pi0
+
+    args.data = args.data or "runs/data/reach.npz"
+    if is_metaworld(args.env):
+        raise ConfigError("--family pi0 trains on the project's sim for now; MetaWorld data is not supported for it")
+    if is_lerobot_source(args.data):
+        raise ConfigError("--family pi0 trains on sim datasets (`edge-vla make-data`); lerobot: data is not "
+                          "supported for it yet")
+    overrides = resolve_config(args.pi0_config)
+    data_path = Path(args.data)
+    if not data_path.exists():
+        print(f"{data_path} not found: generating {args.episodes} expert episodes")
+        dataset.save(dataset.generate(range(args.episodes)), data_path)
+    out = train_pi0(dataset.load(data_path), args.output or "runs/pi0", tc, overrides, resume=args.resume)
+    print(f"π0 checkpoint written to {out} (transformers format + processor + robot.json); export it with "
+          f"`edge-vla export {out} -o BUNDLE`, distill it with `edge-vla distill --teacher {out}`")
     return 0

@@ -50,6 +50,7 @@ PI0_FLOW = Flow(1.0, 0.0)  # t from 1 (noise) to 0 (action), dt = -1/N, x <- x +
 NUMERICS_SEED = 910_000
 CALIB_SEED = 920_000
 TOKENIZER_FILE = "tokenizer/tokenizer.json"
+SIDECAR_FILE = "robot.json"  # read from the checkpoint directory when --sidecar is not given
 # Roles of the graph IO (docs/MANIFEST.md); K/V are role "prefix".
 ROLES = {"images": "images", "tokens": "tokens", "token_mask": "token_mask", "state": "state", "x_t": "x_t",
          "t": "time", "velocity": "velocity"}
@@ -124,7 +125,7 @@ def export_pi0(checkpoint: str | Path, out: str | Path, opts: Pi0ExportOptions) 
     t0 = time.perf_counter()
     src = open_pi0(checkpoint)
     model = src.load_model()
-    plan = _plan(src, model, opts)
+    plan = make_plan(src, model, opts)
     with tempfile.TemporaryDirectory(prefix="edge-vla-pi0-") as tmp:
         work = Path(tmp)
         example = example_inputs(model, plan.shapes, _image_token_id(model), plan.layout.image_seq_len)
@@ -161,10 +162,14 @@ def _image_token_id(model: Any) -> int:
     return int(model.config.vlm_config.image_token_id)
 
 
-def _plan(src: Pi0Source, model: Any, opts: Pi0ExportOptions) -> _Plan:
+def make_plan(src: Pi0Source, model: Any, opts: Pi0ExportOptions) -> _Plan:
+    """Shapes, prompt layout, image spec, statistics and robot description, from the checkpoint, the sidecar
+    (`opts.sidecar`, else a `robot.json` beside the checkpoint) and the options. The distillation teacher
+    builds its observation encoder from the same plan, so it sees exactly what the bundle sees."""
     cfg = model.config
     vision = cfg.vlm_config.vision_config
-    sidecar = load_sidecar(opts.sidecar) if opts.sidecar else None
+    sidecar_path = opts.sidecar or (src.path / SIDECAR_FILE if (src.path / SIDECAR_FILE).is_file() else None)
+    sidecar = load_sidecar(sidecar_path) if sidecar_path else None
     ip = src.image_processor
     size = ip.get("size") or {"max_height": vision.image_size, "max_width": vision.image_size}
     pad = ip.get("pad_size") or {"height": vision.image_size, "width": vision.image_size}

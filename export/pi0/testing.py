@@ -60,8 +60,9 @@ def full_width_pi0_config(vlm_layers: int = 2, dit_layers: int = 2, vision_layer
     }
 
 
-def build_tokenizer(vocab_size: int = 96):
-    """A small BPE tokenizer wrapped for transformers (bos/eos/pad/unk like Gemma's, Metaspace like SentencePiece)."""
+def build_tokenizer(vocab_size: int = 96, corpus: list[str] | None = None):
+    """A small BPE tokenizer wrapped for transformers (bos/eos/pad/unk like Gemma's, Metaspace like SentencePiece),
+    trained on `corpus` (default: a few robot instructions)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -69,7 +70,7 @@ def build_tokenizer(vocab_size: int = 96):
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"])
-    tok.train_from_iterator(_CORPUS, trainer)
+    tok.train_from_iterator(corpus or _CORPUS, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
                                    unk_token="<unk>")
 

@@ -45,7 +45,7 @@ def test_built_wheel_imports_every_package(tmp_path):
                     str(ROOT)], check=True, capture_output=True)
     wheel = next(dist.glob("edge_vla-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for needed in ("edge_vla/export/model.py", "edge_vla/kernels/ode_step.cu", "firmware_bridge/firmware/fw_core.c",
+    for needed in ("edge_vla/export/model.py", "edge_vla/export/pi0/teacher.py", "edge_vla/kernels/ode_step.cu", "firmware_bridge/firmware/fw_core.c",
                    "firmware_bridge/PROTOCOL.md", "edge_vla/provision/templates/edge-vla.service"):
         assert needed in names, f"{needed} missing from the wheel"
     site = tmp_path / "site"

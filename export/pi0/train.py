@@ -1,0 +1,315 @@
+"""Train a reduced π0 (`PI0ForConditionalGeneration`, small PaliGemma/SigLIP/Gemma configs) on the sim's
+demonstrations with π0's own flow-matching loss: `edge-vla train --family pi0`.
+
+The result is an ordinary transformers π0 checkpoint directory (config.json, model.safetensors, the
+PI0Processor's tokenizer and processor_config.json with the dataset statistics) plus `robot.json`, the
+sidecar the exporter reads for the sim arm's joint names and limits, so `edge-vla export`, `edge-vla
+distill --teacher` and `edge-vla evaluate` take it as they take any π0 checkpoint.
+
+- Inputs go through the robot's π0 preprocessing (`Pi0Inputs`: numpy image processing, the checkpoint's
+  tokenizer, state normalisation), the same code the exported bundle and the distillation teacher use.
+- Loss: `PI0ForConditionalGeneration.forward(..., actions=...)` (its Beta(1.5, 1) time sampling, its noise,
+  x_t = t·noise + (1 − t)·action, target noise − action), per element, averaged over the valid action dims.
+- Padded dims: actions and state are zero-padded to max_action_dim / max_state_dim as π0 does. The padded
+  action dims are made inert (`zero_padded_dims`: action_in_proj ignores them, action_out_proj returns 0
+  there) and kept so after every step, so the model's valid outputs do not depend on the padded noise and
+  its velocity field on the valid dims is exactly its sampler's (what the distillation teacher needs).
+- The tokenizer is a small BPE trained on the sim's instructions (the model is trained from scratch).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from edge_vla.atomic import atomic_write
+from edge_vla.errors import ConfigError
+from edge_vla.preprocess import STATS_EPS
+from edge_vla.runtime.types import Observation
+from edge_vla.sim.dataset import Dataset
+from edge_vla.sim.scene import COLORS, JOINT_LOWER, JOINT_NAMES, JOINT_UPPER, JOINT_VEL_LIMIT, TEMPLATES
+
+from ..train import TrainConfig, default_threads, lr_at, split_episodes
+from .checkpoint import open_pi0
+from .exporter import SIDECAR_FILE
+from .teacher import Pi0Inputs, zero_padded_dims
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+SIM_INSTRUCTIONS = [t.format(c) for t in TEMPLATES for c in COLORS]
+
+
+def sim_pi0_config(**overrides: Any) -> dict[str, Any]:
+    """`PI0Config` keyword arguments for a reduced π0 that trains on one CPU core (~2.3M parameters).
+
+    π0's structure and interfaces (SigLIP -> PaliGemma/Gemma prefix with 1 KV head, a Gemma expert reading
+    every language layer's K/V, 32-dim state/action padding, 10 Euler steps) at small widths: SigLIP 4 x 128
+    on the sim's 64 px frames (patch 8: 64 image tokens), Gemma 4 x 128, expert 4 x 64, chunk 8 (the sim
+    evaluation executes 4 actions per chunk). `overrides` are deep-merged (e.g. from `--pi0-config`)."""
+    cfg: dict[str, Any] = {
+        "vlm_config": {
+            "model_type": "paligemma",
+            "text_config": {"model_type": "gemma", "hidden_size": 128, "intermediate_size": 512,
+                            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 1,
+                            "head_dim": 32},
+            "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 128, "intermediate_size": 512,
+                              "num_hidden_layers": 4, "num_attention_heads": 4, "patch_size": 8, "image_size": 64,
+                              "vision_use_head": False},
+            "projection_dim": 128,
+        },
+        "dit_config": {"model_type": "gemma", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4,
+                       "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 32},
+        "chunk_size": 8, "max_state_dim": 32, "max_action_dim": 32, "num_inference_steps": 10,
+    }
+    return _merge(cfg, overrides)
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# Named overrides of sim_pi0_config (`--pi0-config NAME`). "wide" costs about what the edge-vla "small"
+# teacher costs per chunk (~1.4 GFLOP, 7.2M parameters), for a teacher/student FLOP ratio like issue 8's.
+SIM_PI0_SIZES: dict[str, dict[str, Any]] = {
+    "reduced": {},
+    "wide": {"vlm_config": {"text_config": {"hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 8},
+                            "vision_config": {"hidden_size": 192, "intermediate_size": 768}, "projection_dim": 256},
+             "dit_config": {"hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 8}},
+}
+
+
+def resolve_config(spec: str | None) -> dict[str, Any]:
+    """`--pi0-config`: a name from SIM_PI0_SIZES or a JSON file of PI0Config overrides."""
+    if not spec:
+        return {}
+    if spec in SIM_PI0_SIZES:
+        return copy.deepcopy(SIM_PI0_SIZES[spec])
+    return load_config_file(spec)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise ConfigError(f"--pi0-config {path}: neither a size ({', '.join(SIM_PI0_SIZES)}) nor a JSON file")
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--pi0-config {path}: {exc}; pass a JSON object of PI0Config keyword arguments") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"--pi0-config {path} must hold a JSON object (PI0Config keyword arguments)")
+    return data
+
+
+def sim_sidecar(num_cameras: int, action_period_s: float) -> dict[str, Any]:
+    """The sim arm as the exporter's robot sidecar (joint names, limits, period, cameras)."""
+    return {"action": {"names": list(JOINT_NAMES), "units": "rad", "kind": "absolute_joint_position",
+                       "lower": JOINT_LOWER.tolist(), "upper": JOINT_UPPER.tolist(),
+                       "max_velocity": JOINT_VEL_LIMIT.tolist()},
+            "state_names": list(JOINT_NAMES), "cameras": [f"cam{i}" for i in range(num_cameras)],
+            "control": {"action_period_s": action_period_s}}
+
+
+def build_processor(ds: Dataset, cfg: dict[str, Any]):
+    """PI0Processor for the sim: BPE tokenizer on the sim's instructions, the image processor at the vision
+    tower's size, and the dataset's state/action statistics."""
+    from transformers import PI0Processor
+    from transformers.models.pi0.image_processing_pi0 import PI0ImageProcessor
+
+    from .testing import build_tokenizer
+
+    vision = cfg["vlm_config"]["vision_config"]
+    size, patch = int(vision["image_size"]), int(vision["patch_size"])
+    image_processor = PI0ImageProcessor(size={"max_height": size, "max_width": size},
+                                        pad_size={"height": size, "width": size}, image_seq_length=(size // patch) ** 2)
+    corpus = [*SIM_INSTRUCTIONS, *{str(s) for s in np.unique(ds.instructions)}, "\n"]
+    s, a = ds.state_stats(), ds.action_stats()
+    return PI0Processor(image_processor=image_processor, tokenizer=build_tokenizer(128, corpus),
+                        state_mean=s["mean"], state_std=s["std"], actions_mean=a["mean"], actions_std=a["std"],
+                        max_state_dim=int(cfg["max_state_dim"]), chunk_size=int(cfg["chunk_size"]))
+
+
+def new_model(cfg: dict[str, Any], processor: Any, valid_action_dims: int, seed: int = 0) -> Any:
+    from transformers import PI0Config, PI0ForConditionalGeneration
+
+    cfg = _merge(cfg, {"vlm_config": {"image_token_id": int(processor.image_token_id),
+                                      "text_config": {"vocab_size": len(processor.tokenizer)}}})
+    torch.manual_seed(seed)
+    try:
+        model = PI0ForConditionalGeneration(PI0Config(**cfg))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid π0 config: {exc}") from exc
+    zero_padded_dims(model, valid_action_dims)
+    return model
+
+
+class TrainData:
+    """The sim dataset as π0 batches: observations through `Pi0Inputs`, actions normalized and zero-padded."""
+
+    def __init__(self, ds: Dataset, inputs: Pi0Inputs, model_config: Any) -> None:
+        chunk, pad = int(model_config.chunk_size), int(model_config.max_action_dim)
+        if ds.actions.shape[1] < chunk:
+            raise ConfigError(f"dataset chunks hold {ds.actions.shape[1]} actions, π0's chunk_size is {chunk}")
+        if ds.images.shape[1] < inputs.shapes.num_cameras:
+            raise ConfigError(f"dataset has {ds.images.shape[1]} camera(s), the checkpoint takes "
+                              f"{inputs.shapes.num_cameras}; regenerate with `edge-vla make-data --cameras N`")
+        mean, std = (np.asarray(v, np.float32) for v in inputs.plan.action_stats)
+        actions = (ds.actions[:, :chunk].astype(np.float32) - mean) / (std + np.float32(STATS_EPS))
+        self.actions = torch.from_numpy(np.pad(actions, ((0, 0), (0, 0), (0, pad - actions.shape[-1]))))
+        self.ds, self.inputs = ds, inputs
+        self.valid = int(ds.actions.shape[-1])
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def batch(self, idx: Tensor | np.ndarray) -> dict[str, Tensor]:
+        ids = np.asarray(idx, dtype=np.int64)
+        ds = self.ds
+        obs = [Observation(list(ds.images[i]), str(ds.instructions[i]), ds.states[i]) for i in ids]
+        return {**self.inputs.torch(obs), "actions": self.actions[torch.from_numpy(ids)]}
+
+
+def flow_loss(model: Any, batch: dict[str, Tensor], valid: int, noise: Tensor | None = None,
+              timestep: Tensor | None = None) -> Tensor:
+    """π0's flow-matching loss from its own forward, per element, averaged over the valid action dims
+    (noise and t drawn by π0 when not given)."""
+    saved = model.config.loss_reduction
+    model.config.loss_reduction = "none"  # per element, so the padded dims can be left out
+    try:
+        out = model(**batch, noise=noise, timestep=timestep)
+    finally:
+        model.config.loss_reduction = saved
+    return out.loss[..., :valid].mean()
+
+
+@torch.no_grad()
+def validation_loss(model: Any, data: TrainData, idx: Tensor, seed: int = 1234, max_samples: int = 256) -> float:
+    """Flow loss on held-out samples at fixed noise and t (comparable between checkpoints)."""
+    if len(idx) == 0:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    idx = idx[torch.randperm(len(idx), generator=g)[:max_samples]]
+    total = 0.0
+    for part in idx.split(64):
+        b = data.batch(part.numpy())
+        noise = torch.randn(b["actions"].shape, generator=g)
+        t = torch.rand(len(part), generator=g) * 0.999 + 0.001  # π0's time range
+        total += float(flow_loss(model, b, data.valid, noise, t)) * len(part)
+    model.train(was_training)
+    return total / len(idx)
+
+
+def train_step(model: Any, opt: torch.optim.Optimizer, batch: dict[str, Tensor], valid: int,
+               noise: Tensor | None = None, timestep: Tensor | None = None) -> float:
+    loss = flow_loss(model, batch, valid, noise, timestep)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    zero_padded_dims(model, valid)  # AdamW leaves them at 0 already; this makes it an invariant
+    return float(loss.detach())
+
+
+def make_optimizer(model: Any, tc: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+
+
+def init_checkpoint(ds: Dataset, out: Path, cfg: dict[str, Any], seed: int = 0) -> Any:
+    """Write step 0 (model, processor, robot.json) so that the directory is a π0 checkpoint from the start."""
+    processor = build_processor(ds, cfg)
+    valid = int(ds.actions.shape[-1])
+    if valid > int(cfg["max_action_dim"]) or ds.states.shape[-1] > int(cfg["max_state_dim"]):
+        raise ConfigError(f"the dataset has {ds.states.shape[-1]} state / {valid} action dims, more than the π0 "
+                          f"config's max_state_dim {cfg['max_state_dim']} / max_action_dim {cfg['max_action_dim']}")
+    model = new_model(cfg, processor, valid, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    cams = int(ds.meta.get("num_cameras", ds.images.shape[1]))
+    with atomic_write(out / SIDECAR_FILE, "w") as f:
+        f.write(json.dumps(sim_sidecar(cams, float(ds.meta.get("action_period_s", 0.1))), indent=2) + "\n")
+    return model
+
+
+def text_tokens_needed(inputs_src: Any, instructions: np.ndarray) -> int:
+    """Text tokens (bos + instruction + newline) of the dataset's longest prompt: training pads to this,
+    not to π0's 48, which the attention mask makes equivalent and which saves prefix compute."""
+    import tokenizers
+
+    tok = tokenizers.Tokenizer.from_file(str(inputs_src.tokenizer_json))
+    bos = inputs_src.tokenizer_config.get("bos_token") or "<bos>"
+    return max(len(tok.encode(f"{bos}{s}\n").ids) for s in np.unique(instructions))
+
+
+def train_pi0(ds: Dataset, out: str | Path, tc: TrainConfig, config: dict[str, Any] | None = None,
+              resume: bool = False, progress: bool = True) -> Path:
+    """Train a reduced π0 on `ds`; checkpoints (transformers format + processor + robot.json) land in `out`."""
+    from transformers import PI0ForConditionalGeneration
+
+    threads = tc.threads or default_threads()
+    torch.set_num_threads(threads)
+    out = Path(out)
+    start, state = 0, {}
+    if resume and (out / STATE_FILE).is_file():
+        state = json.loads((out / STATE_FILE).read_text(encoding="utf-8"))
+        start = int(state["step"])
+        model = PI0ForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+        log.info("resuming %s from step %d", out, start)
+    else:
+        model = init_checkpoint(ds, out, sim_pi0_config(**(config or {})), tc.seed)
+    model.train()
+    src = open_pi0(out)
+    inputs = Pi0Inputs(src, model, max_text_tokens=text_tokens_needed(src, ds.instructions))
+    data = TrainData(ds, inputs, model.config)
+    opt = make_optimizer(model, tc)
+    if start:
+        opt.load_state_dict(torch.load(out / OPTIMIZER_FILE, weights_only=True))
+        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+    else:
+        torch.manual_seed(tc.seed)
+    train_idx, val_idx = split_episodes(ds.episodes, tc.val_fraction)
+    params = sum(p.numel() for p in model.parameters())
+    log.info("π0 %.2fM parameters, %d thread(s), %d train / %d validation samples", params / 1e6, threads,
+             len(train_idx), len(val_idx))
+    prior_seconds = float(state.get("seconds", 0.0))
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    bar = tqdm(range(start, tc.steps), desc="train pi0", disable=not progress, unit="step")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, tc)
+        idx = train_idx[torch.randint(0, len(train_idx), (tc.batch_size,))]
+        losses.append(train_step(model, opt, data.batch(idx.numpy()), data.valid))
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        done = step + 1
+        if done % tc.checkpoint_every == 0 or done == tc.steps:
+            rng = torch.get_rng_state()  # the validation pass must not perturb training (exact resume)
+            val = validation_loss(model, data, val_idx)
+            seconds = prior_seconds + time.perf_counter() - t0
+            state = {"family": "pi0", "step": done, "loss": float(np.mean(losses[-50:])), "val_loss": None if np.isnan(val) else val,
+                     "seconds": seconds, "steps_per_s": (done - start) / max(time.perf_counter() - t0, 1e-9),
+                     "threads": threads, "batch_size": tc.batch_size, "parameters": params,
+                     "dataset": ds.meta, "train": tc.__dict__, "torch_rng": rng.tolist()}
+            bar.write(f"step {done}: train loss {state['loss']:.4f}, validation loss {val:.4f}")
+            model.save_pretrained(out)
+            torch.save(opt.state_dict(), out / OPTIMIZER_FILE)
+            with atomic_write(out / STATE_FILE, "w") as f:
+                f.write(json.dumps(state) + "\n")
+    model.eval()
+    return out
