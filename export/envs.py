@@ -17,7 +17,7 @@ import numpy as np
 
 from edge_vla.action_space import ActionSpace
 from edge_vla.config import VLAConfig
-from edge_vla.errors import ConfigError
+from edge_vla.errors import EdgeVlaError
 from edge_vla.sim.dataset import Dataset
 from edge_vla.sim.metaworld import MetaWorldSpec, camera_entries, is_metaworld
 
@@ -78,7 +78,7 @@ def target_env(target: str) -> str | None:
             from .checkpoint import read_config
 
             meta = read_config(path)[1].get("dataset")
-    except (OSError, ValueError, ConfigError):
+    except (OSError, ValueError, EdgeVlaError):  # not an edge-vla checkpoint (e.g. transformers π0): the sim
         return None
     return dataset_env(meta)
 
