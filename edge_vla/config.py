@@ -105,12 +105,15 @@ class VLAConfig:
 
 
 PRESETS: dict[str, VLAConfig] = {
-    # A TinyVLA-sized student that trains on a 2-core CPU in minutes (~1M parameters).
-    "tiny": VLAConfig(preset="tiny"),
-    # A larger teacher (~8M parameters).
+    # A TinyVLA-sized student that trains on a 2-core CPU (~1.4M parameters). The conv stem with
+    # instruction FiLM and keypoints, and the goal-location loss, took the sim task from 16% (same stem,
+    # no goal loss) to 62% after 1000 steps: README "Policy quality".
+    "tiny": VLAConfig(preset="tiny", vision="conv", keypoints=8, goal_head=True),
+    # A larger teacher (~10M parameters).
     "small": VLAConfig(
         preset="small", width=256, depth=4, heads=8,
         expert_width=256, expert_depth=4, expert_heads=8,
+        vision="conv", keypoints=8, stem_channels=32, goal_head=True,
     ),
     # Octo-Base sized (~90M parameters) for export and latency work with untrained weights.
     "base": VLAConfig(

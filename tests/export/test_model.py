@@ -163,7 +163,7 @@ def test_conv_stem_instruction_changes_the_features():
 
 def test_conv_config_errors():
     with pytest.raises(ConfigError, match="keypoints need vision='conv'"):
-        preset("tiny", keypoints=4)
+        preset("tiny", vision="patch", keypoints=4)
     with pytest.raises(ConfigError, match="vision must be"):
         preset("tiny", vision="vit")
 

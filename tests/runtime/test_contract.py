@@ -69,7 +69,8 @@ def test_reference_contract_roles_and_per_layer_kv(tiny_bundle, manifest):
     assert c.time_input.kind == "table" and c.time.name == "time_cond"
     assert sorted(c.observation_inputs()) == ["images", "state", "tokens"]
     k0 = next(s for s in c.prefix.outputs if s.name == "prefix_k_0")
-    assert k0.extra == {"layer": 0, "kv": "key"} and k0.shape == (1, 4, 89, 32)
+    prefix_len = Bundle.open(tiny_bundle).manifest["model"]["max_text_len"] + 1 + 64 + 8  # 8x8 grid + 8 keypoints
+    assert k0.extra == {"layer": 0, "kv": "key"} and k0.shape == (1, 4, prefix_len, 32)
 
 
 def test_scalar_time_rows_are_the_half_step_grid(tiny_bundle_scalar_t):
