@@ -476,7 +476,14 @@ class ControlLoop:
         waypoints = q0 + (home - q0) * (3 * tau**2 - 2 * tau**3)
         return Trajectory(t0, q0, waypoints, duration / steps, "cubic")
 
+    def _motion_time(self, t: float) -> float:
+        """The deadline this cycle was scheduled for. Setpoints are sampled on that grid, not at the wake-up:
+        the safety layer differentiates at the nominal period, so a wake-up 2 ms late at 2.25 rad/s would
+        read as a 0.45 rad/s velocity step (45 rad/s^2 at 100 Hz) and be clamped as acceleration."""
+        return self.clock.next - self.period if self.clock is not None else t
+
     def _cycle(self, t: float, st: Any) -> None:
+        tm = self._motion_time(t)
         homing = self.homing
         if homing is not None and t >= homing.end:
             self.homing = homing = None
@@ -494,7 +501,7 @@ class ControlLoop:
                     self._latest_chunk_obs_t = chunk.obs_timestamp  # the watchdog's chunk age, without re-reading
                     # The command continuing at its current velocity this cycle: where a continuous hand-over starts.
                     v = self.safety.velocity
-                    self.scheduler.push(chunk, t, commanded=(self.safety.last_sent + v * self.period, v))
+                    self.scheduler.push(chunk, tm, commanded=(self.safety.last_sent + v * self.period, v))
                     self.chunks_adopted += 1
                     if self._first_chunk_t is None:
                         self._first_chunk_t = t
@@ -502,9 +509,9 @@ class ControlLoop:
                         "seq": chunk.seq, "obs_t": chunk.obs_timestamp, "latency_s": t - chunk.obs_timestamp,
                         "actions": chunk.actions.tolist()})
         if homing is not None:
-            target, exhausted, index = homing(t), False, -1
+            target, exhausted, index = homing(tm), False, -1
         else:
-            sample = self.scheduler.sample(t)
+            sample = self.scheduler.sample(tm)
             target, exhausted, index = sample.q, sample.exhausted, sample.index
             self.bus.set("consumed_seq", float(self.scheduler.consumed_seq))
         commanded_before = self.safety.last_sent

@@ -45,6 +45,8 @@ class MotionConfig:
     period_s: float = 0.1  # action period of the chunks
     plant: str = "pd"  # "pd": the emulator's joints; "ideal": exactly at the command
     ramp_fraction: float | None = 0.5  # plan-clock ramp within this fraction of a_max (None: no ramp)
+    jitter_s: float = 0.0  # each wake-up is late by uniform(0, jitter_s) (seeded)
+    sample_at: str = "deadline"  # the scheduler is sampled at the cycle's deadline, or at its (late) "wakeup"
 
 
 @dataclass
@@ -95,8 +97,10 @@ def replay(plan: Plan, q0: np.ndarray, duration_s: float, config: MotionConfig =
     rows_t, rows_req, rows_sent, rows_meas = [], [], [], []
     reached = None
     n_cycles = round(duration_s * cfg.rate_hz)
+    rng = np.random.default_rng(0)
     for n in range(n_cycles):
-        t = n * dt
+        late = float(rng.uniform(0.0, cfg.jitter_s)) if cfg.jitter_s > 0 else 0.0
+        t = n * dt + (late if cfg.sample_at == "wakeup" else 0.0)
         # The worker: observe (the sync strategy waits until the last chunk was played), infer, publish.
         waiting = isinstance(sched, SyncScheduler) and published and sched.consumed_seq < published
         if pending is None and t >= next_obs - 1e-9 and not waiting:
@@ -177,6 +181,9 @@ STUDY: tuple[tuple[str, MotionConfig, object], ...] = (
     ("  fixed, latency 30 ms", replace(FIXED, latency_s=0.03), "default"),
     ("  fixed, latency 150 ms", replace(FIXED, latency_s=0.15), "default"),
     ("  fixed, sync (execute 4)", replace(FIXED, strategy="sync", execute=4), "default"),
+    ("  fixed, wake-ups late by 0-3 ms, sampled at the deadline", replace(FIXED, jitter_s=0.003), "default"),
+    ("  fixed, wake-ups late by 0-3 ms, sampled at the wake-up", replace(FIXED, jitter_s=0.003, sample_at="wakeup"),
+     "default"),
 )
 
 
