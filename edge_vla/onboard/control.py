@@ -488,6 +488,9 @@ class ControlLoop:
         if homing is not None and t >= homing.end:
             self.homing = homing = None
             self._adopt_after = t
+            # Hold the home pose until the first chunk (not the pose the arm was armed at, which the loop
+            # would otherwise head back to at full acceleration for an inference latency).
+            self.scheduler.reset(self.safety.last_sent)
             self._set_status(sh.STATUS_RUNNING)
             self._event(t, "homed")
         # New chunk?
