@@ -116,6 +116,9 @@ def run_onboard(bundle_dir: str | Path | None, episodes: int, seed_base: int = E
             if not _wait(lambda: runner.status() == "disarmed", 30.0, 0.01):
                 raise EdgeVlaError(f"the control loop did not come up disarmed (phase {runner.status()})")
             for i in range(episodes):
+                if runner._thread is None or not runner._thread.is_alive():
+                    raise EdgeVlaError(f"the inference worker died before episode {i} "
+                                       f"({runner._worker_error!r}); the remaining episodes would measure nothing")
                 out.append(_episode(runner, emu, holder, env, policy, seed_base + i, config))
                 log.debug("onboard episode %d: %s", i, out[-1])
         summary = runner.summary or {}
