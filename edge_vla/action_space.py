@@ -133,7 +133,7 @@ def require_executable(space: ActionSpace, executable: tuple[str, ...], what: st
 def sim_action_space() -> ActionSpace:
     """The sim arm's joints (also what the demo's motor-controller emulator is configured with)."""
     from edge_vla.sim.env import ACTION_PERIOD_S
-    from edge_vla.sim.scene import JOINT_LOWER, JOINT_NAMES, JOINT_UPPER, JOINT_VEL_LIMIT
+    from edge_vla.sim.scene import JOINT_ACCEL_LIMIT, JOINT_LOWER, JOINT_NAMES, JOINT_UPPER, JOINT_VEL_LIMIT
 
     return ActionSpace(
         names=JOINT_NAMES,
@@ -141,6 +141,6 @@ def sim_action_space() -> ActionSpace:
         lower=JOINT_LOWER.copy(),
         upper=JOINT_UPPER.copy(),
         max_velocity=JOINT_VEL_LIMIT.copy(),
-        max_acceleration=np.full(len(JOINT_NAMES), 20.0, dtype=np.float32),
+        max_acceleration=JOINT_ACCEL_LIMIT.copy(),
         action_period_s=ACTION_PERIOD_S,
     ).validate()

@@ -54,6 +54,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "run from the same noise")
     parser.add_argument("--samples", type=int, default=256, help="with --data: at most this many held-out chunks")
     parser.add_argument("--seed", type=int, default=0, help="with --data: noise seed")
+    parser.add_argument("--onboard", action="store_true",
+                        help="run one bundle (or expert) through the onboard stack (control loop at 100 Hz, firmware "
+                             "emulator on a pty) and compare with the offline runtime on the same seeds")
 
 
 @dataclass
@@ -135,6 +138,13 @@ def load_contender(spec: str, steps: int | None, solver: str) -> Contender:
 def main(args: argparse.Namespace) -> int:
     if args.data is not None:
         return _open_loop(args)
+    if args.onboard:
+        from edge_vla.onboard.evaluate import OnboardEvalConfig, compare
+
+        if len(args.targets) != 1:
+            raise EdgeVlaError("--onboard evaluates one bundle directory (or expert) at a time")
+        compare(args.targets[0], args.episodes, args.seed_base, OnboardEvalConfig(steps=args.steps), args.json_out)
+        return 0
     env = resolve_env(args.env, args.targets)
     if env != "sim" and not is_metaworld(env):
         raise ConfigError(f"--env {env!r}: use {ENV_HELP}")

@@ -8,7 +8,7 @@ moves bytes, steps the joint dynamics, injects faults and writes events as JSON 
 time.monotonic() timestamps (one clock for every process on the machine).
 
 Targeted fault injection (drop_next, inject_garbage, corrupt_alternate, replay, block_joint,
-step_time_back, set_enable) is thread-safe: each call is queued and applied by the emulator's loop
+step_time_back, set_enable) and the bench's set_position (place a disarmed arm) are thread-safe: each call is queued and applied by the emulator's loop
 within one tick, and logged as a `control` event. In another process (EmulatorProcess) the same calls
 travel as JSON lines on the emulator's stdin (--control-stdin).
 """
@@ -51,7 +51,7 @@ _LIVENESS = (MsgType.HEARTBEAT, MsgType.SETPOINT)
 TIME_BASE_US = 1_000_000_000  # the firmware's time source starts here, so step_time_back has room
 MOTION_SPEED = 0.05  # rad/s: above this with torque on, the robot is moving
 CONTROL_COMMANDS = ("drop_next", "inject_garbage", "corrupt_alternate", "replay", "block_joint", "step_time_back",
-                    "set_enable")
+                    "set_enable", "set_position")
 
 __all__ = ["Emulator", "EmulatorConfig", "EmulatorProcess", "configure", "default_limits", "main", "read_events",
            "safety_report"]
@@ -232,6 +232,22 @@ class Emulator:
         """The hardware enable input (enable switch, E-stop chain) changes level."""
         self._control("set_enable", lambda: self.fw.set_enable(bool(asserted), self._us(time.monotonic())),
                       asserted=bool(asserted))
+
+    def set_position(self, positions: list[float] | np.ndarray) -> None:
+        """Place the joints at `positions`, at rest (a bench operator moving the arm by hand between
+        episodes). Refused while torque is on: only a disarmed or tripped arm can be moved this way."""
+        q = np.asarray(positions, dtype=np.float64).reshape(-1)
+        if q.shape != self.plant.q.shape or not np.all(np.isfinite(q)):
+            raise ValueError(f"set_position needs {len(self.plant.q)} finite positions, got {q.tolist()}")
+
+        def go() -> None:
+            if self.fw.commands()[0]:
+                raise ValueError("set_position refused: torque is on (disarm or stop the arm first)")
+            self.plant.q = np.clip(q, self.plant.q_min, self.plant.q_max)
+            self.plant.v[:] = 0.0
+            self.fw.set_measured(self.plant.q, self.plant.v, self.plant.tau)
+
+        self._control("set_position", go, positions=q.tolist())
 
     def control(self, cmd: str, **args: object) -> None:
         """One injection by name (the control pipe of EmulatorProcess); see CONTROL_COMMANDS."""

@@ -36,7 +36,7 @@ class EmulatorProcess:
 
     Extra keyword arguments become command-line options (heartbeat_timeout_ms=50 -> --heartbeat-timeout-ms 50).
     Fault injection (drop_next, inject_garbage, corrupt_alternate, replay, block_joint, step_time_back,
-    set_enable) goes as JSON lines to the child's stdin; each call returns once the emulator's loop has
+    set_enable) and set_position (place a disarmed arm between episodes) go as JSON lines to the child's stdin; each call returns once the emulator's loop has
     applied it (its `control` event is in the events file) and raises BridgeError if it was refused.
     """
 
@@ -121,6 +121,10 @@ class EmulatorProcess:
 
     def set_enable(self, asserted: bool) -> dict:
         return self.control("set_enable", asserted=bool(asserted))
+
+    def set_position(self, positions: object) -> dict:
+        """Place the disarmed arm's joints at `positions` (refused while torque is on)."""
+        return self.control("set_position", positions=[float(x) for x in positions])  # type: ignore[attr-defined]
 
     def safety_report(self) -> dict:
         from firmware_bridge.injection import safety_report

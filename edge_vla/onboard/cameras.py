@@ -70,8 +70,14 @@ class SimCamera:
         self.state_fn = state_fn
         self.size, self.num_cameras = size, num_cameras
 
-    def read(self) -> Frame:
+    def read(self, timeout: float = 0.05) -> Frame:
+        # Like a real camera, wait a little for a frame: the shared-memory state read gives up (None) while the
+        # control process is preempted mid-write, which on a loaded (or single) core lasts a scheduler tick.
+        deadline = time.monotonic() + timeout
         got = self.state_fn()
+        while got is None and time.monotonic() < deadline:
+            time.sleep(0.0005)
+            got = self.state_fn()
         if got is None:
             raise CameraError("sim camera: no joint state yet from the control loop; it renders the arm at the "
                               "motor controller's joint angles, so the link must be up first")

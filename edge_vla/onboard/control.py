@@ -44,7 +44,7 @@ from edge_vla.onboard.linkops import OK, PENDING, Commands
 from edge_vla.onboard.operator import ARM_OK, check_bench_mode
 from edge_vla.onboard.rt import DeadlineClock, RealtimeConfig, apply_realtime
 from edge_vla.onboard.safety import SafetyLayer, SafetyLimits
-from edge_vla.onboard.scheduler import Scheduler, Trajectory, make_scheduler
+from edge_vla.onboard.scheduler import Scheduler, Trajectory, make_scheduler, start_ramp_s
 from edge_vla.onboard.telemetry import CycleStats, Telemetry, summarize
 from edge_vla.onboard.watchdog import FaultKind, Signals, State, Watchdog, WatchdogConfig
 from edge_vla.provision.sdnotify import Notifier, watchdog_interval_s
@@ -91,7 +91,10 @@ class ControlConfig:
     duration_s: float | None = None  # None: until stopped
     strategy: str = "receding"
     interp: str = "cubic"
-    blend_s: float = 0.1
+    blend_s: float = 0.1  # cross-fade for the anchored hand-over and the ensemble (scheduler.py)
+    handover: str = "continuous"  # a new chunk starts from the commanded position and velocity (scheduler.py)
+    start_ramp_s: float | None = None  # plan-clock ramp on a start from rest (None: from the action space's limits)
+    velocity_feedforward: bool = True  # send the commanded velocity with each setpoint (see _cycle)
     execute: int | None = None  # sync: actions played per chunk (None: all)
     ensemble_m: float = 0.1
     max_step: float | None = None  # rad per cycle on top of the velocity limit
@@ -130,8 +133,11 @@ class ControlLoop:
         self.period = 1.0 / config.rate_hz
         self.safety = SafetyLayer(SafetyLimits.from_action_space(config.action_space, config.rate_hz,
                                                                  config.max_step))
+        space = config.action_space
+        ramp = start_ramp_s(space.max_velocity, space.max_acceleration) if config.start_ramp_s is None \
+            else config.start_ramp_s
         self.scheduler: Scheduler = make_scheduler(config.strategy, config.interp, config.blend_s, config.execute,
-                                                   config.ensemble_m)
+                                                   config.ensemble_m, config.handover, ramp)
         self.watchdog = Watchdog(config.watchdog, defer_logs=True)
         self.tracking = TrackingCheck(config.tracking) if config.tracking is not None else None
         self.telemetry = Telemetry(config.telemetry_path)
@@ -479,11 +485,21 @@ class ControlLoop:
         waypoints = q0 + (home - q0) * (3 * tau**2 - 2 * tau**3)
         return Trajectory(t0, q0, waypoints, duration / steps, "cubic")
 
+    def _motion_time(self, t: float) -> float:
+        """The deadline this cycle was scheduled for. Setpoints are sampled on that grid, not at the wake-up:
+        the safety layer differentiates at the nominal period, so a wake-up 2 ms late at 2.25 rad/s would
+        read as a 0.45 rad/s velocity step (45 rad/s^2 at 100 Hz) and be clamped as acceleration."""
+        return self.clock.next - self.period if self.clock is not None else t
+
     def _cycle(self, t: float, st: Any) -> None:
+        tm = self._motion_time(t)
         homing = self.homing
         if homing is not None and t >= homing.end:
             self.homing = homing = None
             self._adopt_after = t
+            # Hold the home pose until the first chunk (not the pose the arm was armed at, which the loop
+            # would otherwise head back to at full acceleration for an inference latency).
+            self.scheduler.reset(self.safety.last_sent)
             self._set_status(sh.STATUS_RUNNING)
             self._event(t, "homed")
         # New chunk?
@@ -495,7 +511,9 @@ class ControlLoop:
                 # Only chunks observed after the policy took over (arm, or the end of homing) are used.
                 if chunk.obs_timestamp >= self._adopt_after:
                     self._latest_chunk_obs_t = chunk.obs_timestamp  # the watchdog's chunk age, without re-reading
-                    self.scheduler.push(chunk, t)
+                    # The command continuing at its current velocity this cycle: where a continuous hand-over starts.
+                    v = self.safety.velocity
+                    self.scheduler.push(chunk, tm, commanded=(self.safety.last_sent + v * self.period, v))
                     self.chunks_adopted += 1
                     if self._first_chunk_t is None:
                         self._first_chunk_t = t
@@ -503,9 +521,9 @@ class ControlLoop:
                         "seq": chunk.seq, "obs_t": chunk.obs_timestamp, "latency_s": t - chunk.obs_timestamp,
                         "actions": chunk.actions.tolist()})
         if homing is not None:
-            target, exhausted, index = homing(t), False, -1
+            target, exhausted, index = homing(tm), False, -1
         else:
-            sample = self.scheduler.sample(t)
+            sample = self.scheduler.sample(tm)
             target, exhausted, index = sample.q, sample.exhausted, sample.index
             self.bus.set("consumed_seq", float(self.scheduler.consumed_seq))
         commanded_before = self.safety.last_sent
@@ -515,7 +533,13 @@ class ControlLoop:
             self._begin_stop(trip.category, trip.reason, t, trip.kind.value)
             return
         try:
-            self.link.send_setpoints(res.sent)
+            # Velocity feedforward: a PD drive given only positions lags a moving setpoint by (kd + friction) *
+            # v / kp (about 0.1 rad at 2.25 rad/s on the emulator), and every chunk is planned from that lagging
+            # measured state; with the command's own velocity as v* the lag is friction * v / kp.
+            if self.cfg.velocity_feedforward:
+                self.link.send_setpoints(res.sent, velocities=self.safety.velocity)
+            else:
+                self.link.send_setpoints(res.sent)
         except Exception as exc:
             self._trip(FaultKind.LINK_STALE, f"could not send a setpoint: {exc}", t)
             return

@@ -20,7 +20,7 @@ import numpy as np
 from edge_vla.atomic import atomic_write
 from edge_vla.errors import EdgeVlaError
 from edge_vla.sim.env import ReachEnv
-from edge_vla.sim.expert import expert_chunk
+from edge_vla.sim.expert import PLAN_ACCEL, expert_chunk
 from edge_vla.sim.scene import NUM_BLOCKS
 
 DATASET_CHUNK = 16
@@ -87,6 +87,7 @@ def generate(
             "noise": noise,
             "counterfactual": counterfactual,
             "action_period_s": env.action_period_s,
+            "expert_max_accel": [float(a) for a in PLAN_ACCEL],  # plans brake within this (issue 13)
         },
     )
 

@@ -28,6 +28,7 @@ JOINT_NAMES = ("shoulder", "elbow")
 JOINT_LOWER = np.array([0.0, -2.6], dtype=np.float32)
 JOINT_UPPER = np.array([np.pi, 2.6], dtype=np.float32)
 JOINT_VEL_LIMIT = np.array([2.5, 2.5], dtype=np.float32)  # rad/s
+JOINT_ACCEL_LIMIT = np.array([20.0, 20.0], dtype=np.float32)  # rad/s^2 (the action space's, enforced onboard)
 HOME = np.array([np.pi / 2, 0.0], dtype=np.float32)
 BLOCK_HALF = 0.05
 SUCCESS_RADIUS = 0.06

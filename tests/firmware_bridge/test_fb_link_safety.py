@@ -328,6 +328,29 @@ def test_fault_log_is_bounded(fake_firmware) -> None:
     assert len(link.faults) == 256 and len(link.faults_since(290)) == 10 and len(link.faults_since(0)) == 256
 
 
+def test_set_position_places_a_disarmed_arm_and_is_refused_while_armed(rig) -> None:
+    """The bench's reset between evaluation episodes: only an arm with torque off can be moved by hand."""
+    emu, link = rig
+    emu.set_position([0.4, -0.7])
+    ev = wait_event(emu, "control")
+    assert ev["ok"] and ev["cmd"] == "set_position"
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        link.poll(0.01)
+        st = link.latest_state
+        if st is not None and np.allclose(st.positions, [0.4, -0.7], atol=1e-5):
+            break
+    else:
+        raise AssertionError(f"state never reported the placed joints: {link.latest_state}")
+    link.arm()
+    emu.events.clear()
+    emu.set_position([0.0, 0.0])
+    ev = wait_event(emu, "control")
+    assert not ev["ok"] and "torque is on" in ev["error"]
+    with pytest.raises(ValueError, match="2 finite positions"):
+        emu.set_position([0.1])
+
+
 # ---- the emulator in its own process: the control pipe ------------------------------------------------
 
 def test_emulator_process_injections_over_a_real_pty() -> None:
