@@ -406,13 +406,16 @@ class Distiller:
 
 
 def new_student(config: VLAConfig, seed: int = 0, init: VLA | None = None) -> VLA:
+    # Distillation has no goal targets: the training-only goal head would be a parameter without a gradient
+    # (which DistributedDataParallel refuses), so students are built without it.
+    config = dataclasses.replace(config, goal_head=False)
     torch.manual_seed(seed)  # identical initial weights on every rank
     student = VLA(config)
     if init is not None:
-        if init.config != config:
+        if dataclasses.replace(init.config, goal_head=False) != config:
             raise ConfigError(f"--student-init has preset {init.config.preset!r} but the student is "
                               f"{config.preset!r}; pass a checkpoint of the student's preset")
-        student.load_state_dict(init.state_dict())
+        student.load_state_dict({k: v for k, v in init.state_dict().items() if not k.startswith("goal.")})
     return student.train()
 
 
