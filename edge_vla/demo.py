@@ -1,9 +1,11 @@
 """`edge-vla demo`: the main job end to end on the embedded default (no hardware, no GPU, no downloads).
 
 1. make sim demonstrations          (edge_vla.sim)
-2. train the tiny policy            (flow-matching behaviour cloning, PyTorch on the CPU)
-3. evaluate closed loop             (expert, random actions, the trained policy; Wilson 95% CIs)
-4. export a bundle (FP32 and INT8)  (ONNX graphs, numerics check, TensorRT lint, hashed manifest)
+2. train the tiny policy            (flow-matching behaviour cloning, PyTorch on the CPU; a short run)
+3. evaluate closed loop             (expert, random actions, the short run, and the shipped tiny checkpoint
+                                     that the same command trains for longer; Wilson 95% CIs)
+4. export a bundle (FP32 and INT8)  (of the shipped checkpoint, or with --deploy trained of the short run:
+                                     ONNX graphs, numerics check, TensorRT lint, hashed manifest)
 5. evaluate the INT8 bundle through the onnxruntime runtime, and time it
 6. run onboard                      (policy -> chunk scheduler -> safety -> firmware emulator on a real pty)
    and drill the watchdog           (stall inference, corrupt the link, kill -9 the host, restart it:
@@ -20,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_vla.config import preset
 from edge_vla.sim import dataset
 from edge_vla.sim.evaluate import evaluate, evaluate_expert, random_policy
 
@@ -30,7 +31,11 @@ log = logging.getLogger(__name__)
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="where data, checkpoint, bundles and reports go")
     parser.add_argument("--episodes", type=int, default=300, help="expert demonstrations to train on")
-    parser.add_argument("--train-steps", type=int, default=1200)
+    parser.add_argument("--train-steps", type=int, default=300,
+                        help="steps of the demo's own training run (the shipped checkpoint trained for longer)")
+    parser.add_argument("--deploy", choices=("shipped", "trained"), default="shipped",
+                        help="what steps 4-6 export and run: the shipped tiny checkpoint (trained by the command "
+                        "in its provenance.json) or the checkpoint this demo just trained")
     parser.add_argument("--eval-episodes", type=int, default=50)
     parser.add_argument("--onboard-seconds", type=float, default=12.0)
     parser.add_argument("--quick", action="store_true", help="a smoke run in about a minute (numbers meaningless)")
@@ -43,6 +48,7 @@ def _step(n: int, title: str) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
+    from edge_vla.export.assets import provenance, shipped_checkpoint
     from edge_vla.export.checkpoint import load_checkpoint
     from edge_vla.export.exporter import ExportOptions, export_model
     from edge_vla.export.torch_policy import TorchPolicy
@@ -53,7 +59,9 @@ def main(args: argparse.Namespace) -> int:
     if args.quick:
         args.episodes, args.train_steps, args.eval_episodes, args.onboard_seconds = 6, 20, 4, 4.0
     out = Path(args.out)
-    cfg = preset("tiny")
+    shipped = shipped_checkpoint()
+    shipped_model, _ = load_checkpoint(shipped)
+    cfg = shipped_model.config
     summary: dict = {}
     t_all = time.perf_counter()
 
@@ -71,13 +79,20 @@ def main(args: argparse.Namespace) -> int:
     else:
         model = train(cfg, ds, ckpt, TrainConfig(steps=args.train_steps, checkpoint_every=max(args.train_steps, 1)))
     print(f"      checkpoint -> {ckpt} ({time.perf_counter() - t:.1f} s)")
+    prov = provenance()
+    print(f"      shipped checkpoint {shipped}: {prov['steps']} steps of the same training, reproduced by\n"
+          f"        {prov['command']}")
 
     t = _step(3, f"closed-loop evaluation on {args.eval_episodes} held-out seeds")
     results = [evaluate_expert(args.eval_episodes), evaluate(random_policy(), args.eval_episodes, name="random"),
-               evaluate(TorchPolicy(model), args.eval_episodes, name="tiny (PyTorch, 10 steps)")]
+               evaluate(TorchPolicy(model), args.eval_episodes, name=f"tiny, this run ({args.train_steps} steps)"),
+               evaluate(TorchPolicy(shipped_model), args.eval_episodes,
+                        name=f"tiny, shipped ({prov['steps']} steps, PyTorch, 10 steps)")]
     for r in results:
         print(f"      {r}")
     summary["evaluation"] = [r.as_dict() for r in results]
+    if args.deploy == "shipped":
+        model, ckpt = shipped_model, shipped
 
     t = _step(4, "export bundles (FP32, INT8) with numerics check and TensorRT lint")
     bundles = {}
@@ -91,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
 
     t = _step(5, "the INT8 bundle through the onnxruntime runtime")
     policy = Policy.load(bundles["int8"])
-    r = evaluate(lambda obs: policy.infer(obs).actions, args.eval_episodes, name="tiny INT8 bundle (runtime)")
+    r = evaluate(lambda obs: policy.infer(obs).actions, args.eval_episodes, name=f"tiny INT8 bundle of {ckpt} (runtime)")
     print(f"      {r}")
     summary["evaluation"].append(r.as_dict())
     obs = dataset.generate(range(1))  # one real observation for timing
