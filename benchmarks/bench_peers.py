@@ -60,7 +60,7 @@ torch = pytest.importorskip("torch")
 
 # bench_runtime.py's baseline and helpers, not copies (benchmarks/ is on sys.path under pytest's rootdir
 # import mode; tests/runtime/test_bench_peers.py prepends it).
-from bench_runtime import Series, eager_chunk, observation  # noqa: E402
+from bench_runtime import Series, eager_chunk, interleaved_rounds, observation  # noqa: E402
 
 from edge_vla.export.data import observation_tensors  # noqa: E402
 from edge_vla.runtime.compare import Metrics  # noqa: E402
@@ -535,19 +535,12 @@ def test_peers(name: str, steps: int, threads: int, benchmark: Any, bench_models
     for p, pol in policies.items():
         add(f"edge-vla runtime {p}", lambda pol=pol: pol.infer(obs), p, _rel_l2(fp32, ref[p]))
 
-    rnd = [0]
 
-    def one_round() -> None:
-        k = rnd[0] % len(runners)  # rotate the order so that no contender always runs first
-        for fn in runners[k:] + runners[:k]:
-            fn()
-        rnd[0] += 1
+    def reset() -> None:
+        for r in rows:
+            r.series.total.clear()
 
-    for _ in range(WARMUP[name]):
-        one_round()
-    for r in rows:
-        r.series.total.clear()
-    benchmark.pedantic(one_round, rounds=ROUNDS[name], iterations=1)
+    interleaved_rounds(benchmark, runners, WARMUP[name], ROUNDS[name], reset)
     roof = meter.measure()
     for r in rows:
         r.floor = chunk_floor(costs[r.precision], steps, roof)

@@ -17,7 +17,6 @@ then the throughput that sizes a real run, at BENCH_THREADS (default 1) threads:
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from edge_vla.config import preset  # noqa: E402
-from edge_vla.export.compare_cli import chunk_flops  # noqa: E402
+from edge_vla.export.compare_cli import chunk_flops, latency_ms  # noqa: E402
 from edge_vla.export.distill import ObsPool  # noqa: E402
 from edge_vla.export.model import VLA, count_parameters, fake_inputs  # noqa: E402
 from edge_vla.export.pi0.checkpoint import open_pi0  # noqa: E402
@@ -49,17 +48,6 @@ BATCH = int(os.environ.get("BENCH_BATCH", "32"))
 TRAIN_STEPS = int(os.environ.get("BENCH_TRAIN_STEPS", "10"))
 
 
-def _median_ms(fn, iters: int = 10, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
 @pytest.mark.slow
 def test_pi0_teacher_vs_tiny_student(tmp_path: Path) -> None:
     torch.set_num_threads(THREADS)
@@ -76,14 +64,14 @@ def test_pi0_teacher_vs_tiny_student(tmp_path: Path) -> None:
 
     print(f"\nπ0 teacher {os.environ.get('BENCH_PI0_CONFIG') or 'reduced'}; batch 1, {THREADS} thread(s)")
     t_flops = pi0_chunk_flops(teacher, one)
-    t_ms = _median_ms(lambda: teacher.act(one, torch.zeros(1, teacher.chunk_len, teacher.action_dim)))
+    t_ms = latency_ms(lambda: teacher.act(one, torch.zeros(1, teacher.chunk_len, teacher.action_dim)))
     print(f"{'model':<24}{'params':>9}{'MFLOP/chunk':>13}{'x teacher':>11}{'ms eager':>10}{'x teacher':>11}")
     print(f"{'teacher π0 (10 steps)':<24}{count_parameters(model) / 1e6:>8.2f}M{t_flops / 1e6:>13.1f}{1:>11.3f}"
           f"{t_ms:>10.1f}{1:>11.3f}")
     for steps in (10, 2, 1):
         f = chunk_flops(student, steps)
         with torch.inference_mode():
-            ms = _median_ms(lambda s=steps: student.sample(inp["images"], inp["tokens"], inp["state"], inp["noise"],
+            ms = latency_ms(lambda s=steps: student.sample(inp["images"], inp["tokens"], inp["state"], inp["noise"],
                                                           steps=s))
         print(f"{f'student tiny ({steps} steps)':<24}{count_parameters(student) / 1e6:>8.2f}M{f / 1e6:>13.1f}"
               f"{f / t_flops:>11.3f}{ms:>10.1f}{ms / t_ms:>11.3f}")

@@ -70,6 +70,24 @@ class Series:
         return float(np.median(self.stages[stage]))
 
 
+def interleaved_rounds(benchmark: Any, runners: list[Callable[[], None]], warmup: int, rounds: int,
+                       reset: Callable[[], None]) -> None:
+    """Run every contender once per round, rotating the order so that no contender always runs first;
+    `reset` clears what the warm-up rounds recorded."""
+    rnd = [0]
+
+    def one_round() -> None:
+        k = rnd[0] % len(runners)
+        for fn in runners[k:] + runners[:k]:
+            fn()
+        rnd[0] += 1
+
+    for _ in range(warmup):
+        one_round()
+    reset()
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1)
+
+
 def observation(cfg: Any, seed: int = 0) -> Observation:
     rng = np.random.default_rng(seed)
     images = [rng.integers(0, 256, (cfg.image_size, cfg.image_size, 3), dtype=np.uint8) for _ in range(cfg.num_cameras)]
@@ -170,21 +188,14 @@ def test_runtime_vs_eager(name: str, steps: int, threads: int, benchmark: Any, b
 
     runners: list[Callable[[], None]] = [lambda: run_eager(series[0])]
     runners += [lambda s=s, p=p: run_policy(s, p) for s, p in zip(series[1:], policies.values())]
-    rnd = [0]
 
-    def one_round() -> None:
-        k = rnd[0] % len(runners)  # rotate the order so that no contender always runs first
-        for fn in runners[k:] + runners[:k]:
-            fn()
-        rnd[0] += 1
+    def reset() -> None:
+        for s in series:
+            s.total.clear()
+            for v in s.stages.values():
+                v.clear()
 
-    for _ in range(WARMUP[name]):
-        one_round()
-    for s in series:
-        s.total.clear()
-        for v in s.stages.values():
-            v.clear()
-    benchmark.pedantic(one_round, rounds=ROUNDS[name], iterations=1)
+    interleaved_rounds(benchmark, runners, WARMUP[name], ROUNDS[name], reset)
     report.append((name, steps, threads, series))
     eager = series[0]
     benchmark.extra_info.update({s.name: {"median_ms": s.median(), "p90_ms": s.p90()} for s in series})
