@@ -91,10 +91,13 @@ class Trajectory:
         self.cubic = interp == "cubic"
         p, t = self.points, self.knots
         m = np.zeros_like(p)
-        if self.n >= 2:
-            m[1:-1] = (p[2:] - p[:-2]) / (t[2:] - t[:-2])[:, None]
-        if self.n >= 1:
-            m[0] = (p[1] - p[0]) / (t[1] - t[0])
+        # A non-finite action gives non-finite tangents without a warning: the safety layer holds and
+        # counts non-finite setpoints (and the watchdog trips on them), so here they only pass through.
+        with np.errstate(invalid="ignore", over="ignore"):
+            if self.n >= 2:
+                m[1:-1] = (p[2:] - p[:-2]) / (t[2:] - t[:-2])[:, None]
+            if self.n >= 1:
+                m[0] = (p[1] - p[0]) / (t[1] - t[0])
         if start_velocity is not None:
             m[0] = np.asarray(start_velocity, np.float64)
         self.tangents = m
