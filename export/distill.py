@@ -8,7 +8,10 @@ Stage 1, knowledge distillation (DAgger-style):
     - flow matching on the teacher's action chunks (fresh noise), and
     - velocity matching: the student's velocity at the teacher's own Euler path points (x_t, t)
       against the teacher's velocity there. Students and teachers have different prefixes, so
-      outputs are matched, never internals.
+      outputs are matched, never internals;
+    - where every observation knows where the named block is (sim data), the same goal-location
+      auxiliary loss as `edge-vla train` (the student's training-only goal head): without it the tiny
+      conv student learns the task from behaviour cloning about as badly as from scratch (README).
 Stage 2, step distillation by reflow: the teacher's 10-step sampler maps noise x_0 to x_1; the
   student is fine-tuned on the straight paths between those pairs, so 1-2 Euler steps suffice.
   Reflow keeps the network signature velocity(x_t, t, prefix_kv) unchanged, so the ONNX export and
@@ -73,6 +76,7 @@ class DistillConfig:
     reflow_lr: float = 5e-4
     fast_steps: int = 2              # ODE steps the step-distilled student is configured for
     max_obs: int | None = None       # cap on dataset observations (None: all)
+    goal_weight: float = 0.5         # goal-location auxiliary loss where the pool has goals (0: off)
     target_batch: int = 256          # teacher batch size while generating targets
     seed: int = 0
     threads: int | None = None
@@ -86,6 +90,7 @@ class ObsPool:
     images: np.ndarray          # uint8 [N, C, S, S, 3]
     instructions: list[str]
     states: np.ndarray          # float32 [N, state_dim]
+    goals: np.ndarray | None = None  # float32 [N, 2] where the named block is (metres), if known for every row
 
     def __len__(self) -> int:
         return len(self.states)
@@ -94,26 +99,36 @@ class ObsPool:
         ids = np.asarray(list(idx) if not isinstance(idx, np.ndarray) else idx, dtype=np.int64)
         return ObsBatch.from_arrays(self.images[ids], [self.instructions[i] for i in ids], self.states[ids])
 
+    def goal_batch(self, idx: np.ndarray) -> Tensor | None:
+        return None if self.goals is None else torch.from_numpy(self.goals[np.asarray(idx, dtype=np.int64)])
+
     def subset(self, idx: Iterable[int]) -> ObsPool:
         ids = np.asarray(list(idx), dtype=np.int64)
-        return ObsPool(self.images[ids], [self.instructions[i] for i in ids], self.states[ids])
+        return ObsPool(self.images[ids], [self.instructions[i] for i in ids], self.states[ids],
+                       None if self.goals is None else self.goals[ids])
 
     def extend(self, other: ObsPool) -> ObsPool:
+        # Goals survive only if both parts know them: a partly-known goal loss would bias the batches.
+        goals = None if self.goals is None or other.goals is None else np.concatenate([self.goals, other.goals])
         return ObsPool(np.concatenate([self.images, other.images]), self.instructions + other.instructions,
-                       np.concatenate([self.states, other.states]))
+                       np.concatenate([self.states, other.states]), goals)
 
     @staticmethod
     def from_dataset(ds: Dataset, max_obs: int | None = None, seed: int = 0) -> ObsPool:
         n = len(ds)
         ids = np.arange(n) if not max_obs or max_obs >= n else np.sort(
             np.random.default_rng(seed).choice(n, max_obs, replace=False))
-        return ObsPool(ds.images[ids], [str(s) for s in ds.instructions[ids]], ds.states[ids].astype(np.float32))
+        goals = None if ds.goals is None else ds.goals[ids].astype(np.float32)
+        return ObsPool(ds.images[ids], [str(s) for s in ds.instructions[ids]], ds.states[ids].astype(np.float32),
+                       goals)
 
     @staticmethod
-    def from_observations(observations: list[Observation], num_cameras: int) -> ObsPool:
+    def from_observations(observations: list[Observation], num_cameras: int,
+                          goals: np.ndarray | None = None) -> ObsPool:
         return ObsPool(np.stack([np.stack(o.images[:num_cameras]) for o in observations]),
                        [o.instruction for o in observations],
-                       np.stack([np.asarray(o.state, dtype=np.float32) for o in observations]))
+                       np.stack([np.asarray(o.state, dtype=np.float32) for o in observations]),
+                       None if goals is None else np.asarray(goals, dtype=np.float32))
 
 
 @dataclass
@@ -205,27 +220,42 @@ class StudentObjective(nn.Module):
 
     def forward(self, images: Tensor, tokens: Tensor, state: Tensor, actions: Tensor, noise: Tensor, t: Tensor,
                 path_x: Tensor | None = None, path_t: Tensor | None = None, path_v: Tensor | None = None,
-                velocity_weight: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+                velocity_weight: float = 0.0, goals: Tensor | None = None,
+                goal_weight: float = 0.0) -> tuple[Tensor, dict[str, float]]:
         s = self.student
-        kv = s.prefix_kv(images, tokens, state)  # computed once, used by both terms
+        prefix = s.embed_prefix(images, tokens, state)
+        kv = torch.stack([blk.prefix_kv(prefix) for blk in s.expert])  # computed once, used by every term
         tt = t.view(-1, 1, 1)
         x_t = (1 - tt) * noise + tt * actions
-        loss_a = F.mse_loss(s.velocity(x_t, t, kv), actions - noise)
+        loss = loss_a = F.mse_loss(s.velocity(x_t, t, kv), actions - noise)
         stats = {"action": float(loss_a.detach())}
+        if goals is not None and goal_weight > 0 and s.goal is not None:
+            # As in VLA.flow_loss: table-normalised units, so the term is O(1) like the flow loss.
+            loss_g = F.mse_loss(s.goal(prefix.mean(dim=1)), (goals - 0.5) / 0.25)
+            stats["goal"] = float(loss_g.detach())
+            loss = loss + goal_weight * loss_g
         if path_x is None or path_v is None or path_t is None or velocity_weight <= 0:
-            return loss_a, stats
+            return loss, stats
         loss_v = F.mse_loss(s.velocity(path_x, path_t, kv), path_v)
         stats["velocity"] = float(loss_v.detach())
-        return loss_a + velocity_weight * loss_v, stats
+        return loss + velocity_weight * loss_v, stats
 
 
 def rollout_observations(act: Callable[[Observation], np.ndarray], seeds: Iterable[int], image_size: int,
                          num_cameras: int, execute: int = 4) -> list[Observation]:
     """Every observation a policy visits in closed loop on the given seeded episodes."""
+    return rollout_with_goals(act, seeds, image_size, num_cameras, execute)[0]
+
+
+def rollout_with_goals(act: Callable[[Observation], np.ndarray], seeds: Iterable[int], image_size: int,
+                       num_cameras: int, execute: int = 4) -> tuple[list[Observation], np.ndarray]:
+    """rollout_observations, plus where the named block was in each of them ([N, 2] metres)."""
     env = ReachEnv(image_size=image_size, num_cameras=num_cameras)
     seen: list[Observation] = []
+    goals: list[np.ndarray] = []
     for seed in seeds:
         obs = env.reset(seed)
+        goal = np.asarray(env.scene.target_xy, dtype=np.float32)
         done = False
         while not done:
             seen.append(obs)
@@ -238,7 +268,8 @@ def rollout_observations(act: Callable[[Observation], np.ndarray], seeds: Iterab
             # The last observation appended before replanning is the next chunk's input; drop the duplicate.
             if not done:
                 seen.pop()
-    return seen
+        goals.extend([goal] * (len(seen) - len(goals)))
+    return seen, np.stack(goals) if goals else np.zeros((0, 2), np.float32)
 
 
 def chunk_policy(teacher: Teacher, num_cameras: int, seed: int = 0) -> Callable[[Observation], np.ndarray]:
@@ -333,17 +364,23 @@ class Distiller:
         teacher_act = chunk_policy(self.teacher, scfg.num_cameras, seed)
         student_act = chunk_policy(VLATeacher(copy.deepcopy(self.student).eval()), scfg.num_cameras, seed)
         act = teacher_act if beta >= 1.0 else mixed_policy(teacher_act, student_act, beta, seed)
-        visited = rollout_observations(act, seeds, scfg.image_size, scfg.num_cameras, cfg.execute)
+        visited, goals = rollout_with_goals(act, seeds, scfg.image_size, scfg.num_cameras, cfg.execute)
         if not visited:
             return 0
         log.info("DAgger round %d (teacher share %.2f): %d states from %d episodes", round_idx, beta, len(visited),
                  len(seeds))
-        return self.add_observations(ObsPool.from_observations(visited, scfg.num_cameras), seed)
+        return self.add_observations(ObsPool.from_observations(visited, scfg.num_cameras, goals), seed)
 
     # --- training --------------------------------------------------------------------------------------
     def _batch(self, targets: Targets, bs: int, device: torch.device) -> tuple[ObsBatch, Tensor]:
         rows = torch.randint(0, len(targets), (bs,), generator=self.gen)
         return self.pool.batch(targets.obs_index[rows].numpy()).to(device), rows
+
+    def _goal_kw(self, targets: Targets, rows: Tensor, device: torch.device) -> dict:
+        goals = self.pool.goal_batch(targets.obs_index[rows].numpy())
+        if goals is None or self.cfg.goal_weight <= 0 or self.student.goal is None:
+            return {}
+        return {"goals": goals.to(device), "goal_weight": self.cfg.goal_weight}
 
     def _inputs(self, obs: ObsBatch) -> tuple[Tensor, Tensor, Tensor]:
         n = self.student.config.num_cameras
@@ -376,12 +413,12 @@ class Distiller:
             actions = targets.actions[rows].to(dev)
             noise = torch.randn(actions.shape, generator=self.gen).to(dev)  # fresh: plain flow matching
             t = torch.rand(len(rows), generator=self.gen).to(dev)
-            kw = {}
+            kw = self._goal_kw(targets, rows, dev)
             if use_v:
                 assert targets.path_x is not None and targets.path_v is not None and targets.path_t is not None
                 k = torch.randint(0, targets.path_x.shape[1], (len(rows),), generator=self.gen)
-                kw = {"path_x": targets.path_x[rows, k].to(dev), "path_v": targets.path_v[rows, k].to(dev),
-                      "path_t": targets.path_t[k].float().to(dev), "velocity_weight": cfg.velocity_weight}
+                kw |= {"path_x": targets.path_x[rows, k].to(dev), "path_v": targets.path_v[rows, k].to(dev),
+                       "path_t": targets.path_t[k].float().to(dev), "velocity_weight": cfg.velocity_weight}
             return objective(*self._inputs(obs), actions, noise, t, **kw)
 
         self._fit(steps, start, total, cfg.lr, step_fn, opt, "distill")
@@ -400,22 +437,24 @@ class Distiller:
             t = torch.rand(n, generator=self.gen)
             grid = torch.tensor([0.0, 0.5])[torch.randint(0, 2, (n,), generator=self.gen)]
             t = torch.where(torch.rand(n, generator=self.gen) < 0.5, grid, t)
-            return objective(*self._inputs(obs), targets.actions[rows].to(dev), targets.noise[rows].to(dev), t.to(dev))
+            return objective(*self._inputs(obs), targets.actions[rows].to(dev), targets.noise[rows].to(dev), t.to(dev),
+                             **self._goal_kw(targets, rows, dev))
 
         self._fit(steps, 0, steps, cfg.reflow_lr, step_fn, opt, "reflow")
 
 
-def new_student(config: VLAConfig, seed: int = 0, init: VLA | None = None) -> VLA:
-    # Distillation has no goal targets: the training-only goal head would be a parameter without a gradient
-    # (which DistributedDataParallel refuses), so students are built without it.
-    config = dataclasses.replace(config, goal_head=False)
+def new_student(config: VLAConfig, seed: int = 0, init: VLA | None = None, goals: bool = False) -> VLA:
+    """The student; with a training-only goal head only when every observation has a goal target (`goals`):
+    a head without a gradient is a parameter that DistributedDataParallel refuses."""
+    config = dataclasses.replace(config, goal_head=config.goal_head and goals)
     torch.manual_seed(seed)  # identical initial weights on every rank
     student = VLA(config)
     if init is not None:
-        if dataclasses.replace(init.config, goal_head=False) != config:
+        if dataclasses.replace(init.config, goal_head=config.goal_head) != config:
             raise ConfigError(f"--student-init has preset {init.config.preset!r} but the student is "
                               f"{config.preset!r}; pass a checkpoint of the student's preset")
-        student.load_state_dict({k: v for k, v in init.state_dict().items() if not k.startswith("goal.")})
+        weights = {k: v for k, v in init.state_dict().items() if config.goal_head or not k.startswith("goal.")}
+        student.load_state_dict(weights, strict=not (config.goal_head and init.goal is None))
     return student.train()
 
 
@@ -441,7 +480,8 @@ def _distill(teacher: Teacher, student_config: VLAConfig, pool: ObsPool, cfg: Di
              out: str | Path | None, student_init: VLA | None, progress: bool, ctx: DistContext,
              data_meta: dict | None = None) -> DistillResult:
     t0 = time.perf_counter()
-    student = new_student(student_config, cfg.seed, student_init).to(ctx.device)
+    goals = pool.goals is not None and cfg.goal_weight > 0
+    student = new_student(student_config, cfg.seed, student_init, goals=goals).to(ctx.device)
     teacher_model = getattr(teacher, "model", None)  # VLATeacher and the π0 teacher hold a torch module
     if isinstance(teacher_model, nn.Module):
         teacher_model.to(ctx.device)

@@ -36,6 +36,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--velocity-weight", type=float, default=d.velocity_weight,
                         help="weight of matching the teacher's velocity field (0: actions only)")
     parser.add_argument("--samples-per-obs", type=int, default=d.samples_per_obs)
+    parser.add_argument("--goal-weight", type=float, default=d.goal_weight,
+                        help="goal-location auxiliary loss for the student where the data knows the named block's "
+                             "position (the sim's datasets; 0: off)")
     parser.add_argument("--dagger-rounds", type=int, default=d.dagger_rounds,
                         help="closed-loop collection rounds (teacher first, then more and more student)")
     parser.add_argument("--dagger-episodes", type=int, default=d.dagger_episodes)
@@ -85,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
         init, _ = load_checkpoint(args.student_init)
     cfg = DistillConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, velocity_weight=args.velocity_weight,
-        samples_per_obs=args.samples_per_obs, dagger_rounds=args.dagger_rounds,
+        samples_per_obs=args.samples_per_obs, goal_weight=args.goal_weight, dagger_rounds=args.dagger_rounds,
         dagger_episodes=args.dagger_episodes, dagger_beta=args.dagger_beta, reflow_steps=args.reflow_steps,
         reflow_lr=args.reflow_lr, fast_steps=args.fast_steps, seed=args.seed, threads=args.threads,
         device=args.device,

@@ -19,6 +19,7 @@ from edge_vla.export.distill import (
     generate_targets,
     new_student,
     rollout_observations,
+    rollout_with_goals,
 )
 from edge_vla.export.model import VLA
 from edge_vla.export.teacher import FlowTeacher, FunctionTeacher, ObsBatch, Teacher, VLATeacher
@@ -162,3 +163,32 @@ def test_student_init_must_match_and_is_loaded() -> None:
     assert torch.equal(new_student(STUDENT, init=init).action_out.weight, init.action_out.weight)
     with pytest.raises(ConfigError, match="student-init"):
         new_student(STUDENT, init=VLA(dataclasses.replace(STUDENT, expert_depth=2)))
+
+
+def test_goal_loss_trains_the_student_goal_head_where_data_has_goals(distilled, pool: ObsPool) -> None:
+    # The sim's pool knows where the named block is, and the DAgger round's rollouts record it too.
+    assert pool.goals is not None and pool.goals.shape == (len(pool), 2)
+    assert distilled.student.goal is not None
+    goal_losses = [h["goal"] for h in distilled.history if h.get("stage") == "distill"]
+    assert len(goal_losses) >= 3 and goal_losses[-1] < goal_losses[0], goal_losses
+
+
+def test_no_goal_head_without_goals(pool: ObsPool) -> None:
+    fn = FunctionTeacher(lambda obs, noise: torch.zeros(len(obs), 8, 2) + 0.1 * obs.state[:, None, :],
+                         chunk_len=8, action_dim=2)
+    blind = dataclasses.replace(pool, goals=None)
+    res = distill(fn, STUDENT, blind, DistillConfig(steps=4, batch_size=8, warmup=1, dagger_rounds=0, device="cpu"),
+                  progress=False)
+    assert res.student.goal is None and not any("goal" in h for h in res.history)
+    # A partly known goal set is dropped rather than biasing the batches.
+    assert pool.extend(blind).goals is None
+
+
+def test_rollout_goals_are_the_named_block() -> None:
+    seen, goals = rollout_with_goals(lambda o: np.repeat(o.state[None], 8, 0), [3, 4], 16, 1, execute=8)
+    assert goals.shape == (len(seen), 2)
+    from edge_vla.sim.env import ReachEnv
+
+    env = ReachEnv(image_size=16, num_cameras=1)
+    env.reset(4)
+    assert np.allclose(goals[-1], env.scene.target_xy) and not np.allclose(goals[0], goals[-1])
