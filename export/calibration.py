@@ -12,6 +12,7 @@ from edge_vla.errors import EdgeVlaError
 from edge_vla.runtime.flow import REFERENCE_FLOW, integrate
 from edge_vla.sim import dataset
 from edge_vla.sim.metaworld import is_metaworld
+from edge_vla.sim.splits import is_sim, sim_split
 
 from .data import TensorDataset
 from .lerobot.hooks import calibration_data, is_lerobot_source
@@ -23,8 +24,8 @@ CALIB_SEED_BASE = 500_000  # away from training seeds and from held-out evaluati
 
 def load_observations(config: VLAConfig, source: str | Path | None, count: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """images/tokens/state tensors for `count` observations: the sim's by default, a user .npz / folder,
-    lerobot:PATH (frames from a LeRobot dataset's training episodes) or metaworld:TASKS (fresh expert
-    episodes on calibration seeds, every 4th step rendered)."""
+    lerobot:PATH (frames from a LeRobot dataset's training episodes), metaworld:TASKS (fresh expert
+    episodes on calibration seeds, every 4th step rendered) or sim / sim:hard (a split of the sim)."""
     if is_lerobot_source(source):
         ds = calibration_data(str(source), config, count)
     elif is_metaworld(source):
@@ -34,9 +35,10 @@ def load_observations(config: VLAConfig, source: str | Path | None, count: int, 
         n = metaworld.episodes_for(count, len(spec.tasks))
         ds = metaworld.generate(spec, range(metaworld.CALIB_SEED_BASE + seed, metaworld.CALIB_SEED_BASE + seed + n),
                                 config.image_size, config.num_cameras, frame_every=4)
-    elif source is None:
+    elif source is None or is_sim(source):
         ds = dataset.generate(range(CALIB_SEED_BASE + seed, CALIB_SEED_BASE + seed + max(1, count // 4)),
-                              config.image_size, config.num_cameras)
+                              config.image_size, config.num_cameras,
+                              split="base" if source is None else sim_split(str(source)))
     else:
         path = Path(source)
         files = sorted(path.glob("*.npz")) if path.is_dir() else [path]

@@ -78,6 +78,7 @@ class DistillConfig:
     max_obs: int | None = None       # cap on dataset observations (None: all)
     goal_weight: float = 0.5         # goal-location auxiliary loss where the pool has goals (0: off)
     target_batch: int = 256          # teacher batch size while generating targets
+    split: str = "base"              # the sim split DAgger rolls out in (the dataset's, see distill_cli)
     seed: int = 0
     threads: int | None = None
     device: str = "auto"
@@ -248,9 +249,9 @@ def rollout_observations(act: Callable[[Observation], np.ndarray], seeds: Iterab
 
 
 def rollout_with_goals(act: Callable[[Observation], np.ndarray], seeds: Iterable[int], image_size: int,
-                       num_cameras: int, execute: int = 4) -> tuple[list[Observation], np.ndarray]:
+                       num_cameras: int, execute: int = 4, split: str = "base") -> tuple[list[Observation], np.ndarray]:
     """rollout_observations, plus where the named block was in each of them ([N, 2] metres)."""
-    env = ReachEnv(image_size=image_size, num_cameras=num_cameras)
+    env = ReachEnv(image_size=image_size, num_cameras=num_cameras, split=split)
     seen: list[Observation] = []
     goals: list[np.ndarray] = []
     for seed in seeds:
@@ -364,7 +365,7 @@ class Distiller:
         teacher_act = chunk_policy(self.teacher, scfg.num_cameras, seed)
         student_act = chunk_policy(VLATeacher(copy.deepcopy(self.student).eval()), scfg.num_cameras, seed)
         act = teacher_act if beta >= 1.0 else mixed_policy(teacher_act, student_act, beta, seed)
-        visited, goals = rollout_with_goals(act, seeds, scfg.image_size, scfg.num_cameras, cfg.execute)
+        visited, goals = rollout_with_goals(act, seeds, scfg.image_size, scfg.num_cameras, cfg.execute, cfg.split)
         if not visited:
             return 0
         log.info("DAgger round %d (teacher share %.2f): %d states from %d episodes", round_idx, beta, len(visited),

@@ -10,6 +10,7 @@ from pathlib import Path
 from edge_vla.config import PRESETS, preset
 from edge_vla.errors import ConfigError
 from edge_vla.sim import dataset
+from edge_vla.sim.splits import meta_split
 
 from .distill import DistillConfig, ObsPool, distill
 from .envs import dataset_env, student_config
@@ -58,6 +59,7 @@ def main(args: argparse.Namespace) -> int:
                          state_dim=teacher.state_dim)
     data_path = Path(args.data)
     data_meta = None
+    split = "base"
     if is_lerobot_source(args.data) and not isinstance(teacher, VLATeacher):
         raise ConfigError("distilling a π0 teacher on recorded (lerobot:) data is not supported yet; use a sim "
                           "dataset (`edge-vla make-data`) or an edge-vla teacher checkpoint")
@@ -73,6 +75,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     else:
         ds = dataset.load(data_path)
+        split = meta_split(ds.meta)
+        if split != "base":  # DAgger rolls out in the data's split; the student's checkpoint records it
+            data_meta = ds.meta
         if dataset_env(ds.meta) is not None:
             student_cfg = student_config(student_cfg, teacher.model.config, ds.meta)
             data_meta = ds.meta  # the student's bundle then declares MetaWorld's action space and cameras
@@ -91,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
         samples_per_obs=args.samples_per_obs, goal_weight=args.goal_weight, dagger_rounds=args.dagger_rounds,
         dagger_episodes=args.dagger_episodes, dagger_beta=args.dagger_beta, reflow_steps=args.reflow_steps,
         reflow_lr=args.reflow_lr, fast_steps=args.fast_steps, seed=args.seed, threads=args.threads,
-        device=args.device,
+        device=args.device, split=split,
     )
     res = distill(teacher, student_cfg, pool, cfg, out=args.output, student_init=init, data_meta=data_meta)
     out = Path(args.output)

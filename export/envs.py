@@ -3,7 +3,8 @@ CLIs change by a line). The sim (the default) passes through every function unch
 
 A MetaWorld dataset's meta records its environment (`env`, e.g. `metaworld:mt10?cameras=corner2,gripperPOV`)
 and action space; training copies the dataset meta into the checkpoint, export into the bundle's provenance,
-so every later command finds the environment without being told.
+so every later command finds the environment without being told. The sim's hard split works the same way:
+its dataset meta says `split: hard`, and `target_env` / `export_options` read it from there.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from edge_vla.config import VLAConfig
 from edge_vla.errors import EdgeVlaError
 from edge_vla.sim.dataset import Dataset
 from edge_vla.sim.metaworld import MetaWorldSpec, camera_entries, is_metaworld
+from edge_vla.sim.splits import meta_split, sim_env
 
 
 def dataset_env(meta: dict[str, Any] | None) -> str | None:
@@ -54,7 +56,12 @@ def export_options(opts: Any, meta: dict[str, Any]) -> Any:
     fresh MetaWorld observations (calibration seeds) unless --calib names a dataset."""
     env = dataset_env(meta.get("dataset"))
     if env is None:
-        return opts
+        split = meta_split(meta.get("dataset"))
+        if split == "base":
+            return opts
+        # A sim split other than base: calibrate and check numerics on that split's observations.
+        return dataclasses.replace(opts, calib=opts.calib or sim_env(split),
+                                   observations=opts.observations or sim_env(split))
     data = meta["dataset"]
     spec = MetaWorldSpec.parse(env)
     cams = spec.cameras or spec.camera_names(int(data.get("num_cameras", 1)))
@@ -68,7 +75,8 @@ def export_options(opts: Any, meta: dict[str, Any]) -> Any:
 
 
 def target_env(target: str) -> str | None:
-    """The environment a checkpoint or bundle directory was trained in (None: the sim, or not a model)."""
+    """The environment a checkpoint or bundle directory was trained in: a MetaWorld spec, `sim:<split>` for a
+    sim split other than base, None for the base sim (or not a model)."""
     path = Path(target.partition("@")[0])
     meta: Any = None
     try:
@@ -80,7 +88,10 @@ def target_env(target: str) -> str | None:
             meta = read_config(path)[1].get("dataset")
     except (OSError, ValueError, EdgeVlaError):  # not an edge-vla checkpoint (e.g. transformers π0): the sim
         return None
-    return dataset_env(meta)
+    env = dataset_env(meta)
+    if env is None and meta_split(meta) != "base":
+        return sim_env(meta_split(meta))
+    return env
 
 
 def resolve_env(env: str | None, targets: list[str]) -> str:

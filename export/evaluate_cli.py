@@ -6,6 +6,8 @@ with the first pair by pair (`paired_difference`): that is how the compression t
 action-error check on a recorded dataset's held-out episodes instead (for robots without a simulator).
 With --env metaworld:TASKS (the default for a model trained on MetaWorld), every contender runs --episodes
 held-out episodes per task, reported per task and per difficulty group beside the published anchors.
+--env sim:hard runs the sim's hard split (the default for a model trained on it); a model trained on the
+base split is evaluated on hard only when asked (`--env sim:hard`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from edge_vla.sim.evaluate import (
     random_policy,
 )
 from edge_vla.sim.metaworld import is_metaworld
+from edge_vla.sim.splits import is_sim, sim_split
 
 from .envs import resolve_env
 
@@ -68,11 +71,11 @@ class Contender:
     num_cameras: int = 1
     dims: tuple[int, int] | None = None  # (state, action) dims of a model
 
-    def run(self, episodes: int, seed_base: int, target_shift: int = 0) -> EvalResult:
+    def run(self, episodes: int, seed_base: int, target_shift: int = 0, split: str = "base") -> EvalResult:
         if self.name == "expert":
-            return evaluate_expert(episodes, seed_base, target_shift=target_shift)
+            return evaluate_expert(episodes, seed_base, target_shift=target_shift, split=split)
         return evaluate(self.act, episodes, seed_base, image_size=self.image_size, num_cameras=self.num_cameras,
-                        name=self.name, target_shift=target_shift, reseed=self.reseed)
+                        name=self.name, target_shift=target_shift, reseed=self.reseed, split=split)
 
     def run_metaworld(self, env: str, episodes: int, seed_base: int) -> Any:
         from edge_vla.sim import metaworld
@@ -143,24 +146,31 @@ def main(args: argparse.Namespace) -> int:
 
         if len(args.targets) != 1:
             raise EdgeVlaError("--onboard evaluates one bundle directory (or expert) at a time")
+        onboard_env = resolve_env(args.env, args.targets)
+        if not is_sim(onboard_env) or sim_split(onboard_env) != "base":
+            raise ConfigError(f"--onboard runs the sim's base split only, not {onboard_env!r}; drop --onboard to "
+                              "evaluate offline")
         compare(args.targets[0], args.episodes, args.seed_base, OnboardEvalConfig(steps=args.steps), args.json_out)
         return 0
     env = resolve_env(args.env, args.targets)
-    if env != "sim" and not is_metaworld(env):
+    if not is_sim(env) and not is_metaworld(env):
         raise ConfigError(f"--env {env!r}: use {ENV_HELP}")
+    split = sim_split(env) if is_sim(env) else "base"  # an unknown sim:SPLIT fails here, before loading models
     contenders = [load_contender(t, args.steps, args.solver) for t in args.targets]
     if is_metaworld(env):
         return _metaworld(args, env, contenders)
+    if split != "base":
+        print(f"sim split: {split}")
     rows: list[dict] = []
     base: list[EvalResult] = []
     swapped: list[EvalResult] = []
     for c in contenders:
-        result = c.run(args.episodes, args.seed_base)
+        result = c.run(args.episodes, args.seed_base, split=split)
         base.append(result)
         print(result)
         row = {"result": result.as_dict()}
         if args.sensitivity:
-            other = c.run(args.episodes, args.seed_base, target_shift=1)
+            other = c.run(args.episodes, args.seed_base, target_shift=1, split=split)
             swapped.append(other)
             print(f"  instruction sensitivity (another block named in the same layout): {_pct(other)}")
             row["instruction_sensitivity"] = other.as_dict()
@@ -172,7 +182,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"paired{label}: {diff}")
             pairs.append(diff.as_dict() | {"swapped_instruction": bool(label)})
     if args.json_out:
-        doc = {"episodes": args.episodes, "seed_base": args.seed_base, "contenders": rows, "paired": pairs}
+        doc = {"env": env, "split": split, "episodes": args.episodes, "seed_base": args.seed_base,
+               "contenders": rows, "paired": pairs}
         with atomic_write(Path(args.json_out), "w") as f:
             f.write(json.dumps(doc, indent=2) + "\n")
     return 0

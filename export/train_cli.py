@@ -13,6 +13,7 @@ from edge_vla.errors import ConfigError
 from edge_vla.sim import dataset
 from edge_vla.sim.cli import ENV_HELP
 from edge_vla.sim.metaworld import is_metaworld
+from edge_vla.sim.splits import sim_split
 
 from .envs import training_config
 from .lerobot.hooks import is_lerobot_source, training_data
@@ -89,7 +90,9 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--pi0-config needs --family pi0")
     cfg = preset(args.preset, **parse_overrides(args.set))
     mw = is_metaworld(args.env)
-    data = args.data or ("runs/data/metaworld.npz" if mw else "runs/data/reach.npz")
+    split = "base" if mw else sim_split(args.env)
+    data = args.data or ("runs/data/metaworld.npz" if mw else "runs/data/reach.npz" if split == "base"
+                         else f"runs/data/reach_{split}.npz")
     data_path = Path(data)
     if is_lerobot_source(data):
         cfg, ds = training_data(data, cfg)
@@ -102,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
 
                 made = metaworld.generate(args.env, range(args.episodes), cfg.image_size, cfg.num_cameras)
             else:
-                made = dataset.generate(range(args.episodes), cfg.image_size, cfg.num_cameras)
+                made = dataset.generate(range(args.episodes), cfg.image_size, cfg.num_cameras, split=split)
             dataset.save(made, data_path)
         ds = dataset.load(data_path)
         cfg = training_config(cfg, ds)
@@ -115,9 +118,10 @@ def main(args: argparse.Namespace) -> int:
 def _train_pi0(args: argparse.Namespace, tc: TrainConfig) -> int:
     from .pi0.train import resolve_config, train_pi0
 
-    args.data = args.data or "runs/data/reach.npz"
     if is_metaworld(args.env):
         raise ConfigError("--family pi0 trains on the project's sim for now; MetaWorld data is not supported for it")
+    split = sim_split(args.env)
+    args.data = args.data or ("runs/data/reach.npz" if split == "base" else f"runs/data/reach_{split}.npz")
     if is_lerobot_source(args.data):
         raise ConfigError("--family pi0 trains on sim datasets (`edge-vla make-data`); lerobot: data is not "
                           "supported for it yet")
@@ -125,7 +129,7 @@ def _train_pi0(args: argparse.Namespace, tc: TrainConfig) -> int:
     data_path = Path(args.data)
     if not data_path.exists():
         print(f"{data_path} not found: generating {args.episodes} expert episodes")
-        dataset.save(dataset.generate(range(args.episodes)), data_path)
+        dataset.save(dataset.generate(range(args.episodes), split=split), data_path)
     out = train_pi0(dataset.load(data_path), args.output or "runs/pi0", tc, overrides, resume=args.resume)
     print(f"π0 checkpoint written to {out} (transformers format + processor + robot.json); export it with "
           f"`edge-vla export {out} -o BUNDLE`, distill it with `edge-vla distill --teacher {out}`")

@@ -8,8 +8,10 @@ import logging
 from edge_vla.errors import ConfigError
 from edge_vla.sim import dataset
 from edge_vla.sim.metaworld import is_metaworld
+from edge_vla.sim.splits import is_sim, sim_env, sim_split
 
-ENV_HELP = ("sim (default: the project's reaching task) or metaworld:TASKS[?cameras=A,B&horizon=N], e.g. "
+ENV_HELP = ("sim (default: the project's reaching task; = sim:base), sim:hard (its harder split: 5 blocks of 7 "
+            "colours, lighting and colour jitter, distractors) or metaworld:TASKS[?cameras=A,B&horizon=N], e.g. "
             "metaworld:reach-v3,push-v3 or metaworld:mt10 (pip install 'edge-vla[metaworld]')")
 
 log = logging.getLogger(__name__)
@@ -19,7 +21,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env", default="sim", help=ENV_HELP)
     parser.add_argument("-o", "--output", default=None,
                         help="output .npz file, or directory with --format lerobot (default runs/data/reach.npz / "
-                        "runs/data/reach_lerobot)")
+                        "runs/data/reach_lerobot; sim:hard: runs/data/reach_hard.npz / runs/data/reach_hard_lerobot)")
     parser.add_argument("--format", choices=["npz", "lerobot"], default="npz",
                         help="lerobot: LeRobot's dataset layout (parquet + mp4), read back with --data lerobot:DIR")
     parser.add_argument("--lerobot-version", choices=["v3.0", "v2.1"], default="v3.0")
@@ -36,25 +38,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.env != "sim":
+    if not is_sim(args.env):
         return _metaworld(args)
+    split = sim_split(args.env)
+    suffix = "" if split == "base" else f"_{split}"
     args.noise = 0.15 if args.noise is None else args.noise
     ds = dataset.generate(
-        range(args.seed, args.seed + args.episodes), args.image_size, args.cameras, noise=args.noise
+        range(args.seed, args.seed + args.episodes), args.image_size, args.cameras, noise=args.noise, split=split
     )
     if args.format == "lerobot":
         # Workstation side (pyarrow, av); imported only for this format.
         from edge_vla.export.lerobot import write_dataset
         from edge_vla.sim.scene import JOINT_NAMES
 
-        path = write_dataset(ds, args.output or "runs/data/reach_lerobot", version=args.lerobot_version,
+        path = write_dataset(ds, args.output or f"runs/data/reach{suffix}_lerobot", version=args.lerobot_version,
                              encoder=args.video_codec, state_names=list(JOINT_NAMES), action_names=list(JOINT_NAMES),
                              overwrite=True)
         print(f"wrote {len(ds)} frames from {args.episodes} episodes to {path} (LeRobot {args.lerobot_version}); "
               f"train on it with --data lerobot:{path}")
         return 0
-    path = dataset.save(ds, args.output or "runs/data/reach.npz")
-    print(f"wrote {len(ds)} samples from {args.episodes} episodes to {path}")
+    path = dataset.save(ds, args.output or f"runs/data/reach{suffix}.npz")
+    print(f"wrote {len(ds)} samples from {args.episodes} episodes of {sim_env(split)} to {path}")
     return 0
 
 

@@ -7,6 +7,7 @@ The executed actions are perturbed (DART-style) so the data covers recoveries fr
 With `counterfactual` (the default) every layout is demonstrated once per block, each time with that
 block named: pairs of samples that differ only in the instruction, so a policy cannot do well
 without reading it (with one instruction per layout it can settle for "some block").
+`split` picks the sim's split (scene.SPLITS); a hard-split dataset says so in meta["split"] and meta["env"].
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from edge_vla.atomic import atomic_write
 from edge_vla.errors import EdgeVlaError
 from edge_vla.sim.env import ReachEnv
 from edge_vla.sim.expert import PLAN_ACCEL, expert_chunk
-from edge_vla.sim.scene import NUM_BLOCKS
+from edge_vla.sim.scene import get_split
 
 DATASET_CHUNK = 16
 FORMAT_VERSION = 1
@@ -50,11 +51,11 @@ class Dataset:
 
 def generate(
     seeds: range, image_size: int = 64, num_cameras: int = 1, noise: float = 0.15, chunk_len: int = DATASET_CHUNK,
-    counterfactual: bool = True,
+    counterfactual: bool = True, split: str = "base",
 ) -> Dataset:
-    env = ReachEnv(image_size=image_size, num_cameras=num_cameras)
+    env = ReachEnv(image_size=image_size, num_cameras=num_cameras, split=split)
     images, instr, states, actions, episodes, goals = [], [], [], [], [], []
-    targets: list[int | None] = list(range(NUM_BLOCKS)) if counterfactual else [None]
+    targets: list[int | None] = list(range(get_split(split).num_blocks)) if counterfactual else [None]
     for seed in seeds:
         for k, target in enumerate(targets):
             obs = env.reset(seed, target=target)
@@ -71,6 +72,19 @@ def generate(
                 goals.append(env.scene.target_xy)
                 executed = plan[0] + rng.normal(0.0, noise, size=2).astype(np.float32) * (rng.random() < 0.5)
                 obs, _, done = env.step(executed)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "task": "reach",
+        "image_size": image_size,
+        "num_cameras": num_cameras,
+        "seeds": [seeds.start, seeds.stop],
+        "noise": noise,
+        "counterfactual": counterfactual,
+        "action_period_s": env.action_period_s,
+        "expert_max_accel": [float(a) for a in PLAN_ACCEL],  # plans brake within this (issue 13)
+    }
+    if split != "base":  # base metas stay as they were before splits existed (no key means base)
+        meta |= {"split": split, "env": f"sim:{split}"}
     return Dataset(
         images=np.stack(images),
         instructions=np.array(instr),
@@ -78,17 +92,7 @@ def generate(
         actions=np.stack(actions).astype(np.float32),
         episodes=np.array(episodes, dtype=np.int32),
         goals=np.stack(goals).astype(np.float32),
-        meta={
-            "format_version": FORMAT_VERSION,
-            "task": "reach",
-            "image_size": image_size,
-            "num_cameras": num_cameras,
-            "seeds": [seeds.start, seeds.stop],
-            "noise": noise,
-            "counterfactual": counterfactual,
-            "action_period_s": env.action_period_s,
-            "expert_max_accel": [float(a) for a in PLAN_ACCEL],  # plans brake within this (issue 13)
-        },
+        meta=meta,
     )
 
 

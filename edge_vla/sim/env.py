@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from edge_vla.runtime.types import Observation
-from edge_vla.sim.scene import HOME, JOINT_LOWER, JOINT_UPPER, JOINT_VEL_LIMIT, Scene
+from edge_vla.sim.scene import HOME, JOINT_LOWER, JOINT_UPPER, JOINT_VEL_LIMIT, Scene, get_split
 
 ACTION_PERIOD_S = 0.1
 MAX_STEPS = 30
@@ -16,7 +16,10 @@ class ReachEnv:
 
     action_period_s = ACTION_PERIOD_S
 
-    def __init__(self, image_size: int = 64, num_cameras: int = 1, max_steps: int = MAX_STEPS) -> None:
+    def __init__(self, image_size: int = 64, num_cameras: int = 1, max_steps: int = MAX_STEPS,
+                 split: str = "base") -> None:
+        get_split(split)  # fail at construction on an unknown split
+        self.split = split
         self.image_size = image_size
         self.num_cameras = num_cameras
         self.max_steps = max_steps
@@ -27,7 +30,7 @@ class ReachEnv:
     def reset(self, seed: int, target: int | None = None) -> Observation:
         """A seeded episode; `target` names another block of the same layout (same start pose) instead."""
         rng = np.random.default_rng(seed)
-        self.scene = Scene.sample(rng)
+        self.scene = Scene.sample(rng, self.split)
         if target is not None:
             self.scene = self.scene.with_target(target)
         self.q = (HOME + rng.uniform(-0.3, 0.3, size=2)).astype(np.float32)

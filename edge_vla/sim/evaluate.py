@@ -17,7 +17,7 @@ import numpy as np
 from edge_vla.runtime.types import Observation
 from edge_vla.sim.env import ReachEnv
 from edge_vla.sim.expert import expert_chunk
-from edge_vla.sim.scene import JOINT_LOWER, JOINT_UPPER, NUM_BLOCKS
+from edge_vla.sim.scene import JOINT_LOWER, JOINT_UPPER
 
 # Held-out seeds start here; training data uses seeds below it.
 EVAL_SEED_BASE = 1_000_000
@@ -75,19 +75,22 @@ def evaluate(
     env: ReachEnv | None = None,
     target_shift: int = 0,
     reseed: Reseed | None = None,
+    split: str = "base",
 ) -> EvalResult:
     """Run `episodes` seeded episodes; each chunk's first `execute` actions run before replanning.
 
-    `target_shift` k names block (target + k) mod 3 of the same layout instead of the sampled one;
-    `reseed(seed)` is called before each episode (pass `Policy.reset`) so contenders share noise."""
-    env = env or ReachEnv(image_size=image_size, num_cameras=num_cameras)
+    `target_shift` k names block (target + k) mod (blocks in the scene) of the same layout instead of the
+    sampled one; `reseed(seed)` is called before each episode (pass `Policy.reset`) so contenders share noise.
+    `split` is the sim's split (ignored when `env` is given: the env's own)."""
+    env = env or ReachEnv(image_size=image_size, num_cameras=num_cameras, split=split)
     outcomes, steps = [], []
     for i in range(episodes):
         seed = seed_base + i
         obs = env.reset(seed)
-        if target_shift % NUM_BLOCKS:
-            assert env.scene is not None
-            obs = env.reset(seed, target=(env.scene.target + target_shift) % NUM_BLOCKS)
+        assert env.scene is not None
+        blocks = len(env.scene.block_colors)
+        if target_shift % blocks:
+            obs = env.reset(seed, target=(env.scene.target + target_shift) % blocks)
         if reseed is not None:
             reseed(seed)
         done = success = False
@@ -105,9 +108,10 @@ def evaluate(
                       seed_base, target_shift, tuple(outcomes))
 
 
-def evaluate_expert(episodes: int = 50, seed_base: int = EVAL_SEED_BASE, target_shift: int = 0) -> EvalResult:
+def evaluate_expert(episodes: int = 50, seed_base: int = EVAL_SEED_BASE, target_shift: int = 0,
+                    split: str = "base") -> EvalResult:
     """The scripted expert reads the scene (which a learned policy cannot), so it gets the env."""
-    env = ReachEnv()
+    env = ReachEnv(split=split)
 
     def act(obs: Observation) -> np.ndarray:
         assert env.scene is not None
