@@ -28,8 +28,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True,
                         help="student checkpoint; with --reflow-steps > 0 the pre-reflow student goes to <output>_kd")
     parser.add_argument("--data", default="runs/data/reach.npz",
-                        help="observations to label: a sim dataset .npz, or lerobot:PATH (recorded states; offline, "
-                        "no DAgger)")
+                        help="observations to label: a sim dataset .npz (DAgger rolls out in its split, e.g. sim:hard), "
+                        "or lerobot:PATH (recorded states; offline, no DAgger)")
     parser.add_argument("--max-obs", type=int, default=None, help="use at most this many dataset observations")
     parser.add_argument("--steps", type=int, default=d.steps, help="knowledge-distillation steps over all rounds")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
