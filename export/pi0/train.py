@@ -15,6 +15,11 @@ distill --teacher` and `edge-vla evaluate` take it as they take any π0 checkpoi
   there) and kept so after every step, so the model's valid outputs do not depend on the padded noise and
   its velocity field on the valid dims is exactly its sampler's (what the distillation teacher needs).
 - The tokenizer is a small BPE trained on the sim's instructions (the model is trained from scratch).
+- Goal probe (training only, like the edge-vla model's goal head): where the data knows where the named
+  block is, a small MLP reads the mean of the VLM's last hidden states over the prompt and regresses that
+  position, weighted by `TrainConfig.goal_weight`. Without it the reduced π0 reached 9% success after 3000
+  steps (instruction sensitivity 16%: it does not ground the colour word). The probe is not part of π0: it is
+  saved beside the checkpoint as `goal_probe.pt` (for --resume) and nothing else reads it.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+PROBE_FILE = "goal_probe.pt"
 SIM_INSTRUCTIONS = [t.format(c) for t in TEMPLATES for c in COLORS]
 
 
@@ -181,6 +187,36 @@ class TrainData:
         obs = [Observation(list(ds.images[i]), str(ds.instructions[i]), ds.states[i]) for i in ids]
         return {**self.inputs.torch(obs), "actions": self.actions[torch.from_numpy(ids)]}
 
+    def goals(self, idx: Tensor | np.ndarray) -> Tensor | None:
+        """Where the named block is (metres, [B, 2]) for these samples, if the dataset knows it."""
+        if self.ds.goals is None:
+            return None
+        return torch.from_numpy(self.ds.goals[np.asarray(idx, dtype=np.int64)].astype(np.float32))
+
+
+class GoalProbe(torch.nn.Module):
+    """Training-only: the named block's xy from the VLM's last hidden states (mean over the prompt's tokens),
+    in table-normalised units like `VLA.flow_loss`'s goal term (centre 0.5 m, scale 0.25 m)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        width = int(model.config.vlm_config.text_config.hidden_size)
+        self.head = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, 2))
+        self._hidden: Tensor | None = None
+        # The VLM runs inside π0's forward; a hook keeps its output without a second prefix pass.
+        model.model.vlm.register_forward_hook(self._keep)
+
+    def _keep(self, _module: Any, _inputs: Any, output: Any) -> None:
+        self._hidden = output.last_hidden_state
+
+    def loss(self, attention_mask: Tensor, goals: Tensor) -> Tensor:
+        if self._hidden is None:
+            raise RuntimeError("GoalProbe.loss before a π0 forward pass")
+        m = attention_mask.to(self._hidden.dtype)[..., None]
+        pooled = (self._hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+        self._hidden = None
+        return torch.nn.functional.mse_loss(self.head(pooled), (goals - 0.5) / 0.25)
+
 
 def flow_loss(model: Any, batch: dict[str, Tensor], valid: int, noise: Tensor | None = None,
               timestep: Tensor | None = None) -> Tensor:
@@ -215,11 +251,17 @@ def validation_loss(model: Any, data: TrainData, idx: Tensor, seed: int = 1234, 
 
 
 def train_step(model: Any, opt: torch.optim.Optimizer, batch: dict[str, Tensor], valid: int,
-               noise: Tensor | None = None, timestep: Tensor | None = None) -> float:
+               noise: Tensor | None = None, timestep: Tensor | None = None, probe: GoalProbe | None = None,
+               goals: Tensor | None = None, goal_weight: float = 0.0) -> float:
+    """One optimizer step; returns the flow loss (the goal term, if any, is trained but not reported)."""
     loss = flow_loss(model, batch, valid, noise, timestep)
+    total = loss
+    if probe is not None and goals is not None and goal_weight > 0:
+        total = loss + goal_weight * probe.loss(batch["attention_mask"], goals)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    total.backward()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     zero_padded_dims(model, valid)  # AdamW leaves them at 0 already; this makes it an invariant
     return float(loss.detach())
@@ -277,6 +319,12 @@ def train_pi0(ds: Dataset, out: str | Path, tc: TrainConfig, config: dict[str, A
     inputs = Pi0Inputs(src, model, max_text_tokens=text_tokens_needed(src, ds.instructions))
     data = TrainData(ds, inputs, model.config)
     opt = make_optimizer(model, tc)
+    probe = None
+    if ds.goals is not None and tc.goal_weight > 0:
+        probe = GoalProbe(model).train()
+        if start and (out / PROBE_FILE).is_file():
+            probe.load_state_dict(torch.load(out / PROBE_FILE, weights_only=True))
+        opt.add_param_group({"params": list(probe.parameters())})
     if start:
         opt.load_state_dict(torch.load(out / OPTIMIZER_FILE, weights_only=True))
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
@@ -293,8 +341,9 @@ def train_pi0(ds: Dataset, out: str | Path, tc: TrainConfig, config: dict[str, A
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, tc)
-        idx = train_idx[torch.randint(0, len(train_idx), (tc.batch_size,))]
-        losses.append(train_step(model, opt, data.batch(idx.numpy()), data.valid))
+        idx = train_idx[torch.randint(0, len(train_idx), (tc.batch_size,))].numpy()
+        losses.append(train_step(model, opt, data.batch(idx), data.valid, probe=probe, goals=data.goals(idx),
+                                 goal_weight=tc.goal_weight))
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         done = step + 1
@@ -309,6 +358,8 @@ def train_pi0(ds: Dataset, out: str | Path, tc: TrainConfig, config: dict[str, A
             bar.write(f"step {done}: train loss {state['loss']:.4f}, validation loss {val:.4f}")
             model.save_pretrained(out)
             torch.save(opt.state_dict(), out / OPTIMIZER_FILE)
+            if probe is not None:
+                torch.save(probe.state_dict(), out / PROBE_FILE)
             with atomic_write(out / STATE_FILE, "w") as f:
                 f.write(json.dumps(state) + "\n")
     model.eval()

@@ -24,7 +24,14 @@ from edge_vla.export.pi0.teacher import (  # noqa: E402
     pi0_chunk_flops,
 )
 from edge_vla.export.pi0.testing import make_checkpoint, tiny_pi0_config  # noqa: E402
-from edge_vla.export.pi0.train import TrainData, flow_loss, init_checkpoint, sim_pi0_config, train_step  # noqa: E402
+from edge_vla.export.pi0.train import (  # noqa: E402
+    GoalProbe,
+    TrainData,
+    flow_loss,
+    init_checkpoint,
+    sim_pi0_config,
+    train_step,
+)
 from edge_vla.export.teacher import FlowTeacher, Teacher, load_teacher  # noqa: E402
 from edge_vla.sim import dataset  # noqa: E402
 
@@ -162,6 +169,39 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch(tmp_path, sim_data):
     assert padded_dims_inert(model, 2)
 
 
+def test_goal_probe_learns_where_the_named_block_is(tmp_path, sim_data):
+    """The training-only probe reads the VLM's hidden states; training with it lowers its loss, and the flow
+    loss still trains (the probe's gradient goes into the VLM, not around it)."""
+    ds = dataset.load(sim_data)
+    model = init_checkpoint(ds, tmp_path / "p", sim_pi0_config(**TINY))
+    data = TrainData(ds, Pi0Inputs(open_pi0(tmp_path / "p"), model, max_text_tokens=8), model.config)
+    idx = np.arange(0, 48, 6)
+    batch, goals = data.batch(idx), data.goals(idx)
+    assert goals is not None and goals.shape == (8, 2)
+    probe = GoalProbe(model).train()
+    model.train()
+    opt = torch.optim.AdamW([*model.parameters(), *probe.parameters()], lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    noise, t = torch.randn(batch["actions"].shape, generator=g), torch.rand(8, generator=g)
+
+    def goal_loss() -> float:
+        with torch.no_grad():
+            flow_loss(model, batch, 2, noise, t)
+            return float(probe.loss(batch["attention_mask"], goals))
+
+    before = goal_loss()
+    for _ in range(8):
+        train_step(model, opt, batch, 2, noise, t, probe=probe, goals=goals, goal_weight=1.0)
+    assert goal_loss() < 0.7 * before
+    opt.zero_grad(set_to_none=True)
+    flow_loss(model, batch, 2, noise, t)
+    probe.loss(batch["attention_mask"], goals).backward()  # the probe's term alone reaches the vision tower
+    vision = model.model.vlm.vision_tower if hasattr(model.model.vlm, "vision_tower") else model.model.vlm
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in vision.parameters())
+    with pytest.raises(RuntimeError, match="before a π0 forward"):
+        probe.loss(batch["attention_mask"], goals)
+
+
 def test_train_cli_writes_a_checkpoint_that_exports_evaluates_and_resumes(tmp_path, sim_data, capsys):
     cfg = tmp_path / "tiny.json"
     cfg.write_text(json.dumps(TINY))
@@ -172,6 +212,7 @@ def test_train_cli_writes_a_checkpoint_that_exports_evaluates_and_resumes(tmp_pa
     assert cli.main([*args, "--steps", "3", "--resume"]) == 0
     state = json.loads((out / "train_state.json").read_text())
     assert state["step"] == 3 and state["family"] == "pi0" and np.isfinite(state["loss"])
+    assert (out / "goal_probe.pt").is_file()  # the sim data knows the goals; the probe resumes with the model
     assert isinstance(load_teacher(str(out)), Pi0FlowTeacher)
 
     assert cli.main(["export", str(out), "-o", str(tmp_path / "bundle")]) == 0
