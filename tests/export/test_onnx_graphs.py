@@ -1,0 +1,57 @@
+"""The exported graphs' form: the same function as the PyTorch model, in few plain-ONNX nodes (issue 17)."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from edge_vla.export.model import fake_inputs
+from edge_vla.export.onnx_graphs import FoldedStep, export_graphs, pairs, split_kv, time_rows
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory, tiny_model):
+    return {g.name: g.path for g in export_graphs(tiny_model, tmp_path_factory.mktemp("graphs"), None, "table")}
+
+
+def test_folded_step_is_the_models_velocity(tiny_model):
+    x = fake_inputs(tiny_model.config, seed=3)
+    step = FoldedStep(tiny_model)
+    with torch.no_grad():
+        kv = pairs(split_kv(tiny_model.prefix_kv(x["images"], x["tokens"], x["state"])))
+        for t in (0.0, 0.37, 0.95):
+            tt = torch.tensor([t])
+            want = tiny_model.velocity(x["noise"], tt, kv)
+            got = step(x["noise"], time_rows(tiny_model, tt)[0], kv)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_step_graph_has_no_shape_churn(graphs):
+    """The t-only vectors broadcast as they come (no Unsqueeze/Slice), Linear layers are bare Gemms and the
+    graph stays plain ONNX (TensorRT-lintable). Before issue 17: 303 nodes, 14 Unsqueeze, 23 Slice."""
+    model = onnx.load(str(graphs["denoise_step"]))
+    ops = collections.Counter(n.op_type for n in model.graph.node if n.op_type not in ("Constant", "Identity"))
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+    assert ops["Unsqueeze"] == ops["Slice"] == ops["Tanh"] == 0, ops
+    cfg_depth = 2
+    assert ops["LayerNormalization"] == 3 * cfg_depth + 1
+    assert sum(ops.values()) <= 40 * cfg_depth + 8, ops
+
+
+def test_step_graph_runs_like_the_model_in_onnxruntime(graphs, tiny_model):
+    import onnxruntime as ort
+
+    x = fake_inputs(tiny_model.config, seed=4)
+    with torch.no_grad():
+        kv = split_kv(tiny_model.prefix_kv(x["images"], x["tokens"], x["state"]))
+        tt = torch.tensor([0.6])
+        want = tiny_model.velocity(x["noise"], tt, pairs(kv)).numpy()
+        rows = time_rows(tiny_model, tt)[0].numpy()
+    sess = ort.InferenceSession(str(graphs["denoise_step"]), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    feeds = dict(zip(names, [x["noise"].numpy(), rows, *(k.numpy() for k in kv)], strict=True))
+    np.testing.assert_allclose(sess.run(None, feeds)[0], want, rtol=1e-4, atol=1e-5)
