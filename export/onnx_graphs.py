@@ -182,15 +182,79 @@ class FoldedStep(nn.Module):
         return out.reshape(1, self.t, self.d)
 
 
+def _frozen(t: Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach().clone().contiguous(), requires_grad=False)
+
+
 class PrefixGraph(nn.Module):
+    """images, tokens, state -> prefix_k_0, prefix_v_0, ...: VLA.prefix_kv in few plain nodes.
+
+    The observation embedding is the model's own code; the trunk runs on 2-D [P, C] activations (every
+    Linear one Gemm, softmax scale folded into Q, heads from one Reshape + Transpose + Split, sigmoid-form
+    GELU, as FoldedStep), and every expert layer's cross-attention K/V come out of one Gemm, one Reshape,
+    one Transpose and one Split, already in the [1, h, P, d] layout the step graph reads.
+    """
+
     def __init__(self, model: VLA) -> None:
         super().__init__()
         self.model = model
+        cfg = model.config
+        self.p, self.w, self.heads = cfg.prefix_len, cfg.width, cfg.heads
+        self.head_dim = self.w // self.heads
+        self.e_heads, self.e_head_dim, self.depth = cfg.expert_heads, cfg.expert_width // cfg.expert_heads, \
+            cfg.expert_depth
+        scale = 1.0 / math.sqrt(self.head_dim)
+        q_mult = torch.ones(3 * self.w)
+        q_mult[: self.w] = scale
+        with torch.no_grad():
+            self.blocks = nn.ModuleList()
+            for blk in model.trunk:
+                b = nn.Module()
+                b.n1_w, b.n1_b = _frozen(blk.norm1.weight), _frozen(blk.norm1.bias)
+                b.w_qkv = _frozen((blk.attn.qkv.weight * q_mult[:, None]).t())
+                b.b_qkv = _frozen(blk.attn.qkv.bias * q_mult)
+                b.w_o, b.b_o = _frozen(blk.attn.out.weight.t()), _frozen(blk.attn.out.bias)
+                b.n2_w, b.n2_b = _frozen(blk.norm2.weight), _frozen(blk.norm2.bias)
+                b.w_1, b.b_1 = _frozen(blk.mlp[0].weight.t()), _frozen(blk.mlp[0].bias)
+                b.w_2, b.b_2 = _frozen(blk.mlp[2].weight.t()), _frozen(blk.mlp[2].bias)
+                self.blocks.append(b)
+            self.nf_w, self.nf_b = _frozen(model.trunk_norm.weight), _frozen(model.trunk_norm.bias)
+            self.w_kv = _frozen(torch.cat([blk.cross_kv.weight for blk in model.expert]).t())  # [w, L * 2E]
+            self.b_kv = _frozen(torch.cat([blk.cross_kv.bias for blk in model.expert]))
+
+    def _tokens(self, images: Tensor, tokens: Tensor, state: Tensor) -> Tensor:
+        """VLA.embed_prefix up to the trunk -> [1, P, w]."""
+        m, cfg = self.model, self.model.config
+        b, c = images.shape[:2]
+        w = cfg.width
+        text = m.token_emb(tokens) + m.text_pos
+        pooled = text.mean(dim=1)
+        pixels = (images.flatten(0, 1) - 0.5) / 0.25
+        if cfg.vision == "conv":
+            x = m.stem(pixels, pooled.unsqueeze(1).expand(b, c, w).reshape(b * c, w))
+        else:
+            x = m.patch(pixels).flatten(2).transpose(1, 2)
+        x = x.reshape(b, c, -1, w)
+        x = (x + m.patch_pos.unsqueeze(0) + m.camera_emb.unsqueeze(0)).flatten(1, 2)
+        if m.text_film is not None:
+            gamma, beta = m.text_film(pooled).unsqueeze(1).chunk(2, dim=-1)
+            x = x * (1 + gamma) + beta
+        s = m.state_proj((state - m.state_mean) / m.state_std).unsqueeze(1)
+        return torch.cat([x, text, s], dim=1)
 
     def forward(self, images: Tensor, tokens: Tensor, state: Tensor) -> tuple[Tensor, ...]:
-        prefix = self.model.embed_prefix(images, tokens, state)
-        kv = [blk.prefix_kv(prefix) for blk in self.model.expert]  # each [2, B, h, P, d]
-        return tuple(t for layer in kv for t in (layer[0], layer[1]))
+        p, w, nh, hd, eps = self.p, self.w, self.heads, self.head_dim, LN_EPS
+        h = self._tokens(images, tokens, state).reshape(p, w)
+        for b in self.blocks:
+            a = F.layer_norm(h, (w,), b.n1_w, b.n1_b, eps)
+            q, k, v = torch.addmm(b.b_qkv, a, b.w_qkv).reshape(p, 3 * nh, hd).transpose(0, 1).split(nh)
+            y = torch.matmul(torch.softmax(torch.matmul(q, k.transpose(1, 2)), dim=-1), v)
+            h = h + torch.addmm(b.b_o, y.transpose(0, 1).reshape(p, w), b.w_o)
+            a = F.layer_norm(h, (w,), b.n2_w, b.n2_b, eps)
+            h = h + torch.addmm(b.b_2, gelu_tanh_sigmoid(torch.addmm(b.b_1, a, b.w_1)), b.w_2)
+        h = F.layer_norm(h, (w,), self.nf_w, self.nf_b, eps)
+        kv = torch.addmm(self.b_kv, h, self.w_kv).reshape(1, p, 2 * self.depth * self.e_heads, self.e_head_dim)
+        return tuple(kv.transpose(1, 2).split(self.e_heads, dim=1))
 
 
 class DenoiseStepGraph(nn.Module):

@@ -55,3 +55,19 @@ def test_step_graph_runs_like_the_model_in_onnxruntime(graphs, tiny_model):
     names = [i.name for i in sess.get_inputs()]
     feeds = dict(zip(names, [x["noise"].numpy(), rows, *(k.numpy() for k in kv)], strict=True))
     np.testing.assert_allclose(sess.run(None, feeds)[0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_prefix_graph_is_the_models_prefix_kv(tiny_model, graphs):
+    from edge_vla.export.onnx_graphs import PrefixGraph
+
+    x = fake_inputs(tiny_model.config, seed=5)
+    with torch.no_grad():
+        want = split_kv(tiny_model.prefix_kv(x["images"], x["tokens"], x["state"]))
+        got = PrefixGraph(tiny_model)(x["images"], x["tokens"], x["state"])
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    # All expert layers' K/V from one Gemm + Reshape + Transpose + Split (before: 14 nodes per layer).
+    model = onnx.load(str(graphs["prefix"]))
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    assert ops["Squeeze"] == ops["Tanh"] == 0 and ops["Split"] == 1 + tiny_model.config.depth, ops
