@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 
 import numpy as np
 import onnx
@@ -71,3 +72,53 @@ def test_prefix_graph_is_the_models_prefix_kv(tiny_model, graphs):
     model = onnx.load(str(graphs["prefix"]))
     ops = collections.Counter(n.op_type for n in model.graph.node)
     assert ops["Squeeze"] == ops["Tanh"] == 0 and ops["Split"] == 1 + tiny_model.config.depth, ops
+
+
+def test_a_bundle_with_the_earlier_table_layout_still_runs(tiny_bundle, tiny_model, tmp_path):
+    """Bundles exported before the folded layout carry [1, R] rows of raw adaLN scales and a step graph that
+    adds the 1 itself; the runtime treats rows as opaque, so such a bundle loads and gives the same actions."""
+    import io
+
+    from edge_vla.bundle import Bundle, write_bundle
+    from edge_vla.export.onnx_graphs import kv_names, time_row_width
+    from edge_vla.runtime.policy import Policy
+    from edge_vla.runtime.types import Observation
+
+    e, depth = tiny_model.config.expert_width, tiny_model.config.expert_depth
+    one = torch.cat([torch.cat([torch.zeros(e), torch.ones(e), torch.zeros(e)] * 2)] * depth
+                    + [torch.zeros(e), torch.ones(e)])  # what time_rows adds to the raw adaLN vectors
+
+    class EarlierStep(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.step = FoldedStep(tiny_model)
+
+        def forward(self, x_t, time_cond, *kv):
+            return self.step(x_t, time_cond[0] + one, pairs(kv))
+
+    b = Bundle.open(tiny_bundle)
+    files: dict = {rel: b.root / rel for rel in b.manifest["files"]}
+    x = fake_inputs(tiny_model.config)
+    with torch.no_grad():
+        kv = split_kv(tiny_model.prefix_kv(x["images"], x["tokens"], x["state"]))
+    step_path = tmp_path / "step.onnx"
+    torch.onnx.export(EarlierStep(), (x["noise"], torch.zeros(1, time_row_width(tiny_model)), *kv), str(step_path),
+                      input_names=["x_t", "time_cond", *kv_names(tiny_model)], output_names=["velocity"],
+                      opset_version=17, dynamo=False)
+    files["graphs/denoise_step.onnx"] = step_path
+    manifest = json.loads(json.dumps(b.manifest))
+    for spec in manifest["graphs"]["denoise_step"]["inputs"]:
+        if spec["name"] == "time_cond":
+            spec["shape"] = [1, time_row_width(tiny_model)]
+    for rel in manifest["sampler"]["time_input"]["tables"].values():
+        raw = (np.load(b.root / rel) - one.numpy())[:, None, :].astype(np.float32)
+        buf = io.BytesIO()
+        np.save(buf, raw, allow_pickle=False)
+        files[rel] = buf.getvalue()
+    earlier = write_bundle(tmp_path / "earlier", manifest, files)
+    rng = np.random.default_rng(0)
+    cfg = tiny_model.config
+    obs = Observation(images=[rng.integers(0, 255, (cfg.image_size, cfg.image_size, 3), dtype=np.uint8)],
+                      instruction="reach the red block", state=np.zeros(cfg.state_dim, np.float32))
+    with Policy.load(tiny_bundle, seed=3) as now, Policy.load(earlier, seed=3) as before:
+        np.testing.assert_allclose(before.infer(obs).actions, now.infer(obs).actions, rtol=1e-5, atol=1e-5)
