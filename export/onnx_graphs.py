@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from edge_vla.runtime.flow import REFERENCE_FLOW, integrate
 
-from .model import LN_EPS, VLA, attention, fake_inputs, merge_heads, modulate, split_heads
+from .model import LN_EPS, VLA, fake_inputs
 
 log = logging.getLogger(__name__)
 
@@ -71,26 +71,6 @@ def time_rows(model: VLA, t: Tensor) -> Tensor:
 def time_row_width(model: VLA) -> int:
     e = model.config.expert_width
     return model.config.expert_depth * 6 * e + 2 * e
-
-
-def velocity_from_rows(model: VLA, x_t: Tensor, rows: Tensor, kv: list[tuple[Tensor, Tensor]]) -> Tensor:
-    """VLA.velocity with the t-only part given as `rows` [B, R] (see time_rows); same block math, readable
-    form (the exported graph is FoldedStep's)."""
-    e = model.config.expert_width
-
-    def mod(x: Tensor, shift: Tensor, scale_p1: Tensor) -> Tensor:
-        return modulate(x, shift, scale_p1 - 1)
-
-    h = model.action_in(x_t) + model.action_pos
-    for i, blk in enumerate(model.expert):
-        shift1, scale1, gate1, shift2, scale2, gate2 = rows[:, 6 * e * i: 6 * e * (i + 1)].chunk(6, dim=-1)
-        h = h + gate1.unsqueeze(1) * blk.attn(mod(h, shift1, scale1))
-        q = split_heads(blk.cross_q(blk.cross_norm(h)), blk.heads)
-        h = h + blk.cross_out(merge_heads(attention(q, kv[i][0], kv[i][1], blk.scale)))
-        h = h + gate2.unsqueeze(1) * blk.mlp(mod(h, shift2, scale2))
-    end = 6 * e * len(model.expert)
-    shift, scale = rows[:, end: end + 2 * e].chunk(2, dim=-1)
-    return model.action_out(mod(h, shift, scale))
 
 
 # sqrt(2/pi) and its product with GELU's cubic coefficient 0.044715, both doubled: tanh-GELU written as
