@@ -15,17 +15,18 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from edge_vla.runtime.onnx_proto import load_model
 from edge_vla.runtime.ort_fuse import fuse
 
 
-def optimized_nodes(model: onnx.ModelProto) -> collections.Counter[str]:
+def optimized_nodes(model: bytes) -> collections.Counter[str]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "opt.onnx"
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.optimized_model_filepath = str(out)
         opts.log_severity_level = 3
-        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         return collections.Counter(n.op_type for n in onnx.load(str(out)).graph.node)
 
 
@@ -41,10 +42,11 @@ def main() -> None:
             row = [f"{bundle} {name}: exported {exported} (+{len(model.graph.node) - exported} Constant/Identity)"]
             for label, kinds in (("onnxruntime-optimised", ()), ("+ FastGelu", ("gelu",)),
                                  ("+ FastGelu + MultiHeadAttention", ("gelu", "attention"))):
-                ops = optimized_nodes(fuse(model, kinds)[0] if kinds else model)
+                data = model.SerializeToString()
+                ops = optimized_nodes(fuse(load_model(data), kinds)[0].SerializeToString() if kinds else data)
                 row.append(f"{label} {sum(ops.values())}")
             print(", ".join(row))
-            print("   onnxruntime-optimised ops:", dict(optimized_nodes(model).most_common()))
+            print("   onnxruntime-optimised ops:", dict(optimized_nodes(model.SerializeToString()).most_common()))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ onnxruntime's own optimizer does not form from them:
 - GELU: u * Sigmoid(u * (A + B u^2)) (tanh-GELU's sigmoid form) -> FastGelu.
 
 A pattern that is not there is left alone (older bundles load unchanged); anything unexpected makes the
-caller fall back to the plain graph (OrtBackend logs a warning).
+caller fall back to the plain graph (OrtBackend logs a warning). The robot has no `onnx` package, so the
+graph is edited through edge_vla.runtime.onnx_proto (protobuf only).
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import onnx
-from onnx import external_data_helper, helper, numpy_helper
+
+from edge_vla.runtime import onnx_proto as pb
+from edge_vla.runtime.onnx_proto import make_node
 
 MS_DOMAIN = "com.microsoft"
 _GELU_A = 2.0 * math.sqrt(2.0 / math.pi)
@@ -46,7 +49,7 @@ class FuseReport:
 class _Graph:
     """Producer/consumer maps and constant lookup over a GraphProto, kept in sync by the rewrites."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: Any) -> None:
         self.model, self.g = model, model.graph
         self.inits = {i.name: i for i in self.g.initializer}
         self.consts = {n.output[0]: n for n in self.g.node if n.op_type == "Constant"}
@@ -57,30 +60,30 @@ class _Graph:
 
     def refresh(self) -> None:
         self.producer = {o: n for n in self.g.node for o in n.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        self.consumers: dict[str, list[Any]] = {}
         for n in self.g.node:
             for i in n.input:
                 self.consumers.setdefault(i, []).append(n)
 
     def const(self, name: str) -> np.ndarray | None:
         if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
+            return pb.to_array(self.inits[name])
         node = self.consts.get(name)
         if node is not None:
             for a in node.attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t)
+                if a.name == "value" and a.type == pb.ATTR_TENSOR:
+                    return pb.to_array(a.t)
         return None
 
-    def prod(self, name: str, op: str) -> onnx.NodeProto | None:
+    def prod(self, name: str, op: str) -> Any | None:
         n = self.producer.get(name)
         return n if n is not None and n.op_type == op else None
 
-    def only_consumer(self, name: str, op: str) -> onnx.NodeProto | None:
+    def only_consumer(self, name: str, op: str) -> Any | None:
         cs = self.consumers.get(name, [])
         return cs[0] if len(cs) == 1 and cs[0].op_type == op and name not in self.outputs else None
 
-    def perm(self, node: onnx.NodeProto) -> list[int]:
+    def perm(self, node: Any) -> list[int]:
         for a in node.attribute:
             if a.name == "perm":
                 return list(a.ints)
@@ -92,7 +95,7 @@ class _Graph:
 
     def shape_const(self, shape: list[int]) -> str:
         name = self.fresh("shape")
-        self.g.initializer.append(numpy_helper.from_array(np.asarray(shape, dtype=np.int64), name))
+        self.g.initializer.append(pb.from_array(np.asarray(shape, dtype=np.int64), name))
         return name
 
 
@@ -108,7 +111,7 @@ def _heads_of(g: _Graph, x: str) -> tuple[str, list[int]] | None:
     return rs.input[0], [int(s) for s in shape]
 
 
-def _fuse_attention(g: _Graph, sm: onnx.NodeProto, new_nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto] | None:
+def _fuse_attention(g: _Graph, sm: Any, new_nodes: list[Any]) -> list[Any] | None:
     """The nodes one attention replaces (for removal), after appending its replacement to new_nodes."""
     mm1 = g.prod(sm.input[0], "MatMul")
     mm2 = g.only_consumer(sm.output[0], "MatMul")
@@ -143,8 +146,8 @@ def _fuse_attention(g: _Graph, sm: onnx.NodeProto, new_nodes: list[onnx.NodeProt
         lin3 = g.fresh("qkv")
         q3, k3, v3 = g.fresh("q"), g.fresh("k"), g.fresh("v")
         new_nodes += [
-            helper.make_node("Reshape", [lin, g.shape_const([1, t, 3 * e])], [lin3]),
-            helper.make_node("Split", [lin3, g.shape_const([e, e, e])], [q3, k3, v3], axis=2),
+            make_node("Reshape", [lin, g.shape_const([1, t, 3 * e])], [lin3]),
+            make_node("Split", [lin3, g.shape_const([e, e, e])], [q3, k3, v3], axis=2),
         ]
         removed = [g.producer[split.input[0]], g.producer[g.producer[split.input[0]].input[0]], split]
     else:  # cross-attention: q = heads of a [T, E] projection; k, v are [1, h, P, d] graph inputs
@@ -155,12 +158,12 @@ def _fuse_attention(g: _Graph, sm: onnx.NodeProto, new_nodes: list[onnx.NodeProt
         if t2 != t or h * d != e:
             return None
         q3, k3, v3 = g.fresh("q"), k, v
-        new_nodes.append(helper.make_node("Reshape", [lin, g.shape_const([1, t, e])], [q3]))
+        new_nodes.append(make_node("Reshape", [lin, g.shape_const([1, t, e])], [q3]))
         removed = [g.producer[q], g.producer[g.producer[q].input[0]]]
     o3 = g.fresh("attn")
     new_nodes += [
-        helper.make_node("MultiHeadAttention", [q3, k3, v3], [o3], domain=MS_DOMAIN, num_heads=h, scale=1.0),
-        helper.make_node("Reshape", [o3, merge_rs.input[1]], [merge_rs.output[0]]),
+        make_node("MultiHeadAttention", [q3, k3, v3], [o3], domain=MS_DOMAIN, num_heads=h, scale=1.0),
+        make_node("Reshape", [o3, merge_rs.input[1]], [merge_rs.output[0]]),
     ]
     return [*removed, kt, mm1, sm, mm2, merge_tr, merge_rs]
 
@@ -170,7 +173,7 @@ def _scalar(g: _Graph, name: str) -> float | None:
     return float(c) if c is not None and c.size == 1 else None
 
 
-def _fuse_gelu(g: _Graph, sig: onnx.NodeProto, new_nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto] | None:
+def _fuse_gelu(g: _Graph, sig: Any, new_nodes: list[Any]) -> list[Any] | None:
     """u * Sigmoid(u * (A + B * (u * u))), operands in either order -> FastGelu(u)."""
     z = g.prod(sig.input[0], "Mul")
     out = g.only_consumer(sig.output[0], "Mul")
@@ -193,28 +196,28 @@ def _fuse_gelu(g: _Graph, sig: onnx.NodeProto, new_nodes: list[onnx.NodeProto]) 
     chain = [sq, mul_b, add, z, sig]
     if any(len(g.consumers[n.output[0]]) != 1 for n in chain):
         return None
-    new_nodes.append(helper.make_node("FastGelu", [u], [out.output[0]], domain=MS_DOMAIN))
+    new_nodes.append(make_node("FastGelu", [u], [out.output[0]], domain=MS_DOMAIN))
     return [*chain, out]
 
 
 KINDS = ("attention", "gelu")
 
 
-def fuse(model: onnx.ModelProto, kinds: tuple[str, ...] = KINDS) -> tuple[onnx.ModelProto, FuseReport]:
+def fuse(model: Any, kinds: tuple[str, ...] = KINDS) -> tuple[Any, FuseReport]:
     """A copy of `model` with the patterns above fused (and a report); `model` itself is not modified."""
-    work = onnx.ModelProto()
+    work = pb.ModelProto()
     work.CopyFrom(model)
     g = _Graph(work)
     report = FuseReport(nodes_before=sum(n.op_type != "Constant" for n in work.graph.node))
     removed: set[int] = set()
-    replacements: dict[int, list[onnx.NodeProto]] = {}  # index of the last removed node -> new nodes there
+    replacements: dict[int, list[Any]] = {}  # index of the last removed node -> new nodes there
     for kind, op, fn in (("attention", "Softmax", _fuse_attention), ("gelu", "Sigmoid", _fuse_gelu)):
         if kind not in kinds:
             continue
         for node in list(work.graph.node):
             if id(node) in removed or node.op_type != op:
                 continue
-            new_nodes: list[onnx.NodeProto] = []
+            new_nodes: list[Any] = []
             gone = fn(g, node, new_nodes)
             if gone is None:
                 continue
@@ -234,7 +237,7 @@ def fuse(model: onnx.ModelProto, kinds: tuple[str, ...] = KINDS) -> tuple[onnx.M
     work.graph.node.extend(nodes)
     _drop_dead(work)
     if not any(o.domain == MS_DOMAIN for o in work.opset_import):
-        work.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        work.opset_import.add(domain=MS_DOMAIN, version=1)
     report.nodes_after = sum(n.op_type != "Constant" for n in work.graph.node)
     return work, report
 
@@ -242,14 +245,14 @@ def fuse(model: onnx.ModelProto, kinds: tuple[str, ...] = KINDS) -> tuple[onnx.M
 def fuse_file(path: Path, kinds: tuple[str, ...] = KINDS) -> tuple[bytes | None, FuseReport]:
     """The fused model of the graph file `path` as bytes for onnxruntime, or None where nothing matched or the
     graph keeps its weights in external data (large models: left to onnxruntime as they are)."""
-    model = onnx.load(str(path), load_external_data=False)
-    if any(external_data_helper.uses_external_data(t) for t in model.graph.initializer):
+    model = pb.load_model(path.read_bytes())
+    if any(t.data_location == pb.EXTERNAL for t in model.graph.initializer):
         return None, FuseReport()
     fused, report = fuse(model, kinds)
     return (fused.SerializeToString() if report.changed else None), report
 
 
-def _drop_dead(model: onnx.ModelProto) -> None:
+def _drop_dead(model: Any) -> None:
     """Remove nodes whose outputs nothing reads (the shape constants the rewrites orphaned)."""
     g = model.graph
     outputs = {o.name for o in g.output}
