@@ -203,10 +203,14 @@ def _fuse_gelu(g: _Graph, sig: Any, new_nodes: list[Any]) -> list[Any] | None:
 KINDS = ("attention", "gelu")
 
 
-def fuse(model: Any, kinds: tuple[str, ...] = KINDS) -> tuple[Any, FuseReport]:
-    """A copy of `model` with the patterns above fused (and a report); `model` itself is not modified."""
-    work = pb.ModelProto()
-    work.CopyFrom(model)
+def fuse(model: Any, kinds: tuple[str, ...] = KINDS, in_place: bool = False) -> tuple[Any, FuseReport]:
+    """`model` (an onnx_proto.ModelProto) with the patterns above fused, and a report: a copy, unless
+    `in_place` (no second copy of the weights in memory while a large graph loads)."""
+    if in_place:
+        work = model
+    else:
+        work = pb.ModelProto()
+        work.CopyFrom(model)
     g = _Graph(work)
     report = FuseReport(nodes_before=sum(n.op_type != "Constant" for n in work.graph.node))
     removed: set[int] = set()
@@ -248,7 +252,7 @@ def fuse_file(path: Path, kinds: tuple[str, ...] = KINDS) -> tuple[bytes | None,
     model = pb.load_model(path.read_bytes())
     if any(t.data_location == pb.EXTERNAL for t in model.graph.initializer):
         return None, FuseReport()
-    fused, report = fuse(model, kinds)
+    fused, report = fuse(model, kinds, in_place=True)
     return (fused.SerializeToString() if report.changed else None), report
 
 
