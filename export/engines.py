@@ -127,7 +127,7 @@ class OrtGraphRunner:
     def __init__(self, bundle: Bundle, graphs: tuple[str, ...]) -> None:
         from edge_vla.runtime.ort_backend import make_session
 
-        self.sessions = {g: make_session(bundle.root / bundle.graph(g).file, 1, ["CPUExecutionProvider"])
+        self.sessions = {g: make_session(bundle.root / bundle.graph(g).file, 1, ["CPUExecutionProvider"])[0]
                          for g in graphs}
 
     def run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -56,7 +56,7 @@ def check(model: VLA, precision: str, contract: Contract, graphs: Mapping[str, P
     worst = {name: Metrics(0.0, 0.0, 1.0) for name in ("prefix", "denoise_step", "chunk")}
     ref_all, got_all = [], []
     chunk = contract.chunk
-    chunk_sess = make_session(graphs[chunk.name], None, ["CPUExecutionProvider"]) if chunk else None
+    chunk_sess = make_session(graphs[chunk.name], None, ["CPUExecutionProvider"])[0] if chunk else None
     for i in range(n):
         images, tokens, state = (obs[k][i : i + 1] for k in ("images", "tokens", "state"))
         kv = model.prefix_kv(images, tokens, state)

@@ -17,6 +17,7 @@ exported as MatMul + Softmax, which both onnxruntime and TensorRT's parser take.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 from edge_vla.runtime.flow import REFERENCE_FLOW, integrate
 
-from .model import VLA, attention, fake_inputs, merge_heads, modulate, split_heads
+from .model import LN_EPS, VLA, fake_inputs
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,16 @@ def pairs(flat: tuple[Tensor, ...] | list[Tensor]) -> list[tuple[Tensor, Tensor]
 
 
 def time_rows(model: VLA, t: Tensor) -> Tensor:
-    """t [S] -> [S, L*6E + 2E]: every expert block's adaLN vectors, then the final adaLN (t-only work)."""
+    """t [S] -> [S, L*6E + 2E]: every expert block's adaLN vectors (shift1, 1 + scale1, gate1, shift2,
+    1 + scale2, gate2), then the final adaLN (shift, 1 + scale): all the t-only work. The "1 +" is folded in
+    so that a modulated LayerNorm in the step graph is one LayerNormalization with the row's slices as its
+    scale and bias (FoldedStep)."""
     sc = F.silu(model.time_condition(t))
-    return torch.cat([blk.mod(sc) for blk in model.expert] + [model.final_mod(sc)], dim=-1)
+    e = model.config.expert_width
+    one = torch.zeros(2 * e)
+    one[e:] = 1.0  # per (shift, scale) pair: + 0 on shift, + 1 on scale
+    block_one = torch.cat([one, torch.zeros(e), one, torch.zeros(e)])
+    return torch.cat([blk.mod(sc) + block_one for blk in model.expert] + [model.final_mod(sc) + one], dim=-1)
 
 
 def time_row_width(model: VLA) -> int:
@@ -65,43 +73,182 @@ def time_row_width(model: VLA) -> int:
     return model.config.expert_depth * 6 * e + 2 * e
 
 
-def velocity_from_rows(model: VLA, x_t: Tensor, rows: Tensor, kv: list[tuple[Tensor, Tensor]]) -> Tensor:
-    """VLA.velocity with the t-only part given as `rows` (see time_rows); same block math."""
-    e = model.config.expert_width
-    h = model.action_in(x_t) + model.action_pos
-    for i, blk in enumerate(model.expert):
-        shift1, scale1, gate1, shift2, scale2, gate2 = rows[:, 6 * e * i: 6 * e * (i + 1)].chunk(6, dim=-1)
-        h = h + gate1.unsqueeze(1) * blk.attn(modulate(h, shift1, scale1))
-        q = split_heads(blk.cross_q(blk.cross_norm(h)), blk.heads)
-        h = h + blk.cross_out(merge_heads(attention(q, kv[i][0], kv[i][1], blk.scale)))
-        h = h + gate2.unsqueeze(1) * blk.mlp(modulate(h, shift2, scale2))
-    end = 6 * e * len(model.expert)  # explicit slice ends: an open end exports INT64_MAX, which TensorRT rejects
-    shift, scale = rows[:, end: end + 2 * e].chunk(2, dim=-1)
-    return model.action_out(modulate(h, shift, scale))
+# sqrt(2/pi) and its product with GELU's cubic coefficient 0.044715, both doubled: tanh-GELU written as
+# u * sigmoid(u * (A + B u^2)), since 0.5 * (1 + tanh(z)) = sigmoid(2z): 6 nodes instead of 9, same function.
+_GELU_A = 2.0 * math.sqrt(2.0 / math.pi)
+_GELU_B = _GELU_A * 0.044715
+
+
+def gelu_tanh_sigmoid(u: Tensor) -> Tensor:
+    return u * torch.sigmoid(u * (_GELU_A + _GELU_B * (u * u)))
+
+
+class FoldedStep(nn.Module):
+    """The step graph for a time table, written for few, cheap nodes (batch 1, static shapes).
+
+    Same function as VLA.velocity (tests/export: allclose); what differs is only the graph's form:
+    - activations are 2-D [T, C]: every Linear is one Gemm (weights pre-transposed, no Reshape around it);
+    - the time row [R] is cut by one Split into [E] vectors that broadcast as they are (no Unsqueeze), and
+      a modulated LayerNorm is one LayerNormalization with (1 + scale, shift) as its scale and bias;
+    - the softmax scale 1/sqrt(d) is folded into the Q weights and bias;
+    - heads come out of one Reshape + Transpose (+ one Split for Q/K/V) in the [h, T, d] layout the
+      per-layer prefix K/V already have; tanh-GELU is its sigmoid form.
+    Everything is plain opset-17 ONNX (TensorRT-lintable); weights are copied at construction.
+    """
+
+    def __init__(self, model: VLA) -> None:
+        super().__init__()
+        cfg = model.config
+        self.e, self.heads, self.depth = cfg.expert_width, cfg.expert_heads, cfg.expert_depth
+        self.t, self.d = cfg.chunk_len, cfg.action_dim
+        self.head_dim = self.e // self.heads
+        scale = 1.0 / math.sqrt(self.head_dim)
+        e = self.e
+
+        def wt(lin: nn.Linear, rows: slice | None = None, mult: Tensor | float = 1.0) -> nn.Parameter:
+            w = lin.weight if rows is None else lin.weight[rows]
+            return nn.Parameter((w * mult).t().contiguous().detach().clone(), requires_grad=False)
+
+        def bias(lin: nn.Linear, mult: Tensor | float = 1.0) -> nn.Parameter:
+            return nn.Parameter((lin.bias * mult).detach().clone(), requires_grad=False)
+
+        with torch.no_grad():
+            self.w_in = wt(model.action_in)
+            self.b_in = bias(model.action_in)
+            # Not folded into the Gemm's bias: a [T, E] Gemm bias breaks onnxruntime's INT8 bias quantizer.
+            self.pos = nn.Parameter(model.action_pos[0].detach().clone(), requires_grad=False)
+            q_mult = torch.ones(3 * e, 1)
+            q_mult[:e] = scale
+            self.blocks = nn.ModuleList()
+            for blk in model.expert:
+                b = nn.Module()
+                b.w_qkv, b.b_qkv = wt(blk.attn.qkv, mult=q_mult), bias(blk.attn.qkv, q_mult[:, 0])
+                b.w_o, b.b_o = wt(blk.attn.out), bias(blk.attn.out)
+                b.ln_w = nn.Parameter(blk.cross_norm.weight.detach().clone(), requires_grad=False)
+                b.ln_b = nn.Parameter(blk.cross_norm.bias.detach().clone(), requires_grad=False)
+                b.w_q, b.b_q = wt(blk.cross_q, mult=scale), bias(blk.cross_q, scale)
+                b.w_co, b.b_co = wt(blk.cross_out), bias(blk.cross_out)
+                b.w_1, b.b_1 = wt(blk.mlp[0]), bias(blk.mlp[0])
+                b.w_2, b.b_2 = wt(blk.mlp[2]), bias(blk.mlp[2])
+                self.blocks.append(b)
+            self.w_out, self.b_out = wt(model.action_out), bias(model.action_out)
+
+    def _heads(self, x: Tensor, n: int) -> Tensor:
+        """[T, n*h*d] -> [n*h, T, d]."""
+        return x.reshape(self.t, n * self.heads, self.head_dim).transpose(0, 1)
+
+    def _merge(self, y: Tensor) -> Tensor:
+        """[h, T, d] or [1, h, T, d] -> [T, h*d]."""
+        return y.transpose(-3, -2).reshape(self.t, self.e)
+
+    def forward(self, x_t: Tensor, rows: Tensor, kv: list[tuple[Tensor, Tensor]]) -> Tensor:
+        e, eps = self.e, LN_EPS
+        v = rows.split(e)  # [E] each: per block shift1, scale1, gate1, shift2, scale2, gate2; then shift, scale
+        h = torch.addmm(self.b_in, x_t.reshape(self.t, self.d), self.w_in) + self.pos
+        for i, b in enumerate(self.blocks):
+            shift1, scale1, gate1, shift2, scale2, gate2 = v[6 * i: 6 * i + 6]
+            a = F.layer_norm(h, (e,), scale1, shift1, eps)
+            q, k, vv = self._heads(torch.addmm(b.b_qkv, a, b.w_qkv), 3).split(self.heads)
+            y = torch.matmul(torch.softmax(torch.matmul(q, k.transpose(1, 2)), dim=-1), vv)
+            h = h + gate1 * torch.addmm(b.b_o, self._merge(y), b.w_o)
+            c = F.layer_norm(h, (e,), b.ln_w, b.ln_b, eps)
+            q = self._heads(torch.addmm(b.b_q, c, b.w_q), 1)
+            y = torch.matmul(torch.softmax(torch.matmul(q, kv[i][0].transpose(-2, -1)), dim=-1), kv[i][1])
+            h = h + torch.addmm(b.b_co, self._merge(y), b.w_co)
+            a = F.layer_norm(h, (e,), scale2, shift2, eps)
+            h = h + gate2 * torch.addmm(b.b_2, gelu_tanh_sigmoid(torch.addmm(b.b_1, a, b.w_1)), b.w_2)
+        shift, scale = v[6 * self.depth], v[6 * self.depth + 1]
+        out = torch.addmm(self.b_out, F.layer_norm(h, (e,), scale, shift, eps), self.w_out)
+        return out.reshape(1, self.t, self.d)
+
+
+def _frozen(t: Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach().clone().contiguous(), requires_grad=False)
 
 
 class PrefixGraph(nn.Module):
+    """images, tokens, state -> prefix_k_0, prefix_v_0, ...: VLA.prefix_kv in few plain nodes.
+
+    The observation embedding is the model's own code; the trunk runs on 2-D [P, C] activations (every
+    Linear one Gemm, softmax scale folded into Q, heads from one Reshape + Transpose + Split, sigmoid-form
+    GELU, as FoldedStep), and every expert layer's cross-attention K/V come out of one Gemm, one Reshape,
+    one Transpose and one Split, already in the [1, h, P, d] layout the step graph reads.
+    """
+
     def __init__(self, model: VLA) -> None:
         super().__init__()
         self.model = model
+        cfg = model.config
+        self.p, self.w, self.heads = cfg.prefix_len, cfg.width, cfg.heads
+        self.head_dim = self.w // self.heads
+        self.e_heads, self.e_head_dim, self.depth = cfg.expert_heads, cfg.expert_width // cfg.expert_heads, \
+            cfg.expert_depth
+        scale = 1.0 / math.sqrt(self.head_dim)
+        q_mult = torch.ones(3 * self.w)
+        q_mult[: self.w] = scale
+        with torch.no_grad():
+            self.blocks = nn.ModuleList()
+            for blk in model.trunk:
+                b = nn.Module()
+                b.n1_w, b.n1_b = _frozen(blk.norm1.weight), _frozen(blk.norm1.bias)
+                b.w_qkv = _frozen((blk.attn.qkv.weight * q_mult[:, None]).t())
+                b.b_qkv = _frozen(blk.attn.qkv.bias * q_mult)
+                b.w_o, b.b_o = _frozen(blk.attn.out.weight.t()), _frozen(blk.attn.out.bias)
+                b.n2_w, b.n2_b = _frozen(blk.norm2.weight), _frozen(blk.norm2.bias)
+                b.w_1, b.b_1 = _frozen(blk.mlp[0].weight.t()), _frozen(blk.mlp[0].bias)
+                b.w_2, b.b_2 = _frozen(blk.mlp[2].weight.t()), _frozen(blk.mlp[2].bias)
+                self.blocks.append(b)
+            self.nf_w, self.nf_b = _frozen(model.trunk_norm.weight), _frozen(model.trunk_norm.bias)
+            self.w_kv = _frozen(torch.cat([blk.cross_kv.weight for blk in model.expert]).t())  # [w, L * 2E]
+            self.b_kv = _frozen(torch.cat([blk.cross_kv.bias for blk in model.expert]))
+
+    def _tokens(self, images: Tensor, tokens: Tensor, state: Tensor) -> Tensor:
+        """VLA.embed_prefix up to the trunk -> [1, P, w]."""
+        m, cfg = self.model, self.model.config
+        b, c = images.shape[:2]
+        w = cfg.width
+        text = m.token_emb(tokens) + m.text_pos
+        pooled = text.mean(dim=1)
+        pixels = (images.flatten(0, 1) - 0.5) / 0.25
+        if cfg.vision == "conv":
+            x = m.stem(pixels, pooled.unsqueeze(1).expand(b, c, w).reshape(b * c, w))
+        else:
+            x = m.patch(pixels).flatten(2).transpose(1, 2)
+        x = x.reshape(b, c, -1, w)
+        x = (x + m.patch_pos.unsqueeze(0) + m.camera_emb.unsqueeze(0)).flatten(1, 2)
+        if m.text_film is not None:
+            gamma, beta = m.text_film(pooled).unsqueeze(1).chunk(2, dim=-1)
+            x = x * (1 + gamma) + beta
+        s = m.state_proj((state - m.state_mean) / m.state_std).unsqueeze(1)
+        return torch.cat([x, text, s], dim=1)
 
     def forward(self, images: Tensor, tokens: Tensor, state: Tensor) -> tuple[Tensor, ...]:
-        prefix = self.model.embed_prefix(images, tokens, state)
-        kv = [blk.prefix_kv(prefix) for blk in self.model.expert]  # each [2, B, h, P, d]
-        return tuple(t for layer in kv for t in (layer[0], layer[1]))
+        p, w, nh, hd, eps = self.p, self.w, self.heads, self.head_dim, LN_EPS
+        h = self._tokens(images, tokens, state).reshape(p, w)
+        for b in self.blocks:
+            a = F.layer_norm(h, (w,), b.n1_w, b.n1_b, eps)
+            q, k, v = torch.addmm(b.b_qkv, a, b.w_qkv).reshape(p, 3 * nh, hd).transpose(0, 1).split(nh)
+            y = torch.matmul(torch.softmax(torch.matmul(q, k.transpose(1, 2)), dim=-1), v)
+            h = h + torch.addmm(b.b_o, y.transpose(0, 1).reshape(p, w), b.w_o)
+            a = F.layer_norm(h, (w,), b.n2_w, b.n2_b, eps)
+            h = h + torch.addmm(b.b_2, gelu_tanh_sigmoid(torch.addmm(b.b_1, a, b.w_1)), b.w_2)
+        h = F.layer_norm(h, (w,), self.nf_w, self.nf_b, eps)
+        kv = torch.addmm(self.b_kv, h, self.w_kv).reshape(1, p, 2 * self.depth * self.e_heads, self.e_head_dim)
+        return tuple(kv.transpose(1, 2).split(self.e_heads, dim=1))
 
 
 class DenoiseStepGraph(nn.Module):
-    """x_t, (t [1] | time_cond [1, R]), prefix_k_0, prefix_v_0, ... -> velocity."""
+    """x_t, (t [1] | time_cond [R]), prefix_k_0, prefix_v_0, ... -> velocity."""
 
     def __init__(self, model: VLA, time_input: str = "scalar") -> None:
         super().__init__()
         self.model = model
         self.time_input = time_input
+        self.folded = FoldedStep(model) if time_input == "table" else None
 
     def forward(self, x_t: Tensor, time: Tensor, *kv: Tensor) -> Tensor:
-        if self.time_input == "table":
-            return velocity_from_rows(self.model, x_t, time, pairs(kv))
+        if self.folded is not None:
+            return self.folded(x_t, time, pairs(kv))
         return self.model.velocity(x_t, time, pairs(kv))
 
 
@@ -139,7 +286,7 @@ class StepTime:
         return {self.input: self.value(torch.tensor([t])).numpy().reshape(self.example().shape)}
 
     def example(self) -> Tensor:
-        return torch.zeros(1) if self.kind == "scalar" else torch.zeros(1, time_row_width(self.model))
+        return torch.zeros(1) if self.kind == "scalar" else torch.zeros(time_row_width(self.model))
 
     @torch.no_grad()
     def table(self, steps: int) -> np.ndarray:

@@ -90,10 +90,10 @@ def test_time_tables_one_per_step_count(tiny_bundle, tiny_model):
     assert c.allowed_steps() == [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20]
     for n in (1, 4, 10):
         rows = c.time_rows(n)
-        assert rows.shape == (2 * n + 1, 1, 1792)
+        assert rows.shape == (2 * n + 1, 1792)
         with torch.no_grad():
             want = time_rows(tiny_model, torch.arange(2 * n + 1) / (2 * n)).numpy()
-        np.testing.assert_allclose(rows[:, 0], want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(rows, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="tables for .* not 7"):
         c.time_rows(7)
 
@@ -103,9 +103,9 @@ def test_a_table_of_the_wrong_shape_is_refused(tiny_bundle, tmp_path):
 
     b = Bundle.open(tiny_bundle)
     files = {rel: b.root / rel for rel in b.manifest["files"]}
-    files["tables/time_cond_4.npy"] = _npy(np.zeros((8, 1, 1792), np.float32))
+    files["tables/time_cond_4.npy"] = _npy(np.zeros((8, 1792), np.float32))
     out = write_bundle(tmp_path / "b", dict(b.manifest), files)
-    with pytest.raises(BundleError, match=r"time table tables/time_cond_4.npy is float32\[8, 1, 1792\], expected"):
+    with pytest.raises(BundleError, match=r"time table tables/time_cond_4.npy is float32\[8, 1792\], expected"):
         Policy.load(out, steps=4)
 
 
