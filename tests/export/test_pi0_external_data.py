@@ -16,6 +16,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from edge_vla.bundle import Bundle  # noqa: E402
+from edge_vla.export.pi0 import graphs as pi0_graphs  # noqa: E402
 from edge_vla.export.pi0.checkpoint import open_pi0  # noqa: E402
 from edge_vla.export.pi0.exporter import Pi0ExportOptions, export_pi0, make_plan  # noqa: E402
 from edge_vla.export.pi0.graphs import _ALIGN, example_inputs, export_graphs  # noqa: E402
@@ -32,14 +33,20 @@ def pi0_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def graphs(pi0_dir, tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """inline; external (small graphs: folded by the exporter, then gathered); unfolded (the full π0's prefix
+    path: no exporter folding, the gather folds the weight Transposes)."""
     src = open_pi0(pi0_dir)
     model = src.load_model()
     plan = make_plan(src, model, Pi0ExportOptions())
     example = example_inputs(model, plan.shapes, int(model.config.vlm_config.image_token_id),
                              plan.layout.image_seq_len)
     root = tmp_path_factory.mktemp("graphs")
-    return {"inline": export_graphs(model, plan.shapes, example, root / "inline"),
-            "external": export_graphs(model, plan.shapes, example, root / "external", external_data=True)}
+    out = {"inline": export_graphs(model, plan.shapes, example, root / "inline"),
+           "external": export_graphs(model, plan.shapes, example, root / "external", external_data=True)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pi0_graphs, "FOLD_MAX_BYTES", 0)
+        out["unfolded"] = export_graphs(model, plan.shapes, example, root / "unfolded", external_data=True)
+    return out
 
 
 def _run(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -54,9 +61,10 @@ def test_sharded_checkpoint_loads(pi0_dir):
     assert (pi0_dir / "model.safetensors.index.json").is_file()
 
 
-def test_external_graphs_compute_what_inline_graphs_compute(graphs):
+@pytest.mark.parametrize("kind", ["external", "unfolded"])
+def test_external_graphs_compute_what_inline_graphs_compute(graphs, kind):
     g = np.random.default_rng(0)
-    inline, external = graphs["inline"], graphs["external"]
+    inline, external = graphs["inline"], graphs[kind]
     prefix_in = onnx.load(str(inline["prefix"]), load_external_data=False).graph.input
     feeds = {}
     for v in prefix_in:
@@ -75,26 +83,28 @@ def test_external_graphs_compute_what_inline_graphs_compute(graphs):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_gather_writes_one_aligned_data_file_and_removes_the_scratch(graphs):
-    for name, path in graphs["external"].items():
+@pytest.mark.parametrize("kind", ["external", "unfolded"])
+def test_gather_writes_one_aligned_data_file_and_removes_the_scratch(graphs, kind):
+    for name, path in graphs[kind].items():
         data = path.with_name(path.name + ".data")
         assert data.is_file() and data.stat().st_size > 0
         assert sorted(p.name for p in path.parent.iterdir()) == sorted(
-            f"{n}.onnx{ext}" for n in graphs["external"] for ext in ("", ".data"))  # no scratch left
+            f"{n}.onnx{ext}" for n in graphs[kind] for ext in ("", ".data"))  # no scratch left
         model = onnx.load(str(path), load_external_data=False)
         external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
         assert external, name
         for t in external:
             info = {e.key: e.value for e in t.external_data}
             assert info["location"] == data.name and int(info["offset"]) % _ALIGN == 0
-        # The exporter's constant folding was off; the gather folded every weight Transpose.
+        # Folded by the exporter or, with its folding off, by the gather: no Transpose reads a weight.
         inits = {t.name for t in model.graph.initializer}
         assert not [n for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in inits], name
 
 
-def test_roofline_counts_external_graphs_without_their_weights(graphs):
-    inline = roofline.graph_cost(graphs["inline"]["prefix"])
-    external = roofline.graph_cost(graphs["external"]["prefix"])
+@pytest.mark.parametrize("name", ["prefix", "denoise_step"])
+def test_roofline_counts_external_graphs_without_their_weights(graphs, name):
+    inline = roofline.graph_cost(graphs["inline"][name])
+    external = roofline.graph_cost(graphs["external"][name])
     # The same weights (the inline graph also holds a few small constants the exporter folded).
     assert external.flops == pytest.approx(inline.flops)
     assert external.weight_bytes == pytest.approx(inline.weight_bytes, rel=0.01)
@@ -118,3 +128,20 @@ def test_bundle_without_numerics_check_says_so_and_runs(pi0_dir, tmp_path):
     with policy:
         chunk = policy.infer(obs)
     assert chunk.actions.shape == (8, 3) and np.isfinite(chunk.actions).all()
+
+
+def test_gather_folds_weight_transposes_the_exporter_left(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 16)).eval()
+    x = torch.randn(1, 5, 64)
+    src = tmp_path / "src.onnx"
+    torch.onnx.export(net, (x,), str(src), input_names=["x"], output_names=["y"], opset_version=17, dynamo=False,
+                      do_constant_folding=False)
+    assert [n.op_type for n in onnx.load(str(src)).graph.node].count("Transpose") == 2
+    dst = tmp_path / "dst.onnx"
+    assert pi0_graphs.gather_external_data(src, dst) == 2
+    model = onnx.load(str(dst), load_external_data=False)
+    assert "Transpose" not in [n.op_type for n in model.graph.node]
+    assert sorted(list(t.dims) for t in model.graph.initializer if len(t.dims) == 2) == [[64, 128], [128, 16]]
+    with torch.no_grad():
+        want = net(x).numpy()
+    np.testing.assert_allclose(_run(dst, {"x": x.numpy()})[0], want, rtol=1e-5, atol=1e-6)
