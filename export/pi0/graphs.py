@@ -225,10 +225,10 @@ FOLD_MAX_BYTES = 2_000_000_000  # external-data graphs with more weights than th
 
 
 def _graph_params(module: nn.Module) -> list[Tensor]:
-    """The weights a wrapper's graph holds (Pi0Prefix keeps a handle on the whole π0 but uses no expert weight)."""
-    if isinstance(module, Pi0Prefix):
-        return [p for n, p in module.named_parameters() if not n.startswith("pi0.dit.")]
-    return list(module.parameters())
+    """The weights a wrapper's graph holds: Pi0Prefix keeps a handle on the whole π0 but reads no expert
+    weight; the expert's token embedding (Gemma's default 256,000 x 1024, 1 GB at full size) feeds nothing."""
+    unused = ("pi0.dit.",) if isinstance(module, Pi0Prefix) else ("dit.embed_tokens.",)
+    return [p for n, p in module.named_parameters() if not n.startswith(unused)]
 
 
 # onnx's allocation granularity for external data: onnxruntime maps a tensor stored at an aligned offset
