@@ -4,7 +4,6 @@ numerics comparison."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ ort = pytest.importorskip("onnxruntime")
 from edge_vla.bundle import Bundle  # noqa: E402
 from edge_vla.export.pi0 import graphs as pi0_graphs  # noqa: E402
 from edge_vla.export.pi0.checkpoint import open_pi0  # noqa: E402
-from edge_vla.export.pi0.exporter import Pi0ExportOptions, export_pi0, make_plan  # noqa: E402
+from edge_vla.export.pi0.exporter import Pi0ExportOptions, make_plan  # noqa: E402
 from edge_vla.export.pi0.graphs import _ALIGN, example_inputs, export_graphs  # noqa: E402
 from edge_vla.export.pi0.testing import make_checkpoint  # noqa: E402
 from edge_vla.runtime import roofline  # noqa: E402
@@ -110,24 +109,30 @@ def test_roofline_counts_external_graphs_without_their_weights(graphs, name):
     assert external.weight_bytes == pytest.approx(inline.weight_bytes, rel=0.01)
 
 
-def test_bundle_without_numerics_check_says_so_and_runs(pi0_dir, tmp_path):
+def test_cli_external_data_without_numerics_check_says_so_and_runs(pi0_dir, tmp_path, capsys):
+    from edge_vla.cli import main
     from edge_vla.runtime.policy import Policy
     from edge_vla.runtime.types import Observation
 
-    opts = Pi0ExportOptions(external_data=True, check_numerics=False)
-    result = export_pi0(pi0_dir, tmp_path / "bundle", opts)
-    assert result.numerics.passed is None and "SKIPPED" in result.numerics.summary()
-    manifest = json.loads((result.bundle / "manifest.json").read_text())
+    out = tmp_path / "bundle"
+    assert main(["export", str(pi0_dir), "-o", str(out), "--external-data", "--skip-numerics"]) == 0
+    assert "numerics fp32: SKIPPED" in capsys.readouterr().out
+    manifest = Bundle.open(out).manifest  # hashes check out
     assert manifest["numerics"]["passed"] is None
     assert "graphs/prefix.onnx.data" in manifest["files"] and "graphs/denoise_step.onnx.data" in manifest["files"]
-    Bundle.open(result.bundle)  # hashes check out
-    policy = Policy.load(result.bundle, backend="onnxruntime", threads=1)
     g = np.random.default_rng(1)
     obs = Observation([g.integers(0, 256, (60, 80, 3), dtype=np.uint8)], "pick up the red block",
                       np.zeros(3, np.float32))
-    with policy:
+    with Policy.load(out, backend="onnxruntime", threads=1) as policy:
         chunk = policy.infer(obs)
     assert chunk.actions.shape == (8, 3) and np.isfinite(chunk.actions).all()
+
+
+def test_cli_pi0_only_flags_are_refused_for_other_checkpoints(tmp_path, capsys):
+    from edge_vla.cli import main
+
+    assert main(["export", str(tmp_path), "-o", str(tmp_path / "b"), "--skip-numerics"]) == 1
+    assert "for transformers π0 checkpoints only" in capsys.readouterr().err
 
 
 def test_gather_folds_weight_transposes_the_exporter_left(tmp_path):
