@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..errors import EdgeVlaError
 from .checkpoint import read_config
 from .exporter import PRECISIONS, ExportOptions, export_checkpoint
 from .lerobot.hooks import export_defaults
@@ -32,6 +33,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     pi0 = parser.add_argument_group("transformers π0 checkpoints (config.json model_type 'pi0'; docs/PI0.md)")
     pi0.add_argument("--sidecar", default=None, help="robot.json: action names, units, limits, kind, cameras")
     pi0.add_argument("--cameras", type=int, default=None, help="camera count (default: the sidecar's, else 1)")
+    pi0.add_argument("--external-data", action="store_true",
+                     help="write each graph's weights to <graph>.onnx.data (needed over 2 GB: the full π0)")
+    pi0.add_argument("--skip-numerics", action="store_true",
+                     help="do not compare with sample_actions (full-size π0 on a small machine); the bundle says so")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -41,6 +46,8 @@ def main(args: argparse.Namespace) -> int:
         from .pi0.cli import main as pi0_main
 
         return pi0_main(args)
+    if args.external_data or args.skip_numerics:
+        raise EdgeVlaError("--external-data and --skip-numerics are for transformers π0 checkpoints only; drop them")
     action_space, calib = export_defaults(read_config(args.checkpoint)[1], args.calib)
     opts = ExportOptions(precision=args.precision, steps=args.steps, unrolled=args.unrolled, calib=calib,
                          action_space=action_space,

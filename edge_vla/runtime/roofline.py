@@ -116,7 +116,7 @@ def graph_cost(path: str | Path) -> GraphCost:
 
     onnx = require("onnx")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)  # dims suffice; the full π0 has 11 GB of weights
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)  # resolves Shape->Reshape chains
     except Exception as exc:  # onnx raises several unrelated types for bad files
         raise BundleError(f"could not read {path} for FLOP counting: {exc}") from exc

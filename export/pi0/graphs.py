@@ -20,11 +20,15 @@ stops there and skips the last layer's attention output and MLP (they influence 
 
 from __future__ import annotations
 
+import io
 import logging
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
+import numpy as np
 import onnx
 import torch
 from torch import Tensor, nn
@@ -191,17 +195,22 @@ def export_graphs(model: nn.Module, shapes: Pi0Shapes, example: dict[str, Tensor
 def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], path: Path,
             external_data: bool) -> None:
     if external_data:
-        # Over 2 GB (the full π0): the exporter writes one file per tensor in a scratch directory; gather them
-        # into `<graph>.onnx.data` beside the graph, which is what the bundle ships.
+        # Over 2 GB (the full π0) the TorchScript exporter writes one file per tensor beside the graph (under
+        # 2 GB it keeps them inline, whatever its external_data flag says); gather them into `<graph>.onnx.data`
+        # (what the bundle ships), one tensor at a time. No constant
+        # folding in the exporter: with the model alive it would add a transposed copy of nearly every weight
+        # (+11 GB for π0's prefix); the gather folds those weight Transposes itself, tensor by tensor.
         scratch = path.parent / f".{path.stem}-tensors"
         scratch.mkdir(exist_ok=True)
-        torch.onnx.export(module, args, str(scratch / path.name), input_names=inputs, output_names=outputs,
-                          opset_version=OPSET, dynamo=False, do_constant_folding=True, external_data=True)
-        model = onnx.load(str(scratch / path.name))
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data")
-        del model
-        shutil.rmtree(scratch)
+        # A graph under 2 GB (π0's step: 1.26 GB) is still folded: the copies are affordable, and ONNX shape
+        # inference resolves fewer dims in an unfolded graph (the roofline's FLOP count reads them).
+        fold = sum(p.numel() * p.element_size() for p in _graph_params(module)) < FOLD_MAX_BYTES
+        try:
+            torch.onnx.export(module, args, str(scratch / path.name), input_names=inputs, output_names=outputs,
+                              opset_version=OPSET, dynamo=False, do_constant_folding=fold, external_data=True)
+            gather_external_data(scratch / path.name, path)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     else:
         torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs, opset_version=OPSET,
                           dynamo=False, do_constant_folding=True)
@@ -210,6 +219,98 @@ def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str
     separate_consumed_outputs(path)
     clamp_slice_bounds(path)
     log.info("exported %s (%.1f MB)", path, path.stat().st_size / 1e6)
+
+
+FOLD_MAX_BYTES = 2_000_000_000  # external-data graphs with more weights than this skip the exporter's constant folding
+
+
+def _graph_params(module: nn.Module) -> list[Tensor]:
+    """The weights a wrapper's graph holds: Pi0Prefix keeps a handle on the whole π0 but reads no expert
+    weight; the expert's token embedding (Gemma's default 256,000 x 1024, 1 GB at full size) feeds nothing."""
+    unused = ("pi0.dit.",) if isinstance(module, Pi0Prefix) else ("dit.embed_tokens.",)
+    return [p for n, p in module.named_parameters() if not n.startswith(unused)]
+
+
+# onnx's allocation granularity for external data: onnxruntime maps a tensor stored at an aligned offset
+# straight from the file instead of reading it into a heap buffer.
+_ALIGN = 65536
+_COPY_CHUNK = 64 << 20
+
+
+def _foldable_transposes(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """{initializer name: its Transpose node} for weights read only by one Transpose (what the TorchScript
+    exporter writes for `x @ W.T` when it does not fold constants)."""
+    inits = {i.name for i in graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            if name in inits:
+                readers.setdefault(name, []).append(node)
+    graph_io = {v.name for v in [*graph.input, *graph.output]}
+    return {name: nodes[0] for name, nodes in readers.items()
+            if len(nodes) == 1 and nodes[0].op_type == "Transpose" and name not in graph_io
+            and nodes[0].output[0] not in graph_io}
+
+
+def gather_external_data(src: Path, dst: Path, min_bytes: int = 1024) -> int:
+    """Write graph `src` as `dst` + `dst.onnx.data`, one tensor at a time (the model's weights are never all in
+    memory), at 64 KiB-aligned offsets. Takes initializers stored in files beside `src` (torch writes one file
+    per tensor when the graph is over 2 GB) or inline (under 2 GB torch keeps them in the graph; those of
+    min_bytes or more move to the data file). A weight read only by a Transpose is written transposed and the
+    Transpose dropped: the constant folding the exporter skipped. Returns the number of Transposes folded."""
+    model = onnx.load(str(src), load_external_data=False)
+    graph = model.graph
+    fold = _foldable_transposes(graph)
+    folded = 0
+    data_name = dst.name + ".data"
+    with open(dst.parent / data_name, "wb") as out:
+        for tensor in graph.initializer:
+            external = tensor.data_location == onnx.TensorProto.EXTERNAL
+            if not external and (not tensor.HasField("raw_data") or len(tensor.raw_data) < min_bytes):
+                continue
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+            info = {e.key: e.value for e in tensor.external_data}
+            length = (int(info["length"]) if "length" in info else math.prod(tensor.dims) * dtype.itemsize) \
+                if external else len(tensor.raw_data)
+            out.write(b"\0" * ((-out.tell()) % _ALIGN))
+            pos = out.tell()
+            with open(src.parent / info["location"], "rb") if external else io.BytesIO(tensor.raw_data) as f:
+                f.seek(int(info.get("offset", 0)))
+                if tensor.name in fold:  # one weight matrix at a time (the largest: 134 MB at π0's widths)
+                    node = fold[tensor.name]
+                    perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+                    arr = np.frombuffer(f.read(length), dtype=dtype).reshape(tuple(tensor.dims))
+                    arr = np.ascontiguousarray(arr.transpose(perm))
+                    out.write(arr.tobytes())
+                    del tensor.dims[:]
+                    tensor.dims.extend(arr.shape)
+                    tensor.name = node.output[0]  # readers of the Transpose now read the transposed weight
+                    node.op_type = ""  # marked for removal
+                    folded += 1
+                    del arr
+                else:
+                    _copy(f, out, length, tensor.name)
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            for key, value in (("location", data_name), ("offset", str(pos)), ("length", str(length))):
+                tensor.external_data.add(key=key, value=value)
+    if folded:
+        keep = [n for n in graph.node if n.op_type]
+        del graph.node[:]
+        graph.node.extend(keep)
+    onnx.save(model, str(dst))
+    return folded
+
+
+def _copy(src: BinaryIO, dst: BinaryIO, length: int, what: str) -> None:
+    left = length
+    while left:
+        chunk = src.read(min(left, _COPY_CHUNK))
+        if not chunk:
+            raise OSError(f"the data of tensor {what} ends {left} bytes early; re-export the graph")
+        dst.write(chunk)
+        left -= len(chunk)
 
 
 def _load_graph(path: Path) -> onnx.ModelProto:

@@ -77,8 +77,9 @@ def build_tokenizer(vocab_size: int = 96, corpus: list[str] | None = None):
 
 def make_checkpoint(out: str | Path, config: dict[str, Any] | None = None, num_cameras: int = 2,
                     state_dim: int = 3, action_dim: int = 3, seed: int = 0, with_processor: bool = True,
-                    dtype: str = "float32") -> Path:
-    """Write a random-weight π0 checkpoint directory with its tokenizer and processor (statistics included)."""
+                    dtype: str = "float32", max_shard_size: str | None = None) -> Path:
+    """Write a random-weight π0 checkpoint directory with its tokenizer and processor (statistics included).
+    max_shard_size (e.g. "1GB"): safetensors serialises a shard in memory, so the full π0 needs small shards."""
     import numpy as np
     import torch
     from transformers import PI0Config, PI0ForConditionalGeneration, PI0Processor
@@ -106,7 +107,7 @@ def make_checkpoint(out: str | Path, config: dict[str, Any] | None = None, num_c
     model = PI0ForConditionalGeneration(PI0Config(**cfg)).eval()
     if dtype != "float32":
         model = model.to(getattr(torch, dtype))
-    model.save_pretrained(out)
+    model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     if with_processor:
         processor.save_pretrained(out)
     return out
