@@ -41,6 +41,7 @@ Environment (defaults in brackets):
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -64,6 +65,7 @@ from bench_runtime import Series, eager_chunk, interleaved_rounds, observation  
 
 from edge_vla.export.data import observation_tensors  # noqa: E402
 from edge_vla.runtime.compare import Metrics  # noqa: E402
+from edge_vla.runtime.ort_backend import FUSE_ENV  # noqa: E402
 from edge_vla.runtime.policy import Policy  # noqa: E402
 from edge_vla.runtime.roofline import GraphCost, bundle_costs  # noqa: E402
 from edge_vla.runtime.types import Observation  # noqa: E402
@@ -534,6 +536,13 @@ def test_peers(name: str, steps: int, threads: int, benchmark: Any, bench_models
 
     for p, pol in policies.items():
         add(f"edge-vla runtime {p}", lambda pol=pol: pol.infer(obs), p, _rel_l2(fp32, ref[p]))
+    # The runtime's load-time onnxruntime fusion (edge_vla.runtime.ort_fuse), attributed in the same run.
+    with _env(FUSE_ENV, "none"):
+        unfused = Policy.load(bundles["fp32"], steps=steps, threads=threads, seed=SEED)
+    policies["fp32, ort fusion off"] = unfused
+    got = unfused.infer(obs)
+    add("edge-vla runtime fp32, load-time fusion off (EDGE_VLA_ORT_FUSE=none)", lambda: unfused.infer(obs), "fp32",
+        _rel_l2(fp32, got.actions))
 
 
     def reset() -> None:
@@ -553,6 +562,19 @@ def test_peers(name: str, steps: int, threads: int, benchmark: Any, bench_models
     eager = rows[0].series
     print(f"\n{name} {steps} steps {threads} thread(s): " + ", ".join(
         f"{r.series.name} {r.series.median():.2f} ms ({eager.median() / r.series.median():.2f}x)" for r in timed))
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 def _timed_block(series: Series, fn: Callable[[], Any], block: int) -> None:
