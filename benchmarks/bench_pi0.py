@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -97,13 +98,33 @@ def _extrapolate(c11: dict, c21: dict, c12: dict) -> dict[str, rl.GraphCost]:
             base, dv, dd = getattr(a, field), getattr(v, field) - getattr(a, field), getattr(d, field) - getattr(a, field)
             return base + (FULL["vision"] - 1) * dv * (name == "prefix") + (FULL["expert"] - 1) * dd
 
-        out[name] = rl.GraphCost(lin("flops"), int(lin("weight_bytes")), int(lin("io_bytes")), "fp32")
+        approx = max(a.approximate_nodes, v.approximate_nodes, d.approximate_nodes)  # > 0: FLOPs a lower bound
+        out[name] = rl.GraphCost(lin("flops"), int(lin("weight_bytes")), int(lin("io_bytes")), "fp32", approx)
     return out
 
 
 def _at_precision(c: rl.GraphCost, precision: str) -> rl.GraphCost:
     scale = {"fp32": 1.0, "fp16": 0.5, "int8": 0.25}[precision]
     return rl.GraphCost(c.flops, int(c.weight_bytes * scale), c.io_bytes, precision)
+
+
+def full_roofline(tmp: Path) -> dict[str, rl.GraphCost]:
+    """The full 3.3B π0's graph costs extrapolated from three full-width traces, and its roofline table.
+    Alone (no latency runs): python benchmarks/bench_pi0.py roofline"""
+    full = _extrapolate(_graph_costs(tmp, 1, 1), _graph_costs(tmp, 2, 1), _graph_costs(tmp, 1, 2))
+    print(f"\nfull π0 (27 SigLIP + 18 Gemma-2B layers read by 18 expert layers, {ROOFLINE_CAMERAS} "
+          f"camera(s), 48 text tokens): prefix "
+          f"{full['prefix'].flops / 1e12:.2f} TFLOP {full['prefix'].weight_bytes / 1e9:.2f} GB, step "
+          f"{full['denoise_step'].flops / 1e9:.1f} GFLOP {full['denoise_step'].weight_bytes / 1e9:.2f} GB (fp32); nodes with unresolved dims "
+          f"(FLOPs a lower bound if > 0): {full['prefix'].approximate_nodes} / {full['denoise_step'].approximate_nodes}")
+    print("| target | precision | prefix ms | step ms | prefix + 10 steps ms |\n|---|---|---|---|---|")
+    for target in [*(rl.TARGETS[k] for k in rl.TARGET_ORDER), RTX_4090]:
+        for precision in ("fp16", "int8"):
+            p = rl.estimate(_at_precision(full["prefix"], precision), target)
+            s = rl.estimate(_at_precision(full["denoise_step"], precision), target)
+            print(f"| {target.name} | {precision} | {p.ms:.1f} ({p.bound}) | {s.ms:.2f} ({s.bound}) | "
+                  f"{p.ms + STEPS * s.ms:.1f} |")
+    return full
 
 
 def test_pi0_latency_side_by_side(tmp_path_factory):
@@ -205,17 +226,14 @@ def test_pi0_latency_side_by_side(tmp_path_factory):
         policy.close()
         assert result.numerics.passed
         return
-    full = _extrapolate(_graph_costs(tmp, 1, 1), _graph_costs(tmp, 2, 1), _graph_costs(tmp, 1, 2))
-    print(f"\nfull π0 (27 SigLIP + 18 Gemma-2B layers read by 18 expert layers, {ROOFLINE_CAMERAS} "
-          f"camera(s), 48 text tokens): prefix "
-          f"{full['prefix'].flops / 1e12:.2f} TFLOP {full['prefix'].weight_bytes / 1e9:.2f} GB, step "
-          f"{full['denoise_step'].flops / 1e9:.1f} GFLOP {full['denoise_step'].weight_bytes / 1e9:.2f} GB (fp32)")
-    print("| target | precision | prefix ms | step ms | prefix + 10 steps ms |\n|---|---|---|---|---|")
-    for target in [*(rl.TARGETS[k] for k in rl.TARGET_ORDER), RTX_4090]:
-        for precision in ("fp16", "int8"):
-            p = rl.estimate(_at_precision(full["prefix"], precision), target)
-            s = rl.estimate(_at_precision(full["denoise_step"], precision), target)
-            print(f"| {target.name} | {precision} | {p.ms:.1f} ({p.bound}) | {s.ms:.2f} ({s.bound}) | "
-                  f"{p.ms + STEPS * s.ms:.1f} |")
+    full_roofline(tmp)
     policy.close()
     assert result.numerics.passed
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["roofline"]:
+    import tempfile
+
+    torch.set_num_threads(THREADS)
+    with tempfile.TemporaryDirectory() as d:
+        full_roofline(Path(d))

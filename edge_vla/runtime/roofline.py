@@ -81,6 +81,9 @@ class GraphCost:
     weight_bytes: int
     io_bytes: int
     precision: str  # the compute precision the estimate uses: fp32, fp16 or int8
+    # MatMul/Gemm/Conv nodes with a dim no shape inference resolved (counted as 1) or of unknown rank (left
+    # out): when > 0, `flops` is a lower bound.
+    approximate_nodes: int = 0
 
     @property
     def bytes(self) -> int:
@@ -110,69 +113,151 @@ def estimate(cost: GraphCost, target: Target, runs: int = 1,
 
 
 # --- counting ----------------------------------------------------------------------------------------
+Dims = list[int | None]  # None: a dim shape inference left unknown
+
+
 def graph_cost(path: str | Path) -> GraphCost:
-    """FLOPs and bytes of a static-shape ONNX graph. Needs `onnx` (imported lazily: the robot may lack it)."""
+    """FLOPs and bytes of a static-shape ONNX graph. Needs `onnx` (imported lazily: the robot may lack it).
+
+    Shapes come from ONNX shape inference; where it leaves a MatMul/Gemm/Conv dim symbolic (π0's prefix: a
+    Reshape fed by a shape computed through Where/Expand, which ONNX's data propagation does not follow),
+    onnxruntime's symbolic shape inference is tried, then each dim is taken from whichever operand or output
+    knows it (K from the weight, batch dims by broadcasting). A dim still unknown counts as 1: such nodes
+    make the total a lower bound, are counted in `GraphCost.approximate_nodes` and logged."""
     from edge_vla.optional import require
 
     onnx = require("onnx")
     try:
-        model = onnx.load(str(path), load_external_data=False)  # dims suffice; the full π0 has 11 GB of weights
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)  # resolves Shape->Reshape chains
+        raw = onnx.load(str(path), load_external_data=False)  # dims suffice; the full π0 has 11 GB of weights
+        model = onnx.shape_inference.infer_shapes(raw, data_prop=True)  # resolves Shape->Reshape chains
     except Exception as exc:  # onnx raises several unrelated types for bad files
         raise BundleError(f"could not read {path} for FLOP counting: {exc}") from exc
     graph = model.graph
-    shapes: dict[str, list[int]] = {}
-    for vi in [*graph.input, *graph.output, *graph.value_info]:
-        # A symbolic dim left by shape inference is the batch (Reshape(-1) chains): these graphs are batch 1.
-        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in vi.type.tensor_type.shape.dim]
-        shapes[vi.name] = dims
+    shapes = _value_shapes(graph)
     weight_bytes, weight_dtypes = 0, {}
     for init in graph.initializer:
-        shapes[init.name] = list(init.dims)
         n = _DTYPE_BYTES.get(init.data_type, 4) * math.prod(init.dims)
         weight_bytes += n
         weight_dtypes[init.data_type] = weight_dtypes.get(init.data_type, 0) + n
+    counted = [n for n in graph.node if n.op_type in _MATMUL_OPS | _CONV_OPS | {"Gemm"}]
+    if any(not _known(shapes.get(x)) for n in counted for x in [*_operands(n), n.output[0]]):
+        for name, dims in _symbolic_shapes(raw, path).items():
+            shapes[name] = _merge(shapes.get(name), dims)
     init_names = {i.name for i in graph.initializer}
     io_bytes = 0
     for vi in [*graph.input, *graph.output]:
         if vi.name in init_names:
             continue
-        dims = shapes.get(vi.name, [])
-        io_bytes += _DTYPE_BYTES.get(vi.type.tensor_type.elem_type, 4) * math.prod(dims)
+        dims = shapes.get(vi.name) or []  # graph inputs/outputs are static in bundles; unknown -> 1
+        io_bytes += _DTYPE_BYTES.get(vi.type.tensor_type.elem_type, 4) * math.prod(d or 1 for d in dims)
     flops = 0.0
-    unknown = 0
-    for node in graph.node:
-        f = _node_flops(node, shapes)
-        if f is None:
-            unknown += 1
-        else:
-            flops += f
-    if unknown:
-        log.warning("%s: %d MatMul/Gemm/Conv node(s) had unknown shapes and were not counted", path, unknown)
-    return GraphCost(flops, weight_bytes, io_bytes, _precision(graph, weight_dtypes))
+    approximate = 0
+    for node in counted:
+        f, exact = _node_flops(node, shapes)
+        flops += f
+        approximate += not exact
+    if approximate:
+        log.warning("%s: %d MatMul/Gemm/Conv node(s) had dims no shape inference resolved (taken as 1, or the "
+                    "node left out): the FLOP count is a LOWER BOUND", path, approximate)
+    return GraphCost(flops, weight_bytes, io_bytes, _precision(graph, weight_dtypes), approximate)
 
 
-def _node_flops(node: Any, shapes: dict[str, list[int]]) -> float | None:
-    op = node.op_type
-    if op not in _MATMUL_OPS | _CONV_OPS | {"Gemm"}:
-        return 0.0
-    ins = list(node.input)
-    if op in ("QLinearMatMul", "QLinearConv"):  # a, a_scale, a_zp, b, ...
-        ins = [ins[0], ins[3]]
-    out = shapes.get(node.output[0])
-    a, b = shapes.get(ins[0]), shapes.get(ins[1])
-    if out is None or a is None or b is None:
+def _dims(tensor_type: Any) -> Dims | None:
+    if not tensor_type.HasField("shape"):
         return None
-    if op in _MATMUL_OPS or op == "Gemm":
-        if op == "Gemm":
-            trans_a = next((at.i for at in node.attribute if at.name == "transA"), 0)
-            k = a[0] if trans_a else a[-1]
-        else:
-            k = a[-1]
-        # output holds every batch * M * N; each needs K multiply-adds
-        return 2.0 * math.prod(out) * k
-    c_in_per_group, kernel = b[1], math.prod(b[2:])  # weight is [Cout, Cin/group, kh, kw]: groups folded in
-    return 2.0 * math.prod(out) * c_in_per_group * kernel
+    return [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+
+
+def _value_shapes(graph: Any) -> dict[str, Dims | None]:
+    shapes: dict[str, Dims | None] = {}
+    for vi in [*graph.input, *graph.output, *graph.value_info]:
+        shapes[vi.name] = _dims(vi.type.tensor_type)
+    for init in graph.initializer:
+        shapes[init.name] = list(init.dims)
+    return shapes
+
+
+def _known(dims: Dims | None) -> bool:
+    return dims is not None and all(d is not None for d in dims)
+
+
+def _merge(a: Dims | None, b: Dims | None) -> Dims | None:
+    """Dim by dim, the known one (the two inferences agree wherever both know a dim)."""
+    if a is None or b is None or len(a) != len(b):
+        return a if _known(a) or b is None else b
+    return [x if x is not None else y for x, y in zip(a, b, strict=True)]
+
+
+def _symbolic_shapes(model: Any, path: str | Path) -> dict[str, Dims | None]:
+    """onnxruntime's symbolic shape inference (sympy arithmetic on dims: it follows the computed shapes ONNX's
+    data propagation drops). {} when it is missing or fails: the per-node resolution then does what it can."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception as exc:  # ImportError (no onnxruntime/sympy) or an op it does not know
+        log.info("%s: onnxruntime symbolic shape inference unavailable (%s); resolving dims per node", path, exc)
+        return {}
+    return _value_shapes(inferred.graph) if inferred is not None else {}
+
+
+def _operands(node: Any) -> list[str]:
+    ins = list(node.input)
+    if node.op_type in ("QLinearMatMul", "QLinearConv"):  # a, a_scale, a_zp, b, ...
+        return [ins[0], ins[3]]
+    return ins[:2]
+
+
+def _first(*dims: int | None) -> int | None:
+    return next((d for d in dims if d is not None), None)
+
+
+def _broadcast(*dims: int | None) -> int | None:
+    """A broadcast batch dim: any known dim > 1 decides it; all known and 1 -> 1; else unknown."""
+    big = [d for d in dims if d is not None and d != 1]
+    if big:
+        return big[0]
+    return 1 if all(d == 1 for d in dims) else None
+
+
+def _node_flops(node: Any, shapes: dict[str, Dims | None]) -> tuple[float, bool]:
+    """(FLOPs, exact). Each dim comes from whichever of the operands and the output knows it; one still
+    unknown counts as 1 (exact=False). A node with an operand of unknown rank is left out (0, False)."""
+    op = node.op_type
+    a_name, b_name = _operands(node)
+    a, b, out = shapes.get(a_name), shapes.get(b_name), shapes.get(node.output[0])
+    if a is None or b is None:
+        return 0.0, False
+    if op in _CONV_OPS:
+        # weight [Cout, Cin/group, *kernel] (groups folded in); output [N, Cout, *spatial]
+        if out is None or len(out) < 2:
+            return 0.0, False
+        dims = [_first(out[0], a[0]), _first(out[1], b[0]), *out[2:], *b[1:]]
+    elif op == "Gemm":
+        attr = {at.name: at.i for at in node.attribute}
+        m_a, k_a = (a[1], a[0]) if attr.get("transA", 0) else (a[0], a[1])
+        k_b, n_b = (b[1], b[0]) if attr.get("transB", 0) else (b[0], b[1])
+        o = out if out is not None and len(out) == 2 else [None, None]
+        dims = [_first(m_a, o[0]), _first(n_b, o[1]), _first(k_a, k_b)]
+    else:  # MatMul semantics (numpy): a 1-D operand gains a dim that the output drops
+        a2 = [1, *a] if len(a) == 1 else a
+        b2 = [*b, 1] if len(b) == 1 else b
+        rank = max(len(a2), len(b2))
+        o2 = None  # the output with the dims a 1-D operand dropped put back as 1s
+        if out is not None and len(out) == rank - (len(a) == 1) - (len(b) == 1):
+            o2 = list(out)
+            if len(a) == 1:
+                o2.insert(len(o2) - (len(b) > 1), 1)
+            if len(b) == 1:
+                o2.append(1)
+        pad_a, pad_b = [1] * (rank - len(a2)), [1] * (rank - len(b2))  # broadcasting pads with leading 1s
+        a2, b2 = [*pad_a, *a2], [*pad_b, *b2]
+        batch = [_first(_broadcast(x, y), o2[i] if o2 else None) for i, (x, y) in enumerate(zip(a2[:-2], b2[:-2]))]
+        m = _first(a2[-2], o2[-2] if o2 else None)
+        n = _first(b2[-1], o2[-1] if o2 else None)
+        dims = [*batch, m, n, _first(a2[-1], b2[-2])]
+    exact = all(d is not None for d in dims)
+    return 2.0 * math.prod(d if d is not None else 1 for d in dims), exact
 
 
 def _precision(graph: Any, weight_dtypes: dict[int, int]) -> str:

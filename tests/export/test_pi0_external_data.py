@@ -150,3 +150,29 @@ def test_gather_folds_weight_transposes_the_exporter_left(tmp_path):
     with torch.no_grad():
         want = net(x).numpy()
     np.testing.assert_allclose(_run(dst, {"x": x.numpy()})[0], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["inline", "external", "unfolded"])
+def test_roofline_flops_match_torch_flop_counter(pi0_dir, graphs, kind):
+    """graph_cost of the exported π0 graphs = torch's FlopCounterMode on the wrapped modules (matmuls and the
+    patch conv). Before symbolic dims were resolved, the prefix's o_proj K and attention head counts were
+    taken as 1 (the full π0's prefix was counted ~5% low)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    src = open_pi0(pi0_dir)
+    model = src.load_model()
+    model.set_attn_implementation("eager")  # FlopCounterMode does not count CPU SDPA (SigLIP's attention)
+    plan = make_plan(src, model, Pi0ExportOptions())
+    ex = example_inputs(model, plan.shapes, int(model.config.vlm_config.image_token_id), plan.layout.image_seq_len)
+    with torch.no_grad(), FlopCounterMode(display=False) as prefix_count:
+        kv = pi0_graphs.Pi0Prefix(model, plan.shapes.num_cameras).eval()(ex["images"], ex["tokens"], ex["token_mask"])
+    with torch.no_grad(), FlopCounterMode(display=False) as step_count:
+        pi0_graphs.Pi0Step(model).eval()(ex["x_t"], ex["t"], ex["state"], ex["token_mask"], *kv)
+    # The last prefix layer's q_proj runs in torch, but feeds nothing: the exporter drops it.
+    q = model.model.vlm.language_model.layers[plan.shapes.layers - 1].self_attn.q_proj
+    dead_q = 2 * ex["tokens"].shape[1] * q.in_features * q.out_features
+    expected = {"prefix": prefix_count.get_total_flops() - dead_q, "denoise_step": step_count.get_total_flops()}
+    for name, flops in expected.items():
+        cost = roofline.graph_cost(graphs[kind][name])
+        assert cost.approximate_nodes == 0, name
+        assert cost.flops == flops, name

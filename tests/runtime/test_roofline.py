@@ -101,3 +101,44 @@ def test_manifest_costs_used_when_onnx_is_missing(monkeypatch):
     assert costs["prefix"] == rl.GraphCost(1e6, 1000, 10, "int8")
     fake.manifest = {"graphs": {"prefix": {}, "denoise_step": {}}}
     assert rl.bundle_costs(fake) is None
+
+
+def test_symbolic_inner_dim_takes_k_from_the_weight(tmp_path):
+    # The activation's last dim is symbolic (as after π0's Reshape(-1) chains); the weight initializer fixes K.
+    w = numpy_helper.from_array(np.zeros((8, 16), np.float32), "w")
+    path = _save(tmp_path, [helper.make_node("MatMul", ["x", "w"], ["y"])], [_vi("x", [1, 4, "k"])],
+                 [_vi("y", [1, 4, 16])], [w])
+    cost = rl.graph_cost(path)
+    assert cost.flops == 2 * 4 * 16 * 8 and cost.approximate_nodes == 0
+
+
+def test_heads_hidden_behind_a_computed_reshape_are_resolved(tmp_path):
+    # π0's attention: Reshape(x, Concat(Shape(x)[:2], [-1, 4])) -> heads, with the batch dim of x made symbolic
+    # by an Expand whose shape goes through Where (ONNX's data propagation stops there).
+    nodes = [
+        helper.make_node("Shape", ["x"], ["xs"]),
+        helper.make_node("Equal", ["xs", "neg"], ["is_neg"]),
+        helper.make_node("Where", ["is_neg", "xs", "xs"], ["ws"]),
+        helper.make_node("Expand", ["x", "ws"], ["xe"]),                       # [?, 6, 8]
+        helper.make_node("Shape", ["xe"], ["s"]),
+        helper.make_node("Slice", ["s", "zero", "two"], ["s2"]),
+        helper.make_node("Concat", ["s2", "tail"], ["target"], axis=0),
+        helper.make_node("Reshape", ["xe", "target"], ["h"]),                   # [?, 6, ?=2, 4]
+        helper.make_node("Transpose", ["h"], ["q"], perm=[0, 2, 1, 3]),         # [?, 2, 6, 4]
+        helper.make_node("Transpose", ["h"], ["kt"], perm=[0, 2, 3, 1]),        # [?, 2, 4, 6]
+        helper.make_node("MatMul", ["q", "kt"], ["scores"]),                    # 2 heads x 6 x 6 x K=4
+    ]
+    inits = [numpy_helper.from_array(np.array(v, np.int64), n)
+             for n, v in [("neg", [-1, -1, -1]), ("zero", [0]), ("two", [2]), ("tail", [-1, 4])]]
+    path = _save(tmp_path, nodes, [_vi("x", [1, 6, 8])], [_vi("scores", None)], inits)
+    cost = rl.graph_cost(path)
+    assert cost.flops == 2 * 2 * 6 * 6 * 4 and cost.approximate_nodes == 0
+
+
+def test_unresolvable_dims_count_as_one_and_say_the_total_is_a_lower_bound(tmp_path, caplog):
+    path = _save(tmp_path, [helper.make_node("MatMul", ["x", "y"], ["z"])], [_vi("x", [1, "m", 8]),
+                 _vi("y", [8, "n"])], [_vi("z", [1, "m", "n"])], [])
+    with caplog.at_level("WARNING", logger=rl.__name__):
+        cost = rl.graph_cost(path)
+    assert cost.flops == 2 * 8 and cost.approximate_nodes == 1
+    assert "LOWER BOUND" in caplog.text
