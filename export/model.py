@@ -205,6 +205,13 @@ class VLA(nn.Module):
     # --- prefix: once per chunk -----------------------------------------------------------------
     def embed_prefix(self, images: Tensor, tokens: Tensor, state: Tensor) -> Tensor:
         """images float [B, C, 3, S, S] in [0, 1]; tokens int [B, L]; state [B, state_dim] (physical)."""
+        h = self.prefix_tokens(images, tokens, state)
+        for blk in self.trunk:
+            h = blk(h)
+        return self.trunk_norm(h)
+
+    def prefix_tokens(self, images: Tensor, tokens: Tensor, state: Tensor) -> Tensor:
+        """The trunk's input: image, text and state tokens [B, P, width] (the export's prefix graph reuses it)."""
         b, c = images.shape[:2]
         w = self.config.width
         text = self.token_emb(tokens) + self.text_pos
@@ -221,10 +228,7 @@ class VLA(nn.Module):
             gamma, beta = self.text_film(pooled).unsqueeze(1).chunk(2, dim=-1)
             x = x * (1 + gamma) + beta
         s = self.state_proj((state - self.state_mean) / self.state_std).unsqueeze(1)
-        h = torch.cat([x, text, s], dim=1)
-        for blk in self.trunk:
-            h = blk(h)
-        return self.trunk_norm(h)
+        return torch.cat([x, text, s], dim=1)
 
     def prefix_kv(self, images: Tensor, tokens: Tensor, state: Tensor) -> Tensor:
         """-> [expert_depth, 2, B, heads, P, head_dim]: each expert layer's cross-attention K and V."""

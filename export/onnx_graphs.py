@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edge_vla.runtime.flow import REFERENCE_FLOW, integrate
+from edge_vla.runtime.ort_fuse import GELU_A, GELU_B
 
 from .model import LN_EPS, VLA, fake_inputs
 
@@ -73,14 +74,11 @@ def time_row_width(model: VLA) -> int:
     return model.config.expert_depth * 6 * e + 2 * e
 
 
-# sqrt(2/pi) and its product with GELU's cubic coefficient 0.044715, both doubled: tanh-GELU written as
-# u * sigmoid(u * (A + B u^2)), since 0.5 * (1 + tanh(z)) = sigmoid(2z): 6 nodes instead of 9, same function.
-_GELU_A = 2.0 * math.sqrt(2.0 / math.pi)
-_GELU_B = _GELU_A * 0.044715
-
-
 def gelu_tanh_sigmoid(u: Tensor) -> Tensor:
-    return u * torch.sigmoid(u * (_GELU_A + _GELU_B * (u * u)))
+    """tanh-GELU as u * sigmoid(u * (A + B u^2)) (A = 2 sqrt(2/pi), B = A * 0.044715), since
+    0.5 * (1 + tanh(z)) = sigmoid(2z): 6 nodes instead of 9, same function; the runtime's FastGelu fusion
+    matches these constants (edge_vla.runtime.ort_fuse)."""
+    return u * torch.sigmoid(u * (GELU_A + GELU_B * (u * u)))
 
 
 class FoldedStep(nn.Module):
@@ -105,18 +103,17 @@ class FoldedStep(nn.Module):
         scale = 1.0 / math.sqrt(self.head_dim)
         e = self.e
 
-        def wt(lin: nn.Linear, rows: slice | None = None, mult: Tensor | float = 1.0) -> nn.Parameter:
-            w = lin.weight if rows is None else lin.weight[rows]
-            return nn.Parameter((w * mult).t().contiguous().detach().clone(), requires_grad=False)
+        def wt(lin: nn.Linear, mult: Tensor | float = 1.0) -> nn.Parameter:
+            return _frozen((lin.weight * mult).t())
 
         def bias(lin: nn.Linear, mult: Tensor | float = 1.0) -> nn.Parameter:
-            return nn.Parameter((lin.bias * mult).detach().clone(), requires_grad=False)
+            return _frozen(lin.bias * mult)
 
         with torch.no_grad():
             self.w_in = wt(model.action_in)
             self.b_in = bias(model.action_in)
             # Not folded into the Gemm's bias: a [T, E] Gemm bias breaks onnxruntime's INT8 bias quantizer.
-            self.pos = nn.Parameter(model.action_pos[0].detach().clone(), requires_grad=False)
+            self.pos = _frozen(model.action_pos[0])
             q_mult = torch.ones(3 * e, 1)
             q_mult[:e] = scale
             self.blocks = nn.ModuleList()
@@ -124,8 +121,7 @@ class FoldedStep(nn.Module):
                 b = nn.Module()
                 b.w_qkv, b.b_qkv = wt(blk.attn.qkv, mult=q_mult), bias(blk.attn.qkv, q_mult[:, 0])
                 b.w_o, b.b_o = wt(blk.attn.out), bias(blk.attn.out)
-                b.ln_w = nn.Parameter(blk.cross_norm.weight.detach().clone(), requires_grad=False)
-                b.ln_b = nn.Parameter(blk.cross_norm.bias.detach().clone(), requires_grad=False)
+                b.ln_w, b.ln_b = _frozen(blk.cross_norm.weight), _frozen(blk.cross_norm.bias)
                 b.w_q, b.b_q = wt(blk.cross_q, mult=scale), bias(blk.cross_q, scale)
                 b.w_co, b.b_co = wt(blk.cross_out), bias(blk.cross_out)
                 b.w_1, b.b_1 = wt(blk.mlp[0]), bias(blk.mlp[0])
@@ -202,29 +198,9 @@ class PrefixGraph(nn.Module):
             self.w_kv = _frozen(torch.cat([blk.cross_kv.weight for blk in model.expert]).t())  # [w, L * 2E]
             self.b_kv = _frozen(torch.cat([blk.cross_kv.bias for blk in model.expert]))
 
-    def _tokens(self, images: Tensor, tokens: Tensor, state: Tensor) -> Tensor:
-        """VLA.embed_prefix up to the trunk -> [1, P, w]."""
-        m, cfg = self.model, self.model.config
-        b, c = images.shape[:2]
-        w = cfg.width
-        text = m.token_emb(tokens) + m.text_pos
-        pooled = text.mean(dim=1)
-        pixels = (images.flatten(0, 1) - 0.5) / 0.25
-        if cfg.vision == "conv":
-            x = m.stem(pixels, pooled.unsqueeze(1).expand(b, c, w).reshape(b * c, w))
-        else:
-            x = m.patch(pixels).flatten(2).transpose(1, 2)
-        x = x.reshape(b, c, -1, w)
-        x = (x + m.patch_pos.unsqueeze(0) + m.camera_emb.unsqueeze(0)).flatten(1, 2)
-        if m.text_film is not None:
-            gamma, beta = m.text_film(pooled).unsqueeze(1).chunk(2, dim=-1)
-            x = x * (1 + gamma) + beta
-        s = m.state_proj((state - m.state_mean) / m.state_std).unsqueeze(1)
-        return torch.cat([x, text, s], dim=1)
-
     def forward(self, images: Tensor, tokens: Tensor, state: Tensor) -> tuple[Tensor, ...]:
         p, w, nh, hd, eps = self.p, self.w, self.heads, self.head_dim, LN_EPS
-        h = self._tokens(images, tokens, state).reshape(p, w)
+        h = self.model.prefix_tokens(images, tokens, state).reshape(p, w)
         for b in self.blocks:
             a = F.layer_norm(h, (w,), b.n1_w, b.n1_b, eps)
             q, k, v = torch.addmm(b.b_qkv, a, b.w_qkv).reshape(p, 3 * nh, hd).transpose(0, 1).split(nh)

@@ -53,7 +53,8 @@ def fuse_kinds(fuse: tuple[str, ...] | str | None = None) -> tuple[str, ...]:
     if fuse is None:
         fuse = os.environ.get(FUSE_ENV, ",".join(DEFAULT_FUSE))
     if isinstance(fuse, str):
-        fuse = tuple(k.strip() for k in fuse.split(",") if k.strip() and k.strip().lower() not in ("none", "0", "off"))
+        names = (k.strip() for k in fuse.split(","))
+        fuse = tuple(k for k in names if k and k.lower() not in ("none", "0", "off"))
     unknown = set(fuse) - set(KINDS)
     if unknown:
         raise BundleError(f"unknown onnxruntime fusion(s) {sorted(unknown)} (from the fuse argument or ${FUSE_ENV}); "

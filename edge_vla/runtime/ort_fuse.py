@@ -30,8 +30,10 @@ from edge_vla.runtime import onnx_proto as pb
 from edge_vla.runtime.onnx_proto import make_node
 
 MS_DOMAIN = "com.microsoft"
-_GELU_A = 2.0 * math.sqrt(2.0 / math.pi)
-_GELU_B = _GELU_A * 0.044715
+# The sigmoid form of tanh-GELU that the exporter writes (export/onnx_graphs.py gelu_tanh_sigmoid):
+# u * sigmoid(u * (GELU_A + GELU_B * u^2)); the pattern match below looks for these two constants.
+GELU_A = 2.0 * math.sqrt(2.0 / math.pi)
+GELU_B = GELU_A * 0.044715
 
 
 @dataclass
@@ -187,11 +189,11 @@ def _fuse_gelu(g: _Graph, sig: Any, new_nodes: list[Any]) -> list[Any] | None:
         return None
     a_val = next((_scalar(g, i) for i in add.input if _scalar(g, i) is not None), None)
     mul_b = next((g.prod(i, "Mul") for i in add.input if g.prod(i, "Mul") is not None), None)
-    if a_val is None or mul_b is None or not math.isclose(a_val, _GELU_A, rel_tol=1e-5):
+    if a_val is None or mul_b is None or not math.isclose(a_val, GELU_A, rel_tol=1e-5):
         return None
     b_val = next((_scalar(g, i) for i in mul_b.input if _scalar(g, i) is not None), None)
     sq = next((g.prod(i, "Mul") for i in mul_b.input if g.prod(i, "Mul") is not None), None)
-    if b_val is None or sq is None or list(sq.input) != [u, u] or not math.isclose(b_val, _GELU_B, rel_tol=1e-5):
+    if b_val is None or sq is None or list(sq.input) != [u, u] or not math.isclose(b_val, GELU_B, rel_tol=1e-5):
         return None
     chain = [sq, mul_b, add, z, sig]
     if any(len(g.consumers[n.output[0]]) != 1 for n in chain):
