@@ -25,8 +25,11 @@ INT8_OPS = ["MatMul", "Gemm", "Conv"]
 # The conv stem stays float: its first conv sees raw pixels under an instruction FiLM, and its keypoint
 # logits go through a spatial softmax that turns small logit errors into coordinate errors. Quantizing it
 # took a trained tiny's INT8 chunk error to rel L2 0.075 (gate 0.08); the stem is a small share of the
-# prefix's MACs.
-INT8_EXCLUDE_SCOPES = ("/stem/",)
+# prefix's MACs. The state projection (edge-vla's prefix, π0's step embedding) stays float too: an INT8
+# input rounds normalized joint angles to ~0.02 rad steps, a few cm at the end effector. The shipped tiny
+# held 100% when it replanned every 4 actions but fell to 83% replanning every action, as the onboard
+# loop does; with the state float, 100% at both (issue 13). It is one (state_dim x width) GEMM.
+INT8_EXCLUDE_SCOPES = ("/stem/", "/state_proj/")
 
 
 def _time_embedding_nodes(model: onnx.ModelProto, input_name: str = "t") -> list[str]:
