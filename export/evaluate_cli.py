@@ -57,6 +57,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "run from the same noise")
     parser.add_argument("--samples", type=int, default=256, help="with --data: at most this many held-out chunks")
     parser.add_argument("--seed", type=int, default=0, help="with --data: noise seed")
+    parser.add_argument("--execute", type=int, default=4,
+                        help="sim: actions played from each chunk before the policy replans (default 4; 1 replans "
+                             "every action, closest to the onboard loop, which replans as soon as inference is free)")
     parser.add_argument("--onboard", action="store_true",
                         help="run one bundle (or expert) through the onboard stack (control loop at 100 Hz, firmware "
                              "emulator on a pty) and compare with the offline runtime on the same seeds")
@@ -71,11 +74,12 @@ class Contender:
     num_cameras: int = 1
     dims: tuple[int, int] | None = None  # (state, action) dims of a model
 
-    def run(self, episodes: int, seed_base: int, target_shift: int = 0, split: str = "base") -> EvalResult:
+    def run(self, episodes: int, seed_base: int, target_shift: int = 0, split: str = "base",
+            execute: int = 4) -> EvalResult:
         if self.name == "expert":
             return evaluate_expert(episodes, seed_base, target_shift=target_shift, split=split)
         return evaluate(self.act, episodes, seed_base, image_size=self.image_size, num_cameras=self.num_cameras,
-                        name=self.name, target_shift=target_shift, reseed=self.reseed, split=split)
+                        execute=execute, name=self.name, target_shift=target_shift, reseed=self.reseed, split=split)
 
     def run_metaworld(self, env: str, episodes: int, seed_base: int) -> Any:
         from edge_vla.sim import metaworld
@@ -159,18 +163,22 @@ def main(args: argparse.Namespace) -> int:
     contenders = [load_contender(t, args.steps, args.solver) for t in args.targets]
     if is_metaworld(env):
         return _metaworld(args, env, contenders)
+    if args.execute < 1:
+        raise ConfigError(f"--execute {args.execute}: play at least 1 action per chunk")
     if split != "base":
         print(f"sim split: {split}")
+    if args.execute != 4:
+        print(f"replanning every {args.execute} action(s)")
     rows: list[dict] = []
     base: list[EvalResult] = []
     swapped: list[EvalResult] = []
     for c in contenders:
-        result = c.run(args.episodes, args.seed_base, split=split)
+        result = c.run(args.episodes, args.seed_base, split=split, execute=args.execute)
         base.append(result)
         print(result)
         row = {"result": result.as_dict()}
         if args.sensitivity:
-            other = c.run(args.episodes, args.seed_base, target_shift=1, split=split)
+            other = c.run(args.episodes, args.seed_base, target_shift=1, split=split, execute=args.execute)
             swapped.append(other)
             print(f"  instruction sensitivity (another block named in the same layout): {_pct(other)}")
             row["instruction_sensitivity"] = other.as_dict()
@@ -182,7 +190,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"paired{label}: {diff}")
             pairs.append(diff.as_dict() | {"swapped_instruction": bool(label)})
     if args.json_out:
-        doc = {"env": env, "split": split, "episodes": args.episodes, "seed_base": args.seed_base,
+        doc = {"env": env, "split": split, "episodes": args.episodes, "seed_base": args.seed_base, "execute": args.execute,
                "contenders": rows, "paired": pairs}
         with atomic_write(Path(args.json_out), "w") as f:
             f.write(json.dumps(doc, indent=2) + "\n")

@@ -155,3 +155,28 @@ def test_paired_difference_covers_the_true_difference():
                               EvalResult("y", 150, 0, 0, 0, 0, outcomes=tuple(y.astype(int))))
         hits += d.ci_low <= 0.05 <= d.ci_high
     assert hits / trials >= 0.92
+
+
+def test_execute_sets_how_many_actions_play_before_the_policy_replans(tmp_path, capsys):
+    """`evaluate --execute 1` replans every action, the cadence closest to the onboard loop's; INT8's
+    state rounding only showed there (issue 13)."""
+    import json
+
+    from edge_vla import cli
+    from edge_vla.sim.evaluate import evaluate
+
+    calls = []
+
+    def hold(obs):
+        calls.append(1)
+        return np.repeat(obs.state[None], 8, axis=0)
+
+    for execute, per_call in ((1, 1), (4, 4)):
+        calls.clear()
+        result = evaluate(hold, episodes=2, execute=execute)
+        assert result.successes == 0 and len(calls) == 2 * -(-30 // per_call)
+    out = tmp_path / "e.json"
+    assert cli.main(["evaluate", "random", "--episodes", "2", "--execute", "1", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["execute"] == 1
+    assert "replanning every 1 action" in capsys.readouterr().out
+    assert cli.main(["evaluate", "random", "--episodes", "1", "--execute", "0"]) != 0
