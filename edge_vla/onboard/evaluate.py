@@ -21,6 +21,9 @@ How this differs from the offline runtime evaluation (edge_vla.sim.evaluate) on 
   whenever the worker is free (at most every 50 ms) on the real inference latency, and every chunk
   draws new noise, so the noise streams differ even though each episode reseeds the Policy.
 - Scoring. Offline checks success at the end of each action; onboard at every state frame (~100 Hz).
+`edge-vla evaluate --execute 1` replans offline after every action, the nearest offline match to the
+receding cadence: a policy that holds at execute 4 but not at 1 will lose onboard too (issue 13: an INT8
+state projection did exactly that).
 """
 
 from __future__ import annotations
