@@ -58,7 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=256, help="with --data: at most this many held-out chunks")
     parser.add_argument("--seed", type=int, default=0, help="with --data: noise seed")
     parser.add_argument("--execute", type=int, default=4,
-                        help="sim: actions played from each chunk before the policy replans (default 4; 1 replans "
+                        help="actions played from each chunk before the policy replans (default 4; 1 replans "
                              "every action, closest to the onboard loop, which replans as soon as inference is free)")
     parser.add_argument("--onboard", action="store_true",
                         help="run one bundle (or expert) through the onboard stack (control loop at 100 Hz, firmware "
@@ -81,7 +81,7 @@ class Contender:
         return evaluate(self.act, episodes, seed_base, image_size=self.image_size, num_cameras=self.num_cameras,
                         execute=execute, name=self.name, target_shift=target_shift, reseed=self.reseed, split=split)
 
-    def run_metaworld(self, env: str, episodes: int, seed_base: int) -> Any:
+    def run_metaworld(self, env: str, episodes: int, seed_base: int, execute: int = 4) -> Any:
         from edge_vla.sim import metaworld
 
         if self.name == "expert":
@@ -91,8 +91,8 @@ class Contender:
             raise ConfigError(f"{self.name} takes a {self.dims[0]}-D state and returns {self.dims[1]}-D actions; "
                               f"MetaWorld's are 4-D (train on `edge-vla make-data --env {env}` data), or evaluate it "
                               "with --env sim")
-        return metaworld.evaluate(act, env, episodes, seed_base, self.image_size, self.num_cameras, name=self.name,
-                                  reseed=self.reseed)
+        return metaworld.evaluate(act, env, episodes, seed_base, self.image_size, self.num_cameras, execute=execute,
+                                  name=self.name, reseed=self.reseed)
 
 
 def load_contender(spec: str, steps: int | None, solver: str) -> Contender:
@@ -160,11 +160,11 @@ def main(args: argparse.Namespace) -> int:
     if not is_sim(env) and not is_metaworld(env):
         raise ConfigError(f"--env {env!r}: use {ENV_HELP}")
     split = sim_split(env) if is_sim(env) else "base"  # an unknown sim:SPLIT fails here, before loading models
+    if args.execute < 1:
+        raise ConfigError(f"--execute {args.execute}: play at least 1 action per chunk")
     contenders = [load_contender(t, args.steps, args.solver) for t in args.targets]
     if is_metaworld(env):
         return _metaworld(args, env, contenders)
-    if args.execute < 1:
-        raise ConfigError(f"--execute {args.execute}: play at least 1 action per chunk")
     if split != "base":
         print(f"sim split: {split}")
     if args.execute != 4:
@@ -204,7 +204,7 @@ def _metaworld(args: argparse.Namespace, env: str, contenders: list[Contender]) 
         raise ConfigError("--sensitivity swaps the sim's block colour; MetaWorld has one instruction per task")
     results = []
     for c in contenders:
-        result = c.run_metaworld(env, args.episodes, args.seed_base)
+        result = c.run_metaworld(env, args.episodes, args.seed_base, args.execute)
         results.append(result)
         print(metaworld.summary(result))
     print()
