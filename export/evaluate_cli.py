@@ -23,6 +23,7 @@ from edge_vla.errors import ConfigError, EdgeVlaError
 from edge_vla.sim.cli import ENV_HELP
 from edge_vla.sim.evaluate import (
     EVAL_SEED_BASE,
+    EXECUTE,
     ChunkPolicy,
     EvalResult,
     Reseed,
@@ -57,8 +58,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "run from the same noise")
     parser.add_argument("--samples", type=int, default=256, help="with --data: at most this many held-out chunks")
     parser.add_argument("--seed", type=int, default=0, help="with --data: noise seed")
-    parser.add_argument("--execute", type=int, default=4,
-                        help="actions played from each chunk before the policy replans (default 4; 1 replans "
+    parser.add_argument("--execute", type=int, default=EXECUTE,
+                        help="actions played from each chunk before the policy replans (default %(default)s; 1 replans "
                              "every action, closest to the onboard loop, which replans as soon as inference is free)")
     parser.add_argument("--onboard", action="store_true",
                         help="run one bundle (or expert) through the onboard stack (control loop at 100 Hz, firmware "
@@ -75,13 +76,13 @@ class Contender:
     dims: tuple[int, int] | None = None  # (state, action) dims of a model
 
     def run(self, episodes: int, seed_base: int, target_shift: int = 0, split: str = "base",
-            execute: int = 4) -> EvalResult:
+            execute: int = EXECUTE) -> EvalResult:
         if self.name == "expert":
             return evaluate_expert(episodes, seed_base, target_shift=target_shift, split=split)
         return evaluate(self.act, episodes, seed_base, image_size=self.image_size, num_cameras=self.num_cameras,
                         execute=execute, name=self.name, target_shift=target_shift, reseed=self.reseed, split=split)
 
-    def run_metaworld(self, env: str, episodes: int, seed_base: int, execute: int = 4) -> Any:
+    def run_metaworld(self, env: str, episodes: int, seed_base: int, execute: int = EXECUTE) -> Any:
         from edge_vla.sim import metaworld
 
         if self.name == "expert":
@@ -167,7 +168,7 @@ def main(args: argparse.Namespace) -> int:
         return _metaworld(args, env, contenders)
     if split != "base":
         print(f"sim split: {split}")
-    if args.execute != 4:
+    if args.execute != EXECUTE:
         print(f"replanning every {args.execute} action(s)")
     rows: list[dict] = []
     base: list[EvalResult] = []

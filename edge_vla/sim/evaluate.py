@@ -64,13 +64,17 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+# Actions played from each chunk before the policy replans, unless a caller says otherwise.
+EXECUTE = 4
+
+
 def evaluate(
     policy: ChunkPolicy,
     episodes: int = 50,
     seed_base: int = EVAL_SEED_BASE,
     image_size: int = 64,
     num_cameras: int = 1,
-    execute: int = 4,
+    execute: int = EXECUTE,
     name: str = "policy",
     env: ReachEnv | None = None,
     target_shift: int = 0,

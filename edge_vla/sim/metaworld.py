@@ -36,7 +36,7 @@ from edge_vla.errors import ConfigError, EdgeVlaError
 from edge_vla.optional import require
 from edge_vla.runtime.types import Observation
 from edge_vla.sim.dataset import DATASET_CHUNK, FORMAT_VERSION, Dataset
-from edge_vla.sim.evaluate import EVAL_SEED_BASE, ChunkPolicy, EvalResult, Reseed, wilson_interval
+from edge_vla.sim.evaluate import EVAL_SEED_BASE, EXECUTE, ChunkPolicy, EvalResult, Reseed, wilson_interval
 
 log = logging.getLogger(__name__)
 
@@ -423,7 +423,7 @@ def _pool(name: str, results: list[EvalResult], seed_base: int) -> EvalResult:
 
 
 def evaluate(policy: ChunkPolicy | None, spec: MetaWorldSpec | str, episodes: int = 20,
-             seed_base: int = EVAL_SEED_BASE, image_size: int = 64, num_cameras: int = 1, execute: int = 4,
+             seed_base: int = EVAL_SEED_BASE, image_size: int = 64, num_cameras: int = 1, execute: int = EXECUTE,
              name: str = "policy", reseed: Reseed | None = None) -> SuiteResult:
     """`episodes` held-out seeded episodes per task. Each chunk's first `execute` actions run before the next
     observation is rendered; `policy=None` runs the scripted expert (one action per step, nothing rendered)."""
