@@ -5,7 +5,8 @@ venv (it pins numpy<2), never imports edge_vla, and talks to the test only throu
 
 SPEC: {"uri": "ws://127.0.0.1:PORT", "api_key": null | "...", "arrays": "obs.npz",
        "steps": [{"op": "infer", "obs": OBS}, {"op": "broker", "obs": OBS, "horizon": 8, "n": 17},
-                 {"op": "send_raw", "hex": "c1"}, {"op": "pipeline_then_hang", "obs": OBS, "n": 3}]}
+                 {"op": "send_raw", "hex": "c1"}, {"op": "pipeline_then_hang", "obs": OBS, "n": 3},
+                 {"op": "barrier", "mine": PATH, "wait_for": PATH, "timeout": 60}]}
 OBS is JSON with leaves {"$array": NAME} (an array from the .npz), {"$scalar": [DTYPE, VALUE]} (a numpy
 scalar, packed as __npgeneric__), or plain strings/numbers; dicts nest.
 Prints one JSON line first for the connection ({"metadata": ...} or {"connect_error": ...}), then one per step.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from openpi_client import action_chunk_broker, msgpack_numpy, websocket_client_policy
@@ -70,6 +72,16 @@ def main() -> None:
                     policy._ws.send(data)
                 emit({"sent": step["n"]})
                 time.sleep(600)
+            elif op == "barrier":
+                # Rendezvous with another driver through files: each is connected when it writes its own, so
+                # once both exist two connections are open at the same time, whatever the scheduler did.
+                Path(step["mine"]).touch()
+                deadline = time.monotonic() + step.get("timeout", 60)
+                while not Path(step["wait_for"]).exists():
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"barrier: {step['wait_for']} never appeared")
+                    time.sleep(0.01)
+                emit({"barrier": "passed"})
             else:
                 emit({"error": f"unknown op {op}"})
         except Exception as exc:  # the client raises RuntimeError for a server text frame

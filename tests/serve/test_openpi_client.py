@@ -202,8 +202,13 @@ def test_two_clients_at_once_each_get_their_own_reproducible_stream(start_server
     server = start_server(bundle2, "droid,state_fit=cut", seed=1000)  # fresh: peak_connections counts only these
     o, rng = Obs(), np.random.default_rng(21)
     per_client = [[droid_obs(o, rng) for _ in range(12)] for _ in range(2)]
-    procs = [start_client(openpi_python, server.port, [{"op": "infer", "obs": w} for w, _ in pairs], o.arrays,
-                          tmp_path / f"c{i}") for i, pairs in enumerate(per_client)]
+    # Each client waits, connected, for the other before its first request: on a loaded machine one could
+    # otherwise finish all its requests before the other even connects (a CI run saw exactly that).
+    marks = [tmp_path / "connected0", tmp_path / "connected1"]
+    procs = [start_client(openpi_python, server.port,
+                          [{"op": "barrier", "mine": str(marks[i]), "wait_for": str(marks[1 - i])}]
+                          + [{"op": "infer", "obs": w} for w, _ in pairs], o.arrays, tmp_path / f"c{i}")
+             for i, pairs in enumerate(per_client)]
     outs = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=120)
@@ -211,8 +216,9 @@ def test_two_clients_at_once_each_get_their_own_reproducible_stream(start_server
         outs.append([json.loads(line) for line in stdout.splitlines()])
     assert sorted(out[0]["metadata"]["seed"] for out in outs) == [1000, 1001]
     for out, pairs in zip(outs, per_client):
+        assert out[1] == {"barrier": "passed"}, out[1]
         want = expected(bundle2, out[0]["metadata"]["seed"], [obs for _, obs in pairs])
-        for line, w in zip(out[1:], want):
+        for line, w in zip(out[2:], want, strict=True):
             np.testing.assert_array_equal(np.asarray(line["reply"]["actions"], dtype=np.float32), w)
     h = _wait_no_connections(server.port)
     assert h["requests"] == 24 and h["connections"] == 0
