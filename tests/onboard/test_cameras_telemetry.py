@@ -86,10 +86,28 @@ def test_summary_fits_one_screen() -> None:
     assert "velocity 3" in text and "cat 0 link_stale" in text and len(text.splitlines()) < 25
 
 
-def test_deadline_clock_skips_missed_deadlines_instead_of_replaying() -> None:
+class _FakeTime:
+    """rt's clock, stepped by the test: a descheduled test process cannot make a deadline late by itself."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        self.now += 1e-6  # every reading takes a microsecond, so the clock's spin loop ends
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_deadline_clock_skips_missed_deadlines_instead_of_replaying(monkeypatch) -> None:
+    import edge_vla.onboard.rt as rt
+
+    fake = _FakeTime()
+    monkeypatch.setattr(rt, "time", fake)
     clock = DeadlineClock(0.01, spin_s=0.0)
     clock.wait()
-    time.sleep(0.055)  # a long cycle: 5+ deadlines pass
+    fake.sleep(0.055)  # a long cycle: 5+ deadlines pass
     clock.wait()
     assert clock.missed >= 4 and clock.consecutive == 1
     # The next deadline is in the future again: no burst of catch-up cycles.
