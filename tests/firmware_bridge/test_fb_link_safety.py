@@ -64,13 +64,16 @@ def test_lost_stop_is_resent_until_acknowledged(rig) -> None:
     emu, link = rig
     link.arm()
     emu.drop_next(MsgType.STOP, 2)
-    time.sleep(0.01)  # let the emulator's loop take the injection
-    t0 = time.monotonic()
+    time.sleep(0.01)  # not needed for order (the loop applies queued injections before it delivers frames)
+    sent_before = link.stats.frames_sent
     assert link.stop(0, timeout=0.05, retries=10) is True
-    assert time.monotonic() - t0 < 1.0
+    stops_sent = link.stats.frames_sent - sent_before  # only STOP frames: resent, at most `retries`
     off = wait_event(emu, "torque_off")
-    kinds = [e["event"] for e in emu.events]
-    assert kinds.count("rx_dropped") == 2 and kinds.count("rx_stop") == 1
+    kinds = [e["event"] for e in emu.events if e["event"] in ("rx_dropped", "rx_stop")]
+    # Two lost, then the third delivered and ACKed. A loaded box may answer that one after its 50 ms, so
+    # the link may legitimately have sent a few more copies: each reaches the firmware as another rx_stop.
+    assert 3 <= stops_sent <= 10 and kinds[:3] == ["rx_dropped", "rx_dropped", "rx_stop"], (stops_sent, kinds)
+    assert kinds.count("rx_dropped") == 2 and 1 <= kinds.count("rx_stop") <= stops_sent - 2
     assert off["t"] >= next(e for e in emu.events if e["event"] == "rx_stop")["t"]
     wait_for(link, mode_is(link, Mode.TRIPPED))
 
@@ -223,7 +226,7 @@ def test_time_stepping_back_neither_trips_nor_freezes_the_watchdog(rig) -> None:
         link.heartbeat()
         link.poll(0.005)
     assert link.latest_state.mode == Mode.ARMED
-    wait_for(link, lambda: any(f.fault_code == Fault.HEARTBEAT_TIMEOUT for f in link.faults), timeout=1.0)
+    wait_for(link, lambda: any(f.fault_code == Fault.HEARTBEAT_TIMEOUT for f in link.faults), timeout=3.0)
 
 
 def test_alternating_corrupt_and_good_frames_trip_category_0(rig) -> None:
