@@ -109,7 +109,11 @@ def test_sigterm_gives_a_controlled_stop_and_disarm(emulator, tmp_path) -> None:
         armed = subprocess.run([sys.executable, "-m", "edge_vla.cli", "arm", "--socket", str(control)], cwd=REPO,
                                capture_output=True, text=True, timeout=30)
         assert armed.returncode == 0, armed.stdout + armed.stderr
-        assert "armed" in _events(emulator)
+        # the emulator ACKs an ARM before it writes its `armed` event: poll, do not read once
+        deadline = time.monotonic() + 5
+        while "armed" not in _events(emulator):
+            assert time.monotonic() < deadline, _events(emulator)
+            time.sleep(0.01)
         messages += _drain(notify)
         time.sleep(1.0)  # moving
         messages += _drain(notify)
