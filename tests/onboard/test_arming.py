@@ -131,37 +131,59 @@ def test_cat1_stop_never_blocks_a_cycle_and_escalates_to_cat0() -> None:
     env.reset(1_000_002)
     with start_emulator(stop_ramp_ms=2000) as emu:
         source = StallableSource(ExpertSource(env.scene, delay_s=0.02))
-        run = _runner(emu.port, source, arm_on_start=True, stop_timeout_s=0.3)
+        # a generous link age: a control process starved for 100+ ms on a loaded box must not trip link_stale
+        # (category 0) before the stall this test is about
+        run = _runner(emu.port, source, arm_on_start=True, stop_timeout_s=0.3,
+                      watchdog=WatchdogConfig(link_max_age_s=0.5))
         with run:
             assert run.wait_ready(30)
             time.sleep(0.3)
             source.stall(3.0)
             cat1 = wait_for(lambda: events(emu, "stop_cat1"), 5, "the category-1 stop")[0]
             cat0 = wait_for(lambda: events(emu, "stop_cat0"), 3, "escalation to category 0")[0]
-            time.sleep(0.3)
-        assert 0.25 <= cat0["t"] - cat1["t"] <= 0.3 + 0.2, (cat1, cat0)
+        # The firmware got category 0 before its 2 s ramp ended on its own: the host escalated, not the ramp.
+        offs = events(emu, "torque_off", since=cat1["t"])
+        assert cat1["t"] < cat0["t"] and all(o["t"] >= cat0["t"] for o in offs), (cat1, cat0, offs)
         s = run.summary
-        assert s is not None and s["compute"]["max_ms"] < 100, s["compute"]
-        assert [t["kind"] for t in s["trips"]][:2] in (["chunk_exhausted", "stop_escalated"],
-                                                       ["worker_dead", "stop_escalated"],
-                                                       ["chunk_stale", "stop_escalated"])
+        assert s is not None
+        trips = s["trips"]
+        assert [t["kind"] for t in trips][:2] in (["chunk_exhausted", "stop_escalated"],
+                                                   ["worker_dead", "stop_escalated"],
+                                                   ["chunk_stale", "stop_escalated"])
+        # The host's bound, on the host's own clock (the trips' cycle times): not before 0.3 s after the STOP
+        # (the trip's cycle sent it), and by the first cycles after it. The slack covers a descheduled
+        # control process on a loaded box; a host that waited for the 2 s ramp would be far outside it.
+        escalated_after = trips[1]["t"] - trips[0]["t"]
+        assert 0.3 <= escalated_after <= 0.3 + 0.7, trips
+        # "Never blocks a cycle": the old loop waited out the 0.3 s bound inside one cycle; 250 ms leaves room
+        # for a cycle descheduled on a loaded box and still catches that.
+        assert s["compute"]["max_ms"] < 250, s["compute"]
 
 
 def test_a_lost_stop_is_retried_and_no_heartbeat_keeps_the_firmware_armed() -> None:
-    # The emulator ignores the host for 150 ms starting at 8 s: the STOP sent in that window is lost.
-    with start_emulator(stall_at=8.0, stall_for=0.15) as emu:
-        t0 = wait_for(lambda: events(emu, "started"), 10, "the emulator")[0]["t"]
+    # The emulator drops the host's next STOP frame (a lost STOP); the host must resend it, and nothing it
+    # sends meanwhile may keep the firmware armed (the old host kept it alive until DISARM, ~1 s later).
+    # The loss is an injection, not a time window, so it hits the STOP however slow the machine is.
+    with start_emulator() as emu:
         run = _runner(emu.port, arm_on_start=True)
         with run:
-            assert run.wait_ready(7.5), "the loop must be running before the stall window"
-            while time.monotonic() < t0 + 8.03:
-                time.sleep(0.002)
+            assert run.wait_ready(30)
+            emu.drop_next("STOP", 1)  # returns once the emulator applied it
             t_req = time.monotonic()
             run.request_stop()
-            off = wait_for(lambda: events(emu, "torque_off", since=t_req), 3, "torque off")[0]
-        # stall left (0.12 s) + ramp (0.2 s) + margin; the old host kept it alive until DISARM, ~1 s later.
-        assert off["t"] - t_req < 0.6, off["t"] - t_req
-        assert events(emu, "stop_cat1", since=t_req), "the host's STOP must have been retried and applied"
+            off = wait_for(lambda: events(emu, "torque_off", since=t_req), 5, "torque off")[0]
+        ev = [e for e in events(emu, since=t_req) if e["t"] <= off["t"]]
+        kinds = [e["event"] for e in ev]
+        dropped = [i for i, e in enumerate(ev) if e["event"] == "rx_dropped" and e["type"] == "STOP"]
+        assert len(dropped) == 1, kinds
+        # the STOP was resent (by the host, not replayed) and the firmware's stop, not its watchdog or a
+        # DISARM, took the torque off
+        assert any(e["event"] == "rx_stop" and e["category"] == 1 and not e.get("injected")
+                   for e in ev[dropped[0]:]), kinds
+        assert "stop_cat1" in kinds[dropped[0]:], kinds
+        assert "heartbeat_timeout" not in kinds and "disarmed" not in kinds, kinds
+        # stop ramp 0.2 s + retries every 20 ms; generous for a loaded box (the old host took ~1 s + ramp)
+        assert off["t"] - t_req < 1.0, off["t"] - t_req
 
 
 def test_a_disarm_that_is_never_acknowledged_is_reported_and_armed_stays_true(caplog) -> None:
