@@ -42,6 +42,7 @@ from edge_vla.runtime.flow import REFERENCE_FLOW, integrate
 from edge_vla.runtime.types import Observation
 from edge_vla.sim.dataset import Dataset
 from edge_vla.sim.env import ReachEnv
+from edge_vla.sim.evaluate import EXECUTE, check_execute
 
 from .checkpoint import save_checkpoint
 from .distributed import DistContext, init_from_env
@@ -71,7 +72,7 @@ class DistillConfig:
     dagger_rounds: int = 1           # closed-loop collection rounds after the dataset round
     dagger_episodes: int = 20        # episodes per round (split across ranks)
     dagger_beta: float = 0.5         # teacher's share of chunks decays as beta ** (round - 1)
-    execute: int = 4                 # actions executed per chunk in closed loop (as in evaluation)
+    execute: int = EXECUTE           # actions executed per chunk in closed loop (as in evaluation)
     reflow_steps: int = 0            # step-distillation optimizer steps (0: skip)
     reflow_lr: float = 5e-4
     fast_steps: int = 2              # ODE steps the step-distilled student is configured for
@@ -243,14 +244,15 @@ class StudentObjective(nn.Module):
 
 
 def rollout_observations(act: Callable[[Observation], np.ndarray], seeds: Iterable[int], image_size: int,
-                         num_cameras: int, execute: int = 4) -> list[Observation]:
+                         num_cameras: int, execute: int = EXECUTE) -> list[Observation]:
     """Every observation a policy visits in closed loop on the given seeded episodes."""
     return rollout_with_goals(act, seeds, image_size, num_cameras, execute)[0]
 
 
 def rollout_with_goals(act: Callable[[Observation], np.ndarray], seeds: Iterable[int], image_size: int,
-                       num_cameras: int, execute: int = 4, split: str = "base") -> tuple[list[Observation], np.ndarray]:
+                       num_cameras: int, execute: int = EXECUTE, split: str = "base") -> tuple[list[Observation], np.ndarray]:
     """rollout_observations, plus where the named block was in each of them ([N, 2] metres)."""
+    check_execute(execute)
     env = ReachEnv(image_size=image_size, num_cameras=num_cameras, split=split)
     seen: list[Observation] = []
     goals: list[np.ndarray] = []

@@ -27,6 +27,7 @@ from edge_vla.sim.evaluate import (
     ChunkPolicy,
     EvalResult,
     Reseed,
+    check_execute,
     evaluate,
     evaluate_expert,
     paired_difference,
@@ -161,8 +162,7 @@ def main(args: argparse.Namespace) -> int:
     if not is_sim(env) and not is_metaworld(env):
         raise ConfigError(f"--env {env!r}: use {ENV_HELP}")
     split = sim_split(env) if is_sim(env) else "base"  # an unknown sim:SPLIT fails here, before loading models
-    if args.execute < 1:
-        raise ConfigError(f"--execute {args.execute}: play at least 1 action per chunk")
+    check_execute(args.execute)  # before any model loads
     contenders = [load_contender(t, args.steps, args.solver) for t in args.targets]
     if is_metaworld(env):
         return _metaworld(args, env, contenders)

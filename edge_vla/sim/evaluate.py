@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from edge_vla.errors import ConfigError
 from edge_vla.runtime.types import Observation
 from edge_vla.sim.env import ReachEnv
 from edge_vla.sim.expert import expert_chunk
@@ -68,6 +69,13 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 EXECUTE = 4
 
 
+def check_execute(execute: int) -> int:
+    """`execute`, if a closed loop with it makes progress (0 actions per chunk would replan forever)."""
+    if execute < 1:
+        raise ConfigError(f"--execute {execute}: play at least 1 action per chunk")
+    return execute
+
+
 def evaluate(
     policy: ChunkPolicy,
     episodes: int = 50,
@@ -86,6 +94,7 @@ def evaluate(
     `target_shift` k names block (target + k) mod (blocks in the scene) of the same layout instead of the
     sampled one; `reseed(seed)` is called before each episode (pass `Policy.reset`) so contenders share noise.
     `split` is the sim's split (ignored when `env` is given: the env's own)."""
+    check_execute(execute)
     env = env or ReachEnv(image_size=image_size, num_cameras=num_cameras, split=split)
     outcomes, steps = [], []
     for i in range(episodes):

@@ -36,7 +36,15 @@ from edge_vla.errors import ConfigError, EdgeVlaError
 from edge_vla.optional import require
 from edge_vla.runtime.types import Observation
 from edge_vla.sim.dataset import DATASET_CHUNK, FORMAT_VERSION, Dataset
-from edge_vla.sim.evaluate import EVAL_SEED_BASE, EXECUTE, ChunkPolicy, EvalResult, Reseed, wilson_interval
+from edge_vla.sim.evaluate import (
+    EVAL_SEED_BASE,
+    EXECUTE,
+    ChunkPolicy,
+    EvalResult,
+    Reseed,
+    check_execute,
+    wilson_interval,
+)
 
 log = logging.getLogger(__name__)
 
@@ -427,6 +435,7 @@ def evaluate(policy: ChunkPolicy | None, spec: MetaWorldSpec | str, episodes: in
              name: str = "policy", reseed: Reseed | None = None) -> SuiteResult:
     """`episodes` held-out seeded episodes per task. Each chunk's first `execute` actions run before the next
     observation is rendered; `policy=None` runs the scripted expert (one action per step, nothing rendered)."""
+    check_execute(execute)
     spec = MetaWorldSpec.parse(spec) if isinstance(spec, str) else spec
     cams = spec.camera_names(num_cameras)
     per_task: dict[str, EvalResult] = {}
@@ -442,7 +451,7 @@ def evaluate(policy: ChunkPolicy | None, spec: MetaWorldSpec | str, episodes: in
                 done = False
                 while not done:
                     chunk = env.expert_action()[None] if policy is None else np.asarray(policy(env.observation()))
-                    for a in chunk[: max(1, execute)]:
+                    for a in chunk[:execute]:
                         _, done = env.step(a)
                         if done:
                             break

@@ -180,3 +180,18 @@ def test_execute_sets_how_many_actions_play_before_the_policy_replans(tmp_path, 
     assert json.loads(out.read_text())["execute"] == 1
     assert "replanning every 1 action" in capsys.readouterr().out
     assert cli.main(["evaluate", "random", "--episodes", "1", "--execute", "0"]) != 0
+
+
+def test_zero_actions_per_chunk_is_refused_not_an_endless_loop():
+    """execute=0 played no action, so the episode never ended: the closed loops refuse it (the old code hung)."""
+    from edge_vla.errors import ConfigError
+    from edge_vla.sim.evaluate import evaluate
+    from export.distill import rollout_observations
+
+    def hold(obs):
+        return np.repeat(obs.state[None], 8, axis=0)
+
+    with pytest.raises(ConfigError, match="at least 1 action per chunk"):
+        evaluate(hold, episodes=1, execute=0)
+    with pytest.raises(ConfigError, match="at least 1 action per chunk"):
+        rollout_observations(hold, [0], image_size=64, num_cameras=1, execute=0)
