@@ -16,8 +16,14 @@ the status dict itself.
 Control socket (served by the running `edge-vla run`, see `ControlSocketServer`): a Unix stream
 socket, by default `$RUNTIME_DIRECTORY/control.sock` under systemd (the unit's RuntimeDirectory,
 /run/edge-vla/control.sock), mode 0660: only the service's user and group may connect. Protocol: one
-JSON object per line each way. Request {"cmd": "arm" | "clear_faults" | "stop" | "status"}; the reply
-is the dict above. The server logs each command with the caller's uid (SO_PEERCRED).
+request per connection, one JSON object per line each way. Request {"cmd": "arm" | "clear_faults" |
+"stop" | "status"} (nothing else in it); the reply is the dict above. A request line is at most 4096
+bytes with its newline and must arrive whole within 2 s of connecting; anything else (a longer line, a
+line cut off by EOF before its newline, not UTF-8, not that object) is refused with {"ok": false,
+"error": ...} and the connection closed: never truncated, guessed at or acted on. Clients are served
+concurrently (up to 64 connections; when full the oldest one still sending its line is closed to let a
+newcomer in), and each command runs on its own, so no client, idle, slow, or arming, delays a stop.
+The server logs each command and each refusal with the caller's uid (SO_PEERCRED).
 
 Bench mode (`ControlConfig.arm_on_start`, `edge-vla run --arm-on-start`) arms once at start through the
 same request path, for tests, the demo and evaluation. It is refused under systemd (INVOCATION_ID or
@@ -30,11 +36,13 @@ import contextlib
 import json
 import logging
 import os
+import selectors
 import socket
 import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -166,16 +174,104 @@ class BusOperator:
         return self.status() if cmd == "status" else getattr(self, cmd)()
 
 
-class ControlSocketServer:
-    """Serves an Operator on a Unix socket (mode 0660), one JSON line per request, in a daemon thread."""
+# -- the control socket: server ------------------------------------------------------------------------
+#
+# Threat model: anyone who can connect (the service's user and group, socket mode 0660 in a 0750
+# directory) may send anything, slowly, or not at all, on many connections at once. None of that may
+# stop the server, delay a stop from another client, or get a request acted on that was not one whole,
+# well-formed line. So: one event-loop thread reads every connection without blocking (selectors), frames
+# strictly, and hands each complete, valid request to its own short-lived thread, because an arm may wait
+# up to 5 s for the control loop and must not hold up a stop behind it.
 
-    def __init__(self, path: str | os.PathLike[str], operator: BusOperator, mode: int = 0o660) -> None:
+MAX_REQUEST_BYTES = 4096  # one request line, its newline included
+REQUEST_DEADLINE_S = 2.0  # from connect to a complete line: a slow (or idle) client is cut off after this
+MAX_CONNECTIONS = 64  # connections held at once, waiting for a line or for their command's reply
+MAX_SLOW_COMMANDS = 4  # arm / clear_faults in progress at once (each may wait seconds); stop is never refused
+REPLY_SEND_TIMEOUT_S = 1.0  # a client that does not read its reply is dropped after this
+_SLOW_COMMANDS = ("arm", "clear_faults")
+_LISTEN_BACKLOG = 128
+_LOOP_TICK_S = 0.2  # how soon the loop notices close()
+_ACCEPT_BACKOFF_S = 0.1  # after accept() fails for want of resources (EMFILE, ENFILE, ENOBUFS)
+
+
+class RequestError(ValueError):
+    """A request line the server refuses; the message says what was wrong, in one line."""
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    dup = next((k for k in keys if keys.count(k) > 1), None)
+    if dup is not None:  # json keeps the last one silently: {"cmd": "status", "cmd": "arm"} would arm
+        raise RequestError(f"duplicate field {dup!r}")
+    return dict(pairs)
+
+
+def parse_request(line: bytes) -> str:
+    """The command of one request line (without its newline), or RequestError saying what was wrong."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"request is not UTF-8 (byte {exc.start})") from None
+    try:
+        req = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except RequestError:
+        raise
+    except RecursionError:  # the C decoder's guard against deep nesting; never let it reach the loop
+        raise RequestError("request is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer too long to convert
+        raise RequestError(f"request is not valid JSON ({exc})") from None
+    if not isinstance(req, dict):
+        raise RequestError(f"request must be a JSON object, not {type(req).__name__}")
+    unknown = sorted(set(req) - {"cmd"})
+    if unknown:
+        raise RequestError(f"unknown field(s) {', '.join(map(repr, unknown))}; a request has only \"cmd\"")
+    cmd = req.get("cmd")
+    if not isinstance(cmd, str):
+        raise RequestError(f'"cmd" must be a string, not {type(cmd).__name__}')
+    if cmd not in COMMANDS:
+        raise RequestError(f"unknown command {cmd!r}; use one of {', '.join(COMMANDS)}")
+    return cmd
+
+
+def _error_line(error: str) -> bytes:
+    return (json.dumps({"ok": False, "error": error + '; send one JSON line like {"cmd": "status"}'}) + "\n").encode()
+
+
+@dataclass
+class _Pending:
+    """A connection still sending its request line (owned by the event-loop thread)."""
+
+    sock: socket.socket
+    deadline: float
+    buf: bytearray = field(default_factory=bytearray)
+
+
+class ControlSocketServer:
+    """Serves an Operator on a Unix socket (mode 0660), one JSON line per connection each way.
+
+    Many clients at once, none able to delay another: see the threat model above. Limits (keyword
+    arguments, defaults above): `max_connections` held at once (when full, the oldest connection still
+    sending its line is closed, with a reply saying why, so a newcomer (maybe a stop) always gets in),
+    `request_deadline_s` for a whole line, `max_slow_commands` arms/clear_faults in progress.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], operator: BusOperator, mode: int = 0o660, *,
+                 max_connections: int = MAX_CONNECTIONS, request_deadline_s: float = REQUEST_DEADLINE_S,
+                 max_slow_commands: int = MAX_SLOW_COMMANDS) -> None:
         self.path = Path(path)
         self.operator = operator
+        self.mode = mode
+        self.max_connections = max_connections
+        self.request_deadline_s = request_deadline_s
+        self.max_slow_commands = max_slow_commands
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        self.mode = mode
+        self._pending: dict[socket.socket, _Pending] = {}  # in arrival order: the first is the oldest
+        self._busy_lock = threading.Lock()  # guards the two counters below (loop thread + command threads)
+        self._running = 0  # commands being answered, each in its own thread
+        self._running_slow = 0
+        self._accept_paused_until = 0.0  # while accept() fails for want of resources (loop thread only)
 
     def start(self) -> ControlSocketServer:
         self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
@@ -195,55 +291,183 @@ class ControlSocketServer:
         finally:
             os.umask(old)
         os.chmod(self.path, self.mode)
-        sock.listen(4)
-        sock.settimeout(0.2)
+        sock.listen(_LISTEN_BACKLOG)
+        sock.setblocking(False)
         self._sock = sock
         self._thread = threading.Thread(target=self._serve, name="edge-vla-control-socket", daemon=True)
         self._thread.start()
         log.info("operator control socket at %s (mode %o)", self.path, self.mode)
         return self
 
-    def _serve(self) -> None:
-        assert self._sock is not None
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(5.0)
-                try:
-                    self._handle(conn)
-                except (OSError, ValueError) as exc:
-                    log.warning("control socket: bad request (%s)", exc)
+    # -- the event loop (one thread; never blocks on a client) --
 
-    def _handle(self, conn: socket.socket) -> None:
-        data = b""
-        while not data.endswith(b"\n") and len(data) < 4096:
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            data += chunk
+    def _serve(self) -> None:
+        listener = self._sock
+        assert listener is not None
+        sel = selectors.DefaultSelector()
+        sel.register(listener, selectors.EVENT_READ)
         try:
-            req = json.loads(data.decode() or "{}")
-            cmd = str(req.get("cmd", ""))
-        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
-            reply: dict[str, Any] = {"ok": False, "error": 'malformed request; send one JSON line like {"cmd": "status"}'}
-        else:
-            if cmd != "status":
-                log.info("operator %s from uid %s", cmd, _peer_uid(conn))
-            reply = self.operator.call(cmd)
-        conn.sendall((json.dumps(reply) + "\n").encode())
+            while not self._stop.is_set():
+                for key, _ in sel.select(timeout=self._next_wakeup()):
+                    try:
+                        if key.fileobj is listener:
+                            self._accept(sel, listener)
+                        elif key.fileobj in self._pending:  # not closed earlier in this same round
+                            self._read(sel, self._pending[key.fileobj])  # type: ignore[index]
+                    except Exception:  # a bug must cost one connection, never the operator channel
+                        log.exception("control socket: unexpected error; dropping that connection")
+                        if key.fileobj is not listener:
+                            self._drop(sel, key.fileobj)  # type: ignore[arg-type]
+                self._expire(sel)
+                if self._accept_paused_until and time.monotonic() >= self._accept_paused_until:
+                    self._accept_paused_until = 0.0
+                    sel.register(listener, selectors.EVENT_READ)
+        finally:
+            for sock in list(self._pending):
+                self._refuse(sel, sock, "the control loop is shutting down")
+            sel.close()
+            listener.close()
+
+    def _next_wakeup(self) -> float:
+        if not self._pending:
+            return _LOOP_TICK_S
+        oldest = next(iter(self._pending.values())).deadline  # deadlines grow in arrival order
+        return min(_LOOP_TICK_S, max(0.0, oldest - time.monotonic()))
+
+    def _accept(self, sel: selectors.BaseSelector, listener: socket.socket) -> None:
+        for _ in range(self.max_connections):  # bounded: a flood cannot keep the loop in accept()
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. EMFILE: keep serving those already connected
+                # The listener stays readable while accept() fails: pause it briefly, or the loop spins.
+                log.warning("control socket: cannot accept (%s); pausing new connections for %g s", exc,
+                            _ACCEPT_BACKOFF_S)
+                sel.unregister(listener)
+                self._accept_paused_until = time.monotonic() + _ACCEPT_BACKOFF_S
+                return
+            conn.setblocking(False)
+            if not self._make_room(sel):
+                self._send_and_close(conn, _error_line("busy: too many connections; try again"))
+                continue
+            self._pending[conn] = _Pending(conn, time.monotonic() + self.request_deadline_s)
+            sel.register(conn, selectors.EVENT_READ)
+            self._read(sel, self._pending[conn])  # a client usually sent its line before we accepted
+
+    def _make_room(self, sel: selectors.BaseSelector) -> bool:
+        """Room for one more connection: evict the oldest one still sending its line if need be."""
+        with self._busy_lock:
+            held = len(self._pending) + self._running
+        if held < self.max_connections:
+            return True
+        if not self._pending:
+            return False  # all held connections are commands in progress: they end within seconds
+        oldest = next(iter(self._pending))
+        self._refuse(sel, oldest, f"too many connections ({self.max_connections}); closed this one, which had "
+                                  "not sent its request, to let a newer one in")
+        return True
+
+    def _read(self, sel: selectors.BaseSelector, p: _Pending) -> None:
+        try:
+            chunk = p.sock.recv(MAX_REQUEST_BYTES - len(p.buf))  # never buffer more than one line's worth
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(sel, p.sock)
+            return
+        if not chunk:
+            if p.buf:
+                self._refuse(sel, p.sock, "request ended without a newline; not acted on")
+            else:
+                self._drop(sel, p.sock)  # connected and left (e.g. start()'s probe for a live server)
+            return
+        p.buf += chunk
+        end = p.buf.find(b"\n")
+        if end < 0:
+            if len(p.buf) >= MAX_REQUEST_BYTES:
+                self._refuse(sel, p.sock, f"request longer than {MAX_REQUEST_BYTES} bytes; not acted on")
+            return
+        line = bytes(p.buf[:end])
+        try:
+            cmd = parse_request(line)
+        except RequestError as exc:
+            self._refuse(sel, p.sock, str(exc))
+            return
+        self._dispatch(sel, p.sock, cmd)
+
+    def _expire(self, sel: selectors.BaseSelector) -> None:
+        now = time.monotonic()
+        late = [s for s, p in self._pending.items() if p.deadline <= now]
+        for sock in late:
+            self._refuse(sel, sock, f"no complete request line within {self.request_deadline_s:g} s; send it "
+                                    "as soon as you connect")
+
+    def _dispatch(self, sel: selectors.BaseSelector, sock: socket.socket, cmd: str) -> None:
+        slow = cmd in _SLOW_COMMANDS
+        with self._busy_lock:
+            refused = slow and self._running_slow >= self.max_slow_commands
+            if not refused:
+                self._running += 1
+                self._running_slow += slow
+        if refused:
+            self._refuse(sel, sock, f"busy: {self.max_slow_commands} arm/clear_faults requests already in "
+                                    "progress; try again")
+            return
+        self._forget(sel, sock)
+        uid = _peer_uid(sock)
+        if cmd != "status":
+            log.info("operator %s from uid %s", cmd, uid)
+        threading.Thread(target=self._answer, args=(sock, cmd, slow), name=f"edge-vla-operator-{cmd}",
+                         daemon=True).start()
+
+    def _answer(self, sock: socket.socket, cmd: str, slow: bool) -> None:
+        """One command, in its own thread: a stop never waits for an arm that waits for the loop."""
+        try:
+            try:
+                reply = self.operator.call(cmd)
+            except Exception as exc:  # the operator's own failure: say so, keep serving
+                log.exception("control socket: %s failed", cmd)
+                reply = {"ok": False, "error": f"internal error while handling {cmd!r}: {exc}"}
+            sock.settimeout(REPLY_SEND_TIMEOUT_S)
+            sock.sendall((json.dumps(reply) + "\n").encode())
+        except OSError as exc:
+            log.info("control socket: could not reply to %s (%s)", cmd, exc)
+        finally:
+            sock.close()
+            with self._busy_lock:
+                self._running -= 1
+                self._running_slow -= slow
+
+    # -- closing connections --
+
+    def _forget(self, sel: selectors.BaseSelector, sock: socket.socket) -> None:
+        self._pending.pop(sock, None)
+        with contextlib.suppress(KeyError, ValueError):
+            sel.unregister(sock)
+
+    def _drop(self, sel: selectors.BaseSelector, sock: socket.socket) -> None:
+        self._forget(sel, sock)
+        sock.close()
+
+    def _refuse(self, sel: selectors.BaseSelector, sock: socket.socket, error: str) -> None:
+        log.warning("control socket: refused a request from uid %s: %s", _peer_uid(sock), error)
+        self._forget(sel, sock)
+        self._send_and_close(sock, _error_line(error))
+
+    @staticmethod
+    def _send_and_close(sock: socket.socket, data: bytes) -> None:
+        """Best effort, never blocking: one short line fits in a fresh socket's send buffer."""
+        with contextlib.suppress(OSError):
+            sock.send(data)
+        sock.close()
 
     def close(self) -> None:
         self._stop.set()
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
         if self._thread is not None:
-            self._thread.join(timeout=2.0)
+            self._thread.join(timeout=2.0)  # the loop closes the listening socket and pending connections
+            self._thread = None
+        self._sock = None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
@@ -257,35 +481,84 @@ def _peer_uid(conn: socket.socket) -> int | str:
         return "?"
 
 
+# -- the control socket: client ------------------------------------------------------------------------
+
+MAX_REPLY_BYTES = 1 << 20  # a status reply is well under 1 KiB
+
+
 class SocketOperator:
-    """The operator API over the control socket of a running `edge-vla run`."""
+    """The operator API over the control socket of a running `edge-vla run`.
+
+    Every failure (no socket, no permission, no answer in `timeout` seconds in all, a reply that is not
+    one JSON object line) raises OperatorError with one line saying what happened and what to do.
+    """
 
     def __init__(self, path: str | os.PathLike[str] | None = None, timeout: float = 10.0) -> None:
         self.path = str(path or default_socket_path())
         self.timeout = timeout
 
     def call(self, cmd: str) -> dict[str, Any]:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
+        """The reply to one command: a dict (status for "status", {"ok", "error"?, "status"?} otherwise)."""
+        deadline = time.monotonic() + self.timeout
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(self.timeout)
+                self._connect(sock)
+                sock.sendall((json.dumps({"cmd": cmd}) + "\n").encode())
+                data = self._read_line(sock, deadline)
+        except TimeoutError:
+            raise OperatorError(f"no answer from the control loop at {self.path} within {self.timeout:g} s: "
+                                "is edge-vla hung? check `journalctl -u edge-vla`") from None
+        except OSError as exc:
+            raise OperatorError(f"lost the connection to {self.path} ({exc.strerror or exc}) before the reply "
+                                f"to {cmd!r}") from None
+        if not data:
+            raise OperatorError(f"the control loop closed {self.path} without answering {cmd!r}")
+        if not data.endswith(b"\n"):
+            raise OperatorError(f"the reply to {cmd!r} from {self.path} was cut off")
+        return self._parse(data, cmd)
+
+    def _connect(self, sock: socket.socket) -> None:
         try:
             sock.connect(self.path)
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
             raise OperatorError(f"edge-vla is not running here (no control socket at {self.path}): start the service "
                                 "(systemctl start edge-vla) or pass --socket PATH") from exc
         except PermissionError as exc:
             raise OperatorError(f"no permission to use {self.path}: run as the service's user or add yourself to its "
                                 "group") from exc
-        with sock:
-            sock.sendall((json.dumps({"cmd": cmd}) + "\n").encode())
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        if not data:
-            raise OperatorError(f"the control loop closed {self.path} without answering {cmd!r}")
-        return json.loads(data)
+        except BlockingIOError as exc:  # the listen backlog is full
+            raise OperatorError(f"the control socket {self.path} is busy (too many connections); try again") from exc
+        except TimeoutError:
+            raise
+        except OSError as exc:  # e.g. a path too long for a Unix socket
+            raise OperatorError(f"cannot connect to {self.path}: {exc.strerror or exc}") from exc
+
+    def _read_line(self, sock: socket.socket, deadline: float) -> bytes:
+        data = b""
+        while not data.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            sock.settimeout(remaining)  # one deadline for the whole reply, not one per recv
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            if len(data) > MAX_REPLY_BYTES:
+                raise OperatorError(f"the reply from {self.path} is longer than {MAX_REPLY_BYTES} bytes; "
+                                    "is that an edge-vla control socket?")
+        return data
+
+    def _parse(self, data: bytes, cmd: str) -> dict[str, Any]:
+        try:
+            reply = json.loads(data)
+        except (ValueError, RecursionError):  # also UnicodeDecodeError
+            reply = None
+        if not isinstance(reply, dict):
+            raise OperatorError(f"the reply to {cmd!r} from {self.path} is not a JSON object; is that an edge-vla "
+                                "control socket?")
+        return reply
 
     def arm(self, timeout: float = 5.0) -> dict[str, Any]:
         return self.call("arm")

@@ -2,6 +2,10 @@
 
 They talk to its control socket (see edge_vla.onboard.operator). `arm` sends CLEAR_FAULTS then ARM and
 returns once the firmware reports ARMED; exit status 0 on success, 1 with the reason otherwise.
+
+Every failure to get an answer (no socket, no permission, no answer in time, a reply that is not an
+edge-vla reply, a refusal) ends with exit status 1 and one line: on stderr, or under `--json` as
+{"ok": false, "error": "..."} on stdout, so that scripts always get JSON.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import argparse
 import json
 from typing import Any
 
-from edge_vla.onboard.operator import SocketOperator, default_socket_path
+from edge_vla.onboard.operator import OperatorError, SocketOperator, default_socket_path
 
 _COMMANDS = {"arm": "arm", "stop": "stop", "clear-faults": "clear_faults", "status": "status"}
 
@@ -21,7 +25,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket", default=None,
                         help=f"control socket of the running loop (default {default_socket_path()}; "
                              "env EDGE_VLA_CONTROL_SOCKET)")
+    parser.add_argument("--timeout", type=_positive_seconds, default=10.0,
+                        help="seconds to wait for the answer in all (default 10; an arm takes up to 5)")
     parser.add_argument("--json", action="store_true", help="print the reply as JSON")
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())  # an error from the socket must not break the one-line contract
 
 
 def format_status(s: dict[str, Any]) -> str:
@@ -41,13 +61,40 @@ def format_status(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _status_of(reply: dict[str, Any], cmd: str, path: str) -> dict[str, Any]:
+    """The status dict in a reply, checked enough to print: OperatorError if the server refused or garbled it."""
+    status = reply if cmd == "status" else reply.get("status")
+    if cmd == "status" and reply.get("ok") is False:  # a status is answered with the status itself, or refused
+        raise OperatorError(f"the control loop refused {cmd!r}: {_one_line(reply.get('error'))}")
+    if cmd != "status" and not isinstance(reply.get("ok"), bool):
+        raise OperatorError(f"the reply to {cmd!r} from {path} has no \"ok\": is that an edge-vla control socket?")
+    if not isinstance(status, dict):
+        if cmd != "status" and reply["ok"] is False:  # refused before reaching the loop (busy, malformed)
+            raise OperatorError(f"{cmd} failed: {_one_line(reply.get('error'))}")
+        raise OperatorError(f"the reply to {cmd!r} from {path} has no status: is that an edge-vla control socket?")
+    try:
+        format_status(status)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise OperatorError(f"the status from {path} is malformed ({type(exc).__name__}: {_one_line(exc)}): is "
+                            "that an edge-vla control socket of this version?") from None
+    return status
+
+
 def main(args: argparse.Namespace) -> int:
-    op = SocketOperator(args.socket)
-    reply = op.call(args.operator_command)
+    op = SocketOperator(args.socket, timeout=args.timeout)
+    cmd = args.operator_command
+    try:
+        reply = op.call(cmd)
+        status = _status_of(reply, cmd, op.path)
+    except OperatorError as exc:
+        if not args.json:
+            raise  # edge_vla.cli prints it as one line on stderr, exit status 1
+        print(json.dumps({"ok": False, "error": _one_line(exc)}))
+        return 1
     if args.json:
         print(json.dumps(reply, indent=2))
-    elif args.operator_command == "status":
-        print(format_status(reply))
+    elif cmd == "status":
+        print(format_status(status))
     else:
-        print(("ok" if reply.get("ok") else f"failed: {reply.get('error')}") + "\n" + format_status(reply["status"]))
-    return 0 if args.operator_command == "status" or reply.get("ok") else 1
+        print(("ok" if reply["ok"] else f"failed: {_one_line(reply.get('error'))}") + "\n" + format_status(status))
+    return 0 if cmd == "status" or reply["ok"] else 1
