@@ -1,0 +1,895 @@
+"""A bus of emulated Dynamixel X-series servos (Protocol 2.0) on a real pty, paced like a UART.
+
+Written from the ROBOTIS e-manual (Protocol 2.0 packet format, the XM430-W350 control table, the Bus
+Watchdog, Shutdown and Return Delay Time sections), not from dynamixel_sdk, so the SDK and this emulator
+check each other. What it does, with the manual's words where the manual says it:
+
+- packets: header FF FF FD 00, id, length, instruction, params, CRC-16 (poly 0x8005, init 0) over the
+  stuffed packet; byte stuffing FF FF FD -> FF FF FD FD in instruction + params; Ping, Read, Write,
+  Reboot, Sync Read, Sync Write; other instructions get Instruction Error (0x02). Broadcast (0xFE) reads and
+  writes return no status; Status Return Level (68) is honoured;
+- error field: Result Fail 0x01, Instruction 0x02, CRC 0x03, Data Range 0x04, Data Length 0x05, Data Limit
+  0x06, Access 0x07; bit 7 (Alert) is set on every status packet while Hardware Error Status (70) != 0;
+- EEPROM items (addresses < 64) are refused with Access Error while Torque Enable (64) is 1 ("ROM lock");
+- Shutdown (63, default 52 = overload, electrical shock, overheating): a hardware error whose bit is set
+  clears Torque Enable; REBOOT is the only way back to torque on (torque on is refused with Result Fail
+  until then: the manual says only that reboot is required, the error code is this emulator's choice);
+- Bus Watchdog (98, 20 ms units, 1..127): monitored only while Torque Enable is 1; the interval is measured
+  between instruction packets (the manual: "all the Instruction Packet"; here: every valid packet addressed
+  to this id or broadcast). On expiry the servo stops with torque on (Profile Acceleration/Velocity applied
+  as 0: it holds the position it had), 98 reads -1 (0xFF), and Goal PWM/Current/Velocity/Position writes
+  are refused with Data Range Error until 0 is written to 98 or the servo reboots;
+- Return Delay Time (9, 2 us units): each status packet leaves after it; a sync read answers in list order;
+- Reboot: answers, then is deaf for `reboot_s` while it restarts with RAM at defaults (torque off,
+  98 = 0, errors cleared); in extended position mode the present position comes back within one turn;
+- wire time: with `baud` > 0, instruction bytes count as arriving at 10 bits per byte and each status
+  packet is released when its last byte would have left the servo; the host port's termios speed must
+  match the servo's baud rate or the bytes are dropped as noise (a real UART would see garbage);
+- a first-order joint plant per servo, and fault injection: hardware errors (overload...), a servo
+  rebooting mid-run, a blocked joint (which trips Overload after `overload_after_s` of effort).
+
+    python -m firmware_bridge.motors.dynamixel_emulator --ids 1-6 --return-delay 0 --print-path
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import select
+import signal
+import sys
+import termios
+import threading
+import time
+import tty
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+HEADER = b"\xff\xff\xfd\x00"
+BROADCAST_ID = 0xFE
+MAX_PACKET_LENGTH = 1024  # longest Length field this emulator accepts; longer is noise (resync)
+PARTIAL_TIMEOUT_S = 0.05  # a half-received packet older than this is dropped (servos time out too)
+
+# instructions
+PING, READ, WRITE, REG_WRITE, ACTION, FACTORY_RESET, REBOOT, CLEAR = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x08, 0x10
+STATUS, SYNC_READ, SYNC_WRITE = 0x55, 0x82, 0x83
+
+# status error numbers (Protocol 2.0) and the alert bit
+ERR_RESULT_FAIL, ERR_INSTRUCTION, ERR_CRC, ERR_DATA_RANGE, ERR_DATA_LENGTH, ERR_DATA_LIMIT, ERR_ACCESS = range(1, 8)
+ALERT = 0x80
+
+# Hardware Error Status (70) / Shutdown (63) bits on the X series
+HW_INPUT_VOLTAGE, HW_OVERHEATING, HW_ENCODER, HW_ELECTRICAL_SHOCK, HW_OVERLOAD = 0, 2, 3, 4, 5
+HW_ERROR_NAMES = {HW_INPUT_VOLTAGE: "input voltage error", HW_OVERHEATING: "overheating error",
+                  HW_ENCODER: "motor encoder error", HW_ELECTRICAL_SHOCK: "electrical shock error",
+                  HW_OVERLOAD: "overload error"}
+
+# Baud Rate (8) index -> bits per second (X series)
+BAUD_RATES = {0: 9600, 1: 57600, 2: 115200, 3: 1_000_000, 4: 2_000_000, 5: 3_000_000, 6: 4_000_000, 7: 4_500_000}
+
+# Control table addresses used by name (X series, e.g. XM430-W350)
+MODEL_NUMBER, FIRMWARE_VERSION, ID_ADDR, BAUD_RATE, RETURN_DELAY_TIME = 0, 6, 7, 8, 9
+DRIVE_MODE, OPERATING_MODE, HOMING_OFFSET, MAX_POSITION_LIMIT, MIN_POSITION_LIMIT, SHUTDOWN = 10, 11, 20, 48, 52, 63
+TORQUE_ENABLE, STATUS_RETURN_LEVEL, HARDWARE_ERROR_STATUS, BUS_WATCHDOG = 64, 68, 70, 98
+GOAL_PWM, GOAL_CURRENT, GOAL_VELOCITY, PROFILE_ACCELERATION, PROFILE_VELOCITY, GOAL_POSITION = 100, 102, 104, 108, 112, 116
+REALTIME_TICK, MOVING, PRESENT_CURRENT, PRESENT_VELOCITY, PRESENT_POSITION = 120, 122, 126, 128, 132
+GOAL_ITEMS = (GOAL_PWM, GOAL_CURRENT, GOAL_VELOCITY, GOAL_POSITION)
+EEPROM_END = 64
+TABLE_SIZE = 662
+
+# (address, size, writable, signed, default) -- EEPROM below 64, RAM from 64 (XM430-W350 control table)
+CONTROL_TABLE: tuple[tuple[int, int, bool, bool, int], ...] = (
+    (0, 2, False, False, 1020), (2, 4, False, False, 0), (6, 1, False, False, 45), (7, 1, True, False, 1),
+    (8, 1, True, False, 1), (9, 1, True, False, 250), (10, 1, True, False, 0), (11, 1, True, False, 3),
+    (12, 1, True, False, 255), (13, 1, True, False, 2), (20, 4, True, True, 0), (24, 4, True, False, 10),
+    (31, 1, True, False, 80), (32, 2, True, False, 160), (34, 2, True, False, 95), (36, 2, True, False, 885),
+    (38, 2, True, False, 1193), (40, 4, True, False, 32767), (44, 4, True, False, 350),
+    (48, 4, True, False, 4095), (52, 4, True, False, 0), (63, 1, True, False, 52),
+    (64, 1, True, False, 0), (65, 1, True, False, 0), (68, 1, True, False, 2), (69, 1, False, False, 0),
+    (70, 1, False, False, 0), (76, 2, True, False, 1920), (78, 2, True, False, 100), (80, 2, True, False, 0),
+    (82, 2, True, False, 0), (84, 2, True, False, 800), (88, 2, True, False, 0), (90, 2, True, False, 0),
+    (98, 1, True, True, 0), (100, 2, True, True, 0), (102, 2, True, True, 0), (104, 4, True, True, 0),
+    (108, 4, True, False, 0), (112, 4, True, False, 0), (116, 4, True, True, 0), (120, 2, False, False, 0),
+    (122, 1, False, False, 0), (123, 1, False, False, 0), (124, 2, False, True, 0), (126, 2, False, True, 0),
+    (128, 4, False, True, 0), (132, 4, False, True, 0), (136, 4, False, True, 0), (140, 4, False, True, 0),
+    (144, 2, False, False, 120), (146, 1, False, False, 30),
+)
+ITEMS = {addr: (size, writable, signed, default) for addr, size, writable, signed, default in CONTROL_TABLE}
+
+VELOCITY_UNIT_RAD_S = 0.229 * 2 * math.pi / 60  # Present Velocity: 0.229 rpm per unit
+TICKS_PER_TURN = 4096
+OVERLOAD_AFTER_S = 0.3  # a blocked joint under effort trips Overload after this long (an emulator choice)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Packet codec (independent of dynamixel_sdk; tests cross-check the CRC against it)
+# --------------------------------------------------------------------------------------------------------
+def _crc_table() -> list[int]:
+    table = []
+    for i in range(256):
+        crc = i << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x8005) if crc & 0x8000 else (crc << 1)
+        table.append(crc & 0xFFFF)
+    return table
+
+
+_CRC_TABLE = _crc_table()
+
+
+def crc16(data: bytes | bytearray, crc: int = 0) -> int:
+    """CRC-16 of Protocol 2.0: polynomial 0x8005, initial value 0, MSB first, no final xor."""
+    for b in data:
+        crc = ((crc << 8) ^ _CRC_TABLE[((crc >> 8) ^ b) & 0xFF]) & 0xFFFF
+    return crc
+
+
+def stuff(body: bytes) -> bytes:
+    """Instruction + params with an extra 0xFD after every FF FF FD, so no header can appear inside."""
+    out = bytearray()
+    for b in body:
+        out.append(b)
+        if b == 0xFD and len(out) >= 3 and out[-3] == 0xFF and out[-2] == 0xFF:
+            out.append(0xFD)
+    return bytes(out)
+
+
+def unstuff(body: bytes) -> bytes:
+    out = bytearray()
+    i = 0
+    while i < len(body):
+        out.append(body[i])
+        if body[i] == 0xFD and len(out) >= 3 and out[-3] == 0xFF and out[-2] == 0xFF \
+                and i + 1 < len(body) and body[i + 1] == 0xFD:
+            i += 1  # drop the stuffing byte
+        i += 1
+    return bytes(out)
+
+
+def build_packet(dxl_id: int, body: bytes) -> bytes:
+    """A complete packet: body is the instruction byte and its params (unstuffed)."""
+    stuffed = stuff(body)
+    length = len(stuffed) + 2
+    head = HEADER + bytes((dxl_id, length & 0xFF, length >> 8)) + stuffed
+    crc = crc16(head)
+    return head + bytes((crc & 0xFF, crc >> 8))
+
+
+def status_packet(dxl_id: int, error: int, params: bytes = b"") -> bytes:
+    return build_packet(dxl_id, bytes((STATUS, error)) + params)
+
+
+@dataclass(frozen=True)
+class Packet:
+    dxl_id: int
+    instruction: int
+    params: bytes
+    crc_ok: bool
+    raw_length: int
+
+
+class PacketParser:
+    """Bytes in, whole packets out; garbage, bad lengths and stale partial packets are skipped."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.last_data = 0.0
+        self.dropped_bytes = 0
+
+    def feed(self, data: bytes, now: float) -> list[Packet]:
+        if self.buf and now - self.last_data > PARTIAL_TIMEOUT_S:
+            self.dropped_bytes += len(self.buf)
+            self.buf.clear()
+        self.buf += data
+        self.last_data = now
+        packets = []
+        while True:
+            start = self.buf.find(HEADER)
+            if start < 0:
+                keep = 3 if self.buf.endswith(b"\xff\xff\xfd") else 2 if self.buf.endswith(b"\xff\xff") else \
+                    1 if self.buf.endswith(b"\xff") else 0
+                self.dropped_bytes += len(self.buf) - keep
+                del self.buf[: len(self.buf) - keep]
+                return packets
+            if start:
+                self.dropped_bytes += start
+                del self.buf[:start]
+            if len(self.buf) < 7:
+                return packets
+            length = self.buf[5] | (self.buf[6] << 8)
+            if length < 3 or length > MAX_PACKET_LENGTH:
+                self.dropped_bytes += 1
+                del self.buf[:1]  # not a packet: resync on the next header
+                continue
+            total = 7 + length
+            if len(self.buf) < total:
+                return packets
+            raw = bytes(self.buf[:total])
+            del self.buf[:total]
+            crc_ok = crc16(raw[:-2]) == (raw[-2] | (raw[-1] << 8))
+            body = unstuff(raw[7:-2]) if crc_ok else raw[7:-2]
+            packets.append(Packet(raw[4], body[0], bytes(body[1:]), crc_ok, total))
+
+
+# --------------------------------------------------------------------------------------------------------
+# One servo: control table + plant
+# --------------------------------------------------------------------------------------------------------
+@dataclass
+class ServoConfig:
+    dxl_id: int = 1
+    model_number: int = 1020  # XM430-W350
+    firmware_version: int = 45
+    operating_mode: int = 3  # position control
+    return_delay: int = 250  # factory default: 500 us
+    min_position: int = 0
+    max_position: int = 4095
+    homing_offset: int = 0
+    initial_position: int = 2048
+    baud_index: int = 3  # 1 Mbps
+    max_speed_rad_s: float = 4.8  # XM430-W350 no-load speed at 12 V: 46 rpm
+    time_constant_s: float = 0.03  # first-order position response
+
+
+class Servo:
+    def __init__(self, cfg: ServoConfig) -> None:
+        self.cfg = cfg
+        self.table = bytearray(TABLE_SIZE)
+        self._load_defaults(eeprom=True)
+        self.position = float(cfg.initial_position)  # present position, ticks (homing offset included)
+        self.velocity = 0.0  # ticks/s
+        self.current = 0.0  # raw units
+        self.hold_target: float | None = None  # set while stopped by the bus watchdog
+        self.last_instruction = 0.0
+        self.offline_until = 0.0
+        self.blocked = False
+        self.effort_since: float | None = None
+        self.booted_at = time.monotonic()
+
+    # -- registers ------------------------------------------------------------------------------------
+    def _load_defaults(self, eeprom: bool) -> None:
+        for addr, (_size, _writable, _signed, default) in ITEMS.items():
+            if addr < EEPROM_END and not eeprom:
+                continue
+            self.set(addr, default)
+        if eeprom:
+            c = self.cfg
+            for addr, value in ((MODEL_NUMBER, c.model_number), (FIRMWARE_VERSION, c.firmware_version),
+                                (ID_ADDR, c.dxl_id), (BAUD_RATE, c.baud_index), (RETURN_DELAY_TIME, c.return_delay),
+                                (OPERATING_MODE, c.operating_mode), (HOMING_OFFSET, c.homing_offset),
+                                (MAX_POSITION_LIMIT, c.max_position), (MIN_POSITION_LIMIT, c.min_position)):
+                self.set(addr, value)
+
+    def get(self, addr: int) -> int:
+        size, _, signed, _ = ITEMS[addr]
+        return int.from_bytes(self.table[addr: addr + size], "little", signed=signed)
+
+    def set(self, addr: int, value: int) -> None:
+        size, _, signed, _ = ITEMS[addr]
+        if signed and value < 0:
+            value += 1 << (8 * size)
+        self.table[addr: addr + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+
+    @property
+    def dxl_id(self) -> int:
+        return self.table[ID_ADDR]
+
+    @property
+    def torque(self) -> bool:
+        return self.table[TORQUE_ENABLE] == 1
+
+    @property
+    def watchdog_error(self) -> bool:
+        return self.table[BUS_WATCHDOG] == 0xFF
+
+    def error_byte(self, error: int) -> int:
+        return error | (ALERT if self.table[HARDWARE_ERROR_STATUS] else 0)
+
+    def read(self, addr: int, length: int) -> tuple[int, bytes]:
+        if length <= 0 or addr + length > TABLE_SIZE:
+            return ERR_ACCESS, b""
+        return 0, bytes(self.table[addr: addr + length])
+
+    def _items_in(self, addr: int, length: int) -> list[int] | int:
+        """The items a write of `length` bytes at `addr` covers, or an error number."""
+        items, cursor, end = [], addr, addr + length
+        while cursor < end:
+            if cursor not in ITEMS:
+                inside = any(a < cursor < a + s for a, (s, *_rest) in ITEMS.items())
+                return ERR_DATA_LENGTH if inside else ERR_ACCESS
+            size = ITEMS[cursor][0]
+            if cursor + size > end:
+                return ERR_DATA_LENGTH
+            items.append(cursor)
+            cursor += size
+        return items
+
+    def write(self, addr: int, data: bytes, now: float) -> int:
+        """Validate the whole write first, then apply it; returns the status error number (0: done)."""
+        items = self._items_in(addr, len(data)) if data else ERR_DATA_LENGTH
+        if isinstance(items, int):
+            return items
+        values = {}
+        for a in items:
+            size, writable, signed, _ = ITEMS[a]
+            value = int.from_bytes(data[a - addr: a - addr + size], "little", signed=signed)
+            if not writable or (a < EEPROM_END and self.torque):
+                return ERR_ACCESS
+            if a in GOAL_ITEMS and self.watchdog_error:
+                return ERR_DATA_RANGE
+            err = self._check_value(a, value)
+            if err:
+                return err
+            values[a] = value
+        for a, value in values.items():
+            self._apply(a, value, now)
+        return 0
+
+    def _check_value(self, addr: int, value: int) -> int:
+        if addr == TORQUE_ENABLE:
+            if value not in (0, 1):
+                return ERR_DATA_RANGE
+            if value == 1 and self.table[HARDWARE_ERROR_STATUS]:
+                return ERR_RESULT_FAIL  # only REBOOT restores torque after a shutdown
+        if addr == BUS_WATCHDOG and not 0 <= value <= 127:
+            return ERR_DATA_RANGE
+        if addr == GOAL_POSITION and self.get(OPERATING_MODE) == 3 \
+                and not self.get(MIN_POSITION_LIMIT) <= value <= self.get(MAX_POSITION_LIMIT):
+            return ERR_DATA_LIMIT
+        if addr == ID_ADDR and not 0 <= value <= 252:
+            return ERR_DATA_RANGE
+        return 0
+
+    def _apply(self, addr: int, value: int, now: float) -> None:
+        self.set(addr, value)
+        if addr == TORQUE_ENABLE:
+            self.hold_target = None
+            self.effort_since = None
+        if addr == BUS_WATCHDOG:
+            self.last_instruction = now  # the interval starts now
+            if value == 0:
+                self.hold_target = None  # error cleared: goal writes are accepted again
+
+    # -- time -----------------------------------------------------------------------------------------
+    def watchdog_expired(self, now: float) -> bool:
+        wd = self.table[BUS_WATCHDOG]
+        if not self.torque or not 1 <= wd <= 127:
+            return False
+        if now - self.last_instruction <= wd * 0.020:
+            return False
+        self.table[BUS_WATCHDOG] = 0xFF
+        self.hold_target = self.position  # stop: profile acceleration/velocity applied as 0 -> hold here
+        return True
+
+    def target(self) -> float | None:
+        if not self.torque:
+            return None
+        if self.hold_target is not None:
+            return self.hold_target
+        return float(self.get(GOAL_POSITION))
+
+    def step(self, dt: float, now: float) -> int | None:
+        """Advance the plant by dt; returns a hardware error bit that this step raised, if any."""
+        target = self.target()
+        vmax = self.cfg.max_speed_rad_s * TICKS_PER_TURN / (2 * math.pi)
+        if target is None or self.blocked:
+            self.velocity = 0.0
+        else:
+            self.velocity = max(-vmax, min(vmax, (target - self.position) / self.cfg.time_constant_s))
+            self.position += self.velocity * dt
+        error = 0.0 if target is None else target - self.position
+        self.current = max(-1193.0, min(1193.0, 2.0 * error)) if self.torque else 0.0
+        raised = None
+        if self.blocked and self.torque and abs(error) > 20:
+            self.effort_since = self.effort_since or now
+            if now - self.effort_since > OVERLOAD_AFTER_S:
+                raised = HW_OVERLOAD
+        else:
+            self.effort_since = None
+        self._publish(now)
+        return raised
+
+    def _publish(self, now: float) -> None:
+        self.set(PRESENT_POSITION, round(self.position))
+        self.set(PRESENT_VELOCITY, round(self.velocity * 2 * math.pi / TICKS_PER_TURN / VELOCITY_UNIT_RAD_S))
+        self.set(PRESENT_CURRENT, round(self.current))
+        self.set(MOVING, int(abs(self.velocity) > 1.0))
+        self.set(REALTIME_TICK, int((now - self.booted_at) * 1000) % 32768)
+
+    def hardware_error(self, bit: int) -> None:
+        self.table[HARDWARE_ERROR_STATUS] |= 1 << bit
+        if self.table[SHUTDOWN] & (1 << bit):
+            self.table[TORQUE_ENABLE] = 0  # Shutdown: torque off, output 0 %
+            self.hold_target = None
+
+    def reboot(self, now: float, reboot_s: float) -> None:
+        self._load_defaults(eeprom=False)
+        self.hold_target = None
+        self.effort_since = None
+        self.velocity = 0.0
+        if self.get(OPERATING_MODE) == 4:  # extended position: multi-turn count is lost on reboot
+            self.position = float(round(self.position) % TICKS_PER_TURN)
+        self.set(GOAL_POSITION, round(self.position))
+        self.offline_until = now + reboot_s
+        self.booted_at = now + reboot_s
+        self._publish(now)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The bus: pty, pacing, dispatch, events
+# --------------------------------------------------------------------------------------------------------
+@dataclass
+class Event:
+    t: float
+    dxl_id: int
+    kind: str
+    detail: dict = field(default_factory=dict)
+
+
+_TERMIOS_SPEEDS = {getattr(termios, f"B{b}"): b for b in BAUD_RATES.values() if hasattr(termios, f"B{b}")}
+_BOTHER = getattr(termios, "BOTHER", 0o010000)
+
+
+class BusEmulator:
+    """Servos on one pty. start() runs the bus in a thread; every public method is thread-safe."""
+
+    def __init__(self, servos: Iterable[ServoConfig], *, baud: int = 1_000_000, reboot_s: float = 0.05,
+                 check_baud: bool = True, link: str | None = None, tick_s: float = 0.001) -> None:
+        self.servos = {cfg.dxl_id: Servo(cfg) for cfg in servos}
+        self.baud = baud
+        self.byte_time = 10.0 / baud if baud > 0 else 0.0
+        self.reboot_s = reboot_s
+        self.check_baud = check_baud
+        self.link = link
+        self.tick_s = tick_s
+        self.events: list[Event] = []
+        self.packets_seen = 0
+        self._cond = threading.Condition()
+        self._parser = PacketParser()
+        self._out: list[tuple[float, bytes]] = []
+        self._rx_wire_end = 0.0
+        self._tx_free = 0.0
+        self._last_step = time.monotonic()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._master = self._slave = -1
+        self.path = ""
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def open(self) -> str:
+        self._master, self._slave = os.openpty()
+        tty.setraw(self._slave)
+        attrs = termios.tcgetattr(self._slave)
+        speed = getattr(termios, f"B{self.baud}", None)
+        if speed is not None:
+            attrs[4] = attrs[5] = speed
+            termios.tcsetattr(self._slave, termios.TCSANOW, attrs)
+        os.set_blocking(self._master, False)
+        self.path = os.ttyname(self._slave)
+        if self.link:
+            tmp = f"{self.link}.tmp{os.getpid()}"
+            os.symlink(self.path, tmp)
+            os.replace(tmp, self.link)
+        return self.port
+
+    @property
+    def port(self) -> str:
+        return self.link or self.path
+
+    def start(self) -> BusEmulator:
+        if self._master < 0:
+            self.open()
+        self._running = True
+        self._thread = threading.Thread(target=self.run, name="dxl-emulator", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._running = False
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+            self._thread = None
+        for fd in (self._master, self._slave):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._master = self._slave = -1
+
+    def __enter__(self) -> BusEmulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def run(self) -> None:
+        while self._running:
+            now = time.monotonic()
+            with self._cond:
+                next_out = min((t for t, _ in self._out), default=math.inf)
+            timeout = max(0.0, min(next_out - now, self._last_step + self.tick_s - now))
+            try:
+                ready, _, _ = select.select([self._master], [], [], timeout)
+            except (OSError, ValueError):
+                return
+            if ready:
+                try:
+                    data = os.read(self._master, 65536)
+                except (BlockingIOError, OSError):
+                    data = b""
+                if data:
+                    self._receive(data, time.monotonic())
+            self._flush(time.monotonic())
+            now = time.monotonic()
+            if now - self._last_step >= self.tick_s:
+                self._tick(now)
+
+    def _host_baud_ok(self) -> bool:
+        if not self.check_baud:
+            return True
+        try:
+            speed = termios.tcgetattr(self._slave)[4]
+        except termios.error:
+            return True
+        if speed == _BOTHER or speed not in _TERMIOS_SPEEDS:
+            return True  # custom speeds cannot be read back here: accept
+        return _TERMIOS_SPEEDS[speed] == self.baud
+
+    def _receive(self, data: bytes, now: float) -> None:
+        if not self._host_baud_ok():
+            self._event(now, BROADCAST_ID, "baud_mismatch", bytes=len(data))
+            return
+        self._rx_wire_end = max(now, self._rx_wire_end) + len(data) * self.byte_time
+        with self._cond:
+            for packet in self._parser.feed(data, now):
+                self.packets_seen += 1
+                self._dispatch(packet, now)
+
+    def _flush(self, now: float) -> None:
+        with self._cond:
+            due = [item for item in self._out if item[0] <= now]
+            if not due:
+                return
+            self._out = [item for item in self._out if item[0] > now]
+        for _, data in sorted(due, key=lambda x: x[0]):
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(self._master, data)
+
+    def _tick(self, now: float) -> None:
+        with self._cond:
+            dt = min(now - self._last_step, 0.05)
+            self._last_step = now
+            for servo in self.servos.values():
+                if now < servo.offline_until:
+                    continue
+                if servo.watchdog_expired(now):
+                    self._event(now, servo.dxl_id, "watchdog_expired",
+                                since_last_instruction=now - servo.last_instruction, position=servo.position)
+                raised = servo.step(dt, now)
+                if raised is not None:
+                    servo.hardware_error(raised)
+                    self._event(now, servo.dxl_id, "hardware_error", bit=raised, torque=servo.torque)
+            self._cond.notify_all()
+
+    # -- dispatch -------------------------------------------------------------------------------------
+    def _online(self, dxl_id: int, now: float) -> Servo | None:
+        servo = self.servos.get(dxl_id)
+        return servo if servo is not None and now >= servo.offline_until else None
+
+    def _reply(self, servo: Servo, error: int, params: bytes = b"", after: float | None = None) -> float:
+        """Queue a status packet; returns the time its last byte leaves the servo."""
+        packet = status_packet(servo.dxl_id, servo.error_byte(error), params)
+        start = max(self._rx_wire_end if after is None else after, self._tx_free) \
+            + servo.table[RETURN_DELAY_TIME] * 2e-6
+        end = start + len(packet) * self.byte_time
+        self._tx_free = end
+        self._out.append((end, packet))
+        return end
+
+    def _dispatch(self, p: Packet, now: float) -> None:
+        if p.dxl_id == BROADCAST_ID:
+            targets = [s for s in self.servos.values() if now >= s.offline_until]
+        else:
+            one = self._online(p.dxl_id, now)
+            targets = [one] if one else []
+        if not p.crc_ok:
+            if p.dxl_id != BROADCAST_ID and targets:
+                self._reply(targets[0], ERR_CRC)
+            self._event(now, p.dxl_id, "crc_error")
+            return
+        for servo in targets:
+            servo.last_instruction = now  # every valid instruction packet feeds the bus watchdog
+        handler = {PING: self._ping, READ: self._read, WRITE: self._write, REBOOT: self._reboot,
+                   SYNC_READ: self._sync_read, SYNC_WRITE: self._sync_write}.get(p.instruction)
+        if handler is None:
+            if p.dxl_id != BROADCAST_ID and targets:
+                self._reply(targets[0], ERR_INSTRUCTION)
+            return
+        handler(p, targets, now)
+
+    def _ping(self, p: Packet, targets: list[Servo], now: float) -> None:
+        for servo in sorted(targets, key=lambda s: s.dxl_id):  # broadcast: answers in id order
+            self._reply(servo, 0, bytes(servo.table[0:2]) + bytes((servo.table[FIRMWARE_VERSION],)))
+
+    def _read(self, p: Packet, targets: list[Servo], now: float) -> None:
+        if p.dxl_id == BROADCAST_ID or not targets:
+            return
+        servo = targets[0]
+        if servo.table[STATUS_RETURN_LEVEL] < 1:
+            return
+        if len(p.params) != 4:
+            self._reply(servo, ERR_DATA_LENGTH)
+            return
+        addr, length = p.params[0] | (p.params[1] << 8), p.params[2] | (p.params[3] << 8)
+        error, data = servo.read(addr, length)
+        self._reply(servo, error, data)
+
+    def _write(self, p: Packet, targets: list[Servo], now: float) -> None:
+        if len(p.params) < 3:
+            if p.dxl_id != BROADCAST_ID and targets:
+                self._reply(targets[0], ERR_DATA_LENGTH)
+            return
+        addr = p.params[0] | (p.params[1] << 8)
+        for servo in targets:
+            error = servo.write(addr, p.params[2:], now)
+            self._log_write(servo, addr, p.params[2:], error, now)
+            if p.dxl_id != BROADCAST_ID and servo.table[STATUS_RETURN_LEVEL] >= 2:
+                self._reply(servo, error)
+
+    def _log_write(self, servo: Servo, addr: int, data: bytes, error: int, now: float) -> None:
+        if addr <= TORQUE_ENABLE < addr + len(data):
+            self._event(now, servo.dxl_id, "torque", value=data[TORQUE_ENABLE - addr], error=error)
+        if addr <= BUS_WATCHDOG < addr + len(data):
+            self._event(now, servo.dxl_id, "bus_watchdog_write", value=data[BUS_WATCHDOG - addr], error=error)
+        if error and addr in GOAL_ITEMS:
+            self._event(now, servo.dxl_id, "goal_refused", error=error)
+        if error and addr < EEPROM_END:
+            self._event(now, servo.dxl_id, "eeprom_refused", address=addr, error=error)
+
+    def _reboot(self, p: Packet, targets: list[Servo], now: float) -> None:
+        for servo in targets:
+            if p.dxl_id != BROADCAST_ID:
+                self._reply(servo, 0)
+            servo.table[HARDWARE_ERROR_STATUS] = 0
+            servo.reboot(now, self.reboot_s)
+            self._event(now, servo.dxl_id, "reboot", by="host")
+
+    def _sync_read(self, p: Packet, targets: list[Servo], now: float) -> None:
+        if p.dxl_id != BROADCAST_ID or len(p.params) < 5:
+            return
+        addr, length = p.params[0] | (p.params[1] << 8), p.params[2] | (p.params[3] << 8)
+        after = None
+        for dxl_id in p.params[4:]:
+            servo = self._online(dxl_id, now)
+            if servo is None or servo.table[STATUS_RETURN_LEVEL] < 1:
+                continue  # a missing servo stays silent; the host times out
+            error, data = servo.read(addr, length)
+            after = self._reply(servo, error, data, after)
+
+    def _sync_write(self, p: Packet, targets: list[Servo], now: float) -> None:
+        if p.dxl_id != BROADCAST_ID or len(p.params) < 4:
+            return
+        addr, length = p.params[0] | (p.params[1] << 8), p.params[2] | (p.params[3] << 8)
+        block = 1 + length
+        data = p.params[4:]
+        if length == 0 or len(data) % block:
+            self._event(now, BROADCAST_ID, "sync_write_malformed", length=len(data))
+            return
+        for i in range(0, len(data), block):
+            servo = self._online(data[i], now)
+            if servo is not None:
+                error = servo.write(addr, data[i + 1: i + block], now)
+                self._log_write(servo, addr, data[i + 1: i + block], error, now)
+
+    def _event(self, t: float, dxl_id: int, kind: str, **detail: object) -> None:
+        with self._cond:
+            self.events.append(Event(t, dxl_id, kind, dict(detail)))
+            self._cond.notify_all()
+
+    # -- inspection and fault injection (thread-safe) -------------------------------------------------
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait until predicate() (evaluated under the bus lock) holds; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(predicate, timeout)
+
+    def register(self, dxl_id: int, addr: int) -> int:
+        with self._cond:
+            return self.servos[dxl_id].get(addr)
+
+    def servo(self, dxl_id: int) -> Servo:
+        """The servo object (read it inside wait_for predicates or under `lock`)."""
+        return self.servos[dxl_id]
+
+    @property
+    def lock(self) -> threading.Condition:
+        return self._cond
+
+    def events_of(self, kind: str, dxl_id: int | None = None) -> list[Event]:
+        with self._cond:
+            return [e for e in self.events if e.kind == kind and (dxl_id is None or e.dxl_id == dxl_id)]
+
+    def inject_hardware_error(self, dxl_id: int, bit: int = HW_OVERLOAD) -> None:
+        now = time.monotonic()
+        with self._cond:
+            self.servos[dxl_id].hardware_error(bit)
+            self._event(now, dxl_id, "hardware_error", bit=bit, torque=self.servos[dxl_id].torque, injected=True)
+
+    def power_cycle(self, dxl_id: int) -> None:
+        """The servo reboots by itself (brown-out, a loose power wire) mid-run."""
+        now = time.monotonic()
+        with self._cond:
+            servo = self.servos[dxl_id]
+            servo.table[HARDWARE_ERROR_STATUS] = 0
+            servo.reboot(now, self.reboot_s)
+            self._event(now, dxl_id, "reboot", by="injected")
+
+    def block_joint(self, dxl_id: int, blocked: bool = True) -> None:
+        with self._cond:
+            self.servos[dxl_id].blocked = blocked
+            self._event(time.monotonic(), dxl_id, "block_joint", blocked=blocked)
+
+    def set_position(self, dxl_id: int, ticks: float) -> None:
+        with self._cond:
+            servo = self.servos[dxl_id]
+            servo.position = float(ticks)
+            servo._publish(time.monotonic())
+
+
+def snapshot(bus: BusEmulator, dxl_id: int) -> dict:
+    """Plain values of one servo (for another process, or a log line)."""
+    with bus.lock:
+        servo = bus.servos[dxl_id]
+        return {"torque": servo.torque, "bus_watchdog": servo.table[BUS_WATCHDOG], "position": servo.position,
+                "velocity": servo.velocity, "holding": servo.hold_target is not None,
+                "hardware_error_status": servo.table[HARDWARE_ERROR_STATUS],
+                "last_instruction": servo.last_instruction, "goal": servo.get(GOAL_POSITION),
+                "online": time.monotonic() >= servo.offline_until}
+
+
+_REMOTE_CALLS = ("register", "events_of", "inject_hardware_error", "power_cycle", "block_joint", "set_position")
+
+
+def _serve(conn, servos: list[ServoConfig], kw: dict) -> None:  # type: ignore[no-untyped-def]
+    bus = BusEmulator(servos, **kw)
+    conn.send(bus.open())
+    bus.start()
+    try:
+        while True:
+            try:
+                name, args = conn.recv()
+            except EOFError:
+                return
+            if name == "stop":
+                return
+            try:
+                result = snapshot(bus, *args) if name == "snapshot" else getattr(bus, name)(*args)
+                conn.send((True, result))
+            except Exception as exc:  # report to the caller, keep serving
+                conn.send((False, f"{type(exc).__name__}: {exc}"))
+    finally:
+        bus.stop()
+
+
+class EmulatorProcess:
+    """A BusEmulator in its own process (no GIL shared with the host under test), driven over a pipe.
+
+    Inspection: snapshot(id), register(id, addr), events_of(kind, id); injection: inject_hardware_error,
+    power_cycle, block_joint, set_position. Timestamps are time.monotonic(), one clock for the machine."""
+
+    def __init__(self, servos: Iterable[ServoConfig], **kw: object) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # no fork of a threaded test process
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child, list(servos), kw), daemon=True,
+                                 name="dxl-emulator")
+        self._proc.start()
+        child.close()
+        if not self._conn.poll(20.0):
+            self.close()
+            raise RuntimeError("the Dynamixel emulator process did not start within 20 s")
+        self.port: str = self._conn.recv()
+        self._lock = threading.Lock()
+
+    def _call(self, name: str, *args: object) -> object:
+        with self._lock:
+            self._conn.send((name, args))
+            ok, result = self._conn.recv()
+        if not ok:
+            raise RuntimeError(f"emulator {name}{args}: {result}")
+        return result
+
+    def snapshot(self, dxl_id: int) -> dict:
+        return self._call("snapshot", dxl_id)  # type: ignore[return-value]
+
+    def register(self, dxl_id: int, addr: int) -> int:
+        return self._call("register", dxl_id, addr)  # type: ignore[return-value]
+
+    def events_of(self, kind: str, dxl_id: int | None = None) -> list[Event]:
+        return self._call("events_of", kind, dxl_id)  # type: ignore[return-value]
+
+    def inject_hardware_error(self, dxl_id: int, bit: int = HW_OVERLOAD) -> None:
+        self._call("inject_hardware_error", dxl_id, bit)
+
+    def power_cycle(self, dxl_id: int) -> None:
+        self._call("power_cycle", dxl_id)
+
+    def block_joint(self, dxl_id: int, blocked: bool = True) -> None:
+        self._call("block_joint", dxl_id, blocked)
+
+    def set_position(self, dxl_id: int, ticks: float) -> None:
+        self._call("set_position", dxl_id, ticks)
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float, poll_s: float = 0.002) -> bool:
+        """Poll predicate() (which may call the methods above) until it holds or the deadline passes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if predicate():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll_s)
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            with contextlib.suppress(OSError, BrokenPipeError):
+                self._conn.send(("stop", ()))
+            self._proc.join(timeout=3.0)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(timeout=3.0)
+        self._conn.close()
+
+    def __enter__(self) -> EmulatorProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _parse_ids(text: str) -> list[int]:
+    ids: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        ids.extend(range(int(lo), int(hi or lo) + 1))
+    return ids
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ids", default="1-6")
+    parser.add_argument("--baud", type=int, default=1_000_000)
+    parser.add_argument("--return-delay", type=int, default=250, help="Return Delay Time (9), 2 us units")
+    parser.add_argument("--firmware", type=int, default=45)
+    parser.add_argument("--mode", type=int, default=3, help="Operating Mode (11)")
+    parser.add_argument("--min-position", type=int, default=0)
+    parser.add_argument("--max-position", type=int, default=4095)
+    parser.add_argument("--link", default=None, help="also make this symlink to the pty")
+    parser.add_argument("--print-path", action="store_true", help="print the pty path on stdout, then serve")
+    args = parser.parse_args(argv)
+    baud_index = {v: k for k, v in BAUD_RATES.items()}.get(args.baud)
+    if baud_index is None:
+        parser.error(f"--baud {args.baud} is not an X-series rate ({', '.join(map(str, BAUD_RATES.values()))})")
+    cfgs = [ServoConfig(dxl_id=i, firmware_version=args.firmware, operating_mode=args.mode,
+                        return_delay=args.return_delay, min_position=args.min_position,
+                        max_position=args.max_position, baud_index=baud_index) for i in _parse_ids(args.ids)]
+    bus = BusEmulator(cfgs, baud=args.baud, link=args.link)
+    bus.open()
+    if args.print_path:
+        print(bus.port, flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    bus.start()
+    # Serve until SIGTERM or until stdin closes (the parent died or closed our pipe).
+    threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+    done.wait()
+    bus.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""URL scheme -> motor device class, with lazy imports (python-can's interface registry shape).
+
+The registry holds only "module:Class" strings, so listing schemes or parsing a URL imports no backend and
+no vendor SDK; `open_device()` imports the one backend a URL names. A backend class provides
+`URL_PARAMS` (query key -> one-line help) and `from_url(port, params, **kw)`.
+
+    dynamixel:///dev/ttyUSB0?baud=1000000&ids=1-6     (the port is everything between :// and ?)
+    dynamixel://COM3?ids=1,2,5
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from firmware_bridge.motors.base import MissingDependencyError, MotorDevice, MotorUrlError
+
+# scheme -> (import path, one-line description with an example). Register only backends that exist.
+BACKENDS: dict[str, tuple[str, str]] = {
+    "dynamixel": (
+        "firmware_bridge.motors.dynamixel:DynamixelDevice",
+        "Dynamixel X series, Protocol 2.0, Bus Watchdog armed (extra: dynamixel): "
+        "dynamixel:///dev/ttyUSB0?baud=1000000&ids=1-6",
+    ),
+}
+
+MAX_IDS = 253  # Protocol 2.0 ids 0..252
+
+
+@dataclass(frozen=True)
+class MotorUrl:
+    scheme: str
+    port: str
+    params: dict[str, str]
+
+
+def schemes() -> dict[str, str]:
+    """Accepted URL schemes, each with a one-line description (for `edge-vla run --link` help)."""
+    return {name: desc for name, (_, desc) in BACKENDS.items()}
+
+
+def _accepted() -> str:
+    return ", ".join(f"{s}://" for s in BACKENDS)
+
+
+def parse_url(url: str) -> MotorUrl:
+    """Split a motor URL into scheme, port and query parameters; one-line errors for malformed ones."""
+    if not isinstance(url, str) or "://" not in url:
+        raise MotorUrlError(f"motor link {url!r} is not a URL: expected SCHEME://PORT?key=value, one of {_accepted()}")
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in BACKENDS:
+        raise MotorUrlError(f"unknown motor link scheme {parts.scheme!r} in {url!r}: accepted schemes are {_accepted()}")
+    port = parts.netloc + parts.path
+    if not port:
+        raise MotorUrlError(f"motor link {url!r} names no port: write {scheme}:///dev/ttyUSB0?... (or COM3 on Windows)")
+    if parts.fragment:
+        raise MotorUrlError(f"motor link {url!r} has a '#' fragment; remove it")
+    try:
+        pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError as exc:
+        raise MotorUrlError(f"malformed query in motor link {url!r}: {exc}; write key=value pairs joined by &") from exc
+    params: dict[str, str] = {}
+    for key, value in pairs:
+        if key in params:
+            raise MotorUrlError(f"query parameter {key!r} given twice in motor link {url!r}; give it once")
+        params[key] = value
+    return MotorUrl(scheme, port, params)
+
+
+def parse_ids(text: str, what: str = "ids") -> tuple[int, ...]:
+    """'1-6' or '1,2,5' or '1-3,7' -> (1, 2, ...): distinct, in the order given, each 0..252."""
+    ids: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        lo_s, sep, hi_s = part.partition("-")
+        try:
+            lo = int(lo_s)
+            hi = int(hi_s) if sep else lo
+        except ValueError:
+            raise MotorUrlError(f"{what}={text!r}: {part!r} is not an id or a range like 1-6; write e.g. {what}=1-6 "
+                                f"or {what}=1,2,5") from None
+        if not (0 <= lo <= hi <= MAX_IDS - 1):
+            raise MotorUrlError(f"{what}={text!r}: {part!r} is outside 0..{MAX_IDS - 1} or runs backwards")
+        ids.extend(range(lo, hi + 1))
+    if len(set(ids)) != len(ids):
+        raise MotorUrlError(f"{what}={text!r} lists an id twice; each servo appears once")
+    return tuple(ids)
+
+
+def parse_int(params: dict[str, str], key: str, default: int, allowed: tuple[int, ...] | None = None) -> int:
+    if key not in params:
+        return default
+    try:
+        value = int(params[key])
+    except ValueError:
+        raise MotorUrlError(f"{key}={params[key]!r} is not an integer") from None
+    if allowed is not None and value not in allowed:
+        raise MotorUrlError(f"{key}={value} is not supported; use one of {', '.join(map(str, allowed))}")
+    return value
+
+
+def load_backend(scheme: str) -> type[MotorDevice]:
+    target, _ = BACKENDS[scheme]
+    module_name, _, class_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except MissingDependencyError:
+        raise
+    except ImportError as exc:  # the backend module itself imports only stdlib/numpy at module level
+        raise MissingDependencyError(f"motor backend {scheme}:// cannot be imported: {exc}") from exc
+    return getattr(module, class_name)
+
+
+def open_device(url: str, *, open_now: bool = True, **kw: Any) -> MotorDevice:
+    """Build the device a URL names (keyword arguments: joint limits, calibration, period) and open it."""
+    parsed = parse_url(url)
+    cls = load_backend(parsed.scheme)
+    known: dict[str, str] = getattr(cls, "URL_PARAMS", {})
+    unknown = sorted(set(parsed.params) - set(known))
+    if unknown:
+        raise MotorUrlError(f"unknown query parameter(s) {', '.join(unknown)} in {url!r}; "
+                            f"{parsed.scheme}:// accepts {', '.join(known) or 'none'}")
+    device: MotorDevice = cls.from_url(parsed.port, parsed.params, **kw)  # type: ignore[attr-defined]
+    device.url = url
+    return device.open() if open_now else device
