@@ -33,7 +33,7 @@ import numpy as np
 from edge_vla.config import VLAConfig
 from edge_vla.onboard.cameras import resize_nearest
 from edge_vla.runtime.types import Observation
-from edge_vla.serve.errors import RequestError, ServeError
+from edge_vla.serve.errors import RequestError, ServeError, clip, clip_repr
 
 STATE_FITS = ("exact", "pad", "cut", "pad_or_cut")
 MAX_DEPTH = 8
@@ -143,7 +143,7 @@ class ObservationMapper:
     def _get(self, flat: dict[str, Any], key: str, role: str) -> Any:
         if key not in flat:
             have = sorted(flat)
-            shown = ", ".join(have[:20]) + (f", ... ({len(have)} keys)" if len(have) > 20 else "")
+            shown = ", ".join(clip(k) for k in have[:20]) + (f", ... ({len(have)} keys)" if len(have) > 20 else "")
             raise RequestError(f"observation has no key {key!r} (the bundle's {role} under obs map "
                                f"{self.map.name!r}); it has: {shown or 'no keys'}. Fix the client or --obs-map")
         return flat[key]
@@ -158,18 +158,13 @@ class ObservationMapper:
         return np.ascontiguousarray(resize_nearest(hwc, self.image_size))
 
     def _state(self, flat: dict[str, Any]) -> np.ndarray:
-        parts = []
-        for key in self.map.state:
-            value = self._get(flat, key, "state")
-            arr = np.asarray(value) if isinstance(value, np.ndarray | np.generic | int | float | list) else None
-            if arr is None or arr.dtype.kind not in "iuf" or arr.ndim > 1:
-                raise RequestError(f"{key}: expected a number or a 1-D numeric array for the state, "
-                                   f"got {_describe(value)}")
-            parts.append(arr.astype(np.float32).reshape(-1))
-        state = np.concatenate(parts)
-        if not np.all(np.isfinite(state)):
-            raise RequestError(f"state ({' + '.join(self.map.state)}) contains NaN or Inf: {state.tolist()}; "
-                               "check the joint encoder feed")
+        parts = [_state_part(key, self._get(flat, key, "state")) for key in self.map.state]
+        with np.errstate(over="ignore"):  # a value past float32's range becomes inf and is refused just below
+            state = np.concatenate(parts).astype(np.float32)
+        bad = np.flatnonzero(~np.isfinite(state))
+        if bad.size:  # count and place, never the values: the state may be millions of numbers long
+            raise RequestError(f"state ({' + '.join(self.map.state)}) contains {bad.size} NaN or Inf value(s) as "
+                               f"float32, first at index {bad[0]} of {state.size}; check the joint encoder feed")
         n, want, fit = len(state), self.state_dim, self.map.state_fit
         if n > want and fit in ("cut", "pad_or_cut"):
             return state[:want]
@@ -194,12 +189,28 @@ class ObservationMapper:
         return value
 
 
+def _state_part(key: str, value: Any) -> np.ndarray:
+    """One state key's value as a 1-D array: a number, a 1-D integer or float array, or a flat list of
+    numbers. Anything else (a ragged or nested list, bools, strings, None) is the client's error."""
+    if isinstance(value, list):
+        # np.asarray would raise on a ragged list, and silently turn True into 1.0 or a nested list into 2-D.
+        if not all(type(v) in (int, float) for v in value):
+            raise RequestError(f"{key}: expected a flat list of numbers for the state, got {_describe(value)}")
+        return np.array(value, dtype=np.float64)  # msgpack ints are 64-bit: each fits a float64
+    if isinstance(value, np.ndarray | np.generic) or type(value) in (int, float):
+        arr = np.asarray(value)
+        if arr.dtype.kind in "iuf" and arr.ndim <= 1:
+            return arr.reshape(-1)
+    raise RequestError(f"{key}: expected a number or a 1-D numeric array for the state, got {_describe(value)}")
+
+
 def _flatten(d: dict[Any, Any], prefix: str, out: dict[str, Any], depth: int) -> None:
     if depth > MAX_DEPTH:
-        raise RequestError(f"observation nested deeper than {MAX_DEPTH} levels at {prefix!r}")
+        raise RequestError(f"observation nested deeper than {MAX_DEPTH} levels at {clip_repr(prefix)}")
     for key, value in d.items():
         if not isinstance(key, str):
-            raise RequestError(f"observation keys must be strings, got {key!r} under {prefix or 'the top level'!r}")
+            raise RequestError(f"observation keys must be strings, got {clip_repr(key)} under "
+                               f"{clip_repr(prefix) if prefix else 'the top level'}")
         path = f"{prefix}/{key}" if prefix else key
         if isinstance(value, dict):
             _flatten(value, path, out, depth + 1)
@@ -210,4 +221,7 @@ def _flatten(d: dict[Any, Any], prefix: str, out: dict[str, Any], depth: int) ->
 def _describe(value: Any) -> str:
     if isinstance(value, np.ndarray):
         return f"{value.dtype} array of shape {value.shape}"
+    if isinstance(value, list):
+        kinds = sorted({type(v).__name__ for v in value})
+        return f"a list of {len(value)} item(s) of type {', '.join(kinds)}" if value else "an empty list"
     return type(value).__name__

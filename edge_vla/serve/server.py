@@ -48,9 +48,10 @@ from edge_vla.errors import ObservationError, PolicyOutputError
 from edge_vla.onboard.telemetry import Telemetry
 from edge_vla.optional import require
 from edge_vla.runtime.policy import Policy
+from edge_vla.runtime.types import Observation
 from edge_vla.serve import codec
 from edge_vla.serve.codec import Limits
-from edge_vla.serve.errors import RequestError, ServeError
+from edge_vla.serve.errors import RequestError, ServeError, clip
 from edge_vla.serve.obs_map import ObservationMapper
 
 require("websockets")
@@ -178,15 +179,24 @@ class PolicyServer:
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.path.split("?", 1)[0] == "/healthz":
             return _respond(http.HTTPStatus.OK, json.dumps(self.stats()) + "\n", "application/json")
-        if self._auth is not None:
-            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-            if not hmac.compare_digest(given, self._auth):  # constant time in the key's content
-                log.warning("refused %s: missing or wrong API key", connection.remote_address)
-                return _respond(http.HTTPStatus.UNAUTHORIZED,
-                                "missing or wrong API key: send the header 'Authorization: Api-Key <key>'\n")
+        if self._auth is not None and (why := self._key_refusal(request.headers)):
+            log.warning("refused %s: %s", connection.remote_address, why)
+            return _respond(http.HTTPStatus.UNAUTHORIZED,
+                            f"{why}: send exactly one 'Authorization: Api-Key <key>' header\n")
         if len(self._connections) >= self.options.max_clients:
             return _respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
                             f"this policy server already serves {self.options.max_clients} clients\n")
+        return None
+
+    def _key_refusal(self, headers: Headers) -> str | None:
+        """Why the handshake's API key is refused, or None. Exactly one Authorization header: with two, which
+        one counts would be a guess (a proxy may have added one), so neither does."""
+        given = headers.get_all("Authorization")  # headers.get() raises on a repeated header
+        if len(given) > 1:
+            return f"{len(given)} Authorization headers"
+        key = (given[0] if given else "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(key, self._auth or b""):  # constant time in the key's content
+            return "missing or wrong API key"
         return None
 
     # --- websocket ---------------------------------------------------------------------------------
@@ -221,9 +231,7 @@ class PolicyServer:
         conn.requests += 1
         n = conn.requests
         try:
-            request = codec.decode(message, self.options.limits)  # type: ignore[arg-type]
-            t1 = clock()
-            obs = self.mapper.to_observation(request)
+            obs, t1 = self._read(message)
             t2 = clock()
             self.policy.rng = conn.rng  # this connection's own noise stream
             chunk = self.policy.infer(obs)
@@ -258,6 +266,22 @@ class PolicyServer:
                  timing["encode_ms"], timing["total_ms"])
         self._record(conn, n, {"server_timing": timing, "policy_timing": policy_timing})
         return reply
+
+    def _read(self, message: bytes | str) -> tuple[Observation, float]:
+        """Decode and map one request; returns the observation and when decoding ended. This reads the
+        client's bytes and nothing else (no policy, no connection state), so whatever goes wrong here is
+        answered as a refused request and the connection stays open. An exception other than RequestError
+        means a check is missing: it is logged with its traceback, to be fixed, and still refused."""
+        try:
+            request = codec.decode(message, self.options.limits)  # type: ignore[arg-type]
+            decoded = time.perf_counter()
+            return self.mapper.to_observation(request), decoded
+        except RequestError:
+            raise
+        except Exception as exc:
+            log.exception("a request raised %s while being read: edge-vla's request checks missed this input "
+                          "(please report it); the request is refused and the connection kept", type(exc).__name__)
+            raise RequestError(f"the request could not be read ({type(exc).__name__}: {clip(str(exc), 200)})") from exc
 
     def _record(self, conn: _Connection, n: int, data: dict[str, Any]) -> None:
         if self._telemetry.enabled:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from edge_vla.config import preset
 from edge_vla.onboard.cameras import resize_nearest
@@ -113,3 +117,65 @@ def test_missing_key_lists_what_came() -> None:
     with pytest.raises(RequestError, match=r"no key 'observation/wrist_image' \(the bundle's camera1.*it has: "
                                            r"observation/image, observation/state, prompt"):
         mapper.to_observation(req)
+
+
+# --- hostile state values: every one is the client's error, answered in one bounded line ---------------
+@pytest.mark.parametrize(("state", "needle"), [
+    ([[1.0], [2.0, 3.0]], "a flat list of numbers"),  # ragged: np.asarray raised ValueError here
+    ([1.0, [2.0]], "a flat list of numbers"),
+    ([[1.0, 2.0]], "a flat list of numbers"),
+    ([True, 1.0], "a flat list of numbers"),  # a bool is not a joint reading, even inside a list
+    ([1.0, None], "a flat list of numbers"),
+    ([1.0, "2"], "a flat list of numbers"),
+    ([{}, {}], "a flat list of numbers"),
+    ([1e300, 1.0], "NaN or Inf"),  # finite in float64, infinite as the bundle's float32
+    (np.array([[1.0], [2.0]]), "1-D numeric array"),
+    (np.array([1, 2], dtype=np.complex64), "1-D numeric array"),
+    ("1.0, 2.0", "1-D numeric array"),
+])
+def test_malformed_state_is_a_request_error(state: object, needle: str) -> None:
+    mapper = ObservationMapper(parse_obs_map("libero", 2), CFG2)
+    with pytest.raises(RequestError, match=f"observation/state.*({needle})|({needle}).*observation/state"):
+        mapper.to_observation(libero() | {"observation/state": state})
+
+
+def test_a_non_finite_state_error_stays_one_short_line() -> None:
+    mapper = ObservationMapper(parse_obs_map("libero,state_fit=cut", 2), CFG2)
+    state = np.zeros(4_000_000, np.float32)  # 16 MB, the largest array a request may carry
+    state[[5, 7, 3_999_999]] = np.nan
+    with pytest.raises(RequestError, match=r"3 NaN or Inf value\(s\) as float32, first at index 5 of 4000000") as err:
+        mapper.to_observation(libero(state))
+    assert len(str(err.value)) < 400 and "\n" not in str(err.value)
+
+
+def test_missing_key_error_stays_short_whatever_the_client_sent() -> None:
+    mapper = ObservationMapper(parse_obs_map("libero", 2), CFG2)
+    req = {f"{'k' * 4000}{i}": 0 for i in range(200)}
+    with pytest.raises(RequestError, match="no key 'observation/image'") as err:
+        mapper.to_observation(req)
+    assert len(str(err.value)) < 3000
+
+
+# Anything msgpack can carry, through the real decoder and the mapper: a RequestError or an Observation,
+# never another exception (which the server would have to treat as its own fault).
+_leaf = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8)
+         | st.binary(max_size=8))
+_tree = st.recursive(_leaf, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=4), kids,
+                                                                                        max_size=4), max_leaves=12)
+_ndarray = st.fixed_dictionaries({b"__ndarray__": st.just(True), b"data": st.binary(max_size=16),
+                                  b"dtype": st.sampled_from(["|u1", "<f4", "<f8", ">i2", "|b1", "<c8", "O", "x"]),
+                                  b"shape": st.lists(st.integers(-2, 2**64 - 1) | st.integers(0, 8), max_size=5)})
+
+
+@settings(max_examples=150, deadline=None)
+@example(state=[[1.0], [2.0, 3.0]], image=None)
+@example(state=[1, [2]], image=None)
+@given(state=_tree | _ndarray, image=st.none() | _tree | _ndarray)
+def test_any_msgpack_value_is_answered_not_raised(state: object, image: object) -> None:
+    from edge_vla.serve import codec
+
+    mapper = ObservationMapper(parse_obs_map("libero,state_fit=pad_or_cut", 2), CFG2)
+    request = {"observation/image": np.zeros((8, 8, 3), np.uint8) if image is None else image,
+               "observation/wrist_image": np.zeros((8, 8, 3), np.uint8), "observation/state": state, "prompt": "go"}
+    with contextlib.suppress(RequestError):
+        mapper.to_observation(codec.decode(codec.packb(request), codec.Limits()))

@@ -128,7 +128,7 @@ def test_bad_requests_get_clear_errors_and_the_connection_survives(servers, bund
          "images/cam_low: expected a uint8 RGB image"),
         (good | {"images": images | {"cam_high": o.array(np.zeros((224, 224), np.uint8))}},
          "images/cam_high: expected a uint8 RGB image"),
-        (good | {"state": nan_state}, "contains NaN or Inf"),
+        (good | {"state": nan_state}, "contains 14 NaN or Inf value(s)"),
         (good | {"state": o.array(np.ones(14, dtype=bool))}, "numeric array for the state"),
         (good | {"prompt": 5}, "must be a string"),
         # Finite but absurd: overflows inside the graph; the NaN action never leaves the server.
