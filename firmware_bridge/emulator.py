@@ -80,7 +80,7 @@ class EmulatorConfig:
     inject_fault_cat: int = 0
     seed: int | None = None
     protocol: tuple[int, int] | None = None  # pretend to speak another protocol version (tests)
-    firmware_version: tuple[int, int, int] = (1, 1, 0)
+    firmware_version: tuple[int, int, int] = (1, 2, 0)  # the reference firmware release (protocol 1.2)
     # safety configuration of the emulated robot (protocol 1.1)
     link_loss_category: int = 1  # heartbeat loss / new session while armed: 1 = controlled stop (default)
     link_error_category: int = 0  # corrupted-frame bursts: 0 = torque off now
@@ -290,7 +290,7 @@ class Emulator:
         if t == MsgType.STOP:
             payload = frame_payload(block)
             self._event("rx_stop", category=payload[0] if payload else None, injected=injected)
-        self.observer.on_host_frame(t, injected)
+        self.observer.on_host_frame(block, injected)
         self.fw.rx(block + b"\x00", self._us(now))
         self._observe(now)  # after every frame: an ARM and a stop may both land between two ticks
 
@@ -339,6 +339,7 @@ class Emulator:
                 out = self.fw.tx_take()
                 if out:
                     for block in out.split(b"\x00")[:-1]:
+                        self.observer.on_firmware_frame(block)  # learns the live session (SESSION)
                         urgent = frame_type(block) == MsgType.FAULT
                         for delay, frame in self.injector.apply(block + b"\x00", "tx"):
                             tx.push(now, frame, delay, int(urgent))
@@ -394,7 +395,8 @@ class Emulator:
         on, _ = self.fw.commands()
         if self.observer.on_torque(on):
             self._event("unauthorized_motion", mode=mode.name,
-                        reason="torque on after a stop without CLEAR_FAULTS then ARM from the host")
+                        reason="torque on without an ARM of the live session (after a stop: CLEAR_FAULTS then "
+                               "ARM, both carrying the session nonce the firmware announced after the last HELLO)")
         moving = on and float(np.max(np.abs(self.plant.v))) > MOTION_SPEED
         if moving and not self._moving:
             self._event("motion_started")
@@ -413,7 +415,7 @@ class Emulator:
                 extra["joint"] = ev.arg
             elif ev.kind == EventKind.ENABLE:
                 extra["asserted"] = bool(ev.arg)
-            elif ev.kind == EventKind.STALE_FRAME:
+            elif ev.kind in (EventKind.STALE_FRAME, EventKind.BAD_SESSION):
                 extra["type"] = type_name(ev.arg)
             elif ev.kind == EventKind.STOP_RECEIVED:
                 extra["category"] = ev.arg

@@ -7,6 +7,7 @@ commands to simulated joints. The codec helpers expose the C encoder/decoder to 
 from __future__ import annotations
 
 import ctypes
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -51,10 +52,11 @@ class EventKind(IntEnum):
     STOP_ESCALATED = 15  # arg: joint
     SESSION_RESET = 16
     STOP_RECEIVED = 17  # arg: category
+    BAD_SESSION = 18  # arg: message type (a CLEAR_FAULTS or ARM without the current session's nonce)
 
 
 STAT_NAMES = ("rx_frames", "rx_crc_errors", "rx_framing_errors", "rx_bad_messages", "rx_duplicates", "rx_gaps",
-              "tx_frames", "tx_overflows", "events_lost", "rx_stale", "time_backsteps")
+              "tx_frames", "tx_overflows", "events_lost", "rx_stale", "time_backsteps", "rx_bad_session")
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,7 @@ class FirmwareRef:
         seq_window: int = 256,
         error_leak_per_s: int = 10,
         joint_safety: Sequence[JointSafety] | None = None,
+        session_entropy: int | None = None,
     ) -> None:
         if not 1 <= len(joints) <= MAX_JOINTS:
             raise BridgeError(f"the firmware supports 1..{MAX_JOINTS} joints, got {len(joints)}")
@@ -124,6 +127,9 @@ class FirmwareRef:
                           (major << 16) | (minor << 8) | patch)
         if protocol is not None:
             self._lib.fw_set_protocol(self._fw, *protocol)
+        # What a port's hardware RNG gives at boot (PROTOCOL.md, Sessions): a new instance is a new boot, so
+        # its session nonces have nothing to do with an earlier instance's. Fixed only by tests that need it.
+        self._lib.fw_seed_sessions(self._fw, secrets.randbits(64) if session_entropy is None else session_entropy)
         for j, lim in enumerate(joints):
             rc = self._lib.fw_set_joint(
                 self._fw, j, lim.name.encode()[:16], round(lim.position_min * POS_SCALE),
@@ -211,6 +217,11 @@ class FirmwareRef:
     @property
     def status(self) -> Status:
         return Status(self._lib.fw_status(self._fw))
+
+    @property
+    def session(self) -> int:
+        """The nonce of the firmware's current session (0: none)."""
+        return self._lib.fw_session(self._fw)
 
     @property
     def time_us(self) -> int:

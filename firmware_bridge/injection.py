@@ -3,17 +3,21 @@
 `HostFrameFaults` acts on whole frames by message type (drop the next STOP, corrupt every other frame,
 replay an earlier ARM), unlike `faults.FaultInjector`, which is random. `SafetyObserver` watches what
 reaches the firmware and what the motors do, independently of the firmware's own bookkeeping, and
-flags any time torque came back after a stop without a CLEAR_FAULTS followed by an ARM from the host.
+flags any time torque came on without an ARM of the live session (after a stop: without a CLEAR_FAULTS
+followed by an ARM, both of the live session).
 """
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from dataclasses import dataclass, field
 
 from cobs import cobs
 
-from firmware_bridge.protocol import MsgType
+from firmware_bridge.errors import FrameError
+from firmware_bridge.framing import RawFrame, decode_raw
+from firmware_bridge.protocol import PROTOCOL_MAJOR, MsgType
 
 HISTORY = 64  # frames kept per message type for replay
 
@@ -76,28 +80,73 @@ class HostFrameFaults:
         return frames[0] if which == "oldest" else frames[-1]
 
 
+def _checked(block: bytes) -> RawFrame | None:
+    """One frame as the firmware would take it (COBS and CRC intact), else None: it applies nothing."""
+    try:
+        return decode_raw(block)
+    except FrameError:
+        return None
+
+
 class SafetyObserver:
-    """Authorisation of torque after a stop, judged from the wire: the host must send CLEAR_FAULTS and
-    then ARM (genuine frames, not injected replays) after the stop before torque may come back."""
+    """Authorisation of torque, judged from the wire and from nothing the firmware keeps to itself.
+
+    Torque may come on only after an ARM carrying the live session's nonce, and after a stop only if a
+    CLEAR_FAULTS carrying it came first. The live session is the one the firmware announced (its SESSION
+    frame, on the wire to the host) after the last HELLO it received; a HELLO, whoever sent it, ends the
+    previous one. So frames captured from an earlier session and written again (even right after a
+    replayed HELLO) are not the host's, and neither is anything the emulator injected itself (`injected`),
+    nor a byte-identical copy of a CLEAR_FAULTS or ARM already seen in this session (a host numbers every
+    frame anew, and re-says HELLO long before its sequence numbers could repeat within one session).
+    """
+
+    SEEN_CAP = 4096  # CLEAR_FAULTS/ARM frames remembered per session
 
     def __init__(self) -> None:
         self.stopped = False  # a stop happened and no operator arm has followed yet
+        self.live_session: int | None = None  # the nonce announced after the last HELLO; None until then
         self._cleared = False
-        self._armed_after_clear = False
+        self._arm_ok = False  # an authorised ARM since the last stop or torque-on
         self._torque = False
+        self._seen: deque[bytes] = deque(maxlen=self.SEEN_CAP)  # this session's CLEAR_FAULTS/ARM frames
 
-    def on_host_frame(self, msg_type: int | None, injected: bool) -> None:
-        if injected or not self.stopped:
+    def on_firmware_frame(self, block: bytes) -> None:
+        """A frame the firmware sent (no delimiter): learns the live session from SESSION."""
+        raw = _checked(block)
+        if raw is not None and raw.type == MsgType.SESSION and len(raw.payload) == 8:
+            self.live_session = struct.unpack_from("<I", raw.payload)[0] or None
+
+    def on_host_frame(self, block: bytes, injected: bool) -> None:
+        """A frame delivered to the firmware (no delimiter), after any corruption on the way."""
+        raw = _checked(block)
+        if raw is None or raw.version != PROTOCOL_MAJOR:
             return
-        if msg_type == MsgType.CLEAR_FAULTS:
+        if raw.type == MsgType.HELLO and len(raw.payload) == 4:
+            # A new session, whoever started it: its nonce is unknown until the firmware announces it, and
+            # nothing said in the previous one counts any more.
+            self.live_session = None
+            self._cleared = self._arm_ok = False
+            self._seen.clear()
+            return
+        if raw.type not in (MsgType.CLEAR_FAULTS, MsgType.ARM):
+            return
+        replayed = block in self._seen
+        self._seen.append(block)
+        if injected or replayed or not self._of_live_session(raw.payload):
+            return
+        if raw.type == MsgType.CLEAR_FAULTS:
             self._cleared = True
-        elif msg_type == MsgType.ARM and self._cleared:
-            self._armed_after_clear = True
+        elif raw.type == MsgType.ARM and (self._cleared or not self.stopped):
+            self._arm_ok = True
+
+    def _of_live_session(self, payload: bytes) -> bool:
+        return (self.live_session is not None and len(payload) == 4
+                and struct.unpack("<I", payload)[0] == self.live_session)
 
     def on_stop(self) -> None:
         """Any stop: a host STOP, a firmware trip, torque removed."""
         self.stopped = True
-        self._cleared = self._armed_after_clear = False
+        self._cleared = self._arm_ok = False
 
     def on_torque(self, on: bool) -> bool:
         """Torque state this tick; True if torque just came on without authorisation."""
@@ -105,9 +154,9 @@ class SafetyObserver:
         self._torque = on
         if not rising:
             return False
-        authorised = not self.stopped or self._armed_after_clear
+        authorised = self._arm_ok
         self.stopped = False
-        self._cleared = self._armed_after_clear = False
+        self._cleared = self._arm_ok = False
         return not authorised
 
 

@@ -6,7 +6,8 @@ is not newer than the last one (a replay or a late copy). When the port disappea
 `connected == False`, and the next call re-opens it after an exponential backoff.
 
 Arming is an operator act: the firmware keeps faults latched until `clear_faults()`, and `arm()` is
-refused meanwhile. `stop()` is resent until the firmware acknowledges it. `send_*()` are the
+refused meanwhile. Both carry the nonce of the session the firmware announced in answer to this link's
+`hello()` (protocol 1.2), so frames captured from another session, written again, arm nothing. `stop()` is resent until the firmware acknowledges it. `send_*()` are the
 non-blocking forms for a control loop (answers are matched by `poll()`; read them with `ack_result`).
 """
 
@@ -41,6 +42,7 @@ from firmware_bridge.protocol import (
     MIN_FIRMWARE_MINOR,
     PROTOCOL_MAJOR,
     PROTOCOL_MINOR,
+    SESSION_ARM_SPAN,
     Ack,
     Arm,
     Capabilities,
@@ -57,6 +59,7 @@ from firmware_bridge.protocol import (
     Nack,
     NackCode,
     SafetyConfig,
+    Session,
     Setpoint,
     State,
     Status,
@@ -72,6 +75,9 @@ ArrayLike = np.ndarray | Sequence[float]
 
 
 FAULT_LOG_SIZE = 256  # FAULT reports kept in Link.faults (Link.fault_count counts all of them)
+# A session arms only within SESSION_ARM_SPAN sequence numbers of its HELLO; needs_hello turns True this many
+# frames earlier, so that an operator's arm (CLEAR_FAULTS, resends, ARM) fits in the session it starts in.
+SESSION_RENEW_MARGIN = 4096
 ACK_MEMORY = 1024  # answers kept for ack_result()
 
 
@@ -178,6 +184,11 @@ class Link(ABC):
         self._seq = secrets.randbelow(0x10000)
         self._last_rx_seq: int | None = None
         self._hello_pending = False
+        # 1.2: the firmware's nonce for this link's session (None: no session, call hello()), and the
+        # sequence number of the HELLO whose SESSION answer hello() is waiting for.
+        self._session: int | None = None
+        self._awaiting_session: int | None = None
+        self._sent_since_hello = 0  # frames sent after the HELLO that started the session
         self._acks: OrderedDict[int, Ack] = OrderedDict()
         self._stale_run = 0
         self._decoders: dict[int, framing.StreamDecoder] = {}
@@ -229,15 +240,31 @@ class Link(ABC):
     def latest_state(self) -> JointState | None:
         return self._latest
 
+    @property
+    def session(self) -> int | None:
+        """The firmware's nonce for this link's session (protocol 1.2), carried by CLEAR_FAULTS and ARM; None
+        before hello(), after a reconnect, and once the firmware started another session (a HELLO from another
+        node or a replayed one: its SESSION frame, or a NACK BAD_SESSION, shows it)."""
+        return self._session
+
+    @property
+    def needs_hello(self) -> bool:
+        """True when arming needs a hello() first: no live session (see `session`), or this one is close to the
+        end of the sequence span within which the firmware lets a session arm (SESSION_ARM_SPAN)."""
+        return self._session is None or self._sent_since_hello >= SESSION_ARM_SPAN - SESSION_RENEW_MARGIN
+
     # ---- commands ----
     def hello(self, timeout: float = 1.0) -> Capabilities:
-        """Start a session: ask the firmware what it is (CAPABILITIES, then its SAFETY_CONFIG) and refuse
-        a protocol this host cannot speak. Resets sequence tracking and the firmware clock estimate.
-        If the firmware was armed, a HELLO stops it (the firmware treats it as a new host)."""
+        """Start a session: ask the firmware what it is (CAPABILITIES, then its SAFETY_CONFIG and the
+        session nonce, SESSION) and refuse a protocol this host cannot speak. Resets sequence tracking and the
+        firmware clock estimate. If the firmware was armed, a HELLO stops it (the firmware treats it as a new
+        host). The returned Capabilities carry `.safety` and `.session`."""
         self._hello_pending = True
+        self._session = None
         self.firmware_clock.reset()
         try:
-            seq = self._send(Hello(), expect_reply=False)
+            seq = self._awaiting_session = self._send(Hello(), expect_reply=False)
+            self._sent_since_hello = 0
             deadline = time.monotonic() + timeout
             caps: Capabilities | None = None
             while True:
@@ -246,24 +273,34 @@ class Link(ABC):
                         caps = self._accept_capabilities(msg)
                         self._hello_pending = False
                     elif isinstance(msg, SafetyConfig) and caps is not None:
-                        caps = self.capabilities = replace(caps, safety=msg)
+                        caps = replace(caps, safety=msg)
+                    elif isinstance(msg, Session) and caps is not None and msg.hello_seq == seq:
+                        if msg.session == 0:
+                            raise IncompatibleProtocolError(
+                                f"firmware on {self.transport.description} announced no session (nonce 0): its port "
+                                "does not seed session nonces (fw_seed_sessions), so it can never be armed; fix the "
+                                "firmware port (see PROTOCOL.md, Sessions)")
+                        caps = self.capabilities = replace(caps, session=msg.session)
                         return caps
                     elif isinstance(msg, Nack) and msg.acked_seq == seq:
                         raise IncompatibleProtocolError(
                             f"firmware on {self.transport.description} refused HELLO ({msg.reason}); it does not "
                             f"speak protocol {PROTOCOL_MAJOR}.x: update the firmware or use a matching host version")
                 if time.monotonic() >= deadline:
-                    what = "SAFETY_CONFIG after CAPABILITIES" if caps is not None else "HELLO"
+                    what = ("HELLO" if caps is None else "SAFETY_CONFIG after CAPABILITIES" if caps.safety is None
+                            else "SESSION after SAFETY_CONFIG")
                     raise LinkTimeoutError(self._no_answer(what, timeout))
         finally:
             self._hello_pending = False
+            self._awaiting_session = None
 
     def arm(self, timeout: float = 0.5) -> None:
         """Arm (an operator act): the firmware holds its measured position with torque on.
 
         Refused (NackError, `.code`) while faults are latched (NackCode.FAULTS_LATCHED: call
-        clear_faults() first, as part of the operator's arm), without the enable input (ENABLE_OFF), or
-        during a category-1 ramp (BUSY). Arming never clears a fault by itself."""
+        clear_faults() first, as part of the operator's arm), without the enable input (ENABLE_OFF),
+        during a category-1 ramp (BUSY), or outside this link's session (BAD_SESSION: another HELLO
+        started a new one; call hello() again). Arming never clears a fault by itself."""
         self._await_ack(self.send_arm(), MsgType.ARM, timeout)
 
     def clear_faults(self, timeout: float = 0.5) -> None:
@@ -317,13 +354,14 @@ class Link(ABC):
 
     # ---- non-blocking commands (one frame, no wait; poll() matches the answers) ----
     def send_arm(self) -> int:
-        return self._send(Arm())
+        """ARM in this link's session (nonce 0 without one: the firmware refuses it BAD_SESSION)."""
+        return self._send(Arm(self._session or 0))
 
     def send_disarm(self) -> int:
         return self._send(Disarm())
 
     def send_clear_faults(self) -> int:
-        return self._send(ClearFaults())
+        return self._send(ClearFaults(self._session or 0))
 
     def send_stop(self, category: int, reason: int = 0) -> int:
         """One urgent STOP frame (on CAN it overtakes queued setpoints); returns its sequence number."""
@@ -402,8 +440,8 @@ class Link(ABC):
             raise IncompatibleProtocolError(
                 f"firmware on {self.transport.description} speaks protocol {caps.protocol_major}."
                 f"{caps.protocol_minor}, this host needs {PROTOCOL_MAJOR}.{MIN_FIRMWARE_MINOR} or a newer "
-                f"{PROTOCOL_MAJOR}.x (1.0 firmware clears latched faults on ARM): flash a matching firmware or "
-                "install a matching edge-vla")
+                f"{PROTOCOL_MAJOR}.x (1.0 firmware clears latched faults on ARM; 1.1 firmware re-arms on a replayed "
+                "session start): flash a matching firmware or install a matching edge-vla")
         self.capabilities = caps
         log.info("firmware %s, protocol %d.%d, %d joints (%s)", ".".join(map(str, caps.firmware_version)),
                  caps.protocol_major, caps.protocol_minor, caps.joint_count, ", ".join(caps.joint_names))
@@ -425,6 +463,7 @@ class Link(ABC):
             self._lost(exc)
             raise LinkDownError(self._down_message()) from exc
         self.stats.frames_sent += 1
+        self._sent_since_hello += 1
         if expect_reply:
             self._sent_at[seq] = time.monotonic()
             if len(self._sent_at) > 1024:
@@ -440,6 +479,9 @@ class Link(ABC):
             NackCode.STALE_SEQ: "the firmware considers this frame stale (no session, or a sequence number "
                                 "outside its window); call hello() to start a new session",
             NackCode.BUSY: "a category-1 stop ramp is in progress; wait for it to end",
+            NackCode.BAD_SESSION: "the frame did not carry the firmware's current session: another HELLO (a "
+                                  "restarted host, another node on the bus, or a replayed one) started a new "
+                                  "session; call hello(), then clear_faults() and arm()",
             NackCode.NOT_ARMED: "the firmware is not armed (or a stop is latched)",
         }.get(nack.code, "")  # type: ignore[call-overload]
         return (f"firmware on {self.transport.description} refused {name}: {nack.reason}"
@@ -524,7 +566,17 @@ class Link(ABC):
             self._rtt(msg.ack_seq, now)
         elif isinstance(msg, SafetyConfig):
             self.firmware_clock.observe(msg.firmware_time_us / 1e6, now)
+        elif isinstance(msg, Session):
+            if self._awaiting_session is not None and msg.hello_seq == self._awaiting_session:
+                self._session = msg.session or None
+            elif self._session is not None:  # the answer to someone else's HELLO: that session replaced ours
+                self._session = None
+                log.warning("the firmware on %s started a session for a HELLO this host did not send (another node on "
+                            "the bus, a replayed frame, or a second process on the port): this link's session ended; "
+                            "arming needs hello() again", self.transport.description)
         elif isinstance(msg, Ack):  # Nack included
+            if isinstance(msg, Nack) and msg.code == NackCode.BAD_SESSION:
+                self._session = None
             self._acks[msg.acked_seq] = msg
             if len(self._acks) > ACK_MEMORY:
                 self._acks.popitem(last=False)
@@ -575,6 +627,7 @@ class Link(ABC):
         self._connected = True
         self._backoff = self._backoff0
         self._last_rx_seq = None
+        self._session = None  # the firmware may have rebooted: a new HELLO (and its session) first
         for d in self._decoders.values():
             d.reset()
         self.stats.reconnects += 1

@@ -118,6 +118,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "fw_set_enable": (None, [vp, u8, u64]),
         "fw_status": (u16, [vp]),
         "fw_time_us": (u64, [vp]),
+        "fw_seed_sessions": (None, [vp, u64]),
+        "fw_session": (u32, [vp]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)

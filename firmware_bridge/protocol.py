@@ -18,10 +18,14 @@ import numpy as np
 from firmware_bridge.errors import FrameError
 
 PROTOCOL_MAJOR = 1  # carried in every frame header; a different major is refused
-PROTOCOL_MINOR = 1  # carried in HELLO/CAPABILITIES; newer minors only add optional features
-# 1.0 firmware clears latched faults on ARM and knows no CLEAR_FAULTS, so a host that relies on
-# latched faults for "arming is an operator act" refuses it.
-MIN_FIRMWARE_MINOR = 1
+PROTOCOL_MINOR = 2  # carried in HELLO/CAPABILITIES
+# 1.0 firmware clears latched faults on ARM and knows no CLEAR_FAULTS; 1.1 firmware applies a CLEAR_FAULTS
+# and ARM from any session, so a replayed session start (HELLO, CLEAR_FAULTS, ARM written again byte for
+# byte) re-arms it. A host that relies on "arming is an operator act" refuses both.
+MIN_FIRMWARE_MINOR = 2
+# 1.2: CLEAR_FAULTS and ARM apply only within this many sequence numbers after the session's HELLO, so the
+# 16-bit sequence window can never come round onto a captured frame of a session that still arms.
+SESSION_ARM_SPAN = 0x8000
 MAX_JOINTS = 16
 NAME_LEN = 16
 
@@ -49,6 +53,7 @@ class MsgType(IntEnum):
     CLEAR_FAULTS = 0x0C  # 1.1
     KEEPALIVE = 0x0D  # 1.1
     SAFETY_CONFIG = 0x0E  # 1.1
+    SESSION = 0x0F  # 1.2
 
 
 class Mode(IntEnum):
@@ -99,6 +104,7 @@ class NackCode(IntEnum):
     FAULTS_LATCHED = 8  # 1.1: ARM refused while faults are latched: CLEAR_FAULTS first
     ENABLE_OFF = 9  # 1.1: ARM refused: the enable input is required and not asserted
     STALE_SEQ = 10  # 1.1: the frame's sequence number is not newer than the last one (or no HELLO yet)
+    BAD_SESSION = 11  # 1.2: CLEAR_FAULTS/ARM without the current session's nonce (a replay, or a lost session)
 
 
 SETPOINT_HAS_VELOCITY = 0x01
@@ -169,6 +175,7 @@ class Capabilities:
     stop_ramp_s: float
     joints: tuple[JointLimits, ...]
     safety: SafetyConfig | None = None  # 1.1: the SAFETY_CONFIG frame that follows; not part of this layout
+    session: int | None = None  # 1.2: the nonce of the SESSION frame that follows; not part of this layout
 
     _HEAD: ClassVar[struct.Struct] = struct.Struct("<BBBBIHHHH")
 
@@ -227,7 +234,24 @@ class _Empty:
 
 
 @dataclass(frozen=True)
-class Arm(_Empty):
+class _SessionBound:
+    """1.2: a command the firmware applies only with the nonce of its current session (SESSION.session)."""
+
+    session: int = 0  # 0 never matches: the firmware has no session 0
+
+    def encode(self) -> bytes:
+        return struct.pack("<I", self.session & 0xFFFFFFFF)
+
+    @classmethod
+    def decode(cls, p: bytes) -> _SessionBound:
+        _require_len(p, 4, cls.__name__.upper())
+        return cls(struct.unpack("<I", p)[0])
+
+
+@dataclass(frozen=True)
+class Arm(_SessionBound):
+    """Torque on, holding the measured position; carries the session nonce (1.2; empty in 1.1)."""
+
     TYPE: ClassVar[MsgType] = MsgType.ARM
 
 
@@ -362,10 +386,33 @@ class Stop:
 
 
 @dataclass(frozen=True)
-class ClearFaults(_Empty):
-    """1.1: clear every latched fault (TRIPPED -> DISARMED); the operator's half of re-arming."""
+class ClearFaults(_SessionBound):
+    """1.1: clear every latched fault (TRIPPED -> DISARMED); the operator's half of re-arming. 1.2: carries the
+    session nonce."""
 
     TYPE: ClassVar[MsgType] = MsgType.CLEAR_FAULTS
+
+
+@dataclass(frozen=True)
+class Session:
+    """1.2: the firmware's nonce for the session a HELLO started (sent after CAPABILITIES and SAFETY_CONFIG to
+    hosts announcing minor >= 2). CLEAR_FAULTS and ARM must carry it; `hello_seq` is the sequence number of
+    the HELLO it answers, so a host can tell the answer to its own HELLO from one to another node's."""
+
+    TYPE: ClassVar[MsgType] = MsgType.SESSION
+    session: int  # never 0 from a working firmware (0: no session source, nothing can be armed)
+    hello_seq: int
+
+    _S: ClassVar[struct.Struct] = struct.Struct("<IHH")
+
+    def encode(self) -> bytes:
+        return self._S.pack(self.session & 0xFFFFFFFF, self.hello_seq & 0xFFFF, 0)
+
+    @classmethod
+    def decode(cls, p: bytes) -> Session:
+        _require_len(p, cls._S.size, "SESSION")
+        session, hello_seq, _ = cls._S.unpack(p)
+        return cls(session, hello_seq)
 
 
 @dataclass(frozen=True)
@@ -514,9 +561,9 @@ class Nack(Ack):
 
 Message = (
     Hello | Capabilities | Arm | Disarm | Setpoint | State | Heartbeat | Stop | FaultReport | Ack | Nack
-    | ClearFaults | Keepalive | SafetyConfig
+    | ClearFaults | Keepalive | SafetyConfig | Session
 )
 MESSAGE_CLASSES: dict[int, type] = {
     cls.TYPE: cls for cls in (Hello, Capabilities, Arm, Disarm, Setpoint, State, Heartbeat, Stop, FaultReport,
-                              Ack, Nack, ClearFaults, Keepalive, SafetyConfig)
+                              Ack, Nack, ClearFaults, Keepalive, SafetyConfig, Session)
 }

@@ -10,7 +10,8 @@ events:
 - STOP -> torque off at the firmware (`torque_off`); for a dead host, from its last heartbeat, minus the
   firmware's heartbeat timeout. Bound: the ramp + one firmware tick (category 1), one tick (category 0).
 - moved afterwards without an operator arm (`unauthorized_motion`, or an `armed` the operator did not
-  ask for): must be never.
+  ask for): must be never. The emulator judges an arm by the live session's nonce (protocol 1.2), so a
+  captured session start written again by another node counts as unauthorised (`replayed_session`).
 
 Used by tests/onboard/test_fault_campaign.py (bounds with margins at 100 Hz) and
 benchmarks/bench_faults.py (repetitions, p99 and max: the README table).
@@ -387,6 +388,58 @@ class Campaign:
         self.rows.append(row)
         return row
 
+    def replayed_session(self) -> FaultRow:
+        """Another node on the line captured one session's HELLO, CLEAR_FAULTS and ARM and, after a category-0
+        stop, writes them again byte for byte while the robot service is up and disarmed. The replayed HELLO
+        starts a new session, so the old session's CLEAR_FAULTS and ARM are refused (BAD_SESSION) and nothing
+        arms. Control: the operator's arm through the real host process (which sees its session ended and
+        says HELLO again) carries the live session's nonce and is applied."""
+        from firmware_bridge import framing
+        from firmware_bridge.link import open_link
+        from firmware_bridge.protocol import MsgType
+
+        self.close_host()
+        t = time.monotonic()
+        wire: list[bytes] = []
+        with open_link(f"serial://{self.emu.port}") as link:  # session 1, tapped as another node would
+            write = link.transport.write
+
+            def tap(frame: bytes, urgent: bool = False) -> None:
+                wire.append(bytes(frame))
+                write(frame, urgent)
+
+            link.transport.write = tap  # type: ignore[method-assign]
+            link.hello()
+            link.clear_faults()
+            link.arm()
+            link.stop(0)
+        self._wait(lambda: self.events("torque_off", t), 3.0)
+        wanted = (MsgType.HELLO, MsgType.CLEAR_FAULTS, MsgType.ARM)
+        capture = [next(f for f in wire if framing.decode_raw(f.rstrip(b"\x00")).type == k) for k in wanted]
+        self.start_host(bench=False)  # the robot service: its own session, disarmed, the stop still latched
+        self._wait(lambda: self.run.status() in ("disarmed", "stopped"), 20)  # type: ignore[union-attr]
+
+        t_replay = _write_as_another_node(self.emu.port, capture)
+        self._wait(lambda: len(self.events("bad_session", t_replay)) + len(self.events("armed", t_replay)) >= 2, 3.0)
+        t_operator = time.monotonic()
+        try:
+            self.rearm()  # the operator's arm: the host's new HELLO, then CLEAR_FAULTS and ARM of its session
+            live = "applied"
+        except RuntimeError as exc:
+            live = f"refused ({exc})"
+        # The firmware takes frames in order: whatever the replay did happened before the host's new HELLO.
+        t_host_hello = min((e["t"] for e in self.events("hello", t_operator)), default=time.monotonic())
+        refused = len([e for e in self.events("bad_session", t_replay) if e["t"] < t_host_hello])
+        armed_by_replay = any(e["t"] < t_host_hello for e in self.events("armed", t_replay))
+        live_armed = any(e["t"] >= t_host_hello for e in self.events("armed", t_operator))
+        row = FaultRow("replayed session (HELLO, CLEAR_FAULTS, ARM) after a stop", "firmware",
+                       notes=f"operator arm in the live session {live}, armed: {live_armed}; "
+                             f"replayed frames refused (BAD_SESSION): {refused}")
+        row.moved_without_arm = armed_by_replay or self._moved(t_replay)
+        self.rows.append(row)
+        log.info("fault %s: %s", row.fault, row.as_dict())
+        return row
+
     def kp_kd_out_of_range(self) -> FaultRow:
         """A setpoint with gains far over kp_max/kd_max, on a link of its own: the firmware clamps them."""
         from firmware_bridge.link import open_link
@@ -427,8 +480,20 @@ class Campaign:
         self.start_host(bench=True)
         self.host_kill()
         self.restart_after_crash()
+        self.replayed_session()
         self.kp_kd_out_of_range()
         return self.rows
+
+
+def _write_as_another_node(port: str, frames: list[bytes]) -> float:
+    """Write whole frames on the line from a file descriptor of its own (another node); returns the time."""
+    fd = os.open(os.path.realpath(port), os.O_WRONLY | os.O_NOCTTY)
+    try:
+        t = time.monotonic()
+        os.write(fd, b"".join(frames))
+    finally:
+        os.close(fd)
+    return t
 
 
 def format_table(rows_by_fault: dict[str, list[FaultRow]]) -> str:

@@ -371,9 +371,10 @@ class ControlLoop:
     def _begin_arm(self, t: float) -> None:
         log.info("operator arm: CLEAR_FAULTS then ARM")
         reconnects = int(getattr(self.link.stats, "reconnects", 0))
-        if reconnects != self._hello_reconnects:
-            # The port was lost and re-opened since the last HELLO: a new session first. This one blocking
-            # call (<= 0.3 s) happens only here, disarmed, on an operator's request after a reconnect.
+        if reconnects != self._hello_reconnects or getattr(self.link, "needs_hello", False) is True:
+            # The port was lost and re-opened since the last HELLO, or another HELLO (another node, a replayed
+            # frame) ended this link's session (protocol 1.2): a new session first. This one blocking call
+            # (<= 0.3 s) happens only here, disarmed, on an operator's request.
             try:
                 self.link.hello(timeout=0.3)
                 self._hello_reconnects = reconnects

@@ -81,6 +81,54 @@ int fw_set_joint_safety(fw_t *fw, uint8_t j, uint8_t role, int32_t max_pos_err, 
     return 0;
 }
 
+/* ---- sessions (1.2) ------------------------------------------------------------------------ */
+
+/* splitmix64's finaliser: spreads related boot entropy (boot counter n, n + 1) over unrelated keys. */
+static uint64_t mix64(uint64_t z) {
+    z += UINT64_C(0x9E3779B97F4A7C15);
+    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
+    return z ^ (z >> 31);
+}
+
+/* lowbias32 (C. Wellons): an invertible 32-bit mixer, so distinct counters give distinct nonces. */
+static uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    return x ^ (x >> 16);
+}
+
+void fw_seed_sessions(fw_t *fw, uint64_t boot_entropy) {
+    uint64_t key = mix64(boot_entropy);
+    FW_ENTER_CRITICAL();
+    fw->session_key_add = (uint32_t)key;
+    fw->session_key_xor = (uint32_t)(key >> 32);
+    fw->session_seeded = 1u;
+    fw->session = 0u; /* a reseed ends the current session: the host needs a new HELLO */
+    FW_EXIT_CRITICAL();
+}
+
+uint32_t fw_session(const fw_t *fw) {
+    FW_ENTER_CRITICAL();
+    uint32_t s = fw->session;
+    FW_EXIT_CRITICAL();
+    return s;
+}
+
+/* The next session's nonce: P(counter) = mix32(counter + k1) ^ k2, a bijection of the per-boot counter, never
+ * 0 (0 means "no session"). Unseeded, or once the counter is spent: 0, so nothing can be armed (fail closed). */
+static uint32_t next_session(fw_t *fw) {
+    if (!fw->session_seeded) return 0u;
+    while (fw->session_count != 0xFFFFFFFFu) {
+        fw->session_count++;
+        uint32_t nonce = mix32(fw->session_count + fw->session_key_add) ^ fw->session_key_xor;
+        if (nonce != 0u) return nonce;
+    }
+    return 0u;
+}
+
 /* ---- time -------------------------------------------------------------------------------- */
 
 /* Advances the monotonic clock by the forward step of the time source. A step back (a timer reset,
@@ -211,6 +259,16 @@ static void send_safety_config(fw_t *fw) {
         fw_put_u32(q + 20, c->kd_max);
     }
     send(fw, FW_MSG_SAFETY_CONFIG, 20u + 24u * fw->n_joints);
+}
+
+/* 1.2: the session nonce, after CAPABILITIES and SAFETY_CONFIG, to hosts announcing minor >= 2. hello_seq
+ * tells the host this answers its own HELLO, not one another node sent. */
+static void send_session(fw_t *fw, uint16_t hello_seq) {
+    uint8_t *p = fw->tx_payload;
+    fw_put_u32(p, fw->session);
+    fw_put_u16(p + 4, hello_seq);
+    fw_put_u16(p + 6, 0);
+    send(fw, FW_MSG_SESSION, 8);
 }
 
 static void send_fault(fw_t *fw, uint16_t code, uint8_t category) {
@@ -389,15 +447,29 @@ static void apply_setpoint(fw_t *fw, uint16_t seq, const uint8_t *p, size_t len)
     send_state(fw);
 }
 
+/* 1.2: CLEAR_FAULTS and ARM carry the current session's nonce. The 1.1 form (no payload) and a nonce of an
+ * earlier session (a captured frame written again, even right after a replayed HELLO, which reset the
+ * sequence window) are refused: only the host that received this session's SESSION frame can arm. */
+static int session_ok(fw_t *fw, uint16_t seq, uint8_t type, const uint8_t *p, size_t len) {
+    if (len == 4u && fw->session != 0u && fw_get_u32(p) == fw->session && fw->session_span < FW_SESSION_ARM_SPAN)
+        return 1;
+    fw->stats[FW_STAT_RX_BAD_SESSION]++;
+    emit(fw, FW_EV_BAD_SESSION, type);
+    send_ack(fw, FW_MSG_NACK, seq, type, FW_NACK_BAD_SESSION);
+    return 0;
+}
+
 enum { SEQ_NEW, SEQ_DUPLICATE, SEQ_STALE };
 
 /* Sequence window: within a session (started by HELLO) a frame is new only if its seq is 1..seq_window
  * ahead of the last accepted one (mod 2^16). Older frames (replays, late copies) and frames too far ahead
- * are stale; frames before any HELLO have no session and are stale too. */
-static int check_seq(fw_t *fw, uint8_t type, uint16_t seq) {
-    if (type == FW_MSG_HELLO) {
+ * are stale; frames before any HELLO have no session and are stale too. Only a well-formed HELLO resets the
+ * window, and it always draws a new nonce: the window never reopens onto frames of the live session. */
+static int check_seq(fw_t *fw, uint8_t type, uint16_t seq, size_t len) {
+    if (type == FW_MSG_HELLO && len == 4u) {
         fw->have_session = 1;
         fw->last_rx_seq = seq;
+        fw->session_span = 0;
         return SEQ_NEW;
     }
     if (!fw->have_session) return SEQ_STALE;
@@ -406,6 +478,7 @@ static int check_seq(fw_t *fw, uint8_t type, uint16_t seq) {
     if (d > fw->seq_window) return SEQ_STALE;
     fw->stats[FW_STAT_RX_GAPS] += (uint16_t)(d - 1u);
     fw->last_rx_seq = seq;
+    fw->session_span = fw->session_span > 0xFFFFFFFFu - d ? 0xFFFFFFFFu : fw->session_span + d;
     return SEQ_NEW;
 }
 
@@ -419,7 +492,7 @@ static void handle_frame(fw_t *fw, uint8_t version, uint8_t type, uint16_t seq, 
         send_ack(fw, FW_MSG_NACK, seq, type, FW_NACK_BAD_VERSION);
         return;
     }
-    int fresh = check_seq(fw, type, seq);
+    int fresh = check_seq(fw, type, seq, len);
     /* A stop always wins: STOP and DISARM only ever remove torque, so they apply even when stale. */
     if (fresh != SEQ_NEW && type != FW_MSG_STOP && type != FW_MSG_DISARM) {
         if (fresh == SEQ_DUPLICATE) { fw->stats[FW_STAT_RX_DUPLICATES]++; return; } /* never applied twice */
@@ -433,6 +506,7 @@ static void handle_frame(fw_t *fw, uint8_t version, uint8_t type, uint16_t seq, 
     case FW_MSG_HELLO:
         if (len != 4) break;
         fw->host_minor = p[1];
+        fw->session = next_session(fw); /* every HELLO, replayed ones too, gets a nonce never used before */
         if (fw->mode == FW_MODE_ARMED || fw->mode == FW_MODE_STOPPING) {
             /* a new session while armed: the host that armed is gone without stopping */
             emit(fw, FW_EV_SESSION_RESET, p[1]);
@@ -441,9 +515,11 @@ static void handle_frame(fw_t *fw, uint8_t version, uint8_t type, uint16_t seq, 
         emit(fw, FW_EV_HELLO, p[0]);
         send_capabilities(fw);
         if (fw->host_minor >= 1u && fw->proto_minor >= 1u) send_safety_config(fw);
+        if (fw->host_minor >= 2u && fw->proto_minor >= 2u) send_session(fw, seq);
         return;
     case FW_MSG_ARM:
-        if (len != 0) break;
+        if (len != 0 && len != 4) break;
+        if (!session_ok(fw, seq, type, p, len)) return; /* first: a foreign frame learns nothing of our state */
         if (fw->mode == FW_MODE_STOPPING) { send_ack(fw, FW_MSG_NACK, seq, type, FW_NACK_BUSY); return; }
         /* arming never clears a fault: that is CLEAR_FAULTS, an explicit operator act */
         if (fw->faults & FW_TRIP_FAULTS) { send_ack(fw, FW_MSG_NACK, seq, type, FW_NACK_FAULTS_LATCHED); return; }
@@ -464,7 +540,8 @@ static void handle_frame(fw_t *fw, uint8_t version, uint8_t type, uint16_t seq, 
         send_ack(fw, FW_MSG_ACK, seq, type, 0);
         return;
     case FW_MSG_CLEAR_FAULTS:
-        if (len != 0) break;
+        if (len != 0 && len != 4) break;
+        if (!session_ok(fw, seq, type, p, len)) return;
         if (fw->mode == FW_MODE_STOPPING) { send_ack(fw, FW_MSG_NACK, seq, type, FW_NACK_BUSY); return; }
         fw->faults = (uint16_t)(fw->faults & (fw->mode == FW_MODE_ARMED ? FW_TRIP_FAULTS : 0u));
         if (fw->mode != FW_MODE_ARMED) fw->mode = FW_MODE_DISARMED;

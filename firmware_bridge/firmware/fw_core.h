@@ -36,7 +36,7 @@
 #endif
 
 #define FW_PROTO_MAJOR 1u
-#define FW_PROTO_MINOR 1u
+#define FW_PROTO_MINOR 2u
 #define FW_MAX_JOINTS 16u
 #define FW_NAME_LEN 16u
 #define FW_TX_BUF 4096u
@@ -44,6 +44,10 @@
 #define FW_DEFAULT_SEQ_WINDOW 256u
 #define FW_DEFAULT_ERR_LEAK_PER_S 10u
 #define FW_MAX_RAMP_MS 60000u /* category-1 ramps are capped at one minute */
+/* 1.2: CLEAR_FAULTS and ARM apply only within the first 32768 sequence numbers after the session's HELLO.
+ * The u16 window comes round again after 65536; with seq_window <= 32768 no captured frame of the session
+ * can then be "new" again while the session still arms. A host says HELLO again before that (Link.needs_hello). */
+#define FW_SESSION_ARM_SPAN 0x8000u
 
 enum fw_msg {
     FW_MSG_HELLO = 0x01, FW_MSG_CAPABILITIES = 0x02, FW_MSG_ARM = 0x03, FW_MSG_DISARM = 0x04,
@@ -51,6 +55,8 @@ enum fw_msg {
     FW_MSG_FAULT = 0x09, FW_MSG_ACK = 0x0A, FW_MSG_NACK = 0x0B,
     /* protocol 1.1 */
     FW_MSG_CLEAR_FAULTS = 0x0C, FW_MSG_KEEPALIVE = 0x0D, FW_MSG_SAFETY_CONFIG = 0x0E,
+    /* protocol 1.2 */
+    FW_MSG_SESSION = 0x0F,
 };
 enum fw_mode { FW_MODE_DISARMED = 0, FW_MODE_ARMED = 1, FW_MODE_STOPPING = 2, FW_MODE_TRIPPED = 3 };
 enum fw_fault {
@@ -67,6 +73,7 @@ enum fw_nack {
     FW_NACK_NOT_ARMED = 1, FW_NACK_BAD_LENGTH = 2, FW_NACK_BAD_JOINT_COUNT = 3, FW_NACK_BUSY = 4,
     FW_NACK_BAD_VERSION = 5, FW_NACK_BAD_ARGUMENT = 6, FW_NACK_UNKNOWN_TYPE = 7,
     FW_NACK_FAULTS_LATCHED = 8, FW_NACK_ENABLE_OFF = 9, FW_NACK_STALE_SEQ = 10,
+    FW_NACK_BAD_SESSION = 11, /* 1.2: CLEAR_FAULTS/ARM without the current session's nonce */
 };
 enum fw_role { FW_ROLE_JOINT = 0, FW_ROLE_GRIPPER = 1 };
 enum fw_event_kind {
@@ -74,11 +81,12 @@ enum fw_event_kind {
     FW_EV_HEARTBEAT_TIMEOUT = 6, FW_EV_LINK_ERRORS = 7, FW_EV_HELLO = 8, FW_EV_FAULTS_CLEARED = 9,
     FW_EV_FOLLOWING_ERROR = 10, FW_EV_EFFORT_LIMIT = 11, FW_EV_ENABLE = 12, FW_EV_TIME_BACKSTEP = 13,
     FW_EV_STALE_FRAME = 14, FW_EV_STOP_ESCALATED = 15, FW_EV_SESSION_RESET = 16, FW_EV_STOP_RECEIVED = 17,
+    FW_EV_BAD_SESSION = 18, /* arg: the refused message type */
 };
 enum fw_stat {
     FW_STAT_RX_FRAMES, FW_STAT_RX_CRC_ERRORS, FW_STAT_RX_FRAMING_ERRORS, FW_STAT_RX_BAD_MESSAGES,
     FW_STAT_RX_DUPLICATES, FW_STAT_RX_GAPS, FW_STAT_TX_FRAMES, FW_STAT_TX_OVERFLOWS, FW_STAT_EVENTS_LOST,
-    FW_STAT_RX_STALE, FW_STAT_TIME_BACKSTEPS,
+    FW_STAT_RX_STALE, FW_STAT_TIME_BACKSTEPS, FW_STAT_RX_BAD_SESSION,
     FW_STAT_COUNT,
 };
 
@@ -120,6 +128,11 @@ typedef struct {
     volatile uint8_t mode, torque_on, enable_in;
     volatile uint16_t faults;
     uint8_t stop_latched, have_session, host_minor;
+    /* 1.2 session binding: CLEAR_FAULTS and ARM must carry `session`, the nonce announced (SESSION frame)
+     * in answer to the last HELLO. 0 = no session (unseeded, or the counter is spent): nothing arms. */
+    uint8_t session_seeded;
+    uint32_t session, session_count, session_key_add, session_key_xor;
+    uint32_t session_span; /* sequence numbers the window advanced since the session's HELLO (saturating) */
     uint16_t tx_seq, last_rx_seq, last_setpoint_seq;
     uint64_t clock_us;       /* monotonic firmware time: sum of the forward steps of the time source */
     uint64_t raw_last_us;    /* last value of the time source */
@@ -153,6 +166,17 @@ int fw_set_joint(fw_t *fw, uint8_t j, const char *name, int32_t pos_min, int32_t
  * Defaults after fw_init: link loss 1, link errors 0, no enable input, window 256, leak 10 errors/s. */
 int fw_set_safety(fw_t *fw, uint8_t link_loss_cat, uint8_t link_error_cat, uint8_t enable_required,
                   uint8_t enable_cat, uint16_t seq_window, uint16_t err_leak_per_s);
+/* Session nonces (1.2). The port calls this once at boot, before enabling the interrupts, with 64 bits that
+ * differ at every boot; until it does, HELLO starts no armable session (CLEAR_FAULTS/ARM are NACKed
+ * BAD_SESSION): a port that forgets it fails closed. Each HELLO then gets nonce = P_key(counter), a keyed
+ * bijection of a per-boot counter: no nonce repeats within one boot (until 2^32 - 1 HELLOs, after which no
+ * new session is armable), and a new boot's key makes the old boot's nonces useless.
+ * What a real MCU passes: 64 bits from its hardware RNG (STM32 RNG, nRF RNG, RP2040 ROSC, SAM TRNG); without
+ * one, a hash of its unique ID and a boot counter kept in flash, incremented and written back BEFORE this
+ * call (so a reset during boot cannot reuse a counter value). The host reference: secrets.randbits(64)
+ * (firmware.py). Calling it again reseeds and ends the current session. */
+void fw_seed_sessions(fw_t *fw, uint64_t boot_entropy);
+uint32_t fw_session(const fw_t *fw); /* the current session nonce, 0 if none (tests, diagnostics) */
 /* Defaults after fw_set_joint: role joint, no following-error or effort limit, kp/kd max = 4x default. */
 int fw_set_joint_safety(fw_t *fw, uint8_t j, uint8_t role, int32_t max_pos_err, int32_t max_vel_err,
                         int32_t effort_limit, uint32_t kp_max, uint32_t kd_max);

@@ -25,7 +25,7 @@ def messages() -> list[tuple[str, int, p.Message]]:
         ("hello", 0, p.Hello()),
         ("capabilities_2", 1, p.Capabilities(1, 0, (1, 2, 3), 0.1, 100, 0.2, (
             p.JointLimits("shoulder", -1.5, 1.5, 2.0, 12.5), p.JointLimits("elbow", -2.0, 0.25, 3.0, 8.0)))),
-        ("arm", 2, p.Arm()),
+        ("arm", 2, p.Arm(0x8BADF00D)),  # 1.2: carries the session nonce
         ("disarm", 3, p.Disarm()),
         ("setpoint_7_position_only", 4, p.Setpoint(seven)),
         ("setpoint_7_full", 5, p.Setpoint(seven, velocities=seven * 2, efforts=-seven * 10, kp=np.full(7, 50.0),
@@ -39,7 +39,7 @@ def messages() -> list[tuple[str, int, p.Message]]:
         ("ack", 11, p.Ack(7, p.MsgType.HEARTBEAT)),
         ("nack_not_armed", 0xFFFF, p.Nack(4, p.MsgType.SETPOINT, p.NackCode.NOT_ARMED)),
         # protocol 1.1
-        ("clear_faults", 12, p.ClearFaults()),
+        ("clear_faults", 12, p.ClearFaults(0x8BADF00D)),  # 1.2: carries the session nonce
         ("keepalive", 13, p.Keepalive(0x01020304)),
         ("safety_config_2", 14, p.SafetyConfig(987_654, 1, 0, 1, True, True, 256, 10, 4, (
             p.JointSafety("joint", 0.25, 1.5, 0.0, 200.0, 10.0), p.JointSafety("gripper", 0.0, 0.0, 4.5, 80.0, 2.5)))),
@@ -48,6 +48,9 @@ def messages() -> list[tuple[str, int, p.Message]]:
                                         p.Status.ENABLE_INPUT | p.Status.STOP_LATCHED)),
         ("nack_faults_latched", 16, p.Nack(3, p.MsgType.ARM, p.NackCode.FAULTS_LATCHED)),
         ("nack_stale_seq", 17, p.Nack(0x8001, p.MsgType.SETPOINT, p.NackCode.STALE_SEQ)),
+        # protocol 1.2
+        ("session", 18, p.Session(0x8BADF00D, 0xFFFE)),
+        ("nack_bad_session", 19, p.Nack(0x1234, p.MsgType.ARM, p.NackCode.BAD_SESSION)),
     ]
 
 

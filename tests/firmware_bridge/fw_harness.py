@@ -22,6 +22,7 @@ class Harness:
         self.now = 1000
         self.sent: dict[int, bytes] = {}  # seq -> frame, for replays
         self.rx: list[tuple[int, p.Message]] = []
+        self.session = 0  # the nonce of the last SESSION the firmware announced (protocol 1.2)
 
     def at(self, t_us: int) -> Harness:
         self.now = t_us
@@ -39,9 +40,11 @@ class Harness:
     def send(self, msg: p.Message) -> int:
         return self.raw(int(msg.TYPE), msg.encode())
 
-    def hello(self, minor: int = 1) -> list[p.Message]:
+    def hello(self, minor: int = p.PROTOCOL_MINOR) -> list[p.Message]:
         self.raw(p.MsgType.HELLO, struct.pack("<BBH", p.PROTOCOL_MAJOR, minor, 0))
-        return self.take()
+        out = self.take()
+        self.session = next((m.session for m in out if isinstance(m, p.Session)), self.session)
+        return out
 
     def replay(self, seq: int) -> None:
         self.fw.rx(self.sent[seq], self.now)
@@ -79,7 +82,12 @@ class Harness:
         return None
 
     def arm(self) -> p.Ack | None:
-        return self.answer(self.send(p.Arm()))
+        """ARM in the live session (the nonce the last HELLO was answered with)."""
+        return self.answer(self.send(p.Arm(self.session)))
+
+    def clear(self) -> p.Ack | None:
+        """CLEAR_FAULTS in the live session."""
+        return self.answer(self.send(p.ClearFaults(self.session)))
 
     def set_measured(self, pos, vel=None, eff=None) -> None:
         n = self.fw.n

@@ -80,9 +80,9 @@ def test_missing_compiler_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_
         native.build_library(tmp_path)
 
 
-def test_c_firmware_and_python_agree_on_the_1_1_layouts() -> None:
-    """What the C firmware actually sends (SAFETY_CONFIG, STATE with its status word) decodes in Python
-    to the configured values and re-encodes to the same bytes."""
+def test_c_firmware_and_python_agree_on_the_1_1_and_1_2_layouts() -> None:
+    """What the C firmware actually sends (SAFETY_CONFIG, SESSION, STATE with its status word) decodes in
+    Python to the configured values and re-encodes to the same bytes; Python's session-bound ARM arms it."""
     import numpy as np
 
     from firmware_bridge import protocol as p
@@ -104,7 +104,10 @@ def test_c_firmware_and_python_agree_on_the_1_1_layouts() -> None:
                                                                                            12, 4)
     assert sc.joints == tuple(safety)
     caps = p.Capabilities.decode(by_type[p.MsgType.CAPABILITIES].payload)
-    assert (caps.protocol_major, caps.protocol_minor) == (1, 1)
+    assert (caps.protocol_major, caps.protocol_minor) == (1, 2)
+    session = p.Session.decode(by_type[p.MsgType.SESSION].payload)
+    assert session.encode() == by_type[p.MsgType.SESSION].payload
+    assert session == p.Session(fw.session, 9) and session.session != 0
     fw.set_measured(np.array([0.5, -0.25]), np.zeros(2), np.array([0.0, 1.0]))
     fw.tick(20_000)
     states = [framing.decode_raw(b) for b in framing.StreamDecoder().feed(fw.tx_take())]
@@ -112,3 +115,5 @@ def test_c_firmware_and_python_agree_on_the_1_1_layouts() -> None:
     st = p.State.decode(raw.payload)
     assert st.encode() == raw.payload
     assert st.status == p.Status.ENABLE_INPUT | p.Status.STOP_LATCHED | p.Status.ENABLE_REQUIRED
+    fw.rx(framing.encode(p.ClearFaults(session.session), 11) + framing.encode(p.Arm(session.session), 12), 30_000)
+    assert fw.mode == p.Mode.ARMED

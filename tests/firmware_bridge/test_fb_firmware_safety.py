@@ -1,7 +1,7 @@
 """Safety properties of the C firmware reference (issue 12), driven deterministically through ctypes.
 
-Frames new in protocol 1.1 are sent by type number (CLEAR_FAULTS 0x0C, KEEPALIVE 0x0D), so every test
-here also runs against a 1.0 firmware and shows which defects it had.
+KEEPALIVE (new in protocol 1.1) is sent by type number. CLEAR_FAULTS and ARM carry the session nonce
+(protocol 1.2) that the harness read from the firmware's SESSION frame.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def test_arm_after_reconnect_does_not_clear_latched_faults() -> None:
     nack = h.arm()
     assert isinstance(nack, p.Nack) and nack.code == FAULTS_LATCHED
     assert h.fw.mode == p.Mode.TRIPPED and p.Fault.HEARTBEAT_TIMEOUT in h.fw.faults
-    assert h.answer(h.raw(CLEAR_FAULTS)) == p.Ack(h.seq - 1, CLEAR_FAULTS)
+    assert h.clear() == p.Ack(h.seq - 1, CLEAR_FAULTS)
     assert h.fw.mode == p.Mode.DISARMED and not (h.fw.faults & ~p.Fault.SETPOINT_CLAMPED)
     assert not isinstance(h.arm(), p.Nack) and h.fw.mode == p.Mode.ARMED
 
@@ -71,7 +71,7 @@ def test_clear_faults_refused_during_the_ramp() -> None:
     h = make()
     h.arm()
     h.send(p.Stop(1))
-    nack = h.answer(h.raw(CLEAR_FAULTS))
+    nack = h.clear()
     assert isinstance(nack, p.Nack) and nack.code == p.NackCode.BUSY and h.fw.mode == p.Mode.STOPPING
 
 
@@ -145,11 +145,11 @@ def test_stale_stop_is_still_applied() -> None:
 
 def test_replayed_arm_after_stop_is_not_applied() -> None:
     h = make()
-    arm_seq = h.send(p.Arm())
+    arm_seq = h.send(p.Arm(h.session))
     h.send(p.Stop(0))
     h.replay(arm_seq)
     assert h.fw.mode == p.Mode.TRIPPED
-    h.raw(CLEAR_FAULTS)
+    h.clear()
     h.replay(arm_seq)  # even with the faults cleared, an old ARM is not an operator's ARM
     assert h.fw.mode != p.Mode.ARMED
     h.take()

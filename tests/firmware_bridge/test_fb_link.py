@@ -52,7 +52,8 @@ def test_host_drives_emulator_over_pty() -> None:
         assert caps.joint_count == 3 and caps.joint_names == ["joint0", "joint1", "joint2"]
         assert caps.limits_array("position_max").tolist() == [3.0, 3.0, 3.0]
         assert caps.heartbeat_timeout_s == pytest.approx(0.3)
-        assert caps.protocol_minor == 1 and caps.safety is not None and caps.safety.link_loss_category == 1
+        assert caps.protocol_minor == 2 and caps.safety is not None and caps.safety.link_loss_category == 1
+        assert caps.session is not None and caps.session == link.session == emu.fw.session
         assert [j.max_position_error for j in caps.safety.joints] == [1.0, 1.0, 1.0]
         link.arm()
         # in steps: a jump of more than the 1 rad following-error limit would trip category 0

@@ -179,23 +179,56 @@ def test_restarted_host_finds_the_firmware_tripped_and_disarmed(rig) -> None:
     assert not emu.safety_report()["moved_without_operator_arm"], [(e["event"], e.get("to"), round(e["t"], 4)) for e in emu.events]
 
 
-def test_observer_flags_torque_after_a_stop_without_clear_then_arm() -> None:
+def _wire(msg: p.Message, seq: int) -> bytes:
+    """One frame as it crosses the wire, without its delimiter (what the observer is given)."""
+    return framing.encode(msg, seq)[:-1]
+
+
+def test_observer_authorises_only_the_live_sessions_clear_then_arm() -> None:
     obs = SafetyObserver()
-    assert obs.on_torque(True) is False  # the first arm after power-up needs no clear
+    obs.on_host_frame(_wire(p.Hello(), 1), injected=False)
+    obs.on_firmware_frame(_wire(p.Session(111, 1), 50))  # the firmware announces the live session
+    obs.on_host_frame(_wire(p.Arm(111), 2), injected=False)
+    assert obs.on_torque(True) is False  # the first arm of a session needs no clear
     obs.on_stop()
     obs.on_torque(False)
-    obs.on_host_frame(MsgType.ARM, injected=False)
-    assert obs.on_torque(True) is True  # ARM without CLEAR_FAULTS: unauthorised
+    obs.on_host_frame(_wire(p.Arm(111), 3), injected=False)
+    assert obs.on_torque(True) is True  # ARM without CLEAR_FAULTS after a stop: unauthorised
     obs.on_stop()
     obs.on_torque(False)
-    obs.on_host_frame(MsgType.CLEAR_FAULTS, injected=False)
-    obs.on_host_frame(MsgType.ARM, injected=True)  # a replay is not the host's ARM
+    obs.on_host_frame(_wire(p.ClearFaults(111), 4), injected=False)
+    obs.on_host_frame(_wire(p.Arm(111), 5), injected=True)  # a replay the emulator injected is not the host's
     assert obs.on_torque(True) is True
     obs.on_stop()
     obs.on_torque(False)
-    obs.on_host_frame(MsgType.CLEAR_FAULTS, injected=False)
-    obs.on_host_frame(MsgType.ARM, injected=False)
+    bad = bytearray(_wire(p.Arm(111), 6))
+    bad[len(bad) // 2] ^= 0x5A
+    obs.on_host_frame(_wire(p.ClearFaults(111), 6), injected=False)
+    obs.on_host_frame(bytes(bad), injected=False)  # fails its CRC: the firmware applies nothing
+    assert obs.on_torque(True) is True
+    # A captured session start written again: its HELLO starts a new session (nonce 222), its CLEAR_FAULTS
+    # and ARM carry the captured session's nonce 111. Before the announcement (one burst) and after it.
+    for announced in (False, True):
+        obs.on_stop()
+        obs.on_torque(False)
+        obs.on_host_frame(_wire(p.Hello(), 1), injected=False)
+        if announced:
+            obs.on_firmware_frame(_wire(p.Session(222, 1), 60))
+        obs.on_host_frame(_wire(p.ClearFaults(111), 2), injected=False)
+        obs.on_host_frame(_wire(p.Arm(111), 3), injected=False)
+        assert obs.on_torque(True) is True, f"replayed session start authorised (announced={announced})"
+    # Control: the live session's own CLEAR_FAULTS then ARM
+    obs.on_stop()
+    obs.on_torque(False)
+    obs.on_host_frame(_wire(p.ClearFaults(222), 7), injected=False)
+    obs.on_host_frame(_wire(p.Arm(222), 8), injected=False)
     assert obs.on_torque(True) is False
+    # The same two frames again, byte for byte, in the same live session: a replay, not the host
+    obs.on_stop()
+    obs.on_torque(False)
+    obs.on_host_frame(_wire(p.ClearFaults(222), 7), injected=False)
+    obs.on_host_frame(_wire(p.Arm(222), 8), injected=False)
+    assert obs.on_torque(True) is True
 
 
 # ---- firmware trips driven by injections -------------------------------------------------------------------
@@ -387,13 +420,19 @@ def test_observer_sees_an_arm_and_a_stop_that_land_between_two_ticks() -> None:
 
     cfg = EmulatorConfig(joints=default_limits(2), tick_hz=50)  # 20 ms between ticks: both frames land in one
     with Emulator(cfg, PtyTransport()) as emu:
-        port = serial.Serial(emu.port, timeout=0)
+        port = serial.Serial(emu.port, timeout=0.05)
         try:
             port.write(framing.encode(p.Hello(), 1000))
-            time.sleep(0.05)
-            port.write(framing.encode(p.Arm(), 1001) + framing.encode(p.Hello(), 2000))
+            decoder, session = framing.StreamDecoder(), None
+            deadline = time.monotonic() + 2.0
+            while session is None and time.monotonic() < deadline:  # the answer: CAPABILITIES, ..., SESSION
+                for block in decoder.feed(port.read(4096)):
+                    msg = framing.decode(block)[1]
+                    session = msg.session if isinstance(msg, p.Session) else session
+            assert session, "no SESSION answer to HELLO"
+            port.write(framing.encode(p.Arm(session), 1001) + framing.encode(p.Hello(), 2000))
             wait_event(emu, "session_reset")
-            time.sleep(0.05)
+            wait_event(emu, "torque_off")  # the link-loss ramp ran to its end: torque is observed off again
         finally:
             port.close()
     kinds = [e["event"] for e in emu.events]

@@ -34,7 +34,8 @@ def rows() -> dict[str, FaultRow]:
 
 def test_every_fault_of_the_issue_was_injected(rows) -> None:
     assert set(EXPECTED_CATEGORY) | {"replayed old ARM + SETPOINT after a stop", "link unplug (0.3 s)",
-                                     "host restart after a crash", "kp/kd out of range"} == set(rows)
+                                     "host restart after a crash", "kp/kd out of range",
+                                     "replayed session (HELLO, CLEAR_FAULTS, ARM) after a stop"} == set(rows)
 
 
 @pytest.mark.parametrize("fault", sorted(EXPECTED_CATEGORY))
@@ -60,3 +61,12 @@ def test_link_faults_and_replays(rows) -> None:
     assert "phase disarmed" in rows["host restart after a crash"].notes
     assert rows["kp/kd out of range"].notes.endswith("True")
     assert "DISARM retried, confirmed" in rows["lost DISARM"].notes
+
+
+def test_replayed_session_start_is_refused_and_a_live_session_arms(rows) -> None:
+    """Issue 23: a captured HELLO + CLEAR_FAULTS + ARM written again after a category-0 stop arms nothing (both
+    session-bound frames refused for their old nonce); the control, a live session's own arm, is applied."""
+    row = rows["replayed session (HELLO, CLEAR_FAULTS, ARM) after a stop"]
+    assert "operator arm in the live session applied, armed: True" in row.notes, row.notes
+    assert row.notes.endswith("refused (BAD_SESSION): 2"), row.notes
+    assert not row.moved_without_arm
