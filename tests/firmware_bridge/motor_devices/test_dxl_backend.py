@@ -110,8 +110,11 @@ def test_watchdog_trips_when_the_host_stops_cycling_and_latches_until_clear(emul
         assert emulator.wait_until(lambda: len(emulator.events_of("watchdog_expired")) == 3, 2.0)
         period = dev.capabilities.watchdog_period_s
         for event in emulator.events_of("watchdog_expired"):
-            assert period <= event.detail["since_last_instruction"] <= period + 0.02
-            assert event.t - silent_since <= period + 0.03
+            # Never early. The upper bounds only catch a watchdog that was not armed (it would never fire) or
+            # armed far too long: the emulator's own tick thread can be descheduled for 100+ ms on a shared
+            # 2-core machine, so a tight bound here measured the scheduler, not the device (it flaked at 0.167 s).
+            assert period <= event.detail["since_last_instruction"] <= period + 0.5
+            assert event.t - silent_since <= period + 0.5
         snap = [emulator.snapshot(i) for i in IDS]
         assert all(s["torque"] and s["holding"] and s["bus_watchdog"] == 0xFF for s in snap)  # stopped, torque on
         held = emulator.snapshot(1)["position"]
