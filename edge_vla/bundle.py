@@ -25,7 +25,7 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,10 @@ MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 TARGET_DIR = "target"
 _UNHASHED = {MANIFEST, SIGNATURE}
+# A bundle is written by whoever exports it and read by the robot's unprivileged service user: its
+# modes are set explicitly (tempfile makes 0700 dirs and 0600 files; umask varies), never inherited.
+# Nothing in a bundle is secret (the signing key never enters it); shell scripts are executable.
+DIR_MODE, FILE_MODE, EXEC_MODE = 0o755, 0o644, 0o755
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -236,6 +240,7 @@ def write_bundle(out: str | os.PathLike[str], manifest: dict[str, Any], files: M
         manifest = dict(manifest, schema_version=SCHEMA_VERSION, format=FORMAT)
         manifest["files"] = {rel: sha256_file(staging / rel) for rel in _hashed_files(staging)}
         write_json_atomic(staging / MANIFEST, manifest)
+        set_readable_modes(staging)
         _fsync_tree(staging)
         swap_in_dir(staging, out)
     except BaseException:
@@ -260,9 +265,26 @@ def swap_in_dir(staging: Path, out: Path) -> None:
         os.replace(staging, out)
 
 
+def set_readable_modes(root: Path, executable: Callable[[Path], bool] = lambda p: p.suffix == ".sh") -> None:
+    """Give `root` and everything below it deliberate modes: directories 0755, files 0644, files that
+    `executable(path)` picks 0755. Symbolic links are left alone (they have no mode of their own)."""
+    os.chmod(root, DIR_MODE)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            p = Path(dirpath, name)
+            if not p.is_symlink():
+                os.chmod(p, DIR_MODE)
+        for name in filenames:
+            p = Path(dirpath, name)
+            if not p.is_symlink():
+                os.chmod(p, EXEC_MODE if executable(p) else FILE_MODE)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Atomic JSON write for files that change after export (target/ reports, engine index)."""
+    """Atomic JSON write for files that change after export (target/ reports, engine index); mode 0644
+    (tempfile's 0600 would hide them from the service user or an operator running `edge-vla doctor`)."""
     with atomic_write(path, "w", encoding="utf-8") as f:
+        os.fchmod(f.fileno(), FILE_MODE)
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
 

@@ -67,6 +67,7 @@ class Expectation:
     signed: bool | None = None
     lock: list[LockEntry] | None = None
     venv: Path | None = None  # the release's venv (package dir/venv), whose installs are compared to the lock
+    online: bool = False  # an --online (development) package: its dependencies come unlocked from an index
 
 
 @dataclass
@@ -137,6 +138,7 @@ def _from_package_dir(d: Path, source: str) -> Expectation:
         signed=meta.get("bundle", {}).get("signed"),
         lock=parse_lock((d / LOCK_FILE).read_text(encoding="utf-8")) if (d / LOCK_FILE).is_file() else None,
         venv=d / "venv",
+        online=bool(meta.get("online")),
     )
 
 
@@ -230,24 +232,66 @@ def check_tensorrt(exp: Expectation, m: Machine) -> Check:
     return Check("tensorrt", PASS, f"TensorRT {have}" + (f" (expected {want})" if want else ""))
 
 
+# Runs in the release venv's own python. Reports the locked names as that python resolves them, every
+# distribution installed inside the venv (not the system's, seen through --system-site-packages: those
+# are TensorRT's door and checked as "shadowed" only where they answer for a lock entry), and what this
+# interpreter's ensurepip bundles (install.sh's venv bootstrap).
 _DISTS_SCRIPT = """
-import importlib.metadata as md, json, os, sys
+import importlib.metadata as md, json, os, re, sys
 prefix = os.path.realpath(sys.prefix) + os.sep
-out = {}
+
+def canon(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+def where(d):
+    loc = os.path.realpath(str(d.locate_file("")))
+    return loc, (loc + os.sep).startswith(prefix)
+
+locked = {}
 for name in json.loads(sys.argv[1]):
     try:
         d = md.distribution(name)
     except md.PackageNotFoundError:
-        out[name] = None
+        locked[name] = None
         continue
-    loc = os.path.realpath(str(d.locate_file("")))
-    out[name] = [d.version, loc, (loc + os.sep).startswith(prefix)]
-print(json.dumps(out))
+    locked[name] = [d.version, *where(d)]
+in_venv = {}
+for d in md.distributions():
+    name = d.metadata["Name"]
+    if name and where(d)[1]:
+        in_venv.setdefault(canon(name), d.version)
+try:
+    import ensurepip
+    try:  # private, but the only place that names every bundled project (pip; setuptools up to 3.11)
+        bootstrap = {canon(n): p.version for n, p in ensurepip._get_packages().items()}
+    except AttributeError:
+        bootstrap = {"pip": ensurepip.version()}
+except Exception:  # no ensurepip (Debian without python3-venv): the venv's pip came from the system
+    bootstrap = {}
+print(json.dumps({"locked": locked, "venv": in_venv, "bootstrap": bootstrap}))
 """
 
 
+def _extra_distributions(lock: list[LockEntry], in_venv: dict[str, str],
+                         bootstrap: dict[str, str]) -> tuple[list[str], list[str]]:
+    """(installed in the venv but not locked, exempt bootstrap) as "name version" strings.
+
+    The lock is the venv's whole contents, with one exemption: the installer install.sh bootstraps
+    the venv with (ensurepip's pip, and setuptools on Python <= 3.11), at exactly the version this
+    interpreter bundles. The runtime never imports them. Anything else (wheel, a newer pip,
+    setuptools that is not ensurepip's: its .pth file runs at every start) is code nothing verified."""
+    locked = {e.name for e in lock}
+    extras, exempt = [], []
+    for name, version in sorted(in_venv.items()):
+        if name in locked:
+            continue
+        (exempt if bootstrap.get(name) == version else extras).append(f"{name} {version}")
+    return extras, exempt
+
+
 def check_lock(exp: Expectation, m: Machine) -> Check | None:
-    """The release venv holds exactly the lock: same versions, and none served by system packages."""
+    """The release venv holds exactly the lock: same versions, none served by system packages, and
+    nothing the lock does not list (bar install.sh's own pip bootstrap)."""
     if exp.lock is None:
         return None
     python = exp.venv / "bin/python" if exp.venv is not None else None
@@ -257,8 +301,9 @@ def check_lock(exp: Expectation, m: Machine) -> Check | None:
     # -I: no current directory on sys.path (a checkout's *.egg-info would answer), no PYTHON* variables.
     out = m.run([str(python), "-I", "-c", _DISTS_SCRIPT, json.dumps([e.name for e in exp.lock])])
     try:
-        found = json.loads(out or "")
-    except ValueError:
+        report = json.loads(out or "")
+        found, in_venv, bootstrap = report["locked"], report["venv"], report["bootstrap"]
+    except (ValueError, KeyError, TypeError):
         return Check("lock", FAIL, f"{python} could not list its installed distributions",
                      "remake the venv: sudo sh /opt/edge-vla/current/install.sh --setup-venv")
     differ, shadowed = [], []
@@ -270,12 +315,21 @@ def check_lock(exp: Expectation, m: Machine) -> Check | None:
             shadowed.append(f"{e.name} {got[0]} from system {got[1]}")
         elif got[0] != e.version:
             differ.append(f"{e.name} {got[0]} installed, lock {e.version}")
-    if differ or shadowed:
+    extras, exempt = _extra_distributions(exp.lock, in_venv, bootstrap)
+    if extras and exp.online and not (differ or shadowed):
+        return Check("lock", WARN, f"development (--online) package: only edge-vla is locked; from an index, "
+                                   f"unverified: {', '.join(extras)}",
+                     "install an offline package (`edge-vla package` without --online) on robots")
+    if differ or shadowed or extras:
         detail = "; ".join([*(f"differs from the lock: {d}" for d in differ),
-                            *(f"lock entry shadowed by a system package (not hash-checked): {s}" for s in shadowed)])
+                            *(f"lock entry shadowed by a system package (not hash-checked): {s}" for s in shadowed),
+                            *([f"installed but not in the lock: {', '.join(extras)}"] if extras else [])])
         return Check("lock", FAIL, detail, "remake the venv from the package's wheels: "
                                            "sudo sh /opt/edge-vla/current/install.sh --setup-venv")
-    return Check("lock", PASS, f"{len(exp.lock)} locked distributions installed in {exp.venv} at the locked versions")
+    detail = f"{len(exp.lock)} locked distributions installed in {exp.venv} at the locked versions, nothing else"
+    if exempt:
+        detail += f" but install.sh's venv bootstrap ({', '.join(exempt)})"
+    return Check("lock", PASS, detail)
 
 
 def _cuda_version(m: Machine) -> str | None:

@@ -109,6 +109,9 @@ def _lock_header(platform: platforms.Platform, sources: list[str], online: bool)
         + (", ".join(sources) or "the wheels given"),
         "Install (install.sh does): pip install --no-index --find-links wheels --require-hashes --no-deps "
         "--only-binary=:all: --ignore-installed -r requirements.lock",
+        "The venv holds these distributions and nothing else, bar install.sh's venv bootstrap (ensurepip's pip, "
+        "and setuptools on Python <= 3.11, at the versions the interpreter bundles); `edge-vla doctor` fails "
+        "on any other.",
     ]
     if online:
         head.append(f"--online package: only edge-vla is locked here; {ONLINE_FILE} comes from an index, unverified")

@@ -18,9 +18,28 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+DIR_MODE = 0o755  # every directory an install creates: the service user must traverse it
+
+
+def make_dirs(path: Path, mode: int = DIR_MODE) -> None:
+    """Create `path` and any missing parents with exactly `mode` (mkdir's mode is cut by the umask,
+    so a root umask of 077 would hide /etc/edge-vla from the service). Existing directories keep theirs."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:  # made meanwhile by another process: leave its mode alone
+            continue
+        os.chmod(d, mode)
+
+
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write via a temp file + rename; an existing file keeps its mode and owner (etc/shadow)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     st = path.stat() if path.exists() and not path.is_symlink() else None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -39,7 +58,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 def symlink_atomic(link: Path, target: str) -> None:
     """Point `link` at `target` by making a temp symlink and renaming it over (rename is atomic)."""
-    link.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(link.parent)
     tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)
     os.symlink(target, tmp)

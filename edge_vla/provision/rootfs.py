@@ -22,13 +22,23 @@ import json
 import logging
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_vla.bundle import MANIFEST, TARGET_DIR, Bundle, sha256_file
+from edge_vla.bundle import (
+    DIR_MODE,
+    EXEC_MODE,
+    FILE_MODE,
+    MANIFEST,
+    TARGET_DIR,
+    Bundle,
+    set_readable_modes,
+    sha256_file,
+)
 from edge_vla.errors import BundleError
 from edge_vla.provision import signing
 from edge_vla.provision.accounts import plan_accounts
@@ -44,7 +54,7 @@ from edge_vla.provision.package import (
     UDEV_RULES,
     release_id,
 )
-from edge_vla.provision.plan import Plan, remove_tree, symlink_atomic
+from edge_vla.provision.plan import Plan, make_dirs, remove_tree, symlink_atomic
 from edge_vla.provision.tarball import extract_tarball
 
 log = logging.getLogger(__name__)
@@ -57,6 +67,35 @@ CONFIG = Path("etc/edge-vla/robot.env")
 KEYS_DIR = Path("etc/edge-vla/trusted-keys")
 # Made on the robot after install (engines, timing cache, the release's venv): never compared.
 _RUNTIME_FILES = ("bundle/" + TARGET_DIR + "/", "venv/")
+_RUNTIME_DIRS = frozenset(f.rstrip("/") for f in _RUNTIME_FILES)
+
+
+def _executable(path: Path) -> bool:
+    """install.sh (and a bundle's build_engines.sh): the shell scripts a package ships."""
+    return path.suffix == ".sh"
+
+
+def set_release_modes(release_dir: Path) -> None:
+    """What the service user (edge-vla.service, WorkingDirectory=/opt/edge-vla/current) needs: every
+    directory 0755, every file 0644, scripts 0755. Set explicitly, because the staging directory comes
+    from mkdtemp (0700) and root's umask varies. A release holds nothing secret: the signing key never
+    enters a package, robot.env holds no credentials, and /etc/shadow is written elsewhere (0640)."""
+    set_readable_modes(release_dir, _executable)
+
+
+def _mode_problems(release_dir: Path) -> list[str]:
+    """Files or directories of a release (not what the robot made in it) whose mode is not set_release_modes'."""
+    problems = []
+    if stat.S_IMODE(release_dir.lstat().st_mode) != DIR_MODE:
+        problems.append(".")
+    for p in release_dir.rglob("*"):
+        rel = p.relative_to(release_dir).as_posix()
+        if p.is_symlink() or rel in _RUNTIME_DIRS or rel.startswith(_RUNTIME_FILES):
+            continue
+        want = DIR_MODE if p.is_dir() else EXEC_MODE if _executable(p) else FILE_MODE
+        if stat.S_IMODE(p.lstat().st_mode) != want:
+            problems.append(rel)
+    return problems
 
 
 @dataclass(frozen=True)
@@ -167,7 +206,12 @@ def _same_release(existing: Path, staged: StagedPackage) -> bool:
         if (existing / PACKAGE_JSON).read_bytes() != (staged.dir / PACKAGE_JSON).read_bytes():
             return False
         verify_package_dir(existing)
+        unreadable = _mode_problems(existing)
     except (OSError, PackageError, BundleError):
+        return False
+    if unreadable:  # e.g. installed by an edge-vla that left it 0700: the service cannot read it
+        log.warning("release %s has modes the service user cannot use (%s); replacing it", existing.name,
+                    ", ".join(unreadable[:5]))
         return False
     return True
 
@@ -229,7 +273,7 @@ def _plan_system_files(plan: Plan, root: Path, release_dir: Path, final_dir: Pat
     target = final_dir / "bundle" / TARGET_DIR
     if account is not None and not target.is_dir():
         def make_target() -> None:
-            target.mkdir(parents=True, exist_ok=True)
+            make_dirs(target)
             _chown_dir(target, account.uid, account.gid)
 
         plan.add(f"create {plan.display(target)} (owner uid {account.uid}: engines, timing cache)", make_target)
@@ -266,7 +310,8 @@ def plan_install(root: Path, staged: StagedPackage, trusted_keys: Sequence[str |
         existed = final.exists()
 
         def add_release() -> Any:
-            final.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(final.parent)
+            set_release_modes(staged.dir)  # before the rename: the release appears readable, never 0700
             trash = None
             if final.exists():  # a partial or corrupted earlier copy
                 trash = final.with_name(f".trash-{final.name}-{os.getpid()}")
@@ -329,5 +374,5 @@ def prune(root: Path, keep: int) -> list[str]:
 def staging_dir(root: Path) -> Path:
     """A fresh directory on the same filesystem as releases/, so that staging -> release is a rename."""
     rel = releases_dir(root)
-    rel.mkdir(parents=True, exist_ok=True)
+    make_dirs(rel)  # /opt/edge-vla/releases: 0755 down from the first directory this makes
     return Path(tempfile.mkdtemp(prefix=".staging-", dir=rel))

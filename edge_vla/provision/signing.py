@@ -139,6 +139,7 @@ def sign_bundle(root: str | os.PathLike[str], key: str | os.PathLike[str] | Any)
     fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{SIGNATURE}.")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # the robot's service user reads it; mkstemp makes 0600
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -168,9 +169,20 @@ def read_signature(root: Path, name: str = SIGNATURE) -> dict[str, Any] | None:
 
 
 def trusted_keys_from_dir(directory: str | os.PathLike[str] = "/etc/edge-vla/trusted-keys") -> list[Path]:
-    """The *.pub files `edge-vla install --trusted-key` puts on a robot (empty when there are none)."""
+    """The *.pub files `edge-vla install --trusted-key` puts on a robot (empty when there are none).
+
+    Fails closed: a directory that exists but cannot be listed (the service user lacks permission)
+    raises instead of reading as "no keys", which would let the runtime accept unsigned bundles."""
     d = Path(directory)
-    return sorted(d.glob("*.pub")) if d.is_dir() else []
+    try:
+        names = os.listdir(d)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:
+        raise BundleError(f"cannot read trusted keys directory {d} ({exc.strerror}): refusing to run without "
+                          "knowing which keys to trust; make it readable by the service user "
+                          f"(sudo chmod 0755 {d} and 0644 its *.pub)") from exc
+    return sorted(d / n for n in names if n.endswith(".pub"))
 
 
 def verify_signed_file(root: Path, signed: str, sig_name: str, trusted_keys: Sequence[str | Path],

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from service_user import open_dir
 
 from edge_vla.action_space import sim_action_space
 from edge_vla.bundle import write_bundle
@@ -61,8 +64,14 @@ def make_rootfs(root: Path) -> Path:
 
 
 @pytest.fixture
-def rootfs(tmp_path: Path) -> Path:
-    return make_rootfs(tmp_path / "Linux_for_Tegra" / "rootfs")
+def rootfs() -> Iterator[Path]:
+    """A fake rootfs the service user can traverse (tmp_path's parents are 0700), so robot-side steps
+    in tests can run as that user (service_user.py)."""
+    base = open_dir("edge-vla-rootfs-")
+    try:
+        yield make_rootfs(base / "Linux_for_Tegra" / "rootfs")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -213,3 +213,98 @@ def test_lock_check_reports_versions_that_differ_from_the_lock():
     assert "edge-vla 0.1.0 installed, lock 9.9.9" in check.detail
     assert "not-a-real-distribution missing (lock 1.0)" in check.detail
     assert "numpy" in check.detail and "--setup-venv" in check.fix
+
+
+def _dist(site: Path, name: str, version: str) -> None:
+    """Install a distribution record the way pip does (NAME-VERSION.dist-info/METADATA)."""
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (info / "RECORD").write_text("")
+
+
+@pytest.fixture(scope="module")
+def bare_venv(tmp_path_factory) -> Path:
+    """A real venv (no pip), the way install.sh makes the release's: what is in it is what we put there."""
+    import subprocess
+    import sys
+
+    venv = tmp_path_factory.mktemp("venv") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    return venv
+
+
+def _site(venv: Path) -> Path:
+    return next(venv.glob("lib/python3.*/site-packages"))
+
+
+@pytest.fixture
+def venv(bare_venv: Path, tmp_path: Path) -> Path:
+    """This test's own copy of the bare venv (copying is faster than making one)."""
+    import shutil
+
+    copy = tmp_path / "venv"
+    shutil.copytree(bare_venv, copy, symlinks=True)
+    assert not list(_site(copy).glob("*.dist-info"))
+    return copy
+
+
+def _bootstrap_versions(venv: Path) -> dict[str, str]:
+    """What this interpreter's ensurepip bundles (install.sh's venv bootstrap)."""
+    import subprocess
+
+    out = subprocess.run([str(venv / "bin/python"), "-I", "-c", "import ensurepip, json; print(json.dumps("
+                          "{n: p.version for n, p in ensurepip._get_packages().items()}))"],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def test_lock_check_fails_on_distributions_the_lock_does_not_list(venv: Path):
+    from edge_vla.provision.lock import LockEntry
+
+    site = _site(venv)
+    _dist(site, "locked-thing", "1.0")
+    _dist(site, "smuggled-thing", "6.6.6")
+    lock = [LockEntry("locked-thing", "1.0")]
+    check = doctor.check_lock(Expectation(lock=lock, venv=venv), Machine())
+    assert check.status == FAIL, check
+    assert "not in the lock: smuggled-thing 6.6.6" in check.detail and "locked-thing" not in check.detail
+    assert "--setup-venv" in check.fix
+    # Control: the same venv passes once the lock lists everything in it.
+    check = doctor.check_lock(Expectation(lock=[*lock, LockEntry("smuggled-thing", "6.6.6")], venv=venv),
+                              Machine())
+    assert check.status == PASS, check
+
+
+def test_lock_check_exempts_only_the_venv_bootstrap_at_its_bundled_version(venv: Path):
+    import shutil
+
+    from edge_vla.provision.lock import LockEntry
+
+    site = _site(venv)
+    boot = _bootstrap_versions(venv)
+    assert "pip" in boot
+    for name, version in boot.items():  # what ensurepip put there (pip; setuptools too on Python <= 3.11)
+        _dist(site, name, version)
+    exp = Expectation(lock=[LockEntry("edge-vla", "0.1.0")], venv=venv)
+    _dist(site, "edge-vla", "0.1.0")
+    check = doctor.check_lock(exp, Machine())
+    assert check.status == PASS and "bootstrap" in check.detail and "pip " + boot["pip"] in check.detail, check
+    # wheel is never part of the bootstrap; a pip that is not ensurepip's is not either.
+    _dist(site, "wheel", "0.45.1")
+    shutil.rmtree(next(site.glob("pip-*.dist-info")))
+    _dist(site, "pip", "1.0")
+    check = doctor.check_lock(exp, Machine())
+    assert check.status == FAIL and "not in the lock: pip 1.0, wheel 0.45.1" in check.detail, check
+
+
+def test_lock_check_only_warns_about_an_online_packages_unlocked_dependencies(venv: Path):
+    from edge_vla.provision.lock import LockEntry
+
+    _dist(_site(venv), "edge-vla", "0.1.0")
+    _dist(_site(venv), "numpy", "2.0.0")  # what requirements.online.txt fetched
+    exp = Expectation(lock=[LockEntry("edge-vla", "0.1.0")], venv=venv, online=True)
+    check = doctor.check_lock(exp, Machine())
+    assert check.status == WARN and "unverified: numpy 2.0.0" in check.detail and "--online" in check.fix, check
+    exp.online = False  # control: the same venv under an offline package's lock fails
+    assert doctor.check_lock(exp, Machine()).status == FAIL

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import parse_wheel_filename
+from service_user import as_service_user, why_no_service_user
 
 from edge_vla.errors import BundleError
 from edge_vla.optional import _EXTRAS
@@ -38,6 +39,7 @@ from edge_vla.provision.tarball import write_tarball
 pytestmark = pytest.mark.slow
 HERE_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 HERE_GLIBC = os.confstr("CS_GNU_LIBC_VERSION").split()[-1]  # "glibc 2.36" -> "2.36"
+SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # what units run with
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +64,10 @@ def offline_env() -> dict[str, str]:
     env.update(PIP_INDEX_URL=f"{dead}/simple", PIP_EXTRA_INDEX_URL=f"{dead}/extra", PIP_NO_INDEX="1",
                http_proxy=dead, https_proxy=dead, HTTP_PROXY=dead, HTTPS_PROXY=dead, PYTHONDONTWRITEBYTECODE="1")
     env.pop("PYTHONPATH", None)
+    # The first-boot unit runs install.sh with systemd's PATH, so the venv is made from the system's
+    # python3.X, which the service user can run (a developer's pyenv under /root is not reachable).
+    if shutil.which(f"python{HERE_PYTHON}", path=SYSTEMD_PATH):
+        env["PATH"] = f"{SYSTEMD_PATH}:{env.get('PATH', '')}"
     return env
 
 
@@ -75,6 +81,16 @@ def no_network() -> list[str]:
 
 def _run(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+def _run_as_service(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 300,
+                    outside: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """A robot-side step the service (or an operator) runs: unprivileged, as edge-vla.service does.
+    `outside` (e.g. `unshare --net`) wraps the privilege drop. Without root or setpriv it runs as the
+    current user (the test then cannot catch root-only files)."""
+    if why_no_service_user() is None:
+        return as_service_user(cmd, cwd=cwd, timeout=timeout, env=env, outside=outside or [])
+    return _run([*(outside or []), *cmd], env, cwd, timeout)
 
 
 @pytest.fixture(scope="session")
@@ -158,17 +174,19 @@ def test_x86_package_installs_offline_and_runs(x86_package: Path, rootfs: Path, 
     for leak in ("/opt/wheels", "/opt/pypi", "127.0.0.1"):  # this machine's pip.conf and the dead indexes
         assert leak not in proc.stdout + proc.stderr
     venv = rel / "venv"
-    version = _run([str(venv / "bin/edge-vla"), "--version"], offline_env, tmp_path)
+    # From here on, what edge-vla.service (User=edge-vla, WorkingDirectory=current) and operators run:
+    # as an unprivileged user, in the release (install.sh above ran as root, as the first-boot unit's "+" does).
+    version = _run_as_service([str(venv / "bin/edge-vla"), "--version"], offline_env, rel)
     assert version.returncode == 0 and "0.1.0" in version.stdout, version.stderr
-    where = _run([str(venv / "bin/python"), "-c", "import edge_vla, numpy, onnxruntime, serial, cobs\n"
-                  "print('\\n'.join(m.__file__ for m in (edge_vla, numpy, onnxruntime, serial, cobs)))"],
-                 offline_env, tmp_path)
+    where = _run_as_service([str(venv / "bin/python"), "-c", "import edge_vla, numpy, onnxruntime, serial, cobs\n"
+                             "print('\\n'.join(m.__file__ for m in (edge_vla, numpy, onnxruntime, serial, cobs)))"],
+                            offline_env, rel)
     assert where.returncode == 0, where.stderr
     for path in where.stdout.split():  # the locked copies, not the system's (--ignore-installed)
         assert Path(path).resolve().is_relative_to(venv.resolve()), path
 
-    run = _run([*no_network, str(venv / "bin/edge-vla"), "run", str(rel / "bundle"), "--emulate", "--duration", "1",
-                "--arm-on-start", "--json"], offline_env, tmp_path, timeout=180)
+    run = _run_as_service([str(venv / "bin/edge-vla"), "run", str(rel / "bundle"), "--emulate", "--duration", "1",
+                           "--arm-on-start", "--json"], offline_env, rel, timeout=180, outside=no_network)
     # 0, or 3 when the watchdog tripped (on a loaded 2-core machine a heartbeat can starve): either way
     # the installed runtime loaded the bundle, ran inference and drove the link; 1 would be a crash.
     assert run.returncode in (0, 3), run.stdout[-2000:] + run.stderr[-3000:]
@@ -189,7 +207,7 @@ def test_x86_package_installs_offline_and_runs(x86_package: Path, rootfs: Path, 
 
 
 def _doctor(venv: Path, target: Path, env: dict[str, str], cwd: Path) -> dict[str, dict]:
-    proc = _run([str(venv / "bin/edge-vla"), "doctor", str(target), "--json"], env, cwd)
+    proc = _run_as_service([str(venv / "bin/edge-vla"), "doctor", str(target), "--json"], env, target)
     return {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
 
 

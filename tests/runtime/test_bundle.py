@@ -1,10 +1,16 @@
 import json
+import os
 import shutil
+import stat
+import subprocess
+import sys
 import tarfile
+import tempfile
+from pathlib import Path
 
 import pytest
 
-from edge_vla.bundle import SCHEMA_VERSION, Bundle, write_bundle
+from edge_vla.bundle import SCHEMA_VERSION, Bundle, write_bundle, write_json_atomic
 from edge_vla.errors import BundleError
 
 
@@ -117,3 +123,65 @@ def test_escaping_file_entries_are_rejected(bundle_copy):
     mpath.write_text(json.dumps(m))
     with pytest.raises(BundleError, match="points outside"):
         Bundle.open(bundle_copy)
+
+
+# --- modes: a bundle is read by the robot's unprivileged service user, not by whoever exported it ------
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.lstat().st_mode)
+
+
+def test_write_bundle_sets_modes_whatever_the_umask(tmp_path, tiny_bundle):
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    src = tmp_path / "src.onnx"
+    src.write_bytes(b"graph")
+    src.chmod(0o600)  # a private source file does not make a private bundle member
+    old = os.umask(0o077)
+    try:
+        out = write_bundle(tmp_path / "b", manifest, {"graphs/prefix.onnx": src, "reports/numerics.json": b"{}",
+                                                      "build_engines.sh": b"#!/bin/sh\n"})
+        write_json_atomic(out / "target" / "profile.json", {})  # written on the robot after export
+    finally:
+        os.umask(old)
+    want = {".": 0o755, "graphs": 0o755, "reports": 0o755, "graphs/prefix.onnx": 0o644,
+            "reports/numerics.json": 0o644, "manifest.json": 0o644, "build_engines.sh": 0o755,
+            "target/profile.json": 0o644}
+    assert {rel: oct(_mode(out / rel)) for rel in want} == {rel: oct(m) for rel, m in want.items()}
+
+
+def _as_service_user(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run as uid/gid 65534 with no groups: how edge-vla.service (its own system user) reads a bundle."""
+    env = dict(os.environ, HOME="/nonexistent", PYTHONDONTWRITEBYTECODE="1")
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd], cwd="/",
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+_LOAD = """
+import os, sys
+from edge_vla.runtime.policy import Policy
+policy = Policy.load(sys.argv[1], backend="onnxruntime", trusted_keys=[])
+print(os.getuid(), policy.bundle.config.preset)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv (util-linux) to drop to uid 65534")
+def test_exported_bundle_loads_as_the_service_user():
+    from edge_vla.cli import main as cli
+    from edge_vla.export.assets import shipped_checkpoint
+
+    base = Path(tempfile.mkdtemp(prefix="edge-vla-export-"))  # tmp_path's parents are 0700
+    try:
+        base.chmod(0o755)
+        out = base / "bundle"
+        assert cli(["export", str(shipped_checkpoint()), "-o", str(out), "--table-steps", "10",
+                    "--calib-count", "2"]) == 0
+        load = [sys.executable, "-I", "-c", _LOAD, str(out)]
+        proc = _as_service_user(load)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.split() == ["65534", "tiny"]
+        out.chmod(0o700)  # control: the same load fails when only root may enter the bundle
+        proc = _as_service_user(load)
+        assert proc.returncode != 0 and "Permission" in proc.stderr, proc.stderr[-2000:]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -7,6 +7,8 @@
 # The venv gets exactly the wheels in this package's wheels/ directory, each checked against its
 # sha256 in requirements.lock, with no index: no network, nothing by name from anywhere else.
 set -eu
+# The venv is read by the unprivileged service user: whatever root's umask is, make it readable.
+umask 022
 HERE=$(cd "$(dirname "$0")" && pwd)
 PYTHON=python{{python}}
 WANT_PYTHON={{python}}
