@@ -2,10 +2,11 @@
 
 Per camera frame (H x W x 3 uint8 RGB):
 1. resize keeping the aspect ratio so the frame fits `max_height` x `max_width` with one side touching it
-   (`get_image_size_for_max_height_width`), bicubic with antialiasing, as torchvision's `resize` does it for
-   uint8 tensors on a CPU: float32 separable filter (Keys cubic, a = -0.5, support widened by the scale when
-   shrinking: PIL's algorithm, which ATen's `_upsample_bicubic2d_aa` follows), then clamp, round, uint8;
-   a dimension whose size does not change is not filtered;
+   (`get_image_size_for_max_height_width`), bicubic with antialiasing, bit for bit as the processor's
+   `torchvision.transforms.v2.functional.resize` does it to a uint8 frame on a CPU: torchvision hands the uint8
+   tensor to ATen's native uint8 kernel (`_upsample_bicubic2d_aa`, PIL's algorithm: Keys cubic, a = -0.5, support
+   widened by the scale when shrinking, weights in int16 fixed point), width pass then height pass, each
+   rounded to uint8; a dimension whose size does not change is not filtered;
 2. rescale and normalise: (x / 255 - 0.5) / 0.5 (ImageNet "standard" mean/std), float32;
 3. pad on the bottom and right with 0 to `pad_height` x `pad_width`.
 
@@ -43,34 +44,65 @@ def _cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
     return np.where(x < 1, near, np.where(x < 2, far, 0.0))
 
 
+_MAX_PRECISION = 22  # ATen's cap on the fixed-point bits: it keeps 255 x sum|weights| inside int32
+
+
 @lru_cache(maxsize=16)
-def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """[out_size, in_size] antialiased bicubic weights (align_corners=False), rows summing to 1."""
+def resize_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """ATen's uint8 antialiased bicubic weights for one dimension (align_corners=False), as
+    `HelperInterpCubic::compute_index_ranges_int16_weights` computes them: float64 taps normalised per output,
+    one fixed-point precision for the dimension (the most bits that keep the largest weight under 2^15), then
+    each weight rounded half away from zero.
+
+    Returns (index [out_size, taps] of the input sample each tap reads, clipped into range; weight
+    [out_size, taps] int32 holding int16 values, 0 past an output's own taps; precision in bits)."""
     scale = in_size / out_size
     support = 2.0 * scale if scale >= 1.0 else 2.0
     invscale = 1.0 / scale if scale >= 1.0 else 1.0
-    w = np.zeros((out_size, in_size), dtype=np.float64)
+    max_taps = int(np.ceil(support)) * 2 + 1
+    first = np.zeros(out_size, np.int64)
+    weights = np.zeros((out_size, max_taps), np.float64)
     for i in range(out_size):
         center = scale * (i + 0.5)
-        xmin = max(int(center - support + 0.5), 0)
-        xmax = min(int(center + support + 0.5), in_size)
-        j = np.arange(xmin, xmax)
-        k = _cubic((j - center + 0.5) * invscale)
+        xmin = max(int(center - support + 0.5), 0)  # C++ casts truncate toward zero, as int() does
+        size = min(max(min(int(center + support + 0.5), in_size) - xmin, 0), max_taps)
+        k = _cubic((np.arange(size) + xmin - center + 0.5) * invscale)
         total = k.sum()
-        w[i, xmin:xmax] = k / total if total != 0 else k
-    return w.astype(np.float32)
+        weights[i, :size] = k / total if total != 0.0 else k
+        first[i] = xmin
+    wt_max = float(weights.max())
+    precision = 0
+    while precision < _MAX_PRECISION and int(0.5 + wt_max * (1 << (precision + 1))) < (1 << 15):
+        precision += 1
+    scaled = weights * (1 << precision)
+    fixed = np.trunc(scaled + np.where(scaled < 0, -0.5, 0.5)).astype(np.int32)
+    used = int(np.flatnonzero(fixed.any(axis=0)).max()) + 1 if fixed.any() else 1
+    index = np.minimum(first[:, None] + np.arange(used), in_size - 1)
+    return index, fixed[:, :used], precision
+
+
+def _resize_axis(image: np.ndarray, axis: int, out_size: int) -> np.ndarray:
+    """One separable pass over axis 0 (height) or 1 (width) of a uint8 HWC image: per output sample,
+    (2^(p-1) + sum of input x weight) >> p, clamped to 0..255 (int32 accumulation, exact)."""
+    index, weight, precision = resize_taps(image.shape[axis], out_size)
+    shape = list(image.shape)
+    shape[axis] = out_size
+    acc = np.full(shape, 1 << (precision - 1), np.int32)
+    for k in range(index.shape[1]):  # a handful of taps (13 for 640 -> 224): gather + multiply-add each
+        if axis == 1:
+            acc += image[:, index[:, k], :] * weight[None, :, k, None]
+        else:
+            acc += image[index[:, k], :, :] * weight[:, k, None, None]
+    return np.clip(acc >> precision, 0, 255).astype(np.uint8)
 
 
 def resize_bicubic_aa(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 HWC -> uint8 HWC at (height, width): width pass, then height pass, then clamp/round."""
-    h, w, c = image.shape
-    x = image.astype(np.float32)
-    if w != width:  # [h * c, w] @ [w, width] -> [h, width, c] (one 2-D GEMM)
-        x = (x.transpose(0, 2, 1).reshape(h * c, w) @ resize_matrix(w, width).T).reshape(h, c, width)
-        x = x.transpose(0, 2, 1)
-    if h != height:  # [height, h] @ [h, width * c]
-        x = (resize_matrix(h, height) @ np.ascontiguousarray(x).reshape(h, -1)).reshape(height, -1, c)
-    return np.round(np.clip(x, 0, 255)).astype(np.uint8)
+    """uint8 HWC -> uint8 HWC at (height, width): width pass, then height pass (ATen's order), each to uint8."""
+    if image.shape[1] != width:
+        image = _resize_axis(image, 1, width)
+    if image.shape[0] != height:
+        image = _resize_axis(image, 0, height)
+    return np.ascontiguousarray(image)
 
 
 @dataclass(frozen=True)

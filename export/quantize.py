@@ -1,8 +1,8 @@
 """FP16 and INT8 (explicit Q/DQ) versions of exported FP32 graphs.
 
 FP16 uses onnxconverter-common: weights and activations in FP16, IO kept float32, and the
-numerically sensitive ops (LayerNormalization, Softmax, and the sinusoidal time embedding) kept
-float32. INT8 uses onnxruntime.quantization in the QDQ format that TensorRT accepts: symmetric,
+numerically sensitive ops (LayerNormalization, Softmax, and the sinusoidal time embedding with its
+frequency table, from the time input to the first matrix multiply) kept float32. INT8 uses onnxruntime.quantization in the QDQ format that TensorRT accepts: symmetric,
 zero points 0, per-channel weights, calibrated on observations.
 """
 
@@ -32,23 +32,100 @@ INT8_OPS = ["MatMul", "Gemm", "Conv"]
 INT8_EXCLUDE_SCOPES = ("/stem/", "/state_proj/")
 
 
-def _time_embedding_nodes(model: onnx.ModelProto, input_name: str = "t") -> list[str]:
-    """Nodes between the flow-time input and the first matrix multiply: t * 100 needs FP32 precision."""
-    frontier, names = {input_name}, []
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
+# Graph inputs that carry flow time. Everything they reach before the first matrix multiply (the sinusoidal
+# time embedding: frequency x t, Sin, Cos) stays float32, and so do the constants feeding those nodes (the
+# frequency table): π0's highest frequency is 2 pi / 0.004 = 1571 rad per unit of t, and FP16's spacing at
+# 1024-2048 is 1, so a rounded argument is off by up to 0.5 rad near t = 1. A per-position time input (e.g. for
+# real-time chunking) only has to be named here or passed to `to_fp16`.
+TIME_INPUTS = ("t",)
+_MATMULS = ("MatMul", "Gemm")
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            out.setdefault(name, []).append(node)
+    return out
+
+
+def _constant_nodes(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """{output name: node} for nodes computed from constants only (Constant nodes, initializers, and any node
+    whose inputs are all such), in topological order: the exporter's folded tables and what it left unfolded."""
+    known = ({i.name for i in graph.initializer} - {i.name for i in graph.input}) | {""}  # "": optional input left out
+    out: dict[str, onnx.NodeProto] = {}
+    for node in graph.node:  # ONNX graphs are topologically sorted
+        if all(i in known or i in out for i in node.input):
+            for name in node.output:
+                out[name] = node
+    return out
+
+
+def _time_embedding_nodes(model: onnx.ModelProto, input_names: tuple[str, ...] = TIME_INPUTS) -> list[str]:
+    """Names of the nodes that must compute in float32: those between a flow-time input and the first matrix
+    multiply, plus the constant-only nodes that feed them (e.g. the sinusoid frequency table, a Constant node
+    with no inputs that a walk from the time inputs alone never reaches)."""
+    graph = model.graph
+    consumers, constants = _consumers(graph), _constant_nodes(graph)
+    frontier = {i.name for i in graph.input if i.name in input_names}
     seen: set[str] = set()
+    names: list[str] = []
+    path: list[onnx.NodeProto] = []
     while frontier:
         tensor = frontier.pop()
         for node in consumers.get(tensor, []):
-            if node.name in seen or node.op_type in ("MatMul", "Gemm"):
+            if node.name in seen or node.op_type in _MATMULS:
                 continue
             seen.add(node.name)
             names.append(node.name)
+            path.append(node)
             frontier.update(node.output)
+    # Constant-only producers of the time path's inputs, and their own constant inputs, recursively.
+    pending = [i for node in path for i in node.input]
+    while pending:
+        producer = constants.get(pending.pop())
+        if producer is None or producer.name in seen:
+            continue
+        seen.add(producer.name)
+        names.append(producer.name)
+        pending.extend(producer.input)
     return names
+
+
+def _drop_fp16_round_trips(model: onnx.ModelProto) -> int:
+    """Remove float32 -> float16 -> float32 Cast pairs: the converter puts one between two float32 nodes it
+    keeps (a cast to float16 after the first, a cast back before the second) and its own clean-up
+    (`remove_unnecessary_cast_node`, onnxconverter-common 1.16) misses the pair when the float16 tensor has
+    several readers (π0's frequency x t feeds both Sin and Cos). The round trip rounds a value meant to
+    stay float32. Returns the number of float32 Casts bypassed."""
+    graph = model.graph
+    fp32 = {v.name for v in [*graph.value_info, *graph.input, *graph.output]
+            if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    fp32 |= {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+
+    def cast_to(node: onnx.NodeProto) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    half_of = {n.output[0]: n.input[0] for n in graph.node
+               if cast_to(n) == onnx.TensorProto.FLOAT16 and n.input[0] in fp32}
+    rename = {n.output[0]: half_of[n.input[0]] for n in graph.node
+              if cast_to(n) == onnx.TensorProto.FLOAT and n.input[0] in half_of}
+    outputs = {o.name for o in graph.output}
+    rename = {k: v for k, v in rename.items() if k not in outputs}
+    if not rename:
+        return 0
+    keep = [n for n in graph.node if not (n.output and n.output[0] in rename)]
+    for node in keep:
+        node.input[:] = [rename.get(i, i) for i in node.input]
+    read = {i for n in keep for i in n.input} | outputs
+    keep = [n for n in keep if not (n.output and n.output[0] in half_of and n.output[0] not in read)]
+    del graph.node[:]
+    graph.node.extend(keep)
+    live = {o for n in keep for o in n.output}
+    stale = [v for v in graph.value_info if v.name not in live and v.name not in outputs]
+    for v in stale:
+        graph.value_info.remove(v)
+    return len(rename)
 
 
 def _strip_identities(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -93,13 +170,16 @@ def _unshare_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def to_fp16(src: Path, dst: Path) -> Path:
+def to_fp16(src: Path, dst: Path, time_inputs: tuple[str, ...] = TIME_INPUTS) -> Path:
+    """FP16 weights and activations, IO float32; the time path from `time_inputs` (and its constants) and the
+    ops in FP16_KEEP_FP32_OPS stay float32, with no float16 round trip between them."""
     model = _unshare_initializers(_strip_identities(onnx.load(str(src))))
-    block_nodes = _time_embedding_nodes(model) if any(i.name == "t" for i in model.graph.input) else []
     fp16 = float16.convert_float_to_float16(
         model, keep_io_types=True, op_block_list=FP16_KEEP_FP32_OPS + float16.DEFAULT_OP_BLOCK_LIST,
-        node_block_list=block_nodes, disable_shape_infer=False,
+        node_block_list=_time_embedding_nodes(model, time_inputs), disable_shape_infer=False,
     )
+    dropped = _drop_fp16_round_trips(fp16)
+    log.debug("%s: %d float16 round trips between float32 nodes removed", dst.name, dropped)
     onnx.save(fp16, str(dst))
     return dst
 

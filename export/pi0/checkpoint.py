@@ -7,8 +7,10 @@ Expected beside `config.json` (model_type "pi0") and the weights (`model.safeten
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,10 @@ log = logging.getLogger(__name__)
 
 TRANSFORMERS_SERIES = "5.23"  # the PI0 API names this importer uses (dit_config, pixel_attention_mask)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+# Weights neither π0's sampler nor the exported graphs read: the expert's token embedding (the expert takes
+# embeddings, never token ids). A checkpoint converted without it is complete; anything else missing is not.
+UNREAD_WEIGHTS = frozenset({"model.dit.embed_tokens.weight"})
+_NAMES_SHOWN = 5
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -73,8 +79,27 @@ class Pi0Source:
                 return sha256_file(self.path / name)
         return "unknown"
 
+    def load_tokenizer(self) -> Any:
+        """The checkpoint's `tokenizers.Tokenizer` (what the robot loads from the bundle); CheckpointError, one
+        line, when the file cannot be read as one."""
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as exc:
+            raise CheckpointError(f"reading {self.tokenizer_json} needs the tokenizers library ({exc}); install "
+                                  "it with: pip install 'edge-vla[pi0-export]'") from exc
+        try:
+            return Tokenizer.from_file(str(self.tokenizer_json))
+        except Exception as exc:  # the Rust side raises plain Exception for unreadable, truncated or foreign JSON
+            raise CheckpointError(
+                f"{self.tokenizer_json} is not a readable tokenizer ({_one_line(exc)}); save the processor's "
+                "tokenizer again: PI0Processor.from_pretrained(...).save_pretrained(dir)") from exc
+
     def load_model(self):
-        """PI0ForConditionalGeneration in float32, eval mode (transformers imported here, not at module load)."""
+        """PI0ForConditionalGeneration in float32, eval mode (transformers imported here, not at module load).
+
+        Refuses a checkpoint whose tensors do not match the architecture in config.json: transformers fills a
+        missing tensor with a fresh random one (and the numerics gate would compare the bundle with that same
+        random model) and drops an unexpected one."""
         try:
             import transformers
             from transformers import PI0ForConditionalGeneration
@@ -86,11 +111,60 @@ class Pi0Source:
                         transformers.__version__, TRANSFORMERS_SERIES)
         import torch
 
+        log.debug("loading the π0 weights from %s", self.path)
         try:
-            model = PI0ForConditionalGeneration.from_pretrained(self.path, dtype=torch.float32)
+            with _quiet_transformers():  # its load report and progress bar: the check below says what matters
+                model, info = PI0ForConditionalGeneration.from_pretrained(self.path, dtype=torch.float32,
+                                                                          output_loading_info=True)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise CheckpointError(f"cannot load the π0 checkpoint {self.path}: {exc}") from exc
+            raise CheckpointError(f"cannot load the π0 checkpoint {self.path}: {_one_line(exc)}") from exc
+        self._check_loading_info(info)
         return model.eval()
+
+    def _check_loading_info(self, info: dict[str, Any]) -> None:
+        missing = set(info.get("missing_keys") or ())
+        unread = missing & UNREAD_WEIGHTS
+        if unread:
+            log.warning("%s has no %s: π0 never reads it (random values are harmless)", self.path, sorted(unread))
+        missing -= unread
+        unexpected = set(info.get("unexpected_keys") or ())
+        mismatched = {str(m[0]) if isinstance(m, tuple) else str(m) for m in info.get("mismatched_keys") or ()}
+        problems = [f"{what} {_names(keys)}" for what, keys in (
+            (f"missing {len(missing)} tensor(s)", missing), (f"{len(unexpected)} unexpected", unexpected),
+            (f"{len(mismatched)} of another shape", mismatched)) if keys]
+        if problems:
+            raise CheckpointError(
+                f"the weights in {self.path} do not fit the π0 architecture in its config.json: "
+                + "; ".join(problems) + ". transformers would fill missing tensors with random values. Save the "
+                "checkpoint whole (model.save_pretrained(dir)) with the config it was trained with")
+
+
+def _names(keys: Iterable[str]) -> str:
+    names = sorted(keys)
+    shown = ", ".join(names[:_NAMES_SHOWN])
+    return f"({shown}{f', and {len(names) - _NAMES_SHOWN} more' if len(names) > _NAMES_SHOWN else ''})"
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (transformers' and tokenizers' messages span several)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' warnings (its load report) and progress bars off for one call, then as they were."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def open_pi0(path: str | Path) -> Pi0Source:
@@ -117,7 +191,9 @@ def open_pi0(path: str | Path) -> Pi0Source:
     if not processor:
         log.warning("%s has no processor_config.json: image settings fall back to the π0 defaults and the "
                     "state/action statistics must come from the sidecar", path)
-    return Pi0Source(path, cfg, tok, tok_cfg, processor)
+    src = Pi0Source(path, cfg, tok, tok_cfg, processor)
+    src.load_tokenizer()  # before the (full-size: minutes long) model load: an unreadable tokenizer stops here
+    return src
 
 
 def _json_or_empty(p: Path) -> dict[str, Any]:

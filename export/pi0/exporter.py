@@ -232,8 +232,7 @@ def make_plan(src: Pi0Source, model: Any, opts: Pi0ExportOptions) -> _Plan:
 
 
 def _pad_id(src: Pi0Source) -> int:
-    tokenizers = __import__("tokenizers")
-    tok = tokenizers.Tokenizer.from_file(str(src.tokenizer_json))
+    tok = src.load_tokenizer()
     pad = src.tokenizer_config.get("pad_token") or "<pad>"
     pid = tok.token_to_id(str(pad))
     return int(pid) if pid is not None else 0

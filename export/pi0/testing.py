@@ -75,11 +75,34 @@ def build_tokenizer(vocab_size: int = 96, corpus: list[str] | None = None):
                                    unk_token="<unk>")
 
 
+def fan_in_init(model: Any, seed: int = 0) -> None:
+    """Redraw every Linear / Conv2d weight and bias from N(0, 1/fan_in).
+
+    transformers initialises them at N(0, 0.02^2): at the tiny widths the expert's velocity is then so small
+    that the sampled chunk stays within a few % of its noise and barely depends on the image or the
+    instruction, which hides a wrong velocity (a numerics gate passes whatever the graphs do to it). At
+    1/sqrt(fan_in) activations keep their scale layer to layer: the chunk moves far from the noise and
+    another image or instruction changes it (tests/export/test_pi0_fp16.py checks both)."""
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                std = module.weight[0].numel() ** -0.5  # fan_in: the inputs one output sums over
+                module.weight.copy_(torch.randn(module.weight.shape, generator=g) * std)
+                if module.bias is not None:
+                    module.bias.copy_(torch.randn(module.bias.shape, generator=g) * std)
+
+
 def make_checkpoint(out: str | Path, config: dict[str, Any] | None = None, num_cameras: int = 2,
                     state_dim: int = 3, action_dim: int = 3, seed: int = 0, with_processor: bool = True,
-                    dtype: str = "float32", max_shard_size: str | None = None) -> Path:
+                    dtype: str = "float32", max_shard_size: str | None = None, init: str = "transformers") -> Path:
     """Write a random-weight π0 checkpoint directory with its tokenizer and processor (statistics included).
-    max_shard_size (e.g. "1GB"): safetensors serialises a shard in memory, so the full π0 needs small shards."""
+    max_shard_size (e.g. "1GB"): safetensors serialises a shard in memory, so the full π0 needs small shards.
+    init: "transformers" (its own initialisation) or "fan_in" (`fan_in_init`: a π0 whose chunk depends on
+    its inputs, for numerics tests)."""
     import numpy as np
     import torch
     from transformers import PI0Config, PI0ForConditionalGeneration, PI0Processor
@@ -105,6 +128,10 @@ def make_checkpoint(out: str | Path, config: dict[str, Any] | None = None, num_c
     cfg["vlm_config"] = dict(cfg["vlm_config"], image_token_id=processor.image_token_id)
     torch.manual_seed(seed)
     model = PI0ForConditionalGeneration(PI0Config(**cfg)).eval()
+    if init == "fan_in":
+        fan_in_init(model, seed)
+    elif init != "transformers":
+        raise ValueError(f"init must be 'transformers' or 'fan_in', got {init!r}")
     if dtype != "float32":
         model = model.to(getattr(torch, dtype))
     model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))

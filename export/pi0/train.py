@@ -291,9 +291,7 @@ def init_checkpoint(ds: Dataset, out: Path, cfg: dict[str, Any], seed: int = 0) 
 def text_tokens_needed(inputs_src: Any, instructions: np.ndarray) -> int:
     """Text tokens (bos + instruction + newline) of the dataset's longest prompt: training pads to this,
     not to π0's 48, which the attention mask makes equivalent and which saves prefix compute."""
-    import tokenizers
-
-    tok = tokenizers.Tokenizer.from_file(str(inputs_src.tokenizer_json))
+    tok = inputs_src.load_tokenizer()
     bos = inputs_src.tokenizer_config.get("bos_token") or "<bos>"
     return max(len(tok.encode(f"{bos}{s}\n").ids) for s in np.unique(instructions))
 
@@ -301,8 +299,6 @@ def text_tokens_needed(inputs_src: Any, instructions: np.ndarray) -> int:
 def train_pi0(ds: Dataset, out: str | Path, tc: TrainConfig, config: dict[str, Any] | None = None,
               resume: bool = False, progress: bool = True) -> Path:
     """Train a reduced π0 on `ds`; checkpoints (transformers format + processor + robot.json) land in `out`."""
-    from transformers import PI0ForConditionalGeneration
-
     threads = tc.threads or default_threads()
     torch.set_num_threads(threads)
     out = Path(out)
@@ -310,7 +306,7 @@ def train_pi0(ds: Dataset, out: str | Path, tc: TrainConfig, config: dict[str, A
     if resume and (out / STATE_FILE).is_file():
         state = json.loads((out / STATE_FILE).read_text(encoding="utf-8"))
         start = int(state["step"])
-        model = PI0ForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+        model = open_pi0(out).load_model()  # refuses missing/unexpected tensors rather than re-initialising them
         log.info("resuming %s from step %d", out, start)
     else:
         model = init_checkpoint(ds, out, sim_pi0_config(**(config or {})), tc.seed)

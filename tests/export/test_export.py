@@ -58,6 +58,94 @@ def test_fp16_keeps_io_float32_and_weights_half(tiny_bundle_fp16):
     assert any(n.op_type == "LayerNormalization" for n in model.graph.node)
 
 
+def _sin_cos_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{Sin/Cos node name: its output} of `model` run on `feeds` (other float inputs zero), as float64."""
+    import onnxruntime as ort
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    types = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    picked = {n.name: n.output[0] for n in model.graph.node if n.op_type in ("Sin", "Cos")}
+    assert picked, "the graph has no Sin/Cos"
+    for name in picked.values():
+        model.graph.output.append(helper.make_tensor_value_info(name, types.get(name, TensorProto.FLOAT), None))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    full = {i.name: np.zeros([d.dim_value for d in i.type.tensor_type.shape.dim], np.float32)
+            for i in model.graph.input}
+    full.update(feeds)
+    values = sess.run(list(picked.values()), full)
+    return {node: v.astype(np.float64) for node, v in zip(picked, values, strict=True)}
+
+
+def _sinusoid_graph(time_input: str) -> onnx.ModelProto:
+    """time [1, 4] (one flow time per action position) -> sinusoid at π0's highest frequencies -> MatMul."""
+    freqs = (2 * np.pi / np.geomspace(0.004, 0.02, 8)).astype(np.float32)  # up to 1571 rad per unit of time
+    nodes = [
+        helper.make_node("Constant", [], ["freqs"], name="freq_table",
+                         value=helper.make_tensor("f", TensorProto.FLOAT, [1, 1, 8], freqs)),
+        helper.make_node("Constant", [], ["axes"], name="axes", value=helper.make_tensor("a", TensorProto.INT64, [1],
+                                                                                         [2])),
+        helper.make_node("Unsqueeze", [time_input, "axes"], ["t3"], name="unsqueeze"),
+        helper.make_node("Mul", ["t3", "freqs"], ["args"], name="mul"),
+        helper.make_node("Sin", ["args"], ["sin"], name="sin"),
+        helper.make_node("Cos", ["args"], ["cos"], name="cos"),
+        helper.make_node("Concat", ["sin", "cos"], ["emb"], name="concat", axis=2),
+        helper.make_node("MatMul", ["emb", "w"], ["y"], name="proj"),
+    ]
+    w = helper.make_tensor("w", TensorProto.FLOAT, [16, 3], np.linspace(-1, 1, 48, dtype=np.float32))
+    graph = helper.make_graph(nodes, "sinusoid", [helper.make_tensor_value_info(time_input, TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 3])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(("time_input", "named"), [("t", None), ("tau", ("tau",)), ("tau", ("t",))])
+def test_fp16_keeps_any_named_time_input_and_its_constant_table_float32(tmp_path, time_input, named):
+    """The frequency table is a Constant node (no inputs) and frequency x time feeds both Sin and Cos: both
+    stay float32, for the default time input `t` and for any input named as one (a per-position time for
+    real-time chunking); the control ("tau" not named) shows FP16 rounding the sinusoid."""
+    from edge_vla.export import quantize
+
+    src = tmp_path / "sinusoid.onnx"
+    onnx.save(_sinusoid_graph(time_input), str(src))
+    kwargs = {"time_inputs": named} if named else {}
+    dst = quantize.to_fp16(src, tmp_path / "fp16.onnx", **kwargs)
+    half = onnx.load(str(dst))
+    assert {i.name: i.data_type for i in half.graph.initializer}["w"] == TensorProto.FLOAT16  # the rest is FP16
+    times = {time_input: np.array([[1.0, 0.999, 0.95, 0.6]], np.float32)}
+    want = _sin_cos_outputs(onnx.load(str(src)), times)
+    got = _sin_cos_outputs(half, times)
+    err = max(float(np.abs(got[n] - want[n]).max()) for n in want)
+    if named != ("t",):
+        assert err <= 1e-6, f"time embedding off by {err:.3g} in FP16"
+        assert not [n for n in half.graph.node if n.op_type == "Cast"
+                    and any(a.name == "to" and a.i == TensorProto.FLOAT16 for a in n.attribute)
+                    and n.input[0] in ("args", "freqs", "t3")], "a float16 round trip on the time path"
+    else:
+        assert err > 1e-2  # the check can tell a float32 path from a rounded one
+
+
+def test_reference_scalar_time_step_keeps_the_time_embedding_float32(tmp_path, tiny_model):
+    """The reference model's step graph with a scalar t input (`time_input="scalar"`): cos/sin of
+    t * 100 * freqs in the FP16 graph equal model.timestep_embedding's (the default time table is computed
+    on the host in float32 and has no sinusoid in the graph)."""
+    import torch
+
+    from edge_vla.export import quantize
+    from edge_vla.export.model import timestep_embedding
+    from edge_vla.export.onnx_graphs import export_graphs
+
+    step = next(g.path for g in export_graphs(tiny_model, tmp_path / "fp32", time_input="scalar")
+                if g.name == "denoise_step")
+    half = onnx.load(str(quantize.to_fp16(step, tmp_path / "denoise_step_fp16.onnx")))
+    width = tiny_model.config.expert_width
+    for t in (1.0, 0.97, 0.55, 0.05):
+        want = timestep_embedding(torch.full((1,), t), width).numpy().astype(np.float64)[0]
+        got = _sin_cos_outputs(half, {"t": np.full((1,), t, np.float32)})
+        sin = next(v for n, v in got.items() if "Sin" in n).reshape(-1)
+        cos = next(v for n, v in got.items() if "Cos" in n).reshape(-1)
+        err = float(np.abs(np.concatenate([cos, sin]) - want).max())
+        assert err <= 1e-5, f"t={t}: FP16 time embedding off by {err:.3g}"
+
+
 def _tiny_graph(nodes, inputs, outputs, inits=()):
     graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

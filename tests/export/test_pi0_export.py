@@ -222,6 +222,82 @@ def test_missing_tokenizer_is_refused(pi0_dir, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def _with_weights_changed(pi0_dir: Path, dst: Path, drop: tuple[str, ...] = (), add: tuple[str, ...] = ()) -> Path:
+    """A copy of the checkpoint whose model.safetensors lacks the `drop` tensors and holds extra `add` ones."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shutil.copytree(pi0_dir, dst)
+    weights = dst / "model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        metadata, names = f.metadata(), set(f.keys())
+        tensors = {k: f.get_tensor(k) for k in names - set(drop)}
+    assert set(drop) <= names  # what is dropped was there
+    tensors.update({k: torch.zeros(4) for k in add})
+    save_file(tensors, str(weights), metadata=metadata)
+    return dst
+
+
+@pytest.mark.parametrize(("drop", "add", "named"), [
+    (("action_out_proj.weight",), (), r"missing 1 tensor\(s\) \(action_out_proj\.weight\)"),
+    ((), ("action_head.extra.weight",), r"1 unexpected \(action_head\.extra\.weight\)"),
+])
+def test_weights_that_do_not_fit_the_architecture_are_refused(pi0_dir, tmp_path, drop, add, named):
+    """transformers fills a missing tensor with a fresh random one, and the numerics gate compares against
+    that same random model: without this check the export passes and writes a bundle of random weights."""
+    d = _with_weights_changed(pi0_dir, tmp_path / "ckpt", drop, add)
+    with pytest.raises(CheckpointError, match=named) as err:
+        export_pi0(d, tmp_path / "b", Pi0ExportOptions(numerics_count=1))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_missing_weight_pi0_never_reads_is_accepted(pi0_dir, tmp_path, caplog):
+    """The expert's token embedding (saved as gemma_expert.lm_head) feeds neither the graphs nor
+    sample_actions: a checkpoint without it is complete (control for the refusal above)."""
+    d = _with_weights_changed(pi0_dir, tmp_path / "ckpt", drop=("paligemma_with_expert.gemma_expert.lm_head.weight",))
+    with caplog.at_level("WARNING", logger="edge_vla.export.pi0.checkpoint"):
+        open_pi0(d).load_model()
+    assert "model.dit.embed_tokens.weight" in caplog.text and "never reads it" in caplog.text
+
+
+GARBLED_TOKENIZERS = {
+    "truncated": lambda text: text[: len(text) // 2],
+    "not a tokenizer": lambda text: json.dumps({"version": "1.0", "model": {"type": "Unknown"}}),
+    "binary": lambda text: "\udcff\x00garbage",
+}
+
+
+@pytest.mark.parametrize("garble", sorted(GARBLED_TOKENIZERS))
+def test_garbled_tokenizer_is_a_one_line_checkpoint_error(pi0_dir, tmp_path, garble):
+    d = tmp_path / "ckpt"
+    shutil.copytree(pi0_dir, d)
+    tok = d / "tokenizer.json"
+    tok.write_bytes(GARBLED_TOKENIZERS[garble](tok.read_text(encoding="utf-8")).encode("utf-8", "surrogateescape"))
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json is not a readable tokenizer") as err:
+        export_pi0(d, tmp_path / "b", Pi0ExportOptions(numerics_count=1))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "b").exists()
+
+
+def test_cli_refuses_a_garbled_tokenizer_and_a_missing_weight_in_one_line(pi0_dir, sidecar, tmp_path):
+    """`edge-vla export` end to end (a real process): one stderr line naming the problem, exit 1, no bundle."""
+    garbled = tmp_path / "garbled"
+    shutil.copytree(pi0_dir, garbled)
+    (garbled / "tokenizer.json").write_text('{"version": "1.0", "truncated": ')
+    missing = _with_weights_changed(pi0_dir, tmp_path / "missing", drop=("state_proj.weight",))
+    edge_vla = Path(sys.executable).with_name("edge-vla")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for ckpt, named in ((garbled, "tokenizer.json is not a readable tokenizer"), (missing, "state_proj.weight")):
+        out = tmp_path / f"bundle_{ckpt.name}"
+        run = subprocess.run([str(edge_vla), "export", str(ckpt), "-o", str(out), "--sidecar", str(sidecar)],
+                             capture_output=True, text=True, env=env, timeout=300)
+        lines = [line for line in run.stderr.splitlines() if line.strip()]
+        assert run.returncode == 1, (run.returncode, run.stderr[-3000:])
+        assert len(lines) == 1 and lines[0].startswith("edge-vla export: error: ") and named in lines[0], lines
+        assert not out.exists()
+
+
 def test_missing_statistics_are_refused(pi0_dir, tmp_path):
     d = tmp_path / "no_stats"
     shutil.copytree(pi0_dir, d)
