@@ -141,7 +141,8 @@ class PolicyServer:
                 process_request=self._process_request,
                 max_size=lim.max_message_bytes,  # a larger frame closes the connection with 1009
                 compression=None,  # no permessage-deflate: no decompression bombs, and openpi-client asks for none
-                max_queue=4,  # frames buffered per connection before TCP back-pressure
+                max_queue=1,  # one frame buffered per connection, then TCP back-pressure: openpi-client never pipelines,
+                #   and 4 would let each connection pin ~5 x the message cap
             )
         except OSError as exc:
             raise ServeError(f"cannot listen on {self.options.host}:{self.options.port} ({exc}); is another server "
