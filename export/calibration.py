@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +17,53 @@ from edge_vla.sim.metaworld import is_metaworld
 from edge_vla.sim.splits import is_sim, sim_split
 
 from .data import TensorDataset
-from .lerobot.hooks import calibration_data, is_lerobot_source
+from .lerobot import open_meta, parse_source
+from .lerobot.hooks import calibration_data, check_calibration_source, is_lerobot_source
 from .model import VLA
 from .onnx_graphs import StepTime, kv_names, split_kv
 
 CALIB_SEED_BASE = 500_000  # away from training seeds and from held-out evaluation seeds
+
+
+def check_source(source: str | Path | None, config: VLAConfig | None = None, count: int = 32) -> None:
+    """Refuse a --calib that cannot be read, in one line and before any export work: a missing file or folder,
+    a folder without .npz files, a file that is not an .npz dataset, an unknown sim split, a LeRobot dataset
+    that is absent (and, given the model's config, one whose cameras, sizes or tasks the model cannot take)."""
+    if source is None or is_metaworld(source):
+        return
+    if is_sim(source):
+        _as_calib(source, lambda: sim_split(str(source)))
+        return
+    if is_lerobot_source(source):
+        text = str(source)
+        if config is None:  # the family is not known yet: the dataset must at least be there
+            _as_calib(source, lambda: open_meta(parse_source(text).root))
+        else:
+            _as_calib(source, lambda: check_calibration_source(text, config, count))
+        return
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(path.glob("*.npz"))
+        if not files:
+            raise EdgeVlaError(f"--calib {path}: the folder holds no .npz datasets; pass a dataset from `edge-vla "
+                               "make-data`, a folder of them, or lerobot:PATH")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise EdgeVlaError(f"--calib {path}: no such file or folder; pass a .npz dataset from `edge-vla make-data`, "
+                           "a folder of them, or lerobot:PATH")
+    for f in files:
+        if not zipfile.is_zipfile(f):
+            raise EdgeVlaError(f"--calib {f}: not an .npz dataset (make one with `edge-vla make-data -o {f.name}`), "
+                               "or pass lerobot:PATH for a LeRobot dataset")
+
+
+def _as_calib(source: str | Path, check: Callable[[], object]) -> None:
+    """Run a check, its error prefixed with the option that named the source."""
+    try:
+        check()
+    except EdgeVlaError as exc:
+        raise EdgeVlaError(f"--calib {source}: {exc}") from exc
 
 
 def load_observations(config: VLAConfig, source: str | Path | None, count: int, seed: int = 0) -> dict[str, torch.Tensor]:

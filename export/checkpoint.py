@@ -27,17 +27,24 @@ TRAIN_STATE = "train_state.json"
 
 def save_checkpoint(model: VLA, path: str | os.PathLike[str], meta: dict[str, Any] | None = None,
                     optimizer: torch.optim.Optimizer | None = None, train_state: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint directory atomically (temp dir + rename)."""
+    """Write a checkpoint directory atomically (temp dir + rename). Non-finite weights are refused before
+    anything is written: they would replace a good checkpoint with one that cannot act."""
     out = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    moments = _optimizer_tensors(model, optimizer) if optimizer is not None else {}
+    bad = non_finite(tensors) + non_finite(moments)
+    if bad:
+        kept = f"{out} is left as it was" if out.exists() else f"nothing was written to {out}"
+        raise CheckpointError(f"refusing to write a checkpoint with non-finite values in {_names(bad)} (the model "
+                              f"diverged); {kept}")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(tensors, staging / WEIGHTS)
         doc = {"config": model.config.to_dict(), "meta": meta or {}}
         (staging / CONFIG).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
         if optimizer is not None:
-            save_file(_optimizer_tensors(model, optimizer), staging / OPTIMIZER)
+            save_file(moments, staging / OPTIMIZER)
         if train_state is not None:
             (staging / TRAIN_STATE).write_text(json.dumps(train_state, indent=2) + "\n")
         swap_in_dir(staging, out)
@@ -85,8 +92,21 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[VLA, dict[str, Any]]:
         raise CheckpointError(
             f"checkpoint {path}: its config (preset {config.preset!r}) and tensors disagree: " + "; ".join(parts)
         )
+    bad = non_finite(tensors)
+    if bad:
+        raise CheckpointError(f"checkpoint {path}: non-finite values in {_names(bad)}; it was written by a run that "
+                              "diverged: retrain, or use an earlier checkpoint")
     model.load_state_dict(tensors)
     return model.eval(), meta
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or Inf."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def _names(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def load_training_state(path: str | os.PathLike[str], model: VLA, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -12,6 +12,18 @@ from edge_vla.sim.dataset import Dataset
 from edge_vla.tokenizer import tokenize
 
 
+def require_finite(ds: Dataset, source: str) -> None:
+    """Refuse NaN or Inf in a dataset's states or actions, naming the first sample, its episode and the file:
+    one such value turns the normalization, and so every loss, into NaN."""
+    for name, values in (("state", ds.states), ("action", ds.actions)):
+        bad = ~np.isfinite(np.asarray(values, dtype=np.float64).reshape(len(values), -1)).all(axis=1)
+        if bad.any():
+            rows = np.flatnonzero(bad)
+            raise ConfigError(f"{source}: sample {int(rows[0])} (episode {int(ds.episodes[rows[0]])}) holds a "
+                              f"non-finite {name} ({len(rows)} sample(s) do); the dataset is corrupt: regenerate it "
+                              "with `edge-vla make-data`")
+
+
 class TensorDataset:
     """The dataset as tensors shaped for one config (cameras, image size, chunk length)."""
 

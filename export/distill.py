@@ -48,7 +48,7 @@ from .checkpoint import save_checkpoint
 from .distributed import DistContext, init_from_env
 from .model import VLA
 from .teacher import FlowTeacher, ObsBatch, Teacher, Tokens, VLATeacher, has_velocity
-from .train import TrainConfig, lr_at
+from .train import NonFiniteLossError, TrainConfig, describe_batch, lr_at, non_finite_message
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +323,7 @@ class Distiller:
         self.gen = torch.Generator().manual_seed(cfg.seed + 7919 * self.ctx.rank)
         self.targets: Targets | None = None
         self.history: list[dict[str, float]] = []
+        self._last_batch: tuple[Tensor, Tensor] = (torch.zeros(0, dtype=torch.long), torch.zeros(0))
         self._norm(pool)
 
     def _norm(self, pool: ObsPool) -> None:
@@ -377,7 +378,9 @@ class Distiller:
     # --- training --------------------------------------------------------------------------------------
     def _batch(self, targets: Targets, bs: int, device: torch.device) -> tuple[ObsBatch, Tensor]:
         rows = torch.randint(0, len(targets), (bs,), generator=self.gen)
-        return self.pool.batch(targets.obs_index[rows].numpy()).to(device), rows
+        obs = self.pool.batch(targets.obs_index[rows].numpy())
+        self._last_batch = (targets.obs_index[rows], obs.state)  # named if this batch's loss is not finite
+        return obs.to(device), rows
 
     def _goal_kw(self, targets: Targets, rows: Tensor, device: torch.device) -> dict:
         goals = self.pool.goal_batch(targets.obs_index[rows].numpy())
@@ -399,7 +402,16 @@ class Distiller:
             loss, stats = step_fn(step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
+            # Checked after backward: under DDP the gradient norm is the same on every rank, so all stop together.
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
+            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                bar.close()
+                rows, states = self._last_batch
+                raise NonFiniteLossError(non_finite_message(
+                    f"distillation ({desc}) stopped at step {step + 1} of {total}", loss.detach().cpu(),
+                    grad_norm.detach().cpu(), describe_batch(rows, None, states, None, "observations"),
+                    "no student checkpoint was written", "lower --lr (--reflow-lr for reflow), or check the data and "
+                    "the teacher for NaN/Inf"))
             opt.step()
             if step % 20 == 0:
                 self.history.append({"step": step, "stage": desc, **stats})
@@ -453,9 +465,13 @@ def new_student(config: VLAConfig, seed: int = 0, init: VLA | None = None, goals
     torch.manual_seed(seed)  # identical initial weights on every rank
     student = VLA(config)
     if init is not None:
-        if dataclasses.replace(init.config, goal_head=config.goal_head) != config:
-            raise ConfigError(f"--student-init has preset {init.config.preset!r} but the student is "
-                              f"{config.preset!r}; pass a checkpoint of the student's preset")
+        theirs = dataclasses.replace(init.config, goal_head=config.goal_head)
+        if theirs != config:
+            diff = [f"{f.name} {getattr(theirs, f.name)} vs {getattr(config, f.name)}"
+                    for f in dataclasses.fields(config) if getattr(theirs, f.name) != getattr(config, f.name)]
+            raise ConfigError(f"--student-init (preset {init.config.preset!r}) differs from the student "
+                              f"({config.preset!r}): {'; '.join(diff)}; pass a checkpoint of the student's "
+                              "configuration (the same preset, --set and data)")
         weights = {k: v for k, v in init.state_dict().items() if config.goal_head or not k.startswith("goal.")}
         student.load_state_dict(weights, strict=not (config.goal_head and init.goal is None))
     return student.train()

@@ -4,18 +4,23 @@ so the student needs 1-2 ODE steps. Runs data-parallel unchanged under `torchrun
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
-from edge_vla.config import PRESETS, preset
+from edge_vla.config import PRESETS, VLAConfig, preset
 from edge_vla.errors import ConfigError
 from edge_vla.sim import dataset
 from edge_vla.sim.splits import meta_split
 
+from .data import require_finite
 from .distill import DistillConfig, ObsPool, distill
-from .envs import dataset_env, student_config
-from .lerobot.hooks import distill_data, is_lerobot_source
-from .teacher import VLATeacher, load_teacher
+from .envs import dataset_env, longest_instruction, student_config, text_len_for
+from .lerobot.hooks import dataset_text_len, distill_data, is_lerobot_source
+from .teacher import Teacher, VLATeacher, load_teacher
+from .train_cli import parse_overrides
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +29,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "π0 checkpoint directory")
     parser.add_argument("--teacher-steps", type=int, default=None, help="teacher ODE steps (default: its config's)")
     parser.add_argument("--student-preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one field of the student's preset, as `edge-vla train --set` (repeatable). "
+                        "chunk_len, action_dim and state_dim come from the teacher; max_text_len is at least the "
+                        "teacher's and the data's longest instruction")
     parser.add_argument("--student-init", default=None, help="start the student from this checkpoint (same preset)")
     parser.add_argument("-o", "--output", required=True,
                         help="student checkpoint; with --reflow-steps > 0 the pre-reflow student goes to <output>_kd")
@@ -53,10 +62,47 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
 
 
+# Sizes the teacher's chunks and inputs fix: the student's cannot differ.
+TEACHER_SIZES = ("chunk_len", "action_dim", "state_dim")
+
+
+def student_preset(name: str, overrides: dict[str, Any], teacher: Teacher) -> VLAConfig:
+    """The student's preset with --set overrides; chunk, action and state sizes from the teacher, and at least the
+    teacher's instruction length (it labels the same instructions the student reads)."""
+    fixed = {key: int(getattr(teacher, key)) for key in TEACHER_SIZES}  # every teacher has these three
+    for key, value in overrides.items():
+        if key in fixed and value != fixed[key]:
+            raise ConfigError(f"--set {key}={value}: the student's {key} comes from the teacher ({fixed[key]}); "
+                              "drop the override")
+    cfg = preset(name, **(overrides | fixed))
+    teacher_text = teacher.model.config.max_text_len if isinstance(teacher, VLATeacher) else 0  # π0: own tokenizer
+    return dataclasses.replace(cfg, max_text_len=max(cfg.max_text_len, teacher_text)).validate()
+
+
+def fit_instructions(student: VLAConfig, needed: int) -> VLAConfig:
+    """The student takes the data's longest instruction (`needed` tokens with the end mark): the data decides,
+    over the preset's or an asked-for smaller length."""
+    if student.max_text_len >= needed:
+        return student
+    return dataclasses.replace(student, max_text_len=needed).validate()
+
+
+def check_teacher_text(teacher: Teacher, instructions: Iterable[object], source: str) -> None:
+    """An edge-vla teacher must take every instruction it labels (a π0 teacher has its own tokenizer)."""
+    if not isinstance(teacher, VLATeacher):
+        return
+    limit = teacher.model.config.max_text_len
+    task, n = longest_instruction(instructions)
+    if n + 1 > limit:
+        raise ConfigError(f"{source}: instruction {task!r} is {n} bytes but the teacher takes instructions of at most "
+                          f"{limit - 1} bytes (max_text_len {limit}); distill a teacher trained on this data "
+                          "(`edge-vla train` sizes the instruction from the data's longest one)")
+
+
 def main(args: argparse.Namespace) -> int:
+    overrides = parse_overrides(args.set)
     teacher = load_teacher(args.teacher, steps=args.teacher_steps)
-    student_cfg = preset(args.student_preset, chunk_len=teacher.chunk_len, action_dim=teacher.action_dim,
-                         state_dim=teacher.state_dim)
+    student_cfg = student_preset(args.student_preset, overrides, teacher)
     data_path = Path(args.data)
     data_meta = None
     split = "base"
@@ -68,6 +114,9 @@ def main(args: argparse.Namespace) -> int:
             print("recorded data: DAgger needs the simulator, so the teacher labels the recorded states only "
                   "(--dagger-rounds 0)")
             args.dagger_rounds = 0
+        # All episodes' tasks: the student is evaluated on the held-out ones. The teacher need only take the
+        # training split's, which distill_data checks.
+        student_cfg = fit_instructions(student_cfg, dataset_text_len(args.data))
         ds = distill_data(args.data, teacher.model.config, student_cfg)
         data_meta = ds.meta
     elif not data_path.is_file():
@@ -75,6 +124,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     else:
         ds = dataset.load(data_path)
+        require_finite(ds, str(data_path))
+        check_teacher_text(teacher, ds.instructions, str(data_path))
+        student_cfg = fit_instructions(student_cfg, text_len_for(ds.instructions))
         split = meta_split(ds.meta)
         if split != "base":  # DAgger rolls out in the data's split; the student's checkpoint records it
             data_meta = ds.meta

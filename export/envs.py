@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from edge_vla.action_space import ActionSpace
 from edge_vla.config import VLAConfig
@@ -22,6 +21,7 @@ from edge_vla.errors import EdgeVlaError
 from edge_vla.sim.dataset import Dataset
 from edge_vla.sim.metaworld import MetaWorldSpec, camera_entries, is_metaworld
 from edge_vla.sim.splits import meta_split, sim_env
+from edge_vla.tokenizer import normalize
 
 
 def dataset_env(meta: dict[str, Any] | None) -> str | None:
@@ -31,23 +31,43 @@ def dataset_env(meta: dict[str, Any] | None) -> str | None:
     return None
 
 
+def instruction_bytes(text: object) -> int:
+    """Bytes an instruction takes in the model's byte tokenizer (after its case and whitespace folding)."""
+    return len(normalize(str(text)).encode("utf-8"))
+
+
+def longest_instruction(instructions: Iterable[object]) -> tuple[str, int]:
+    """The instruction with the most tokenizer bytes and that count; ("", 0) for none."""
+    best, most = "", 0
+    for text in set(map(str, instructions)):
+        n = instruction_bytes(text)
+        if n > most or (n == most and text < best):
+            best, most = text, n
+    return best, most
+
+
+def text_len_for(instructions: Iterable[object]) -> int:
+    """max_text_len that fits every instruction: the longest one's bytes plus the end mark."""
+    return longest_instruction(instructions)[1] + 1
+
+
 def training_config(cfg: VLAConfig, ds: Dataset) -> VLAConfig:
-    """MetaWorld data fixes the model's state, action and camera counts (4, 4 and the dataset's cameras), and
-    the text budget grows to its longest instruction (byte tokens plus the end mark)."""
+    """The instruction length grows to the data's longest instruction (tokenizer bytes plus the end mark), for
+    any dataset; MetaWorld data also fixes the model's state, action and camera counts (4, 4 and the dataset's
+    cameras)."""
+    cfg = dataclasses.replace(cfg, max_text_len=max(cfg.max_text_len, text_len_for(ds.instructions))).validate()
     if dataset_env(ds.meta) is None:
         return cfg
-    longest = max(len(str(s).encode()) for s in np.unique(ds.instructions))
     return dataclasses.replace(cfg, state_dim=int(ds.states.shape[1]), action_dim=int(ds.actions.shape[-1]),
-                               num_cameras=int(ds.images.shape[1]),
-                               max_text_len=max(cfg.max_text_len, longest + 1)).validate()
+                               num_cameras=int(ds.images.shape[1])).validate()
 
 
 def student_config(student: VLAConfig, teacher: VLAConfig, data_meta: dict[str, Any] | None) -> VLAConfig:
-    """A student distilled on MetaWorld observations sees the teacher's cameras."""
+    """A student distilled on MetaWorld observations sees the teacher's cameras (its instruction length is
+    settled for every dataset by distill_cli)."""
     if dataset_env(data_meta) is None:
         return student
-    return dataclasses.replace(student, num_cameras=teacher.num_cameras,
-                               max_text_len=max(student.max_text_len, teacher.max_text_len)).validate()
+    return dataclasses.replace(student, num_cameras=teacher.num_cameras).validate()
 
 
 def export_options(opts: Any, meta: dict[str, Any]) -> Any:

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from ..errors import EdgeVlaError
+from .calibration import check_source
 from .checkpoint import read_config
 from .exporter import PRECISIONS, ExportOptions, export_checkpoint
 from .lerobot.hooks import export_defaults
@@ -41,6 +42,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from .pi0.checkpoint import is_pi0_checkpoint
+
+    check_source(args.calib)  # inputs before any export work, for every model family
 
     if is_pi0_checkpoint(args.checkpoint):
         from .pi0.cli import main as pi0_main

@@ -97,6 +97,9 @@ def export_model(model: VLA, out: str | Path, opts: ExportOptions, source_hash: 
     if opts.time_input not in TIME_INPUT:
         raise EdgeVlaError(f"unknown time input {opts.time_input!r}; choose one of {sorted(TIME_INPUT)}")
     cfg = model.config
+    # Inputs first: a bad calibration source must not cost an ONNX export and then fail.
+    if opts.precision == "int8" or is_lerobot_source(opts.calib):
+        calibration.check_source(opts.calib, cfg, opts.calib_count)
     with tempfile.TemporaryDirectory(prefix="edge-vla-export-") as tmp:
         work = Path(tmp)
         fp32 = {g.name: g.path for g in export_graphs(model, work / "fp32", cfg.num_steps if opts.unrolled else None,

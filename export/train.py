@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -9,13 +10,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from edge_vla.config import VLAConfig
+from edge_vla.errors import EdgeVlaError
 from edge_vla.sim.dataset import Dataset
 
-from .checkpoint import load_checkpoint, load_training_state, save_checkpoint
+from .checkpoint import TRAIN_STATE, load_checkpoint, load_training_state, save_checkpoint
 from .data import TensorDataset
 from .model import VLA
 
@@ -115,6 +118,47 @@ def goal_error_cm(model: VLA, data: TensorDataset, idx: torch.Tensor, max_sample
     return float(torch.cat(errs).median()) * 100
 
 
+class NonFiniteLossError(EdgeVlaError):
+    """Training or distillation met a NaN/Inf loss or gradient; nothing non-finite was written."""
+
+
+def non_finite_message(where: str, loss: torch.Tensor, grad_norm: torch.Tensor, batch: str, saved: str,
+                       advice: str) -> str:
+    """One line: where it stopped, which quantity went non-finite, the batch, what was kept, what to do."""
+    what = (f"the loss is {float(loss):g}" if not torch.isfinite(loss)
+            else f"the gradient norm is {float(grad_norm):g} (loss {float(loss):.4g})")
+    return f"{where}: {what} on a {batch}; {saved}. {advice[0].upper()}{advice[1:]}"
+
+
+def describe_batch(rows: torch.Tensor | np.ndarray, episodes: np.ndarray | None, states: torch.Tensor,
+                   actions: torch.Tensor | None, noun: str, shown: int = 16) -> str:
+    """The batch's row indices (and episodes), and which rows hold non-finite states or actions."""
+    ids = [int(i) for i in np.asarray(rows).reshape(-1)]
+    text = f"batch of {len(ids)} {noun} {ids[:shown]}{'...' if len(ids) > shown else ''}"
+    if episodes is not None:
+        eps = sorted({int(episodes[i]) for i in ids})
+        text += f" (episodes {eps[:shown]}{'...' if len(eps) > shown else ''})"
+    for name, values in (("state", states), ("action", actions)):
+        if values is None:
+            continue
+        bad = ~torch.isfinite(values.reshape(len(ids), -1)).all(dim=1)
+        if bad.any():
+            text += f"; {noun} {[ids[i] for i in torch.nonzero(bad).flatten().tolist()][:shown]} hold a non-finite {name}"
+    return text
+
+
+def _diverged(step: int, steps: int, loss: torch.Tensor, grad_norm: torch.Tensor, idx: torch.Tensor, ds: Dataset,
+              batch: tuple[torch.Tensor, ...], out: Path) -> NonFiniteLossError:
+    try:  # what the failed run leaves in `out`: the last checkpoint it wrote, or an earlier run's
+        kept = f"the checkpoint in {out} stays at step {int(json.loads((out / TRAIN_STATE).read_text())['step'])}"
+    except (OSError, ValueError, KeyError, TypeError):
+        kept = f"no checkpoint was written to {out}"
+    return NonFiniteLossError(non_finite_message(
+        f"training stopped at step {step} of {steps}", loss, grad_norm,
+        describe_batch(idx, ds.episodes, batch[2], batch[3], "samples"), kept,
+        "lower --lr, or check the data for NaN/Inf"))
+
+
 def set_normalization(model: VLA, ds: Dataset) -> None:
     a, s = ds.action_stats(), ds.state_stats()
     model.action_mean.copy_(torch.tensor(a["mean"]))
@@ -167,10 +211,14 @@ def train(config: VLAConfig, ds: Dataset, out: str | Path, tc: TrainConfig, resu
             g["lr"] = lr_at(step, tc)
         idx = train_idx[torch.randint(0, len(train_idx), (tc.batch_size,))]
         goals = None if data.goals is None else data.goals[idx]
-        loss = model.flow_loss(*data.batch(idx), goals=goals, goal_weight=tc.goal_weight)
+        batch = data.batch(idx)
+        loss = model.flow_loss(*batch, goals=goals, goal_weight=tc.goal_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):  # before the step: the weights stay finite
+            bar.close()
+            raise _diverged(step + 1, tc.steps, loss, grad_norm, idx, ds, batch, out)
         opt.step()
         losses.append(loss.item())
         if step % 20 == 0:

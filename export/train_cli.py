@@ -15,6 +15,7 @@ from edge_vla.sim.cli import ENV_HELP
 from edge_vla.sim.metaworld import is_metaworld
 from edge_vla.sim.splits import sim_split
 
+from .data import require_finite
 from .envs import training_config
 from .lerobot.hooks import is_lerobot_source, training_data
 from .train import TrainConfig, train
@@ -108,6 +109,7 @@ def main(args: argparse.Namespace) -> int:
                 made = dataset.generate(range(args.episodes), cfg.image_size, cfg.num_cameras, split=split)
             dataset.save(made, data_path)
         ds = dataset.load(data_path)
+        require_finite(ds, str(data_path))
         cfg = training_config(cfg, ds)
     out = Path(args.output or f"runs/{args.preset}")
     train(cfg, ds, out, tc, resume=args.resume)

@@ -129,8 +129,9 @@ def open_loop(target: str, source: str, teacher: str | None = None, max_samples:
             raise LeRobotDatasetError(f"{name} and teacher {t_name} disagree ({'; '.join(mismatch)}); compare a "
                                       "student with the teacher it was distilled from")
         cams = max(cams, t_cfg.num_cameras)
+    text_limits = {name: cfg.max_text_len} | ({t_name: t_cfg.max_text_len} if t_cfg is not None and t_name else {})
     ds = load_dataset(source, cfg.image_size, cams, cfg.chunk_len, split=split, state_dim=cfg.state_dim,
-                      action_dim=cfg.action_dim, max_samples=max_samples)
+                      action_dim=cfg.action_dim, max_samples=max_samples, text_limits=text_limits)
     rng = np.random.default_rng(seed)
     pred, ref = [], []
     for i in range(len(ds)):

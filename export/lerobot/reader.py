@@ -10,6 +10,7 @@ training and validation by episode.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -23,8 +24,9 @@ from edge_vla.onboard.cameras import resize_nearest
 from edge_vla.optional import require
 from edge_vla.sim.dataset import Dataset
 
+from ..envs import longest_instruction
 from .errors import LeRobotDatasetError
-from .layout import QUANTILES, DatasetMeta, EpisodeInfo, open_meta
+from .layout import LEGACY_EPISODES_STATS_PATH, QUANTILES, STATS_PATH, DatasetMeta, EpisodeInfo, open_meta
 from .video import decode_segment
 
 log = logging.getLogger(__name__)
@@ -153,20 +155,34 @@ def check_feature(meta: DatasetMeta, key: str, what: str, option: str, want_dim:
     return dim
 
 
-def load_dataset(source: str | SourceSpec, image_size: int, num_cameras: int, chunk_len: int, split: str = "train",
-                 state_dim: int | None = None, action_dim: int | None = None, max_samples: int | None = None,
-                 max_episodes: int | None = None, progress: bool = False) -> RecordedDataset:
-    """Read `split` of the dataset into memory; every `stride`-th frame becomes one sample.
+def dataset_tasks(meta: DatasetMeta, episodes: Iterable[int] | None = None) -> list[str]:
+    """The task strings of these episodes (default: every task of the dataset), from the metadata alone. An
+    episode without a task list could hold any task of the table, so then the whole table counts."""
+    wanted = None if episodes is None else set(episodes)
+    eps = [e for e in meta.episodes if wanted is None or e.index in wanted]
+    tasks = {t for e in eps for t in e.tasks}
+    if episodes is None or any(not e.tasks for e in eps):
+        tasks |= set(meta.tasks.values())
+    return sorted(tasks)
 
-    max_episodes: read only that many of the split's episodes, evenly spread (calibration needs a few
-    frames from across the recording, not all of it); max_samples: then keep that many frames, evenly spread."""
-    spec = parse_source(source)
+
+def check_text_len(meta: DatasetMeta, tasks: Iterable[str], limits: Mapping[str, int]) -> None:
+    """Every task must fit each model's instruction length ({who: max_text_len}); else say which task and how
+    to get a model that takes it (a recorded instruction cannot be shortened)."""
+    task, n = longest_instruction(tasks)
+    for who, limit in limits.items():
+        if n + 1 > limit:
+            raise LeRobotDatasetError(
+                f"{meta.root}: task {task!r} is {n} bytes but {who} takes instructions of at most {limit - 1} bytes "
+                f"(max_text_len {limit}); use a model trained on this dataset (`edge-vla train --data "
+                f"lerobot:{meta.root}` sizes the instruction from the dataset's longest task)")
+
+
+def choose_episodes(meta: DatasetMeta, spec: SourceSpec, split: str,
+                    max_episodes: int | None = None) -> tuple[list[int], list[int]]:
+    """(the split's episodes, the held-out episodes), from the metadata alone."""
     if split not in SPLITS:
         raise LeRobotDatasetError(f"unknown split {split!r}; choose one of {SPLITS}")
-    meta = open_meta(spec.root)
-    cameras = select_cameras(meta, spec, num_cameras)
-    sdim = check_feature(meta, spec.state, "state", "state", state_dim)
-    adim = check_feature(meta, spec.action, "action", "action", action_dim)
     all_eps = [e.index for e in meta.episodes]
     if spec.episodes is not None:
         unknown = sorted(set(spec.episodes) - set(all_eps))
@@ -182,6 +198,27 @@ def load_dataset(source: str | SourceSpec, image_size: int, num_cameras: int, ch
                                   f"{spec.val_fraction}); record more episodes or set ?val=0.2")
     if max_episodes is not None and len(chosen) > max_episodes:
         chosen = [chosen[i] for i in np.linspace(0, len(chosen) - 1, max(1, max_episodes)).round().astype(int)]
+    return chosen, val_eps
+
+
+def load_dataset(source: str | SourceSpec, image_size: int, num_cameras: int, chunk_len: int, split: str = "train",
+                 state_dim: int | None = None, action_dim: int | None = None, max_samples: int | None = None,
+                 max_episodes: int | None = None, progress: bool = False,
+                 text_limits: Mapping[str, int] | None = None) -> RecordedDataset:
+    """Read `split` of the dataset into memory; every `stride`-th frame becomes one sample.
+
+    max_episodes: read only that many of the split's episodes, evenly spread (calibration needs a few
+    frames from across the recording, not all of it); max_samples: then keep that many frames, evenly spread.
+    text_limits: {who: max_text_len} of the models that will read these instructions; a task too long for one
+    of them is refused before any frame is decoded."""
+    spec = parse_source(source)
+    meta = open_meta(spec.root)
+    cameras = select_cameras(meta, spec, num_cameras)
+    sdim = check_feature(meta, spec.state, "state", "state", state_dim)
+    adim = check_feature(meta, spec.action, "action", "action", action_dim)
+    chosen, val_eps = choose_episodes(meta, spec, split, max_episodes)
+    if text_limits:
+        check_text_len(meta, dataset_tasks(meta, chosen), text_limits)
     period = spec.period or 1.0 / meta.fps
     by_index = {e.index: e for e in meta.episodes}
     parts: list[dict[str, np.ndarray]] = []
@@ -189,6 +226,8 @@ def load_dataset(source: str | SourceSpec, image_size: int, num_cameras: int, ch
     for idx in tqdm(chosen, desc=f"read {meta.root.name} ({split})", disable=not progress, unit="episode"):
         parts.append(_read_episode(meta, by_index[idx], spec, cameras, image_size, chunk_len, period))
     cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    if text_limits:  # the frames' own tasks too (a task_index the episode's list does not name)
+        check_text_len(meta, cat["instructions"], text_limits)
     if max_samples is not None and len(cat["states"]) > max_samples:
         keep = np.linspace(0, len(cat["states"]) - 1, max_samples).round().astype(np.int64)
         cat = {k: v[keep] for k, v in cat.items()}
@@ -213,6 +252,8 @@ def _read_episode(meta: DatasetMeta, ep: EpisodeInfo, spec: SourceSpec, cameras:
     n = len(rows["timestamp"])
     if n == 0:
         raise LeRobotDatasetError(f"episode {ep.index} has no rows in {ep.data_file}")
+    for key in ("timestamp", spec.state, spec.action):  # before any decoding: a NaN must not train silently
+        require_finite(rows[key], key, ep, rows["frame_index"])
     if n != ep.length:
         log.warning("episode %d: metadata says %d frames, %s holds %d", ep.index, ep.length, ep.data_file, n)
     frames = np.arange(0, n, spec.stride)
@@ -231,6 +272,21 @@ def _read_episode(meta: DatasetMeta, ep: EpisodeInfo, spec: SourceSpec, cameras:
         "actions": action_chunks(rows[spec.action], frames, chunk_len, period * meta.fps),
         "episodes": np.full(len(frames), ep.index, dtype=np.int32),
     }
+
+
+def require_finite(values: np.ndarray, key: str, ep: EpisodeInfo, frame_index: np.ndarray) -> None:
+    """Refuse NaN or Inf in a recorded feature, naming the episode, the frame and the file."""
+    bad = ~np.isfinite(values.astype(np.float64, copy=False))
+    if not bad.any():
+        return
+    rows = np.flatnonzero(bad.reshape(len(values), -1).any(axis=1))
+    first = int(rows[0])
+    dims = np.flatnonzero(bad.reshape(len(values), -1)[first])
+    shown = values.reshape(len(values), -1)[first, dims].tolist()
+    raise LeRobotDatasetError(
+        f"episode {ep.index}, frame {int(frame_index[first])}: {key!r} is {shown[0]} (dimension(s) {dims.tolist()}; "
+        f"{len(rows)} frame(s) of the episode hold NaN or Inf) in {ep.data_file}. The recording is corrupt there: "
+        "re-record or repair the episode, or leave it out with ?episodes=<the other episodes>")
 
 
 def _task(meta: DatasetMeta, task_index: int, ep: EpisodeInfo) -> str:
@@ -257,13 +313,14 @@ def action_chunks(actions: np.ndarray, frames: np.ndarray, chunk_len: int, step:
 
 
 def episode_rows(meta: DatasetMeta, ep: EpisodeInfo, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """One episode's rows, ordered by frame_index: timestamp, task_index and the given features."""
+    """One episode's rows, ordered by frame_index: timestamp, frame_index, task_index and the given features."""
     pc = require("pyarrow.compute")
     table = _data_table(ep.data_file, ("timestamp", "frame_index", "episode_index", "task_index", *keys))
     table = table.filter(pc.equal(table["episode_index"], ep.index))
     order = np.argsort(np.asarray(table["frame_index"]))
-    out = {k: column(table, k, ep.data_file)[order] for k in ("timestamp", "task_index", *keys)}
+    out = {k: column(table, k, ep.data_file)[order] for k in ("timestamp", "frame_index", "task_index", *keys)}
     out["timestamp"] = out["timestamp"].astype(np.float64).reshape(-1)
+    out["frame_index"] = out["frame_index"].astype(np.int64).reshape(-1)
     out["task_index"] = out["task_index"].astype(np.int64).reshape(-1)
     return out
 
@@ -305,6 +362,7 @@ def _normalization(meta: DatasetMeta, spec: SourceSpec, cat: dict[str, np.ndarra
     for name, key, values in (("state", spec.state, cat["states"]), ("action", spec.action, cat["actions"][:, 0])):
         s = meta.stats.get(key)
         if s and "mean" in s and "std" in s:
+            _require_finite_stats(meta, key, s)
             out[name] = {k: np.asarray(v, dtype=np.float64).reshape(-1).tolist() for k, v in s.items()}
             out[name]["source"] = "meta/stats.json" if meta.version != "v2.1" else "meta/episodes_stats.jsonl"
         else:
@@ -313,6 +371,18 @@ def _normalization(meta: DatasetMeta, spec: SourceSpec, cat: dict[str, np.ndarra
                          "min": values.min(0).tolist(), "max": values.max(0).tolist(), "source": "loaded frames"}
             out[name].update({q: np.quantile(values, p, axis=0).tolist() for q, p in QUANTILES.items()})
     return out
+
+
+def _require_finite_stats(meta: DatasetMeta, key: str, stats: dict[str, np.ndarray]) -> None:
+    """Statistics become the model's normalization and the bundle's limits: a NaN there poisons both."""
+    path = meta.root / (STATS_PATH if meta.version == "v3.0" or not (meta.root / LEGACY_EPISODES_STATS_PATH).is_file()
+                        else LEGACY_EPISODES_STATS_PATH)
+    for stat, values in stats.items():
+        arr = np.asarray(values, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            raise LeRobotDatasetError(
+                f"{path}: the {key!r} statistic {stat!r} is not finite ({arr.reshape(-1).tolist()}); recompute the "
+                "dataset's statistics (or remove the file: they are then computed from the frames read)")
 
 
 def action_space(meta: DatasetMeta, key: str, period: float, parts: list[dict[str, np.ndarray]]) -> ActionSpace:

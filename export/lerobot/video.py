@@ -86,11 +86,14 @@ def decode_segment(segment: VideoSegment, timestamps: Sequence[float], camera: s
     order = np.argsort(want)
     k = 0
     last_seen = None
+    declared_end = None
     try:
         with av.open(str(segment.path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             tb = stream.time_base
+            if stream.duration:
+                declared_end = float(stream.duration * tb)
             container.seek(max(0, int(float(want[order[0]]) / tb) - 1), stream=stream, backward=True, any_frame=False)
             for frame in container.decode(stream):
                 if frame.pts is None:
@@ -113,13 +116,38 @@ def decode_segment(segment: VideoSegment, timestamps: Sequence[float], camera: s
                                   "or re-encode it") from exc
     missing = [i for i, f in enumerate(out) if f is None]
     if missing:
-        i = missing[0]
-        raise LeRobotDatasetError(
-            f"episode {episode}, camera {camera!r}: no frame within {tolerance_s:g} s of {want[i]:.4f} s in "
-            f"{segment.path} ({len(missing)} of {len(want)} frames missing; last decoded frame at "
-            f"{last_seen if last_seen is None else round(last_seen, 4)} s). The timestamp lies outside the video "
-            "or the video was re-timed: check videos/*/from_timestamp in meta/episodes and the video's fps")
+        raise _missing_frames(segment.path, camera, episode, want, missing, last_seen, declared_end, tolerance_s)
     return np.stack(out)  # type: ignore[arg-type]
+
+
+def _missing_frames(path: Path, camera: str, episode: int, want: np.ndarray, missing: list[int],
+                    last_seen: float | None, declared_end: float | None, tolerance_s: float) -> LeRobotDatasetError:
+    """Why wanted frames were not found. Frames wanted past the last one that decodes: the file is damaged
+    (cut short: a partial download or copy) or shorter than the episode. Frames missing while the video runs
+    on past them: the timing is wrong (a re-timed file, or timestamps offset in the metadata)."""
+    where = f"episode {episode}, camera {camera!r}"
+    count = f"{len(missing)} of {len(want)} frames missing"
+    beyond = [i for i in missing if last_seen is None or want[i] > last_seen + tolerance_s]
+    if beyond:
+        ends = (f"no frame decodes from {float(want[min(missing, key=lambda i: want[i])]):.4f} s on"
+                if last_seen is None else f"its frames end at {last_seen:.4f} s")
+        cut = ""
+        if declared_end is not None and (last_seen is None or declared_end > last_seen + 2 * _frame_gap(want)):
+            cut = f"; the file declares {declared_end:.4f} s of video, so it is cut short"
+        return LeRobotDatasetError(
+            f"{where}: the video {path} is damaged or shorter than the episode: {ends} but the episode needs frames "
+            f"up to {float(want.max()):.4f} s ({count}){cut}. Re-download the file, or re-encode it from the original "
+            "recording")
+    i = missing[0]
+    return LeRobotDatasetError(
+        f"{where}: no frame within {tolerance_s:g} s of {float(want[i]):.4f} s in {path} ({count}, though the video "
+        f"has frames up to {last_seen:.4f} s). The video was re-timed or its timestamps are offset: check "
+        "videos/*/from_timestamp in meta/episodes and the video's fps against info.json's")
+
+
+def _frame_gap(want: np.ndarray) -> float:
+    """The spacing of the wanted frames (one frame period at stride 1), 0 for a single frame."""
+    return float(np.min(np.diff(np.sort(want)))) if len(want) > 1 else 0.0
 
 
 class VideoWriter:

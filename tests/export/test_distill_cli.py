@@ -52,3 +52,31 @@ def test_distill_then_compare(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert rows[0]["rmse"] == 0.0 and rows[1]["flops"] > rows[3]["flops"] > rows[4]["flops"] > 0  # 10 > 2 > 1 steps
     assert "| model |" in capsys.readouterr().out
+
+
+def test_divergent_distillation_stops_without_writing_a_student(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A learning rate far too high: distillation stops at the first non-finite loss or gradient, naming the
+    stage, the step and the batch, and no student checkpoint (nor its _kd copy) is written."""
+    import re
+
+    from edge_vla.cli import main
+
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    save_checkpoint(VLA(preset("tiny")), tmp_path / "teacher")
+    dataset.save(dataset.generate(range(1), image_size=64), tmp_path / "reach.npz")
+    try:
+        rc = main(["distill", "--teacher", str(tmp_path / "teacher"), "-o", str(tmp_path / "student"),
+                   "--data", str(tmp_path / "reach.npz"), "--max-obs", "12", "--steps", "6", "--batch-size", "4",
+                   "--lr", "1e10", "--dagger-rounds", "0", "--reflow-steps", "2", "--threads", "1",
+                   "--device", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    err = lines[-1]  # progress bars go to stderr before the error, which must be one line
+    assert rc == 1 and [line for line in lines if ": error: " in line] == [err], lines
+    assert re.search(r"distillation \(distill\) stopped at step \d+ of 6: the (loss|gradient norm) is (nan|inf)",
+                     err), err
+    assert re.search(r"batch of 4 observations \[[\d, ]+\]", err), err
+    assert not (tmp_path / "student").exists() and not (tmp_path / "student_kd").exists()

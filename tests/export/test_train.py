@@ -57,3 +57,80 @@ def test_parse_overrides_types_and_errors():
         parse_overrides(["keypoints=many"])
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_overrides(["wings=2"])
+
+
+def _cli(argv: list[str]) -> int:
+    from edge_vla.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        return main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _all_finite(path) -> bool:
+    from safetensors.torch import load_file
+
+    return all(torch.isfinite(t).all() for t in load_file(path / "model.safetensors").values())
+
+
+def test_divergent_training_stops_and_keeps_the_last_finite_checkpoint(tmp_path, capsys):
+    """A learning rate far too high: the loss overflows within a few steps. Training stops at the first
+    non-finite loss or gradient, names the step and the batch, and never writes the non-finite weights."""
+    import re
+
+    data = tmp_path / "reach.npz"
+    dataset.save(dataset.generate(range(2)), data)
+    out = tmp_path / "run"
+    rc = _cli(["train", "--data", str(data), "--steps", "6", "--batch-size", "4", "--lr", "1e10",
+               "--checkpoint-every", "1", "--threads", "1", "-o", str(out)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    err = lines[-1]  # progress bars go to stderr before the error, which must be one line
+    assert rc == 1 and [line for line in lines if ": error: " in line] == [err], lines
+    found = re.search(r"training stopped at step (\d+) of 6: the (loss|gradient norm) is (nan|inf)", err)
+    assert found, err
+    assert re.search(r"batch of 4 samples \[[\d, ]+\] \(episodes \[[\d, ]+\]\)", err), err
+    stopped = int(found.group(1))
+    assert stopped > 1  # the first step is finite at this rate; the next one overflows
+    assert f"the checkpoint in {out} stays at step {stopped - 1}" in err, err
+    _, meta = load_checkpoint(out)  # the last checkpoint before the failure, whole and finite
+    assert meta["step"] == stopped - 1 and _all_finite(out)
+
+
+def test_checkpoints_with_non_finite_tensors_are_neither_written_nor_loaded(tmp_path):
+    import pytest
+    from safetensors.torch import save_file
+
+    from edge_vla.errors import CheckpointError
+    from edge_vla.export.checkpoint import save_checkpoint
+    from edge_vla.export.model import VLA
+
+    model = VLA(preset("tiny"))
+    good = save_checkpoint(model, tmp_path / "ckpt", meta={"step": 1})
+    before = (good / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        model.action_out.weight[0, 0] = float("nan")
+    bad_name = "action_out.weight"
+    with pytest.raises(CheckpointError, match=rf"non-finite values in {bad_name}"):
+        save_checkpoint(model, good, meta={"step": 2})
+    assert (good / "model.safetensors").read_bytes() == before  # the old checkpoint is untouched
+    # One written by something else (or an older edge-vla) is refused on load, naming the tensor.
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, good / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"non-finite values in {bad_name}.*retrain"):
+        load_checkpoint(good)
+
+
+def test_non_finite_sample_in_a_dataset_file_is_refused_before_training(tmp_path, capsys):
+    """One NaN state makes the normalization, and so every loss, NaN: refused up front, naming sample and file."""
+    import numpy as np
+
+    ds = dataset.generate(range(2))
+    ds.states[5, 0] = np.nan
+    dataset.save(ds, tmp_path / "bad.npz")
+    assert _cli(["train", "--data", str(tmp_path / "bad.npz"), "--steps", "2", "--threads", "1",
+                 "-o", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{tmp_path / 'bad.npz'}: sample 5 (episode {int(ds.episodes[5])}) holds a non-finite state" in err, err
+    assert not (tmp_path / "run").exists()
