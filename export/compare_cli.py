@@ -32,7 +32,8 @@ from .model import VLA, count_parameters, fake_inputs
 
 if TYPE_CHECKING:
     from .pi0.teacher import Pi0Teacher
-from .teacher import ObsBatch, Teacher, VLATeacher, load_teacher
+from .families import load_teacher
+from .teacher import ObsBatch, Teacher, VLATeacher
 from .torch_policy import TorchPolicy
 
 log = logging.getLogger(__name__)
@@ -166,17 +167,9 @@ def ensure_bundle(ckpt: str, out: Path, precision: str, calib: str | None) -> Pa
     """Export once; later runs reuse the bundle (delete it to re-export)."""
     if (out / "manifest.json").is_file():
         return out
-    from .pi0.checkpoint import is_pi0_checkpoint
+    from .families import for_checkpoint
 
-    if is_pi0_checkpoint(ckpt):
-        from .pi0.exporter import Pi0ExportOptions, export_pi0
-
-        return Path(export_pi0(ckpt, out, Pi0ExportOptions(precision=precision, calib=calib,
-                                                             overwrite=True)).bundle)
-    from .exporter import ExportOptions, export_checkpoint
-
-    opts = ExportOptions(precision=precision, calib=calib if precision == "int8" else None, overwrite=True)
-    return Path(export_checkpoint(ckpt, out, opts).bundle)
+    return for_checkpoint(ckpt).export_bundle(ckpt, out, precision, calib)
 
 
 def fmt_flops(f: int | None) -> str:

@@ -18,8 +18,9 @@ from edge_vla.sim.splits import meta_split
 from .data import require_finite
 from .distill import DistillConfig, ObsPool, distill
 from .envs import dataset_env, longest_instruction, student_config, text_len_for
+from .families import load_teacher
 from .lerobot.hooks import dataset_text_len, distill_data, is_lerobot_source
-from .teacher import Teacher, VLATeacher, load_teacher
+from .teacher import Teacher, VLATeacher
 from .train_cli import parse_overrides
 
 

@@ -122,26 +122,11 @@ def load_contender(spec: str, steps: int | None, solver: str) -> Contender:
                          (cfg.state_dim, cfg.action_dim))
     if not path.exists():
         raise EdgeVlaError(f"{target} does not exist; pass a checkpoint dir, a bundle dir, expert or random")
-    from .pi0.checkpoint import is_pi0_checkpoint, open_pi0
+    from .families import for_checkpoint
 
-    if is_pi0_checkpoint(path):  # transformers π0: its own sampler, noise drawn as the π0 bundle's Policy does
-        from .pi0.teacher import Pi0Teacher, Pi0TorchPolicy
-
-        if solver != "euler":
-            raise EdgeVlaError(f"{target} is a π0 checkpoint: it runs transformers' Euler sampler; for --solver "
-                               f"{solver} evaluate its exported bundle (`edge-vla export {target} -o BUNDLE`)")
-        src = open_pi0(path)
-        pi0 = Pi0TorchPolicy(Pi0Teacher(src, src.load_model(), steps), steps)
-        return Contender(f"π0 checkpoint {target} ({pi0.steps} steps)", pi0, pi0.reset,
-                         num_cameras=pi0.teacher.num_cameras)
-    from .checkpoint import load_checkpoint
-    from .torch_policy import TorchPolicy
-
-    model, _ = load_checkpoint(path)
-    torch_policy = TorchPolicy(model, steps=steps, solver=solver)
-    cfg = model.config
-    return Contender(f"checkpoint {target} ({torch_policy.steps} steps)", torch_policy, torch_policy.reset,
-                     cfg.image_size, cfg.num_cameras, (cfg.state_dim, cfg.action_dim))
+    ckpt = for_checkpoint(path).torch_policy(target, steps, solver)
+    size = {} if ckpt.image_size is None else {"image_size": ckpt.image_size}  # None: it resizes the sim's frames
+    return Contender(ckpt.name, ckpt.act, ckpt.reset, num_cameras=ckpt.num_cameras, dims=ckpt.dims, **size)
 
 
 def main(args: argparse.Namespace) -> int:

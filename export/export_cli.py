@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..errors import EdgeVlaError
 from .calibration import check_source
-from .checkpoint import read_config
-from .exporter import PRECISIONS, ExportOptions, export_checkpoint
-from .lerobot.hooks import export_defaults
+from .exporter import PRECISIONS
+from .families import for_checkpoint
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -41,24 +39,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .pi0.checkpoint import is_pi0_checkpoint
-
     check_source(args.calib)  # inputs before any export work, for every model family
-
-    if is_pi0_checkpoint(args.checkpoint):
-        from .pi0.cli import main as pi0_main
-
-        return pi0_main(args)
-    if args.external_data or args.skip_numerics:
-        raise EdgeVlaError("--external-data and --skip-numerics are for transformers π0 checkpoints only; drop them")
-    action_space, calib = export_defaults(read_config(args.checkpoint)[1], args.calib)
-    opts = ExportOptions(precision=args.precision, steps=args.steps, unrolled=args.unrolled, calib=calib,
-                         action_space=action_space,
-                         calib_count=args.calib_count, allow_lint_errors=args.allow_lint_errors,
-                         int8_graphs=tuple(g.strip() for g in args.int8_graphs.split(",") if g.strip()),
-                         overwrite=args.overwrite, time_input=args.time_input,
-                         table_steps=tuple(int(n) for n in args.table_steps.split(",")) if args.table_steps else None)
-    print_result(export_checkpoint(args.checkpoint, args.output, opts), "bundle")
+    report = for_checkpoint(args.checkpoint).export(args)  # the family registry (export/families.py)
+    print_result(report.result, report.what)
     return 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -21,9 +21,6 @@ from edge_vla.tokenizer import tokenize
 
 from .data import images_to_float
 from .model import VLA
-
-if TYPE_CHECKING:
-    from .pi0.teacher import Pi0Teacher
 
 
 @dataclass
@@ -167,17 +164,3 @@ class FunctionTeacher:
     @torch.no_grad()
     def act(self, obs: ObsBatch, noise: Tensor) -> Tensor:
         return torch.as_tensor(self.fn(obs, noise), dtype=torch.float32)
-
-
-def load_teacher(path: str, steps: int | None = None) -> VLATeacher | Pi0Teacher:
-    """An edge-vla checkpoint (VLATeacher) or a transformers π0 checkpoint directory (export/pi0/teacher.py)."""
-    from .pi0.checkpoint import is_pi0_checkpoint
-
-    if is_pi0_checkpoint(path):
-        from .pi0.teacher import load_pi0_teacher
-
-        return load_pi0_teacher(path, steps=steps)
-    from .checkpoint import load_checkpoint
-
-    model, _ = load_checkpoint(path)
-    return VLATeacher(model, steps=steps)

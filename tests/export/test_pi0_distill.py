@@ -15,6 +15,7 @@ pytest.importorskip("tokenizers")
 from edge_vla import cli  # noqa: E402
 from edge_vla.export.checkpoint import load_checkpoint  # noqa: E402
 from edge_vla.export.distill import ObsPool, _teacher_path  # noqa: E402
+from edge_vla.export.families import load_teacher  # noqa: E402
 from edge_vla.export.pi0.checkpoint import open_pi0  # noqa: E402
 from edge_vla.export.pi0.teacher import (  # noqa: E402
     Pi0FlowTeacher,
@@ -32,7 +33,7 @@ from edge_vla.export.pi0.train import (  # noqa: E402
     sim_pi0_config,
     train_step,
 )
-from edge_vla.export.teacher import FlowTeacher, Teacher, load_teacher  # noqa: E402
+from edge_vla.export.teacher import FlowTeacher, Teacher  # noqa: E402
 from edge_vla.sim import dataset  # noqa: E402
 
 # The reduced sim π0's structure at test widths: 64 px frames, patch 16 (16 image tokens), 2 + 2 Gemma layers.
