@@ -26,6 +26,7 @@ from edge_vla.sim import dataset
 from edge_vla.sim.evaluate import evaluate, evaluate_expert, random_policy
 
 log = logging.getLogger(__name__)
+BUNDLE_PRECISIONS = ("fp32", "int8")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +51,6 @@ def _step(n: int, title: str) -> float:
 def main(args: argparse.Namespace) -> int:
     from edge_vla.export.assets import provenance, shipped_checkpoint
     from edge_vla.export.checkpoint import load_checkpoint
-    from edge_vla.export.exporter import ExportOptions, export_model
     from edge_vla.export.torch_policy import TorchPolicy
     from edge_vla.export.train import TrainConfig, train
     from edge_vla.onboard.drill import format_demo, run_demo
@@ -96,10 +96,7 @@ def main(args: argparse.Namespace) -> int:
 
     t = _step(4, "export bundles (FP32, INT8) with numerics check and TensorRT lint")
     bundles = {}
-    for precision in ("fp32", "int8"):
-        res = export_model(model, out / f"bundle_{precision}",
-                           ExportOptions(precision=precision, overwrite=True, calib_count=16 if args.quick else 32),
-                           source=str(ckpt))
+    for precision, res in export_bundles(model, out, source=str(ckpt), quick=args.quick).items():
         bundles[precision] = res.bundle
         print(f"      {precision}: {res.bundle} in {res.seconds:.1f} s; {res.numerics.summary()}")
         print(f"            TensorRT lint: {res.lint['errors']} error(s), {res.lint['warnings']} warning(s)")
@@ -126,4 +123,36 @@ def main(args: argparse.Namespace) -> int:
     summary["onboard"] = onboard
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(f"\ndone in {time.perf_counter() - t_all:.0f} s; summary -> {out / 'summary.json'}")
+    print("\nnext, on the bundles this demo wrote (README.md walks through each):")
+    for command in next_commands(out):
+        print(f"  {command}")
     return 0
+
+
+def bundle_paths(out: Path) -> dict[str, Path]:
+    """Where the demo writes its bundles, by precision (the README's walkthroughs start from these)."""
+    return {precision: Path(out) / f"bundle_{precision}" for precision in BUNDLE_PRECISIONS}
+
+
+def export_bundles(model, out: Path, source: str, quick: bool = False) -> dict:
+    """Export `model` as the demo's FP32 and INT8 bundles under `out`; {precision: ExportResult}."""
+    from edge_vla.export.exporter import ExportOptions, export_model
+
+    return {precision: export_model(model, path, ExportOptions(precision=precision, overwrite=True,
+                                                               calib_count=16 if quick else 32), source=source)
+            for precision, path in bundle_paths(out).items()}
+
+
+def next_commands(out: Path) -> list[str]:
+    """What to try next on the demo's bundles: one command per job, with the paths the demo wrote.
+
+    Each is a command of the README's walkthroughs, which tests/packaging/test_readme.py runs."""
+    paths = bundle_paths(out)
+    fp32, int8 = paths["fp32"], paths["int8"]
+    return [
+        f"edge-vla profile {fp32} {int8} --rate-hz 50 --steps 1,2,10 --threads 1",
+        f"edge-vla run {int8} --emulate --arm-on-start --rate-hz 100 --duration 10",
+        f"python -m edge_vla.onboard.drill {int8}",
+        "edge-vla package --keygen keys/robot",
+        f"edge-vla package {int8} -o runs/robot-pkg.tar.gz --target x86-cpu --sign keys/robot",
+    ]
