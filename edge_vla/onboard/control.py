@@ -758,8 +758,15 @@ def control_main(config: ControlConfig, bus: sh.SharedBus, conn: Any = None, log
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[control]: %(message)s")
     from firmware_bridge.link import open_link
 
-    link = open_link(config.link_url, **config.link_kwargs)
-    loop = ControlLoop(config, bus, link)
+    try:
+        link = open_link(config.link_url, **config.link_kwargs)
+        loop = ControlLoop(config, bus, link)
+    except Exception as exc:  # e.g. a telemetry file the service user may not write: the parent says why
+        log.error("control loop could not start: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        if conn is not None:
+            conn.send({"error": f"{type(exc).__name__}: {exc}"})
+            conn.close()
+        return
 
     def on_signal(signum: int, _frame: Any) -> None:
         loop.stop_requested = f"{signal.Signals(signum).name} received"

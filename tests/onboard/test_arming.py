@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-from onboard_helpers import events, start_emulator, wait_for
+from onboard_helpers import REPO, events, give_pty_to_service, robot_users, service_run_dir, start_emulator, wait_for
 
 from edge_vla.action_space import sim_action_space
 from edge_vla.errors import ConfigError
@@ -23,8 +22,6 @@ from edge_vla.onboard.runner import OnboardRunner, bus_state_fn
 from edge_vla.onboard.watchdog import WatchdogConfig
 from edge_vla.onboard.worker import ExpertSource, StallableSource
 from edge_vla.sim.env import ReachEnv
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _runner(port: str, source=None, **cfg) -> OnboardRunner:
@@ -79,20 +76,31 @@ def test_restart_after_a_crash_stays_disarmed(emulator) -> None:
         assert not st["armed"] and st["firmware"]["mode"] in ("TRIPPED", "DISARMED")
 
 
-def test_control_socket_and_cli_arm_stop_status(emulator, tmp_path) -> None:
-    sock = tmp_path / "control.sock"
+def test_control_socket_and_cli_arm_stop_status(emulator) -> None:
+    """`edge-vla run` as the service user (uid 65534) and `edge-vla arm|stop|status` as an operator in its group
+    (uid 65533): the robot's own permission model, not root's. That a user outside the group is refused on the
+    0660 socket is shown in tests/onboard/test_operator_socket.py (test_cli_keeps_the_socket_permission_model)."""
+    users = robot_users()
+    give_pty_to_service(emulator)
+    run_dir = service_run_dir("edge-vla-arming-")
+    sock = run_dir / "control.sock"
     # Starting the CLI's Python takes the shared box's CPU for a while: a generous link age for this test.
-    run = _runner(emulator.port, control_socket=str(sock), watchdog=WatchdogConfig(link_max_age_s=0.5))
-    cli = [sys.executable, "-m", "edge_vla.cli"]
+    service = subprocess.Popen(
+        users.edge_vla(users.service, "run", "--expert", "--link", f"serial://{emulator.port}", "--rate-hz", "100",
+                       "--link-max-age", "0.5", "--control-socket", str(sock)),
+        cwd=run_dir, env=users.environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def call(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*cli, *args, "--socket", str(sock)], cwd=REPO, capture_output=True, text=True,
-                              timeout=30)
+        return subprocess.run(users.edge_vla(users.operator, *args, "--socket", str(sock)), cwd=REPO,
+                              env=users.environ(), capture_output=True, text=True, timeout=30)
 
-    with run:
-        wait_for(sock.exists, 20, "the control socket")
-        mode = stat.S_IMODE(os.stat(sock).st_mode)
+    try:
+        wait_for(lambda: sock.exists() or service.poll() is not None, 30, "the control socket")
+        assert service.poll() is None, service.communicate()
+        st = os.stat(sock)
+        mode = stat.S_IMODE(st.st_mode)
         assert mode & 0o007 == 0, f"control socket is open to others: {oct(mode)}"
+        assert st.st_uid == users.service_uid, f"the socket is not the service user's: uid {st.st_uid}"
         got = call("status", "--json")
         assert got.returncode == 0, got.stderr
         assert json.loads(got.stdout)["phase"] == "disarmed"
@@ -103,9 +111,18 @@ def test_control_socket_and_cli_arm_stop_status(emulator, tmp_path) -> None:
         assert got.returncode == 0, got.stderr
         wait_for(lambda: json.loads(call("status", "--json").stdout)["phase"] == "stopped", 10, "stopped")
         assert "operator_stop" in call("status").stdout
-    assert not sock.exists()
-    got = call("status")
-    assert got.returncode == 1 and "not running" in got.stderr
+        service.send_signal(signal.SIGTERM)
+        out, err = service.communicate(timeout=30)
+        assert service.returncode == 0, err
+        assert "operator_stop" in out and "Traceback" not in err, err
+        assert not sock.exists()
+        got = call("status")
+        assert got.returncode == 1 and "not running" in got.stderr
+    finally:
+        if service.poll() is None:
+            service.kill()
+            service.communicate()
+        shutil.rmtree(run_dir.parent, ignore_errors=True)
 
 
 def test_bench_mode_is_refused_under_systemd(monkeypatch) -> None:
@@ -117,10 +134,11 @@ def test_bench_mode_is_refused_under_systemd(monkeypatch) -> None:
     with pytest.raises(ConfigError, match="systemd"):
         check_bench_mode({"NOTIFY_SOCKET": "/run/systemd/notify"})
     check_bench_mode({"INVOCATION_ID": "abc", "EDGE_VLA_ALLOW_ARM_ON_START": "1"})
-    env = dict(os.environ, INVOCATION_ID="abc")
+    users = robot_users()  # as systemd starts it: the service user
+    env = users.environ(INVOCATION_ID="abc")
     env.pop("EDGE_VLA_ALLOW_ARM_ON_START", None)
-    got = subprocess.run([sys.executable, "-m", "edge_vla.cli", "run", "--expert", "--emulate", "--arm-on-start"],
-                         cwd=REPO, capture_output=True, text=True, env=env, timeout=60)
+    got = subprocess.run(users.edge_vla(users.service, "run", "--expert", "--emulate", "--arm-on-start"),
+                         cwd="/", capture_output=True, text=True, env=env, timeout=60)
     assert got.returncode == 1 and "systemd" in got.stderr
 
 

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import resource
+import shutil
 import signal
 import socket
 import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from onboard_helpers import give_pty_to_service, robot_users, service_run_dir, wait_for
 
 from edge_vla.action_space import sim_action_space
 from edge_vla.onboard.cameras import SimCamera
@@ -25,7 +26,6 @@ from edge_vla.onboard.worker import ExpertSource
 from edge_vla.sim.env import ReachEnv
 
 emulator_process = pytest.importorskip("firmware_bridge.emulator_process")
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -85,54 +85,96 @@ def _drain(sock: socket.socket) -> list[str]:
     return out
 
 
-def test_sigterm_gives_a_controlled_stop_and_disarm(emulator, tmp_path) -> None:
-    control = tmp_path / "control.sock"
-    cmd = [sys.executable, "-m", "edge_vla.cli", "-v", "run", "--expert", "--link", f"serial://{emulator.port}",
-           "--rate-hz", "100", "--telemetry", str(tmp_path / "t.jsonl"), "--control-socket", str(control)]
+def test_sigterm_gives_a_controlled_stop_and_disarm(emulator) -> None:
+    """A whole run as the robot has it: `edge-vla run` as the service user (uid 65534) under systemd's
+    notification protocol, armed by an operator in its group (uid 65533), stopped by SIGTERM."""
+    users = robot_users()
+    give_pty_to_service(emulator)
+    run_dir = service_run_dir("edge-vla-sigterm-")  # RuntimeDirectory: the control socket and the telemetry
+    control = run_dir / "control.sock"
+    telemetry = run_dir / "t.jsonl"
+    cmd = users.edge_vla(users.service, "-v", "run", "--expert", "--link", f"serial://{emulator.port}",
+                         "--rate-hz", "100", "--telemetry", str(telemetry), "--control-socket", str(control),
+                         "--rt-priority", "50", "--mlock")  # as the demo asks; the service user may not get them
     # Run it as systemd would (Type=notify, WatchdogSec): a real datagram socket collects sd_notify messages.
-    sock_dir = tempfile.mkdtemp(dir="/tmp")
+    # Like systemd's own /run/systemd/notify it is writable by every service user.
+    notify_path = run_dir.parent / "notify"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(f"{sock_dir}/notify")
+    notify.bind(str(notify_path))
+    os.chmod(notify_path, 0o666)
     notify.setblocking(False)
-    env = dict(os.environ, NOTIFY_SOCKET=f"{sock_dir}/notify", WATCHDOG_USEC="200000", WATCHDOG_PID="1")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    env = users.environ(NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="200000", WATCHDOG_PID="1")
+    proc = subprocess.Popen(cmd, cwd=run_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     messages: list[str] = []
+
+    def pings() -> int:
+        messages.extend(_drain(notify))  # a datagram queue holds ~10 messages: keep it drained
+        return sum(m == "WATCHDOG=1" for m in messages)
+
     try:
         deadline = time.monotonic() + 30
         while not control.exists():
-            messages += _drain(notify)  # a datagram queue holds ~10 messages: keep it drained
+            pings()
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no control socket"
             time.sleep(0.05)
-        time.sleep(0.5)
-        assert "armed" not in _events(emulator)  # under systemd it comes up disarmed: an operator arms it
-        armed = subprocess.run([sys.executable, "-m", "edge_vla.cli", "arm", "--socket", str(control)], cwd=REPO,
-                               capture_output=True, text=True, timeout=30)
+        # under systemd it comes up disarmed: an operator arms it
+        status = subprocess.run(users.edge_vla(users.operator, "status", "--json", "--socket", str(control)),
+                                cwd="/", env=users.environ(), capture_output=True, text=True, timeout=30)
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["phase"] == "disarmed" and "armed" not in _events(emulator)
+        armed = subprocess.run(users.edge_vla(users.operator, "arm", "--socket", str(control)), cwd="/",
+                               env=users.environ(), capture_output=True, text=True, timeout=30)
         assert armed.returncode == 0, armed.stdout + armed.stderr
         # the emulator ACKs an ARM before it writes its `armed` event: poll, do not read once
-        deadline = time.monotonic() + 5
-        while "armed" not in _events(emulator):
-            assert time.monotonic() < deadline, _events(emulator)
-            time.sleep(0.01)
-        messages += _drain(notify)
-        time.sleep(1.0)  # moving
-        messages += _drain(notify)
+        wait_for(lambda: "armed" in _events(emulator), 5, "the firmware to arm")
+        moving_from = pings()
+        wait_for(lambda: pings() >= moving_from + 3, 10, "three watchdog pings while armed and moving")
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+        assert "SIGTERM" in err and "operator_stop" in out
+        # Without CAP_SYS_NICE or an rtprio limit, SCHED_FIFO is refused: the loop says so once and runs anyway.
+        if os.geteuid() != users.service_uid and resource.getrlimit(resource.RLIMIT_RTPRIO)[0] == 0:
+            assert "SCHED_FIFO priority 50 not permitted" in err and "sched_fifo not permitted" in out, out + err
+        assert "mlockall" in out and "Traceback" not in err, out + err  # locked or refused, reported either way
+        ev = _events(emulator)
+        assert ev.index("stop_cat1") < ev.index("disarmed")
+        assert "heartbeat_timeout" not in ev  # the host stopped it, not the firmware watchdog
+        assert telemetry.stat().st_uid == users.service_uid  # written by the service user
+        recs = read_records(telemetry)
+        assert any(r["topic"] == "/watchdog/event" and r.get("event") == "stop_sent" for r in recs)
+        pings()
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, err
-    assert "SIGTERM" in err and "operator_stop" in out
-    ev = _events(emulator)
-    assert ev.index("stop_cat1") < ev.index("disarmed")
-    assert "heartbeat_timeout" not in ev  # the host stopped it, not the firmware watchdog
-    recs = read_records(tmp_path / "t.jsonl")
-    assert any(r["topic"] == "/watchdog/event" and r.get("event") == "stop_sent" for r in recs)
-    messages += _drain(notify)
-    notify.close()
+            proc.communicate()
+        notify.close()
+        shutil.rmtree(run_dir.parent, ignore_errors=True)
     assert any(m.startswith("READY=1") for m in messages), messages
     assert sum(m == "WATCHDOG=1" for m in messages) >= 3  # pinged from the control loop at WatchdogSec/2
+
+
+def test_a_service_that_cannot_write_its_telemetry_says_so(emulator) -> None:
+    """The service user may not write where root could: the run fails with one line naming the file, not a
+    traceback in the control process followed by a misleading "no joint state" from the link."""
+    users = robot_users()
+    give_pty_to_service(emulator)
+    run_dir = service_run_dir("edge-vla-telemetry-")
+    not_writable = run_dir.parent / "t.jsonl"  # the root-owned parent: the service user cannot create it
+    os.chmod(run_dir.parent, 0o555)  # and, where the tests cannot drop to it, neither can this user
+    try:
+        got = subprocess.run(users.edge_vla(users.service, "run", "--expert", "--link", f"serial://{emulator.port}",
+                                            "--telemetry", str(not_writable)),
+                             cwd=run_dir, env=users.environ(), capture_output=True, text=True, timeout=60)
+    finally:
+        os.chmod(run_dir.parent, 0o755)
+        shutil.rmtree(run_dir.parent, ignore_errors=True)
+    last = got.stderr.strip().splitlines()[-1] if got.stderr.strip() else ""
+    assert got.returncode == 1, (got.returncode, got.stderr)
+    assert last.startswith("edge-vla run: error:") and str(not_writable) in last, got.stderr
+    assert "no joint state" not in got.stderr and "Traceback" not in got.stderr, got.stderr
+    assert "armed" not in _events(emulator)
 
 
 @pytest.mark.slow
