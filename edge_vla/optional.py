@@ -28,6 +28,10 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     "metaworld": ("metaworld", "the MetaWorld benchmark (--env metaworld:TASKS)"),
     "mujoco": ("metaworld", "rendering MetaWorld cameras (--env metaworld:TASKS)"),
     "gymnasium": ("metaworld", "the MetaWorld benchmark (--env metaworld:TASKS)"),
+    # firmware_bridge.motors imports these itself and names the extra the same way (firmware_bridge never imports
+    # edge_vla); listed here so the robot-package lock check knows which extra brings them.
+    "dynamixel_sdk": ("dynamixel", "dynamixel:// motor links (Dynamixel X servos, Protocol 2.0)"),
+    "scservo_sdk": ("feetech", "feetech:// motor links (Feetech STS servos)"),
 }
 
 

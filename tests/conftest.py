@@ -59,3 +59,13 @@ def tiny_bundle_fp16(tmp_path_factory, tiny_model) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle_int8(tmp_path_factory, tiny_model) -> Path:
     return _export(tmp_path_factory, tiny_model, "int8")
+
+
+@pytest.fixture(autouse=True)
+def _this_process_stays_sched_other(request):
+    """No test may leave the pytest process real-time: every process it starts afterwards (emulators, the
+    service under test) would inherit SCHED_FIFO and its timing, hiding or causing failures elsewhere."""
+    yield
+    if os.sched_getscheduler(0) != os.SCHED_OTHER:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        pytest.fail(f"{request.node.nodeid} left the test process SCHED_FIFO/RR; restore SCHED_OTHER in the test")

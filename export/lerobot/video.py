@@ -3,8 +3,10 @@ and encode frames into an mp4 (several episodes one after the other, as LeRobot 
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -150,6 +152,19 @@ def _frame_gap(want: np.ndarray) -> float:
     return float(np.min(np.diff(np.sort(want)))) if len(want) > 1 else 0.0
 
 
+@contextlib.contextmanager
+def _scheduler_kept() -> Iterator[None]:
+    """SVT-AV1 (libsvtav1, LeRobot's default encoder) switches the thread that drives it to SCHED_FIFO priority 99
+    as root (measured with PyAV 14 here: os.sched_getscheduler(0) == SCHED_FIFO after the first frame). A data
+    writer must not become a real-time hog, nor hand that policy to every process it starts: restore it."""
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        yield
+    finally:
+        if os.sched_getscheduler(0) != policy or os.sched_getparam(0) != param:
+            os.sched_setscheduler(0, policy, param)
+
+
 class VideoWriter:
     """Appends RGB frames to one mp4 at a fixed fps; returns each episode's [start, end) span in seconds."""
 
@@ -172,16 +187,18 @@ class VideoWriter:
     def append(self, frames: np.ndarray) -> tuple[float, float]:
         av = require("av")
         start = self.frames / self.fps
-        for img in frames:
-            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
-            vf.pts, vf.time_base = self.frames, Fraction(1, self.fps)
-            self.container.mux(self.stream.encode(vf))
-            self.frames += 1
+        with _scheduler_kept():
+            for img in frames:
+                vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+                vf.pts, vf.time_base = self.frames, Fraction(1, self.fps)
+                self.container.mux(self.stream.encode(vf))
+                self.frames += 1
         return start, self.frames / self.fps
 
     def close(self) -> None:
-        self.container.mux(self.stream.encode())
-        self.container.close()
+        with _scheduler_kept():
+            self.container.mux(self.stream.encode())
+            self.container.close()
 
 
 def video_info(path: Path) -> dict[str, Any]:

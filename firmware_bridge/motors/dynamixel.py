@@ -97,12 +97,26 @@ def watchdog_units(period_s: float) -> int:
     return units
 
 
+def _port_handler(sdk: Any, port: str, latency_ms: int) -> Any:
+    """The SDK's PortHandler, waiting for replies as long as this adapter's latency timer needs: the SDK hard-codes
+    the FTDI default (LATENCY_TIMER = 16 ms in port_handler.py) in every packet timeout."""
+
+    class PortHandler(sdk.PortHandler):  # type: ignore[misc, name-defined]
+        def setPacketTimeout(self, packet_length: int) -> None:
+            self.packet_start_time = self.getCurrentTime()
+            self.packet_timeout = (self.tx_time_per_byte * packet_length) + (latency_ms * 2.0) + 2.0
+
+    return PortHandler(port)
+
+
 class DynamixelDevice(MotorDevice):
     URL_PARAMS: ClassVar[dict[str, str]] = {
         "ids": "servo ids in joint order: 1-6 or 1,2,5 (required)",
         "baud": "bus baud rate (default 1000000)",
         "period_ms": "control period the Bus Watchdog is sized for: 2 periods (default 10, the floor)",
         "host_limits": "1: accept extended/current-based position modes, whose limits only the host enforces",
+        "latency_ms": "the USB-serial adapter's latency timer: a reply is awaited 2 x this + wire time + 2 ms "
+                      "(default 16, the FTDI default the SDK assumes; 1 for a U2D2 set as LeRobot recommends)",
     }
 
     def __init__(self, port: str, ids: Sequence[int], *, baud: int = 1_000_000,
@@ -110,8 +124,11 @@ class DynamixelDevice(MotorDevice):
                  calibration: Sequence[JointCalibration] | None = None,
                  lerobot_calibration: dict[str, LeRobotMotor] | None = None,
                  names: Sequence[str] | None = None, period_s: float = PERIOD_FLOOR_S,
-                 host_limits: bool = False, stop_timeout_s: float = 0.3) -> None:
+                 host_limits: bool = False, stop_timeout_s: float = 0.3, latency_ms: int = 16) -> None:
         super().__init__()
+        if not 1 <= latency_ms <= 1000:
+            raise MotorUrlError(f"latency_ms={latency_ms} is outside 1..1000 ms (the adapter's latency timer)")
+        self.latency_ms = latency_ms
         self.port, self.ids, self.baud = port, tuple(ids), baud
         if not self.ids:
             raise MotorUrlError("no servo ids given; write ids=1-6 (the servos in joint order)")
@@ -157,13 +174,14 @@ class DynamixelDevice(MotorDevice):
             raise MotorUrlError("dynamixel:// needs ids=...: the servo ids in joint order, e.g. ids=1-6")
         period_ms = parse_int(params, "period_ms", round(kw.pop("period_s", PERIOD_FLOOR_S) * 1000))
         return cls(port, parse_ids(params["ids"]), baud=parse_int(params, "baud", 1_000_000, BAUD_RATES),
-                   period_s=period_ms / 1000.0, host_limits=parse_int(params, "host_limits", 0, (0, 1)) == 1, **kw)
+                   period_s=period_ms / 1000.0, host_limits=parse_int(params, "host_limits", 0, (0, 1)) == 1,
+                   latency_ms=parse_int(params, "latency_ms", 16), **kw)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def _open(self) -> None:
         sdk = _sdk()
         self._sdk = sdk
-        port = sdk.PortHandler(self.port)
+        port = _port_handler(sdk, self.port, self.latency_ms)
         try:
             ok = port.setBaudRate(self.baud)  # opens the port
         except Exception as exc:  # pyserial raises SerialException / OSError / ValueError

@@ -16,7 +16,10 @@ from firmware_bridge.motors.dynamixel_emulator import EmulatorProcess, ServoConf
 IDS = (1, 2, 3)
 LIMITS = [(-1.6, 1.6)] * len(IDS)  # rad around mid-range (tick 2048)
 SAFE = {"min_position": 1024, "max_position": 3072}  # +-1.571 rad: inside LIMITS
-PERIOD_MS = 40  # Bus Watchdog 80 ms: room for a loaded 2-core CI machine
+PERIOD_MS = 100  # Bus Watchdog 200 ms: room for a loaded 2-core CI machine (the emulator is a process there too)
+# A reply is awaited 2 x 100 ms + wire time (the SDK assumes a 16 ms adapter latency: 34 ms, which a descheduled
+# emulator process missed on a loaded machine, "There is no status packet").
+BUS = f"ids=1-3&period_ms={PERIOD_MS}&latency_ms=100"
 
 
 def servos(**kw: object) -> list[ServoConfig]:
@@ -29,8 +32,9 @@ def emulator():  # type: ignore[no-untyped-def]
         yield e
 
 
-def device(e: EmulatorProcess, **kw: object) -> DynamixelDevice:
-    return open_device(f"dynamixel://{e.port}?ids=1-3&period_ms={PERIOD_MS}", joint_limits=LIMITS, **kw)  # type: ignore[return-value]
+def device(e: EmulatorProcess, period_ms: int = PERIOD_MS, **kw: object) -> DynamixelDevice:
+    url = f"dynamixel://{e.port}?ids=1-3&period_ms={period_ms}&latency_ms=100"
+    return open_device(url, joint_limits=LIMITS, **kw)  # type: ignore[return-value]
 
 
 def cycle(dev: DynamixelDevice, target: float, n: int) -> np.ndarray:
@@ -79,7 +83,7 @@ def test_extended_position_mode_needs_host_limits() -> None:
     with EmulatorProcess(servos(operating_mode=4)) as e:
         with device(e) as dev, pytest.raises(ArmRefusedError, match="enforces no position limit"):
             dev.arm()
-        with open_device(f"dynamixel://{e.port}?ids=1-3&period_ms={PERIOD_MS}&host_limits=1",
+        with open_device(f"dynamixel://{e.port}?{BUS}&host_limits=1",
                          joint_limits=LIMITS) as dev:
             dev.arm()  # control: the operator accepted host-side limits
             assert dev.armed
@@ -103,7 +107,9 @@ def test_a_cycle_reads_state_and_writes_clamped_goals(emulator: EmulatorProcess)
 
 
 def test_watchdog_trips_when_the_host_stops_cycling_and_latches_until_clear(emulator: EmulatorProcess) -> None:
-    with device(emulator) as dev:
+    # An 80 ms watchdog, so that it expires mid-motion: a spurious early trip on a loaded machine would pass this
+    # test too (it trips anyway); the control case below keeps the longer watchdog.
+    with device(emulator, period_ms=40) as dev:
         dev.arm()
         cycle(dev, 0.8, 3)  # moving toward 0.8 rad
         silent_since = time.monotonic()

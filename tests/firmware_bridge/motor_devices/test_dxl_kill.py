@@ -97,7 +97,7 @@ def _kill_mid_motion(bus: BusEmulator, code: str, url: str) -> float:
 
 
 def test_kill_9_mid_motion_the_bus_watchdog_stops_every_servo(bus: BusEmulator) -> None:
-    killed_at = _kill_mid_motion(bus, BACKEND_HOST, f"dynamixel://{bus.port}?ids=1-3&period_ms={PERIOD_MS}")
+    killed_at = _kill_mid_motion(bus, BACKEND_HOST, f"dynamixel://{bus.port}?ids=1-3&period_ms={PERIOD_MS}&latency_ms=100")
     assert bus.wait_for(lambda: len(bus.events_of("watchdog_expired")) == len(IDS), 5.0)
     for event in bus.events_of("watchdog_expired"):
         # Never early; the upper bound is loose because the emulator's tick thread shares 2 cores with the suite
