@@ -1,7 +1,12 @@
-"""`edge-vla profile BUNDLE [BUNDLE ...]`: per-stage latency against a budget, with trace, plot, roofline.
+"""`edge-vla profile BUNDLE [BUNDLE ...]`: per-stage latency and "will my robot keep up?", with trace, plot,
+roofline and the machine's power mode.
 
 Precision is a property of a bundle (fp32 / fp16 / int8 are exported separately), so compare precisions
 by passing sibling bundles; `--precision` keeps only the bundles of the listed precisions.
+
+The verdict judges each inference against the latency the onboard loop's chunk strategy tolerates (see
+edge_vla.runtime.profile); the control period is the control loop's own budget, reported on its own line.
+`--budget-ms` adds a plain gate (p99 within it), which is what `--rate-hz` used to set.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +28,7 @@ from edge_vla.runtime.trace import write_trace
 log = logging.getLogger(__name__)
 
 EXIT_OVER_BUDGET = 3
+_TARBALL_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
 
 def _int_list(text: str) -> list[int]:
@@ -35,11 +42,23 @@ def _int_list(text: str) -> list[int]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from edge_vla.onboard.scheduler import STRATEGIES
+
     parser.add_argument("bundles", nargs="+", metavar="BUNDLE",
-                        help="bundle(s) to profile; pass fp32/fp16/int8 siblings to compare precisions")
-    parser.add_argument("--budget-ms", type=float, help="latency budget per chunk (default: 1000 / rate)")
+                        help="bundle(s) to profile (directories or .tar.gz); pass fp32/fp16/int8 siblings to "
+                             "compare precisions")
     parser.add_argument("--rate-hz", type=float,
-                        help="control rate whose period is the budget (default: the bundle's default_rate_hz)")
+                        help="control rate of `edge-vla run` (default: the bundle's default_rate_hz): the control "
+                             "loop's own cycle budget and one term of the chunk verdicts. It no longer sets the "
+                             "inference budget: use --budget-ms for that")
+    parser.add_argument("--strategy", choices=(*STRATEGIES, prof.RTC),
+                        help="the chunk strategy --check judges (default: the one `edge-vla run` uses); every "
+                             "strategy's verdict is printed")
+    parser.add_argument("--run-args", default="", metavar="'FLAGS'",
+                        help="`edge-vla run` flags to judge with, e.g. '--chunk-max-age 1.0 --execute 4' "
+                             "(default: run's own defaults)")
+    parser.add_argument("--budget-ms", type=float,
+                        help="also gate p99 of one inference against this fixed budget (ms)")
     parser.add_argument("--steps", type=_int_list,
                         help="ODE step counts, e.g. 1,2,5,10 (default: 1,2,5 and the bundle's own count)")
     parser.add_argument("--precision", help="keep only bundles of these precisions, e.g. fp32,int8")
@@ -50,24 +69,28 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path,
-                        help="where trace.json, latency.png and profile.json go "
-                             "(default: FIRST_BUNDLE/target/profile)")
+                        help="where trace.json, latency.png and profile.json go (default: FIRST_BUNDLE/target/profile; "
+                             "for a tarball, NAME.profile/ next to it)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--no-roofline", action="store_true", help="skip the Jetson roofline estimate")
     parser.add_argument("--check", action="store_true",
-                        help=f"exit {EXIT_OVER_BUDGET} when any configuration misses the budget")
+                        help=f"exit {EXIT_OVER_BUDGET} when any configuration fails the judged strategy's verdict "
+                             "(or --budget-ms where given)")
 
 
-def resolve_budget(budget_ms: float | None, rate_hz: float | None, bundle: Bundle) -> tuple[float, float | None]:
-    """--budget-ms wins; else 1000 / --rate-hz; else the bundle's default control rate."""
-    if budget_ms is not None:
-        if budget_ms <= 0:
-            raise ConfigError(f"--budget-ms must be > 0, got {budget_ms}")
-        return budget_ms, rate_hz
-    rate = rate_hz or bundle.manifest.get("control", {}).get("default_rate_hz")
-    if not rate or rate <= 0:
-        raise ConfigError("no budget: pass --budget-ms or --rate-hz (the bundle names no default rate)")
-    return 1000.0 / rate, float(rate)
+def _is_tarball(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_file() and p.name.endswith(_TARBALL_SUFFIXES)
+
+
+def default_out(first: str | Path, bundle: Bundle) -> Path:
+    """FIRST_BUNDLE/target/profile; for a tarball (extracted into a temporary folder that is deleted on
+    exit) NAME.profile/ next to the tarball, so every path printed still exists afterwards."""
+    if _is_tarball(first):
+        p = Path(first).resolve()
+        name = next(p.name[: -len(s)] for s in _TARBALL_SUFFIXES if p.name.endswith(s))
+        return p.parent / f"{name}.profile"
+    return bundle.target_dir / "profile"
 
 
 def default_steps(bundle: Bundle) -> list[int]:
@@ -88,7 +111,18 @@ def roofline_for(bundle: Bundle, steps: list[int], solver: str | None) -> dict[s
     return rl.roofline_report(costs, steps, EVALS_PER_STEP.get(solver, 1))
 
 
+def _run_args(text: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise ConfigError(f"--run-args {text!r}: {exc}; quote it as one argument, e.g. --run-args '--execute 4'") \
+            from exc
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.budget_ms is not None and not args.budget_ms > 0:
+        raise ConfigError(f"--budget-ms must be > 0, got {args.budget_ms}")
+    run_args = _run_args(args.run_args)
     bundles = [Bundle.open(p) for p in args.bundles]
     if args.precision:
         wanted = {p.strip() for p in args.precision.split(",") if p.strip()}
@@ -96,43 +130,80 @@ def main(args: argparse.Namespace) -> int:
         if not bundles:
             raise ConfigError(f"no bundle has precision in {sorted(wanted)}; the bundles given are "
                               f"{[str(p) for p in args.bundles]}")
-    budget_ms, rate_hz = resolve_budget(args.budget_ms, args.rate_hz, bundles[0])
-    out = args.out or bundles[0].target_dir / "profile"
+    if args.check and args.rate_hz is not None and args.budget_ms is None:
+        print(f"note: --rate-hz no longer sets the budget --check applies (a chunk is needed every few hundred ms, "
+              f"not every control period); for the old check pass --budget-ms {1000.0 / args.rate_hz:g}", flush=True)
+    # Checked before any inference: a bad --rate-hz or --run-args fails in one line, not after minutes.
+    timings = {id(b): prof.onboard_timing(b, args.rate_hz, run_args, args.strategy) for b in bundles}
+    out = args.out or default_out(args.bundles[0], bundles[0])
+    host = prof.host_info(args.threads)
+    print(prof.format_power(host["power"]), flush=True)
     all_results: list[prof.ConfigResult] = []
     reports = []
     _warn_if_busy()
     for bundle in bundles:
+        timing, not_judged = timings[id(bundle)]
         steps = args.steps or default_steps(bundle)
         print(f"profiling {bundle.root} ({bundle.precision}) steps={steps}, {args.iterations} runs after "
-              f"{args.warmup} warm-up, budget {budget_ms:.3f} ms", flush=True)
+              f"{args.warmup} warm-up", flush=True)
+        print(prof.format_timing(timing) if timing else f"onboard verdicts skipped: {not_judged}")
         results = prof.profile_bundle(bundle, steps, args.iterations, args.warmup, args.threads, args.solver,
                                       args.seed, args.backend)
         roof = {"skipped": "--no-roofline"} if args.no_roofline else roofline_for(bundle, steps, args.solver)
-        report = prof.bundle_report(bundle, results, budget_ms, rate_hz, args.threads, args.warmup, roof)
+        report = prof.bundle_report(bundle, results, timing, args.budget_ms, args.threads, args.warmup, roof,
+                                    not_judged, host)
         report["artifacts"] = {"dir": str(out)}
+        print(prof.format_control_loop(report["control_loop"]))
         for config in report["configurations"]:
             print()
             print(prof.format_table(config))
         print()
-        measured = {c["steps"]: c["stages"]["prefix"]["p50"] + c["stages"]["ode_total"]["p50"]
-                    for c in report["configurations"]}
+        # the graphs' share of the mean (prefix + ODE, or the fused chunk graph): what the roofline estimates
+        measured = {c["steps"]: c["breakdown_ms"]["total"] - c["breakdown_ms"]["preprocess"]
+                    - c["breakdown_ms"]["postprocess"] - c["breakdown_ms"]["other"] for c in report["configurations"]}
         print(prof.format_roofline(roof, measured))
         _save_in_bundle(bundle, report, args.bundles)
         reports.append(report)
         all_results += results
 
-    trace = write_trace(out / "trace.json", [(r.label, r.representative()) for r in all_results])
-    print(f"\ntrace (open in https://ui.perfetto.dev): {trace}")
-    if not args.no_plot:
+    try:
+        _write_outputs(out, all_results, reports, args.budget_ms, plot=not args.no_plot,
+                       tolerated_ms=_judged_tolerance_ms(timings[id(bundles[0])][0]))
+    except OSError as exc:
+        raise EdgeVlaError(f"could not write the profile outputs to {out}: {exc}; pass --out DIR somewhere "
+                           "writable") from exc
+    return _verdict_line(reports, len(all_results), args.check)
+
+
+def _judged_tolerance_ms(timing: prof.LoopTiming | None) -> float | None:
+    if timing is None:
+        return None
+    tol = prof.tolerances(timing).get(timing.strategy)  # rtc judged on a bundle without a usable rtc block: none
+    return None if tol is None else 1e3 * tol.tolerated_s
+
+
+def _write_outputs(out: Path, results: list[prof.ConfigResult], reports: list[dict[str, Any]],
+                   budget_ms: float | None, plot: bool, tolerated_ms: float | None) -> None:
+    """trace.json, latency.png and profile.json; each path is printed once it is written."""
+    trace = write_trace(out / "trace.json", [(r.label, r.representative()) for r in results])
+    print(f"\ntrace (open at ui.perfetto.dev): {trace}")
+    if plot:
         try:
-            print(f"plot: {prof.plot_latency(all_results, budget_ms, out / 'latency.png')}")
+            print(f"plot: {prof.plot_latency(results, budget_ms, out / 'latency.png', tolerated_ms)}")
         except MissingDependencyError as exc:
             print(f"plot skipped: {exc}")
     write_json_atomic(out / "profile.json", {"kind": prof.REPORT_KIND, "reports": reports})
-    failed = [c["label"] for r in reports for c in r["configurations"] if not c["verdict"]["pass"]]
-    print(f"verdict: {len(failed)} of {len(all_results)} configuration(s) over the {budget_ms:.3f} ms budget"
-          + (f": {', '.join(failed)}" if failed else ""))
-    return EXIT_OVER_BUDGET if failed and args.check else 0
+    print(f"report: {out / 'profile.json'}")
+
+
+def _verdict_line(reports: list[dict[str, Any]], count: int, check: bool) -> int:
+    configs = [c for r in reports for c in r["configurations"]]
+    failed = [c["label"] for c in configs if not c["verdict"]["pass"]]
+    strategies = sorted({c["verdict"]["strategy"] for c in configs if c["verdict"].get("strategy")})
+    judged = f"judged as {'/'.join(strategies)}" if strategies else "no onboard verdict"
+    print(f"verdict ({judged}): {count - len(failed)} of {count} configuration(s) keep up"
+          + (f"; FAIL: {', '.join(failed)}" if failed else ""))
+    return EXIT_OVER_BUDGET if failed and check else 0
 
 
 def _warn_if_busy() -> None:
@@ -146,8 +217,7 @@ def _warn_if_busy() -> None:
 def _save_in_bundle(bundle: Bundle, report: dict[str, Any], args_paths: list[str]) -> None:
     """target/ is not hashed, so the bundle (and its signature) still verifies after this write."""
     if not any(Path(bundle.root).resolve().is_relative_to(Path(a).resolve()) for a in args_paths):
-        # an extracted tarball: its target/ is a temp dir that vanishes on exit
-        log.warning("%s is a tarball; its profile report is only in --out", bundle.root)
+        # an extracted tarball: its target/ is a temp dir that vanishes on exit; the report is in --out only
         return
     try:
         write_json_atomic(bundle.target_dir / "profile.json", report)

@@ -44,6 +44,9 @@ class Target:
     int8_tops: float  # tensor cores, dense (GPU only: DLAs excluded)
     bandwidth_gbs: float  # LPDDR, shared with the CPU
     note: str
+    # The nvpmodel power mode whose GPU clock the peaks above assume (a profile taken in another mode, or
+    # without `jetson_clocks`, runs at lower clocks than this table). "" for a target without power modes.
+    power_mode: str = ""
 
     def peak_flops(self, precision: str) -> float:
         tera = {"fp32": self.fp32_tflops, "fp16": self.fp16_tflops, "int8": self.int8_tops}[precision]
@@ -53,23 +56,27 @@ class Target:
 # Sources: NVIDIA Jetson Orin module datasheets / AGX Orin technical brief (sparse INT8 TOPS, GPU clocks,
 # CUDA core counts, bandwidth); Jetson AGX Thor (T5000) product page (2070 FP4 TFLOPS sparse, 273 GB/s).
 # Dense figures are derived: Ampere (GA10B) sparse INT8 / 2 = dense INT8, / 2 again = dense FP16;
-# FP32 = CUDA cores * 2 * clock. Orin figures are the original (non-"Super") MAXN modes.
+# FP32 = CUDA cores * 2 * clock. Orin figures are the original (non-"Super") top modes: MAXN on Orin NX and
+# AGX Orin (GPU 918 MHz / 1.3 GHz), 15W on the Orin Nano 8GB (mode 0, its highest before JetPack 6.1's "MAXN
+# SUPER"; GPU 625 MHz), per the module datasheets' power-mode tables (Jetson Linux Developer Guide, "Power
+# Management for Jetson Orin Devices"). Thor: MAXN, the mode its published figures are quoted in.
 TARGETS: dict[str, Target] = {
     "orin-nano-8gb": Target(
         "Jetson Orin Nano 8GB", 1.28, 10.0, 20.0, 68.0,
         "1024 cores @ 625 MHz; 40 sparse INT8 TOPS (GPU). JetPack 6.1 'Super' mode: 1020 MHz, 67 TOPS, "
-        "102 GB/s (not used here)."),
+        "102 GB/s (not used here).", power_mode="15W"),
     "orin-nx-16gb": Target(
         "Jetson Orin NX 16GB", 1.88, 15.0, 30.0, 102.4,
-        "1024 cores @ 918 MHz; 100 sparse INT8 TOPS total of which ~60 GPU (rest DLA): GPU split derived."),
+        "1024 cores @ 918 MHz; 100 sparse INT8 TOPS total of which ~60 GPU (rest DLA): GPU split derived.",
+        power_mode="MAXN"),
     "agx-orin-64gb": Target(
         "Jetson AGX Orin 64GB", 5.32, 42.5, 85.0, 204.8,
-        "2048 cores @ 1.3 GHz; 275 sparse INT8 TOPS total of which 170 GPU (rest DLA)."),
+        "2048 cores @ 1.3 GHz; 275 sparse INT8 TOPS total of which 170 GPU (rest DLA).", power_mode="MAXN"),
     "thor": Target(
         "Jetson AGX Thor (T5000)", 8.0, 129.0, 258.0, 273.0,
         "UNCERTAIN compute: 2560 cores @ ~1.57 GHz (FP32 derived); NVIDIA quotes 2070 FP4 TFLOPS sparse. "
         "FP16/INT8 dense here assume FP4 sparse / 16 and / 8 (conservative; per-SM Blackwell tensor "
-        "rates would give up to 2x more). INT8 on Thor is best run as FP8 in TensorRT."),
+        "rates would give up to 2x more). INT8 on Thor is best run as FP8 in TensorRT.", power_mode="MAXN"),
 }
 # Ordered slowest to fastest in every column, so a faster target never estimates slower.
 TARGET_ORDER = ("orin-nano-8gb", "orin-nx-16gb", "agx-orin-64gb", "thor")
@@ -295,7 +302,8 @@ def roofline_report(costs: dict[str, GraphCost], steps: list[int], evals_per_ste
     """Per target: prefix and per-step estimates, and prefix + N steps for each step count."""
     prefix, step = costs["prefix"], costs["denoise_step"]
     out: dict[str, Any] = {
-        "label": "ESTIMATE (roofline lower bound at published dense peaks; not a measurement)",
+        "label": "ESTIMATE (roofline lower bound at published dense peaks in each target's top power mode, "
+                 "clocks locked; not a measurement)",
         "launch_overhead_ms": launch_overhead_ms,
         "graphs": {n: {**asdict(c), "bytes": c.bytes, "intensity_flop_per_byte": c.intensity}
                    for n, c in costs.items()},
@@ -306,7 +314,7 @@ def roofline_report(costs: dict[str, GraphCost], steps: list[int], evals_per_ste
         p = estimate(prefix, t, launch_overhead_ms=launch_overhead_ms)
         s = estimate(step, t, runs=evals_per_step, launch_overhead_ms=launch_overhead_ms)  # heun: 2 evals
         out["targets"][key] = {
-            "name": t.name, "note": t.note,
+            "name": t.name, "note": t.note, "power_mode": t.power_mode,
             "peak_tflops": t.peak_flops(prefix.precision) / 1e12, "bandwidth_gbs": t.bandwidth_gbs,
             "prefix": asdict(p), "step": asdict(s),
             "total_ms": {str(n): p.ms + n * s.ms for n in steps},

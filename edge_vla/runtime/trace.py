@@ -22,6 +22,13 @@ def _event(name: str, ts_us: float, dur_us: float, pid: int, cat: str) -> dict[s
 def run_events(timings_ms: dict[str, float], pid: int, start_us: float = 0.0) -> list[dict[str, Any]]:
     """The events of one `policy.infer` call from its `timings_ms`."""
     us = {k: 1e3 * v for k, v in timings_ms.items()}
+    if "chunk_graph" in us:  # TensorRT: prefix and every step in one CUDA graph launch, timed as one stage
+        events = [_event("preprocess", start_us, us["preprocess"], pid, "host"),
+                  _event("chunk_graph", start_us + us["preprocess"], us["chunk_graph"], pid, "graph"),
+                  _event("postprocess", start_us + us["preprocess"] + us["chunk_graph"], us["postprocess"], pid,
+                         "host")]
+        end = start_us + us["preprocess"] + us["chunk_graph"] + us["postprocess"]
+        return [_event("total", start_us, max(us["total"], end - start_us), pid, "policy.infer"), *events]
     steps = sorted((k for k in us if k.startswith("step_")), key=lambda k: int(k.split("_")[1]))
     step_sum = sum(us[k] for k in steps)
     ode = max(us.get("ode_total", step_sum), step_sum)
