@@ -24,6 +24,11 @@ BACKENDS: dict[str, tuple[str, str]] = {
         "Dynamixel X series, Protocol 2.0, Bus Watchdog armed (extra: dynamixel): "
         "dynamixel:///dev/ttyUSB0?baud=1000000&ids=1-6",
     ),
+    "feetech": (
+        "firmware_bridge.motors.feetech:FeetechDevice",
+        "Feetech STS3215 (SO-100/SO-101), NO device watchdog: a killed host or unplugged cable leaves the "
+        "servos holding their last goal under torque (extra: feetech): feetech:///dev/ttyUSB0?ids=1-6",
+    ),
 }
 
 MAX_IDS = 253  # Protocol 2.0 ids 0..252

@@ -16,7 +16,7 @@ from firmware_bridge.motors.registry import parse_ids
 
 def test_schemes_list_only_backends_that_exist_with_a_description() -> None:
     listed = schemes()
-    assert list(listed) == ["dynamixel"]
+    assert list(listed) == ["dynamixel", "feetech"]
     assert "dynamixel://" in listed["dynamixel"] and "Bus Watchdog" in listed["dynamixel"]
 
 
@@ -48,7 +48,7 @@ def test_parse_url_port_forms() -> None:
 
 
 @pytest.mark.parametrize(("url", "says"), [
-    ("feetech:///dev/ttyUSB0?ids=1-6", "unknown motor link scheme 'feetech'"),
+    ("robstride:///dev/ttyUSB0?ids=1-6", "unknown motor link scheme 'robstride'"),
     ("/dev/ttyUSB0", "not a URL"),
     ("dynamixel://?ids=1", "names no port"),
     ("dynamixel:///dev/x?ids=1&ids=2", "given twice"),
