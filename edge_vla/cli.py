@@ -52,6 +52,41 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
 _BY_NAME = {s.name: s for s in SUBCOMMANDS}
 
 
+# Loggers of this project (export modules are imported as edge_vla.export.*; `export` for a source checkout).
+OWN_LOGGERS = ("edge_vla", "export", "firmware_bridge")
+
+
+def _verbosity_parser(defaults: bool) -> argparse.ArgumentParser:
+    """-v/-vv/-q, shared by the top parser and every subcommand's, so they work on either side of COMMAND.
+
+    The subcommand's copy has SUPPRESS defaults: a flag it did not see leaves the top parser's value alone."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("logging")
+    group.add_argument("-v", "--verbose", action="count", default=0 if defaults else argparse.SUPPRESS,
+                       help="-v: also edge-vla's debug messages; -vv: every library's too (default: info messages "
+                       "and progress)")
+    group.add_argument("-q", "--quiet", action="store_true", default=False if defaults else argparse.SUPPRESS,
+                       help="warnings and errors only, no progress (a command's results are still printed)")
+    return parser
+
+
+def log_levels(verbose: int, quiet: bool) -> tuple[int, int]:
+    """(root level for every library, level of this project's loggers)."""
+    if quiet:
+        return logging.WARNING, logging.WARNING
+    if verbose >= 2:
+        return logging.DEBUG, logging.DEBUG
+    return logging.INFO, logging.DEBUG if verbose == 1 else logging.INFO
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    root, own = log_levels(verbose, quiet)
+    # The one place logging is configured (a second basicConfig elsewhere would be a no-op or a second handler).
+    logging.basicConfig(level=root, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(own)
+
+
 def _top_parser() -> argparse.ArgumentParser:
     lines = []
     for group in dict.fromkeys(s.group for s in SUBCOMMANDS):
@@ -62,10 +97,10 @@ def _top_parser() -> argparse.ArgumentParser:
         description="Deploy a Vision-Language-Action policy to a robot's onboard computer and run it safely.",
         epilog="\n".join(lines) + "\n\nRun `edge-vla COMMAND --help` for a command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="edge-vla [-h] [--version] [-v] COMMAND ...",
+        usage="edge-vla [-h] [--version] [-v | -vv | -q] COMMAND ...",
+        parents=[_verbosity_parser(defaults=True)],
     )
     parser.add_argument("--version", action="version", version=f"edge-vla {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     parser.add_argument("command", nargs="?", help=argparse.SUPPRESS)
     return parser
 
@@ -76,11 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Split at the first non-option word: options before it are global, the rest is the command's.
     split = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
     top_args = top.parse_args(argv[: split + 1] if split < len(argv) else argv)
-    logging.basicConfig(
-        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(top_args.verbose + 1, 2)],
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     if top_args.command is None:
+        _configure_logging(top_args.verbose, top_args.quiet)
         top.print_help()
         return 2
     sub = _BY_NAME.get(top_args.command)
@@ -88,9 +120,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         top.error(f"unknown command {top_args.command!r}; choose one of: {', '.join(_BY_NAME)}")
     try:
         module = importlib.import_module(sub.module)
-        parser = argparse.ArgumentParser(prog=f"edge-vla {sub.name}", description=sub.help)
+        # "resolve": a subcommand that defines its own -v or -q keeps it (its definition comes last).
+        parser = argparse.ArgumentParser(prog=f"edge-vla {sub.name}", description=sub.help,
+                                         parents=[_verbosity_parser(defaults=False)], conflict_handler="resolve")
         module.configure(parser)
         args = parser.parse_args(argv[split + 1 :])
+        verbose = top_args.verbose + getattr(args, "verbose", 0)
+        quiet = top_args.quiet or getattr(args, "quiet", False)
+        if quiet and verbose:
+            parser.error("--quiet and --verbose contradict each other; give one")
+        _configure_logging(verbose, quiet)
         return int(module.main(args) or 0)
     except (EdgeVlaError, BridgeError) as exc:
         logging.getLogger("edge_vla").debug("command failed", exc_info=True)

@@ -137,7 +137,7 @@ def measure_row(name: str, model: VLA, steps: int, teacher: Teacher, pool: ObsPo
         res = evaluate(TorchPolicy(model, steps=steps), episodes, image_size=cfg.image_size,
                        num_cameras=cfg.num_cameras, name=name)
         rmse = action_error(VLATeacher(model, steps=steps), teacher, pool)
-    log.info("%s: %s, rmse %.4f, %.1f ms", name, res, rmse, lat)
+    log.info("%s, rmse %.4f, %.1f ms", res, rmse, lat)  # str(res) starts with the row name
     return Row(name, count_parameters(model), chunk_flops(model, steps), lat, via, rmse, res.success_rate,
                (res.ci_low, res.ci_high), episodes)
 
@@ -157,7 +157,7 @@ def measure_pi0_teacher_row(name: str, teacher: Pi0Teacher, episodes: int, obs: 
     else:
         lat, via = latency_ms(lambda: tp(obs)), "transformers eager (sample_actions)"
     res = evaluate(tp, episodes, num_cameras=teacher.num_cameras, name=name)
-    log.info("%s: %s, %.1f ms", name, res, lat)
+    log.info("%s, %.1f ms", res, lat)  # str(res) starts with the row name
     flops = pi0_chunk_flops(teacher, ObsBatch.from_observations([obs], teacher.num_cameras))
     return Row(name, count_parameters(teacher.model), flops, lat, via, 0.0, res.success_rate,
                (res.ci_low, res.ci_high), episodes)
@@ -208,7 +208,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     teacher = load_teacher(args.teacher)
     student, _ = load_checkpoint(args.student)

@@ -34,10 +34,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from edge_vla.config import VLAConfig
 from edge_vla.errors import ConfigError, EdgeVlaError
+from edge_vla.progress import progress as progress_bar
 from edge_vla.runtime.flow import REFERENCE_FLOW, integrate
 from edge_vla.runtime.types import Observation
 from edge_vla.sim.dataset import Dataset
@@ -166,7 +166,8 @@ def generate_targets(teacher: Teacher, pool: ObsPool, action_mean: Tensor, actio
     rows: dict[str, list[Tensor]] = {"i": [], "x0": [], "x1": [], "px": [], "pv": []}
     order = np.repeat(np.arange(len(pool)), samples_per_obs)
     path_t = None
-    for start in tqdm(range(0, len(order), batch_size), desc="teacher targets", disable=not progress, unit="batch"):
+    for start in progress_bar(range(0, len(order), batch_size), desc="teacher targets", unit="batch",
+                              enabled=progress):
         ids = order[start:start + batch_size]
         obs = pool.batch(ids)
         x0 = torch.randn(len(ids), teacher.chunk_len, teacher.action_dim, generator=gen)
@@ -395,7 +396,7 @@ class Distiller:
     def _fit(self, steps: int, start: int, total: int, lr: float, step_fn: Callable[[int], tuple[Tensor, dict]],
              opt: torch.optim.Optimizer, desc: str) -> None:
         tc = TrainConfig(steps=total, lr=lr, warmup=min(self.cfg.warmup, max(1, total // 10)))
-        bar = tqdm(range(start, start + steps), desc=desc, disable=not self.progress, unit="step")
+        bar = progress_bar(range(start, start + steps), desc=desc, unit="step", enabled=self.progress)
         for step in bar:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, tc)

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from edge_vla.cli_flags import DeprecatedAlias
 from edge_vla.config import PRESETS, VLAConfig, preset
 from edge_vla.errors import ConfigError
 from edge_vla.sim import dataset
@@ -41,7 +42,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="observations to label: a sim dataset .npz (DAgger rolls out in its split, e.g. sim:hard), "
                         "or lerobot:PATH (recorded states; offline, no DAgger)")
     parser.add_argument("--max-obs", type=int, default=None, help="use at most this many dataset observations")
-    parser.add_argument("--steps", type=int, default=d.steps, help="knowledge-distillation steps over all rounds")
+    parser.add_argument("--train-steps", type=int, default=d.steps, metavar="N",
+                        help="knowledge-distillation steps over all rounds (default %(default)s)")
+    parser.add_argument("--steps", dest="train_steps", type=int, action=DeprecatedAlias, new="--train-steps",
+                        metavar="N", help="deprecated spelling of --train-steps (--steps means ODE steps elsewhere)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--velocity-weight", type=float, default=d.velocity_weight,
@@ -145,7 +149,7 @@ def main(args: argparse.Namespace) -> int:
 
         init, _ = load_checkpoint(args.student_init)
     cfg = DistillConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, velocity_weight=args.velocity_weight,
+        steps=args.train_steps, batch_size=args.batch_size, lr=args.lr, velocity_weight=args.velocity_weight,
         samples_per_obs=args.samples_per_obs, goal_weight=args.goal_weight, dagger_rounds=args.dagger_rounds,
         dagger_episodes=args.dagger_episodes, dagger_beta=args.dagger_beta, reflow_steps=args.reflow_steps,
         reflow_lr=args.reflow_lr, fast_steps=args.fast_steps, seed=args.seed, threads=args.threads,

@@ -229,23 +229,40 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-unverified", action="store_true",
                         help="keep engines that fail (or could not run) the comparison with the ONNX graphs; they are "
                         "marked unverified and the runtime warns on every load")
-    parser.add_argument("--verify-samples", type=int, default=4, help="fresh inputs per graph for the comparison")
+    parser.add_argument("--verify-samples", type=int, default=4,
+                        help="fresh inputs per graph for the comparison (default %(default)s)")
+    parser.add_argument("--script-only", action="store_true",
+                        help="only write BUNDLE/target/build_engines.sh (the trtexec command lines) and exit 0: for a "
+                             "machine without TensorRT, to run the lines on the target")
+    parser.epilog = EXIT_STATUSES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+EXIT_STATUSES = """exit status:
+  0  engines built and verified (or kept unverified with --allow-unverified), or --script-only: the trtexec
+     lines written
+  1  no engines: TensorRT does not import here (the trtexec lines are written anyway; pass --script-only when
+     they are all you want), an engine failed verification (removed), or a bad bundle (one line on stderr)
+  2  command-line usage error"""
 
 
 def main(args: argparse.Namespace) -> int:
     bundle = Bundle.open(args.bundle)
-    contract = bundle.contract
     target = bundle.target_dir
     engines_dir = target / "engines"
     script = target / "build_engines.sh"
-    if not args.index_only and not available("tensorrt"):
+    if args.script_only or (not args.index_only and not available("tensorrt")):
         script.parent.mkdir(parents=True, exist_ok=True)
         script.write_text(build_script(bundle.manifest, args.workspace_mb))
         script.chmod(0o755)
-        print("TensorRT (the `tensorrt` Python module) is not installed here, so no engines were built.\n"
-              f"Wrote {script} with the equivalent trtexec command lines; run it on the target, or install\n"
-              "TensorRT (JetPack ships it; on x86: pip install 'edge-vla[tensorrt]') and run this again.")
-        return 0
+        if args.script_only:
+            print(f"wrote {script}: the trtexec command lines for this bundle's graphs; run it on the target, then "
+                  f"`edge-vla build-engines {args.bundle} --index-only` there")
+            return 0
+        raise EdgeVlaError(f"no engines built: TensorRT (the `tensorrt` module) does not import here; wrote the "
+                           f"equivalent trtexec lines to {script} (pass --script-only when that is all you want; "
+                           "install TensorRT: JetPack ships it, on x86 pip install 'edge-vla[tensorrt]')")
+    contract = bundle.contract
     index: dict[str, Any] = {"graphs": {}, "precision": bundle.precision}
     for name in engine_graphs(contract):
         plan = engines_dir / f"{name}.plan"

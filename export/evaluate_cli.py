@@ -13,12 +13,18 @@ base split is evaluated on hard only when asked (`--env sim:hard`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edge_vla.atomic import atomic_write
+from edge_vla.cli_flags import deprecation_line
 from edge_vla.errors import ConfigError, EdgeVlaError
 from edge_vla.sim.cli import ENV_HELP
 from edge_vla.sim.evaluate import (
@@ -29,14 +35,16 @@ from edge_vla.sim.evaluate import (
     Reseed,
     check_execute,
     evaluate,
-    evaluate_expert,
     paired_difference,
     random_policy,
 )
+from edge_vla.sim.expert import expert_chunk
 from edge_vla.sim.metaworld import is_metaworld
 from edge_vla.sim.splits import is_sim, sim_split
 
 from .envs import resolve_env
+
+log = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +60,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--solver", choices=["euler", "heun", "midpoint"], default="euler")
     parser.add_argument("--sensitivity", action="store_true",
                         help="also run every episode with another block named (instruction sensitivity)")
-    parser.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON here")
+    parser.add_argument("--json", nargs="?", const=True, default=None, metavar="FILE",
+                        help="print the results as JSON on stdout (the human-readable lines go to stderr). "
+                             "Deprecated: --json FILE, now --json-out FILE")
+    parser.add_argument("--json-out", default=None, metavar="FILE", help="also write the results as JSON here")
     parser.add_argument("--data", default=None, help="lerobot:PATH: an open-loop check on the dataset's held-out "
                         "episodes instead of closed-loop sim episodes (for robots without a simulator)")
     parser.add_argument("--teacher", default=None, help="with --data: a checkpoint or bundle to compare against, "
@@ -78,10 +89,21 @@ class Contender:
 
     def run(self, episodes: int, seed_base: int, target_shift: int = 0, split: str = "base",
             execute: int = EXECUTE) -> EvalResult:
-        if self.name == "expert":
-            return evaluate_expert(episodes, seed_base, target_shift=target_shift, split=split)
+        label = self.name + (" (another block named)" if target_shift else "")
+        reseed = progress(label, episodes, self.reseed)
+        if self.name == "expert":  # it reads the scene, which a learned policy cannot: it gets the env
+            from edge_vla.sim.env import ReachEnv
+
+            env = ReachEnv(split=split)
+
+            def act(obs: Any) -> Any:
+                assert env.scene is not None
+                return expert_chunk(env.scene, obs.state, 8)
+
+            return evaluate(act, episodes, seed_base, name="expert", env=env, target_shift=target_shift,
+                            reseed=reseed)
         return evaluate(self.act, episodes, seed_base, image_size=self.image_size, num_cameras=self.num_cameras,
-                        execute=execute, name=self.name, target_shift=target_shift, reseed=self.reseed, split=split)
+                        execute=execute, name=self.name, target_shift=target_shift, reseed=reseed, split=split)
 
     def run_metaworld(self, env: str, episodes: int, seed_base: int, execute: int = EXECUTE) -> Any:
         from edge_vla.sim import metaworld
@@ -95,6 +117,23 @@ class Contender:
                               "with --env sim")
         return metaworld.evaluate(act, env, episodes, seed_base, self.image_size, self.num_cameras, execute=execute,
                                   name=self.name, reseed=self.reseed)
+
+
+def progress(label: str, episodes: int, reseed: Reseed | None) -> Reseed:
+    """A per-episode hook (evaluate calls it as each episode starts) that logs about every tenth of the run."""
+    every = max(1, round(episodes / 10))
+    started = time.monotonic()
+    count = 0
+
+    def hook(seed: int) -> None:
+        nonlocal count
+        count += 1
+        if count == 1 or count % every == 0 or count == episodes:
+            log.info("%s: episode %d/%d (%.0f s)", label, count, episodes, time.monotonic() - started)
+        if reseed is not None:
+            reseed(seed)
+
+    return hook
 
 
 def load_contender(spec: str, steps: int | None, solver: str) -> Contender:
@@ -130,6 +169,24 @@ def load_contender(spec: str, steps: int | None, solver: str) -> Contender:
 
 
 def main(args: argparse.Namespace) -> int:
+    """--json prints the JSON document on stdout (everything else goes to stderr); --json-out FILE writes it."""
+    if isinstance(args.json, str):  # the old --json FILE
+        log.warning(deprecation_line("--json FILE", "--json-out FILE", "evaluate"))
+        args.json_out, args.json = args.json_out or args.json, None
+    if not args.json:
+        return _main(args)
+    with tempfile.TemporaryDirectory(prefix="edge-vla-evaluate-") as tmp:
+        keep = args.json_out
+        args.json_out = keep or str(Path(tmp) / "results.json")
+        with contextlib.redirect_stdout(sys.stderr):
+            rc = _main(args)
+        if rc == 0:
+            sys.stdout.write(Path(args.json_out).read_text())
+        args.json_out = keep
+    return rc
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.data is not None:
         return _open_loop(args)
     if args.onboard:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
+
+from edge_vla.errors import EdgeVlaError
 
 from .calibration import check_source
 from .exporter import PRECISIONS
@@ -39,6 +42,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    # Before any work (loading, ONNX export, calibration take tens of seconds): the output must be free.
+    out = Path(args.output)
+    if (out.exists() or out.is_symlink()) and not args.overwrite:
+        raise EdgeVlaError(f"{out} already exists; pass --overwrite to replace it (atomically, once the new bundle "
+                           "is complete), or choose another -o")
     check_source(args.calib)  # inputs before any export work, for every model family
     report = for_checkpoint(args.checkpoint).export(args)  # the family registry (export/families.py)
     print_result(report.result, report.what)

@@ -89,6 +89,8 @@ def export_model(model: VLA, out: str | Path, opts: ExportOptions, source_hash: 
                  source: str = "in-memory", meta: dict | None = None) -> ExportResult:
     if opts.precision not in PRECISIONS:
         raise EdgeVlaError(f"unknown precision {opts.precision!r}; choose one of {PRECISIONS}")
+    if Path(out).exists() and not opts.overwrite:  # before the export work, not after it (write_bundle checks too)
+        raise EdgeVlaError(f"{out} already exists; pass --overwrite to replace it")
     t0 = time.perf_counter()
     meta = meta or {}
     opts = export_options(opts, meta)
@@ -112,7 +114,8 @@ def export_model(model: VLA, out: str | Path, opts: ExportOptions, source_hash: 
         recorded = opts.observations or (opts.calib if is_lerobot_source(opts.calib) else None)
         numerics_obs = calibration.load_observations(cfg, recorded, opts.numerics_count, seed=NUMERICS_SEED)
         report = numerics.check(model, opts.precision, contract, graphs, numerics_obs)
-        log.info("numerics %s", report.summary())
+        # DEBUG: the callers (`edge-vla export`, the demo) print the summary from the result; at INFO it was said twice.
+        log.debug("numerics %s", report.summary())
         manifest["numerics"] = {"passed": report.passed, "actions": report.actions}
         lint = enforce_gates(report, graphs, opts.allow_lint_errors)
         files: dict[str, Path | bytes] = {f"graphs/{name}.onnx": path for name, path in graphs.items()}

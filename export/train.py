@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from edge_vla.config import VLAConfig
 from edge_vla.errors import EdgeVlaError
+from edge_vla.progress import progress as progress_bar
 from edge_vla.sim.dataset import Dataset
 
 from .checkpoint import TRAIN_STATE, load_checkpoint, load_training_state, save_checkpoint
@@ -205,7 +205,8 @@ def train(config: VLAConfig, ds: Dataset, out: str | Path, tc: TrainConfig, resu
             "val_samples": len(val_idx), "train": tc.__dict__}
     t0 = time.perf_counter()
     losses: list[float] = []
-    bar = tqdm(range(start, tc.steps), desc=f"train {config.preset}", disable=not progress, unit="step")
+    bar = progress_bar(range(start, tc.steps), desc=f"train {config.preset}", unit="step", initial=start,
+                       enabled=progress)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, tc)
@@ -226,14 +227,17 @@ def train(config: VLAConfig, ds: Dataset, out: str | Path, tc: TrainConfig, resu
         done = step + 1
         if done % tc.checkpoint_every == 0 or done == tc.steps:
             rng = torch.get_rng_state()  # the validation pass must not perturb training (exact resume)
-            val = validation_loss(model, data, val_idx)
-            goal_cm = goal_error_cm(model, data, val_idx)
+            # Tiny data can hold out no episode at all: say so rather than print "validation loss nan".
+            val = validation_loss(model, data, val_idx) if len(val_idx) else None
+            goal_cm = goal_error_cm(model, data, val_idx) if len(val_idx) else None
             state = {"step": done, "torch_rng": rng.tolist(),
                      "loss": sum(losses[-50:]) / len(losses[-50:]), "val_loss": val,
                      "seconds": time.perf_counter() - t0}
             probe = "" if goal_cm is None else f", goal probe median error {goal_cm:.1f} cm"
-            log.info("step %d: train loss %.4f, validation loss %.4f%s", done, state["loss"], val, probe)
-            bar.write(f"step {done}: train loss {state['loss']:.4f}, validation loss {val:.4f}{probe}")
+            # Logged once (on a terminal the progress bar redraws below it); no print beside it.
+            val_text = "no validation split (too few episodes to hold one out)" if val is None else \
+                f"validation loss {val:.4f}"
+            log.info("step %d: train loss %.4f, %s%s", done, state["loss"], val_text, probe)
             save_checkpoint(model, out, meta=meta | {"step": done, "loss": state["loss"], "val_loss": val},
                             optimizer=opt, train_state=state)
     return model.eval()

@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from edge_vla.cli_flags import DeprecatedAlias
 from edge_vla.config import PRESETS, VLAConfig, preset
 from edge_vla.errors import ConfigError
 from edge_vla.sim import dataset
@@ -44,7 +45,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         + ENV_HELP)
     parser.add_argument("-o", "--output", default=None,
                         help="checkpoint directory (default runs/<preset>, or runs/pi0 for --family pi0)")
-    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
+    parser.add_argument("--train-steps", type=int, default=TrainConfig.steps, metavar="N",
+                        help="optimizer steps (default %(default)s); ODE steps are chosen at export/run (--steps)")
+    parser.add_argument("--steps", dest="train_steps", type=int, action=DeprecatedAlias, new="--train-steps",
+                        metavar="N", help="deprecated spelling of --train-steps (--steps means ODE steps elsewhere)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"default {TrainConfig.batch_size} (pi0: {PI0_DEFAULTS['batch_size']})")
     parser.add_argument("--lr", type=float, default=None, help=f"default {TrainConfig.lr} (pi0: {PI0_DEFAULTS['lr']})")
@@ -80,7 +84,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def main(args: argparse.Namespace) -> int:
     pi0 = args.family == "pi0"
     defaults = PI0_DEFAULTS if pi0 else {"batch_size": TrainConfig.batch_size, "lr": TrainConfig.lr}
-    tc = TrainConfig(steps=args.steps, batch_size=args.batch_size or defaults["batch_size"],
+    tc = TrainConfig(steps=args.train_steps, batch_size=args.batch_size or defaults["batch_size"],
                      lr=args.lr or defaults["lr"], seed=args.seed, threads=args.threads,
                      checkpoint_every=args.checkpoint_every)
     if pi0:

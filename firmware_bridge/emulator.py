@@ -1,7 +1,8 @@
 """A motor controller emulator: the C firmware reference (via ctypes) + simulated joints, on a pty or CAN.
 
     python -m firmware_bridge.emulator --pty --print-path --joints 7 --events events.jsonl
-    edge-vla emulate --can vcan0 --can-interface socketcan
+    edge-vla emulate BUNDLE --link serial://$PWD/runs/motor     # the joint count from the bundle
+    edge-vla emulate --link can://socketcan/vcan0              # = --can vcan0 --can-interface socketcan
 
 The protocol and the watchdog are the firmware's own C code (firmware/fw_core.c); this module only
 moves bytes, steps the joint dynamics, injects faults and writes events as JSON lines with
@@ -16,8 +17,11 @@ travel as JSON lines on the emulator's stdin (--control-stdin).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import logging
+import os
 import queue
 import signal
 import sys
@@ -31,6 +35,7 @@ from typing import IO
 import numpy as np
 
 from firmware_bridge.emulator_process import EmulatorProcess, read_events
+from firmware_bridge.errors import BridgeError, UrlError
 from firmware_bridge.faults import FaultConfig, FaultInjector
 from firmware_bridge.firmware import EventKind, FirmwareRef
 from firmware_bridge.framing import StreamDecoder
@@ -440,23 +445,41 @@ class Emulator:
 
 # ---- command line ----------------------------------------------------------------------------
 
+EXIT_STATUSES = """exit status:
+  0  stopped: --duration elapsed, SIGTERM, Ctrl-C, or its --parent-pid exited
+  1  bad arguments (a --link that is not serial://PATH or can://INTERFACE/CHANNEL, a bundle that disagrees with
+     --joints) or the pty / CAN channel could not be opened (one line on stderr)
+  2  command-line usage error"""
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     """Options of `edge-vla emulate` / `python -m firmware_bridge.emulator`."""
+    parser.add_argument("bundle", nargs="?",
+                        help="bundle directory or .tar.gz: emulate its joint count (its action space's joints)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--pty", action="store_true", help="serve on a new pseudo-terminal (default)")
     where.add_argument("--can", metavar="CHANNEL", help="serve on a CAN channel instead (e.g. vcan0)")
+    parser.add_argument("--link", metavar="URL",
+                        help="where to serve, as the URL `edge-vla run --link` then takes: serial://PATH (a pty with "
+                             "a stable symlink at PATH, = --pty-link PATH) or can://INTERFACE/CHANNEL (= --can CHANNEL "
+                             "--can-interface INTERFACE). Deprecated: --link PATH, now --pty-link PATH")
+    parser.add_argument("--pty-link", metavar="PATH",
+                        help="stable symlink to the pty (survives --unplug-*); connect with --link serial://PATH")
     parser.add_argument("--can-interface", default="socketcan",
                         help="python-can interface for --can (default socketcan; 'virtual' only works in-process)")
     parser.add_argument("--node-id", type=int, default=1, help="CAN node id 0..63 (default 1)")
-    parser.add_argument("--link", metavar="PATH", help="stable symlink to the pty, survives --unplug-*")
     parser.add_argument("--print-path", action="store_true", help="print the port path as the first stdout line")
-    parser.add_argument("--joints", type=int, default=7, help="joint count (default 7)")
+    parser.add_argument("--joints", type=int, default=None, help="joint count (default: the bundle's, else 7)")
     parser.add_argument("--limits", default="-3,3,3,20", metavar="PMIN,PMAX,VMAX,EMAX",
                         help="limits for every joint in rad, rad/s, N*m (default -3,3,3,20)")
-    parser.add_argument("--heartbeat-timeout-ms", type=int, default=100)
-    parser.add_argument("--stop-ramp-ms", type=int, default=200, help="category-1 deceleration time")
-    parser.add_argument("--rate-hz", type=int, default=100, help="unsolicited STATE rate (0: only on setpoints)")
-    parser.add_argument("--tick-hz", type=int, default=1000, help="firmware control tick")
+    parser.add_argument("--heartbeat-timeout-ms", type=int, default=100,
+                        help="host silence that stops the motors, ms (default %(default)s ms)")
+    parser.add_argument("--stop-ramp-ms", type=int, default=200,
+                        help="category-1 deceleration time, ms (default %(default)s ms)")
+    parser.add_argument("--rate-hz", type=int, default=100,
+                        help="unsolicited STATE rate, Hz (default %(default)s Hz; 0: only on setpoints)")
+    parser.add_argument("--tick-hz", type=int, default=1000, help="firmware control tick, Hz (default %(default)s Hz)")
     parser.add_argument("--link-error-limit", type=int, default=4, help="consecutive bad frames -> category 0")
     parser.add_argument("--baud", type=int, default=0, help="pace the line like a UART at this baud (0: off)")
     faults = parser.add_argument_group("fault injection")
@@ -495,11 +518,78 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", metavar="MAJOR.MINOR", help="speak another protocol version (tests)")
     parser.add_argument("--events", metavar="PATH", help="append JSON-lines events here")
     parser.add_argument("--duration", type=float, help="exit after this many seconds")
+    parser.add_argument("--parent-pid", type=int, metavar="PID",
+                        help="exit when process PID ends (EmulatorProcess sets it: a killed host takes its emulator "
+                             "with it)")
+    parser.epilog = EXIT_STATUSES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def resolve_where(args: argparse.Namespace) -> tuple[str, str | None] | tuple[str, tuple[str, str]]:
+    """("pty", symlink path or None) or ("can", (interface, channel)), from --link URL, --pty-link, --can."""
+    link, pty_link = args.link, args.pty_link
+    if link and "://" not in link:  # the old meaning: a path for the pty's symlink
+        log.warning("--link PATH is now --pty-link PATH in emulate; the old spelling goes in the next release "
+                    "(--link takes the URL `edge-vla run --link` takes: serial://PATH)")
+        link, pty_link = None, pty_link or args.link
+    if link is None:
+        return ("can", (args.can_interface, args.can)) if args.can else ("pty", pty_link)
+    if pty_link or args.can:
+        raise UrlError(f"--link {link!r} already says where to serve; drop --pty-link/--can")
+    scheme, _, rest = link.partition("://")
+    if scheme == "serial" and rest.startswith("/") and "?" not in rest:
+        return "pty", rest
+    if scheme == "can":
+        interface, _, channel = rest.partition("?")[0].partition("/")
+        if interface and channel:
+            return "can", (interface, channel)
+    raise UrlError(f"--link {link!r}: the emulator serves serial://PATH (a pty behind a symlink at PATH, an absolute "
+                   "path) or can://INTERFACE/CHANNEL, e.g. serial:///tmp/motor or can://socketcan/vcan0")
+
+
+def bundle_joints(path: str) -> int:
+    """The joint count of a bundle's action space (edge-vla's bundle reader, imported only when asked)."""
+    from edge_vla.bundle import Bundle
+
+    return len(Bundle.open(path, verify=False).manifest["action_space"]["names"])
+
+
+def joint_count(args: argparse.Namespace) -> int:
+    if args.bundle is None:
+        return 7 if args.joints is None else args.joints
+    n = bundle_joints(args.bundle)
+    if args.joints is not None and args.joints != n:
+        raise BridgeError(f"bundle {args.bundle} drives {n} joints but --joints is {args.joints}; leave --joints out")
+    return n
+
+
+def exit_with_parent(parent: int, stop: Callable[[], None]) -> None:
+    """End when `parent` does: PR_SET_PDEATHSIG (a signal as soon as the parent dies), and a poll of the parent
+    pid as the fallback (the signal is tied to the thread that forked us, and is not portable)."""
+    def orphaned() -> bool:
+        return os.getppid() != parent
+
+    def on_signal(*_: object) -> None:
+        if orphaned():  # else only the forking thread ended: the poll below still watches the process
+            stop()
+
+    signal.signal(signal.SIGUSR2, on_signal)
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the poll alone
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGUSR2), 0, 0, 0)
+
+    def poll() -> None:
+        while not orphaned():
+            time.sleep(0.2)
+        stop()
+
+    if orphaned():  # it died before the prctl
+        stop()
+    threading.Thread(target=poll, name="fw-emulator-parent", daemon=True).start()
 
 
 def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
     pmin, pmax, vmax, emax = (float(x) for x in args.limits.split(","))
-    joints = [JointLimits(f"joint{i}", pmin, pmax, vmax, emax) for i in range(args.joints)]
+    joints = [JointLimits(f"joint{i}", pmin, pmax, vmax, emax) for i in range(joint_count(args))]
     protocol = tuple(int(x) for x in args.protocol.split(".")) if args.protocol else None
     return EmulatorConfig(
         joints=joints, heartbeat_timeout_ms=args.heartbeat_timeout_ms, stop_ramp_ms=args.stop_ramp_ms,
@@ -536,11 +626,14 @@ def _read_controls(emu: Emulator, stream: IO[str]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    kind, where = resolve_where(args)
     config = config_from_args(args)
-    if args.can:
-        transport: Transport = CanTransport(args.can_interface, args.can, args.node_id, side="firmware")
+    if kind == "can":
+        interface, channel = where  # type: ignore[misc]
+        transport: Transport = CanTransport(interface, channel, args.node_id, side="firmware")
     else:
-        transport = PtyTransport(args.link)
+        transport = PtyTransport(where)  # type: ignore[arg-type]
+    pty_link = where if kind == "pty" else None
     sink: IO[str] | None = open(args.events, "a", buffering=1) if args.events else None  # noqa: SIM115
 
     def on_event(ev: dict) -> None:
@@ -551,6 +644,8 @@ def main(args: argparse.Namespace) -> int:
     if args.control_stdin:
         threading.Thread(target=_read_controls, args=(emu, sys.stdin), name="fw-emulator-control", daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: emu._stop.set())
+    if args.parent_pid:
+        exit_with_parent(args.parent_pid, emu._stop.set)
     signal.signal(signal.SIGUSR1, lambda *_: emu.unplug(config.unplug_for))
     transport.open()
     if args.print_path:
@@ -563,8 +658,8 @@ def main(args: argparse.Namespace) -> int:
     finally:
         if sink is not None:
             sink.close()
-        if args.link:
-            Path(args.link).unlink(missing_ok=True)
+        if pty_link:
+            Path(pty_link).unlink(missing_ok=True)
     return 0
 
 
@@ -572,4 +667,8 @@ if __name__ == "__main__":
     _parser = argparse.ArgumentParser(prog="python -m firmware_bridge.emulator", description=__doc__.splitlines()[0])
     configure(_parser)
     logging.basicConfig(level=logging.WARNING)
-    sys.exit(main(_parser.parse_args()))
+    try:
+        sys.exit(main(_parser.parse_args()))
+    except BridgeError as _exc:  # one line, as `edge-vla emulate` says it
+        print(f"{_parser.prog}: error: {_exc}", file=sys.stderr)
+        sys.exit(1)

@@ -44,8 +44,10 @@ class EmulatorProcess:
         self._dir = tempfile.TemporaryDirectory(prefix="fw-emu-")
         self.port = str(Path(self._dir.name) / "tty")
         self.events_path = Path(self._dir.name) / "events.jsonl"
-        self.args = [sys.executable, "-m", "firmware_bridge.emulator", "--pty", "--link", self.port, "--print-path",
-                     "--joints", str(joints), "--events", str(self.events_path), "--control-stdin"]
+        # --parent-pid: a host killed with SIGKILL takes its emulator with it (PR_SET_PDEATHSIG and a poll)
+        self.args = [sys.executable, "-m", "firmware_bridge.emulator", "--pty", "--pty-link", self.port, "--print-path",
+                     "--joints", str(joints), "--events", str(self.events_path), "--control-stdin",
+                     "--parent-pid", str(os.getpid())]
         for key, value in options.items():
             if value is True:
                 self.args.append(f"--{key.replace('_', '-')}")

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -37,8 +38,15 @@ def cache_dir() -> Path:
         base.mkdir(parents=True, exist_ok=True)
         return base
     except OSError:
+        # A shared temp dir: the compiled firmware is loaded with ctypes, so the folder must be this user's and
+        # writable by nobody else (someone who made /tmp/edge-vla-UID first could plant a library).
         fallback = Path(tempfile.gettempdir()) / f"edge-vla-{os.getuid()}"
-        fallback.mkdir(parents=True, exist_ok=True)
+        fallback.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(fallback)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise FirmwareBuildError(f"the firmware cache {fallback} is not a directory of this user's that only it can "
+                              f"write (uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); remove it or set "
+                              "EDGE_VLA_CACHE_DIR") from None
         return fallback
 
 

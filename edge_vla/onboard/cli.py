@@ -10,15 +10,24 @@ import signal
 import sys
 from contextlib import ExitStack
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
 from edge_vla.action_space import require_executable
+from edge_vla.cli_flags import with_epilog
 from edge_vla.errors import ConfigError
 from edge_vla.onboard.cameras import open_camera
 from edge_vla.onboard.control import EXECUTABLE_ACTION_KINDS, EXECUTES_BECAUSE, ControlConfig
 from edge_vla.onboard.drill import EMULATOR_LIMITS, SceneHolder, load_source, prioritize_emulator
-from edge_vla.onboard.operator import check_bench_mode, default_socket_path
+from edge_vla.onboard.operator import (
+    SOCKET_ENV,
+    check_bench_mode,
+    default_socket_path,
+    prepare_socket_dir,
+    socket_in_use,
+    under_systemd,
+)
 from edge_vla.onboard.rt import RealtimeConfig
 from edge_vla.onboard.runner import OnboardRunner, bus_state_fn
 from edge_vla.onboard.scheduler import INTERPOLATIONS, STRATEGIES
@@ -29,52 +38,173 @@ from edge_vla.provision.robot_config import CONFIG_PATH, RobotConfig
 log = logging.getLogger(__name__)
 
 
+RATE_HZ = (50.0, 500.0)  # the documented control rates: below, chunks outlast the watchdog; above, the loop misses
+# deadlines on the supported computers (docs/SAFETY.md: 500 Hz needs SCHED_FIFO)
+
+# The link URLs the control loop opens (firmware_bridge.link.open_link), as a user should write them.
+LINK_FORMS = (
+    "serial:///dev/ttyACM0?baud=1000000",
+    "serial://<any pyserial URL, e.g. socket://host:port>",
+    "can://socketcan/can0?node=1&fd=0&bitrate=1000000",
+    "can://virtual/<channel> (in-process tests)",
+)
+CAN_NODE_IDS = range(64)
+
+EXIT_STATUSES = """exit status:
+  0  the loop ran and stopped without a safety trip (its duration, a signal, or an operator stop)
+  1  could not start or failed: bad arguments or link, unusable bundle, another run on the control socket,
+     a control-loop error (one line on stderr)
+  2  command-line usage error
+  3  stopped by a safety trip (watchdog, firmware fault, link loss, tracking error); the summary says which
+  130 interrupted before the loop started"""
+
+
+def motor_schemes() -> dict[str, str]:
+    """Motor-device URL schemes (firmware_bridge.motors.registry) that `run` cannot drive yet."""
+    try:
+        from firmware_bridge.motors.registry import schemes
+    except ImportError:  # the registry is optional here: the firmware link works without it
+        return {}
+    return schemes()
+
+
+def accepted_links() -> str:
+    motors = [f"{s}:// (motor devices: not drivable by `edge-vla run` yet)" for s in motor_schemes()]
+    return "; ".join([*LINK_FORMS, *motors])
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", nargs="?", help="bundle directory (omit with --expert)")
     parser.add_argument("--expert", action="store_true",
                         help="drive with the sim's scripted expert instead of a policy (bring-up; needs --camera sim)")
-    parser.add_argument("--link", help="motor controller: serial:///dev/ttyACM0?baud=1000000 | can://socketcan/can0")
+    parser.add_argument("--link", metavar="URL", help="motor controller link URL: " + accepted_links())
     parser.add_argument("--emulate", action="store_true",
                         help="start the firmware emulator on a pty and use it as the link (no hardware)")
-    parser.add_argument("--camera", default="sim", help="realsense[:SERIAL] | video:PATH | sim (default sim)")
+    parser.add_argument("--camera", default="sim", help="realsense[:SERIAL] | video:PATH | sim (default %(default)s)")
     parser.add_argument("--depth", action="store_true", help="RealSense: also stream depth aligned to colour")
-    parser.add_argument("--rate-hz", type=float, default=50.0, help="control rate, 50-500 Hz (default 50)")
+    parser.add_argument("--rate-hz", type=float, default=50.0,
+                        help=f"control rate in Hz, {RATE_HZ[0]:g}-{RATE_HZ[1]:g} (default %(default)g Hz)")
     parser.add_argument("--duration", type=float, help="seconds, then a controlled stop (default: until stopped)")
     parser.add_argument("--instruction", help="language instruction (sim default: the scene's own)")
-    parser.add_argument("--seed", type=int, default=1_000_000, help="sim scene seed")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="receding", help="chunk scheduling")
-    parser.add_argument("--blend-s", type=float, default=0.1, help="hand-over cross-fade between chunks (s)")
+    parser.add_argument("--seed", type=int, default=1_000_000, help="sim scene seed (default %(default)s)")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="receding", help="chunk scheduling (default %(default)s)")
+    parser.add_argument("--blend-s", type=float, default=0.1,
+                        help="hand-over cross-fade between chunks, s (default %(default)s s)")
     parser.add_argument("--execute", type=int, help="sync: actions played per chunk")
-    parser.add_argument("--interp", choices=INTERPOLATIONS, default="cubic")
+    parser.add_argument("--interp", choices=INTERPOLATIONS, default="cubic", help="(default %(default)s)")
     parser.add_argument("--max-step", type=float, help="max change per cycle (rad) on top of the velocity limit")
     parser.add_argument("--home", help="comma-separated joint pose to move to before the policy starts")
     parser.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"))
     parser.add_argument("--steps", type=int, help="ODE steps (default: the bundle's)")
     parser.add_argument("--telemetry", help="telemetry file: .mcap (needs the mcap package) or .jsonl")
     op = parser.add_argument_group("operator (arming is an operator act: the loop starts disarmed)")
-    op.add_argument("--control-socket",
-                    help="serve arm/stop/status on this Unix socket (default under systemd: "
-                         "$RUNTIME_DIRECTORY/control.sock, i.e. /run/edge-vla/control.sock; 'none' to disable)")
+    op.add_argument("--control-socket", metavar="PATH",
+                    help=f"serve arm/stop/status on this Unix socket ('none' to disable). Default: ${SOCKET_ENV} if "
+                         "set; under systemd $RUNTIME_DIRECTORY/control.sock, i.e. /run/edge-vla/control.sock; else "
+                         "$XDG_RUNTIME_DIR/edge-vla/control.sock, or /tmp/edge-vla-UID/control.sock (mode 0700). "
+                         "`edge-vla arm/stop/status` look in the same places")
     op.add_argument("--arm-on-start", action="store_true",
                     help="bench mode: arm once at start without an operator (refused under systemd unless the unit "
                          "sets EDGE_VLA_ALLOW_ARM_ON_START=1)")
     op.add_argument("--robot-config", default=None,
                     help=f"robot configuration with following-error limits and the link-loss category "
                          f"(default {CONFIG_PATH} if it exists)")
-    wd = parser.add_argument_group("watchdog thresholds")
+    wd = parser.add_argument_group("watchdog thresholds (a breach stops the robot: exit status 3)")
     defaults = WatchdogConfig()
-    wd.add_argument("--camera-max-age", type=float, default=defaults.camera_max_age_s)
-    wd.add_argument("--chunk-max-age", type=float, default=defaults.chunk_max_age_s)
-    wd.add_argument("--exhausted-max", type=float, help="holding past the last chunk (default 0.3 s; sync 2 s)")
-    wd.add_argument("--max-overruns", type=int, default=defaults.max_consecutive_overruns)
-    wd.add_argument("--link-max-age", type=float, default=defaults.link_max_age_s)
-    wd.add_argument("--max-link-errors", type=int, default=defaults.max_link_errors)
-    wd.add_argument("--worker-max-age", type=float, default=defaults.worker_max_age_s)
+    wd.add_argument("--camera-max-age", type=float, default=defaults.camera_max_age_s, metavar="S",
+                    help="trip when the newest camera frame is older than this, s (default %(default)s s)")
+    wd.add_argument("--chunk-max-age", type=float, default=defaults.chunk_max_age_s, metavar="S",
+                    help="trip when the newest chunk's observation is older than this, s (default %(default)s s)")
+    wd.add_argument("--exhausted-max", type=float, metavar="S",
+                    help="holding past the last chunk's end, s (default 0.3 s; 2 s with --strategy sync)")
+    wd.add_argument("--max-overruns", type=int, default=defaults.max_consecutive_overruns, metavar="N",
+                    help="trip after this many missed cycle deadlines in a row, cycles (default %(default)s cycles)")
+    wd.add_argument("--link-max-age", type=float, default=defaults.link_max_age_s, metavar="S",
+                    help="trip when the newest motor-controller state is older than this, s (default %(default)s s)")
+    wd.add_argument("--max-link-errors", type=int, default=defaults.max_link_errors, metavar="N",
+                    help="trip after this many link errors (CRC, framing, NACK) within 1 s, frames (default %(default)s frames)")
+    wd.add_argument("--worker-max-age", type=float, default=defaults.worker_max_age_s, metavar="S",
+                    help="trip when the inference worker's heartbeat is older than this, s (default %(default)s s)")
     rt = parser.add_argument_group("real time")
     rt.add_argument("--rt-priority", type=int, help="SCHED_FIFO priority for the control process (1-99)")
     rt.add_argument("--cpus", help="pin the control process to these CPUs, e.g. 1 or 2,3")
     rt.add_argument("--mlock", action="store_true", help="mlockall the control process")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    with_epilog(parser, EXIT_STATUSES)
+
+
+def check_rate(rate_hz: float) -> None:
+    if not RATE_HZ[0] <= rate_hz <= RATE_HZ[1]:  # also refuses nan
+        raise ConfigError(f"--rate-hz {rate_hz:g} is out of range; use {RATE_HZ[0]:g}-{RATE_HZ[1]:g} Hz")
+
+
+def check_link(url: str) -> None:
+    """Refuse a link URL the control process could not open, in one line and before anything loads.
+
+    Parsed as firmware_bridge.link.open_link parses it (which it then calls, without opening), plus the checks
+    that otherwise fail deep in the control process: the query values, a serial port that is missing or that this
+    user may not open, a CAN interface that does not exist."""
+    forms = accepted_links()
+    if "://" not in url:
+        path = url.split(":", 1)[1] if url.startswith(("serial:", "tty:")) else url
+        hint = f"write serial://{path}" if path.startswith("/") else "write SCHEME://..."
+        raise ConfigError(f"--link {url!r} is not a link URL ({hint}); accepted forms: {forms}")
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme in motor_schemes():
+        raise ConfigError(f"--link {url!r}: `edge-vla run` cannot drive {scheme}:// motors yet (the motor-device "
+                          "registry is not wired into the control loop); use a controller with the edge-vla firmware "
+                          f"on serial:// or can://. Accepted forms: {forms}")
+    if scheme not in ("serial", "can"):
+        raise ConfigError(f"--link {url!r}: unknown link scheme {parts.scheme!r}; accepted forms: {forms}")
+    query = parse_qs(url.partition("?")[2])
+    checks = {"serial": {"baud": range(1, 1 << 31), "baudrate": range(1, 1 << 31)},
+              "can": {"node": CAN_NODE_IDS, "bitrate": range(1, 1 << 31)}}[scheme]
+    for key, allowed in checks.items():
+        for value in query.get(key, []):
+            if not value.isdigit() or int(value) not in allowed:
+                raise ConfigError(f"--link {url!r}: {key}={value!r} must be an integer in {allowed.start}.."
+                                  f"{allowed.stop - 1}; accepted forms: {forms}")
+    if scheme == "can" and any(v not in ("0", "1", "true", "false") for v in query.get("fd", [])):
+        raise ConfigError(f"--link {url!r}: fd must be 0 or 1; accepted forms: {forms}")
+    from firmware_bridge.link import open_link
+
+    try:
+        open_link(url)  # constructs the link without opening it: the same parse the control process makes
+    except ValueError as exc:  # UrlError is one
+        raise ConfigError(f"--link {url!r}: {str(exc).split('; accepted forms')[0]}; accepted forms: {forms}") from None
+    _check_device(scheme, parts, url)
+
+
+def _check_device(scheme: str, parts: Any, url: str) -> None:
+    if scheme == "serial":
+        port = url[len("serial://"):].partition("?")[0]
+        if not port.startswith("/"):
+            return  # a pyserial URL (socket://, rfc2217://): pyserial reaches it when the loop starts
+        if not os.path.exists(port):
+            raise ConfigError(f"--link {url!r}: no serial port {port}: check the motor controller's cable and power "
+                              f"and the device name (ls -l {port}; /dev/edge-vla-motor with the package's udev rule)")
+        if not os.access(port, os.R_OK | os.W_OK):
+            raise ConfigError(f"--link {url!r}: no permission to open {port} as this user: add it to the port's "
+                              "group (dialout, or the udev rule's) and log in again")
+    elif parts.netloc == "socketcan":
+        channel = parts.path.lstrip("/")
+        if not os.path.exists(f"/sys/class/net/{channel}"):
+            raise ConfigError(f"--link {url!r}: no CAN interface {channel} on this machine: `ip link show {channel}`; "
+                              f"bring it up with `sudo ip link set {channel} up type can bitrate 1000000`")
+
+
+def control_socket_path(requested: str | None) -> str | None:
+    """The socket `run` serves, checked before anything loads: None for 'none'; refused if another run is live."""
+    if requested == "none":
+        return None
+    path = requested or default_socket_path()
+    if not requested and not os.environ.get(SOCKET_ENV) and not os.environ.get("RUNTIME_DIRECTORY"):
+        prepare_socket_dir(path)  # the bench default: a private directory of this user's
+    if socket_in_use(path):
+        raise ConfigError(f"another edge-vla is serving {path}; stop it first (one robot, one loop), or give this "
+                          "run another --control-socket")
+    return path
 
 
 def _robot_config(args: argparse.Namespace) -> RobotConfig:
@@ -84,8 +214,7 @@ def _robot_config(args: argparse.Namespace) -> RobotConfig:
 
 def _control_config(args: argparse.Namespace, link_url: str, space: Any,
                     bundle_tracking: dict[str, Any] | None = None) -> ControlConfig:
-    if not 1.0 <= args.rate_hz <= 1000.0:
-        raise ConfigError(f"--rate-hz {args.rate_hz} is out of range; use 50-500 Hz")
+    check_rate(args.rate_hz)
     robot = _robot_config(args)
     tracking = robot.tracking_limits(space.names)
     if bundle_tracking:  # a bundle may narrow the robot's limits, never widen them
@@ -119,8 +248,14 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("give either --link URL (the motor controller) or --emulate (the firmware emulator)")
     if args.arm_on_start:
         check_bench_mode()
-    socket_path = None if args.control_socket == "none" else (
-        args.control_socket or (default_socket_path() if os.environ.get("RUNTIME_DIRECTORY") else None))
+    # Every input that needs no model is checked before the model loads (seconds to minutes).
+    check_rate(args.rate_hz)
+    if args.link:
+        check_link(args.link)
+    socket_path = control_socket_path(args.control_socket)
+    if socket_path is not None and not under_systemd(os.environ) and not args.arm_on_start:
+        log.info("operator control socket: %s (arm with `edge-vla arm%s`)", socket_path,
+                 "" if args.control_socket is None else f" --control-socket {socket_path}")
     holder = SceneHolder()
     source, space, size, cams = load_source(args.bundle, holder, backend=args.backend, steps=args.steps,
                                             expert_delay_s=0.0)

@@ -14,6 +14,11 @@
      bench mode -> it must stay disarmed, faults latched, until an explicit operator arm.
    The demo arms through the operator interface in bench mode (`ControlConfig.arm_on_start`).
 3. returns the summary (and `main()` prints it).
+
+A drill's faults make the control process log ERROR lines, exactly as on a real robot (the loop's own
+logging is not changed for drills). So that a reader can tell them from failures, each drill announces its
+injection first (a WARNING: visible wherever the ERROR lines are), and the summary counts the expected trips,
+the missed ones, and the unexpected ones (trips in the closed loop, where nothing was injected).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +48,11 @@ log = logging.getLogger(__name__)
 # The emulator's joints must cover the sim arm's (shoulder 0..pi, elbow -2.6..2.6). The leading space
 # keeps argparse from reading the negative number as an option.
 EMULATOR_LIMITS = " -3.2,3.2,3,20"
+
+DRILLS = ("stall", "corrupt", "kill", "restart")
+# A closed-loop episode whose loop never hands over to the policy (a trip while homing, an arm that failed)
+# is given up after this long instead of being waited on forever.
+START_BUDGET_S = 30.0
 
 
 class SceneHolder:
@@ -126,12 +137,19 @@ def closed_loop(port: str, source: ChunkSource, holder: SceneHolder, space: Acti
         cfg = _config(port, space, rate_hz, strategy=strategy, home=tuple(float(x) for x in env.q),
                       home_time_s=1.0, telemetry_path=telemetry if i == 0 else None)
         run = _runner(cfg, source, holder, env.scene.instruction, size, cams, log_level)
-        reached, t_policy = False, None
+        reached, t_policy, t_start = False, None, time.monotonic()
         with run:
             while run.proc.is_alive():
                 st = run.bus.read_state()
-                if run.status() == "running" and t_policy is None:
+                status = run.status()
+                if status == "running" and t_policy is None:
                     t_policy = time.monotonic()
+                if status in ("stopped", "exited"):  # tripped (latched until an operator arms) or gone
+                    break
+                if t_policy is None and time.monotonic() - t_start > START_BUDGET_S:
+                    log.error("episode %d: the loop did not hand over to the policy within %.0f s (status %s)",
+                              i, START_BUDGET_S, status)
+                    break
                 if t_policy is not None and st is not None and holder.scene.reached(st.positions):
                     reached = True
                     break
@@ -139,18 +157,35 @@ def closed_loop(port: str, source: ChunkSource, holder: SceneHolder, space: Acti
                     break
                 time.sleep(0.01)
         summaries.append(run.summary or {})
+        trip = _stop_trip(run.summary)
         results.append({"seed": EVAL_SEED_BASE + i, "success": reached,
                         "time_s": None if t_policy is None else round(time.monotonic() - t_policy, 3),
-                        "disarmed": not (run.summary or {}).get("armed_at_exit", True)})
+                        "disarmed": not (run.summary or {}).get("armed_at_exit", True),
+                        "trip": None if trip is None else f"cat {trip['category']} {trip['kind']}"})
     successes = sum(r["success"] for r in results)
     return {"episodes": len(results), "successes": successes, "success_rate": successes / max(1, len(results)),
             "all_disarmed": all(r["disarmed"] for r in results), "per_episode": results,
+            "unexpected_trips": sum(r["trip"] is not None for r in results),
             "control": summaries[0] if summaries else {}}
 
 
 def _trip(summary: dict[str, Any] | None) -> dict[str, Any] | None:
     trips = [t for t in (summary or {}).get("trips", []) if t["kind"] != "operator_stop"]
     return trips[0] if trips else None
+
+
+def _stop_trip(summary: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The fault that stopped a run (the one logged as a SAFETY STOP ERROR), or None where it ended as planned.
+
+    Only the first trip starts a stop; later ones (while stopping) are logged at INFO."""
+    trips = (summary or {}).get("trips", [])
+    return trips[0] if trips and trips[0]["kind"] != "operator_stop" else None
+
+
+def announce(drill: str, injection: str) -> None:
+    """Say before the injection that the ERROR lines about to follow are this drill's, not a failure."""
+    log.warning("drill %s: injecting %s; the ERROR lines that follow are expected (the reaction under test)",
+                drill, injection)
 
 
 def _drill_runner(episode: int, port: str, source: ChunkSource, holder: SceneHolder, space: ActionSpace, size: int,
@@ -170,6 +205,7 @@ def drill_stall(port: str, source: ChunkSource, holder: SceneHolder, space: Acti
     with run:
         run.wait_ready(30)
         time.sleep(0.5)
+        announce("stall", "a 4 s inference hang")
         t_stall = time.monotonic()
         stallable.stall(4.0)
         _wait_status(run, "stopped", 5.0)
@@ -188,6 +224,7 @@ def drill_corrupt(port: str, source: ChunkSource, holder: SceneHolder, space: Ac
     with run:
         run.wait_ready(30)
         time.sleep(0.5)
+        announce("corrupt", "8 corrupted frames into the serial line")
         t_inject = inject_garbage(port)
         _wait_status(run, "stopped", 5.0)
     trip = _trip(run.summary)
@@ -221,6 +258,7 @@ def drill_kill(port: str, source: ChunkSource, holder: SceneHolder, space: Actio
         time.sleep(0.5)
         pid = run.control_pid
         assert pid is not None
+        announce("kill", f"kill -9 of the control process (pid {pid})")
         t_kill = time.monotonic()
         os.kill(pid, signal.SIGKILL)  # no finally, no stop frame: only the firmware can stop the motors
         run.proc.join(5.0)
@@ -253,6 +291,7 @@ def drill_restart(port: str, source: ChunkSource, holder: SceneHolder, space: Ac
     with crashed:
         crashed.wait_ready(30)
         time.sleep(0.3)
+        announce("restart", "kill -9, then a fresh control process that must stay disarmed")
         os.kill(crashed.control_pid, signal.SIGKILL)  # type: ignore[arg-type]
         crashed.proc.join(5.0)
     n_armed = sum(e["event"] == "armed" for e in events())
@@ -282,9 +321,14 @@ def _wait_status(run: OnboardRunner, status: str, timeout: float) -> bool:
 
 
 def run_demo(bundle_dir: str | Path | None = None, duration_s: float = 15.0, rate_hz: float = 100.0,
-             strategy: str = "receding", drills: bool = True, backend: str = "auto",
+             strategy: str = "receding", drills: bool | Sequence[str] = True, backend: str = "auto",
              telemetry: str | None = None, log_level: int = logging.WARNING) -> dict[str, Any]:
-    """Closed loop over the emulator on a real pty, then the three drills; returns the summary dict."""
+    """Closed loop over the emulator on a real pty, then the drills (all of DRILLS for True, or the ones
+    named); returns the summary dict."""
+    chosen = DRILLS if drills is True else () if drills is False else tuple(drills)
+    unknown = sorted(set(chosen) - set(DRILLS))
+    if unknown:
+        raise ValueError(f"unknown drills {unknown}; choose from {', '.join(DRILLS)}")
     from firmware_bridge.emulator_process import EmulatorProcess
 
     holder = SceneHolder()
@@ -296,13 +340,26 @@ def run_demo(bundle_dir: str | Path | None = None, duration_s: float = 15.0, rat
         prioritize_emulator(emu.proc.pid)
         out["closed_loop"] = closed_loop(emu.port, source, holder, space, size, cams, duration_s, rate_hz,
                                          strategy, log_level=log_level, telemetry=telemetry)
-        if drills:
-            args = (emu.port, source, holder, space, size, cams, rate_hz, log_level)
+        args = (emu.port, source, holder, space, size, cams, rate_hz, log_level)
+        if "stall" in chosen:
             out["drill_stall"] = drill_stall(*args)
+        if "corrupt" in chosen:
             out["drill_corrupt"] = drill_corrupt(*args, events=emu.events)
+        if "kill" in chosen:
             out["drill_kill"] = drill_kill(*args, events=emu.events)
+        if "restart" in chosen:
             out["drill_restart"] = drill_restart(*args, events=emu.events)
     return out
+
+
+def trip_counts(d: dict[str, Any]) -> dict[str, int]:
+    """Faults injected, expected trips seen (a missed one is a failed drill), and trips nobody injected."""
+    seen = {"stall": lambda r: r["trip"] is not None, "corrupt": lambda r: r["trip"] is not None,
+            "kill": lambda r: bool(r["firmware_detected"])}
+    ran = [(name, d[f"drill_{name}"]) for name in seen if f"drill_{name}" in d]
+    expected = sum(seen[name](r) for name, r in ran)
+    return {"injected": len(ran), "expected": expected, "missed": len(ran) - expected,
+            "unexpected": int(d["closed_loop"].get("unexpected_trips", 0))}
 
 
 def format_demo(d: dict[str, Any]) -> str:
@@ -317,28 +374,35 @@ def format_demo(d: dict[str, Any]) -> str:
     if pe:
         lines.append(f"  control period error p50 {pe['p50_ms']:.3f} / p99 {pe['p99_ms']:.3f} / max {pe['max_ms']:.3f} "
                      f"ms, missed deadlines {ctrl.get('missed_deadlines', 0)}")
-    if "drill_stall" in d:
-        s, c, k = d["drill_stall"], d["drill_corrupt"], d["drill_kill"]
-
-        def trip(t: dict[str, Any] | None) -> str:
-            return "NO TRIP" if t is None else f"cat {t['category']} {t['kind']}"
-
-        lines += [
-            "watchdog drills",
-            f"  stall inference  -> {trip(s['trip'])} after {s['stall_to_trip_ms']} ms; stop frame "
-            f"{_ms(s['fault_to_stop_frame_ms'])} after the trip; disarmed {s['disarmed']}",
-            f"  corrupt link     -> firmware torque off {c['inject_to_firmware_torque_off_ms']} ms after injection; "
-            f"host {trip(c['trip'])} after {c['inject_to_host_trip_ms']} ms; disarmed {c['disarmed']}",
-            f"  kill -9 host     -> firmware watchdog fired {k['last_heartbeat_to_detection_ms']} ms after the last "
-            f"heartbeat; -> torque off "
-            f"{k['last_heartbeat_to_torque_off_ms']} ms, -> motion stopped {k['last_heartbeat_to_motion_stopped_ms']} ms",
-        ]
-        r = d.get("drill_restart")
-        if r:
-            lines.append(f"  restart after crash -> {'RE-ARMED BY ITSELF' if r['rearmed_by_itself'] else 'stayed disarmed'} "
-                         f"for {r['stayed_disarmed_s']:g} s (firmware {r['firmware_after_restart']}); operator arm "
-                         f"{'ok' if r['operator_arm_ok'] else 'failed'}")
+    if any(f"drill_{name}" in d for name in DRILLS):
+        lines += ["watchdog drills", *_drill_lines(d)]
+        n = trip_counts(d)
+        lines.append(f"  drills: {n['injected']} injected, {n['expected']} expected trip{'s' * (n['expected'] != 1)}"
+                     f" (their ERROR lines above are expected), {n['missed']} missed; {n['unexpected']} unexpected "
+                     f"trip{'s' * (n['unexpected'] != 1)} (in the closed loop, where nothing was injected)")
     return "\n".join(lines)
+
+
+def _drill_lines(d: dict[str, Any]) -> list[str]:
+    def trip(t: dict[str, Any] | None) -> str:
+        return "NO TRIP" if t is None else f"cat {t['category']} {t['kind']}"
+
+    lines = []
+    if (s := d.get("drill_stall")) is not None:
+        lines.append(f"  stall inference  -> {trip(s['trip'])} after {s['stall_to_trip_ms']} ms; stop frame "
+                     f"{_ms(s['fault_to_stop_frame_ms'])} after the trip; disarmed {s['disarmed']}")
+    if (c := d.get("drill_corrupt")) is not None:
+        lines.append(f"  corrupt link     -> firmware torque off {c['inject_to_firmware_torque_off_ms']} ms after "
+                     f"injection; host {trip(c['trip'])} after {c['inject_to_host_trip_ms']} ms; disarmed {c['disarmed']}")
+    if (k := d.get("drill_kill")) is not None:
+        lines.append(f"  kill -9 host     -> firmware watchdog fired {k['last_heartbeat_to_detection_ms']} ms after the "
+                     f"last heartbeat; -> torque off {k['last_heartbeat_to_torque_off_ms']} ms, -> motion stopped "
+                     f"{k['last_heartbeat_to_motion_stopped_ms']} ms")
+    if (r := d.get("drill_restart")) is not None:
+        lines.append(f"  restart after crash -> {'RE-ARMED BY ITSELF' if r['rearmed_by_itself'] else 'stayed disarmed'} "
+                     f"for {r['stayed_disarmed_s']:g} s (firmware {r['firmware_after_restart']}); operator arm "
+                     f"{'ok' if r['operator_arm_ok'] else 'failed'}")
+    return lines
 
 
 def _ms(v: float | None) -> str:
@@ -354,9 +418,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate-hz", type=float, default=100.0)
     parser.add_argument("--strategy", default="receding")
     parser.add_argument("--no-drills", action="store_true")
+    parser.add_argument("--drills", default=",".join(DRILLS),
+                        help=f"the drills to run, comma-separated (default all: {','.join(DRILLS)})")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    d = run_demo(args.bundle, args.duration, args.rate_hz, args.strategy, drills=not args.no_drills)
+    chosen = [] if args.no_drills else [name.strip() for name in args.drills.split(",") if name.strip()]
+    if unknown := sorted(set(chosen) - set(DRILLS)):
+        parser.error(f"--drills: unknown {', '.join(unknown)}; choose from {','.join(DRILLS)}")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    d = run_demo(args.bundle, args.duration, args.rate_hz, args.strategy, drills=chosen)
     print(format_demo(d))
     return 0
 

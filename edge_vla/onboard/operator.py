@@ -15,7 +15,8 @@ the status dict itself.
 
 Control socket (served by the running `edge-vla run`, see `ControlSocketServer`): a Unix stream
 socket, by default `$RUNTIME_DIRECTORY/control.sock` under systemd (the unit's RuntimeDirectory,
-/run/edge-vla/control.sock), mode 0660: only the service's user and group may connect. Protocol: one
+/run/edge-vla/control.sock), else `$XDG_RUNTIME_DIR/edge-vla/control.sock` on a bench (or /tmp/edge-vla-UID,
+0700), or EDGE_VLA_CONTROL_SOCKET in both the run and the operator commands; mode 0660: only the service's user and group may connect. Protocol: one
 request per connection, one JSON object per line each way. Request {"cmd": "arm" | "clear_faults" |
 "stop" | "status"} (nothing else in it); the reply is the dict above. A request line is at most 4096
 bytes with its newline and must arrive whole within 2 s of connecting; anything else (a longer line, a
@@ -38,6 +39,7 @@ import logging
 import os
 import selectors
 import socket
+import stat
 import struct
 import threading
 import time
@@ -81,12 +83,70 @@ def check_bench_mode(env: Mapping[str, str] | None = None) -> None:
 
 
 def default_socket_path(env: Mapping[str, str] | None = None) -> str:
+    """Where `edge-vla run` serves its control socket when --control-socket is not given.
+
+    EDGE_VLA_CONTROL_SOCKET, else systemd's RuntimeDirectory (/run/edge-vla/control.sock for the unit), else the
+    user's runtime directory ($XDG_RUNTIME_DIR/edge-vla/control.sock, a bench run from a login shell), else a
+    per-user directory /tmp/edge-vla-UID (mode 0700, checked by `prepare_socket_dir`)."""
     env = os.environ if env is None else env
     if env.get(SOCKET_ENV):
         return env[SOCKET_ENV]
     if env.get("RUNTIME_DIRECTORY"):  # set by systemd from the unit's RuntimeDirectory=
         return str(Path(env["RUNTIME_DIRECTORY"].split(":")[0]) / "control.sock")
-    return DEFAULT_SOCKET
+    return str(user_socket_dir(env) / "control.sock")
+
+
+def user_socket_dir(env: Mapping[str, str] | None = None) -> Path:
+    """The bench default's directory: private to this user (XDG_RUNTIME_DIR is 0700 by the spec; /tmp is not)."""
+    env = os.environ if env is None else env
+    if env.get("XDG_RUNTIME_DIR"):
+        return Path(env["XDG_RUNTIME_DIR"]) / "edge-vla"
+    return Path(f"/tmp/edge-vla-{os.getuid()}")
+
+
+def client_socket_paths(env: Mapping[str, str] | None = None) -> list[str]:
+    """Where the operator commands look, in order: the env variable or systemd's directory when set; else the
+    robot service's socket (/run/edge-vla/control.sock), then this user's bench socket."""
+    env = os.environ if env is None else env
+    if env.get(SOCKET_ENV) or env.get("RUNTIME_DIRECTORY"):
+        return [default_socket_path(env)]
+    return list(dict.fromkeys([DEFAULT_SOCKET, default_socket_path(env)]))
+
+
+def prepare_socket_dir(path: str | os.PathLike[str]) -> None:
+    """Make the bench socket's directory private (0700, this user's) or refuse: in /tmp another user could have
+    made it first and would then control the robot's arming."""
+    d = Path(path).parent
+    try:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(d)
+    except OSError as exc:
+        raise ConfigError(f"cannot make the control socket directory {d} ({exc.strerror or exc}); pass "
+                          "--control-socket PATH or set EDGE_VLA_CONTROL_SOCKET") from None
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and st.st_mode & 0o077:
+        # Ours but open to others (e.g. made by another edge-vla tool sharing /tmp/edge-vla-UID): tighten it.
+        # Nobody else can have put anything in it unless it was group/other-writable, so then still refuse.
+        if st.st_mode & 0o022:
+            raise ConfigError(f"the control socket directory {d} is writable by others (mode "
+                              f"{stat.S_IMODE(st.st_mode):o}; it must be 0700): remove it, or pass --control-socket "
+                              "PATH or set EDGE_VLA_CONTROL_SOCKET")
+        os.chmod(d, 0o700)
+        st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ConfigError(f"the control socket directory {d} must be a directory of yours with mode 0700 (it is "
+                          f"uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}): remove it, or pass --control-socket "
+                          "PATH or set EDGE_VLA_CONTROL_SOCKET")
+
+
+def socket_in_use(path: str | os.PathLike[str]) -> bool:
+    """True if a process answers on `path` (a live edge-vla); False if nothing is there or it is stale."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 class Operator(Protocol):
@@ -494,7 +554,9 @@ class SocketOperator:
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None, timeout: float = 10.0) -> None:
-        self.path = str(path or default_socket_path())
+        # Without a path: the first candidate that exists (the service's, then this user's bench socket).
+        self.looked_at = [str(path)] if path else client_socket_paths()
+        self.path = next((p for p in self.looked_at if os.path.exists(p)), self.looked_at[0])
         self.timeout = timeout
 
     def call(self, cmd: str) -> dict[str, Any]:
@@ -522,8 +584,9 @@ class SocketOperator:
         try:
             sock.connect(self.path)
         except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
-            raise OperatorError(f"edge-vla is not running here (no control socket at {self.path}): start the service "
-                                "(systemctl start edge-vla) or pass --socket PATH") from exc
+            where = " or ".join(self.looked_at) if not os.path.exists(self.path) else self.path
+            raise OperatorError(f"edge-vla is not running here (no control socket at {where}): start the service "
+                                "(systemctl start edge-vla) or `edge-vla run`, or pass --control-socket PATH") from exc
         except PermissionError as exc:
             raise OperatorError(f"no permission to use {self.path}: run as the service's user or add yourself to its "
                                 "group") from exc

@@ -12,9 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
-from edge_vla.onboard.operator import OperatorError, SocketOperator, default_socket_path
+from edge_vla.cli_flags import DeprecatedAlias, with_epilog
+from edge_vla.onboard.operator import DEFAULT_SOCKET, SOCKET_ENV, OperatorError, SocketOperator
+
+EXIT_STATUSES = """exit status:
+  0  done (status: the loop answered; arm: the firmware reports ARMED; stop/clear-faults: acknowledged)
+  1  no answer (not running, no permission, timeout, not an edge-vla reply) or refused: one line on stderr,
+     or {"ok": false, "error": ...} on stdout with --json
+  2  bad arguments (as JSON on stdout with --json)"""
 
 _COMMANDS = {"arm": "arm", "stop": "stop", "clear-faults": "clear_faults", "status": "status"}
 
@@ -22,12 +31,37 @@ _COMMANDS = {"arm": "arm", "stop": "stop", "clear-faults": "clear_faults", "stat
 def configure(parser: argparse.ArgumentParser) -> None:
     name = parser.prog.split()[-1]
     parser.set_defaults(operator_command=_COMMANDS.get(name, "status"))
-    parser.add_argument("--socket", default=None,
-                        help=f"control socket of the running loop (default {default_socket_path()}; "
-                             "env EDGE_VLA_CONTROL_SOCKET)")
+    parser.add_argument("--control-socket", default=None, metavar="PATH",
+                        help=f"control socket of the running loop (default: ${SOCKET_ENV} if set, else {DEFAULT_SOCKET} "
+                             "(the service), else this user's bench socket $XDG_RUNTIME_DIR/edge-vla/control.sock "
+                             "or /tmp/edge-vla-UID/control.sock, as `edge-vla run` chose it)")
+    # Deprecated: scripts rely on the one-line contract, so the notice goes to a terminal only.
+    parser.add_argument("--socket", dest="control_socket", action=DeprecatedAlias, new="--control-socket",
+                        tty_only=True, help="deprecated spelling of --control-socket")
     parser.add_argument("--timeout", type=_positive_seconds, default=10.0,
-                        help="seconds to wait for the answer in all (default 10; an arm takes up to 5)")
-    parser.add_argument("--json", action="store_true", help="print the reply as JSON")
+                        help="seconds to wait for the answer in all (default %(default)s s; an arm takes up to 5 s)")
+    parser.add_argument("--json", action="store_true", help="print the reply (or the error) as JSON on stdout")
+    with_epilog(parser, EXIT_STATUSES)
+    _json_usage_errors(parser)
+
+
+def _json_usage_errors(parser: argparse.ArgumentParser) -> None:
+    """Under --json a usage error is JSON too (exit 2), so that scripts always get JSON."""
+    seen: list[str] = []
+    parse_known = parser.parse_known_args
+
+    def remember(args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None) -> Any:
+        seen[:] = list(sys.argv[1:] if args is None else args)
+        return parse_known(args, namespace)
+
+    def error(message: str) -> NoReturn:
+        if "--json" in seen:
+            print(json.dumps({"ok": False, "error": _one_line(f"{parser.prog}: {message}")}))
+            raise SystemExit(2)
+        argparse.ArgumentParser.error(parser, message)
+
+    parser.parse_known_args = remember  # type: ignore[method-assign]
+    parser.error = error  # type: ignore[method-assign]
 
 
 def _positive_seconds(text: str) -> float:
@@ -81,7 +115,7 @@ def _status_of(reply: dict[str, Any], cmd: str, path: str) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
-    op = SocketOperator(args.socket, timeout=args.timeout)
+    op = SocketOperator(args.control_socket, timeout=args.timeout)
     cmd = args.operator_command
     try:
         reply = op.call(cmd)

@@ -99,13 +99,15 @@ def _digest(data: bytes | Path) -> str:
     return sha256_file(data) if isinstance(data, Path) else hashlib.sha256(data).hexdigest()
 
 
-def _lock_header(platform: platforms.Platform, sources: list[str], online: bool) -> list[str]:
+def _lock_header(platform: platforms.Platform, sources: list[str], online: bool,
+                 extras: Sequence[str] = ()) -> list[str]:
     t, jp = platform.target, platform.jetpack
     head = [
         f"edge-vla {__version__} lock for {t.description} ({t.name}, {t.arch}), CPython {platform.python}, "
         f"glibc {platform.glibc}" + (f", JetPack {jp.version} (L4T {jp.l4t}, CUDA {jp.cuda}, TensorRT {jp.tensorrt})"
                                      if jp else "") + ".",
-        "Resolved by `edge-vla package` from edge-vla's own dependencies for this target's wheel tags, from: "
+        "Resolved by `edge-vla package` from edge-vla's own dependencies"
+        + (f" with the extras {', '.join(extras)}" if extras else "") + " for this target's wheel tags, from: "
         + (", ".join(sources) or "the wheels given"),
         "Install (install.sh does): pip install --no-index --find-links wheels --require-hashes --no-deps "
         "--only-binary=:all: --ignore-installed -r requirements.lock",
@@ -146,14 +148,15 @@ def _warn_generic_jetson_ort(platform: platforms.Platform, wheels: Sequence[Any]
 
 
 def _wheel_files(platform: platforms.Platform, edge_wheel: Path, tmp: Path, *, pins: dict[str, str],
-                 sources: Any, online: bool) -> tuple[dict[str, Path], list[LockEntry], dict[str, Any], str | None]:
+                 sources: Any, online: bool, extras: Sequence[str] = ()
+                 ) -> tuple[dict[str, Path], list[LockEntry], dict[str, Any], str | None]:
     """The wheels to ship, the lock entries, package.json's wheel list, and the --online requirements."""
     require("packaging")  # workstation only: the provision extra
     from edge_vla.provision import wheelhouse
 
     pins = {canonical_name(n): v for n, v in pins.items()}
     _, _, requires = wheelhouse.check_edge_vla_wheel(edge_wheel, __version__)
-    requirements = wheelhouse.runtime_requirements(requires, platform)
+    requirements = wheelhouse.runtime_requirements(requires, platform, extras)  # extras resolve like the base
     # A pin replaces its top-level requirement (so a missing pinned version is named as such) and
     # constrains it anywhere else in the closure.
     roots = {wheelhouse.requirement_name(r) for r in requirements}
@@ -201,11 +204,13 @@ def build_package(
     extra_index_urls: Sequence[str] = (),
     online: bool = False,
     edge_vla_wheel: str | Path | None = None,
+    extras: Sequence[str] = (),
 ) -> PackageResult:
     """Write a robot package. Offline (default): the edge-vla wheel and every dependency's wheel for
     the target, hash-locked; `wheels` adds find-links directories (NVIDIA's Jetson builds, wheels
     built on the target), `index_url=None` resolves from those alone. `online=True` ships only the
-    edge-vla wheel and lets the robot fetch the rest (development only)."""
+    edge-vla wheel and lets the robot fetch the rest (development only). `extras` (e.g. telemetry, serve) join
+    the lock and the wheelhouse like the base dependencies."""
     config = (config or RobotConfig()).validate()
     usb = (usb or UsbId()).validate()
     if not re.match(r"^[a-z_][a-z0-9_-]{0,31}$", user):
@@ -240,8 +245,11 @@ def build_package(
     with tempfile.TemporaryDirectory(prefix="edge-vla-package-") as tmp_name:
         tmp = Path(tmp_name)
         edge_wheel = Path(edge_vla_wheel) if edge_vla_wheel else build_edge_vla_wheel(tmp / "edge-vla")
+        from edge_vla.provision.wheelhouse import check_edge_vla_wheel, check_extras
+
+        extras = check_extras(check_edge_vla_wheel(edge_wheel, __version__)[2], extras)
         wheel_files, entries, wheel_list, online_text = _wheel_files(
-            platform, edge_wheel, tmp, pins=pins or {}, sources=sources, online=online)
+            platform, edge_wheel, tmp, pins=pins or {}, sources=sources, online=online, extras=extras)
         files.update(wheel_files)
         t = platform.target
         values: dict[str, object] = {
@@ -264,7 +272,7 @@ def build_package(
             "firstboot_exec": "ExecStart=/opt/edge-vla/current/venv/bin/edge-vla build-engines "
                               "/opt/edge-vla/current/bundle" if t.gpu else "ExecStart=/bin/true",
         }
-        files[LOCK_FILE] = lock_text(entries, _lock_header(platform, sources.describe(), online)).encode()
+        files[LOCK_FILE] = lock_text(entries, _lock_header(platform, sources.describe(), online, extras)).encode()
         if online_text is not None:
             files[ONLINE_FILE] = online_text.encode()
         files["install.sh"] = render_template("install.sh", values).encode()
@@ -291,6 +299,7 @@ def build_package(
                 "watchdog_sec": watchdog_sec, "usb": {"vid": usb.vid, "pid": usb.pid, "serial": usb.serial},
             },
             "online": online,
+            "extras": list(extras),
             "wheel_sources": sources.describe(),
             "wheels": wheel_list,
             "files": {rel: _digest(data) for rel, data in sorted(files.items())},
@@ -338,6 +347,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     wheels.add_argument("--no-index", action="store_true", help="use only --wheels directories (no network)")
     wheels.add_argument("--edge-vla-wheel", metavar="WHL", help="ship this edge-vla wheel instead of building one "
                                                                 "from the installed source")
+    wheels.add_argument("--extras", default="", metavar="NAME,NAME",
+                        help="edge-vla extras the robot needs, locked and shipped like the base dependencies: "
+                             "telemetry (MCAP for --telemetry x.mcap), serve (`edge-vla serve`), realsense, pi0, "
+                             "dynamixel, plot")
     wheels.add_argument("--online", action="store_true",
                         help="development only: ship no dependency wheels; the robot fetches them from the index "
                              "unpinned and unverified at first boot")
@@ -361,6 +374,7 @@ def main(args: argparse.Namespace) -> int:
         pins=platforms.parse_pins(args.pin), usb=UsbId(args.usb_vid.lower(), args.usb_pid.lower(), args.usb_serial),
         watchdog_sec=args.watchdog_sec, wheels=args.wheels, index_url=None if args.no_index else args.index_url,
         extra_index_urls=args.extra_index_url, online=args.online, edge_vla_wheel=args.edge_vla_wheel,
+        extras=[e for e in args.extras.split(",") if e.strip()],
     )
     print(f"wrote {result.path}")
     print(f"  release  {result.release}")

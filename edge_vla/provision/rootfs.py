@@ -197,7 +197,10 @@ def _wheel_list(release_dir: Path) -> dict[str, str]:
 
 def open_package(archive: Path, into: Path, trusted_keys: Sequence[str | Path] = ()) -> StagedPackage:
     extract_tarball(archive, into)
-    return verify_package_dir(into, trusted_keys)
+    try:
+        return verify_package_dir(into, trusted_keys)
+    except (PackageError, BundleError) as exc:  # name the file the user gave, not the staging folder
+        raise type(exc)(str(exc).replace(str(into), str(archive))) from None
 
 
 def _same_release(existing: Path, staged: StagedPackage) -> bool:

@@ -49,6 +49,16 @@ log = logging.getLogger(__name__)
 PYPI = "https://pypi.org/simple"
 # Extras of edge-vla every robot installs: `provision` verifies package and bundle signatures.
 ROBOT_EXTRAS = ("provision",)
+# Extras a robot package may not take (`edge-vla package --extras`), with why.
+NOT_ON_ROBOTS = {
+    "export": "is for the workstation (torch, onnx): robots run bundles, not checkpoints",
+    "pi0-export": "is for the workstation (transformers, torch)",
+    "dev": "is for developing edge-vla",
+    "bench-peers": "is for the workstation's benchmarks",
+    "metaworld": "is the workstation's MuJoCo benchmark",
+    "tensorrt": "comes from the target's JetPack (python3-libnvinfer) and the platform's cuda-python pin",
+}
+_EXTRA_MARKER = re.compile(r"""extra\s*==\s*["']([^"']+)["']""")
 # PIP_* variables that configure transport only; every other PIP_* variable is dropped.
 _TRANSPORT_ENV = frozenset({"PIP_CERT", "PIP_CLIENT_CERT", "PIP_PROXY", "PIP_DEFAULT_TIMEOUT", "PIP_RETRIES",
                             "PIP_TRUSTED_HOST", "PIP_CACHE_DIR", "PIP_NO_CACHE_DIR"})
@@ -268,19 +278,43 @@ def requirement_name(spec: str) -> str:
     return canonicalize_name(Requirement(spec).name)
 
 
-def runtime_requirements(requires_dist: Iterable[str], platform: Platform) -> list[str]:
-    """The robot's top-level requirements: edge-vla's Requires-Dist for the target (+ ROBOT_EXTRAS),
-    with the target's onnxruntime distribution and, on GPU targets, its cuda-python range."""
-    env = marker_environment(platform)
+def declared_extras(requires_dist: Iterable[str]) -> set[str]:
+    """The extras a wheel's Requires-Dist names (`...; extra == "serve"`)."""
+    return {canonicalize_name(m) for spec in requires_dist for m in _EXTRA_MARKER.findall(spec)}
+
+
+def check_extras(requires_dist: Sequence[str], extras: Iterable[str]) -> tuple[str, ...]:
+    """The requested extras, canonical and sorted; PackageError in one line for an unknown or workstation one."""
+    known = declared_extras(requires_dist)
+    robot_side = sorted(known - set(NOT_ON_ROBOTS) - set(ROBOT_EXTRAS))
     out = []
+    for extra in extras:
+        name = canonicalize_name(extra.strip())
+        if name in NOT_ON_ROBOTS:
+            raise PackageError(f"extra {name!r} {NOT_ON_ROBOTS[name]}; robot packages take: {', '.join(robot_side)}")
+        if name not in known:
+            raise PackageError(f"unknown extra {extra.strip()!r}; robot packages take: {', '.join(robot_side)}")
+        out.append(name)
+    return tuple(sorted(set(out)))
+
+
+def runtime_requirements(requires_dist: Sequence[str], platform: Platform, extras: Iterable[str] = ()) -> list[str]:
+    """The robot's top-level requirements: edge-vla's Requires-Dist for the target (+ ROBOT_EXTRAS and the
+    requested `extras`, e.g. telemetry, serve), with the target's onnxruntime distribution and, on GPU targets,
+    its cuda-python range."""
+    requires_dist = list(requires_dist)
+    wanted = ("", *ROBOT_EXTRAS, *check_extras(requires_dist, extras))
+    env = marker_environment(platform)
+    out: list[str] = []
     for spec in requires_dist:
         req = Requirement(spec)
-        if not _applies(req, env, ("", *ROBOT_EXTRAS)):
+        if not _applies(req, env, wanted):
             continue
         if canonicalize_name(req.name) == "onnxruntime":
             req.name = platform.onnxruntime
         req.marker = None
-        out.append(_bare(req))
+        if _bare(req) not in out:  # a dependency of two extras is listed once
+            out.append(_bare(req))
     if platform.cuda_python:
         out.append(_bare(Requirement(f"cuda-python{platform.cuda_python}")))
     return out

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edge_vla.cli_flags import with_epilog
 from edge_vla.serve.errors import ServeError
 
 if TYPE_CHECKING:
@@ -44,11 +45,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
     parser.add_argument("--steps", type=int, default=None, help="ODE steps (default: the bundle's)")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
-    parser.add_argument("--max-message-mb", type=float, default=32.0, help="largest request accepted (MiB)")
-    parser.add_argument("--max-array-mb", type=float, default=16.0, help="largest single array accepted (MiB)")
-    parser.add_argument("--max-clients", type=int, default=8, help="concurrent connections accepted")
+    parser.add_argument("--max-message-mb", type=float, default=32.0,
+                        help="largest request accepted, MiB (default %(default)s MiB)")
+    parser.add_argument("--max-array-mb", type=float, default=16.0,
+                        help="largest single array accepted, MiB (default %(default)s MiB)")
+    parser.add_argument("--max-clients", type=int, default=8, help="concurrent connections accepted (default %(default)s)")
     parser.add_argument("--telemetry", default=None,
                         help="record every request's timings to FILE (.mcap with edge-vla[telemetry], else JSON lines)")
+    with_epilog(parser, EXIT_STATUSES)
+
+
+EXIT_STATUSES = """exit status:
+  0  stopped by SIGINT/SIGTERM after serving
+  1  could not start: bad arguments, an unusable bundle or API key file, a non-loopback bind without a key,
+     the port in use (one line on stderr)
+  2  command-line usage error"""
 
 
 def read_api_key(path: Path) -> str:

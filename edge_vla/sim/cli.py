@@ -8,6 +8,7 @@ import logging
 from edge_vla.errors import ConfigError
 from edge_vla.sim import dataset
 from edge_vla.sim.metaworld import is_metaworld
+from edge_vla.sim.scene import get_split
 from edge_vla.sim.splits import is_sim, sim_env, sim_split
 
 ENV_HELP = ("sim (default: the project's reaching task; = sim:base), sim:hard (its harder split: 5 blocks of 7 "
@@ -27,7 +28,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lerobot-version", choices=["v3.0", "v2.1"], default="v3.0")
     parser.add_argument("--video-codec", choices=["h264-lossless", "h264", "av1"], default="h264-lossless",
                         help="with --format lerobot: how camera frames are encoded")
-    parser.add_argument("--episodes", type=int, default=300, help="number of expert episodes (MetaWorld: per task)")
+    parser.add_argument("--episodes", type=int, default=300, metavar="N",
+                        help="sim: scene layouts (seeds); each layout gives one demonstration per block, the "
+                             "instruction naming that block, so N layouts give N x blocks demonstrations (3 blocks in "
+                             "sim:base, 5 in sim:hard). MetaWorld: episodes per task (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="first episode seed (held-out eval seeds start at 1e6)")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--cameras", type=int, default=1,
@@ -54,11 +58,15 @@ def main(args: argparse.Namespace) -> int:
         path = write_dataset(ds, args.output or f"runs/data/reach{suffix}_lerobot", version=args.lerobot_version,
                              encoder=args.video_codec, state_names=list(JOINT_NAMES), action_names=list(JOINT_NAMES),
                              overwrite=True)
-        print(f"wrote {len(ds)} frames from {args.episodes} episodes to {path} (LeRobot {args.lerobot_version}); "
+        blocks = get_split(split).num_blocks
+        print(f"wrote {len(ds)} frames from {args.episodes} layout(s) x {blocks} blocks = {args.episodes * blocks} "
+              f"demonstrations to {path} (LeRobot {args.lerobot_version}); "
               f"train on it with --data lerobot:{path}")
         return 0
     path = dataset.save(ds, args.output or f"runs/data/reach{suffix}.npz")
-    print(f"wrote {len(ds)} samples from {args.episodes} episodes of {sim_env(split)} to {path}")
+    blocks = get_split(split).num_blocks
+    print(f"wrote {len(ds)} samples from {args.episodes} layout(s) x {blocks} blocks = {args.episodes * blocks} "
+          f"demonstrations of {sim_env(split)} to {path}")
     return 0
 
 

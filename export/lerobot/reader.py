@@ -22,6 +22,7 @@ import numpy as np
 from edge_vla.action_space import ActionSpace
 from edge_vla.onboard.cameras import resize_nearest
 from edge_vla.optional import require
+from edge_vla.progress import progress as progress_bar
 from edge_vla.sim.dataset import Dataset
 
 from ..envs import longest_instruction
@@ -222,8 +223,7 @@ def load_dataset(source: str | SourceSpec, image_size: int, num_cameras: int, ch
     period = spec.period or 1.0 / meta.fps
     by_index = {e.index: e for e in meta.episodes}
     parts: list[dict[str, np.ndarray]] = []
-    tqdm = require("tqdm").tqdm
-    for idx in tqdm(chosen, desc=f"read {meta.root.name} ({split})", disable=not progress, unit="episode"):
+    for idx in progress_bar(chosen, desc=f"read {meta.root.name} ({split})", unit="episode", enabled=progress):
         parts.append(_read_episode(meta, by_index[idx], spec, cameras, image_size, chunk_len, period))
     cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     if text_limits:  # the frames' own tasks too (a task_index the episode's list does not name)

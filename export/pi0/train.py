@@ -35,11 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from edge_vla.atomic import atomic_write
 from edge_vla.errors import ConfigError
 from edge_vla.preprocess import STATS_EPS
+from edge_vla.progress import progress as progress_bar
 from edge_vla.runtime.types import Observation
 from edge_vla.sim.dataset import Dataset
 from edge_vla.sim.scene import COLORS, JOINT_LOWER, JOINT_NAMES, JOINT_UPPER, JOINT_VEL_LIMIT, TEMPLATES
@@ -333,7 +333,7 @@ def train_pi0(ds: Dataset, out: str | Path, tc: TrainConfig, config: dict[str, A
     prior_seconds = float(state.get("seconds", 0.0))
     t0 = time.perf_counter()
     losses: list[float] = []
-    bar = tqdm(range(start, tc.steps), desc="train pi0", disable=not progress, unit="step")
+    bar = progress_bar(range(start, tc.steps), desc="train pi0", unit="step", initial=start, enabled=progress)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, tc)
@@ -351,7 +351,7 @@ def train_pi0(ds: Dataset, out: str | Path, tc: TrainConfig, config: dict[str, A
                      "seconds": seconds, "steps_per_s": (done - start) / max(time.perf_counter() - t0, 1e-9),
                      "threads": threads, "batch_size": tc.batch_size, "parameters": params,
                      "dataset": ds.meta, "train": tc.__dict__, "torch_rng": rng.tolist()}
-            bar.write(f"step {done}: train loss {state['loss']:.4f}, validation loss {val:.4f}")
+            log.info("step %d: train loss %.4f, validation loss %.4f", done, state["loss"], val)
             model.save_pretrained(out)
             torch.save(opt.state_dict(), out / OPTIMIZER_FILE)
             if probe is not None:

@@ -134,3 +134,17 @@ def test_non_finite_sample_in_a_dataset_file_is_refused_before_training(tmp_path
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"{tmp_path / 'bad.npz'}: sample 5 (episode {int(ds.episodes[5])}) holds a non-finite state" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_tiny_data_says_it_has_no_validation_split_instead_of_nan(tmp_path, caplog):
+    """Two layouts hold out no episode: the step summary says so (it printed "validation loss nan")."""
+    import logging
+
+    ds = dataset.generate(range(2))
+    with caplog.at_level(logging.INFO, logger="edge_vla.export.train"):
+        train(preset("tiny"), ds, tmp_path / "run", TrainConfig(steps=2, batch_size=4, checkpoint_every=2, warmup=1),
+              progress=False)
+    summaries = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 2:")]
+    assert summaries and all("nan" not in m for m in summaries), summaries
+    assert "no validation split" in summaries[0]
+    assert load_checkpoint(tmp_path / "run")[1]["val_loss"] is None

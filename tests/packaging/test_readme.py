@@ -74,7 +74,7 @@ PORT = _free_port()
 # What the test changes in the README's commands, and why. Sizes only: the command, its flags and its paths
 # stay as written.
 SUBSTITUTIONS: tuple[Substitution, ...] = (
-    Substitution(r"--steps \d+", "--steps 2", "training steps: minutes of CPU per 1000",
+    Substitution(r"--train-steps \d+", "--train-steps 2", "training steps: minutes of CPU per 1000",
                  applies_to=r"edge-vla (train|distill)\b"),
     Substitution(r"--reflow-steps \d+", "--reflow-steps 2", "step-distillation steps", applies_to=r"edge-vla distill\b"),
     Substitution(r"--max-obs \d+", "--max-obs 32", "distillation dataset size", applies_to=r"edge-vla distill\b"),
