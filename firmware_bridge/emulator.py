@@ -646,6 +646,10 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: emu._stop.set())
     if args.parent_pid:
         exit_with_parent(args.parent_pid, emu._stop.set)
+        # A terminal's Ctrl-C reaches the whole process group. The host owns this emulator's lifetime: it must
+        # first stop the motors over the link (a controlled stop needs the "firmware" alive), then it ends us with
+        # SIGTERM, or we follow it when it dies. Exiting on SIGINT here made `run --emulate` trip on Ctrl-C.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, lambda *_: emu.unplug(config.unplug_for))
     transport.open()
     if args.print_path:
