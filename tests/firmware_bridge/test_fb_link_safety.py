@@ -85,7 +85,9 @@ def test_a_requested_stop_is_reported_at_info_a_watchdog_trip_at_warning(rig, ca
     link.arm()
     assert link.stop(1, timeout=0.2, retries=5) is True
     wait_for(link, lambda: any(f.fault_code == Fault.HOST_STOP_CAT1 for f in link.faults))
-    stop_logs = [r for r in caplog.records if "HOST_STOP_CAT1" in r.getMessage()]
+    # Exactly the planned stop: under load the fixture's 250 ms heartbeat can also lapse between arm() and stop(),
+    # and a report carrying HEARTBEAT_TIMEOUT|HOST_STOP_CAT1 is a real fault, rightly a WARNING (seen in a full run).
+    stop_logs = [r for r in caplog.records if "firmware fault" in r.msg and r.args[1] == "HOST_STOP_CAT1"]
     assert stop_logs and all(r.levelno == logging.INFO for r in stop_logs)
     wait_for(link, mode_is(link, Mode.TRIPPED), timeout=3.0)
     link.clear_faults()

@@ -440,9 +440,10 @@ def test_demo_suggests_commands_the_readme_runs():
 
 def test_substitutions_shrink_only_sizes():
     """A control for the table: it changes the sizes it names and leaves everything else alone."""
-    src = "edge-vla train --preset tiny -o runs/tiny --steps 4000 --threads 1   # 39 min\nedge-vla profile b --steps 1,2,10\n"
+    src = ("edge-vla train --preset tiny -o runs/tiny --train-steps 4000 --threads 1   # 39 min\n"
+           "edge-vla profile b --steps 1,2,10\n")
     out = substitute(src, background=False, pypi=True)
-    assert "--steps 2 --threads 1   # 39 min" in out and "profile b --steps 1,2,10" in out
+    assert "--train-steps 2 --threads 1   # 39 min" in out and "profile b --steps 1,2,10" in out
     assert substitute("edge-vla run b --duration 60\n", background=True, pypi=True) == "edge-vla run b --duration 60\n"
     assert "--online" in substitute("edge-vla package b -o p.tar.gz --target x86-cpu\n", False, pypi=False)
     assert shutil.which("bash"), "the README test runs blocks with bash"
