@@ -641,12 +641,20 @@ def open_link(url: str, **kw: object) -> Link:
     serial://socket://host:port          any pyserial URL after serial://
     can://virtual/<channel>              python-can's in-process virtual bus
     can://socketcan/can0?node=1&fd=1     any python-can interface/channel; node id, CAN-FD, bitrate
+    dynamixel:///dev/ttyUSB0?ids=1-6     a motor device (firmware_bridge.motors.registry) behind a Link adapter
+    feetech:///dev/ttyUSB0?ids=1-6       (keyword arguments such as joint_limits go to the device)
     """
     from firmware_bridge.can_link import CanLink
+    from firmware_bridge.motors.registry import schemes as motor_schemes
     from firmware_bridge.serial_link import SerialLink
 
+    if url.partition("://")[0].lower() in motor_schemes():  # dynamixel://, feetech://: a MotorDevice as a Link
+        from firmware_bridge.motors.link_adapter import MotorDeviceLink
+
+        return MotorDeviceLink(url, **kw)
     accepted = ("serial:///dev/ttyACM0?baud=1000000, serial://<any pyserial URL>, can://virtual/<channel>, "
-                "can://<python-can interface>/<channel>?node=1&fd=0&bitrate=1000000")
+                "can://<python-can interface>/<channel>?node=1&fd=0&bitrate=1000000, "
+                + ", ".join(f"{s}://PORT?ids=1-6" for s in motor_schemes()))
     if url.startswith("serial://"):
         rest = url[len("serial://"):]
         port, _, query = rest.partition("?")

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from contextlib import ExitStack
+from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -60,7 +61,7 @@ EXIT_STATUSES = """exit status:
 
 
 def motor_schemes() -> dict[str, str]:
-    """Motor-device URL schemes (firmware_bridge.motors.registry) that `run` cannot drive yet."""
+    """Motor-device URL schemes (firmware_bridge.motors.registry), driven through firmware_bridge.motors.link_adapter."""
     try:
         from firmware_bridge.motors.registry import schemes
     except ImportError:  # the registry is optional here: the firmware link works without it
@@ -69,7 +70,7 @@ def motor_schemes() -> dict[str, str]:
 
 
 def accepted_links() -> str:
-    motors = [f"{s}:// (motor devices: not drivable by `edge-vla run` yet)" for s in motor_schemes()]
+    motors = [f"{s}:///dev/ttyUSB0?ids=1-6" for s in motor_schemes()]
     return "; ".join([*LINK_FORMS, *motors])
 
 
@@ -79,7 +80,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="drive with the sim's scripted expert instead of a policy (bring-up; needs --camera sim)")
     parser.add_argument("--link", metavar="URL", help="motor controller link URL: " + accepted_links())
     parser.add_argument("--emulate", action="store_true",
-                        help="start the firmware emulator on a pty and use it as the link (no hardware)")
+                        help="start the firmware emulator on a pty and use it as the link (no hardware); with a motor "
+                             "--link (dynamixel://emulated?ids=1-6, feetech://...) that scheme's servo emulator")
     parser.add_argument("--camera", default="sim", help="realsense[:SERIAL] | video:PATH | sim (default %(default)s)")
     parser.add_argument("--depth", action="store_true", help="RealSense: also stream depth aligned to colour")
     parser.add_argument("--rate-hz", type=float, default=50.0,
@@ -138,12 +140,13 @@ def check_rate(rate_hz: float) -> None:
         raise ConfigError(f"--rate-hz {rate_hz:g} is out of range; use {RATE_HZ[0]:g}-{RATE_HZ[1]:g} Hz")
 
 
-def check_link(url: str) -> None:
+def check_link(url: str, emulate: bool = False) -> None:
     """Refuse a link URL the control process could not open, in one line and before anything loads.
 
     Parsed as firmware_bridge.link.open_link parses it (which it then calls, without opening), plus the checks
     that otherwise fail deep in the control process: the query values, a serial port that is missing or that this
-    user may not open, a CAN interface that does not exist."""
+    user may not open, a CAN interface that does not exist. A motor-device URL is parsed by the motor registry
+    (its backend built, not opened); with `emulate` its port is the emulator's, so it is not looked for."""
     forms = accepted_links()
     if "://" not in url:
         path = url.split(":", 1)[1] if url.startswith(("serial:", "tty:")) else url
@@ -152,9 +155,12 @@ def check_link(url: str) -> None:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme in motor_schemes():
-        raise ConfigError(f"--link {url!r}: `edge-vla run` cannot drive {scheme}:// motors yet (the motor-device "
-                          "registry is not wired into the control loop); use a controller with the edge-vla firmware "
-                          f"on serial:// or can://. Accepted forms: {forms}")
+        _check_motor_link(url, emulate, forms)
+        return
+    if emulate:
+        raise ConfigError(f"--link {url!r} with --emulate: --emulate starts the firmware emulator by itself (give no "
+                          "--link), or a motor-device emulator for a motor URL (" +
+                          ", ".join(f"{s}://" for s in motor_schemes()) + ")")
     if scheme not in ("serial", "can"):
         raise ConfigError(f"--link {url!r}: unknown link scheme {parts.scheme!r}; accepted forms: {forms}")
     query = parse_qs(url.partition("?")[2])
@@ -176,18 +182,83 @@ def check_link(url: str) -> None:
     _check_device(scheme, parts, url)
 
 
-def _check_device(scheme: str, parts: Any, url: str) -> None:
+def _check_motor_link(url: str, emulate: bool, forms: str, **device_kw: Any) -> None:
+    """A dynamixel:// or feetech:// URL: the registry's own parse and the backend's checks, without opening."""
+    from firmware_bridge.link import open_link
+
+    try:
+        open_link(emulated_motor_url(url, "/dev/null", 1) if emulate else url, **device_kw)
+    except ValueError as exc:  # MotorUrlError is one
+        raise ConfigError(f"--link {url!r}: {exc}; accepted forms: {forms}") from None
+    except ImportError as exc:  # MissingDependencyError: the backend's SDK
+        raise ConfigError(f"--link {url!r}: {exc}") from None
+    if not emulate:
+        _check_device("serial", None, "serial://" + url.partition("://")[2], shown=url)
+
+
+def emulated_motor_url(url: str, port: str, joints: int | None = None) -> str:
+    """The motor URL with its port replaced by the emulator's pty (ids=1-N added when the URL has none)."""
+    scheme, _, rest = url.partition("://")
+    query = rest.partition("?")[2]
+    if joints is not None and "ids" not in parse_qs(query):
+        query = "&".join(q for q in (query, f"ids=1-{joints}") if q)
+    return f"{scheme}://{port}" + (f"?{query}" if query else "")
+
+
+def motor_link_kwargs(space: Any, rate_hz: float) -> dict[str, Any]:
+    """What a motor device needs from the run: the bundle's joint names and limits, the control period."""
+    return {"joint_limits": [(float(lo), float(hi)) for lo, hi in zip(space.lower, space.upper, strict=True)],
+            "names": list(space.names), "period_s": 1.0 / rate_hz}
+
+
+def _motor_emulator(url: str, space: Any) -> Any:
+    """The scheme's emulator (its own process) with one servo per joint, its position limits inside the bundle's
+    action-space limits (the device refuses to arm when its own limits are wider) and each joint starting at
+    0 rad, or mid-range when 0 is outside the limits."""
+    from firmware_bridge.motors.calibration import JointCalibration
+
+    cal = JointCalibration()  # the calibration the backend uses when none is given
+    ids = _motor_ids(url, space.dim)
+    ranges = []
+    for lo, hi in zip(space.lower, space.upper, strict=True):
+        t_lo, t_hi = sorted((cal.to_ticks(float(lo)), cal.to_ticks(float(hi))))
+        t_lo, t_hi = max(0, t_lo + 2), min(4095, t_hi - 2)  # 2 ticks inside: rounding of the radians
+        start = cal.to_ticks(0.0) if t_lo <= cal.to_ticks(0.0) <= t_hi else (t_lo + t_hi) // 2
+        ranges.append((t_lo, t_hi, start))
+    if url.lower().startswith("dynamixel"):
+        from firmware_bridge.motors import dynamixel_emulator as dxl
+
+        return dxl.EmulatorProcess([dxl.ServoConfig(dxl_id=i, min_position=lo, max_position=hi, initial_position=st,
+                                                    return_delay=0) for i, (lo, hi, st) in zip(ids, ranges, strict=True)])
+    from firmware_bridge.motors import feetech_emulator as ft
+
+    return ft.EmulatorProcess([ft.ServoConfig(servo_id=i, min_angle=lo, max_angle=hi, initial_position=st,
+                                              return_delay=0) for i, (lo, hi, st) in zip(ids, ranges, strict=True)])
+
+
+def _motor_ids(url: str, joints: int) -> list[int]:
+    from firmware_bridge.motors.registry import parse_ids, parse_url
+
+    ids = list(parse_ids(parse_url(emulated_motor_url(url, "emulated", joints)).params["ids"]))
+    if len(ids) != joints:
+        raise ConfigError(f"--link {url!r} names {len(ids)} servo ids but the bundle's action space has {joints} "
+                          f"joints ({', '.join(map(str, ids))}); give one id per joint, e.g. ids=1-{joints}")
+    return ids
+
+
+def _check_device(scheme: str, parts: Any, url: str, shown: str | None = None) -> None:
+    shown = shown or url
     if scheme == "serial":
         port = url[len("serial://"):].partition("?")[0]
         if not port.startswith("/"):
             return  # a pyserial URL (socket://, rfc2217://): pyserial reaches it when the loop starts
         if not os.path.exists(port):
-            raise ConfigError(f"--link {url!r}: no serial port {port}: check the motor controller's cable and power "
+            raise ConfigError(f"--link {shown!r}: no serial port {port}: check the motor controller's cable and power "
                               f"and the device name (ls -l {port}; /dev/edge-vla-motor with the package's udev rule)")
         if not os.access(port, os.R_OK | os.W_OK):
-            raise ConfigError(f"--link {url!r}: no permission to open {port} as this user: add it to the port's "
+            raise ConfigError(f"--link {shown!r}: no permission to open {port} as this user: add it to the port's "
                               "group (dialout, or the udev rule's) and log in again")
-    elif parts.netloc == "socketcan":
+    elif parts is not None and parts.netloc == "socketcan":
         channel = parts.path.lstrip("/")
         if not os.path.exists(f"/sys/class/net/{channel}"):
             raise ConfigError(f"--link {url!r}: no CAN interface {channel} on this machine: `ip link show {channel}`; "
@@ -244,14 +315,18 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("give either a BUNDLE directory or --expert (the sim's scripted expert)")
     if args.expert and args.camera != "sim":
         raise ConfigError("--expert plans from the sim scene, so it needs --camera sim")
-    if bool(args.link) == args.emulate:
+    if not args.link and not args.emulate:
         raise ConfigError("give either --link URL (the motor controller) or --emulate (the firmware emulator)")
     if args.arm_on_start:
         check_bench_mode()
     # Every input that needs no model is checked before the model loads (seconds to minutes).
     check_rate(args.rate_hz)
+    motor = bool(args.link) and args.link.partition("://")[0].lower() in motor_schemes()
     if args.link:
-        check_link(args.link)
+        check_link(args.link, emulate=args.emulate)
+    if motor and 1.0 / args.rate_hz < 0.010:
+        raise ConfigError(f"--rate-hz {args.rate_hz:g} is above what {args.link.partition(':')[0]}:// servos are "
+                          "specified for (100 Hz: 6 servos at 1 Mbaud); use --rate-hz 100 or less")
     socket_path = control_socket_path(args.control_socket)
     if socket_path is not None and not under_systemd(os.environ) and not args.arm_on_start:
         log.info("operator control socket: %s (arm with `edge-vla arm%s`)", socket_path,
@@ -276,7 +351,15 @@ def main(args: argparse.Namespace) -> int:
 
     with ExitStack() as stack:
         link_url = args.link
-        if args.emulate:
+        link_kwargs: dict[str, Any] = {}
+        if motor:
+            link_kwargs = motor_link_kwargs(space, args.rate_hz)
+            if args.emulate:
+                emu_motor = stack.enter_context(_motor_emulator(args.link, space))
+                link_url = emulated_motor_url(args.link, emu_motor.port, space.dim)
+                log.info("motor emulator on %s: %s", emu_motor.port, link_url)
+            _check_motor_link(link_url, False, accepted_links(), **link_kwargs)
+        elif args.emulate:
             from firmware_bridge.emulator_process import EmulatorProcess
 
             emu = stack.enter_context(EmulatorProcess(joints=space.dim, limits=EMULATOR_LIMITS))
@@ -286,6 +369,8 @@ def main(args: argparse.Namespace) -> int:
         policy = getattr(source, "policy", None)
         tracking = policy.bundle.manifest["action_space"].get("tracking") if policy is not None else None
         config = _control_config(args, link_url, space, tracking)
+        if link_kwargs:
+            config = replace(config, link_kwargs=link_kwargs)
 
         def camera_factory(bus: Any) -> Any:
             return open_camera(args.camera, size, cams, scene=holder, state_fn=bus_state_fn(bus), depth=args.depth)

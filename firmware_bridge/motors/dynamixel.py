@@ -48,6 +48,7 @@ from firmware_bridge.motors.base import (
 )
 from firmware_bridge.motors.calibration import JointCalibration, LeRobotMotor
 from firmware_bridge.motors.registry import parse_ids, parse_int
+from firmware_bridge.motors.sdk_port import port_handler
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +96,6 @@ def watchdog_units(period_s: float) -> int:
         raise MotorUrlError(f"a {period_s * 1000:.0f} ms control period needs a Bus Watchdog over 127 x 20 ms; "
                             "use a period of 1.27 s or less")
     return units
-
-
-def _port_handler(sdk: Any, port: str, latency_ms: int) -> Any:
-    """The SDK's PortHandler, waiting for replies as long as this adapter's latency timer needs: the SDK hard-codes
-    the FTDI default (LATENCY_TIMER = 16 ms in port_handler.py) in every packet timeout."""
-
-    class PortHandler(sdk.PortHandler):  # type: ignore[misc, name-defined]
-        def setPacketTimeout(self, packet_length: int) -> None:
-            self.packet_start_time = self.getCurrentTime()
-            self.packet_timeout = (self.tx_time_per_byte * packet_length) + (latency_ms * 2.0) + 2.0
-
-    return PortHandler(port)
 
 
 class DynamixelDevice(MotorDevice):
@@ -181,7 +170,7 @@ class DynamixelDevice(MotorDevice):
     def _open(self) -> None:
         sdk = _sdk()
         self._sdk = sdk
-        port = _port_handler(sdk, self.port, self.latency_ms)
+        port = port_handler(sdk, self.port, self.latency_ms)
         try:
             ok = port.setBaudRate(self.baud)  # opens the port
         except Exception as exc:  # pyserial raises SerialException / OSError / ValueError

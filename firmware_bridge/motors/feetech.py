@@ -55,6 +55,7 @@ from firmware_bridge.motors.base import (
 )
 from firmware_bridge.motors.calibration import JointCalibration, LeRobotMotor
 from firmware_bridge.motors.registry import parse_ids, parse_int
+from firmware_bridge.motors.sdk_port import DEFAULT_LATENCY_MS, port_handler
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,8 @@ class FeetechDevice(MotorDevice):
         "ids": "servo ids in joint order: 1-6 or 1,2,5 (required)",
         "baud": "bus baud rate (default 1000000)",
         "period_ms": "control period (default 10, the floor); there is no device watchdog to size",
+        "latency_ms": "the USB-serial adapter's latency timer: a reply is awaited 2 x this + wire time + 2 ms "
+                      "(default 16, what the SDK assumes; 1 for an adapter set as LeRobot recommends)",
     }
     APPLY_DRIVE_MODE: ClassVar[bool] = True  # LeRobot's FeetechMotorsBus applies drive_mode in its ranges
 
@@ -196,8 +199,11 @@ class FeetechDevice(MotorDevice):
                  calibration: Sequence[JointCalibration] | None = None,
                  lerobot_calibration: dict[str, LeRobotMotor] | None = None,
                  names: Sequence[str] | None = None, period_s: float = PERIOD_FLOOR_S,
-                 stop_timeout_s: float = 0.3) -> None:
+                 stop_timeout_s: float = 0.3, latency_ms: int = DEFAULT_LATENCY_MS) -> None:
         super().__init__()
+        if not 1 <= latency_ms <= 1000:
+            raise MotorUrlError(f"latency_ms={latency_ms} is outside 1..1000 ms (the adapter's latency timer)")
+        self.latency_ms = latency_ms
         self.port, self.ids, self.baud = port, tuple(ids), baud
         if not self.ids:
             raise MotorUrlError("no servo ids given; write ids=1-6 (the servos in joint order)")
@@ -242,13 +248,13 @@ class FeetechDevice(MotorDevice):
             raise MotorUrlError("feetech:// needs ids=...: the servo ids in joint order, e.g. ids=1-6")
         period_ms = parse_int(params, "period_ms", round(kw.pop("period_s", PERIOD_FLOOR_S) * 1000))
         return cls(port, parse_ids(params["ids"]), baud=parse_int(params, "baud", 1_000_000, BAUD_RATES),
-                   period_s=period_ms / 1000.0, **kw)
+                   period_s=period_ms / 1000.0, latency_ms=parse_int(params, "latency_ms", DEFAULT_LATENCY_MS), **kw)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def _open(self) -> None:
         sdk = _sdk()
         self._sdk = sdk
-        port = sdk.PortHandler(self.port)
+        port = port_handler(sdk, self.port, self.latency_ms)
         try:
             ok = port.setBaudRate(self.baud)  # opens the port
         except Exception as exc:  # pyserial raises SerialException / OSError / ValueError

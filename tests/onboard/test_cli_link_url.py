@@ -51,9 +51,14 @@ def test_a_bad_link_is_refused_in_one_line_with_the_accepted_forms(link: str, sa
     assert time.monotonic() - t0 < 30
 
 
-def test_a_motor_registry_scheme_says_run_cannot_drive_it_yet() -> None:
-    line = _one_line_refusal(_run("run", "--expert", "--link", "dynamixel:///dev/ttyUSB0?ids=1-2"))
-    assert "cannot drive dynamixel:// motors yet" in line, line
+@pytest.mark.parametrize(("link", "says"), [
+    ("dynamixel:///dev/ttyUSB0?ids=x", "ids='x'"),  # the motor registry's own parse, before anything loads
+    ("feetech:///dev/ttyUSB0?ids=1-2&bogus=1", "unknown query parameter(s) bogus"),
+    ("dynamixel:///dev/ttyNOPE9?ids=1-2", "no serial port /dev/ttyNOPE9"),
+])
+def test_a_motor_device_url_is_checked_by_the_motor_registry_in_one_line(link: str, says: str) -> None:
+    line = _one_line_refusal(_run("run", "--expert", "--link", link))
+    assert says in line and link in line, line
 
 
 def test_the_link_is_checked_before_the_bundle_loads(tmp_path: Path) -> None:
