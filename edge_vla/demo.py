@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_vla.cli_flags import DeprecatedAlias
 from edge_vla.sim import dataset
 from edge_vla.sim.evaluate import evaluate, evaluate_expert, random_policy
 
@@ -30,7 +31,9 @@ BUNDLE_PRECISIONS = ("fp32", "int8")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="where data, checkpoint, bundles and reports go")
+    parser.add_argument("-o", "--output", dest="out", default="runs/demo",
+                        help="where data, checkpoint, bundles and reports go (default %(default)s)")
+    parser.add_argument("--out", dest="out", action=DeprecatedAlias, new="-o/--output")
     parser.add_argument("--episodes", type=int, default=300, help="expert demonstrations to train on")
     parser.add_argument("--train-steps", type=int, default=300,
                         help="steps of the demo's own training run (the shipped checkpoint trained for longer)")

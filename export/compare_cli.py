@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from edge_vla.cli_flags import DeprecatedAlias
 from edge_vla.runtime.types import Observation
 from edge_vla.sim import dataset
 from edge_vla.sim.evaluate import EVAL_SEED_BASE, evaluate
@@ -204,7 +205,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--error-obs", type=int, default=256, help="held-out states for the action error")
     parser.add_argument("--threads", type=int, default=1, help="threads for every row (latency included)")
     parser.add_argument("-o", "--output", default=None, help="write the markdown table here")
-    parser.add_argument("--json", dest="json_out", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--json-out", dest="json_out", default=None, metavar="FILE",
+                        help="also write the rows as JSON here")
+    parser.add_argument("--json", dest="json_out", metavar="FILE", action=DeprecatedAlias, new="--json-out FILE")
 
 
 def main(args: argparse.Namespace) -> int:

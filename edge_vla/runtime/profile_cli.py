@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_vla.bundle import Bundle, write_json_atomic
+from edge_vla.cli_flags import DeprecatedAlias
 from edge_vla.errors import ConfigError, EdgeVlaError, MissingDependencyError
 from edge_vla.runtime import profile as prof
 from edge_vla.runtime import roofline as rl
@@ -68,9 +69,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="intra-op threads (default: all CPUs)")
     parser.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path,
+    parser.add_argument("-o", "--output", dest="out", type=Path,
                         help="where trace.json, latency.png and profile.json go (default: FIRST_BUNDLE/target/profile; "
                              "for a tarball, NAME.profile/ next to it)")
+    parser.add_argument("--out", dest="out", type=Path, action=DeprecatedAlias, new="-o/--output")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--no-roofline", action="store_true", help="skip the Jetson roofline estimate")
     parser.add_argument("--check", action="store_true",

@@ -91,7 +91,7 @@ def test_control_socket_and_cli_arm_stop_status(emulator) -> None:
         cwd=run_dir, env=users.environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def call(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(users.edge_vla(users.operator, *args, "--socket", str(sock)), cwd=REPO,
+        return subprocess.run(users.edge_vla(users.operator, *args, "--control-socket", str(sock)), cwd=REPO,
                               env=users.environ(), capture_output=True, text=True, timeout=30)
 
     try:

@@ -119,11 +119,11 @@ def test_sigterm_gives_a_controlled_stop_and_disarm(emulator) -> None:
             assert time.monotonic() < deadline, "no control socket"
             time.sleep(0.05)
         # under systemd it comes up disarmed: an operator arms it
-        status = subprocess.run(users.edge_vla(users.operator, "status", "--json", "--socket", str(control)),
+        status = subprocess.run(users.edge_vla(users.operator, "status", "--json", "--control-socket", str(control)),
                                 cwd="/", env=users.environ(), capture_output=True, text=True, timeout=30)
         assert status.returncode == 0, status.stderr
         assert json.loads(status.stdout)["phase"] == "disarmed" and "armed" not in _events(emulator)
-        armed = subprocess.run(users.edge_vla(users.operator, "arm", "--socket", str(control)), cwd="/",
+        armed = subprocess.run(users.edge_vla(users.operator, "arm", "--control-socket", str(control)), cwd="/",
                                env=users.environ(), capture_output=True, text=True, timeout=30)
         assert armed.returncode == 0, armed.stdout + armed.stderr
         # the emulator ACKs an ARM before it writes its `armed` event: poll, do not read once

@@ -381,15 +381,15 @@ def test_cli_failures_are_one_line_or_json_never_a_traceback(tmp_path: Path, cap
     fakes = []
     (tmp_path / "a-file").write_text("not a socket")
     cases: dict[str, list[str]] = {
-        "no socket": ["--socket", str(tmp_path / "missing.sock")],
-        "a regular file": ["--socket", str(tmp_path / "a-file")],
-        "a path under a file": ["--socket", str(tmp_path / "a-file" / "control.sock")],
-        "a path too long for a socket": ["--socket", str(tmp_path / ("x" * 200))],
+        "no socket": ["--control-socket", str(tmp_path / "missing.sock")],
+        "a regular file": ["--control-socket", str(tmp_path / "a-file")],
+        "a path under a file": ["--control-socket", str(tmp_path / "a-file" / "control.sock")],
+        "a path too long for a socket": ["--control-socket", str(tmp_path / ("x" * 200))],
     }
     for i, (case, reply) in enumerate(replies.items()):
         path = tmp_path / f"fake{i}.sock"
         fakes.append(FakeServer(path, reply))
-        cases[case] = ["--socket", str(path), "--timeout", "0.3"]
+        cases[case] = ["--control-socket", str(path), "--timeout", "0.3"]
     # The real CLI, as a process, where nothing is listening: one line, or JSON.
     procs = {js: _cli("stop", *cases["no socket"], *(["--json"] if js else [])) for js in (False, True)}
     errors = {("no socket", "stop", js): _check_cli_failure(p, js, f"no socket json={js}") for js, p in procs.items()}
@@ -426,10 +426,10 @@ def test_cli_keeps_the_socket_permission_model() -> None:
         member = _drop_to(OPERATOR_UID, SERVICE_UID)  # an operator in the service's group
         stranger = _drop_to(OPERATOR_UID)
         runs = {
-            "member status": _cli("status", "--json", "--socket", str(srv.path), user=member),
-            "member stop": _cli("stop", "--socket", str(srv.path), user=member),
-            "stranger stop": _cli("stop", "--socket", str(srv.path), user=stranger),
-            "stranger stop --json": _cli("stop", "--json", "--socket", str(srv.path), user=stranger),
+            "member status": _cli("status", "--json", "--control-socket", str(srv.path), user=member),
+            "member stop": _cli("stop", "--control-socket", str(srv.path), user=member),
+            "stranger stop": _cli("stop", "--control-socket", str(srv.path), user=stranger),
+            "stranger stop --json": _cli("stop", "--json", "--control-socket", str(srv.path), user=stranger),
         }
         out, err = runs["member status"].communicate(timeout=30)
         assert runs["member status"].returncode == 0 and json.loads(out)["phase"] == "starting", err

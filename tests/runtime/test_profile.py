@@ -26,7 +26,7 @@ def bundle_copy(tiny_bundle, tmp_path_factory):
 def cli_run(bundle_copy, tmp_path_factory):
     out = tmp_path_factory.mktemp("profile_out")
     rc = cli.main(["profile", str(bundle_copy), "--steps", ",".join(map(str, STEPS)), "--iterations", "25",
-                   "--warmup", "3", "--threads", "1", "--rate-hz", "50", "--budget-ms", "1e6", "--out", str(out)])
+                   "--warmup", "3", "--threads", "1", "--rate-hz", "50", "--budget-ms", "1e6", "--output", str(out)])
     # read now: later tests profile the same copy again and overwrite target/profile.json
     return rc, out, json.loads((bundle_copy / "target" / "profile.json").read_text())
 
@@ -80,7 +80,7 @@ def test_budget_gate_flips_with_the_budget(results):
 def test_check_flag_exits_nonzero_over_an_explicit_budget(bundle_copy, tmp_path):
     rc = cli.main(["profile", str(bundle_copy), "--steps", "1", "--iterations", "3", "--warmup", "1",
                    "--budget-ms", "0.000001", "--threads", "1", "--no-plot", "--no-roofline", "--check",
-                   "--out", str(tmp_path)])
+                   "--output", str(tmp_path)])
     assert rc == 3
 
 
@@ -88,20 +88,20 @@ def test_check_flag_exits_nonzero_when_the_robot_would_not_keep_up(bundle_copy, 
     # without --budget-ms the judged strategy's own limit decides: run's defaults pass, and a chunk-age
     # limit (5 ms, passed as `edge-vla run` would take it) leaves a receding loop no time for any inference.
     args = ["profile", str(bundle_copy), "--steps", "3", "--iterations", "5", "--warmup", "1", "--threads", "1",
-            "--no-plot", "--no-roofline", "--rate-hz", "500", "--check", "--out", str(tmp_path)]
+            "--no-plot", "--no-roofline", "--rate-hz", "500", "--check", "--output", str(tmp_path)]
     assert cli.main(args) == 0
     assert cli.main([*args, "--run-args", "--chunk-max-age 0.005"]) == 3
 
 
 def test_precision_filter_rejects_missing_precision(bundle_copy, tmp_path):
-    rc = cli.main(["profile", str(bundle_copy), "--precision", "int8", "--out", str(tmp_path)])
+    rc = cli.main(["profile", str(bundle_copy), "--precision", "int8", "--output", str(tmp_path)])
     assert rc == 1
 
 
 def test_bad_rate_and_run_args_fail_in_one_line_before_profiling(bundle_copy, tmp_path, capsys):
     for extra, needle in ((["--rate-hz", "0.001"], "--rate-hz"), (["--run-args", "--bogus 1"], "--bogus"),
                           (["--run-args", "'unclosed"], "--run-args")):
-        rc = cli.main(["profile", str(bundle_copy), "--out", str(tmp_path), *extra])
+        rc = cli.main(["profile", str(bundle_copy), "--output", str(tmp_path), *extra])
         err = capsys.readouterr()
         assert rc == 1 and needle in err.err and "profiling" not in err.out, (extra, err)
 

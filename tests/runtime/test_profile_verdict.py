@@ -118,7 +118,7 @@ def test_cli_verdict_judges_the_chunk_strategy_not_the_control_period(bundle_cop
     # only needs a chunk every few hundred ms, so the robot keeps up and --check must pass.
     rc = cli.main(["profile", str(bundle_copy), "--steps", "10", "--iterations", "10", "--warmup", "2",
                    "--threads", "1", "--no-plot", "--no-roofline", "--rate-hz", "500", "--check",
-                   "--out", str(tmp_path)])
+                   "--output", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0, out
     report = json.loads((tmp_path / "profile.json").read_text())["reports"][0]
