@@ -35,20 +35,16 @@ import numpy as np
 
 from firmware_bridge.motors.base import (
     ArmRefusedError,
-    ArrayLike,
     Capabilities,
-    MissingDependencyError,
     MotorBusError,
-    MotorDevice,
     MotorError,
     MotorFault,
     MotorState,
     MotorUrlError,
-    StopCategory,
 )
 from firmware_bridge.motors.calibration import JointCalibration, LeRobotMotor
 from firmware_bridge.motors.registry import parse_ids, parse_int
-from firmware_bridge.motors.sdk_port import port_handler
+from firmware_bridge.motors.servo_bus import ServoBusDevice
 
 log = logging.getLogger(__name__)
 
@@ -71,22 +67,11 @@ HW_ERROR_BITS = {0: "input voltage error", 2: "overheating error", 3: "motor enc
 STATUS_ERRORS = {1: "result fail", 2: "instruction error", 3: "CRC error", 4: "data range error",
                  5: "data length error", 6: "data limit error", 7: "access error"}
 PERIOD_FLOOR_S = 0.010  # 100 Hz: 6 servos at 1 Mbaud take ~2 ms of wire time per cycle (bench_motors.py)
-HOLD_SPEED_RAD_S = 0.05  # below this every joint counts as holding (category 1 stop)
 
 
 def describe_hardware_error(status: int) -> str:
     names = [name for bit, name in HW_ERROR_BITS.items() if status & (1 << bit)]
     return ", ".join(names) or f"hardware error status 0x{status:02x}"
-
-
-def _sdk() -> Any:
-    try:
-        import dynamixel_sdk
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"dynamixel:// needs dynamixel-sdk ({exc}); install it with: pip install 'edge-vla[dynamixel]'"
-        ) from exc
-    return dynamixel_sdk
 
 
 def watchdog_units(period_s: float) -> int:
@@ -98,7 +83,12 @@ def watchdog_units(period_s: float) -> int:
     return units
 
 
-class DynamixelDevice(MotorDevice):
+class DynamixelDevice(ServoBusDevice):
+    SCHEME: ClassVar[str] = "dynamixel"
+    SDK: ClassVar[tuple[str, str, str]] = ("dynamixel_sdk", "dynamixel-sdk", "dynamixel")
+    BAUD_RATES: ClassVar[tuple[int, ...]] = BAUD_RATES
+    PERIOD_FLOOR_S: ClassVar[float] = PERIOD_FLOOR_S
+    GOAL_ADDR, GOAL_SIZE = GOAL_POSITION, 4
     URL_PARAMS: ClassVar[dict[str, str]] = {
         "ids": "servo ids in joint order: 1-6 or 1,2,5 (required)",
         "baud": "bus baud rate (default 1000000)",
@@ -114,47 +104,12 @@ class DynamixelDevice(MotorDevice):
                  lerobot_calibration: dict[str, LeRobotMotor] | None = None,
                  names: Sequence[str] | None = None, period_s: float = PERIOD_FLOOR_S,
                  host_limits: bool = False, stop_timeout_s: float = 0.3, latency_ms: int = 16) -> None:
-        super().__init__()
-        if not 1 <= latency_ms <= 1000:
-            raise MotorUrlError(f"latency_ms={latency_ms} is outside 1..1000 ms (the adapter's latency timer)")
-        self.latency_ms = latency_ms
-        self.port, self.ids, self.baud = port, tuple(ids), baud
-        if not self.ids:
-            raise MotorUrlError("no servo ids given; write ids=1-6 (the servos in joint order)")
-        if baud not in BAUD_RATES:
-            raise MotorUrlError(f"baud={baud} is not supported; use one of {', '.join(map(str, BAUD_RATES))}")
-        if period_s < PERIOD_FLOOR_S:
-            raise MotorUrlError(f"period {period_s * 1000:.1f} ms is below this backend's floor of "
-                                f"{PERIOD_FLOOR_S * 1000:.0f} ms (6 servos at 1 Mbaud)")
-        n = len(self.ids)
-        self.expected_homing: dict[int, int] = {}
-        if lerobot_calibration is not None:
-            by_id = {m.id: m for m in lerobot_calibration.values()}
-            missing = [i for i in self.ids if i not in by_id]
-            if missing:
-                raise MotorUrlError(f"the LeRobot calibration has no motor with id {missing[0]}; it lists ids "
-                                    f"{sorted(by_id)}")
-            names = names or [by_id[i].name for i in self.ids]
-            calibration = calibration or [by_id[i].joint_calibration() for i in self.ids]
-            self.expected_homing = {i: by_id[i].homing_offset for i in self.ids}
-        self.names = tuple(names) if names else tuple(f"joint{i}" for i in self.ids)
-        self.calibration = tuple(calibration) if calibration else tuple(JointCalibration() for _ in self.ids)
-        self.joint_limits = None if joint_limits is None else tuple((float(lo), float(hi)) for lo, hi in joint_limits)
-        for what, seq in (("names", self.names), ("calibration", self.calibration),
-                          ("joint_limits", self.joint_limits or self.ids)):
-            if len(seq) != n:
-                raise MotorUrlError(f"{what} has {len(seq)} entries for {n} servo ids {list(self.ids)}")
-        self.period_s, self.host_limits, self.stop_timeout_s = period_s, host_limits, stop_timeout_s
+        super().__init__(port, ids, baud=baud, joint_limits=joint_limits, calibration=calibration,
+                         lerobot_calibration=lerobot_calibration, names=names, period_s=period_s,
+                         stop_timeout_s=stop_timeout_s, latency_ms=latency_ms)
+        self.host_limits = host_limits
         self.watchdog_units = watchdog_units(period_s)
-        self.url = f"dynamixel://{port}?baud={baud}&ids={','.join(map(str, self.ids))}"
-        self._armed = False
-        self._port: Any = None
-        self._ph: Any = None
-        self._models: dict[int, int] = {}
         self._firmware: dict[int, int] = {}
-        self._tick_range: list[tuple[int, int]] = []  # goal ticks allowed per joint (config ∩ device)
-        self._last_tx = 0.0
-        self._cycles = 0
         self._last_state: MotorState | None = None
 
     @classmethod
@@ -167,39 +122,17 @@ class DynamixelDevice(MotorDevice):
                    latency_ms=parse_int(params, "latency_ms", 16), **kw)
 
     # -- lifecycle ------------------------------------------------------------------------------------
-    def _open(self) -> None:
-        sdk = _sdk()
-        self._sdk = sdk
-        port = port_handler(sdk, self.port, self.latency_ms)
-        try:
-            ok = port.setBaudRate(self.baud)  # opens the port
-        except Exception as exc:  # pyserial raises SerialException / OSError / ValueError
-            raise MotorBusError(f"cannot open {self.port}: {exc}. Check the cable, that the device exists "
-                                f"(ls -l {self.port}) and that this user may open it (dialout group)") from exc
-        if not ok:
-            raise MotorBusError(f"cannot set {self.port} to {self.baud} baud")
-        self._port, self._ph = port, sdk.PacketHandler(2.0)
-        try:
-            for dxl_id in self.ids:
-                model, result, error = self._ph.ping(self._port, dxl_id)
-                self._check(result, error, dxl_id, "ping", alert_ok=True)
-                self._models[dxl_id] = model
-                self._firmware[dxl_id] = self._read(dxl_id, FIRMWARE_VERSION, 1)
-        except MotorError:
-            self._port.closePort()
-            self._port = None
-            raise
-        log.info("%s: servos %s (models %s, firmware %s)", self.url, list(self.ids),
-                 sorted(set(self._models.values())), sorted(set(self._firmware.values())))
+    def _packet_handler(self, sdk: Any) -> Any:
+        return sdk.PacketHandler(2.0)
 
-    def _close(self) -> None:
-        try:
-            if self._armed:
-                self.stop(StopCategory.TORQUE_OFF)
-        finally:
-            if self._port is not None:
-                self._port.closePort()
-                self._port = None
+    def _identify(self, dxl_id: int) -> None:
+        model, result, error = self._ph.ping(self._port, dxl_id)
+        self._check(result, error, dxl_id, "ping", alert_ok=True)
+        self._models[dxl_id] = model
+        self._firmware[dxl_id] = self._read(dxl_id, FIRMWARE_VERSION, 1)
+
+    def _describe_servos(self) -> str:
+        return f"models {sorted(set(self._models.values()))}, firmware {sorted(set(self._firmware.values()))}"
 
     # -- the interface --------------------------------------------------------------------------------
     @property
@@ -212,16 +145,8 @@ class DynamixelDevice(MotorDevice):
                                "until an operator clears faults",
             units="rad", min_period_s=PERIOD_FLOOR_S)
 
-    @property
-    def armed(self) -> bool:
-        return self._armed
-
     def arm(self) -> None:
-        self._require_open("arm")
-        self._refuse_if_faulted("arm")
-        if self.joint_limits is None:
-            raise ArmRefusedError("arm refused: no joint limits configured; give the robot configuration's joint "
-                                  "limits (joint_limits=[(lo, hi), ...] in rad)")
+        self._arm_preflight()
         self._check_device_errors()
         self._refuse_if_faulted("arm")
         tick_ranges = []
@@ -267,51 +192,17 @@ class DynamixelDevice(MotorDevice):
             self._fault_stop()
         return self._last_state
 
-    def write_setpoints(self, positions: ArrayLike) -> np.ndarray:
-        self._require_open("write_setpoints")
-        self._refuse_if_faulted("setpoints")
-        if not self._armed:
-            raise MotorError(f"{self.url}: setpoints refused: not armed (arming is an operator act: arm())")
-        target = np.asarray(positions, dtype=float)
-        if target.shape != (len(self.ids),):
-            raise ValueError(f"{len(self.ids)} joint positions expected, got shape {target.shape}")
-        if not np.all(np.isfinite(target)):
-            bad = self.names[int(np.argmin(np.isfinite(target)))]
-            raise MotorError(f"{self.url}: setpoints refused: non-finite position for joint {bad!r}")
+    def _before_setpoints(self) -> None:
         self._check_watchdog_gap()
         self._refuse_if_faulted("setpoints")
-        sent = np.empty_like(target)
-        param: list[int] = []
-        for j, dxl_id in enumerate(self.ids):
-            cal, (lo_t, hi_t) = self.calibration[j], self._tick_range[j]
-            ticks = min(hi_t, max(lo_t, cal.to_ticks(float(target[j]))))
-            sent[j] = cal.to_radians(ticks)
-            param.append(dxl_id)
-            param.extend((ticks & 0xFFFFFFFF).to_bytes(4, "little"))
-        self._sync_write(GOAL_POSITION, 4, param)
-        return sent
 
-    def stop(self, category: int = StopCategory.TORQUE_OFF) -> bool:
-        if self._port is None:
-            return False
-        category = StopCategory(category)
-        if category is StopCategory.CONTROLLED and self._armed and not self._faults:
-            try:
-                self._decelerate_to_hold()
-            except MotorError as exc:  # the bus may be failing: torque off regardless
-                log.error("%s: controlled stop aborted (%s); torque off now", self.url, exc)
-        confirmed = self._torque_off_all()
-        self._armed = False
-        log.warning("%s: stop category %d: torque off %s", self.url, int(category),
-                    "read back from every servo" if confirmed else "NOT confirmed by every servo")
-        return confirmed
+    def _encode_goal(self, ticks: int) -> bytes:
+        return (ticks & 0xFFFFFFFF).to_bytes(4, "little")
 
     def clear_faults(self) -> None:
         """Operator act: Reboot servos with hardware errors, write 0 to Bus Watchdog (98) where it reads -1,
         read both back, then drop the host's latches. The servos come back disarmed (torque off)."""
-        self._require_open("clear_faults")
-        if self._armed:
-            raise MotorError(f"{self.url}: clear_faults refused while armed; stop first")
+        self._clear_faults_preflight()
         for dxl_id in self.ids:
             if self._read(dxl_id, HARDWARE_ERROR_STATUS, 1, alert_ok=True):
                 self._reboot(dxl_id)
@@ -322,8 +213,7 @@ class DynamixelDevice(MotorDevice):
         if left:
             raise MotorError(f"{self.url}: faults did not clear on servo ids {left}; "
                              "check power and wiring, then power-cycle the servos")
-        log.warning("%s: faults cleared by the operator: %s", self.url, "; ".join(map(str, self._faults)) or "none")
-        self._faults.clear()
+        self._faults_cleared()
 
     # -- arm checks -----------------------------------------------------------------------------------
     def _check_device_errors(self) -> None:
@@ -349,12 +239,7 @@ class DynamixelDevice(MotorDevice):
         mode = self._read(dxl_id, OPERATING_MODE, 1)
         if mode == POSITION_MODE:
             d_lo, d_hi = self._read(dxl_id, MIN_POSITION_LIMIT, 4), self._read(dxl_id, MAX_POSITION_LIMIT, 4)
-            if d_lo < t_lo - 1 or d_hi > t_hi + 1:  # 1 tick: rounding of the configured radians
-                r_lo, r_hi = sorted((cal.to_radians(d_lo), cal.to_radians(d_hi)))
-                raise ArmRefusedError(
-                    f"arm refused: {where} allows {r_lo:.3f}..{r_hi:.3f} rad (Min/Max Position Limit {d_lo}..{d_hi}"
-                    f" ticks) but the robot configuration allows {lo:.3f}..{hi:.3f} rad ({t_lo}..{t_hi} ticks); "
-                    "narrow the servo's limits with `edge-vla motors configure` or correct the configuration")
+            self._check_device_limits(where, cal, "Min/Max Position Limit", (d_lo, d_hi), (t_lo, t_hi), (lo, hi))
             t_lo, t_hi = max(t_lo, d_lo), min(t_hi, d_hi)
         elif mode in (EXTENDED_POSITION_MODE, CURRENT_POSITION_MODE):
             if not self.host_limits:
@@ -366,14 +251,8 @@ class DynamixelDevice(MotorDevice):
             raise ArmRefusedError(f"arm refused: {where} is in operating mode {mode}; this backend sends goal "
                                   "positions and needs mode 3 (position), or 4/5 with host_limits=1")
         if dxl_id in self.expected_homing:
-            homing = self._read(dxl_id, HOMING_OFFSET, 4, signed=True)
-            if homing != self.expected_homing[dxl_id]:
-                raise ArmRefusedError(f"arm refused: {where} has Homing Offset {homing} but the LeRobot calibration "
-                                      f"says {self.expected_homing[dxl_id]}; re-run the calibration for this arm")
-        present = self._read(dxl_id, 132, 4, signed=True)
-        if not t_lo - 1 <= present <= t_hi + 1:
-            raise ArmRefusedError(f"arm refused: {where} is at {cal.to_radians(present):.3f} rad, outside its "
-                                  f"limits {lo:.3f}..{hi:.3f} rad; move it inside by hand with torque off")
+            self._check_homing(where, dxl_id, self._read(dxl_id, HOMING_OFFSET, 4, signed=True))
+        self._check_present(where, cal, self._read(dxl_id, 132, 4, signed=True), (t_lo, t_hi), (lo, hi))
         return t_lo, t_hi
 
     # -- faults ---------------------------------------------------------------------------------------
@@ -404,39 +283,11 @@ class DynamixelDevice(MotorDevice):
         if self._faults:
             self._fault_stop()
 
-    def _fault_stop(self) -> None:
-        """A latched fault while armed: the link or a servo failed -> category 0 (torque off now)."""
-        log.error("%s: %s -> stop category 0", self.url, "; ".join(map(str, self._faults)))
-        self.stop(StopCategory.TORQUE_OFF)
+    def _write_torque_off(self, dxl_id: int) -> None:
+        self._write(dxl_id, TORQUE_ENABLE, 1, 0, alert_ok=True)
 
-    def _decelerate_to_hold(self) -> None:
-        state = self.poll_state()
-        if self._faults:
-            return
-        hold = self.write_setpoints(state.positions)
-        deadline = time.monotonic() + self.stop_timeout_s
-        while time.monotonic() < deadline:
-            state = self.poll_state()
-            if self._faults or float(np.max(np.abs(state.velocities))) < HOLD_SPEED_RAD_S:
-                return
-            self.write_setpoints(hold)
-            time.sleep(min(self.period_s, max(0.0, deadline - time.monotonic())))
-
-    def _torque_off_all(self) -> bool:
-        for dxl_id in self.ids:
-            for _ in range(3):
-                try:
-                    self._write(dxl_id, TORQUE_ENABLE, 1, 0, alert_ok=True)
-                    break
-                except MotorError as exc:
-                    log.error("%s: torque off of servo id %d failed: %s", self.url, dxl_id, exc)
-        confirmed = True
-        for dxl_id in self.ids:
-            try:
-                confirmed &= self._read(dxl_id, TORQUE_ENABLE, 1, alert_ok=True) == 0
-            except MotorError:
-                confirmed = False
-        return confirmed
+    def _read_torque(self, dxl_id: int) -> int:
+        return self._read(dxl_id, TORQUE_ENABLE, 1, alert_ok=True)
 
     def _reboot(self, dxl_id: int) -> None:
         result, error = self._ph.reboot(self._port, dxl_id)
@@ -450,15 +301,8 @@ class DynamixelDevice(MotorDevice):
         raise MotorBusError(f"{self.url}: servo id {dxl_id} did not come back within 2 s of its reboot")
 
     # -- bus helpers ----------------------------------------------------------------------------------
-    def _require_open(self, what: str) -> None:
-        if self._port is None:
-            raise MotorError(f"{what} on {self.url}: the device is not open (open() first)")
-
     def _check(self, result: int, error: int, dxl_id: int, what: str, alert_ok: bool = False) -> None:
-        if result != self._sdk.COMM_SUCCESS:
-            raise MotorBusError(f"{self.url}: servo id {dxl_id} did not answer {what} "
-                                f"({self._ph.getTxRxResult(result)}); check power, id and baud rate "
-                                f"(the bus is set to {self.baud})")
+        self._check_answered(result, dxl_id, what)
         if error & ALERT and not alert_ok:
             self._latch_hardware_error(dxl_id)
         if error & 0x7F:
@@ -498,9 +342,3 @@ class DynamixelDevice(MotorDevice):
         for dxl_id in alerts:
             self._latch_hardware_error(dxl_id)
         return raw
-
-    def _sync_write(self, addr: int, size: int, param: list[int]) -> None:
-        result = self._ph.syncWriteTxOnly(self._port, addr, size, param, len(param))
-        self._last_tx = time.monotonic()
-        if result != self._sdk.COMM_SUCCESS:
-            raise MotorBusError(f"{self.url}: sync write not sent: {self._ph.getTxRxResult(result)}")

@@ -34,19 +34,14 @@ check each other. What it does, with the manual's words where the manual says it
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
-import os
-import select
-import signal
 import sys
-import termios
-import threading
 import time
-import tty
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from firmware_bridge.motors import emulator_common as common
 
 log = logging.getLogger(__name__)
 
@@ -173,47 +168,26 @@ class Packet:
     raw_length: int
 
 
-class PacketParser:
+class PacketParser(common.StreamParser):
     """Bytes in, whole packets out; garbage, bad lengths and stale partial packets are skipped."""
 
-    def __init__(self) -> None:
-        self.buf = bytearray()
-        self.last_data = 0.0
-        self.dropped_bytes = 0
+    HEADER = HEADER
+    partial_timeout_s = PARTIAL_TIMEOUT_S
 
-    def feed(self, data: bytes, now: float) -> list[Packet]:
-        if self.buf and now - self.last_data > PARTIAL_TIMEOUT_S:
-            self.dropped_bytes += len(self.buf)
-            self.buf.clear()
-        self.buf += data
-        self.last_data = now
-        packets = []
-        while True:
-            start = self.buf.find(HEADER)
-            if start < 0:
-                keep = 3 if self.buf.endswith(b"\xff\xff\xfd") else 2 if self.buf.endswith(b"\xff\xff") else \
-                    1 if self.buf.endswith(b"\xff") else 0
-                self.dropped_bytes += len(self.buf) - keep
-                del self.buf[: len(self.buf) - keep]
-                return packets
-            if start:
-                self.dropped_bytes += start
-                del self.buf[:start]
-            if len(self.buf) < 7:
-                return packets
-            length = self.buf[5] | (self.buf[6] << 8)
-            if length < 3 or length > MAX_PACKET_LENGTH:
-                self.dropped_bytes += 1
-                del self.buf[:1]  # not a packet: resync on the next header
-                continue
-            total = 7 + length
-            if len(self.buf) < total:
-                return packets
-            raw = bytes(self.buf[:total])
-            del self.buf[:total]
-            crc_ok = crc16(raw[:-2]) == (raw[-2] | (raw[-1] << 8))
-            body = unstuff(raw[7:-2]) if crc_ok else raw[7:-2]
-            packets.append(Packet(raw[4], body[0], bytes(body[1:]), crc_ok, total))
+    def _take(self) -> Packet | object | None:
+        if len(self.buf) < 7:
+            return None
+        length = self.buf[5] | (self.buf[6] << 8)
+        if length < 3 or length > MAX_PACKET_LENGTH:
+            return self.NOT_A_PACKET
+        total = 7 + length
+        if len(self.buf) < total:
+            return None
+        raw = bytes(self.buf[:total])
+        del self.buf[:total]
+        crc_ok = crc16(raw[:-2]) == (raw[-2] | (raw[-1] << 8))
+        body = unstuff(raw[7:-2]) if crc_ok else raw[7:-2]
+        return Packet(raw[4], body[0], bytes(body[1:]), crc_ok, total)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -422,173 +396,40 @@ class Servo:
 # --------------------------------------------------------------------------------------------------------
 # The bus: pty, pacing, dispatch, events
 # --------------------------------------------------------------------------------------------------------
-@dataclass
-class Event:
-    t: float
-    dxl_id: int
-    kind: str
-    detail: dict = field(default_factory=dict)
+class Event(common.Event):
+    """A bus event; `dxl_id` is the servo it concerns (0xFE: the bus)."""
+
+    @property
+    def dxl_id(self) -> int:
+        return self.servo_id
 
 
-_TERMIOS_SPEEDS = {getattr(termios, f"B{b}"): b for b in BAUD_RATES.values() if hasattr(termios, f"B{b}")}
-_BOTHER = getattr(termios, "BOTHER", 0o010000)
-
-
-class BusEmulator:
+class BusEmulator(common.PtyBus):
     """Servos on one pty. start() runs the bus in a thread; every public method is thread-safe."""
+
+    thread_name = "dxl-emulator"
+    event_type = Event
+    baud_rates = tuple(BAUD_RATES.values())
 
     def __init__(self, servos: Iterable[ServoConfig], *, baud: int = 1_000_000, reboot_s: float = 0.05,
                  check_baud: bool = True, link: str | None = None, tick_s: float = 0.001) -> None:
-        self.servos = {cfg.dxl_id: Servo(cfg) for cfg in servos}
-        self.baud = baud
-        self.byte_time = 10.0 / baud if baud > 0 else 0.0
-        self.reboot_s = reboot_s
-        self.check_baud = check_baud
-        self.link = link
-        self.tick_s = tick_s
-        self.events: list[Event] = []
-        self.packets_seen = 0
-        self._cond = threading.Condition()
-        self._parser = PacketParser()
-        self._out: list[tuple[float, bytes]] = []
-        self._rx_wire_end = 0.0
-        self._tx_free = 0.0
-        self._last_step = time.monotonic()
-        self._thread: threading.Thread | None = None
-        self._running = False
-        self._master = self._slave = -1
-        self.path = ""
+        super().__init__({cfg.dxl_id: Servo(cfg) for cfg in servos}, PacketParser(), baud=baud, reboot_s=reboot_s,
+                         check_baud=check_baud, link=link, tick_s=tick_s)
 
-    # -- lifecycle ------------------------------------------------------------------------------------
-    def open(self) -> str:
-        self._master, self._slave = os.openpty()
-        tty.setraw(self._slave)
-        attrs = termios.tcgetattr(self._slave)
-        speed = getattr(termios, f"B{self.baud}", None)
-        if speed is not None:
-            attrs[4] = attrs[5] = speed
-            termios.tcsetattr(self._slave, termios.TCSANOW, attrs)
-        os.set_blocking(self._master, False)
-        self.path = os.ttyname(self._slave)
-        if self.link:
-            tmp = f"{self.link}.tmp{os.getpid()}"
-            os.symlink(self.path, tmp)
-            os.replace(tmp, self.link)
-        return self.port
-
-    @property
-    def port(self) -> str:
-        return self.link or self.path
-
-    def start(self) -> BusEmulator:
-        if self._master < 0:
-            self.open()
-        self._running = True
-        self._thread = threading.Thread(target=self.run, name="dxl-emulator", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._running = False
-        if self._thread is not None:
-            self._thread.join(timeout=2.0)
-            self._thread = None
-        for fd in (self._master, self._slave):
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._master = self._slave = -1
-
-    def __enter__(self) -> BusEmulator:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    # -- the loop -------------------------------------------------------------------------------------
-    def run(self) -> None:
-        while self._running:
-            now = time.monotonic()
-            with self._cond:
-                next_out = min((t for t, _ in self._out), default=math.inf)
-            timeout = max(0.0, min(next_out - now, self._last_step + self.tick_s - now))
-            try:
-                ready, _, _ = select.select([self._master], [], [], timeout)
-            except (OSError, ValueError):
-                return
-            if ready:
-                try:
-                    data = os.read(self._master, 65536)
-                except (BlockingIOError, OSError):
-                    data = b""
-                if data:
-                    self._receive(data, time.monotonic())
-            self._flush(time.monotonic())
-            now = time.monotonic()
-            if now - self._last_step >= self.tick_s:
-                self._tick(now)
-
-    def _host_baud_ok(self) -> bool:
-        if not self.check_baud:
-            return True
-        try:
-            speed = termios.tcgetattr(self._slave)[4]
-        except termios.error:
-            return True
-        if speed == _BOTHER or speed not in _TERMIOS_SPEEDS:
-            return True  # custom speeds cannot be read back here: accept
-        return _TERMIOS_SPEEDS[speed] == self.baud
-
-    def _receive(self, data: bytes, now: float) -> None:
-        if not self._host_baud_ok():
-            self._event(now, BROADCAST_ID, "baud_mismatch", bytes=len(data))
-            return
-        self._rx_wire_end = max(now, self._rx_wire_end) + len(data) * self.byte_time
-        with self._cond:
-            for packet in self._parser.feed(data, now):
-                self.packets_seen += 1
-                self._dispatch(packet, now)
-
-    def _flush(self, now: float) -> None:
-        with self._cond:
-            due = [item for item in self._out if item[0] <= now]
-            if not due:
-                return
-            self._out = [item for item in self._out if item[0] > now]
-        for _, data in sorted(due, key=lambda x: x[0]):
-            with contextlib.suppress(BlockingIOError, OSError):
-                os.write(self._master, data)
-
-    def _tick(self, now: float) -> None:
-        with self._cond:
-            dt = min(now - self._last_step, 0.05)
-            self._last_step = now
-            for servo in self.servos.values():
-                if now < servo.offline_until:
-                    continue
-                if servo.watchdog_expired(now):
-                    self._event(now, servo.dxl_id, "watchdog_expired",
-                                since_last_instruction=now - servo.last_instruction, position=servo.position)
-                raised = servo.step(dt, now)
-                if raised is not None:
-                    servo.hardware_error(raised)
-                    self._event(now, servo.dxl_id, "hardware_error", bit=raised, torque=servo.torque)
-            self._cond.notify_all()
+    def _step_servo(self, servo: Servo, dt: float, now: float) -> None:
+        if servo.watchdog_expired(now):
+            self._event(now, servo.dxl_id, "watchdog_expired",
+                        since_last_instruction=now - servo.last_instruction, position=servo.position)
+        raised = servo.step(dt, now)
+        if raised is not None:
+            servo.hardware_error(raised)
+            self._event(now, servo.dxl_id, "hardware_error", bit=raised, torque=servo.torque)
 
     # -- dispatch -------------------------------------------------------------------------------------
-    def _online(self, dxl_id: int, now: float) -> Servo | None:
-        servo = self.servos.get(dxl_id)
-        return servo if servo is not None and now >= servo.offline_until else None
-
     def _reply(self, servo: Servo, error: int, params: bytes = b"", after: float | None = None) -> float:
         """Queue a status packet; returns the time its last byte leaves the servo."""
         packet = status_packet(servo.dxl_id, servo.error_byte(error), params)
-        start = max(self._rx_wire_end if after is None else after, self._tx_free) \
-            + servo.table[RETURN_DELAY_TIME] * 2e-6
-        end = start + len(packet) * self.byte_time
-        self._tx_free = end
-        self._out.append((end, packet))
-        return end
+        return self._queue_status(packet, servo.table[RETURN_DELAY_TIME] * 2e-6, after)
 
     def _dispatch(self, p: Packet, now: float) -> None:
         if p.dxl_id == BROADCAST_ID:
@@ -685,32 +526,10 @@ class BusEmulator:
                 error = servo.write(addr, data[i + 1: i + block], now)
                 self._log_write(servo, addr, data[i + 1: i + block], error, now)
 
-    def _event(self, t: float, dxl_id: int, kind: str, **detail: object) -> None:
-        with self._cond:
-            self.events.append(Event(t, dxl_id, kind, dict(detail)))
-            self._cond.notify_all()
-
     # -- inspection and fault injection (thread-safe) -------------------------------------------------
-    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
-        """Wait until predicate() (evaluated under the bus lock) holds; False on timeout."""
-        with self._cond:
-            return self._cond.wait_for(predicate, timeout)
-
     def register(self, dxl_id: int, addr: int) -> int:
         with self._cond:
             return self.servos[dxl_id].get(addr)
-
-    def servo(self, dxl_id: int) -> Servo:
-        """The servo object (read it inside wait_for predicates or under `lock`)."""
-        return self.servos[dxl_id]
-
-    @property
-    def lock(self) -> threading.Condition:
-        return self._cond
-
-    def events_of(self, kind: str, dxl_id: int | None = None) -> list[Event]:
-        with self._cond:
-            return [e for e in self.events if e.kind == kind and (dxl_id is None or e.dxl_id == dxl_id)]
 
     def inject_hardware_error(self, dxl_id: int, bit: int = HW_OVERLOAD) -> None:
         now = time.monotonic()
@@ -726,11 +545,6 @@ class BusEmulator:
             servo.table[HARDWARE_ERROR_STATUS] = 0
             servo.reboot(now, self.reboot_s)
             self._event(now, dxl_id, "reboot", by="injected")
-
-    def block_joint(self, dxl_id: int, blocked: bool = True) -> None:
-        with self._cond:
-            self.servos[dxl_id].blocked = blocked
-            self._event(time.monotonic(), dxl_id, "block_joint", blocked=blocked)
 
     def set_position(self, dxl_id: int, ticks: float) -> None:
         with self._cond:
@@ -753,142 +567,39 @@ def snapshot(bus: BusEmulator, dxl_id: int) -> dict:
 _REMOTE_CALLS = ("register", "events_of", "inject_hardware_error", "power_cycle", "block_joint", "set_position")
 
 
-def _serve(conn, servos: list[ServoConfig], kw: dict) -> None:  # type: ignore[no-untyped-def]
-    bus = BusEmulator(servos, **kw)
-    conn.send(bus.open())
-    bus.start()
-    try:
-        while True:
-            try:
-                name, args = conn.recv()
-            except EOFError:
-                return
-            if name == "stop":
-                return
-            try:
-                result = snapshot(bus, *args) if name == "snapshot" else getattr(bus, name)(*args)
-                conn.send((True, result))
-            except Exception as exc:  # report to the caller, keep serving
-                conn.send((False, f"{type(exc).__name__}: {exc}"))
-    finally:
-        bus.stop()
-
-
-class EmulatorProcess:
+class EmulatorProcess(common.BusProcess):
     """A BusEmulator in its own process (no GIL shared with the host under test), driven over a pipe.
 
     Inspection: snapshot(id), register(id, addr), events_of(kind, id); injection: inject_hardware_error,
     power_cycle, block_joint, set_position. Timestamps are time.monotonic(), one clock for the machine."""
 
-    def __init__(self, servos: Iterable[ServoConfig], **kw: object) -> None:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")  # no fork of a threaded test process
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, list(servos), kw), daemon=True,
-                                 name="dxl-emulator")
-        self._proc.start()
-        child.close()
-        if not self._conn.poll(20.0):
-            self.close()
-            raise RuntimeError("the Dynamixel emulator process did not start within 20 s")
-        self.port: str = self._conn.recv()
-        self._lock = threading.Lock()
-
-    def _call(self, name: str, *args: object) -> object:
-        with self._lock:
-            self._conn.send((name, args))
-            ok, result = self._conn.recv()
-        if not ok:
-            raise RuntimeError(f"emulator {name}{args}: {result}")
-        return result
-
-    def snapshot(self, dxl_id: int) -> dict:
-        return self._call("snapshot", dxl_id)  # type: ignore[return-value]
-
-    def register(self, dxl_id: int, addr: int) -> int:
-        return self._call("register", dxl_id, addr)  # type: ignore[return-value]
-
-    def events_of(self, kind: str, dxl_id: int | None = None) -> list[Event]:
-        return self._call("events_of", kind, dxl_id)  # type: ignore[return-value]
+    bus_type = BusEmulator
+    snapshot_of = staticmethod(snapshot)
+    process_name = "dxl-emulator"
+    vendor = "Dynamixel"
 
     def inject_hardware_error(self, dxl_id: int, bit: int = HW_OVERLOAD) -> None:
         self._call("inject_hardware_error", dxl_id, bit)
 
-    def power_cycle(self, dxl_id: int) -> None:
-        self._call("power_cycle", dxl_id)
-
-    def block_joint(self, dxl_id: int, blocked: bool = True) -> None:
-        self._call("block_joint", dxl_id, blocked)
-
     def set_position(self, dxl_id: int, ticks: float) -> None:
         self._call("set_position", dxl_id, ticks)
 
-    def wait_until(self, predicate: Callable[[], bool], timeout: float, poll_s: float = 0.002) -> bool:
-        """Poll predicate() (which may call the methods above) until it holds or the deadline passes."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if predicate():
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(poll_s)
-
-    def close(self) -> None:
-        if self._proc.is_alive():
-            with contextlib.suppress(OSError, BrokenPipeError):
-                self._conn.send(("stop", ()))
-            self._proc.join(timeout=3.0)
-            if self._proc.is_alive():
-                self._proc.kill()
-                self._proc.join(timeout=3.0)
-        self._conn.close()
-
-    def __enter__(self) -> EmulatorProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _parse_ids(text: str) -> list[int]:
-    ids: list[int] = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        ids.extend(range(int(lo), int(hi or lo) + 1))
-    return ids
-
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ids", default="1-6")
-    parser.add_argument("--baud", type=int, default=1_000_000)
-    parser.add_argument("--return-delay", type=int, default=250, help="Return Delay Time (9), 2 us units")
-    parser.add_argument("--firmware", type=int, default=45)
-    parser.add_argument("--mode", type=int, default=3, help="Operating Mode (11)")
-    parser.add_argument("--min-position", type=int, default=0)
-    parser.add_argument("--max-position", type=int, default=4095)
-    parser.add_argument("--link", default=None, help="also make this symlink to the pty")
-    parser.add_argument("--print-path", action="store_true", help="print the pty path on stdout, then serve")
+    def vendor_args(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--firmware", type=int, default=45)
+        parser.add_argument("--mode", type=int, default=3, help="Operating Mode (11)")
+        parser.add_argument("--min-position", type=int, default=0)
+        parser.add_argument("--max-position", type=int, default=4095)
+
+    parser = common.emulator_arg_parser(__doc__.split("\n")[0], "Return Delay Time (9), 2 us units", vendor_args)
     args = parser.parse_args(argv)
-    baud_index = {v: k for k, v in BAUD_RATES.items()}.get(args.baud)
-    if baud_index is None:
-        parser.error(f"--baud {args.baud} is not an X-series rate ({', '.join(map(str, BAUD_RATES.values()))})")
+    index = common.baud_index(parser, args.baud, BAUD_RATES, "X-series")
     cfgs = [ServoConfig(dxl_id=i, firmware_version=args.firmware, operating_mode=args.mode,
                         return_delay=args.return_delay, min_position=args.min_position,
-                        max_position=args.max_position, baud_index=baud_index) for i in _parse_ids(args.ids)]
+                        max_position=args.max_position, baud_index=index) for i in common.parse_ids(args.ids)]
     bus = BusEmulator(cfgs, baud=args.baud, link=args.link)
-    bus.open()
-    if args.print_path:
-        print(bus.port, flush=True)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    bus.start()
-    # Serve until SIGTERM or until stdin closes (the parent died or closed our pipe).
-    threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
-    done.wait()
-    bus.stop()
-    return 0
+    return common.serve_until_stopped(bus, args.print_path)
 
 
 if __name__ == "__main__":

@@ -42,11 +42,8 @@ import numpy as np
 
 from firmware_bridge.motors.base import (
     ArmRefusedError,
-    ArrayLike,
     Capabilities,
-    MissingDependencyError,
     MotorBusError,
-    MotorDevice,
     MotorError,
     MotorFault,
     MotorState,
@@ -55,7 +52,8 @@ from firmware_bridge.motors.base import (
 )
 from firmware_bridge.motors.calibration import JointCalibration, LeRobotMotor
 from firmware_bridge.motors.registry import parse_ids, parse_int
-from firmware_bridge.motors.sdk_port import DEFAULT_LATENCY_MS, port_handler
+from firmware_bridge.motors.sdk_port import DEFAULT_LATENCY_MS
+from firmware_bridge.motors.servo_bus import ServoBusDevice
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +73,6 @@ BAUD_RATES = (1_000_000, 500_000, 250_000, 128_000, 115_200, 57_600, 38_400)  # 
 STATUS_BITS = {0: "input voltage error", 1: "angle sensor error", 2: "overheat error", 3: "overcurrent error",
                5: "overload error"}
 PERIOD_FLOOR_S = 0.010  # 100 Hz: 6 servos at 1 Mbaud take ~1.7 ms of wire time per cycle (bench_motors.py)
-HOLD_SPEED_RAD_S = 0.05
 TORQUE_CHECK_EVERY = 25  # cycles between reads of one servo's Torque_Enable (a servo that restarted)
 LINE_SETTLE_S = 0.005  # after a signal interrupted a transaction: let its replies arrive, then discard them
 RESIDUAL_RISK = ("STS servos have NO communication watchdog: if this process is killed (kill -9, OOM), the "
@@ -107,16 +104,6 @@ def _torque_param(value: int) -> list[int]:
     if value not in (0, 1):
         raise ValueError(f"Torque_Enable is only ever written 0 or 1 by this backend, not {value}")
     return [value]
-
-
-def _sdk() -> Any:
-    try:
-        import scservo_sdk
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"feetech:// needs feetech-servo-sdk ({exc}); install it with: pip install 'edge-vla[feetech]'"
-        ) from exc
-    return scservo_sdk
 
 
 class _ExitHooks:
@@ -184,7 +171,13 @@ class _ExitHooks:
             os.kill(os.getpid(), signum)
 
 
-class FeetechDevice(MotorDevice):
+class FeetechDevice(ServoBusDevice):
+    SCHEME: ClassVar[str] = "feetech"
+    SDK: ClassVar[tuple[str, str, str]] = ("scservo_sdk", "feetech-servo-sdk", "feetech")
+    BAUD_RATES: ClassVar[tuple[int, ...]] = BAUD_RATES
+    PERIOD_FLOOR_S: ClassVar[float] = PERIOD_FLOOR_S
+    GOAL_ADDR, GOAL_SIZE = GOAL_POSITION, 2
+    LEROBOT_TICKS_PER_TURN: ClassVar[int | None] = STS_TICKS_PER_TURN
     URL_PARAMS: ClassVar[dict[str, str]] = {
         "ids": "servo ids in joint order: 1-6 or 1,2,5 (required)",
         "baud": "bus baud rate (default 1000000)",
@@ -200,45 +193,10 @@ class FeetechDevice(MotorDevice):
                  lerobot_calibration: dict[str, LeRobotMotor] | None = None,
                  names: Sequence[str] | None = None, period_s: float = PERIOD_FLOOR_S,
                  stop_timeout_s: float = 0.3, latency_ms: int = DEFAULT_LATENCY_MS) -> None:
-        super().__init__()
-        if not 1 <= latency_ms <= 1000:
-            raise MotorUrlError(f"latency_ms={latency_ms} is outside 1..1000 ms (the adapter's latency timer)")
-        self.latency_ms = latency_ms
-        self.port, self.ids, self.baud = port, tuple(ids), baud
-        if not self.ids:
-            raise MotorUrlError("no servo ids given; write ids=1-6 (the servos in joint order)")
-        if baud not in BAUD_RATES:
-            raise MotorUrlError(f"baud={baud} is not supported; use one of {', '.join(map(str, BAUD_RATES))}")
-        if period_s < PERIOD_FLOOR_S:
-            raise MotorUrlError(f"period {period_s * 1000:.1f} ms is below this backend's floor of "
-                                f"{PERIOD_FLOOR_S * 1000:.0f} ms (6 servos at 1 Mbaud)")
+        super().__init__(port, ids, baud=baud, joint_limits=joint_limits, calibration=calibration,
+                         lerobot_calibration=lerobot_calibration, names=names, period_s=period_s,
+                         stop_timeout_s=stop_timeout_s, latency_ms=latency_ms)
         n = len(self.ids)
-        self.expected_homing: dict[int, int] = {}
-        if lerobot_calibration is not None:
-            by_id = {m.id: m for m in lerobot_calibration.values()}
-            missing = [i for i in self.ids if i not in by_id]
-            if missing:
-                raise MotorUrlError(f"the LeRobot calibration has no motor with id {missing[0]}; it lists ids "
-                                    f"{sorted(by_id)}")
-            names = names or [by_id[i].name for i in self.ids]
-            # The servo applies the homing offset itself (Present = Actual - Homing_Offset): never again here.
-            calibration = calibration or [by_id[i].joint_calibration(STS_TICKS_PER_TURN) for i in self.ids]
-            self.expected_homing = {i: by_id[i].homing_offset for i in self.ids}
-        self.names = tuple(names) if names else tuple(f"joint{i}" for i in self.ids)
-        self.calibration = tuple(calibration) if calibration else tuple(JointCalibration() for _ in self.ids)
-        self.joint_limits = None if joint_limits is None else tuple((float(lo), float(hi)) for lo, hi in joint_limits)
-        for what, seq in (("names", self.names), ("calibration", self.calibration),
-                          ("joint_limits", self.joint_limits or self.ids)):
-            if len(seq) != n:
-                raise MotorUrlError(f"{what} has {len(seq)} entries for {n} servo ids {list(self.ids)}")
-        self.period_s, self.stop_timeout_s = period_s, stop_timeout_s
-        self.url = f"feetech://{port}?baud={baud}&ids={','.join(map(str, self.ids))}"
-        self._armed = False
-        self._port: Any = None
-        self._ph: Any = None
-        self._models: dict[int, int] = {}
-        self._tick_range: list[tuple[int, int]] = []
-        self._cycles = 0
         self.last_load = np.zeros(n)  # signed fraction of maximum torque, from the last poll_state()
         self.last_temperature = np.zeros(n)  # deg C
 
@@ -251,29 +209,13 @@ class FeetechDevice(MotorDevice):
                    period_s=period_ms / 1000.0, latency_ms=parse_int(params, "latency_ms", DEFAULT_LATENCY_MS), **kw)
 
     # -- lifecycle ------------------------------------------------------------------------------------
-    def _open(self) -> None:
-        sdk = _sdk()
-        self._sdk = sdk
-        port = port_handler(sdk, self.port, self.latency_ms)
-        try:
-            ok = port.setBaudRate(self.baud)  # opens the port
-        except Exception as exc:  # pyserial raises SerialException / OSError / ValueError
-            raise MotorBusError(f"cannot open {self.port}: {exc}. Check the cable, that the device exists "
-                                f"(ls -l {self.port}) and that this user may open it (dialout group)") from exc
-        if not ok:
-            raise MotorBusError(f"cannot set {self.port} to {self.baud} baud")
+    def _packet_handler(self, sdk: Any) -> Any:
         # PacketHandler(0) sets scservo_sdk's module-global byte order to little-endian (STS). This backend
         # packs and unpacks every value itself, so that global never decides a value here.
-        self._port, self._ph = port, sdk.PacketHandler(0)
-        try:
-            for servo_id in self.ids:
-                self._identify(servo_id)
-        except MotorError:
-            self._port.closePort()
-            self._port = None
-            raise
-        log.info("%s: servos %s (%s)", self.url, list(self.ids),
-                 ", ".join(sorted({STS_MODELS[m] for m in self._models.values()})))
+        return sdk.PacketHandler(0)
+
+    def _describe_servos(self) -> str:
+        return ", ".join(sorted({STS_MODELS[m] for m in self._models.values()}))
 
     def _identify(self, servo_id: int) -> None:
         model = self._read(servo_id, MODEL_NUMBER, 2)
@@ -288,15 +230,8 @@ class FeetechDevice(MotorDevice):
                                 f"servo ({', '.join(f'{v} = {k}' for k, v in STS_MODELS.items())})")
         self._models[servo_id] = model
 
-    def _close(self) -> None:
-        try:
-            if self._armed:
-                self.stop(StopCategory.TORQUE_OFF)
-        finally:
-            _ExitHooks.untrack(self)
-            if self._port is not None:
-                self._port.closePort()
-                self._port = None
+    def _on_disarm(self) -> None:
+        _ExitHooks.untrack(self)
 
     # -- the interface --------------------------------------------------------------------------------
     @property
@@ -308,16 +243,8 @@ class FeetechDevice(MotorDevice):
                                "keep holding their last goal with torque on until servo power is cut",
             units="rad", min_period_s=PERIOD_FLOOR_S)
 
-    @property
-    def armed(self) -> bool:
-        return self._armed
-
     def arm(self) -> None:
-        self._require_open("arm")
-        self._refuse_if_faulted("arm")
-        if self.joint_limits is None:
-            raise ArmRefusedError("arm refused: no joint limits configured; give the robot configuration's joint "
-                                  "limits (joint_limits=[(lo, hi), ...] in rad)")
+        self._arm_preflight()
         for j, servo_id in enumerate(self.ids):
             status = self._read(servo_id, STATUS, 1)
             if status:
@@ -362,58 +289,20 @@ class FeetechDevice(MotorDevice):
             self._fault_stop()
         return MotorState(pos, vel, cur, stamp)
 
-    def write_setpoints(self, positions: ArrayLike) -> np.ndarray:
-        self._require_open("write_setpoints")
-        self._refuse_if_faulted("setpoints")
-        if not self._armed:
-            raise MotorError(f"{self.url}: setpoints refused: not armed (arming is an operator act: arm())")
-        target = np.asarray(positions, dtype=float)
-        if target.shape != (len(self.ids),):
-            raise ValueError(f"{len(self.ids)} joint positions expected, got shape {target.shape}")
-        if not np.all(np.isfinite(target)):
-            bad = self.names[int(np.argmin(np.isfinite(target)))]
-            raise MotorError(f"{self.url}: setpoints refused: non-finite position for joint {bad!r}")
-        sent = np.empty_like(target)
-        param: list[int] = []
-        for j, servo_id in enumerate(self.ids):
-            cal, (lo_t, hi_t) = self.calibration[j], self._tick_range[j]
-            ticks = min(hi_t, max(lo_t, cal.to_ticks(float(target[j]))))
-            sent[j] = cal.to_radians(ticks)
-            param.append(servo_id)
-            param.extend(encode_sign_magnitude(ticks, POSITION_SIGN_BIT).to_bytes(2, "little"))
-        self._sync_write(GOAL_POSITION, 2, param)
-        return sent
-
-    def stop(self, category: int = StopCategory.TORQUE_OFF) -> bool:
-        if self._port is None:
-            return False
-        category = StopCategory(category)
-        if category is StopCategory.CONTROLLED and self._armed and not self._faults:
-            try:
-                self._decelerate_to_hold()
-            except MotorError as exc:
-                log.error("%s: controlled stop aborted (%s); torque off now", self.url, exc)
-        confirmed = self._torque_off_all()
-        self._armed = False
-        _ExitHooks.untrack(self)
-        log.warning("%s: stop category %d: torque off %s", self.url, int(category),
-                    "read back from every servo" if confirmed else "NOT confirmed by every servo")
-        return confirmed
+    def _encode_goal(self, ticks: int) -> bytes:
+        return encode_sign_magnitude(ticks, POSITION_SIGN_BIT).to_bytes(2, "little")
 
     def clear_faults(self) -> None:
         """Operator act: with torque off (the STS clears its error bits then), every servo must read Status 0;
         a bit still set means the condition persists (heat, voltage): the operator must fix it or power-cycle."""
-        self._require_open("clear_faults")
-        if self._armed:
-            raise MotorError(f"{self.url}: clear_faults refused while armed; stop first")
+        self._clear_faults_preflight()
         self._torque_off_all()
         left = {i: s for i in self.ids if (s := self._read(i, STATUS, 1))}
         if left:
             detail = "; ".join(f"id {i}: {describe_status(s)}" for i, s in left.items())
             raise MotorError(f"{self.url}: faults did not clear ({detail}); let the servo cool, check the supply, "
                              "or power-cycle the servos")
-        log.warning("%s: faults cleared by the operator: %s", self.url, "; ".join(map(str, self._faults)) or "none")
-        self._faults.clear()
+        self._faults_cleared()
 
     # -- arm checks -----------------------------------------------------------------------------------
     def _check_joint(self, j: int, servo_id: int) -> tuple[int, int]:
@@ -437,22 +326,13 @@ class FeetechDevice(MotorDevice):
             raise ArmRefusedError(f"arm refused: {where} has Min/Max Angle Limit 0/0 (multi-turn: the servo enforces "
                                   f"no limit); set limits inside {lo:.3f}..{hi:.3f} rad with `edge-vla motors "
                                   "configure`")
-        if d_lo < t_lo - 1 or d_hi > t_hi + 1:  # 1 tick: rounding of the configured radians
-            r_lo, r_hi = sorted((cal.to_radians(d_lo), cal.to_radians(d_hi)))
-            raise ArmRefusedError(
-                f"arm refused: {where} allows {r_lo:.3f}..{r_hi:.3f} rad (Min/Max Angle Limit {d_lo}..{d_hi} ticks) "
-                f"but the robot configuration allows {lo:.3f}..{hi:.3f} rad ({t_lo}..{t_hi} ticks); narrow the "
-                "servo's limits with `edge-vla motors configure` or correct the configuration")
+        self._check_device_limits(where, cal, "Min/Max Angle Limit", (d_lo, d_hi), (t_lo, t_hi), (lo, hi))
         if servo_id in self.expected_homing:
             homing = decode_sign_magnitude(self._read(servo_id, HOMING_OFFSET, 2), HOMING_SIGN_BIT)
-            if homing != self.expected_homing[servo_id]:
-                raise ArmRefusedError(f"arm refused: {where} has Homing Offset {homing} but the LeRobot calibration "
-                                      f"says {self.expected_homing[servo_id]}; re-run the calibration for this arm")
+            self._check_homing(where, servo_id, homing)
         present = decode_sign_magnitude(self._read(servo_id, 56, 2), POSITION_SIGN_BIT)
         t_lo, t_hi = max(t_lo, d_lo), min(t_hi, d_hi)
-        if not t_lo - 1 <= present <= t_hi + 1:
-            raise ArmRefusedError(f"arm refused: {where} is at {cal.to_radians(present):.3f} rad, outside its "
-                                  f"limits {lo:.3f}..{hi:.3f} rad; move it inside by hand with torque off")
+        self._check_present(where, cal, present, (t_lo, t_hi), (lo, hi))
         return t_lo, t_hi
 
     # -- faults ---------------------------------------------------------------------------------------
@@ -466,39 +346,11 @@ class FeetechDevice(MotorDevice):
     def _latch_status(self, servo_id: int, error: int) -> None:
         self._latch(MotorFault(self.names[self.ids.index(servo_id)], "servo_error", describe_status(error)))
 
-    def _fault_stop(self) -> None:
-        log.error("%s: %s -> stop category 0", self.url, "; ".join(map(str, self._faults)))
-        self.stop(StopCategory.TORQUE_OFF)
+    def _write_torque_off(self, servo_id: int) -> None:
+        self._write(servo_id, TORQUE_ENABLE, _torque_param(0))
 
-    def _decelerate_to_hold(self) -> None:
-        state = self.poll_state()
-        if self._faults:
-            return
-        hold = self.write_setpoints(state.positions)
-        deadline = time.monotonic() + self.stop_timeout_s
-        while time.monotonic() < deadline:
-            state = self.poll_state()
-            if self._faults or float(np.max(np.abs(state.velocities))) < HOLD_SPEED_RAD_S:
-                return
-            self.write_setpoints(hold)
-            time.sleep(min(self.period_s, max(0.0, deadline - time.monotonic())))
-
-    def _torque_off_all(self) -> bool:
-        """Torque_Enable 0 to each id (acknowledged), then read back from each id; a broadcast gets no reply."""
-        for servo_id in self.ids:
-            for _ in range(3):
-                try:
-                    self._write(servo_id, TORQUE_ENABLE, _torque_param(0))
-                    break
-                except MotorError as exc:
-                    log.error("%s: torque off of servo id %d failed: %s", self.url, servo_id, exc)
-        confirmed = True
-        for servo_id in self.ids:
-            try:
-                confirmed &= self._read(servo_id, TORQUE_ENABLE, 1) == 0
-            except MotorError:
-                confirmed = False
-        return confirmed
+    def _read_torque(self, servo_id: int) -> int:
+        return self._read(servo_id, TORQUE_ENABLE, 1)
 
     def _interrupted_reset(self) -> None:
         """Called from a signal handler: whatever transaction it interrupted is abandoned; let its replies
@@ -513,15 +365,8 @@ class FeetechDevice(MotorDevice):
             log.error("%s: could not drain the port: %s", self.url, exc)
 
     # -- bus helpers ----------------------------------------------------------------------------------
-    def _require_open(self, what: str) -> None:
-        if self._port is None:
-            raise MotorError(f"{what} on {self.url}: the device is not open (open() first)")
-
     def _check(self, result: int, error: int, servo_id: int, what: str) -> None:
-        if result != self._sdk.COMM_SUCCESS:
-            raise MotorBusError(f"{self.url}: servo id {servo_id} did not answer {what} "
-                                f"({self._ph.getTxRxResult(result)}); check power, id and baud rate "
-                                f"(the bus is set to {self.baud})")
+        self._check_answered(result, servo_id, what)
         if error:
             self._latch_status(servo_id, error)
 
@@ -557,8 +402,3 @@ class FeetechDevice(MotorDevice):
         for servo_id, error in errors.items():
             self._latch_status(servo_id, error)
         return raw
-
-    def _sync_write(self, addr: int, size: int, param: list[int]) -> None:
-        result = self._ph.syncWriteTxOnly(self._port, addr, size, param, len(param))
-        if result != self._sdk.COMM_SUCCESS:
-            raise MotorBusError(f"{self.url}: sync write not sent: {self._ph.getTxRxResult(result)}")

@@ -39,18 +39,14 @@ format, not from scservo_sdk, so the SDK and this emulator check each other. Wha
 from __future__ import annotations
 
 import argparse
-import contextlib
-import math
-import os
-import select
-import signal
 import sys
-import termios
-import threading
 import time
-import tty
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from firmware_bridge.motors import emulator_common as common
+
+Event = common.Event  # what events_of() returns, by its old name
 
 BROADCAST_ID = 0xFE
 PARTIAL_TIMEOUT_S = 0.05  # a half-received packet older than this is dropped
@@ -142,44 +138,24 @@ class Packet:
     checksum_ok: bool
 
 
-class PacketParser:
+class PacketParser(common.StreamParser):
     """Bytes in, whole packets out; garbage, impossible lengths and stale partial packets are skipped."""
 
-    def __init__(self) -> None:
-        self.buf = bytearray()
-        self.last_data = 0.0
-        self.dropped_bytes = 0
+    HEADER = b"\xff\xff"
+    partial_timeout_s = PARTIAL_TIMEOUT_S
 
-    def feed(self, data: bytes, now: float) -> list[Packet]:
-        if self.buf and now - self.last_data > PARTIAL_TIMEOUT_S:
-            self.dropped_bytes += len(self.buf)
-            self.buf.clear()
-        self.buf += data
-        self.last_data = now
-        packets = []
-        while True:
-            start = self.buf.find(b"\xff\xff")
-            if start < 0:
-                keep = 1 if self.buf.endswith(b"\xff") else 0
-                self.dropped_bytes += len(self.buf) - keep
-                del self.buf[: len(self.buf) - keep]
-                return packets
-            if start:
-                self.dropped_bytes += start
-                del self.buf[:start]
-            if len(self.buf) < 4:
-                return packets
-            servo_id, length = self.buf[2], self.buf[3]
-            if servo_id == 0xFF or length < 2:  # FF FF FF ...: the header starts one byte later; or not a packet
-                self.dropped_bytes += 1
-                del self.buf[:1]
-                continue
-            total = 4 + length
-            if len(self.buf) < total:
-                return packets
-            raw = bytes(self.buf[:total])
-            del self.buf[:total]
-            packets.append(Packet(servo_id, raw[4], raw[5:-1], checksum(raw[2:-1]) == raw[-1]))
+    def _take(self) -> Packet | object | None:
+        if len(self.buf) < 4:
+            return None
+        servo_id, length = self.buf[2], self.buf[3]
+        if servo_id == 0xFF or length < 2:  # FF FF FF ...: the header starts one byte later; or not a packet
+            return self.NOT_A_PACKET
+        total = 4 + length
+        if len(self.buf) < total:
+            return None
+        raw = bytes(self.buf[:total])
+        del self.buf[:total]
+        return Packet(servo_id, raw[4], raw[5:-1], checksum(raw[2:-1]) == raw[-1])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -330,170 +306,28 @@ class Servo:
 # --------------------------------------------------------------------------------------------------------
 # The bus: pty, pacing, dispatch, events
 # --------------------------------------------------------------------------------------------------------
-@dataclass
-class Event:
-    t: float
-    servo_id: int
-    kind: str
-    detail: dict = field(default_factory=dict)
-
-
-_TERMIOS_SPEEDS = {getattr(termios, f"B{b}"): b for b in BAUD_RATES.values() if hasattr(termios, f"B{b}")}
-_BOTHER = getattr(termios, "BOTHER", 0o010000)
-
-
-class BusEmulator:
+class BusEmulator(common.PtyBus):
     """STS servos on one pty. start() runs the bus in a thread; every public method is thread-safe."""
+
+    thread_name = "feetech-emulator"
+    baud_rates = tuple(BAUD_RATES.values())
 
     def __init__(self, servos: Iterable[ServoConfig], *, baud: int = 1_000_000, reboot_s: float = 0.05,
                  check_baud: bool = True, link: str | None = None, tick_s: float = 0.001) -> None:
-        self.servos = {cfg.servo_id: Servo(cfg) for cfg in servos}
-        self.baud = baud
-        self.byte_time = 10.0 / baud if baud > 0 else 0.0
-        self.reboot_s = reboot_s
-        self.check_baud = check_baud
-        self.link = link
-        self.tick_s = tick_s
-        self.events: list[Event] = []
-        self.packets_seen = 0
-        self._cond = threading.Condition()
-        self._parser = PacketParser()
-        self._out: list[tuple[float, bytes]] = []
-        self._rx_wire_end = 0.0
-        self._tx_free = 0.0
-        self._last_step = time.monotonic()
-        self._thread: threading.Thread | None = None
-        self._running = False
-        self._master = self._slave = -1
-        self.path = ""
+        super().__init__({cfg.servo_id: Servo(cfg) for cfg in servos}, PacketParser(), baud=baud, reboot_s=reboot_s,
+                         check_baud=check_baud, link=link, tick_s=tick_s)
 
-    # -- lifecycle ------------------------------------------------------------------------------------
-    def open(self) -> str:
-        self._master, self._slave = os.openpty()
-        tty.setraw(self._slave)
-        attrs = termios.tcgetattr(self._slave)
-        speed = getattr(termios, f"B{self.baud}", None)
-        if speed is not None:
-            attrs[4] = attrs[5] = speed
-            termios.tcsetattr(self._slave, termios.TCSANOW, attrs)
-        os.set_blocking(self._master, False)
-        self.path = os.ttyname(self._slave)
-        if self.link:
-            tmp = f"{self.link}.tmp{os.getpid()}"
-            os.symlink(self.path, tmp)
-            os.replace(tmp, self.link)
-        return self.port
-
-    @property
-    def port(self) -> str:
-        return self.link or self.path
-
-    def start(self) -> BusEmulator:
-        if self._master < 0:
-            self.open()
-        self._running = True
-        self._thread = threading.Thread(target=self.run, name="feetech-emulator", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._running = False
-        if self._thread is not None:
-            self._thread.join(timeout=2.0)
-            self._thread = None
-        for fd in (self._master, self._slave):
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._master = self._slave = -1
-
-    def __enter__(self) -> BusEmulator:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    # -- the loop -------------------------------------------------------------------------------------
-    def run(self) -> None:
-        while self._running:
-            now = time.monotonic()
-            with self._cond:
-                next_out = min((t for t, _ in self._out), default=math.inf)
-            timeout = max(0.0, min(next_out - now, self._last_step + self.tick_s - now))
-            try:
-                ready, _, _ = select.select([self._master], [], [], timeout)
-            except (OSError, ValueError):
-                return
-            if ready:
-                try:
-                    data = os.read(self._master, 65536)
-                except (BlockingIOError, OSError):
-                    data = b""
-                if data:
-                    self._receive(data, time.monotonic())
-            self._flush(time.monotonic())
-            now = time.monotonic()
-            if now - self._last_step >= self.tick_s:
-                self._tick(now)
-
-    def _host_baud_ok(self) -> bool:
-        if not self.check_baud:
-            return True
-        try:
-            speed = termios.tcgetattr(self._slave)[4]
-        except termios.error:
-            return True
-        if speed == _BOTHER or speed not in _TERMIOS_SPEEDS:
-            return True  # custom speeds cannot be read back here: accept
-        return _TERMIOS_SPEEDS[speed] == self.baud
-
-    def _receive(self, data: bytes, now: float) -> None:
-        if not self._host_baud_ok():
-            self._event(now, BROADCAST_ID, "baud_mismatch", bytes=len(data))
-            return
-        self._rx_wire_end = max(now, self._rx_wire_end) + len(data) * self.byte_time
-        with self._cond:
-            for packet in self._parser.feed(data, now):
-                self.packets_seen += 1
-                self._dispatch(packet, now)
-
-    def _flush(self, now: float) -> None:
-        with self._cond:
-            due = [item for item in self._out if item[0] <= now]
-            if not due:
-                return
-            self._out = [item for item in self._out if item[0] > now]
-        for _, data in sorted(due, key=lambda x: x[0]):
-            with contextlib.suppress(BlockingIOError, OSError):
-                os.write(self._master, data)
-
-    def _tick(self, now: float) -> None:
-        with self._cond:
-            dt = min(now - self._last_step, 0.05)
-            self._last_step = now
-            for servo in self.servos.values():
-                if now < servo.offline_until:
-                    continue
-                raised = servo.step(dt, now)
-                if raised is not None and not servo.table[STATUS] & (1 << raised):
-                    servo.raise_error(raised)
-                    self._event(now, servo.servo_id, "error", bit=raised, torque=servo.torque)
-            self._cond.notify_all()
+    def _step_servo(self, servo: Servo, dt: float, now: float) -> None:
+        raised = servo.step(dt, now)
+        if raised is not None and not servo.table[STATUS] & (1 << raised):
+            servo.raise_error(raised)
+            self._event(now, servo.servo_id, "error", bit=raised, torque=servo.torque)
 
     # -- dispatch -------------------------------------------------------------------------------------
-    def _online(self, servo_id: int, now: float) -> Servo | None:
-        servo = self.servos.get(servo_id)
-        return servo if servo is not None and now >= servo.offline_until else None
-
     def _reply(self, servo: Servo, params: bytes = b"", after: float | None = None) -> float:
         """Queue a status packet; returns the time its last byte leaves the servo."""
         packet = status_packet(servo.servo_id, servo.table[STATUS], params)
-        start = max(self._rx_wire_end if after is None else after, self._tx_free) \
-            + servo.table[RETURN_DELAY_TIME] * 2e-6
-        end = start + len(packet) * self.byte_time
-        self._tx_free = end
-        self._out.append((end, packet))
-        return end
+        return self._queue_status(packet, servo.table[RETURN_DELAY_TIME] * 2e-6, after)
 
     def _dispatch(self, p: Packet, now: float) -> None:
         if not p.checksum_ok:
@@ -593,31 +427,11 @@ class BusEmulator:
             if servo is not None:
                 self._apply_write(servo, addr, data[i + 1: i + block], now)
 
-    def _event(self, t: float, servo_id: int, kind: str, **detail: object) -> None:
-        with self._cond:
-            self.events.append(Event(t, servo_id, kind, dict(detail)))
-            self._cond.notify_all()
-
     # -- inspection and fault injection (thread-safe) -------------------------------------------------
-    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(predicate, timeout)
-
     def register(self, servo_id: int, addr: int) -> int:
         """The decoded value of one register."""
         with self._cond:
             return self.servos[servo_id].value(addr)
-
-    def servo(self, servo_id: int) -> Servo:
-        return self.servos[servo_id]
-
-    @property
-    def lock(self) -> threading.Condition:
-        return self._cond
-
-    def events_of(self, kind: str, servo_id: int | None = None) -> list[Event]:
-        with self._cond:
-            return [e for e in self.events if e.kind == kind and (servo_id is None or e.servo_id == servo_id)]
 
     def inject_error(self, servo_id: int, bit: int = ERR_OVERLOAD) -> None:
         with self._cond:
@@ -629,11 +443,6 @@ class BusEmulator:
         with self._cond:
             self.servos[servo_id].power_cycle(now, self.reboot_s)
             self._event(now, servo_id, "power_cycle")
-
-    def block_joint(self, servo_id: int, blocked: bool = True) -> None:
-        with self._cond:
-            self.servos[servo_id].blocked = blocked
-            self._event(time.monotonic(), servo_id, "block_joint", blocked=blocked)
 
     def set_register(self, servo_id: int, addr: int, value: int) -> None:
         """Set a register from outside the bus (a configure step done earlier), sign-magnitude applied."""
@@ -653,134 +462,33 @@ def snapshot(bus: BusEmulator, servo_id: int) -> dict:
                 "lock": s.table[LOCK], "homing_offset": s.homing_offset, "online": time.monotonic() >= s.offline_until}
 
 
-def _serve(conn, servos: list[ServoConfig], kw: dict) -> None:  # type: ignore[no-untyped-def]
-    bus = BusEmulator(servos, **kw)
-    conn.send(bus.open())
-    bus.start()
-    try:
-        while True:
-            try:
-                name, args = conn.recv()
-            except EOFError:
-                return
-            if name == "stop":
-                return
-            try:
-                result = snapshot(bus, *args) if name == "snapshot" else getattr(bus, name)(*args)
-                conn.send((True, result))
-            except Exception as exc:  # report to the caller, keep serving
-                conn.send((False, f"{type(exc).__name__}: {exc}"))
-    finally:
-        bus.stop()
-
-
-class EmulatorProcess:
+class EmulatorProcess(common.BusProcess):
     """A BusEmulator in its own process (no GIL shared with the host under test), driven over a pipe."""
 
-    def __init__(self, servos: Iterable[ServoConfig], **kw: object) -> None:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")  # no fork of a threaded test process
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, list(servos), kw), daemon=True,
-                                 name="feetech-emulator")
-        self._proc.start()
-        child.close()
-        if not self._conn.poll(20.0):
-            self.close()
-            raise RuntimeError("the Feetech emulator process did not start within 20 s")
-        self.port: str = self._conn.recv()
-        self._lock = threading.Lock()
-
-    def _call(self, name: str, *args: object) -> object:
-        with self._lock:
-            self._conn.send((name, args))
-            ok, result = self._conn.recv()
-        if not ok:
-            raise RuntimeError(f"emulator {name}{args}: {result}")
-        return result
-
-    def snapshot(self, servo_id: int) -> dict:
-        return self._call("snapshot", servo_id)  # type: ignore[return-value]
-
-    def register(self, servo_id: int, addr: int) -> int:
-        return self._call("register", servo_id, addr)  # type: ignore[return-value]
-
-    def events_of(self, kind: str, servo_id: int | None = None) -> list[Event]:
-        return self._call("events_of", kind, servo_id)  # type: ignore[return-value]
+    bus_type = BusEmulator
+    snapshot_of = staticmethod(snapshot)
+    process_name = "feetech-emulator"
+    vendor = "Feetech"
 
     def inject_error(self, servo_id: int, bit: int = ERR_OVERLOAD) -> None:
         self._call("inject_error", servo_id, bit)
 
-    def power_cycle(self, servo_id: int) -> None:
-        self._call("power_cycle", servo_id)
-
-    def block_joint(self, servo_id: int, blocked: bool = True) -> None:
-        self._call("block_joint", servo_id, blocked)
-
     def set_register(self, servo_id: int, addr: int, value: int) -> None:
         self._call("set_register", servo_id, addr, value)
 
-    def wait_until(self, predicate: Callable[[], bool], timeout: float, poll_s: float = 0.002) -> bool:
-        deadline = time.monotonic() + timeout
-        while True:
-            if predicate():
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(poll_s)
-
-    def close(self) -> None:
-        if self._proc.is_alive():
-            with contextlib.suppress(OSError, BrokenPipeError):
-                self._conn.send(("stop", ()))
-            self._proc.join(timeout=3.0)
-            if self._proc.is_alive():
-                self._proc.kill()
-                self._proc.join(timeout=3.0)
-        self._conn.close()
-
-    def __enter__(self) -> EmulatorProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _parse_ids(text: str) -> list[int]:
-    ids: list[int] = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        ids.extend(range(int(lo), int(hi or lo) + 1))
-    return ids
-
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ids", default="1-6")
-    parser.add_argument("--baud", type=int, default=1_000_000)
-    parser.add_argument("--return-delay", type=int, default=250, help="Return Delay Time (7), 2 us units")
-    parser.add_argument("--min-angle", type=int, default=0)
-    parser.add_argument("--max-angle", type=int, default=4095)
-    parser.add_argument("--link", default=None, help="also make this symlink to the pty")
-    parser.add_argument("--print-path", action="store_true", help="print the pty path on stdout, then serve")
+    def vendor_args(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--min-angle", type=int, default=0)
+        parser.add_argument("--max-angle", type=int, default=4095)
+
+    parser = common.emulator_arg_parser(__doc__.split("\n")[0], "Return Delay Time (7), 2 us units", vendor_args)
     args = parser.parse_args(argv)
-    baud_index = {v: k for k, v in BAUD_RATES.items()}.get(args.baud)
-    if baud_index is None:
-        parser.error(f"--baud {args.baud} is not an STS rate ({', '.join(map(str, BAUD_RATES.values()))})")
+    index = common.baud_index(parser, args.baud, BAUD_RATES, "STS")
     cfgs = [ServoConfig(servo_id=i, return_delay=args.return_delay, min_angle=args.min_angle,
-                        max_angle=args.max_angle, baud_index=baud_index) for i in _parse_ids(args.ids)]
+                        max_angle=args.max_angle, baud_index=index) for i in common.parse_ids(args.ids)]
     bus = BusEmulator(cfgs, baud=args.baud, link=args.link)
-    bus.open()
-    if args.print_path:
-        print(bus.port, flush=True)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    bus.start()
-    threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
-    done.wait()
-    bus.stop()
-    return 0
+    return common.serve_until_stopped(bus, args.print_path)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from motor_helpers import drive, servo_configs
 
 from firmware_bridge.motors import ArmRefusedError, FaultLatchedError, StopCategory, open_device
 from firmware_bridge.motors import dynamixel_emulator as emu
@@ -23,7 +24,7 @@ BUS = f"ids=1-3&period_ms={PERIOD_MS}&latency_ms=100"
 
 
 def servos(**kw: object) -> list[ServoConfig]:
-    return [ServoConfig(dxl_id=i, return_delay=0, **{**SAFE, **kw}) for i in IDS]  # type: ignore[arg-type]
+    return servo_configs(ServoConfig, "dxl_id", IDS, **{**SAFE, **kw})
 
 
 @pytest.fixture
@@ -38,12 +39,7 @@ def device(e: EmulatorProcess, period_ms: int = PERIOD_MS, **kw: object) -> Dyna
 
 
 def cycle(dev: DynamixelDevice, target: float, n: int) -> np.ndarray:
-    sent = np.zeros(len(IDS))
-    for _ in range(n):
-        dev.poll_state()
-        sent = dev.write_setpoints(np.full(len(IDS), target))
-        time.sleep(PERIOD_MS / 1000 / 4)
-    return sent
+    return drive(dev, target, n, PERIOD_MS / 1000 / 4)
 
 
 def test_arm_writes_watchdog_and_torque_and_no_eeprom(emulator: EmulatorProcess) -> None:

@@ -10,6 +10,7 @@ import pytest
 import serial
 from hypothesis import given
 from hypothesis import strategies as st
+from motor_helpers import sdk_session
 
 from firmware_bridge.motors import dynamixel_emulator as emu
 from firmware_bridge.motors.dynamixel_emulator import BusEmulator, PacketParser, ServoConfig, build_packet, crc16
@@ -62,11 +63,8 @@ def test_parser_survives_hostile_bytes() -> None:
 def bus():  # type: ignore[no-untyped-def]
     cfgs = [ServoConfig(dxl_id=1, return_delay=0), ServoConfig(dxl_id=2, return_delay=0, operating_mode=4,
                                                                firmware_version=41)]
-    with BusEmulator(cfgs) as b:
-        port = dxl.PortHandler(b.port)
-        assert port.openPort()
-        yield b, port, dxl.PacketHandler(2.0)
-        port.closePort()
+    with sdk_session(BusEmulator(cfgs), dxl, 2.0) as session:
+        yield session
 
 
 def test_sdk_ping_read_write_and_sync(bus) -> None:  # type: ignore[no-untyped-def]

@@ -5,15 +5,11 @@ the way LeRobot does (register 98 left 0) leaves the servos holding their last g
 
 from __future__ import annotations
 
-import os
-import select
-import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
+from motor_helpers import give_to_service_user, run_host, wait_line
 
 from firmware_bridge.motors import dynamixel_emulator as emu
 from firmware_bridge.motors.dynamixel_emulator import BusEmulator, ServoConfig
@@ -55,36 +51,18 @@ while True:
 """
 
 
-def _run_host(code: str, url: str) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-c", code, url]
-    if os.geteuid() == 0 and shutil.which("setpriv"):  # robot-side code runs as the service user, not root
-        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": os.getcwd()})
-
-
-def _wait_line(proc: subprocess.Popen[str], want: str, timeout: float) -> None:
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    line = proc.stdout.readline() if ready else ""
-    if line.strip() != want:
-        proc.kill()
-        pytest.fail(f"host did not print {want!r}: {line!r} {proc.stderr.read() if proc.stderr else ''}")
-
-
 @pytest.fixture
 def bus():  # type: ignore[no-untyped-def]
     with BusEmulator([ServoConfig(dxl_id=i, return_delay=0, min_position=1024, max_position=3072)
                       for i in IDS]) as b:
-        if os.geteuid() == 0:
-            os.chown(b.path, 65534, 65534)  # the service user owns the serial device (udev/dialout on a robot)
+        give_to_service_user(b.path)
         yield b
 
 
 def _kill_mid_motion(bus: BusEmulator, code: str, url: str) -> float:
-    proc = _run_host(code, url)
+    proc = run_host(code, url)
     try:
-        _wait_line(proc, "armed", 20.0)
+        wait_line(proc, "armed", 20.0)
         assert bus.wait_for(lambda: all(abs(bus.servo(i).velocity) > 200 for i in IDS), 5.0), "never moved"
         killed_at = time.monotonic()
         proc.send_signal(signal.SIGKILL)

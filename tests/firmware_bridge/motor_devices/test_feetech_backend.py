@@ -12,6 +12,8 @@ import pytest
 
 pytest.importorskip("scservo_sdk", reason="feetech-servo-sdk is not installed (pip install 'edge-vla[feetech]')")
 
+from motor_helpers import drive, servo_configs
+
 from firmware_bridge.motors import (
     ArmRefusedError,
     FaultLatchedError,
@@ -32,7 +34,7 @@ TICK = 2 * math.pi / 4096
 
 
 def servos(**kw: object) -> list[ServoConfig]:
-    return [ServoConfig(servo_id=i, return_delay=0, **{**SAFE, **kw}) for i in IDS]  # type: ignore[arg-type]
+    return servo_configs(ServoConfig, "servo_id", IDS, **{**SAFE, **kw})
 
 
 @pytest.fixture
@@ -46,12 +48,7 @@ def device(e: EmulatorProcess, **kw: object) -> FeetechDevice:
 
 
 def cycle(dev: FeetechDevice, target: float, n: int) -> np.ndarray:
-    sent = np.zeros(len(IDS))
-    for _ in range(n):
-        dev.poll_state()
-        sent = dev.write_setpoints(np.full(len(IDS), target))
-        time.sleep(0.005)
-    return sent
+    return drive(dev, target, n, 0.005)
 
 
 def torques(e: EmulatorProcess) -> list[int]:

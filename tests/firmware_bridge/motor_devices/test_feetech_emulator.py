@@ -9,6 +9,8 @@ import pytest
 
 scs = pytest.importorskip("scservo_sdk", reason="feetech-servo-sdk is not installed (pip install 'edge-vla[feetech]')")
 
+from motor_helpers import sdk_session  # noqa: E402
+
 from firmware_bridge.motors import feetech_emulator as emu  # noqa: E402
 from firmware_bridge.motors.feetech_emulator import BusEmulator, ServoConfig  # noqa: E402
 
@@ -16,11 +18,8 @@ from firmware_bridge.motors.feetech_emulator import BusEmulator, ServoConfig  # 
 @pytest.fixture
 def bus():  # type: ignore[no-untyped-def]
     cfgs = [ServoConfig(servo_id=1, return_delay=0), ServoConfig(servo_id=2, return_delay=0, homing_offset=-100)]
-    with BusEmulator(cfgs) as b:
-        port = scs.PortHandler(b.port)
-        assert port.openPort()
-        yield b, port, scs.PacketHandler(0)
-        port.closePort()
+    with sdk_session(BusEmulator(cfgs), scs, 0) as session:
+        yield session
 
 
 def test_sdk_ping_read_write_sync(bus) -> None:  # type: ignore[no-untyped-def]

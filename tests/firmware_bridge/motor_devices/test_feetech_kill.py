@@ -8,17 +8,15 @@ handler all end with torque off on every id."""
 
 from __future__ import annotations
 
-import os
-import select
-import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 pytest.importorskip("scservo_sdk", reason="feetech-servo-sdk is not installed (pip install 'edge-vla[feetech]')")
+
+from motor_helpers import give_to_service_user, run_host, wait_line
 
 from firmware_bridge.motors import feetech_emulator as emu
 from firmware_bridge.motors.feetech_emulator import BusEmulator, ServoConfig
@@ -45,34 +43,16 @@ print("host handler ran" if stop else "fell off the end without close()", flush=
 """
 
 
-def _run_host(url: str, mode: str) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-c", HOST, url, mode]
-    if os.geteuid() == 0 and shutil.which("setpriv"):  # robot-side code runs as the service user, not root
-        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": os.getcwd()})
-
-
-def _wait_line(proc: subprocess.Popen[str], want: str, timeout: float) -> None:
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    line = proc.stdout.readline() if ready else ""
-    if line.strip() != want:
-        proc.kill()
-        pytest.fail(f"host did not print {want!r}: {line!r} {proc.stderr.read() if proc.stderr else ''}")
-
-
 @pytest.fixture
 def bus():  # type: ignore[no-untyped-def]
     with BusEmulator([ServoConfig(servo_id=i, return_delay=0, min_angle=1024, max_angle=3072) for i in IDS]) as b:
-        if os.geteuid() == 0:
-            os.chown(b.path, 65534, 65534)  # the service user owns the serial device (udev/dialout on a robot)
+        give_to_service_user(b.path)
         yield b
 
 
 def _start_moving(bus: BusEmulator, mode: str) -> subprocess.Popen[str]:
-    proc = _run_host(f"feetech://{bus.port}?ids=1-3", mode)
-    _wait_line(proc, "armed", 20.0)
+    proc = run_host(HOST, f"feetech://{bus.port}?ids=1-3", mode)
+    wait_line(proc, "armed", 20.0)
     assert bus.wait_for(lambda: all(abs(bus.servo(i).velocity) > 200 for i in IDS), 5.0), "never moved"
     return proc
 
@@ -117,14 +97,14 @@ def test_control_sigterm_turns_torque_off_on_every_id_and_still_dies_by_the_sign
 def test_control_a_hosts_own_sigterm_handler_is_chained_after_the_torque_off(bus: BusEmulator) -> None:
     proc = _start_moving(bus, "host_handler")
     proc.send_signal(signal.SIGTERM)
-    _wait_line(proc, "host handler ran", 10.0)
+    wait_line(proc, "host handler ran", 10.0)
     assert proc.wait(10.0) == 0
     assert _torque_off_everywhere(bus)
 
 
 def test_control_interpreter_exit_without_close_turns_torque_off(bus: BusEmulator) -> None:
     proc = _start_moving(bus, "atexit")
-    _wait_line(proc, "fell off the end without close()", 10.0)
+    wait_line(proc, "fell off the end without close()", 10.0)
     assert proc.wait(10.0) == 0
     assert _torque_off_everywhere(bus)
     assert "interpreter exit: torque off" in (proc.stderr.read() if proc.stderr else "")

@@ -1,0 +1,433 @@
+"""What the servo emulators (Dynamixel, Feetech) share: a pty paced like a UART, the bus thread, events,
+inspection under one lock, and the wrapper that runs a bus in its own process.
+
+Each vendor's packet format, control table, servo plant and documented semantics stay in its own module
+(`dynamixel_emulator`, `feetech_emulator`); a vendor bus subclasses `PtyBus` and supplies its parser, its
+dispatch and its per-servo step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import select
+import signal
+import sys
+import termios
+import threading
+import time
+import tty
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+_BOTHER = getattr(termios, "BOTHER", 0o010000)
+
+
+@dataclass
+class Event:
+    t: float
+    servo_id: int
+    kind: str
+    detail: dict = field(default_factory=dict)
+
+
+class _Parser(Protocol):
+    def feed(self, data: bytes, now: float) -> list[Any]: ...
+
+
+class StreamParser:
+    """Bytes in, whole packets out; garbage before a header, bad lengths and stale partial packets are
+    skipped (counted in `dropped_bytes`). A vendor parser sets HEADER and implements `_take()`."""
+
+    HEADER: ClassVar[bytes] = b""
+    partial_timeout_s: ClassVar[float] = 0.05  # a half-received packet older than this is dropped
+
+    NOT_A_PACKET: ClassVar[object] = object()  # what _take() returns for a header that starts no packet
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.last_data = 0.0
+        self.dropped_bytes = 0
+
+    def _take(self) -> Any:
+        """With a header at buf[0]: remove and return one packet, None if more bytes are needed, or
+        NOT_A_PACKET (the caller then drops one byte and resyncs on the next header)."""
+        raise NotImplementedError
+
+    def feed(self, data: bytes, now: float) -> list[Any]:
+        if self.buf and now - self.last_data > self.partial_timeout_s:
+            self.dropped_bytes += len(self.buf)
+            self.buf.clear()
+        self.buf += data
+        self.last_data = now
+        packets = []
+        while True:
+            start = self.buf.find(self.HEADER)
+            if start < 0:
+                # keep a tail that may be the start of a header split across reads
+                keep = max(k for k in range(len(self.HEADER)) if self.buf.endswith(self.HEADER[:k]))
+                self.dropped_bytes += len(self.buf) - keep
+                del self.buf[: len(self.buf) - keep]
+                return packets
+            if start:
+                self.dropped_bytes += start
+                del self.buf[:start]
+            packet = self._take()
+            if packet is None:
+                return packets
+            if packet is self.NOT_A_PACKET:
+                self.dropped_bytes += 1
+                del self.buf[:1]  # not a packet: resync on the next header
+                continue
+            packets.append(packet)
+
+
+def termios_speeds(baud_rates: Iterable[int]) -> dict[int, int]:
+    """termios speed constant -> bits per second, for the rates a servo family supports."""
+    return {getattr(termios, f"B{b}"): b for b in baud_rates if hasattr(termios, f"B{b}")}
+
+
+class PtyBus:
+    """Servos on one pty. start() runs the bus in a thread; every public method is thread-safe.
+
+    Subclasses set `thread_name`, `event_type` and `baud_rates`, and implement `_dispatch(packet, now)` and
+    `_step_servo(servo, dt, now)`; `self.servos` maps id -> servo (each with an `offline_until` time)."""
+
+    thread_name: ClassVar[str] = "servo-emulator"
+    event_type: ClassVar[type[Event]] = Event
+    baud_rates: ClassVar[Iterable[int]] = ()
+
+    def __init__(self, servos: dict[int, Any], parser: _Parser, *, baud: int, reboot_s: float, check_baud: bool,
+                 link: str | None, tick_s: float) -> None:
+        self.servos = servos
+        self.baud = baud
+        self.byte_time = 10.0 / baud if baud > 0 else 0.0
+        self.reboot_s = reboot_s
+        self.check_baud = check_baud
+        self.link = link
+        self.tick_s = tick_s
+        self.events: list[Event] = []
+        self.packets_seen = 0
+        self._cond = threading.Condition()
+        self._parser = parser
+        self._termios_speeds = termios_speeds(self.baud_rates)
+        self._out: list[tuple[float, bytes]] = []
+        self._rx_wire_end = 0.0
+        self._tx_free = 0.0
+        self._last_step = time.monotonic()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._master = self._slave = -1
+        self.path = ""
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def open(self) -> str:
+        self._master, self._slave = os.openpty()
+        tty.setraw(self._slave)
+        attrs = termios.tcgetattr(self._slave)
+        speed = getattr(termios, f"B{self.baud}", None)
+        if speed is not None:
+            attrs[4] = attrs[5] = speed
+            termios.tcsetattr(self._slave, termios.TCSANOW, attrs)
+        os.set_blocking(self._master, False)
+        self.path = os.ttyname(self._slave)
+        if self.link:
+            tmp = f"{self.link}.tmp{os.getpid()}"
+            os.symlink(self.path, tmp)
+            os.replace(tmp, self.link)
+        return self.port
+
+    @property
+    def port(self) -> str:
+        return self.link or self.path
+
+    def start(self) -> Any:
+        if self._master < 0:
+            self.open()
+        self._running = True
+        self._thread = threading.Thread(target=self.run, name=self.thread_name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._running = False
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+            self._thread = None
+        for fd in (self._master, self._slave):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._master = self._slave = -1
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def run(self) -> None:
+        while self._running:
+            now = time.monotonic()
+            with self._cond:
+                next_out = min((t for t, _ in self._out), default=math.inf)
+            timeout = max(0.0, min(next_out - now, self._last_step + self.tick_s - now))
+            try:
+                ready, _, _ = select.select([self._master], [], [], timeout)
+            except (OSError, ValueError):
+                return
+            if ready:
+                try:
+                    data = os.read(self._master, 65536)
+                except (BlockingIOError, OSError):
+                    data = b""
+                if data:
+                    self._receive(data, time.monotonic())
+            self._flush(time.monotonic())
+            now = time.monotonic()
+            if now - self._last_step >= self.tick_s:
+                self._tick(now)
+
+    def _host_baud_ok(self) -> bool:
+        if not self.check_baud:
+            return True
+        try:
+            speed = termios.tcgetattr(self._slave)[4]
+        except termios.error:
+            return True
+        if speed == _BOTHER or speed not in self._termios_speeds:
+            return True  # custom speeds cannot be read back here: accept
+        return self._termios_speeds[speed] == self.baud
+
+    def _receive(self, data: bytes, now: float) -> None:
+        if not self._host_baud_ok():
+            self._event(now, 0xFE, "baud_mismatch", bytes=len(data))  # 0xFE: the broadcast id of both families
+            return
+        self._rx_wire_end = max(now, self._rx_wire_end) + len(data) * self.byte_time
+        with self._cond:
+            for packet in self._parser.feed(data, now):
+                self.packets_seen += 1
+                self._dispatch(packet, now)
+
+    def _flush(self, now: float) -> None:
+        with self._cond:
+            due = [item for item in self._out if item[0] <= now]
+            if not due:
+                return
+            self._out = [item for item in self._out if item[0] > now]
+        for _, data in sorted(due, key=lambda x: x[0]):
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(self._master, data)
+
+    def _tick(self, now: float) -> None:
+        with self._cond:
+            dt = min(now - self._last_step, 0.05)
+            self._last_step = now
+            for servo in self.servos.values():
+                if now < servo.offline_until:
+                    continue
+                self._step_servo(servo, dt, now)
+            self._cond.notify_all()
+
+    # -- vendor hooks ---------------------------------------------------------------------------------
+    def _dispatch(self, packet: Any, now: float) -> None:
+        raise NotImplementedError
+
+    def _step_servo(self, servo: Any, dt: float, now: float) -> None:
+        raise NotImplementedError
+
+    # -- helpers for the vendor dispatch --------------------------------------------------------------
+    def _online(self, servo_id: int, now: float) -> Any | None:
+        servo = self.servos.get(servo_id)
+        return servo if servo is not None and now >= servo.offline_until else None
+
+    def _queue_status(self, packet: bytes, return_delay_s: float, after: float | None = None) -> float:
+        """Queue a status packet; returns the time its last byte leaves the servo."""
+        start = max(self._rx_wire_end if after is None else after, self._tx_free) + return_delay_s
+        end = start + len(packet) * self.byte_time
+        self._tx_free = end
+        self._out.append((end, packet))
+        return end
+
+    def _event(self, t: float, servo_id: int, kind: str, **detail: object) -> None:
+        with self._cond:
+            self.events.append(self.event_type(t, servo_id, kind, dict(detail)))
+            self._cond.notify_all()
+
+    # -- inspection and fault injection (thread-safe) -------------------------------------------------
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait until predicate() (evaluated under the bus lock) holds; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(predicate, timeout)
+
+    def servo(self, servo_id: int) -> Any:
+        """The servo object (read it inside wait_for predicates or under `lock`)."""
+        return self.servos[servo_id]
+
+    @property
+    def lock(self) -> threading.Condition:
+        return self._cond
+
+    def events_of(self, kind: str, servo_id: int | None = None) -> list[Event]:
+        with self._cond:
+            return [e for e in self.events if e.kind == kind and (servo_id is None or e.servo_id == servo_id)]
+
+    def block_joint(self, servo_id: int, blocked: bool = True) -> None:
+        with self._cond:
+            self.servos[servo_id].blocked = blocked
+            self._event(time.monotonic(), servo_id, "block_joint", blocked=blocked)
+
+
+# --------------------------------------------------------------------------------------------------------
+# A bus in its own process
+# --------------------------------------------------------------------------------------------------------
+def serve_bus(conn, bus_type: type[PtyBus], snapshot: Callable[[Any, int], dict],  # type: ignore[no-untyped-def]
+              servos: list, kw: dict) -> None:
+    """The child process: run the bus, answer (name, args) calls on `conn` until "stop" or EOF."""
+    bus = bus_type(servos, **kw)  # type: ignore[call-arg]
+    conn.send(bus.open())
+    bus.start()
+    try:
+        while True:
+            try:
+                name, args = conn.recv()
+            except EOFError:
+                return
+            if name == "stop":
+                return
+            try:
+                result = snapshot(bus, *args) if name == "snapshot" else getattr(bus, name)(*args)
+                conn.send((True, result))
+            except Exception as exc:  # report to the caller, keep serving
+                conn.send((False, f"{type(exc).__name__}: {exc}"))
+    finally:
+        bus.stop()
+
+
+class BusProcess:
+    """A bus emulator in its own process (no GIL shared with the host under test), driven over a pipe.
+
+    Subclasses set `bus_type`, `snapshot_of` (staticmethod of a module-level function, so the spawned child
+    can import it),
+    `process_name` and `vendor`. Timestamps are time.monotonic(), one clock for the machine."""
+
+    bus_type: ClassVar[type[PtyBus]]
+    snapshot_of: ClassVar[Callable[[Any, int], dict]]
+    process_name: ClassVar[str] = "servo-emulator"
+    vendor: ClassVar[str] = "servo"
+
+    def __init__(self, servos: Iterable[Any], **kw: object) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # no fork of a threaded test process
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=serve_bus, args=(child, self.bus_type, self.snapshot_of, list(servos), kw),
+                                 daemon=True, name=self.process_name)
+        self._proc.start()
+        child.close()
+        if not self._conn.poll(20.0):
+            self.close()
+            raise RuntimeError(f"the {self.vendor} emulator process did not start within 20 s")
+        self.port: str = self._conn.recv()
+        self._lock = threading.Lock()
+
+    def _call(self, name: str, *args: object) -> object:
+        with self._lock:
+            self._conn.send((name, args))
+            ok, result = self._conn.recv()
+        if not ok:
+            raise RuntimeError(f"emulator {name}{args}: {result}")
+        return result
+
+    def snapshot(self, servo_id: int) -> dict:
+        return self._call("snapshot", servo_id)  # type: ignore[return-value]
+
+    def register(self, servo_id: int, addr: int) -> int:
+        return self._call("register", servo_id, addr)  # type: ignore[return-value]
+
+    def events_of(self, kind: str, servo_id: int | None = None) -> list[Event]:
+        return self._call("events_of", kind, servo_id)  # type: ignore[return-value]
+
+    def power_cycle(self, servo_id: int) -> None:
+        self._call("power_cycle", servo_id)
+
+    def block_joint(self, servo_id: int, blocked: bool = True) -> None:
+        self._call("block_joint", servo_id, blocked)
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float, poll_s: float = 0.002) -> bool:
+        """Poll predicate() (which may call the methods above) until it holds or the deadline passes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if predicate():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll_s)
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            with contextlib.suppress(OSError, BrokenPipeError):
+                self._conn.send(("stop", ()))
+            self._proc.join(timeout=3.0)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(timeout=3.0)
+        self._conn.close()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------
+def emulator_arg_parser(description: str, return_delay_help: str,
+                        vendor_args: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
+    """The emulators' command line: ids, baud, return delay, the vendor's own options, link, print-path."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--ids", default="1-6")
+    parser.add_argument("--baud", type=int, default=1_000_000)
+    parser.add_argument("--return-delay", type=int, default=250, help=return_delay_help)
+    vendor_args(parser)
+    parser.add_argument("--link", default=None, help="also make this symlink to the pty")
+    parser.add_argument("--print-path", action="store_true", help="print the pty path on stdout, then serve")
+    return parser
+
+
+def baud_index(parser: argparse.ArgumentParser, baud: int, rates: dict[int, int], family: str) -> int:
+    """The Baud Rate register value for `baud` (rates: index -> bits per second); a usage error otherwise."""
+    index = {v: k for k, v in rates.items()}.get(baud)
+    if index is None:
+        parser.error(f"--baud {baud} is not an {family} rate ({', '.join(map(str, rates.values()))})")
+    return index
+
+
+def parse_ids(text: str) -> list[int]:
+    """"1-3,5" -> [1, 2, 3, 5]."""
+    ids: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        ids.extend(range(int(lo), int(hi or lo) + 1))
+    return ids
+
+
+def serve_until_stopped(bus: PtyBus, print_path: bool) -> int:
+    """Open the pty (print its path if asked), then serve until SIGTERM or until stdin closes."""
+    bus.open()
+    if print_path:
+        print(bus.port, flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    bus.start()
+    # Serve until SIGTERM or until stdin closes (the parent died or closed our pipe).
+    threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+    done.wait()
+    bus.stop()
+    return 0
