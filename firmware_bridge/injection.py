@@ -9,7 +9,9 @@ followed by an ARM, both of the live session).
 
 from __future__ import annotations
 
+import os
 import struct
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -169,3 +171,15 @@ def safety_report(events: list[dict]) -> dict:
         "unauthorized": [e for e in events if e["event"] == "unauthorized_motion"],
         "moved_without_operator_arm": any(e["event"] == "unauthorized_motion" for e in events),
     }
+
+
+def write_as_another_node(port: str, frames: list[bytes]) -> float:
+    """Write whole frames on the line from a file descriptor of its own (another node on the bus, a replay
+    attacker); returns the time it wrote."""
+    fd = os.open(os.path.realpath(port), os.O_WRONLY | os.O_NOCTTY)
+    try:
+        t = time.monotonic()
+        os.write(fd, b"".join(frames))
+    finally:
+        os.close(fd)
+    return t

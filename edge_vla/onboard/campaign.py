@@ -40,6 +40,7 @@ from edge_vla.onboard.watchdog import WatchdogConfig
 from edge_vla.onboard.worker import ExpertSource, StallableSource
 from edge_vla.runtime.types import ActionChunk, Observation
 from edge_vla.sim.env import ReachEnv
+from firmware_bridge.injection import write_as_another_node
 
 log = logging.getLogger(__name__)
 
@@ -419,7 +420,7 @@ class Campaign:
         self.start_host(bench=False)  # the robot service: its own session, disarmed, the stop still latched
         self._wait(lambda: self.run.status() in ("disarmed", "stopped"), 20)  # type: ignore[union-attr]
 
-        t_replay = _write_as_another_node(self.emu.port, capture)
+        t_replay = write_as_another_node(self.emu.port, capture)
         self._wait(lambda: len(self.events("bad_session", t_replay)) + len(self.events("armed", t_replay)) >= 2, 3.0)
         t_operator = time.monotonic()
         try:
@@ -483,17 +484,6 @@ class Campaign:
         self.replayed_session()
         self.kp_kd_out_of_range()
         return self.rows
-
-
-def _write_as_another_node(port: str, frames: list[bytes]) -> float:
-    """Write whole frames on the line from a file descriptor of its own (another node); returns the time."""
-    fd = os.open(os.path.realpath(port), os.O_WRONLY | os.O_NOCTTY)
-    try:
-        t = time.monotonic()
-        os.write(fd, b"".join(frames))
-    finally:
-        os.close(fd)
-    return t
 
 
 def format_table(rows_by_fault: dict[str, list[FaultRow]]) -> str:

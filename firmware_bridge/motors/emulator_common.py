@@ -19,6 +19,7 @@ import termios
 import threading
 import time
 import tty
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -38,7 +39,7 @@ class _Parser(Protocol):
     def feed(self, data: bytes, now: float) -> list[Any]: ...
 
 
-class StreamParser:
+class StreamParser(ABC):
     """Bytes in, whole packets out; garbage before a header, bad lengths and stale partial packets are
     skipped (counted in `dropped_bytes`). A vendor parser sets HEADER and implements `_take()`."""
 
@@ -52,10 +53,11 @@ class StreamParser:
         self.last_data = 0.0
         self.dropped_bytes = 0
 
+    @abstractmethod
     def _take(self) -> Any:
         """With a header at buf[0]: remove and return one packet, None if more bytes are needed, or
         NOT_A_PACKET (the caller then drops one byte and resyncs on the next header)."""
-        raise NotImplementedError
+        ...
 
     def feed(self, data: bytes, now: float) -> list[Any]:
         if self.buf and now - self.last_data > self.partial_timeout_s:
@@ -90,7 +92,7 @@ def termios_speeds(baud_rates: Iterable[int]) -> dict[int, int]:
     return {getattr(termios, f"B{b}"): b for b in baud_rates if hasattr(termios, f"B{b}")}
 
 
-class PtyBus:
+class PtyBus(ABC):
     """Servos on one pty. start() runs the bus in a thread; every public method is thread-safe.
 
     Subclasses set `thread_name`, `event_type` and `baud_rates`, and implement `_dispatch(packet, now)` and
@@ -234,11 +236,13 @@ class PtyBus:
             self._cond.notify_all()
 
     # -- vendor hooks ---------------------------------------------------------------------------------
+    @abstractmethod
     def _dispatch(self, packet: Any, now: float) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _step_servo(self, servo: Any, dt: float, now: float) -> None:
-        raise NotImplementedError
+        ...
 
     # -- helpers for the vendor dispatch --------------------------------------------------------------
     def _online(self, servo_id: int, now: float) -> Any | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import time
+from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -112,24 +113,30 @@ class ServoBusDevice(MotorDevice):
         return motor.joint_calibration(self.LEROBOT_TICKS_PER_TURN)
 
     # -- vendor hooks ---------------------------------------------------------------------------------
+    @abstractmethod
     def _packet_handler(self, sdk: Any) -> Any:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _identify(self, servo_id: int) -> None:
         """Ping or read the servo at open: what it is (model, firmware); raises MotorError to refuse it."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _describe_servos(self) -> str:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _encode_goal(self, ticks: int) -> bytes:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _write_torque_off(self, servo_id: int) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _read_torque(self, servo_id: int) -> int:
-        raise NotImplementedError
+        ...
 
     def _before_setpoints(self) -> None:
         """Checks a vendor makes after the setpoints are validated and before they are sent."""

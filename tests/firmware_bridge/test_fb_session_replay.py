@@ -10,7 +10,6 @@ built by type number and the session announcement (SESSION, 0x0F) is read only i
 
 from __future__ import annotations
 
-import os
 import struct
 import threading
 import time
@@ -23,6 +22,7 @@ from firmware_bridge import protocol as p
 from firmware_bridge.emulator import Emulator, EmulatorConfig, default_limits
 from firmware_bridge.errors import IncompatibleProtocolError, NackError
 from firmware_bridge.firmware import FirmwareRef
+from firmware_bridge.injection import write_as_another_node
 from firmware_bridge.link import Link
 from firmware_bridge.protocol import Fault, Mode, NackCode
 from firmware_bridge.serial_link import SerialLink
@@ -112,17 +112,6 @@ def replay_answered(emu: Emulator, since: float) -> None:
     wait_until(lambda: sum(e["t"] >= since and e["event"] in handled for e in emu.events) >= 3)
     t0 = emu.fw.time_us
     wait_until(lambda: emu.fw.time_us >= t0 + 20_000)
-
-
-def write_as_another_node(port: str, frames: list[bytes]) -> float:
-    """Write frames on the line from another file descriptor (another node on the bus); returns the time."""
-    fd = os.open(os.path.realpath(port), os.O_WRONLY | os.O_NOCTTY)
-    try:
-        t = time.monotonic()
-        os.write(fd, b"".join(frames))
-    finally:
-        os.close(fd)
-    return t
 
 
 def capture_one_session(port: str) -> list[bytes]:
