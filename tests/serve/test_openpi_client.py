@@ -252,8 +252,11 @@ def test_cli_serves_with_api_key(bundle2, openpi_python, tmp_path) -> None:
         wire, obs = libero_obs(o, rng)
         steps = [{"op": "infer", "obs": wire}]
         assert "401" in run_client(openpi_python, port, steps, o.arrays, tmp_path)[0]["connect_error"]
+        # A key one character off (never the same character: a random key ending in "x" made the "wrong" key
+        # the right one, 1 run in 64).
+        wrong = key[:-1] + ("y" if key.endswith("x") else "x")
         assert "401" in run_client(openpi_python, port, steps, o.arrays, tmp_path,
-                                   api_key=key[:-1] + "x")[0]["connect_error"]
+                                   api_key=wrong)[0]["connect_error"]
         out = run_client(openpi_python, port, steps, o.arrays, tmp_path, api_key=key)
         assert out[0]["metadata"]["seed"] == 5  # the first connection to reach the websocket handler
         want = expected(bundle2, 5, [obs])[0]
