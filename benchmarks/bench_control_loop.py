@@ -69,7 +69,7 @@ def _source(holder: SceneHolder):
 
 def _thread_run(port: str, rate_hz: float, holder: SceneHolder, instruction: str) -> dict[str, Any]:
     """Baseline: the same ControlLoop as a thread of the inference process (one GIL for both)."""
-    from firmware_bridge.link import open_link
+    from firmware_bridge.schemes import open_link
 
     cfg = ControlConfig(link_url=f"serial://{port}", action_space=sim_action_space(), rate_hz=rate_hz,
                         duration_s=RUN_S, arm_on_start=True)  # bench mode: armed without an operator
@@ -217,9 +217,12 @@ def test_soak_one_hour_of_cycles_keeps_rss_flat(benchmark) -> None:
         q = np.zeros(space.dim)
 
         class _Link:  # the command tracker's bookkeeping only (no frames): a STOP/ACK every second
-            def stop(self, category: int) -> int:
+            def send_stop(self, category: int) -> int:
                 self.seq = getattr(self, "seq", 0) + 1
                 return self.seq
+
+            def ack_result(self, seq: int) -> bool:
+                return True
 
         cmds = Commands(_Link())
         for i in range(cycles):

@@ -23,8 +23,9 @@ from firmware_bridge import protocol as p
 from firmware_bridge.emulator import Emulator, EmulatorConfig, EmulatorProcess, default_limits
 from firmware_bridge.errors import FrameError
 from firmware_bridge.firmware import c_frame_decode
-from firmware_bridge.link import Link, open_link
+from firmware_bridge.link import Link
 from firmware_bridge.protocol import State
+from firmware_bridge.schemes import open_link
 from firmware_bridge.transport import CanTransport
 
 JOINTS = 7

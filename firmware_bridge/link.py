@@ -1,4 +1,4 @@
-"""The host side of the motor-controller link: one `Link` interface over serial and CAN.
+"""The host side of this project's firmware protocol: `Link`, the `Controller` backend for serial:// and can://.
 
 Nothing here runs in the background: `poll()` reads and decodes what arrived; commands write
 immediately. Bad frames are counted and dropped, never applied; so are frames whose sequence number
@@ -18,17 +18,15 @@ import math
 import secrets
 import time
 import warnings
-from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from urllib.parse import parse_qs, urlsplit
+from dataclasses import replace
 
 import can
 import numpy as np
 import serial
 
 from firmware_bridge import framing
+from firmware_bridge.controller import ArrayLike, Controller, JointState
 from firmware_bridge.errors import (
     DisarmFailedError,
     FrameError,
@@ -36,7 +34,6 @@ from firmware_bridge.errors import (
     LinkDownError,
     LinkTimeoutError,
     NackError,
-    UrlError,
 )
 from firmware_bridge.protocol import (
     MIN_FIRMWARE_MINOR,
@@ -54,7 +51,6 @@ from firmware_bridge.protocol import (
     Hello,
     Keepalive,
     Message,
-    Mode,
     MsgType,
     Nack,
     NackCode,
@@ -62,7 +58,6 @@ from firmware_bridge.protocol import (
     Session,
     Setpoint,
     State,
-    Status,
     Stop,
 )
 from firmware_bridge.transport import Transport
@@ -71,35 +66,11 @@ HOST_REQUESTED_STOPS = (Fault.HOST_STOP_CAT0, Fault.HOST_STOP_CAT1)
 
 log = logging.getLogger(__name__)
 _TRANSPORT_ERRORS = (serial.SerialException, OSError, can.CanError)
-ArrayLike = np.ndarray | Sequence[float]
 
-
-FAULT_LOG_SIZE = 256  # FAULT reports kept in Link.faults (Link.fault_count counts all of them)
 # A session arms only within SESSION_ARM_SPAN sequence numbers of its HELLO; needs_hello turns True this many
 # frames earlier, so that an operator's arm (CLEAR_FAULTS, resends, ARM) fits in the session it starts in.
 SESSION_RENEW_MARGIN = 4096
 ACK_MEMORY = 1024  # answers kept for ack_result()
-
-
-@dataclass(frozen=True)
-class JointState:
-    positions: np.ndarray  # rad (or m)
-    velocities: np.ndarray  # rad/s
-    efforts: np.ndarray  # N*m
-    fault_bits: Fault
-    mode: Mode
-    firmware_time_s: float
-    host_time: float  # time.monotonic() when the frame was decoded (arrival)
-    ack_seq: int
-    # 1.1: when the firmware sampled this state, on this host's time.monotonic() clock (firmware time
-    # + the estimated clock offset). Use it for staleness: a STATE delayed in a buffer shows its real age.
-    sampled_host_time: float | None = None
-    status: Status = Status.NONE
-    seq: int = -1
-
-    @property
-    def sample_time(self) -> float:
-        return self.host_time if self.sampled_host_time is None else self.sampled_host_time
 
 
 class FirmwareClock:
@@ -137,56 +108,22 @@ class FirmwareClock:
         return math.nan if self.offset_s is None else firmware_time_s + self.offset_s
 
 
-@dataclass
-class LinkStats:
-    frames_sent: int = 0
-    frames_received: int = 0
-    bytes_received: int = 0
-    crc_errors: int = 0
-    framing_errors: int = 0
-    bad_messages: int = 0  # right CRC, wrong length/type/version/field
-    duplicates: int = 0
-    drops: int = 0  # gaps in the firmware's sequence numbers
-    stale: int = 0  # frames dropped for a sequence number older than the last one (replays, late copies)
-    reconnects: int = 0
-    stops_unacknowledged: int = 0  # stop() calls that ended without an ACK
-    rtts: deque = field(default_factory=lambda: deque(maxlen=4096))
-
-    def rtt_percentiles(self, qs: Sequence[float] = (50, 90, 99)) -> dict[str, float]:
-        """Round-trip times in seconds (command sent -> its ACK or STATE decoded), over the last 4096."""
-        if not self.rtts:
-            return {}
-        values = np.percentile(np.fromiter(self.rtts, float), qs)
-        return {f"p{q:g}": float(v) for q, v in zip(qs, values, strict=True)}
-
-    def as_dict(self) -> dict[str, object]:
-        d: dict[str, object] = {k: v for k, v in vars(self).items() if k != "rtts"}
-        d["rtt"] = self.rtt_percentiles()
-        return d
-
-
-class Link(ABC):
-    """A connection to one motor controller. Subclasses only choose the transport."""
+class Link(Controller):
+    """This project's firmware protocol to one motor controller (a `Controller` backend). Subclasses only
+    choose the transport and parse their URL scheme."""
 
     def __init__(self, transport: Transport, *, backoff: float = 0.05, max_backoff: float = 2.0,
                  inbox_size: int = 1024) -> None:
+        super().__init__()
         self.transport = transport
-        self.capabilities: Capabilities | None = None
-        self.faults: deque[FaultReport] = deque(maxlen=FAULT_LOG_SIZE)
-        self.fault_count = 0  # FAULT reports received ever; faults keeps the last FAULT_LOG_SIZE
-        self.stats = LinkStats()
         self.firmware_clock = FirmwareClock()
-        self._latest: JointState | None = None
-        self._connected = False
-        self._opened = False
         # A random first sequence number: frames of an earlier host process are then (almost surely)
         # outside the firmware's window for this session, so a late copy of one is never applied.
         self._seq = secrets.randbelow(0x10000)
         self._last_rx_seq: int | None = None
         self._hello_pending = False
-        # 1.2: the firmware's nonce for this link's session (None: no session, call hello()), and the
-        # sequence number of the HELLO whose SESSION answer hello() is waiting for.
-        self._session: int | None = None
+        # 1.2: `_session` (Controller) is the firmware's nonce for this link's session (None: no session, call
+        # hello()); `_awaiting_session` the sequence number of the HELLO whose SESSION answer hello() waits for.
         self._awaiting_session: int | None = None
         self._sent_since_hello = 0  # frames sent after the HELLO that started the session
         self._acks: OrderedDict[int, Ack] = OrderedDict()
@@ -215,30 +152,11 @@ class Link(ABC):
             self.transport.close()
             log.info("link closed on %s", self.transport.description)
 
-    def __enter__(self) -> Link:
-        return self.open()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __del__(self) -> None:
         if getattr(self, "_opened", False):
             warnings.warn(f"{type(self).__name__} on {self.transport.description} was not closed; call close()",
                           ResourceWarning, stacklevel=2)
             self.close()
-
-    @property
-    @abstractmethod
-    def url(self) -> str:
-        """The open_link() URL that reaches this controller."""
-
-    @property
-    def connected(self) -> bool:
-        return self._connected
-
-    @property
-    def latest_state(self) -> JointState | None:
-        return self._latest
 
     @property
     def session(self) -> int | None:
@@ -388,20 +306,6 @@ class Link(ABC):
         firmware). ACKed; returns the frame's sequence number."""
         self._keepalives += 1
         return self._send(Keepalive(self._keepalives))
-
-    def faults_since(self, count: int) -> list[FaultReport]:
-        """FAULT reports number `count` onwards (count from an earlier `fault_count`) that are still kept."""
-        kept = list(self.faults)
-        first = self.fault_count - len(kept)
-        return kept[max(0, count - first):]
-
-    def state_age(self, state: JointState | None = None, now: float | None = None) -> float:
-        """Seconds since the firmware sampled `state` (default: the latest), on its own clock mapped onto
-        this host's; inf without a state. Excludes only the link's minimum one-way latency."""
-        st = state if state is not None else self._latest
-        if st is None:
-            return math.inf
-        return (time.monotonic() if now is None else now) - st.sample_time
 
     def send_setpoints(self, positions: ArrayLike, velocities: ArrayLike | None = None,
                        efforts: ArrayLike | None = None, kp: ArrayLike | None = None,
@@ -634,45 +538,9 @@ class Link(ABC):
         log.warning("reconnected %s; the firmware needs hello() and an operator's arm", self.transport.description)
 
 
-def open_link(url: str, **kw: object) -> Link:
-    """A link from a URL (not yet opened; use `with open_link(...) as link:`).
+def open_link(url: str, **kw: object) -> Controller:
+    """Kept for callers of firmware_bridge.link.open_link: the scheme registry's `open_link` (firmware_bridge.schemes),
+    imported lazily so this module imports none of its backends."""
+    from firmware_bridge.schemes import open_link as open_from_registry
 
-    serial:///dev/ttyACM0?baud=1000000   a device or pty path (baud defaults to 1000000)
-    serial://socket://host:port          any pyserial URL after serial://
-    can://virtual/<channel>              python-can's in-process virtual bus
-    can://socketcan/can0?node=1&fd=1     any python-can interface/channel; node id, CAN-FD, bitrate
-    dynamixel:///dev/ttyUSB0?ids=1-6     a motor device (firmware_bridge.motors.registry) behind a Link adapter
-    feetech:///dev/ttyUSB0?ids=1-6       (keyword arguments such as joint_limits go to the device)
-    """
-    from firmware_bridge.can_link import CanLink
-    from firmware_bridge.motors.registry import schemes as motor_schemes
-    from firmware_bridge.serial_link import SerialLink
-
-    if url.partition("://")[0].lower() in motor_schemes():  # dynamixel://, feetech://: a MotorDevice as a Link
-        from firmware_bridge.motors.link_adapter import MotorDeviceLink
-
-        return MotorDeviceLink(url, **kw)
-    accepted = ("serial:///dev/ttyACM0?baud=1000000, serial://<any pyserial URL>, can://virtual/<channel>, "
-                "can://<python-can interface>/<channel>?node=1&fd=0&bitrate=1000000, "
-                + ", ".join(f"{s}://PORT?ids=1-6" for s in motor_schemes()))
-    if url.startswith("serial://"):
-        rest = url[len("serial://"):]
-        port, _, query = rest.partition("?")
-        params = parse_qs(query)
-        baud = int(params.pop("baud", params.pop("baudrate", ["1000000"]))[0])
-        if params:  # unknown keys belong to the pyserial URL itself (socket://...?logging=debug)
-            port = rest.replace(f"baud={baud}", "").rstrip("?&")
-        if not port:
-            raise UrlError(f"no port in {url!r}; accepted forms: {accepted}")
-        return SerialLink(port, baudrate=baud, **kw)  # type: ignore[arg-type]
-    if url.startswith("can://"):
-        parts = urlsplit(url)
-        params = parse_qs(parts.query)
-        channel = parts.path.lstrip("/")
-        if not parts.netloc or not channel:
-            raise UrlError(f"CAN URL {url!r} needs an interface and a channel; accepted forms: {accepted}")
-        bitrate = params.get("bitrate")
-        return CanLink(channel, interface=parts.netloc, node_id=int(params.get("node", ["1"])[0]),
-                       fd=params.get("fd", ["0"])[0] in ("1", "true"), bitrate=int(bitrate[0]) if bitrate else None,
-                       **kw)  # type: ignore[arg-type]
-    raise UrlError(f"unsupported link URL {url!r}; accepted forms: {accepted}")
+    return open_from_registry(url, **kw)

@@ -396,8 +396,8 @@ class Campaign:
         arms. Control: the operator's arm through the real host process (which sees its session ended and
         says HELLO again) carries the live session's nonce and is applied."""
         from firmware_bridge import framing
-        from firmware_bridge.link import open_link
         from firmware_bridge.protocol import MsgType
+        from firmware_bridge.schemes import open_link
 
         self.close_host()
         t = time.monotonic()
@@ -443,8 +443,8 @@ class Campaign:
 
     def kp_kd_out_of_range(self) -> FaultRow:
         """A setpoint with gains far over kp_max/kd_max, on a link of its own: the firmware clamps them."""
-        from firmware_bridge.link import open_link
         from firmware_bridge.protocol import Status
+        from firmware_bridge.schemes import open_link
 
         self.close_host()
         t = time.monotonic()

@@ -42,13 +42,6 @@ log = logging.getLogger(__name__)
 RATE_HZ = (50.0, 500.0)  # the documented control rates: below, chunks outlast the watchdog; above, the loop misses
 # deadlines on the supported computers (docs/SAFETY.md: 500 Hz needs SCHED_FIFO)
 
-# The link URLs the control loop opens (firmware_bridge.link.open_link), as a user should write them.
-LINK_FORMS = (
-    "serial:///dev/ttyACM0?baud=1000000",
-    "serial://<any pyserial URL, e.g. socket://host:port>",
-    "can://socketcan/can0?node=1&fd=0&bitrate=1000000",
-    "can://virtual/<channel> (in-process tests)",
-)
 CAN_NODE_IDS = range(64)
 
 EXIT_STATUSES = """exit status:
@@ -70,15 +63,24 @@ def motor_schemes() -> dict[str, str]:
 
 
 def accepted_links() -> str:
-    motors = [f"{s}:///dev/ttyUSB0?ids=1-6" for s in motor_schemes()]
-    return "; ".join([*LINK_FORMS, *motors])
+    """One example URL per scheme the link registry accepts (firmware_bridge.schemes), as a user should write it."""
+    from firmware_bridge.schemes import schemes
+
+    return "; ".join(desc.rsplit(": ", 1)[-1] for desc in schemes().values())
+
+
+def link_help() -> str:
+    """`--link` help: every scheme of the link registry with what it drives."""
+    from firmware_bridge.schemes import schemes
+
+    return "motor controller link URL, one of: " + "; ".join(f"{s}:// {desc}" for s, desc in schemes().items())
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", nargs="?", help="bundle directory (omit with --expert)")
     parser.add_argument("--expert", action="store_true",
                         help="drive with the sim's scripted expert instead of a policy (bring-up; needs --camera sim)")
-    parser.add_argument("--link", metavar="URL", help="motor controller link URL: " + accepted_links())
+    parser.add_argument("--link", metavar="URL", help=link_help())
     parser.add_argument("--emulate", action="store_true",
                         help="start the firmware emulator on a pty and use it as the link (no hardware); with a motor "
                              "--link (dynamixel://emulated?ids=1-6, feetech://...) that scheme's servo emulator")
@@ -143,7 +145,7 @@ def check_rate(rate_hz: float) -> None:
 def check_link(url: str, emulate: bool = False) -> None:
     """Refuse a link URL the control process could not open, in one line and before anything loads.
 
-    Parsed as firmware_bridge.link.open_link parses it (which it then calls, without opening), plus the checks
+    Parsed as firmware_bridge.schemes.open_link parses it (which it then calls, without opening), plus the checks
     that otherwise fail deep in the control process: the query values, a serial port that is missing or that this
     user may not open, a CAN interface that does not exist. A motor-device URL is parsed by the motor registry
     (its backend built, not opened); with `emulate` its port is the emulator's, so it is not looked for."""
@@ -173,7 +175,7 @@ def check_link(url: str, emulate: bool = False) -> None:
                                   f"{allowed.stop - 1}; accepted forms: {forms}")
     if scheme == "can" and any(v not in ("0", "1", "true", "false") for v in query.get("fd", [])):
         raise ConfigError(f"--link {url!r}: fd must be 0 or 1; accepted forms: {forms}")
-    from firmware_bridge.link import open_link
+    from firmware_bridge.schemes import open_link
 
     try:
         open_link(url)  # constructs the link without opening it: the same parse the control process makes
@@ -184,7 +186,7 @@ def check_link(url: str, emulate: bool = False) -> None:
 
 def _check_motor_link(url: str, emulate: bool, forms: str, **device_kw: Any) -> None:
     """A dynamixel:// or feetech:// URL: the registry's own parse and the backend's checks, without opening."""
-    from firmware_bridge.link import open_link
+    from firmware_bridge.schemes import open_link
 
     try:
         open_link(emulated_motor_url(url, "/dev/null", 1) if emulate else url, **device_kw)

@@ -32,7 +32,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,6 +49,9 @@ from edge_vla.onboard.telemetry import CycleStats, Telemetry, summarize
 from edge_vla.onboard.watchdog import FaultKind, Signals, State, Watchdog, WatchdogConfig
 from edge_vla.provision.sdnotify import Notifier, watchdog_interval_s
 
+if TYPE_CHECKING:  # the loop's one interface to the motor controller, whatever the backend
+    from firmware_bridge.controller import Controller
+
 log = logging.getLogger(__name__)
 
 _MODE_DISARMED, _MODE_ARMED, _MODE_STOPPING, _MODE_TRIPPED = 0, 1, 2, 3
@@ -56,27 +59,6 @@ _MODE_DISARMED, _MODE_ARMED, _MODE_STOPPING, _MODE_TRIPPED = 0, 1, 2, 3
 _NOT_FIRMWARE_TRIPS = 0x0004 | 0x0008 | 0x0100 | 0x0200  # HOST_STOP_CAT0/1, SETPOINT_CLAMPED, GAINS_CLAMPED
 _ARM_NOT_DISARMED, _ARM_REFUSED, _ARM_TIMEOUT, _ARM_LINK_DOWN, _ARM_ENABLE_OFF = 1, 2, 3, 4, 5
 _NACK_ENABLE_OFF = 9
-
-class LinkLike(Protocol):
-    """What the loop needs from firmware_bridge.link.Link (kept narrow so the loop stays link-agnostic)."""
-
-    stats: Any
-    faults: Any
-
-    def open(self) -> Any: ...
-    def close(self) -> None: ...
-    def hello(self, timeout: float = 1.0) -> Any: ...
-    def send_setpoints(self, positions: Any, velocities: Any = None, efforts: Any = None, kp: Any = None,
-                       kd: Any = None) -> Any: ...
-    def stop(self, category: int, reason: int = 0) -> Any: ...
-    def poll(self, timeout: float = 0.0) -> list: ...
-
-    @property
-    def latest_state(self) -> Any: ...
-
-    @property
-    def connected(self) -> bool: ...
-
 
 # The link carries joint-position setpoints (firmware_bridge SETPOINT), so the loop executes one action kind.
 EXECUTABLE_ACTION_KINDS = ("absolute_joint_position",)
@@ -123,7 +105,7 @@ class ControlConfig:
 class ControlLoop:
     """One control loop over one link; `run()` returns the summary dict."""
 
-    def __init__(self, config: ControlConfig, bus: sh.SharedBus, link: LinkLike) -> None:
+    def __init__(self, config: ControlConfig, bus: sh.SharedBus, link: Controller) -> None:
         if config.arm_on_start:
             check_bench_mode()
         self.cfg = config
@@ -221,7 +203,7 @@ class ControlLoop:
         """Startup only (before the first cycle): the controller must be streaming state."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self.cmds.feed(self.link.poll(0.01))
+            self.link.poll(0.01)
             st = self._state(time.monotonic())
             if st is not None:
                 return st
@@ -278,7 +260,7 @@ class ControlLoop:
             lateness = clock.wait()
             t = time.monotonic()
             self._n += 1
-            self.cmds.feed(self.link.poll(0.0))
+            self.link.poll(0.0)
             st = self._state(t)
             self._publish(st)
             if self.stop_requested is None and self.bus.get("stop_request") > 0:
@@ -732,7 +714,7 @@ class ControlLoop:
         deadline = time.monotonic() + 0.3
         seq = self._send(self.cmds.disarm, "DISARM on exit")
         while seq is not None and time.monotonic() < deadline:
-            self.cmds.feed(self.link.poll(0.01))
+            self.link.poll(0.01)
             r = self.cmds.result(seq)
             if r is OK:
                 self._set_armed(False)
@@ -756,7 +738,7 @@ class ControlLoop:
 def control_main(config: ControlConfig, bus: sh.SharedBus, conn: Any = None, log_level: int = logging.INFO) -> None:
     """Entry point of the control process: SIGINT/SIGTERM -> controlled stop; summary sent over `conn`."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[control]: %(message)s")
-    from firmware_bridge.link import open_link
+    from firmware_bridge.schemes import open_link
 
     try:
         link = open_link(config.link_url, **config.link_kwargs)

@@ -1,4 +1,4 @@
-"""A `MotorDevice` (Dynamixel, Feetech) presented as the `Link` the control loop already drives.
+"""A `MotorDevice` (Dynamixel, Feetech) presented as the `Controller` the control loop drives.
 
 `open_link("dynamixel://...")` returns a `MotorDeviceLink`; the control loop (edge_vla.onboard.control) keeps
 talking to its one narrow interface and learns no device details. What the loop uses, and what each becomes:
@@ -36,7 +36,7 @@ talking to its one narrow interface and learns no device details. What the loop 
   the state reads not answered; crc/framing/bad_messages stay 0 (the vendor SDKs fold those into "no
   answer"), and reconnects stays 0: a lost bus is not re-opened (restart the run).
 
-Where the Link concept has no device equivalent:
+Where the firmware protocol has no device equivalent:
 - the session nonce: servos have none. `hello()` draws a host-side nonce so `session`/`needs_hello` behave;
   it guards nothing on the wire (only this process holds the port, which the OS enforces per open file).
 - the firmware clock: servos have none. A state's `firmware_time_s` and `sampled_host_time` are the host's
@@ -51,13 +51,13 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 
+from firmware_bridge.controller import ArrayLike, Controller, JointState
 from firmware_bridge.errors import LinkDownError, NackError
-from firmware_bridge.link import FAULT_LOG_SIZE, ArrayLike, JointState, Link
 from firmware_bridge.motors.base import FaultLatchedError, MotorDevice, MotorError, MotorFault, StopCategory
 from firmware_bridge.motors.registry import open_device
 from firmware_bridge.protocol import (
@@ -73,7 +73,6 @@ from firmware_bridge.protocol import (
     Setpoint,
     Status,
 )
-from firmware_bridge.transport import Chunks, Transport
 
 log = logging.getLogger(__name__)
 
@@ -83,41 +82,27 @@ HOST_STOP_BITS = {0: Fault.HOST_STOP_CAT0, 1: Fault.HOST_STOP_CAT1}
 ACK_MEMORY = 1024
 
 
-class _NoFrames(Transport):
-    """Link's frame transport, unused here: every public Link method is overridden. Any frame path that was
-    missed fails loudly instead of writing firmware-protocol bytes onto a servo bus."""
-
-    def __init__(self, url: str) -> None:
-        self.description = f"motor device {url}"
-
-    def open(self) -> None:
-        raise LinkDownError(f"{self.description}: the firmware-protocol transport is not used for motor devices")
-
-    def close(self) -> None:
-        pass
-
-    def read(self, timeout: float) -> Chunks:
-        raise LinkDownError(f"{self.description}: the firmware-protocol transport is not used for motor devices")
-
-    def write(self, frame: bytes, urgent: bool = False) -> None:
-        raise LinkDownError(f"{self.description}: the firmware-protocol transport is not used for motor devices")
-
-
-class MotorDeviceLink(Link):
-    """The control loop's `Link` over one `MotorDevice` (see the module docstring for each mapping)."""
+class MotorDeviceLink(Controller):
+    """The control loop's `Controller` over one `MotorDevice` (see the module docstring for each mapping)."""
 
     def __init__(self, url: str, device: MotorDevice | None = None, **device_kw: Any) -> None:
         """`device_kw` (joint_limits, names, period_s, calibration...) go to the backend's constructor; the
         device is built (URL and parameters checked) but not opened."""
-        super().__init__(_NoFrames(url))
+        super().__init__()
         self._url = url
+        self._seq = secrets.randbelow(0x10000)
+        self._sent_since_hello = 0
+        self._heartbeats = self._keepalives = 0
         self.device = device if device is not None else open_device(url, open_now=False, **device_kw)
         self._mode = Mode.DISARMED
         self._host_stop: int | None = None  # category of the last stop this host made (latched like a firmware)
         self._answers: OrderedDict[int, bool | NackError] = OrderedDict()
         self._seen_faults: set[tuple[str, str, float]] = set()
         self._said_ignored = False
-        self.faults = deque(maxlen=FAULT_LOG_SIZE)
+
+    @classmethod
+    def from_url(cls, url: str, **device_kw: Any) -> MotorDeviceLink:
+        return cls(url, **device_kw)
 
     # ---- lifecycle ----
     def open(self) -> MotorDeviceLink:
