@@ -35,7 +35,7 @@ from edge_vla.errors import EdgeVlaError
 from edge_vla.provision import signing
 from edge_vla.provision.lock import LOCK_FILE, LockEntry, parse_lock
 from edge_vla.provision.package import PACKAGE_JSON
-from edge_vla.provision.robot_config import CONFIG_PATH, RobotConfig, link_device, link_kind
+from edge_vla.provision.robot_config import CONFIG_PATH, FIRMWARE_LINK_KINDS, RobotConfig, link_device, link_kind
 from edge_vla.provision.tarball import extract_tarball
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
@@ -475,6 +475,41 @@ def check_link(exp: Expectation, m: Machine) -> Check:
     return Check("link", PASS, detail)
 
 
+# A servo bus's vendor SDK (module, the extra that installs it), and what protects the arm when the host dies.
+MOTOR_SDKS = {"dynamixel": ("dynamixel_sdk", "dynamixel"), "feetech": ("scservo_sdk", "feetech")}
+
+
+def check_motor_bus(exp: Expectation, m: Machine) -> list[Check]:
+    """For a servo-bus link: its SDK is importable, and what stops the arm if this computer dies (a Feetech
+    STS has no communication watchdog: a WARN on every run of doctor, as the runtime warns at every start)."""
+    if exp.config is None:
+        return []
+    kind = link_kind(exp.config.link)
+    if kind in FIRMWARE_LINK_KINDS:
+        return []
+    checks = []
+    module, extra = MOTOR_SDKS.get(kind, (None, kind))
+    if module is not None:
+        try:
+            m.import_module(module)
+            checks.append(Check("motor-sdk", PASS, f"{module} importable for {kind}://"))
+        except ImportError:
+            checks.append(Check("motor-sdk", FAIL, f"{kind}:// needs {module}, which is not importable",
+                                f"build the package with `edge-vla package --extras {extra}` (or pip install "
+                                f"'edge-vla[{extra}]')"))
+    if kind == "feetech":
+        checks.append(Check(
+            "motor-watchdog", WARN, "feetech:// servos have NO communication watchdog: if this computer dies, hangs or "
+            "loses the USB cable, the servos keep holding their last goal under torque (edge-vla turns torque off "
+            "on every stop, SIGTERM and exit, but not after kill -9, a kernel panic or an unplug)",
+            "wire a hardware E-stop that cuts servo power, or put an MCU running edge-vla's firmware reference "
+            "between this computer and the servo bus (serial://); docs/motors.md"))
+    elif kind == "dynamixel":
+        checks.append(Check("motor-watchdog", PASS, "dynamixel:// arms each servo's Bus Watchdog: if this computer "
+                            "dies the servos stop and hold position with torque ON (not torque off); docs/motors.md"))
+    return checks
+
+
 def check_camera(exp: Expectation, m: Machine) -> Check:
     if exp.config is None:
         return Check("camera", PASS, "no robot config given")
@@ -563,6 +598,7 @@ def run_checks(exp: Expectation, machine: Machine | None = None) -> list[Check]:
         check_gpu(exp, m),
         check_l4t(exp, m),
         check_link(exp, m),
+        *check_motor_bus(exp, m),
         check_camera(exp, m),
         check_rtprio(exp),
         check_memlock(exp),

@@ -64,6 +64,9 @@ class RobotConfig:
             raise ConfigError(f"link {self.link!r} names no device; use serial:///dev/ttyACM0")
         if kind == "can" and not urlparse(self.link).netloc:
             raise ConfigError(f"link {self.link!r} names no interface; use can://can0")
+        if kind not in FIRMWARE_LINK_KINDS and self.rate_hz > 100:  # what `edge-vla run` accepts for servo buses
+            raise ConfigError(f"rate {self.rate_hz:g} Hz is above what {kind}:// servos are specified for (100 Hz: "
+                              "6 servos at 1 Mbaud); set EDGE_VLA_RATE_HZ=100 or less")
         if not (self.camera in {"realsense", "sim"} or self.camera.startswith("video:")):
             raise ConfigError(f"camera {self.camera!r}: use realsense, sim or video:PATH")
         if not 1 <= self.rate_hz <= 2000:
@@ -146,17 +149,43 @@ def parse_env(text: str) -> dict[str, str]:
     return out
 
 
+FIRMWARE_LINK_KINDS = ("serial", "can")  # this project's firmware protocol; the servo buses come from the registry
+
+
+def motor_link_kinds() -> tuple[str, ...]:
+    """Servo-bus schemes (dynamixel, feetech): firmware_bridge's motor registry, which imports no backend."""
+    from firmware_bridge.motors.registry import schemes
+
+    return tuple(schemes())
+
+
 def link_kind(link: str) -> str:
-    scheme = urlparse(link).scheme
-    if scheme not in {"serial", "can"}:
-        raise ConfigError(f"link {link!r}: use serial:///dev/DEVICE or can://IFACE")
-    return scheme
+    """The link's scheme; ConfigError in one line for one the runtime cannot drive or a malformed motor URL."""
+    scheme = urlparse(link).scheme.lower()
+    if scheme in FIRMWARE_LINK_KINDS:
+        return scheme
+    if scheme in motor_link_kinds():
+        from firmware_bridge.motors.registry import parse_ids, parse_url
+
+        try:  # the URL's shape and ids; the backend's own checks need its SDK, which a workstation may not have
+            parsed = parse_url(link)
+            if "ids" in parsed.params:
+                parse_ids(parsed.params["ids"])
+        except ValueError as exc:
+            raise ConfigError(f"link {link!r}: {exc}") from None
+        return scheme
+    raise ConfigError(f"link {link!r}: use serial:///dev/DEVICE or can://IFACE (an MCU running edge-vla's firmware), "
+                      + " or ".join(f"{s}:///dev/DEVICE?ids=1-6" for s in motor_link_kinds()) + " (a servo bus)")
 
 
 def link_device(link: str) -> str:
-    """serial:///dev/ttyACM0 -> /dev/ttyACM0; can://can0 -> can0."""
+    """serial:///dev/ttyACM0 -> /dev/ttyACM0; can://can0 -> can0; feetech:///dev/ttyUSB0?ids=1-6 -> /dev/ttyUSB0."""
     parsed = urlparse(link)
-    return parsed.path if parsed.scheme == "serial" else parsed.netloc
+    if parsed.scheme.lower() == "can":
+        return parsed.netloc
+    if parsed.scheme.lower() == "serial":
+        return parsed.path
+    return parsed.netloc + parsed.path  # a motor URL's port is everything between :// and ?
 
 
 def run_command(bundle: str, config: RobotConfig) -> str:

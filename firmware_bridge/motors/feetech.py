@@ -217,6 +217,11 @@ class FeetechDevice(ServoBusDevice):
     def _describe_servos(self) -> str:
         return ", ".join(sorted({STS_MODELS[m] for m in self._models.values()}))
 
+    def _open(self) -> None:
+        super()._open()
+        # At every start, not only at arm: a user rehearsing disarmed should learn it before wiring the arm.
+        log.warning("%s: %s", self.url, RESIDUAL_RISK)
+
     def _identify(self, servo_id: int) -> None:
         model = self._read(servo_id, MODEL_NUMBER, 2)
         swapped = ((model & 0xFF) << 8) | (model >> 8)

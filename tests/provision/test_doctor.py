@@ -144,6 +144,48 @@ def test_link_checks(tmp_path: Path):
     assert link(f"serial://{plain}").status == FAIL
 
 
+def test_servo_bus_links_are_provisionable_and_doctor_says_what_protects_the_arm(tmp_path: Path):
+    """A robot config may name a servo bus (the SO-101's Feetech, a Koch's Dynamixel): doctor checks its device
+    like a serial port, its SDK, and says in a WARN line that a Feetech bus has no watchdog."""
+    import importlib
+
+    real = _fake_machine(tmp_path, modules={"dynamixel_sdk": importlib.import_module("dynamixel_sdk"),
+                                            "scservo_sdk": importlib.import_module("scservo_sdk")})
+    bare = _fake_machine(tmp_path / "bare")
+
+    def checks(url: str, m: Machine):
+        exp = Expectation(config=RobotConfig(link=url, rate_hz=100).validate())
+        return _by_name([doctor.check_link(exp, m), *doctor.check_motor_bus(exp, m)])
+
+    feetech = checks("feetech:///dev/null?ids=1-6", real)
+    assert feetech["link"].status == PASS and "/dev/null" in feetech["link"].detail
+    assert feetech["motor-sdk"].status == PASS
+    assert feetech["motor-watchdog"].status == WARN and "NO communication watchdog" in feetech["motor-watchdog"].detail
+    assert "E-stop" in feetech["motor-watchdog"].fix
+    dxl = checks("dynamixel:///dev/null?ids=1-6&baud=1000000", real)
+    assert dxl["motor-watchdog"].status == PASS and "torque ON" in dxl["motor-watchdog"].detail
+    # Control: without the SDK the same config fails, naming the extra that installs it.
+    missing = checks("feetech:///dev/null?ids=1-6", bare)["motor-sdk"]
+    assert missing.status == FAIL and "--extras feetech" in missing.fix
+    assert checks("feetech:///dev/ttyUSB77?ids=1-6", real)["link"].status == FAIL  # absent device: as for serial://
+    # The firmware link gets no motor lines.
+    assert doctor.check_motor_bus(Expectation(config=RobotConfig(link="serial:///dev/null")), real) == []
+
+
+@pytest.mark.parametrize(("link", "rate", "message"), [
+    ("feetech:///dev/ttyUSB0?ids=1-300", 50, "outside 0..252"),
+    ("dynamixel://?ids=1-6", 50, "names no port"),
+    ("ethercat://eth0", 50, "feetech:///dev/DEVICE"),
+    ("feetech:///dev/ttyUSB0?ids=1-6", 200, "EDGE_VLA_RATE_HZ=100"),
+])
+def test_bad_servo_bus_configs_are_refused_in_one_line(link: str, rate: float, message: str):
+    from edge_vla.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as info:
+        RobotConfig(link=link, rate_hz=rate).validate()
+    assert "\n" not in str(info.value)
+
+
 def test_bad_bundle_fails(bundle: Path, tmp_path: Path):
     (bundle / "graphs/prefix.onnx").write_bytes(b"changed")
     check = doctor.check_bundle(Expectation(bundle_root=bundle), _fake_machine(tmp_path))
