@@ -524,6 +524,10 @@ class ControlLoop:
             else:
                 self.link.send_setpoints(res.sent)
         except Exception as exc:
+            if self.stop_requested:  # a SIGTERM reached the device's own hook first (Feetech: torque off, then the
+                # write is refused): the requested stop runs next cycle; a refused write after it is not a fault.
+                log.info("setpoint not sent after %s (%s); stopping as requested", self.stop_requested, exc)
+                return
             self._trip(FaultKind.LINK_STALE, f"could not send a setpoint: {exc}", t)
             return
         if self.telemetry.enabled and (res.clamped or self._n % self.cfg.telemetry_every == 0):

@@ -145,6 +145,33 @@ def test_run_arms_only_on_the_operator_moves_the_servos_and_every_stop_ends_in_t
             proc.communicate()
 
 
+@pytest.mark.parametrize("emulator", SCHEMES, indirect=True)
+def test_sigterm_to_the_whole_process_group_is_a_clean_stop(emulator: Any) -> None:
+    """systemd's default KillMode=control-group sends SIGTERM to every process of the service at once: the control
+    process (where the Feetech backend's own SIGTERM hook turns torque off first) and its parent. That is an
+    operator-grade stop, not a fault: exit 0, torque off read from each servo. (It exited 3: the loop's next
+    setpoint write met the disarmed device and tripped as a link fault.)"""
+    emu = emulator
+    sock = service_run_dir(f"edge-vla-{emu.scheme}-") / "control.sock"
+    proc = _start(_url(emu), sock)
+    try:
+        wait_for(lambda: _phase(sock, proc) == "disarmed", STARTUP_S, "the loop to come up disarmed")
+        reply = _op(sock, "arm")
+        if not reply.get("ok"):
+            pytest.fail(f"{reply}\n{_finish(proc, signal.SIGTERM)[1][-3000:]}")
+        wait_for(lambda: all(_torque(emu)), 10, "torque on in every servo after the operator's arm")
+        wait_for(lambda: _phase(sock, proc) in ("homing", "running"), 10, "the loop to drive the servos")
+        os.killpg(proc.pid, signal.SIGTERM)
+        code, err = _finish(proc)
+        assert code == 0, err[-3000:]
+        assert _torque(emu) == [False, False], err[-3000:]
+        assert "tripped" not in err.lower() or "safety trip" not in err.lower(), err[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
 @pytest.mark.parametrize("emulator", ["dynamixel"], indirect=True)
 def test_dynamixel_kill_9_of_run_mid_motion_the_bus_watchdog_stops_the_servos(emulator: Any) -> None:
     """The servos hold (Bus Watchdog expiry: stopped with torque on, 98 reads -1); the control case is the same
