@@ -49,6 +49,14 @@ class VLAConfig:
     # Training only: a head that reads where the named block is from the prefix (an auxiliary loss that
     # gives localisation a direct gradient). Never exported: the prefix graph ends at the K/V.
     goal_head: bool = False
+    # Width of the goal head's target: 2 (the sim: the named block's xy) or, on MetaWorld, 6 (the object's and
+    # the goal's xyz, privileged simulator fields used only as this training target, never as an input).
+    goal_dim: int = 2
+    # Real-time chunking, trained (action-prefix conditioning, arXiv 2512.05964): up to this many leading actions
+    # of a chunk can be given to the model clean (the actions that execute while it thinks), marked by a learned
+    # embedding on their action tokens (a mask, so the per-chunk flow time and its adaLN stay as they are); the
+    # rest is generated consistent with them. 0: not trained for it (every bundle before RTC).
+    rtc_max_delay: int = 0
     # Sampler.
     num_steps: int = 10
 
@@ -83,6 +91,10 @@ class VLAConfig:
             problems.append("keypoints need vision='conv' (they come from the conv stem's feature maps)")
         if self.vision == "conv" and (self.patch_size % 2 or self.image_size % 2):
             problems.append("vision='conv' needs an even patch_size and image_size (its second conv has stride 2)")
+        if not 0 <= self.rtc_max_delay < self.chunk_len:
+            problems.append(f"rtc_max_delay must be 0..chunk_len - 1 ({self.chunk_len - 1}), got {self.rtc_max_delay}")
+        if self.goal_dim < 1:
+            problems.append("goal_dim must be >= 1")
         if self.keypoints < 0 or self.stem_channels < 1:
             problems.append("keypoints must be >= 0 and stem_channels >= 1")
         for name in ("num_cameras", "depth", "expert_depth", "chunk_len", "action_dim", "state_dim", "num_steps"):

@@ -230,7 +230,10 @@ class StudentObjective(nn.Module):
         kv = torch.stack([blk.prefix_kv(prefix) for blk in s.expert])  # computed once, used by every term
         tt = t.view(-1, 1, 1)
         x_t = (1 - tt) * noise + tt * actions
-        loss = loss_a = F.mse_loss(s.velocity(x_t, t, kv), actions - noise)
+        if s.config.rtc_max_delay > 0:  # real-time chunking: a random clean prefix, loss on the rest (VLA.flow_loss)
+            loss = loss_a = s.prefix_flow_loss(noise, actions, x_t, t, kv)
+        else:
+            loss = loss_a = F.mse_loss(s.velocity(x_t, t, kv), actions - noise)
         stats = {"action": float(loss_a.detach())}
         if goals is not None and goal_weight > 0 and s.goal is not None:
             # As in VLA.flow_loss: table-normalised units, so the term is O(1) like the flow loss.

@@ -22,7 +22,7 @@ from .envs import dataset_env, longest_instruction, student_config, text_len_for
 from .families import load_teacher
 from .lerobot.hooks import dataset_text_len, distill_data, is_lerobot_source
 from .teacher import Teacher, VLATeacher
-from .train_cli import parse_overrides
+from .train_cli import parse_overrides, rtc_override
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +35,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="override one field of the student's preset, as `edge-vla train --set` (repeatable). "
                         "chunk_len, action_dim and state_dim come from the teacher; max_text_len is at least the "
                         "teacher's and the data's longest instruction")
+    parser.add_argument("--rtc-max-delay", type=int, default=None, metavar="D",
+                        help="train for real-time chunking: up to D leading actions of each chunk are given clean "
+                        "(the actions that execute while the policy thinks) and the rest is learned consistent with "
+                        "them (action-prefix conditioning, arXiv 2512.05964; docs/rtc.md). Default 0: off. "
+                        "Same as --set rtc_max_delay=D")
     parser.add_argument("--student-init", default=None, help="start the student from this checkpoint (same preset)")
     parser.add_argument("-o", "--output", required=True,
                         help="student checkpoint; with --reflow-steps > 0 the pre-reflow student goes to <output>_kd")
@@ -105,7 +110,7 @@ def check_teacher_text(teacher: Teacher, instructions: Iterable[object], source:
 
 
 def main(args: argparse.Namespace) -> int:
-    overrides = parse_overrides(args.set)
+    overrides = rtc_override(args, parse_overrides(args.set))
     teacher = load_teacher(args.teacher, steps=args.teacher_steps)
     student_cfg = student_preset(args.student_preset, overrides, teacher)
     data_path = Path(args.data)

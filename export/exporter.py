@@ -98,6 +98,12 @@ def export_model(model: VLA, out: str | Path, opts: ExportOptions, source_hash: 
         model.config = dataclasses.replace(model.config, num_steps=opts.steps).validate()
     if opts.time_input not in TIME_INPUT:
         raise EdgeVlaError(f"unknown time input {opts.time_input!r}; choose one of {sorted(TIME_INPUT)}")
+    if model.config.rtc_max_delay > 0:
+        # The graphs do not take an action prefix yet: the bundle declares no `rtc` block, so runtimes run it as
+        # any bundle (a prefix-trained model is also trained without one: delay 0 is in its training draws).
+        log.warning("this checkpoint was trained for real-time chunking (rtc_max_delay %d), but the export does not "
+                    "carry the action prefix into the graphs yet: the bundle runs without it (sync, receding, "
+                    "ensemble)", model.config.rtc_max_delay)
     cfg = model.config
     # Inputs first: a bad calibration source must not cost an ONNX export and then fail.
     if opts.precision == "int8" or is_lerobot_source(opts.calib):

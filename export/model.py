@@ -169,12 +169,15 @@ class VLA(nn.Module):
         self.text_film = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, 2 * w)) if cfg.text_film else None
         self.trunk = nn.ModuleList(TrunkBlock(w, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.trunk_norm = nn.LayerNorm(w, eps=LN_EPS)
-        self.goal = nn.Sequential(nn.Linear(w, w), nn.GELU(), nn.Linear(w, 2)) if cfg.goal_head else None
+        self.goal = nn.Sequential(nn.Linear(w, w), nn.GELU(), nn.Linear(w, cfg.goal_dim)) if cfg.goal_head else None
 
         e = cfg.expert_width
         self.action_in = nn.Linear(cfg.action_dim, e)
         self.action_pos = nn.Parameter(torch.randn(1, cfg.chunk_len, e) * 0.02)
         self.time_mlp = nn.Sequential(nn.Linear(e, e), nn.SiLU(), nn.Linear(e, e))
+        # RTC (config.rtc_max_delay > 0): added to the action tokens of the frozen prefix (mask 1), whose x_t is
+        # the clean action; absent otherwise, so models without RTC keep their parameters and random draws.
+        self.prefix_emb = nn.Parameter(torch.randn(1, 1, e) * 0.02) if cfg.rtc_max_delay > 0 else None
         self.expert = nn.ModuleList(
             ExpertBlock(e, cfg.expert_heads, cfg.mlp_ratio, w) for _ in range(cfg.expert_depth)
         )
@@ -239,10 +242,13 @@ class VLA(nn.Module):
     def time_condition(self, t: Tensor) -> Tensor:
         return self.time_mlp(timestep_embedding(t, self.config.expert_width))
 
-    def velocity(self, x_t: Tensor, t: Tensor, prefix_kv: Tensor) -> Tensor:
-        """x_t [B, H, D] (normalized actions), t [B] -> velocity [B, H, D]."""
+    def velocity(self, x_t: Tensor, t: Tensor, prefix_kv: Tensor, prefix_mask: Tensor | None = None) -> Tensor:
+        """x_t [B, H, D] (normalized actions), t [B] -> velocity [B, H, D]. With RTC, `prefix_mask` [B, H] is 1 on
+        the frozen prefix (whose x_t holds the clean actions) and 0 elsewhere; None means no prefix."""
         c = self.time_condition(t)
         h = self.action_in(x_t) + self.action_pos
+        if prefix_mask is not None and self.prefix_emb is not None:
+            h = h + prefix_mask.unsqueeze(-1) * self.prefix_emb
         for i, blk in enumerate(self.expert):
             h = blk(h, c, prefix_kv[i])
         shift, scale = self.final_mod(F.silu(c)).chunk(2, dim=-1)
@@ -258,8 +264,8 @@ class VLA(nn.Module):
     def flow_loss(self, images: Tensor, tokens: Tensor, state: Tensor, actions: Tensor,
                   noise: Tensor | None = None, t: Tensor | None = None, goals: Tensor | None = None,
                   goal_weight: float = 0.0) -> Tensor:
-        """Flow-matching loss for a batch of physical-unit action chunks [B, H, D]; with `goals` (target xy
-        in metres, [B, 2]) and a goal head, plus `goal_weight` times the goal-location loss."""
+        """Flow-matching loss for a batch of physical-unit action chunks [B, H, D]; with `goals` (positions in
+        metres, [B, goal_dim]: the sim's target xy, MetaWorld's object and goal xyz) and a goal head, plus `goal_weight` times the goal-location loss."""
         x1 = self.normalize_actions(actions)
         x0 = torch.randn_like(x1) if noise is None else noise
         if t is None:
@@ -267,11 +273,25 @@ class VLA(nn.Module):
         x_t = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * x1
         prefix = self.embed_prefix(images, tokens, state)
         kv = torch.stack([blk.prefix_kv(prefix) for blk in self.expert])
-        loss = F.mse_loss(self.velocity(x_t, t, kv), x1 - x0)
+        if self.config.rtc_max_delay > 0:
+            loss = self.prefix_flow_loss(x0, x1, x_t, t, kv)
+        else:
+            loss = F.mse_loss(self.velocity(x_t, t, kv), x1 - x0)
         if goals is not None and goal_weight > 0 and self.goal is not None:
             # In table-normalised units (centre 0.5 m, scale 0.25 m), so the loss is O(1) like the flow loss.
             loss = loss + goal_weight * F.mse_loss(self.goal(prefix.mean(dim=1)), (goals - 0.5) / 0.25)
         return loss
+
+    def prefix_flow_loss(self, x0: Tensor, x1: Tensor, x_t: Tensor, t: Tensor, kv: Tensor) -> Tensor:
+        """Training-time RTC: per example a delay d uniform in 0..rtc_max_delay; the first d actions are given
+        clean (x_t = x1, mask 1) and the loss covers only the others, the ones the model generates."""
+        b, h = x1.shape[:2]
+        d = torch.randint(0, self.config.rtc_max_delay + 1, (b, 1), device=x1.device)
+        mask = (torch.arange(h, device=x1.device).unsqueeze(0) < d).to(x1.dtype)  # [B, H]
+        x_t = torch.where(mask.unsqueeze(-1) > 0, x1, x_t)
+        err = (self.velocity(x_t, t, kv, mask) - (x1 - x0)) ** 2  # [B, H, D]
+        free = (1 - mask).unsqueeze(-1)
+        return (err * free).sum() / (free.sum() * x1.shape[-1]).clamp_min(1.0)
 
     def goal_xy(self, prefix: Tensor) -> Tensor:
         """Where the named block is (metres), read from the mean of the prefix tokens (training probe)."""
@@ -280,16 +300,24 @@ class VLA(nn.Module):
 
     @torch.no_grad()
     def sample(self, images: Tensor, tokens: Tensor, state: Tensor, noise: Tensor,
-               steps: int | None = None, solver: str = "euler", cache_prefix: bool = True) -> Tensor:
-        """Integrate the flow from noise to an action chunk in physical units."""
+               steps: int | None = None, solver: str = "euler", cache_prefix: bool = True,
+               prefix: Tensor | None = None) -> Tensor:
+        """Integrate the flow from noise to an action chunk in physical units. With RTC, `prefix` [B, d, D]
+        (physical units, d <= rtc_max_delay) are the chunk's first d actions, given: they come back unchanged and
+        the rest is generated consistent with them."""
         steps = steps or self.config.num_steps
         kv = self.prefix_kv(images, tokens, state) if cache_prefix else None
         x = noise
         dt = 1.0 / steps
+        mask, frozen = self._frozen_prefix(noise, prefix)
+        if mask is not None:
+            x = torch.where(mask.unsqueeze(-1) > 0, frozen, x)
 
         def v_at(x: Tensor, t: float) -> Tensor:
             tt = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
-            return self.velocity(x, tt, kv if kv is not None else self.prefix_kv(images, tokens, state))
+            v = self.velocity(x, tt, kv if kv is not None else self.prefix_kv(images, tokens, state), mask)
+            # The frozen actions do not move: every solver stage then keeps them exactly.
+            return v if mask is None else v * (1 - mask).unsqueeze(-1)
 
         for i in range(steps):
             t = i * dt
@@ -304,6 +332,24 @@ class VLA(nn.Module):
             else:
                 raise ValueError(f"unknown solver {solver!r}; use euler, heun or midpoint")
         return self.denormalize_actions(x)
+
+
+    def _frozen_prefix(self, noise: Tensor, prefix: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """(mask [B, H], the prefix in normalized units padded to [B, H, D]) or (None, None) without a prefix."""
+        if prefix is None or prefix.shape[1] == 0:
+            return None, None
+        d, cfg = prefix.shape[1], self.config
+        if self.prefix_emb is None:
+            raise ValueError("this model was not trained for real-time chunking (rtc_max_delay = 0): it cannot "
+                             "take an action prefix; train it with --rtc-max-delay")
+        if d > cfg.rtc_max_delay or prefix.shape[0] != noise.shape[0] or prefix.shape[2] != cfg.action_dim:
+            raise ValueError(f"prefix of shape {tuple(prefix.shape)}: expected [{noise.shape[0]}, d <= "
+                             f"{cfg.rtc_max_delay}, {cfg.action_dim}]")
+        mask = torch.zeros(noise.shape[:2], dtype=noise.dtype, device=noise.device)
+        mask[:, :d] = 1.0
+        frozen = torch.zeros_like(noise)
+        frozen[:, :d] = self.normalize_actions(prefix.to(noise.dtype))
+        return mask, frozen
 
 
 def fake_inputs(config: VLAConfig, batch: int = 1, seed: int = 0) -> dict[str, Tensor]:

@@ -33,6 +33,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one model-config field of the preset, e.g. --set vision=conv --set keypoints=8 "
                         "(repeatable; fields as in edge_vla/config.py VLAConfig; edge-vla family only)")
+    parser.add_argument("--rtc-max-delay", type=int, default=None, metavar="D",
+                        help="train for real-time chunking: up to D leading actions of each chunk are given clean "
+                        "(the actions that execute while the policy thinks) and the rest is learned consistent with "
+                        "them (action-prefix conditioning, arXiv 2512.05964; docs/rtc.md). Default 0: off. "
+                        "Same as --set rtc_max_delay=D")
     parser.add_argument("--pi0-config", default=None,
                         help="pi0 family: a size (reduced: the default, ~2.3M parameters; wide: ~7.2M) or a JSON "
                         "file of PI0Config keyword arguments merged over the reduced default (export/pi0/train.py)")
@@ -58,6 +63,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
     parser.add_argument("--episodes", type=int, default=300,
                         help="episodes to generate when --data is missing (MetaWorld: per task)")
+
+
+def rtc_override(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
+    """--rtc-max-delay D as the config override it is (refusing a --set that says otherwise)."""
+    if args.rtc_max_delay is None:
+        return overrides
+    if overrides.get("rtc_max_delay", args.rtc_max_delay) != args.rtc_max_delay:
+        raise ConfigError(f"--rtc-max-delay {args.rtc_max_delay} and --set rtc_max_delay="
+                          f"{overrides['rtc_max_delay']} disagree; give one")
+    return overrides | {"rtc_max_delay": args.rtc_max_delay}
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -93,7 +108,7 @@ def main(args: argparse.Namespace) -> int:
         return _train_pi0(args, tc)
     if args.pi0_config:
         raise ConfigError("--pi0-config needs --family pi0")
-    cfg = preset(args.preset, **parse_overrides(args.set))
+    cfg = preset(args.preset, **rtc_override(args, parse_overrides(args.set)))
     mw = is_metaworld(args.env)
     split = "base" if mw else sim_split(args.env)
     data = args.data or ("runs/data/metaworld.npz" if mw else "runs/data/reach.npz" if split == "base"
