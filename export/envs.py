@@ -58,8 +58,10 @@ def training_config(cfg: VLAConfig, ds: Dataset) -> VLAConfig:
     cfg = dataclasses.replace(cfg, max_text_len=max(cfg.max_text_len, text_len_for(ds.instructions))).validate()
     if dataset_env(ds.meta) is None:
         return cfg
+    # Data that records MetaWorld's object and goal positions sizes the goal head (an auxiliary training target).
+    goal_dim = cfg.goal_dim if ds.goals is None else int(ds.goals.shape[1])
     return dataclasses.replace(cfg, state_dim=int(ds.states.shape[1]), action_dim=int(ds.actions.shape[-1]),
-                               num_cameras=int(ds.images.shape[1])).validate()
+                               num_cameras=int(ds.images.shape[1]), goal_dim=goal_dim).validate()
 
 
 def student_config(student: VLAConfig, teacher: VLAConfig, data_meta: dict[str, Any] | None) -> VLAConfig:

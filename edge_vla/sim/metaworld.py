@@ -271,6 +271,13 @@ class MetaWorldEnv:
         assert self.raw is not None, "call reset() first"
         return self.raw[:4].astype(np.float32)  # hand xyz, gripper opening: never the object or goal fields
 
+    @property
+    def positions(self) -> np.ndarray:
+        """The object's and the goal's xyz (metres): privileged simulator fields, recorded only as an auxiliary
+        training target (the goal head), never given to the policy."""
+        assert self.raw is not None, "call reset() first"
+        return np.concatenate([self.raw[4:7], self.raw[36:39]]).astype(np.float32)
+
     def expert_action(self) -> np.ndarray:
         """The task's scripted expert (it reads the full observation, object and goal included)."""
         assert self.raw is not None, "call reset() first"
@@ -337,6 +344,7 @@ def generate(spec: MetaWorldSpec | str, seeds: range, image_size: int = 64, num_
     cams = spec.camera_names(num_cameras)
     images: list[np.ndarray] = []
     states: list[np.ndarray] = []
+    positions: list[np.ndarray] = []
     actions: list[np.ndarray] = []
     instr: list[str] = []
     episodes: list[int] = []
@@ -350,10 +358,11 @@ def generate(spec: MetaWorldSpec | str, seeds: range, image_size: int = 64, num_
                 if ep is None:
                     failed[task] = failed.get(task, 0) + 1
                     continue
-                for imgs, state, label in ep:
+                for imgs, state, where, label in ep:
                     images.append(np.stack(imgs))
                     instr.append(env.instruction)
                     states.append(state)
+                    positions.append(where)
                     actions.append(label)
                     episodes.append(k * len(spec.tasks) + ti)  # interleaved: a tail split holds every task
         log.info("%s: %d frames from %d demonstrations (%d failed) in %.1f s", task, len(states) - before,
@@ -364,6 +373,7 @@ def generate(spec: MetaWorldSpec | str, seeds: range, image_size: int = 64, num_
     return Dataset(
         images=np.stack(images), instructions=np.array(instr), states=np.stack(states).astype(np.float32),
         actions=np.stack(actions).astype(np.float32), episodes=np.array(episodes, dtype=np.int32),
+        goals=np.stack(positions).astype(np.float32),
         meta={
             "format_version": FORMAT_VERSION, "task": "metaworld", "env": str(replace(spec, cameras=cams)),
             "tasks": list(spec.tasks), "cameras": list(cams), "image_size": image_size, "num_cameras": len(cams),
@@ -375,15 +385,15 @@ def generate(spec: MetaWorldSpec | str, seeds: range, image_size: int = 64, num_
 
 
 def _demo(env: MetaWorldEnv, seed: int, rng: np.random.Generator, noise: float, chunk_len: int,
-          frame_every: int) -> list[tuple[list[np.ndarray], np.ndarray, np.ndarray]] | None:
+          frame_every: int) -> list[tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]] | None:
     env.reset(seed)
-    frames: list[tuple[int, list[np.ndarray], np.ndarray]] = []
+    frames: list[tuple[int, list[np.ndarray], np.ndarray, np.ndarray]] = []
     clean: list[np.ndarray] = []
     done = success = False
     while not done:
         a = env.expert_action()
         if env.t % frame_every == 0:
-            frames.append((env.t, env.render(), env.state))
+            frames.append((env.t, env.render(), env.state, env.positions))
         clean.append(a)
         executed = a.copy()
         if noise > 0 and rng.random() < 0.5:
@@ -397,7 +407,7 @@ def _demo(env: MetaWorldEnv, seed: int, rng: np.random.Generator, noise: float, 
         clean.append(a)
         env.step(a)
     padded = np.stack(clean + [clean[-1]] * chunk_len)
-    return [(imgs, state, padded[t:t + chunk_len]) for t, imgs, state in frames]
+    return [(imgs, state, where, padded[t:t + chunk_len]) for t, imgs, state, where in frames]
 
 
 # --- closed-loop evaluation -----------------------------------------------------------------------------

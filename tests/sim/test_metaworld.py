@@ -94,6 +94,26 @@ def test_seeds_draw_layouts_deterministically_and_state_is_hand_and_gripper(reac
     assert not np.array_equal(obs.images[0], obs.images[1])
 
 
+def test_demonstrations_record_object_and_goal_positions_for_the_goal_head_only():
+    """The goal head's target on MetaWorld: the object's and the goal's xyz (privileged, training only). Training
+    sizes the head from the data; the policy's inputs (state, images) never carry them."""
+    if importlib.util.find_spec("metaworld") is None:
+        pytest.skip("MetaWorld is an optional extra: pip install 'edge-vla[metaworld]'")
+    from edge_vla.config import preset
+    from edge_vla.export.envs import training_config
+    from edge_vla.sim import metaworld
+
+    ds = metaworld.generate("metaworld:reach-v3?horizon=150", range(2), image_size=32, frame_every=10)
+    assert ds.goals is not None and ds.goals.shape == (len(ds), 6) and ds.goals.dtype == np.float32
+    goal_xyz = ds.goals[:, 3:]
+    first = ds.episodes == ds.episodes[0]
+    assert np.allclose(goal_xyz[first], goal_xyz[first][0])  # the goal stays put within an episode ...
+    assert not np.allclose(goal_xyz[first][0], goal_xyz[~first][0])  # ... and another seed draws another
+    assert ds.states.shape[1] == 4  # hand xyz and gripper: the positions are not an input
+    cfg = training_config(preset("tiny"), ds)
+    assert cfg.goal_dim == 6 and cfg.goal_head
+
+
 def test_evaluation_renders_only_when_the_policy_needs_a_chunk(reach, monkeypatch):
     from edge_vla.sim import metaworld
 
