@@ -31,7 +31,7 @@ from .engines import build_script
 from .envs import export_options
 from .lerobot.hooks import is_lerobot_source
 from .model import VLA, count_parameters
-from .onnx_graphs import GRAPH_ROLES, OPSET, TIME_INPUT, StepTime, export_graphs, io_specs, with_roles
+from .onnx_graphs import GRAPH_ROLES, OPSET, PREFIX_MASK, TIME_INPUT, StepTime, export_graphs, io_specs, with_roles
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +98,6 @@ def export_model(model: VLA, out: str | Path, opts: ExportOptions, source_hash: 
         model.config = dataclasses.replace(model.config, num_steps=opts.steps).validate()
     if opts.time_input not in TIME_INPUT:
         raise EdgeVlaError(f"unknown time input {opts.time_input!r}; choose one of {sorted(TIME_INPUT)}")
-    if model.config.rtc_max_delay > 0:
-        # The graphs do not take an action prefix yet: the bundle declares no `rtc` block, so runtimes run it as
-        # any bundle (a prefix-trained model is also trained without one: delay 0 is in its training draws).
-        log.warning("this checkpoint was trained for real-time chunking (rtc_max_delay %d), but the export does not "
-                    "carry the action prefix into the graphs yet: the bundle runs without it (sync, receding, "
-                    "ensemble)", model.config.rtc_max_delay)
     cfg = model.config
     # Inputs first: a bad calibration source must not cost an ONNX export and then fail.
     if opts.precision == "int8" or is_lerobot_source(opts.calib):
@@ -231,6 +225,12 @@ def _manifest(model: VLA, graphs: dict[str, Path], opts: ExportOptions, calib: d
             "time_input": time_input,
             "unrolled_graph_steps": cfg.num_steps if "chunk" in graphs else None,
         },
+        # Real-time chunking (trained): the step graph's prefix_mask marks up to max_delay frozen leading actions;
+        # the runtime holds them in x (velocity zeroed there). The unrolled chunk graph takes no prefix. Absent
+        # (not null) without RTC: readers test for the key.
+        **({"rtc": {"max_delay": cfg.rtc_max_delay, "mask_input": PREFIX_MASK, "chunk_graph": False,
+                    "method": "action-prefix conditioning (trained; arXiv 2512.05964)"}}
+           if cfg.rtc_max_delay > 0 else {}),
         "preprocessing": {
             "kind": REFERENCE_FAMILY,
             "images": {"cameras": cfg.num_cameras, "height": cfg.image_size, "width": cfg.image_size,

@@ -55,6 +55,8 @@ def check(model: VLA, precision: str, contract: Contract, graphs: Mapping[str, P
     n = len(obs["state"])
     worst = {name: Metrics(0.0, 0.0, 1.0) for name in ("prefix", "denoise_step", "chunk")}
     ref_all, got_all = [], []
+    rtc_ref: list[np.ndarray] = []
+    rtc_got: list[np.ndarray] = []
     chunk = contract.chunk
     chunk_sess = make_session(graphs[chunk.name], None, ["CPUExecutionProvider"])[0] if chunk else None
     for i in range(n):
@@ -89,6 +91,14 @@ def check(model: VLA, precision: str, contract: Contract, graphs: Mapping[str, P
         got = sampler.run(noise.numpy())
         ref_all.append(ref_actions.numpy())
         got_all.append(got.copy())
+        if contract.rtc_max_delay:
+            # RTC: the same chunk given its first d actions (d cycling 1..max_delay), as the runtime will run it.
+            d = 1 + i % contract.rtc_max_delay
+            given = model.denormalize_actions(ref_actions)[:, :d]
+            ref_p = model.normalize_actions(model.sample(images, tokens, state, noise, steps=steps, prefix=given))
+            got_p = sampler.run(noise.numpy(), prefix=model.normalize_actions(given)[0].numpy())
+            rtc_ref.append(ref_p[0, d:].numpy().ravel())
+            rtc_got.append(got_p[0, d:].copy().ravel())
         if chunk_sess is not None and chunk is not None:
             out = chunk_sess.run(None, {"images": images.numpy(), "tokens": tokens.numpy(), "state": state.numpy(),
                                         "noise": noise.numpy()})[0]
@@ -101,4 +111,8 @@ def check(model: VLA, precision: str, contract: Contract, graphs: Mapping[str, P
     if chunk_sess is not None:
         passed = passed and worst["chunk"].rel_l2 <= rel_max and worst["chunk"].cosine >= cos_min
     graphs_report = {k: asdict(v) for k, v in worst.items() if k != "chunk" or chunk_sess is not None}
+    if rtc_ref:  # the generated part of prefix-given chunks, under the same gate
+        rtc = Metrics.of(np.concatenate(rtc_ref), np.concatenate(rtc_got))
+        graphs_report["rtc_chunk"] = asdict(rtc)
+        passed = passed and rtc.rel_l2 <= rel_max and rtc.cosine >= cos_min
     return NumericsReport(precision, n, steps, graphs_report, asdict(actions), rel_max, cos_min, passed)

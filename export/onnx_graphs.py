@@ -1,7 +1,8 @@
 """Split the policy into the graphs deployment needs, and export them to ONNX (docs/MANIFEST.md).
 
 - prefix:       images, tokens, state -> prefix_k_i, prefix_v_i for every expert layer i (cross-attention K/V)
-- denoise_step: x_t, t (or time_cond, a row of the time-conditioning table), prefix_k_i, prefix_v_i -> velocity
+- denoise_step: x_t, t (or time_cond, a row of the time-conditioning table), [prefix_mask,] prefix_k_i, prefix_v_i
+                -> velocity (prefix_mask only for a model trained for real-time chunking: config.rtc_max_delay > 0)
 - chunk:        (optional) images, tokens, state, noise -> normalized actions, with N Euler steps unrolled
 
 Per-layer K/V are separate graph outputs and inputs (bound by name, never sliced out of one tensor).
@@ -38,7 +39,9 @@ OPSET = 17
 TIME_KINDS = ("scalar", "table")
 TIME_INPUT = {"scalar": "t", "table": "time_cond"}
 IO_ROLES = {"images": "images", "tokens": "tokens", "state": "state", "x_t": "x_t", "t": "time",
-            "time_cond": "time_cond", "noise": "noise", "velocity": "velocity", "actions": "actions"}
+            "time_cond": "time_cond", "noise": "noise", "velocity": "velocity", "actions": "actions",
+            "prefix_mask": "prefix_mask"}
+PREFIX_MASK = "prefix_mask"  # RTC: [1, H] float, 1 on the frozen prefix's positions (docs/MANIFEST.md "rtc")
 GRAPH_ROLES = {"prefix": "prefix", "denoise_step": "step", "chunk": "chunk"}
 
 
@@ -128,6 +131,7 @@ class FoldedStep(nn.Module):
                 b.w_2, b.b_2 = wt(blk.mlp[2]), bias(blk.mlp[2])
                 self.blocks.append(b)
             self.w_out, self.b_out = wt(model.action_out), bias(model.action_out)
+            self.prefix_emb = None if model.prefix_emb is None else _frozen(model.prefix_emb[0, 0])
 
     def _heads(self, x: Tensor, n: int) -> Tensor:
         """[T, n*h*d] -> [n*h, T, d]."""
@@ -137,10 +141,13 @@ class FoldedStep(nn.Module):
         """[h, T, d] or [1, h, T, d] -> [T, h*d]."""
         return y.transpose(-3, -2).reshape(self.t, self.e)
 
-    def forward(self, x_t: Tensor, rows: Tensor, kv: list[tuple[Tensor, Tensor]]) -> Tensor:
+    def forward(self, x_t: Tensor, rows: Tensor, kv: list[tuple[Tensor, Tensor]],
+                prefix_mask: Tensor | None = None) -> Tensor:
         e, eps = self.e, LN_EPS
         v = rows.split(e)  # [E] each: per block shift1, scale1, gate1, shift2, scale2, gate2; then shift, scale
         h = torch.addmm(self.b_in, x_t.reshape(self.t, self.d), self.w_in) + self.pos
+        if prefix_mask is not None and self.prefix_emb is not None:  # RTC: mark the frozen prefix (VLA.velocity)
+            h = h + prefix_mask.reshape(self.t, 1) * self.prefix_emb
         for i, b in enumerate(self.blocks):
             shift1, scale1, gate1, shift2, scale2, gate2 = v[6 * i: 6 * i + 6]
             a = F.layer_norm(h, (e,), scale1, shift1, eps)
@@ -214,18 +221,20 @@ class PrefixGraph(nn.Module):
 
 
 class DenoiseStepGraph(nn.Module):
-    """x_t, (t [1] | time_cond [R]), prefix_k_0, prefix_v_0, ... -> velocity."""
+    """x_t, (t [1] | time_cond [R]), [prefix_mask [1, H],] prefix_k_0, prefix_v_0, ... -> velocity."""
 
     def __init__(self, model: VLA, time_input: str = "scalar") -> None:
         super().__init__()
         self.model = model
         self.time_input = time_input
         self.folded = FoldedStep(model) if time_input == "table" else None
+        self.rtc = model.prefix_emb is not None
 
-    def forward(self, x_t: Tensor, time: Tensor, *kv: Tensor) -> Tensor:
+    def forward(self, x_t: Tensor, time: Tensor, *rest: Tensor) -> Tensor:
+        mask, kv = (rest[0], rest[1:]) if self.rtc else (None, rest)
         if self.folded is not None:
-            return self.folded(x_t, time, pairs(kv))
-        return self.model.velocity(x_t, time, pairs(kv))
+            return self.folded(x_t, time, pairs(kv), mask)
+        return self.model.velocity(x_t, time, pairs(kv), mask)
 
 
 class UnrolledChunkGraph(nn.Module):
@@ -286,9 +295,14 @@ def graph_inputs(model: VLA, time_input: str = "scalar") -> dict[str, tuple[tupl
         kv = split_kv(model.prefix_kv(x["images"], x["tokens"], x["state"]))
     names = kv_names(model)
     step_time = StepTime(model, time_input)
+    # RTC: an example mask with a prefix, so the exporter traces the mask's path (a zero mask would fold away).
+    mask = ((torch.arange(cfg.chunk_len) < max(1, cfg.rtc_max_delay)).float().unsqueeze(0),) \
+        if model.prefix_emb is not None else ()
+    mask_names = [PREFIX_MASK] if mask else []
     return {
         "prefix": ((x["images"], x["tokens"], x["state"]), ["images", "tokens", "state"], names),
-        "denoise_step": ((x["noise"], step_time.example(), *kv), ["x_t", step_time.input, *names], ["velocity"]),
+        "denoise_step": ((x["noise"], step_time.example(), *mask, *kv), ["x_t", step_time.input, *mask_names, *names],
+                         ["velocity"]),
         "chunk": ((x["images"], x["tokens"], x["state"], x["noise"]),
                   ["images", "tokens", "state", "noise"], ["actions"]),
     }
@@ -322,7 +336,7 @@ def with_roles(graph: str, ios: list[dict]) -> list[dict]:
     out = []
     for io in ios:
         name = io["name"]
-        if name.startswith("prefix_"):
+        if name.startswith("prefix_") and name not in IO_ROLES:
             _, kind, layer = name.split("_")
             out.append(io | {"role": "prefix", "layer": int(layer), "kv": {"k": "key", "v": "value"}[kind]})
         elif name in IO_ROLES:

@@ -23,7 +23,7 @@ GRAPH_ROLES = ("prefix", "step", "chunk")
 OBSERVATION_ROLES = ("images", "image_mask", "tokens", "token_mask", "state")
 INPUT_ROLES = {
     "prefix": set(OBSERVATION_ROLES),
-    "step": set(OBSERVATION_ROLES) | {"x_t", "time", "time_cond", "prefix"},
+    "step": set(OBSERVATION_ROLES) | {"x_t", "time", "time_cond", "prefix", "prefix_mask"},
     "chunk": set(OBSERVATION_ROLES) | {"noise"},
 }
 OUTPUT_ROLES = {"prefix": {"prefix"}, "step": {"velocity"}, "chunk": {"actions"}}
@@ -93,6 +93,8 @@ class Contract:
     time_input: TimeInput
     preprocessing: Mapping[str, Any]
     root: Path | None = None
+    # Real-time chunking (manifest "rtc"): how many leading actions a prefix may freeze; 0 without RTC.
+    rtc_max_delay: int = 0
 
     # --- parsing ------------------------------------------------------------------------------------
     @classmethod
@@ -136,7 +138,8 @@ class Contract:
         chunk = by_role["chunk"][0] if by_role["chunk"] else None
         contract = cls(str(manifest.get("family", "")), prefix, step, chunk, flow, solvers, solver,
                        ints["num_steps"], ints["min_steps"], ints["max_steps"],
-                       int(sampler.get("recommended_min_steps", 1)), time_input, prep, root)
+                       int(sampler.get("recommended_min_steps", 1)), time_input, prep, root,
+                       _rtc_max_delay(manifest.get("rtc"), step, problems))
         contract._check_wiring(problems)
         if not contract.family:
             problems.append("family is missing (e.g. 'edge-vla-reference', 'pi0')")
@@ -198,6 +201,11 @@ class Contract:
     @property
     def time(self) -> IOSpec:
         return self.step.input_by_role(TIME_KINDS[self.time_input.kind])
+
+    @property
+    def prefix_mask(self) -> IOSpec | None:
+        """The step graph's RTC prefix mask input ([1, H]; 1 on frozen positions), or None without RTC."""
+        return self.step.input_by_role("prefix_mask") if self.rtc_max_delay else None
 
     def observation_inputs(self) -> dict[str, IOSpec]:
         """role -> input spec, over every graph (one name per role, checked at parse time)."""
@@ -312,3 +320,26 @@ def _time_input(v: Any, problems: list[str]) -> TimeInput:
                 else:
                     tables[int(k)] = rel
     return TimeInput(v["kind"], v["input"], tables)
+
+
+def _rtc_max_delay(rtc: object, step: GraphContract, problems: list[str]) -> int:
+    """The manifest's `rtc` block (None: no real-time chunking) checked against the step graph's inputs."""
+    masks = step.inputs_by_role("prefix_mask")
+    if rtc is None:
+        if masks:
+            problems.append(f"the step graph has a prefix_mask input {masks[0].name!r} but the manifest has no "
+                            "'rtc' block")
+        return 0
+    x_t = step.inputs_by_role("x_t")
+    horizon = x_t[0].shape[1] if x_t and len(x_t[0].shape) == 3 else 0
+    delay = rtc.get("max_delay") if isinstance(rtc, Mapping) else None
+    if not isinstance(delay, int) or isinstance(delay, bool) or not 1 <= delay < max(horizon, 2):
+        problems.append(f"rtc.max_delay must be an integer in 1..{max(horizon - 1, 1)} (the chunk's actions minus "
+                        f"one), got {delay!r}")
+        return 0
+    name = rtc.get("mask_input")
+    if [m.name for m in masks] != [name] or tuple(masks[0].shape) != (1, horizon):
+        problems.append(f"rtc.mask_input {name!r} must be the step graph's one prefix_mask input, shape "
+                        f"[1, {horizon}]; it has {[(m.name, list(m.shape)) for m in masks]}")
+        return 0
+    return delay

@@ -119,31 +119,42 @@ class Policy:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def infer(self, obs: Observation) -> ActionChunk:
+    @property
+    def rtc_max_delay(self) -> int:
+        """How many leading actions `infer(prefix=...)` may freeze (real-time chunking); 0: this bundle takes none."""
+        return self.contract.rtc_max_delay
+
+    def infer(self, obs: Observation, prefix: np.ndarray | None = None) -> ActionChunk:
+        """One action chunk for `obs`. With an RTC bundle, `prefix` [d, D] (physical units, d <= rtc_max_delay)
+        are the actions that will execute while this inference runs: the chunk starts with them, unchanged, and
+        continues consistent with them (hand over at index d)."""
         if self.backend.closed:
             raise EdgeVlaError("this Policy was closed; load the bundle again with Policy.load()")
         clock = time.perf_counter
         t0 = clock()
         self._encoder.encode(obs, self._inputs)
+        given = self._normalized_prefix(prefix)
         t1 = clock()
         self.rng.standard_normal(out=self._noise, dtype=np.float32)
-        if self._whole_chunk:
+        if self._whole_chunk and given is None:
             # TensorRT: prefix and every step in one CUDA graph launch; no per-stage host timings.
             x = self.backend.run_fused_chunk(self._noise)
             t2 = t3 = clock()
         else:
             self.backend.run_prefix()
             t2 = clock()
-            x = self.sampler.run(self._noise, self._step_times, clock)
+            x = self.sampler.run(self._noise, self._step_times, clock, given)
             t3 = clock()
         # float32 [H, D], the one array per chunk; padded action dims (pi0: 32) are dropped.
         actions = x[0, :, : self._valid_dims] * self._action_std + self._action_mean
+        if given is not None and prefix is not None:
+            actions[: len(prefix)] = prefix  # exactly the actions that execute meanwhile (no round trip)
         if not np.all(np.isfinite(actions)):
             raise PolicyOutputError("the policy produced a non-finite action; refusing to return it. Check the "
                                     "bundle's numerics report and the observation (image range, state units)")
         t4 = clock()
         timings = {"preprocess": 1e3 * (t1 - t0)}
-        if self._whole_chunk:
+        if self._whole_chunk and given is None:
             timings["chunk_graph"] = 1e3 * (t3 - t1)
         else:
             timings["prefix"] = 1e3 * (t2 - t1)
@@ -153,6 +164,22 @@ class Policy:
         timings["postprocess"] = 1e3 * (t4 - t3)
         timings["total"] = 1e3 * (t4 - t0)
         return ActionChunk(actions, self.action_space.action_period_s, obs.timestamp, timings)
+
+
+    def _normalized_prefix(self, prefix: np.ndarray | None) -> np.ndarray | None:
+        if prefix is None or len(prefix) == 0:
+            return None
+        p = np.asarray(prefix, dtype=np.float32)
+        if p.ndim != 2 or p.shape[1] != self._valid_dims or not np.all(np.isfinite(p)):
+            raise ConfigError(f"action prefix must be finite actions of shape [d, {self._valid_dims}], got "
+                              f"{list(p.shape)}")
+        if self.rtc_max_delay == 0:
+            raise ConfigError(f"bundle {self.bundle.root} was not trained for real-time chunking: it takes no action "
+                              "prefix (train with --rtc-max-delay and re-export, or use another chunk strategy)")
+        if len(p) > self.rtc_max_delay:
+            raise ConfigError(f"an action prefix of {len(p)} actions: this bundle takes at most {self.rtc_max_delay} "
+                              "(its rtc.max_delay)")
+        return (p - self._action_mean) / self._action_std
 
 
 def _make_backend(b: Bundle, contract: Contract, backend: str, threads: int | None) -> Backend:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from edge_vla.errors import ConfigError
 from edge_vla.runtime.backend import Backend
 from edge_vla.runtime.contract import Contract
 from edge_vla.runtime.flow import tableau
@@ -39,12 +40,21 @@ class Sampler:
         self._stages = [(c, [(a * self.dt, j) for j, a in enumerate(row) if a])
                         for c, row in zip(self.tableau.c_half, self.tableau.a, strict=True)]
         self._weights = [(b * self.dt, j) for j, b in enumerate(self.tableau.b) if b]
+        # RTC: the step graph's prefix mask (None for bundles without real-time chunking).
+        mask = contract.prefix_mask
+        self.mask = None if mask is None else backend.buffer(mask.name)
+        self.max_delay = contract.rtc_max_delay
 
     def run(self, noise: np.ndarray, step_times: list[float] | None = None,
-            clock: Callable[[], float] = time.perf_counter) -> np.ndarray:
-        """Integrate from `noise`; returns the (reused) float32 state buffer."""
+            clock: Callable[[], float] = time.perf_counter, prefix: np.ndarray | None = None) -> np.ndarray:
+        """Integrate from `noise`; returns the (reused) float32 state buffer. `prefix` [d, D] (normalized
+        actions, RTC bundles only) are the chunk's first d actions, given: they are held in x (their velocity is
+        zeroed at every stage) while the rest is generated consistent with them."""
         x = self.x
         np.copyto(x, noise)
+        d = self._set_prefix(prefix)
+        if d:
+            x[0, :d, : prefix.shape[1]] = prefix  # type: ignore[union-attr]
         for i in range(self.steps):
             t0 = clock()
             for s, (c, terms) in enumerate(self._stages):
@@ -58,9 +68,25 @@ class Sampler:
                     np.copyto(self.x_t, x, casting="same_kind")
                 self.backend.run_step(2 * i + c)
                 np.copyto(self.slopes[s], self.v, casting="same_kind")
+                if d:
+                    self.slopes[s][0, :d] = 0.0  # the frozen actions do not move
             for coef, j in self._weights:
                 np.multiply(self.slopes[j], coef, out=self.scratch)
                 x += self.scratch
             if step_times is not None:
                 step_times[i] = clock() - t0
         return x
+
+    def _set_prefix(self, prefix: np.ndarray | None) -> int:
+        """Write the mask for a prefix of d actions (0: none) and return d; refuses what the bundle cannot take."""
+        d = 0 if prefix is None else int(prefix.shape[0])
+        if d and self.mask is None:
+            raise ConfigError("this bundle was not trained for real-time chunking (no 'rtc' block in its manifest): "
+                              "it cannot take an action prefix")
+        if d > self.max_delay or (d and (prefix.ndim != 2 or prefix.shape[1] > self.x.shape[2])):  # type: ignore[union-attr]
+            raise ConfigError(f"action prefix of shape {list(prefix.shape)}: this bundle takes up to "  # type: ignore[union-attr]
+                              f"{self.max_delay} actions of at most {self.x.shape[2]} dimensions")
+        if self.mask is not None:
+            self.mask[...] = 0
+            self.mask[..., :d] = 1
+        return d

@@ -24,7 +24,7 @@ RAMP = torch.linspace(0.2, 1.0, H)
 
 def _config(rtc_max_delay: int) -> VLAConfig:
     return VLAConfig(preset="tiny", image_size=16, patch_size=8, width=32, depth=1, heads=2, expert_width=48,
-                     expert_depth=2, expert_heads=2, max_text_len=8, chunk_len=H, action_dim=D, state_dim=2,
+                     expert_depth=2, expert_heads=2, max_text_len=24, chunk_len=H, action_dim=D, state_dim=2,
                      rtc_max_delay=rtc_max_delay, num_steps=10).validate()
 
 
@@ -120,3 +120,48 @@ def test_bad_prefixes_and_configs_are_refused(trained: VLA) -> None:
         dataclasses.replace(_config(0), rtc_max_delay=H).validate()
     # An empty prefix is the same as none.
     assert torch.equal(_sample(trained, 3, prefix=torch.zeros(3, 0, D)), _sample(trained, 3))
+
+
+# --- export and runtime -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(("precision", "time_input"), [("fp32", "table"), ("fp16", "scalar")])
+def test_an_exported_rtc_bundle_takes_the_prefix_in_the_runtime(trained: VLA, tmp_path, precision: str,
+                                                                 time_input: str) -> None:
+    """The step graph takes the prefix mask (declared by role and in the manifest's `rtc` block), the numerics
+    gate covers prefix-given chunks, and Policy.infer(prefix=...) continues the ramp the prefix started."""
+    import copy
+
+    import numpy as np
+
+    from edge_vla.bundle import Bundle
+    from edge_vla.export.exporter import ExportOptions, export_model
+    from edge_vla.runtime.policy import Policy
+    from edge_vla.runtime.types import Observation
+
+    result = export_model(copy.deepcopy(trained), tmp_path / "b", ExportOptions(precision=precision,
+                                                                              time_input=time_input))
+    assert result.numerics.passed and "rtc_chunk" in result.numerics.graphs, result.numerics.summary()
+    manifest = Bundle.open(result.bundle).manifest
+    assert manifest["rtc"]["max_delay"] == 3 and manifest["rtc"]["mask_input"] == "prefix_mask"
+    step = manifest["graphs"]["denoise_step"]
+    assert {"name": "prefix_mask", "role": "prefix_mask"}.items() <= next(
+        i for i in step["inputs"] if i["name"] == "prefix_mask").items()
+    obs = fake_inputs(trained.config, batch=1)
+    image = (obs["images"][0].permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+    observation = Observation(images=list(image), instruction="ramp", state=obs["state"][0].numpy())
+    with Policy.load(result.bundle) as policy:
+        assert policy.rtc_max_delay == 3
+        free, agree = [], []
+        for seed in range(40):
+            policy.reset(seed)
+            free.append(float(np.sign(policy.infer(observation).actions[:, 0].mean())))
+            for sign in (1.0, -1.0):
+                given = _chunks(torch.tensor([sign]))[0, :2].numpy()
+                chunk = policy.infer(observation, prefix=given).actions
+                assert np.array_equal(chunk[:2], given)
+                agree.append(np.sign(chunk[2:, 0].mean()) == sign)
+        assert 0.2 < np.mean(np.array(free) > 0) < 0.8  # control: without a prefix, both ramps
+        assert np.mean(agree) > 0.9
+        with pytest.raises(ConfigError, match="at most 3"):
+            policy.infer(observation, prefix=np.zeros((4, D), np.float32))
+        with pytest.raises(ConfigError, match=r"shape \[d, 2\]"):
+            policy.infer(observation, prefix=np.zeros((2, 3), np.float32))
