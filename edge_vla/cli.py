@@ -45,6 +45,7 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("clear-faults", "edge_vla.onboard.operator_cli", "operator: acknowledge latched faults without arming", "target"),
     Subcommand("status", "edge_vla.onboard.operator_cli", "operator: phase, firmware mode and faults, last trip", "target"),
     Subcommand("emulate", "firmware_bridge.emulator", "a motor controller emulator on a pty or CAN bus", "target"),
+    Subcommand("motors", "edge_vla.onboard.motors_cli", "scan servo buses; configure ids, baud, return delay, limits", "target"),
     Subcommand("package", "edge_vla.provision.package", "bundle + service + udev rules -> robot package", "provisioning"),
     Subcommand("install", "edge_vla.provision.install", "install a robot package into a rootfs or onto a robot", "provisioning"),
     Subcommand("doctor", "edge_vla.provision.doctor", "check this machine against a package or bundle", "provisioning"),

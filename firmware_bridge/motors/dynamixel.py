@@ -62,6 +62,12 @@ VELOCITY_UNIT_RAD_S = 0.229 * 2 * math.pi / 60
 CURRENT_UNIT_A = {1190: 1e-3, 1200: 1e-3}  # XL330: 1 mA per unit; X430/540 series: 2.69 mA
 DEFAULT_CURRENT_UNIT_A = 2.69e-3
 BAUD_RATES = (9600, 57600, 115200, 1_000_000, 2_000_000, 3_000_000, 4_000_000)  # X series and dynamixel-sdk
+# EEPROM items only `edge-vla motors configure` writes (never the backend), and the Baud Rate (8) values
+ID_ADDR, BAUD_RATE_ADDR, RETURN_DELAY_TIME = 7, 8, 9
+BAUD_RATE_VALUES = {0: 9600, 1: 57600, 2: 115200, 3: 1_000_000, 4: 2_000_000, 5: 3_000_000, 6: 4_000_000,
+                    7: 4_500_000}  # the e-manual's X-series table (4.5M: not settable through dynamixel-sdk)
+MODEL_NAMES = {1020: "XM430-W350", 1030: "XM430-W210", 1060: "XL430-W250", 1070: "XC430-W150", 1120: "XM540-W270",
+               1190: "XL330-M077", 1200: "XL330-M288"}  # LeRobot's MODEL_NUMBER_TABLE and the e-manual's example
 HW_ERROR_BITS = {0: "input voltage error", 2: "overheating error", 3: "motor encoder error",
                  4: "electrical shock error", 5: "overload error"}
 STATUS_ERRORS = {1: "result fail", 2: "instruction error", 3: "CRC error", 4: "data range error",

@@ -11,6 +11,13 @@ check each other. What it does, with the manual's words where the manual says it
 - error field: Result Fail 0x01, Instruction 0x02, CRC 0x03, Data Range 0x04, Data Length 0x05, Data Limit
   0x06, Access 0x07; bit 7 (Alert) is set on every status packet while Hardware Error Status (70) != 0;
 - EEPROM items (addresses < 64) are refused with Access Error while Torque Enable (64) is 1 ("ROM lock");
+  every EEPROM byte a servo accepts is counted (`eeprom_writes(id)`: EEPROM wears);
+- ID (7): takes effect at once, the status packet of the write still carrying the old id (dynamixel_sdk's
+  writeTxRx only accepts a reply from the id it wrote to, and LeRobot's setup_motor relies on that); onto an
+  id another servo has, the two collide (neither is heard). Baud Rate (8): the status packet of the write
+  leaves at the old rate, then the servo hears only the new one; servos on one pty may run at different rates;
+  values outside the documented ranges of ID (0..252), Baud Rate (0..7), Return Delay Time (0..254) and the
+  position limits (0..4095) get Data Range Error;
 - Shutdown (63, default 52 = overload, electrical shock, overheating): a hardware error whose bit is set
   clears Torque Enable; REBOOT is the only way back to torque on (torque on is refused with Result Fail
   until then: the manual says only that reboot is required, the error code is this emulator's choice);
@@ -19,7 +26,9 @@ check each other. What it does, with the manual's words where the manual says it
   to this id or broadcast). On expiry the servo stops with torque on (Profile Acceleration/Velocity applied
   as 0: it holds the position it had), 98 reads -1 (0xFF), and Goal PWM/Current/Velocity/Position writes
   are refused with Data Range Error until 0 is written to 98 or the servo reboots;
-- Return Delay Time (9, 2 us units): each status packet leaves after it; a sync read answers in list order;
+- Return Delay Time (9, 2 us units): each status packet leaves after it; a sync read answers in list order; a
+  broadcast Ping is answered by every servo in id order ("according to their arranged order"), each after
+  the one before it plus its own return delay;
 - Reboot: answers, then is deaf for `reboot_s` while it restarts with RAM at defaults (torque off,
   98 = 0, errors cleared); in extended position mode the present position comes back within one turn;
 - wire time: with `baud` > 0, instruction bytes count as arriving at 10 bits per byte and each status
@@ -39,7 +48,7 @@ import math
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from firmware_bridge.motors import emulator_common as common
 
@@ -95,6 +104,9 @@ CONTROL_TABLE: tuple[tuple[int, int, bool, bool, int], ...] = (
     (144, 2, False, False, 120), (146, 1, False, False, 30),
 )
 ITEMS = {addr: (size, writable, signed, default) for addr, size, writable, signed, default in CONTROL_TABLE}
+# documented value ranges of the EEPROM items a configure step writes (X-series control table)
+VALUE_RANGES = {ID_ADDR: (0, 252), BAUD_RATE: (0, 7), RETURN_DELAY_TIME: (0, 254),
+                MAX_POSITION_LIMIT: (0, 4095), MIN_POSITION_LIMIT: (0, 4095)}
 
 VELOCITY_UNIT_RAD_S = 0.229 * 2 * math.pi / 60  # Present Velocity: 0.229 rpm per unit
 TICKS_PER_TURN = 4096
@@ -204,7 +216,7 @@ class ServoConfig:
     max_position: int = 4095
     homing_offset: int = 0
     initial_position: int = 2048
-    baud_index: int = 3  # 1 Mbps
+    baud_index: int | None = None  # Baud Rate (8) value; None: the bus's baud rate
     max_speed_rad_s: float = 4.8  # XM430-W350 no-load speed at 12 V: 46 rpm
     time_constant_s: float = 0.03  # first-order position response
 
@@ -223,6 +235,8 @@ class Servo:
         self.blocked = False
         self.effort_since: float | None = None
         self.booted_at = time.monotonic()
+        self.eeprom_written = 0  # EEPROM bytes accepted (EEPROM wears)
+        self.silent_after_eeprom: int | None = None  # fault injection: silent after this many more EEPROM writes
 
     # -- registers ------------------------------------------------------------------------------------
     def _load_defaults(self, eeprom: bool) -> None:
@@ -233,7 +247,8 @@ class Servo:
         if eeprom:
             c = self.cfg
             for addr, value in ((MODEL_NUMBER, c.model_number), (FIRMWARE_VERSION, c.firmware_version),
-                                (ID_ADDR, c.dxl_id), (BAUD_RATE, c.baud_index), (RETURN_DELAY_TIME, c.return_delay),
+                                (ID_ADDR, c.dxl_id), (BAUD_RATE, 3 if c.baud_index is None else c.baud_index),
+                                (RETURN_DELAY_TIME, c.return_delay),
                                 (OPERATING_MODE, c.operating_mode), (HOMING_OFFSET, c.homing_offset),
                                 (MAX_POSITION_LIMIT, c.max_position), (MIN_POSITION_LIMIT, c.min_position)):
                 self.set(addr, value)
@@ -314,7 +329,7 @@ class Servo:
         if addr == GOAL_POSITION and self.get(OPERATING_MODE) == 3 \
                 and not self.get(MIN_POSITION_LIMIT) <= value <= self.get(MAX_POSITION_LIMIT):
             return ERR_DATA_LIMIT
-        if addr == ID_ADDR and not 0 <= value <= 252:
+        if addr in VALUE_RANGES and not VALUE_RANGES[addr][0] <= value <= VALUE_RANGES[addr][1]:
             return ERR_DATA_RANGE
         return 0
 
@@ -410,10 +425,13 @@ class BusEmulator(common.PtyBus):
     thread_name = "dxl-emulator"
     event_type = Event
     baud_rates = tuple(BAUD_RATES.values())
+    id_address, baud_address, baud_table = ID_ADDR, BAUD_RATE, BAUD_RATES
 
     def __init__(self, servos: Iterable[ServoConfig], *, baud: int = 1_000_000, reboot_s: float = 0.05,
                  check_baud: bool = True, link: str | None = None, tick_s: float = 0.001) -> None:
-        super().__init__({cfg.dxl_id: Servo(cfg) for cfg in servos}, PacketParser(), baud=baud, reboot_s=reboot_s,
+        index = {bps: i for i, bps in BAUD_RATES.items()}.get(baud, 3)
+        cfgs = [cfg if cfg.baud_index is not None else replace(cfg, baud_index=index) for cfg in servos]
+        super().__init__({cfg.dxl_id: Servo(cfg) for cfg in cfgs}, PacketParser(), baud=baud, reboot_s=reboot_s,
                          check_baud=check_baud, link=link, tick_s=tick_s)
 
     def _step_servo(self, servo: Servo, dt: float, now: float) -> None:
@@ -426,14 +444,15 @@ class BusEmulator(common.PtyBus):
             self._event(now, servo.dxl_id, "hardware_error", bit=raised, torque=servo.torque)
 
     # -- dispatch -------------------------------------------------------------------------------------
-    def _reply(self, servo: Servo, error: int, params: bytes = b"", after: float | None = None) -> float:
-        """Queue a status packet; returns the time its last byte leaves the servo."""
-        packet = status_packet(servo.dxl_id, servo.error_byte(error), params)
+    def _reply(self, servo: Servo, error: int, params: bytes = b"", after: float | None = None,
+               reply_id: int | None = None) -> float:
+        """Queue a status packet (from `reply_id`, default the servo's id); returns when its last byte leaves."""
+        packet = status_packet(servo.dxl_id if reply_id is None else reply_id, servo.error_byte(error), params)
         return self._queue_status(packet, servo.table[RETURN_DELAY_TIME] * 2e-6, after)
 
     def _dispatch(self, p: Packet, now: float) -> None:
         if p.dxl_id == BROADCAST_ID:
-            targets = [s for s in self.servos.values() if now >= s.offline_until]
+            targets = [s for s in self._all_servos() if self._hears(s, now)]
         else:
             one = self._online(p.dxl_id, now)
             targets = [one] if one else []
@@ -476,10 +495,22 @@ class BusEmulator(common.PtyBus):
             return
         addr = p.params[0] | (p.params[1] << 8)
         for servo in targets:
+            old_id = servo.dxl_id
             error = servo.write(addr, p.params[2:], now)
-            self._log_write(servo, addr, p.params[2:], error, now)
+            self._after_write(servo, old_id, addr, p.params[2:], error, now)
             if p.dxl_id != BROADCAST_ID and servo.table[STATUS_RETURN_LEVEL] >= 2:
-                self._reply(servo, error)
+                self._reply(servo, error, reply_id=old_id)
+
+    def _after_write(self, servo: Servo, old_id: int, addr: int, data: bytes, error: int, now: float) -> None:
+        """Log a write; once accepted, count its EEPROM bytes and re-address the servo after an ID change."""
+        self._log_write(servo, addr, data, error, now)
+        if error:
+            return
+        eeprom_bytes = max(0, min(addr + len(data), EEPROM_END) - addr)
+        if eeprom_bytes:
+            self._eeprom_written(servo, eeprom_bytes, now)
+        if servo.dxl_id != old_id:
+            self._renumber(servo, old_id, servo.dxl_id, now)
 
     def _log_write(self, servo: Servo, addr: int, data: bytes, error: int, now: float) -> None:
         if addr <= TORQUE_ENABLE < addr + len(data):
@@ -524,7 +555,7 @@ class BusEmulator(common.PtyBus):
             servo = self._online(data[i], now)
             if servo is not None:
                 error = servo.write(addr, data[i + 1: i + block], now)
-                self._log_write(servo, addr, data[i + 1: i + block], error, now)
+                self._after_write(servo, data[i], addr, data[i + 1: i + block], error, now)
 
     # -- inspection and fault injection (thread-safe) -------------------------------------------------
     def register(self, dxl_id: int, addr: int) -> int:
@@ -552,6 +583,11 @@ class BusEmulator(common.PtyBus):
             servo.position = float(ticks)
             servo._publish(time.monotonic())
 
+    def set_register(self, dxl_id: int, addr: int, value: int) -> None:
+        """Set a register from outside the bus (a step done earlier by another tool), bypassing the access rules."""
+        with self._cond:
+            self.servos[dxl_id].set(addr, value)
+
 
 def snapshot(bus: BusEmulator, dxl_id: int) -> dict:
     """Plain values of one servo (for another process, or a log line)."""
@@ -561,17 +597,19 @@ def snapshot(bus: BusEmulator, dxl_id: int) -> dict:
                 "velocity": servo.velocity, "holding": servo.hold_target is not None,
                 "hardware_error_status": servo.table[HARDWARE_ERROR_STATUS],
                 "last_instruction": servo.last_instruction, "goal": servo.get(GOAL_POSITION),
-                "online": time.monotonic() >= servo.offline_until}
+                "online": time.monotonic() >= servo.offline_until, "eeprom_written": servo.eeprom_written}
 
 
-_REMOTE_CALLS = ("register", "events_of", "inject_hardware_error", "power_cycle", "block_joint", "set_position")
+_REMOTE_CALLS = ("register", "events_of", "inject_hardware_error", "power_cycle", "block_joint", "set_position",
+                 "set_register", "eeprom_writes", "silence_after_eeprom_writes", "servo_ids")
 
 
 class EmulatorProcess(common.BusProcess):
     """A BusEmulator in its own process (no GIL shared with the host under test), driven over a pipe.
 
-    Inspection: snapshot(id), register(id, addr), events_of(kind, id); injection: inject_hardware_error,
-    power_cycle, block_joint, set_position. Timestamps are time.monotonic(), one clock for the machine."""
+    Inspection: snapshot(id), register(id, addr), events_of(kind, id), eeprom_writes(id), servo_ids();
+    injection: inject_hardware_error, power_cycle, block_joint, set_position, set_register,
+    silence_after_eeprom_writes. Timestamps are time.monotonic(), one clock for the machine."""
 
     bus_type = BusEmulator
     snapshot_of = staticmethod(snapshot)

@@ -9,7 +9,9 @@ dispatch and its per-servo step.
 from __future__ import annotations
 
 import argparse
+import array
 import contextlib
+import fcntl
 import math
 import os
 import select
@@ -25,6 +27,19 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 _BOTHER = getattr(termios, "BOTHER", 0o010000)
+_TCGETS2 = 0x802C542A  # Linux: read struct termios2, whose c_ospeed holds a custom rate (how pyserial sets 250000)
+
+
+def custom_speed(fd: int) -> int | None:
+    """The output speed of a tty set with BOTHER (a rate without a B constant), or None where it cannot be read."""
+    if not sys.platform.startswith("linux"):
+        return None
+    buf = array.array("i", [0] * 64)
+    try:
+        fcntl.ioctl(fd, _TCGETS2, buf)
+    except OSError:
+        return None
+    return buf[10] if buf[10] > 0 else None  # c_ospeed (c_ispeed is buf[9])
 
 
 @dataclass
@@ -96,15 +111,23 @@ class PtyBus(ABC):
     """Servos on one pty. start() runs the bus in a thread; every public method is thread-safe.
 
     Subclasses set `thread_name`, `event_type` and `baud_rates`, and implement `_dispatch(packet, now)` and
-    `_step_servo(servo, dt, now)`; `self.servos` maps id -> servo (each with an `offline_until` time)."""
+    `_step_servo(servo, dt, now)`; `self.servos` maps id -> servo (each with an `offline_until` time, a `table`
+    of registers, `eeprom_written` and `silent_after_eeprom`). Where a subclass also sets `id_address`,
+    `baud_address` and `baud_table` (register value -> bits per second), each servo has its own id and baud rate
+    from its registers: it hears only packets sent at its baud rate, and an ID write re-addresses it at once
+    (`_renumber`). Otherwise every servo runs at the bus's `baud`."""
 
     thread_name: ClassVar[str] = "servo-emulator"
     event_type: ClassVar[type[Event]] = Event
     baud_rates: ClassVar[Iterable[int]] = ()
+    id_address: ClassVar[int] = -1
+    baud_address: ClassVar[int] = -1
+    baud_table: ClassVar[dict[int, int]] = {}
 
     def __init__(self, servos: dict[int, Any], parser: _Parser, *, baud: int, reboot_s: float, check_baud: bool,
                  link: str | None, tick_s: float) -> None:
         self.servos = servos
+        self.displaced: list[Any] = []  # servos given an id another servo already had (see _renumber)
         self.baud = baud
         self.byte_time = 10.0 / baud if baud > 0 else 0.0
         self.reboot_s = reboot_s
@@ -119,6 +142,7 @@ class PtyBus(ABC):
         self._out: list[tuple[float, bytes]] = []
         self._rx_wire_end = 0.0
         self._tx_free = 0.0
+        self._heard_at: int | None = None  # the host's baud rate for the packets being dispatched (None: any)
         self._last_step = time.monotonic()
         self._thread: threading.Thread | None = None
         self._running = False
@@ -194,21 +218,27 @@ class PtyBus(ABC):
             if now - self._last_step >= self.tick_s:
                 self._tick(now)
 
-    def _host_baud_ok(self) -> bool:
+    def _host_baud(self) -> int | None:
+        """The baud rate the host's port is set to, or None where it cannot be read (then every servo hears)."""
         if not self.check_baud:
-            return True
+            return None
         try:
             speed = termios.tcgetattr(self._slave)[4]
         except termios.error:
-            return True
+            return None
         if speed == _BOTHER or speed not in self._termios_speeds:
-            return True  # custom speeds cannot be read back here: accept
-        return self._termios_speeds[speed] == self.baud
+            return custom_speed(self._slave)  # a custom rate (250000, 128000): read termios2; None: accept
+        return self._termios_speeds[speed]
 
     def _receive(self, data: bytes, now: float) -> None:
-        if not self._host_baud_ok():
-            self._event(now, 0xFE, "baud_mismatch", bytes=len(data))  # 0xFE: the broadcast id of both families
+        host = self._host_baud()
+        if host is not None and not any(self._servo_baud(s) == host for s in self._all_servos()):
+            # 0xFE: the broadcast id of both families; a real UART would see garbage
+            self._event(now, 0xFE, "baud_mismatch", bytes=len(data), host_baud=host)
             return
+        self._heard_at = host
+        if self.baud > 0 and host is not None:
+            self.byte_time = 10.0 / host  # the wire runs at the host's rate (the servos that answer share it)
         self._rx_wire_end = max(now, self._rx_wire_end) + len(data) * self.byte_time
         with self._cond:
             for packet in self._parser.feed(data, now):
@@ -229,7 +259,7 @@ class PtyBus(ABC):
         with self._cond:
             dt = min(now - self._last_step, 0.05)
             self._last_step = now
-            for servo in self.servos.values():
+            for servo in self._all_servos():
                 if now < servo.offline_until:
                     continue
                 self._step_servo(servo, dt, now)
@@ -245,9 +275,63 @@ class PtyBus(ABC):
         ...
 
     # -- helpers for the vendor dispatch --------------------------------------------------------------
+    def _all_servos(self) -> list[Any]:
+        return [*self.servos.values(), *self.displaced]
+
+    def _id_of(self, servo: Any) -> int:
+        return int(servo.table[self.id_address])
+
+    def _servo_baud(self, servo: Any) -> int | None:
+        """The baud rate a servo listens and answers at (its Baud Rate register; None: a value it cannot run)."""
+        if self.baud_address < 0:
+            return self.baud
+        return self.baud_table.get(servo.table[self.baud_address])
+
+    def _hears(self, servo: Any, now: float) -> bool:
+        """Powered, not restarting, and at the baud rate of the packet being dispatched."""
+        return now >= servo.offline_until and (self._heard_at is None or self._servo_baud(servo) == self._heard_at)
+
     def _online(self, servo_id: int, now: float) -> Any | None:
-        servo = self.servos.get(servo_id)
-        return servo if servo is not None and now >= servo.offline_until else None
+        if self.id_address < 0:
+            servo = self.servos.get(servo_id)
+            return servo if servo is not None and self._hears(servo, now) else None
+        hearing = [s for s in self._all_servos() if self._id_of(s) == servo_id and self._hears(s, now)]
+        return hearing[0] if len(hearing) == 1 else None  # two at one id and rate: answers collide (_renumber)
+
+    def _renumber(self, servo: Any, old: int, new: int, now: float) -> None:
+        """An ID write took effect: the servo answers at `new` from the next packet (its status packet for the
+        write itself carries `old`: the SDKs match a reply to the id they wrote to). Onto an id another servo has,
+        both answer every packet to that id they hear: at one baud rate their answers collide (the manual warns
+        such servos "may not be detected"), so neither is heard (an `id_collision` event); at different rates
+        each answers at its own (`id_shared`). `self.servos[new]` (what `register(new, ...)` inspects) is the
+        servo that took the id last; the other waits in `self.displaced`."""
+        if old == new:
+            return
+        if self.servos.get(old) is servo:
+            del self.servos[old]
+            shadow = next((d for d in self.displaced if self._id_of(d) == old), None)
+            if shadow is not None:  # the servo that shared its old id is alone there now
+                self.displaced.remove(shadow)
+                self.servos[old] = shadow
+        else:
+            self.displaced = [d for d in self.displaced if d is not servo]
+        other = self.servos.get(new)
+        if other is not None:
+            self.displaced.append(other)
+            same_rate = self._servo_baud(other) == self._servo_baud(servo)
+            self._event(now, new, "id_collision" if same_rate else "id_shared", previous_id=old)
+        self.servos[new] = servo
+        self._event(now, new, "id_changed", previous_id=old)
+
+    def _eeprom_written(self, servo: Any, nbytes: int, now: float) -> None:
+        """Count an accepted write of `nbytes` EEPROM bytes (EEPROM wears); the injected silence starts after it."""
+        servo.eeprom_written += nbytes
+        if servo.silent_after_eeprom is not None:
+            servo.silent_after_eeprom -= 1
+            if servo.silent_after_eeprom <= 0:
+                servo.silent_after_eeprom = None
+                servo.offline_until = math.inf  # power or cable lost: it never answers again
+                self._event(now, self._id_of(servo), "silenced")
 
     def _queue_status(self, packet: bytes, return_delay_s: float, after: float | None = None) -> float:
         """Queue a status packet; returns the time its last byte leaves the servo."""
@@ -284,6 +368,21 @@ class PtyBus(ABC):
         with self._cond:
             self.servos[servo_id].blocked = blocked
             self._event(time.monotonic(), servo_id, "block_joint", blocked=blocked)
+
+    def eeprom_writes(self, servo_id: int) -> int:
+        """EEPROM bytes the servo at `servo_id` has accepted since the emulator started (EEPROM wears)."""
+        with self._cond:
+            return int(self.servos[servo_id].eeprom_written)
+
+    def silence_after_eeprom_writes(self, servo_id: int, writes: int) -> None:
+        """Fault injection: the servo applies and acknowledges `writes` more EEPROM writes, then never answers
+        again (its cable or power is lost mid-configure)."""
+        with self._cond:
+            self.servos[servo_id].silent_after_eeprom = writes
+
+    def servo_ids(self) -> list[int]:
+        with self._cond:
+            return sorted(self.servos)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -361,6 +460,19 @@ class BusProcess:
 
     def block_joint(self, servo_id: int, blocked: bool = True) -> None:
         self._call("block_joint", servo_id, blocked)
+
+    def eeprom_writes(self, servo_id: int) -> int:
+        return self._call("eeprom_writes", servo_id)  # type: ignore[return-value]
+
+    def silence_after_eeprom_writes(self, servo_id: int, writes: int) -> None:
+        self._call("silence_after_eeprom_writes", servo_id, writes)
+
+    def servo_ids(self) -> list[int]:
+        return self._call("servo_ids")  # type: ignore[return-value]
+
+    def set_register(self, servo_id: int, addr: int, value: int) -> None:
+        """Set a register from outside the bus (a step done earlier by another tool)."""
+        self._call("set_register", servo_id, addr, value)
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float, poll_s: float = 0.002) -> bool:
         """Poll predicate() (which may call the methods above) until it holds or the deadline passes."""

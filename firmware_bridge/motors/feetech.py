@@ -70,6 +70,10 @@ LOAD_UNIT = 0.001  # Present Load: 0.1 % of maximum torque per unit
 STS_MODELS = {777: "STS3215", 2825: "STS3250", 11272: "SM8512BL"}  # LeRobot's MODEL_NUMBER_TABLE
 SCS_MODELS = {1284: "SCS0009"}
 BAUD_RATES = (1_000_000, 500_000, 250_000, 128_000, 115_200, 57_600, 38_400)  # STS table ∩ scservo_sdk
+# EEPROM items only `edge-vla motors configure` writes (never the backend), and the Baud Rate (6) values
+ID_ADDR, BAUD_RATE_ADDR, RETURN_DELAY_TIME = 5, 6, 7
+BAUD_RATE_VALUES = {0: 1_000_000, 1: 500_000, 2: 250_000, 3: 128_000, 4: 115_200, 5: 76_800, 6: 57_600,
+                    7: 38_400}  # Feetech's SMS_STS.h (76800: not settable through scservo_sdk)
 STATUS_BITS = {0: "input voltage error", 1: "angle sensor error", 2: "overheat error", 3: "overcurrent error",
                5: "overload error"}
 PERIOD_FLOOR_S = 0.010  # 100 Hz: 6 servos at 1 Mbaud take ~1.7 ms of wire time per cycle (bench_motors.py)

@@ -16,7 +16,16 @@ format, not from scservo_sdk, so the SDK and this emulator check each other. Wha
   current, 5 overload (scservo_sdk's ERRBIT_*);
 - EEPROM (addresses < 40) and the Lock flag (55, default 1 at power-on): a write to EEPROM takes effect at
   once either way, but is saved to flash (survives a power cycle) only while Lock is 0 ("0 = save EEPROM
-  changes, 1 = don't save"). Every EEPROM write is recorded as an `eeprom_write` event with `saved=`;
+  changes, 1 = don't save"). Every EEPROM write is recorded as an `eeprom_write` event with `saved=` and its
+  bytes counted (`eeprom_writes(id)`). EEPROM writes are accepted with torque on: neither the STS/SMS table
+  nor Feetech's SDKs document a torque interlock (Feetech's own ID-change example writes 55 = 0, the ID, 55 = 1
+  without touching torque; LeRobot turns torque off first only by habit), so only the Lock governs them;
+- ID (5): takes effect at once, the status packet of the write still carrying the old id (scservo_sdk's
+  writeTxRx only accepts a reply from the id it wrote to; Feetech's example then locks at the new id); onto an
+  id another servo has, the two collide (neither is heard). Baud Rate (6, Feetech's SMS_STS.h: 0 = 1M,
+  1 = 500k, 2 = 250k, 3 = 128k, 4 = 115200, 5 = 76800, 6 = 57600, 7 = 38400; LeRobot's table lists 5..7 as
+  57600/38400/19200): the status packet of the write leaves at the old rate, then the servo hears only the new
+  one; servos on one pty may run at different rates;
 - Torque_Enable (40): 0 off, 1 on, 2 damping (treated as off here), 128 = "calibrate the middle": the servo
   rewrites its Homing Offset so the present position reads 2048. The emulator applies it and records a
   `recentre` event, because a host that sends it by mistake silently moves the arm's zero;
@@ -42,7 +51,7 @@ import argparse
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from firmware_bridge.motors import emulator_common as common
 
@@ -172,7 +181,7 @@ class ServoConfig:
     operating_mode: int = 0  # position servo mode
     initial_position: int = 2048  # present position (after the homing offset)
     lock: int = 1  # Lock flag at power-on
-    baud_index: int = 0  # 1 Mbps
+    baud_index: int | None = None  # Baud Rate (6) value; None: the bus's baud rate
     max_speed_ticks_s: float = 3400.0  # STS3215 at 12 V: ~50 rpm
     time_constant_s: float = 0.03
 
@@ -184,7 +193,8 @@ class Servo:
         for addr, (_size, _w, default) in ITEMS.items():
             self.set(addr, default)
         c = cfg
-        for addr, value in ((MODEL_NUMBER, c.model_number), (ID_ADDR, c.servo_id), (BAUD_RATE, c.baud_index),
+        baud_index = 0 if c.baud_index is None else c.baud_index  # None outside a BusEmulator: 1 Mbps
+        for addr, value in ((MODEL_NUMBER, c.model_number), (ID_ADDR, c.servo_id), (BAUD_RATE, baud_index),
                             (RETURN_DELAY_TIME, c.return_delay), (MIN_ANGLE_LIMIT, c.min_angle),
                             (MAX_ANGLE_LIMIT, c.max_angle), (OPERATING_MODE, c.operating_mode)):
             self.set(addr, value)
@@ -196,6 +206,8 @@ class Servo:
         self.offline_until = 0.0
         self.blocked = False
         self.effort_since: float | None = None
+        self.eeprom_written = 0  # EEPROM bytes accepted (saved to flash or not)
+        self.silent_after_eeprom: int | None = None  # fault injection: silent after this many more EEPROM writes
         self._publish()
         self.set(GOAL_POSITION, self.get(PRESENT_POSITION))
 
@@ -311,10 +323,13 @@ class BusEmulator(common.PtyBus):
 
     thread_name = "feetech-emulator"
     baud_rates = tuple(BAUD_RATES.values())
+    id_address, baud_address, baud_table = ID_ADDR, BAUD_RATE, BAUD_RATES
 
     def __init__(self, servos: Iterable[ServoConfig], *, baud: int = 1_000_000, reboot_s: float = 0.05,
                  check_baud: bool = True, link: str | None = None, tick_s: float = 0.001) -> None:
-        super().__init__({cfg.servo_id: Servo(cfg) for cfg in servos}, PacketParser(), baud=baud, reboot_s=reboot_s,
+        index = {bps: i for i, bps in BAUD_RATES.items()}.get(baud, 0)
+        cfgs = [cfg if cfg.baud_index is not None else replace(cfg, baud_index=index) for cfg in servos]
+        super().__init__({cfg.servo_id: Servo(cfg) for cfg in cfgs}, PacketParser(), baud=baud, reboot_s=reboot_s,
                          check_baud=check_baud, link=link, tick_s=tick_s)
 
     def _step_servo(self, servo: Servo, dt: float, now: float) -> None:
@@ -324,9 +339,10 @@ class BusEmulator(common.PtyBus):
             self._event(now, servo.servo_id, "error", bit=raised, torque=servo.torque)
 
     # -- dispatch -------------------------------------------------------------------------------------
-    def _reply(self, servo: Servo, params: bytes = b"", after: float | None = None) -> float:
-        """Queue a status packet; returns the time its last byte leaves the servo."""
-        packet = status_packet(servo.servo_id, servo.table[STATUS], params)
+    def _reply(self, servo: Servo, params: bytes = b"", after: float | None = None,
+               reply_id: int | None = None) -> float:
+        """Queue a status packet (from `reply_id`, default the servo's id); returns when its last byte leaves."""
+        packet = status_packet(servo.servo_id if reply_id is None else reply_id, servo.table[STATUS], params)
         return self._queue_status(packet, servo.table[RETURN_DELAY_TIME] * 2e-6, after)
 
     def _dispatch(self, p: Packet, now: float) -> None:
@@ -356,21 +372,28 @@ class BusEmulator(common.PtyBus):
     def _write(self, p: Packet, now: float) -> None:
         if len(p.params) < 2:
             return
-        targets = list(self.servos.values()) if p.servo_id == BROADCAST_ID else [self.servos.get(p.servo_id)]
+        if p.servo_id == BROADCAST_ID:
+            targets = [s for s in self._all_servos() if self._hears(s, now)]
+        else:
+            targets = [s for s in (self._online(p.servo_id, now),) if s is not None]
         for servo in targets:
-            if servo is None or now < servo.offline_until:
-                continue
+            old_id = servo.servo_id
             self._apply_write(servo, p.params[0], p.params[1:], now)
             if p.servo_id != BROADCAST_ID and servo.table[RESPONSE_LEVEL] >= 1:
-                self._reply(servo)
+                self._reply(servo, reply_id=old_id)
 
     def _apply_write(self, servo: Servo, addr: int, data: bytes, now: float) -> None:
         recentre = addr == TORQUE_ENABLE and data[:1] == bytes((TORQUE_RECENTRE,))
-        before = servo.table[TORQUE_ENABLE]
+        before, old_id = servo.table[TORQUE_ENABLE], servo.servo_id
         items = servo.write(addr, data)
         if items is None:
             self._event(now, servo.servo_id, "write_ignored", address=addr, length=len(data))
             return
+        eeprom_bytes = sum(ITEMS[a][0] for a, _ in items if a < EEPROM_END)
+        if eeprom_bytes:
+            self._eeprom_written(servo, eeprom_bytes, now)
+        if servo.servo_id != old_id:
+            self._renumber(servo, old_id, servo.servo_id, now)
         for a, v in items:
             if a == TORQUE_ENABLE:
                 self._torque_written(servo, v, before, now, recentre)
@@ -459,7 +482,8 @@ def snapshot(bus: BusEmulator, servo_id: int) -> dict:
         s = bus.servos[servo_id]
         return {"torque": s.torque, "torque_enable": s.table[TORQUE_ENABLE], "position": s.value(PRESENT_POSITION),
                 "velocity": s.velocity, "goal": s.value(GOAL_POSITION), "status": s.table[STATUS],
-                "lock": s.table[LOCK], "homing_offset": s.homing_offset, "online": time.monotonic() >= s.offline_until}
+                "lock": s.table[LOCK], "homing_offset": s.homing_offset, "online": time.monotonic() >= s.offline_until,
+                "eeprom_written": s.eeprom_written}
 
 
 class EmulatorProcess(common.BusProcess):
