@@ -5,19 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
 from contextlib import ExitStack
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from edge_vla.action_space import require_executable
+from edge_vla.action_space import ActionSpace, require_executable
 from edge_vla.cli_flags import with_epilog
-from edge_vla.errors import ConfigError
+from edge_vla.errors import ConfigError, EdgeVlaError
 from edge_vla.onboard.cameras import open_camera
 from edge_vla.onboard.control import EXECUTABLE_ACTION_KINDS, EXECUTES_BECAUSE, ControlConfig
 from edge_vla.onboard.drill import EMULATOR_LIMITS, SceneHolder, load_source, prioritize_emulator
@@ -43,6 +45,7 @@ RATE_HZ = (50.0, 500.0)  # the documented control rates: below, chunks outlast t
 # deadlines on the supported computers (docs/SAFETY.md: 500 Hz needs SCHED_FIFO)
 
 CAN_NODE_IDS = range(64)
+FEETECH_HOMING_MAX = 2047  # STS Homing Offset (31): sign-magnitude, sign in bit 11
 
 EXIT_STATUSES = """exit status:
   0  the loop ran and stopped without a safety trip (its duration, a signal, or an operator stop)
@@ -129,6 +132,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
                     help="trip after this many link errors (CRC, framing, NACK) within 1 s, frames (default %(default)s frames)")
     wd.add_argument("--worker-max-age", type=float, default=defaults.worker_max_age_s, metavar="S",
                     help="trip when the inference worker's heartbeat is older than this, s (default %(default)s s)")
+    from firmware_bridge.motors.units import ActionUnits
+
+    cal = parser.add_argument_group("servo calibration (dynamixel:// and feetech:// links)")
+    cal.add_argument("--calibration", metavar="PATH",
+                     help="the arm's LeRobot calibration file (SO-100/101, Koch: LeRobot's calibrate writes it under "
+                          "~/.cache/huggingface/lerobot/calibration/robots/): the servo ids, ranges and homing "
+                          "offsets; bundle joints map to its motors by name (shoulder_pan.pos -> shoulder_pan)")
+    cal.add_argument("--action-units", choices=[u.value for u in ActionUnits],
+                     help="what the bundle's actions are measured in, when its manifest does not say (a bundle "
+                          "read from a LeRobot dataset declares 'as recorded'): lerobot-range (LeRobot's default: "
+                          "-100..100 body joints, 0..100 gripper), degrees (LeRobot's use_degrees=True; gripper "
+                          "0..100) or rad. Default: the units the bundle declares")
     rt = parser.add_argument_group("real time")
     rt.add_argument("--rt-priority", type=int, help="SCHED_FIFO priority for the control process (1-99)")
     rt.add_argument("--cpus", help="pin the control process to these CPUs, e.g. 1 or 2,3")
@@ -186,10 +201,13 @@ def check_link(url: str, emulate: bool = False) -> None:
 
 def _check_motor_link(url: str, emulate: bool, forms: str, **device_kw: Any) -> None:
     """A dynamixel:// or feetech:// URL: the registry's own parse and the backend's checks, without opening."""
+    from firmware_bridge.motors.calibration import CalibrationError
     from firmware_bridge.schemes import open_link
 
     try:
         open_link(emulated_motor_url(url, "/dev/null", 1) if emulate else url, **device_kw)
+    except CalibrationError as exc:  # the bundle against the calibration (--calibration): not the URL's form
+        raise ConfigError(f"--calibration: {exc}") from None
     except ValueError as exc:  # MotorUrlError is one
         raise ConfigError(f"--link {url!r}: {exc}; accepted forms: {forms}") from None
     except ImportError as exc:  # MissingDependencyError: the backend's SDK
@@ -207,35 +225,153 @@ def emulated_motor_url(url: str, port: str, joints: int | None = None) -> str:
     return f"{scheme}://{port}" + (f"?{query}" if query else "")
 
 
-def motor_link_kwargs(space: Any, rate_hz: float) -> dict[str, Any]:
-    """What a motor device needs from the run: the bundle's joint names and limits, the control period."""
-    return {"joint_limits": [(float(lo), float(hi)) for lo, hi in zip(space.lower, space.upper, strict=True)],
-            "names": list(space.names), "period_s": 1.0 / rate_hz}
+def motor_link_kwargs(space: Any, rate_hz: float, units: Any = None) -> dict[str, Any]:
+    """What a motor device needs from the run: the bundle's joint names and limits, the control period, and with
+    a calibration the unit layer's spec (`firmware_bridge.motors.units.UnitSpec`: the limits are then in the
+    bundle's units and the link converts them)."""
+    kw = {"joint_limits": [(float(lo), float(hi)) for lo, hi in zip(space.lower, space.upper, strict=True)],
+          "names": list(space.names), "period_s": 1.0 / rate_hz}
+    if units is not None:
+        kw["units"] = units
+    return kw
 
 
-def _motor_emulator(url: str, space: Any) -> Any:
+# -- the servo calibration (--calibration, --action-units) ---------------------------------------------------
+
+def check_servo_flags(args: argparse.Namespace, motor: bool) -> None:
+    """--calibration and --action-units map a bundle's units to servo ticks: they need a motor --link."""
+    flag = "--calibration" if args.calibration else "--action-units" if args.action_units else None
+    if flag and not motor:
+        raise ConfigError(f"{flag} needs a motor --link ({', '.join(f'{s}://...' for s in motor_schemes())}): it maps "
+                          "the bundle's units to servo ticks; the firmware link (serial://, can://, or --emulate "
+                          "without --link) takes the bundle's units as they are")
+
+
+def calibration_spec(motors: dict[str, Any], space: ActionSpace, action_units: str | None, source: str) -> Any:
+    """The unit layer's spec: the units (the bundle's, or --action-units where it declares none we know) and each
+    bundle joint's calibration motor and LeRobot norm mode; one-line ConfigError otherwise."""
+    from firmware_bridge.motors.calibration import CalibrationError
+    from firmware_bridge.motors.units import ActionUnits, UnitSpec, choose_units
+
+    try:
+        units = choose_units(space.units, action_units, list(ActionUnits))
+        return UnitSpec.build(motors, space.names, space.dim_roles, units, f"the calibration {source}")
+    except CalibrationError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def motor_units(args: argparse.Namespace, space: ActionSpace) -> Any:
+    """The unit spec for a motor link, or None without --calibration (radians under the default calibration: a
+    bundle declaring other units is refused, unless it declares none we know and --action-units says rad)."""
+    from firmware_bridge.motors.calibration import CalibrationError, load_lerobot_calibration
+    from firmware_bridge.motors.units import UNCALIBRATED_UNITS, choose_units
+
+    try:
+        if not args.calibration:
+            choose_units(space.units, args.action_units, UNCALIBRATED_UNITS)
+            return None
+        motors = load_lerobot_calibration(args.calibration)
+    except CalibrationError as exc:
+        raise ConfigError(f"--calibration: {exc}" if args.calibration else str(exc)) from None
+    return calibration_spec(motors, space, args.action_units, args.calibration)
+
+
+def url_with_calibrated_ids(url: str, units: Any, source: str) -> str:
+    """The motor URL with the calibration's ids in the bundle's joint order; ids the URL gives must agree."""
+    if units is None:
+        return url
+    from firmware_bridge.motors.registry import parse_ids, parse_url
+
+    ids = ",".join(map(str, units.ids))
+    given = parse_url(url).params.get("ids")
+    if given is None:
+        base, _, query = url.partition("?")
+        return f"{base}?{'&'.join(q for q in (query, f'ids={ids}') if q)}"
+    if parse_ids(given) != tuple(units.ids):
+        raise ConfigError(f"--link {url!r} names servo ids {', '.join(map(str, parse_ids(given)))} but the calibration "
+                          f"{source} gives ids {ids.replace(',', ', ')} for the bundle's joints "
+                          f"({', '.join(units.joints)}); drop ids= from the URL (the calibration's are used) or "
+                          "correct it")
+    return url
+
+
+def _declared_space(args: argparse.Namespace) -> ActionSpace | None:
+    """The bundle's action space from its manifest alone (no model), or None where the manifest cannot be read:
+    loading the bundle then says why."""
+    from edge_vla.action_space import sim_action_space
+    from edge_vla.bundle import read_manifest
+
+    if args.expert:
+        return sim_action_space()
+    try:
+        return ActionSpace.from_dict(read_manifest(Path(args.bundle))["action_space"])
+    except (EdgeVlaError, OSError, TypeError, KeyError):
+        return None
+
+
+def check_motor_units(args: argparse.Namespace) -> None:
+    """Before the model loads: the units, the calibration, its joints and ids, and the bundle's limits against
+    the calibrated range (the link is built, not opened, so its own checks run too)."""
+    space = _declared_space(args)
+    if space is None:
+        return
+    units = motor_units(args, space)
+    if units is not None:
+        url = url_with_calibrated_ids(args.link, units, args.calibration)
+        _check_motor_link(url, args.emulate, accepted_links(), **motor_link_kwargs(space, args.rate_hz, units))
+
+
+def _motor_emulator(url: str, space: Any, units: Any = None) -> Any:
     """The scheme's emulator (its own process) with one servo per joint, its position limits inside the bundle's
     action-space limits (the device refuses to arm when its own limits are wider) and each joint starting at
-    0 rad, or mid-range when 0 is outside the limits."""
-    from firmware_bridge.motors.calibration import JointCalibration
+    0 rad, or mid-range when 0 is outside the limits. With a calibration (`units`), the servos carry its ids,
+    homing offsets and range_min..range_max narrowed to the bundle's limits, and start mid-range."""
+    if units is not None:
+        servos = _calibrated_servos(url, space, units)
+    else:
+        from firmware_bridge.motors.calibration import JointCalibration
 
-    cal = JointCalibration()  # the calibration the backend uses when none is given
-    ids = _motor_ids(url, space.dim)
-    ranges = []
-    for lo, hi in zip(space.lower, space.upper, strict=True):
-        t_lo, t_hi = sorted((cal.to_ticks(float(lo)), cal.to_ticks(float(hi))))
-        t_lo, t_hi = max(0, t_lo + 2), min(4095, t_hi - 2)  # 2 ticks inside: rounding of the radians
-        start = cal.to_ticks(0.0) if t_lo <= cal.to_ticks(0.0) <= t_hi else (t_lo + t_hi) // 2
-        ranges.append((t_lo, t_hi, start))
+        cal = JointCalibration()  # the calibration the backend uses when none is given
+        servos = []
+        for servo_id, lo, hi in zip(_motor_ids(url, space.dim), space.lower, space.upper, strict=True):
+            t_lo, t_hi = sorted((cal.to_ticks(float(lo)), cal.to_ticks(float(hi))))
+            t_lo, t_hi = max(0, t_lo + 2), min(4095, t_hi - 2)  # 2 ticks inside: rounding of the radians
+            start = cal.to_ticks(0.0) if t_lo <= cal.to_ticks(0.0) <= t_hi else (t_lo + t_hi) // 2
+            servos.append((servo_id, t_lo, t_hi, start, 0))
     if url.lower().startswith("dynamixel"):
         from firmware_bridge.motors import dynamixel_emulator as dxl
 
         return dxl.EmulatorProcess([dxl.ServoConfig(dxl_id=i, min_position=lo, max_position=hi, initial_position=st,
-                                                    return_delay=0) for i, (lo, hi, st) in zip(ids, ranges, strict=True)])
+                                                    homing_offset=h, return_delay=0) for i, lo, hi, st, h in servos])
     from firmware_bridge.motors import feetech_emulator as ft
 
     return ft.EmulatorProcess([ft.ServoConfig(servo_id=i, min_angle=lo, max_angle=hi, initial_position=st,
-                                              return_delay=0) for i, (lo, hi, st) in zip(ids, ranges, strict=True)])
+                                              homing_offset=h, return_delay=0) for i, lo, hi, st, h in servos])
+
+
+def _calibrated_servos(url: str, space: Any, units: Any) -> list[tuple[int, int, int, int, int]]:
+    """(id, min, max, start, homing offset) per joint: the calibration's servo, limited to where both the
+    calibrated range and the bundle's limits (in ticks, through the unit layer) allow."""
+    from firmware_bridge.motors.calibration import CalibrationError
+    from firmware_bridge.motors.registry import load_backend, parse_url
+    from firmware_bridge.motors.units import UnitMap
+
+    umap = UnitMap.for_backend(units, load_backend(parse_url(url).scheme))
+    try:
+        ticks = umap.tick_limits(list(zip(space.lower, space.upper, strict=True)))
+    except CalibrationError as exc:
+        raise ConfigError(str(exc)) from None
+    feetech = parse_url(url).scheme == "feetech"
+    servos = []
+    for joint, (t_lo, t_hi) in zip(umap.joints, ticks, strict=True):
+        m = joint.motor
+        if feetech and abs(m.homing_offset) > FEETECH_HOMING_MAX:  # the register's 11-bit magnitude
+            raise ConfigError(f"--calibration: motor {m.name!r} has homing_offset {m.homing_offset}, which no Feetech "
+                              f"STS servo holds (Homing Offset is -{FEETECH_HOMING_MAX}..{FEETECH_HOMING_MAX}); is "
+                              "this the calibration of a Dynamixel arm?")
+        lo, hi = max(m.range_min, math.ceil(t_lo - 1e-6)), min(m.range_max, math.floor(t_hi + 1e-6))
+        servos.append((m.id, lo, hi, (lo + hi) // 2, m.homing_offset))
+    return servos
 
 
 def _motor_ids(url: str, joints: int) -> list[int]:
@@ -286,10 +422,12 @@ def _robot_config(args: argparse.Namespace) -> RobotConfig:
 
 
 def _control_config(args: argparse.Namespace, link_url: str, space: Any,
-                    bundle_tracking: dict[str, Any] | None = None) -> ControlConfig:
+                    bundle_tracking: dict[str, Any] | None = None, units: Any = None) -> ControlConfig:
     check_rate(args.rate_hz)
     robot = _robot_config(args)
     tracking = robot.tracking_limits(space.names)
+    if units is not None:  # the robot's limits are radians; the loop compares positions in the bundle's units
+        tracking = _tracking_in_units(tracking, link_url, units)
     if bundle_tracking:  # a bundle may narrow the robot's limits, never widen them
         tracking = tracking.narrowed(bundle_tracking.get("max_position_error"), bundle_tracking.get("max_effort"))
     exhausted = args.exhausted_max if args.exhausted_max is not None else (2.0 if args.strategy == "sync" else 0.3)
@@ -312,6 +450,17 @@ def _control_config(args: argparse.Namespace, link_url: str, space: Any,
     )
 
 
+def _tracking_in_units(tracking: Any, link_url: str, units: Any) -> Any:
+    """The robot configuration's following-error limits (rad) in the bundle's units: each joint's by the unit
+    layer's slope (0.5 rad is ~32 units of LeRobot's -100..100 over half a turn, 28.6 degrees)."""
+    from edge_vla.onboard.following import TrackingLimits
+    from firmware_bridge.motors.registry import load_backend, parse_url
+    from firmware_bridge.motors.units import UnitMap
+
+    slopes = np.abs(UnitMap.for_backend(units, load_backend(parse_url(link_url).scheme)).slopes())
+    return TrackingLimits(tracking.max_position_error * slopes, tracking.max_effort, tracking.debounce).validate()
+
+
 def main(args: argparse.Namespace) -> int:
     if args.expert == bool(args.bundle):
         raise ConfigError("give either a BUNDLE directory or --expert (the sim's scripted expert)")
@@ -326,6 +475,9 @@ def main(args: argparse.Namespace) -> int:
     motor = bool(args.link) and args.link.partition("://")[0].lower() in motor_schemes()
     if args.link:
         check_link(args.link, emulate=args.emulate)
+    check_servo_flags(args, motor)
+    if motor:
+        check_motor_units(args)
     if motor and 1.0 / args.rate_hz < 0.010:
         raise ConfigError(f"--rate-hz {args.rate_hz:g} is above what {args.link.partition(':')[0]}:// servos are "
                           "specified for (100 Hz: 6 servos at 1 Mbaud); use --rate-hz 100 or less")
@@ -339,6 +491,7 @@ def main(args: argparse.Namespace) -> int:
     # Before anything moves or starts: a policy whose actions this robot cannot execute is refused here.
     require_executable(space, EXECUTABLE_ACTION_KINDS, f"bundle {args.bundle}", "this robot configuration",
                        EXECUTES_BECAUSE)
+    units = motor_units(args, space) if motor else None  # again, on the action space the policy loaded
     if args.camera == "sim":
         from edge_vla.sim.env import ReachEnv
 
@@ -355,10 +508,11 @@ def main(args: argparse.Namespace) -> int:
         link_url = args.link
         link_kwargs: dict[str, Any] = {}
         if motor:
-            link_kwargs = motor_link_kwargs(space, args.rate_hz)
+            link_kwargs = motor_link_kwargs(space, args.rate_hz, units)
+            link_url = url_with_calibrated_ids(args.link, units, args.calibration)
             if args.emulate:
-                emu_motor = stack.enter_context(_motor_emulator(args.link, space))
-                link_url = emulated_motor_url(args.link, emu_motor.port, space.dim)
+                emu_motor = stack.enter_context(_motor_emulator(link_url, space, units))
+                link_url = emulated_motor_url(link_url, emu_motor.port, space.dim)
                 log.info("motor emulator on %s: %s", emu_motor.port, link_url)
             _check_motor_link(link_url, False, accepted_links(), **link_kwargs)
         elif args.emulate:
@@ -370,7 +524,7 @@ def main(args: argparse.Namespace) -> int:
                 prioritize_emulator(emu.proc.pid, max(1, args.rt_priority - 10))
         policy = getattr(source, "policy", None)
         tracking = policy.bundle.manifest["action_space"].get("tracking") if policy is not None else None
-        config = _control_config(args, link_url, space, tracking)
+        config = _control_config(args, link_url, space, tracking, units)
         if link_kwargs:
             config = replace(config, link_kwargs=link_kwargs)
 

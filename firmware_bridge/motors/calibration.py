@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -24,6 +26,7 @@ from firmware_bridge.motors.base import MotorError
 
 X_SERIES_TICKS_PER_TURN = 4096
 MAX_CALIBRATION_BYTES = 1 << 20  # a calibration file for a few dozen motors is a few kB
+REGISTER_LIMIT = 1 << 31  # positions and offsets are at most 4-byte registers: anything larger is no servo's
 
 
 class CalibrationError(MotorError, ValueError):
@@ -121,6 +124,10 @@ def _motor(path: str, name: str, entry: object) -> LeRobotMotor:
     bad = [f for f in fields if not isinstance(entry[f], int) or isinstance(entry[f], bool)]
     if bad:
         raise CalibrationError(f"{path}: motor {name!r}: {', '.join(bad)} must be integers")
+    huge = [f for f in fields[2:] if not -REGISTER_LIMIT < entry[f] < REGISTER_LIMIT]
+    if huge:  # a 400-digit integer parses, then overflows the float arithmetic of the normalisation
+        raise CalibrationError(f"{path}: motor {name!r}: {', '.join(huge)} must be servo ticks (below 2**31 in "
+                               "magnitude); is this a LeRobot calibration file?")
     motor = LeRobotMotor(name, *(int(entry[f]) for f in fields))
     if motor.range_min >= motor.range_max:
         raise CalibrationError(f"{path}: motor {name!r}: range_min {motor.range_min} must be below range_max "
@@ -150,11 +157,29 @@ def parse_lerobot_calibration(text: str | bytes, source: str = "<calibration>") 
 
 
 def load_lerobot_calibration(path: str | Path) -> dict[str, LeRobotMotor]:
+    """A regular file of at most MAX_CALIBRATION_BYTES. Opened without blocking (a FIFO with no writer would
+    block open() and read() forever) and read with a bound, so /dev/zero, a pipe or a file that grows while
+    read ends at once in one line."""
     p = Path(path)
     try:
-        size = p.stat().st_size
-        if size > MAX_CALIBRATION_BYTES:
-            raise CalibrationError(f"{p}: {size} bytes is too large for a calibration file")
-        return parse_lerobot_calibration(p.read_bytes(), str(p))
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise CalibrationError(f"cannot read calibration {p}: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CalibrationError(f"calibration {p} is not a regular file; give the .json file LeRobot's "
+                                   "calibrate wrote (~/.cache/huggingface/lerobot/calibration/...)")
+        data = bytearray()
+        while len(data) <= MAX_CALIBRATION_BYTES:
+            chunk = os.read(fd, MAX_CALIBRATION_BYTES + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except OSError as exc:
+        raise CalibrationError(f"cannot read calibration {p}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CALIBRATION_BYTES:
+        raise CalibrationError(f"{p}: more than {MAX_CALIBRATION_BYTES} bytes is too large for a calibration file; "
+                               "is this the right file?")
+    return parse_lerobot_calibration(bytes(data), str(p))

@@ -5,8 +5,14 @@ talking to its one narrow interface and learns no device details. What the loop 
 
 - `open()` / `close()`: open the device (it stays disarmed: torque as found) / the device's idempotent close,
   which turns torque off if it is armed.
+- units: with `units=UnitSpec` (a LeRobot calibration: `edge-vla run --calibration`), setpoints, states and
+  limits cross this interface in the bundle's action units (LeRobot's -100..100 / 0..100, degrees, or rad);
+  `firmware_bridge.motors.units.UnitMap` converts them per joint to the device's radians (through LeRobot's exact
+  `_unnormalize`/`_normalize` ticks) and back, velocities by each joint's slope. The device's joint limits are
+  the bundle's converted the same way, refused at construction where they reach outside the calibration's
+  range_min..range_max. Without `units` everything is the device's radians (the default calibration).
 - `hello()`: a `protocol.Capabilities` built from the device: joint names and count, per-joint position
-  limits (the robot configuration's, as given to the device), the device watchdog's period as
+  limits (the robot configuration's, as given to the device; in the bundle's units), the device watchdog's period as
   `heartbeat_timeout_s` (0 without one). A hello while armed stops the device (category 0), as a firmware
   treats a HELLO from a new host.
 - `send_clear_faults()` / `send_arm()` / `send_disarm()`: the device's `clear_faults()` / `arm()` / a
@@ -59,7 +65,9 @@ import numpy as np
 from firmware_bridge.controller import ArrayLike, Controller, JointState
 from firmware_bridge.errors import LinkDownError, NackError
 from firmware_bridge.motors.base import FaultLatchedError, MotorDevice, MotorError, MotorFault, StopCategory
-from firmware_bridge.motors.registry import open_device
+from firmware_bridge.motors.calibration import CalibrationError
+from firmware_bridge.motors.registry import load_backend, open_device, parse_url
+from firmware_bridge.motors.units import UnitMap, UnitSpec
 from firmware_bridge.protocol import (
     PROTOCOL_MAJOR,
     PROTOCOL_MINOR,
@@ -85,15 +93,25 @@ ACK_MEMORY = 1024
 class MotorDeviceLink(Controller):
     """The control loop's `Controller` over one `MotorDevice` (see the module docstring for each mapping)."""
 
-    def __init__(self, url: str, device: MotorDevice | None = None, **device_kw: Any) -> None:
+    def __init__(self, url: str, device: MotorDevice | None = None, *, units: UnitSpec | None = None,
+                 **device_kw: Any) -> None:
         """`device_kw` (joint_limits, names, period_s, calibration...) go to the backend's constructor; the
-        device is built (URL and parameters checked) but not opened."""
+        device is built (URL and parameters checked) but not opened. With `units`, `joint_limits` are in the
+        bundle's units and the device gets their radians, the calibration's joints and its homing offsets."""
         super().__init__()
         self._url = url
         self._seq = secrets.randbelow(0x10000)
         self._sent_since_hello = 0
         self._heartbeats = self._keepalives = 0
+        self.units: UnitMap | None = None
+        self._unit_limits: list[tuple[float, float]] | None = None  # the bundle's limits, in its units
+        if units is not None:
+            self.units = UnitMap.for_backend(units, type(device) if device is not None
+                                             else load_backend(parse_url(url).scheme))
+            device_kw = self._device_kwargs_in_radians(units, device_kw)
         self.device = device if device is not None else open_device(url, open_now=False, **device_kw)
+        if units is not None:
+            self._check_device_matches(units)
         self._mode = Mode.DISARMED
         self._host_stop: int | None = None  # category of the last stop this host made (latched like a firmware)
         self._answers: OrderedDict[int, bool | NackError] = OrderedDict()
@@ -103,6 +121,31 @@ class MotorDeviceLink(Controller):
     @classmethod
     def from_url(cls, url: str, **device_kw: Any) -> MotorDeviceLink:
         return cls(url, **device_kw)
+
+    def _device_kwargs_in_radians(self, spec: UnitSpec, device_kw: dict[str, Any]) -> dict[str, Any]:
+        """The backend's keyword arguments for a calibrated run: limits converted (and checked against the
+        calibrated range), the calibration's joints (zero at mid-range) and its homing offsets to check at arm."""
+        assert self.units is not None
+        kw = dict(device_kw)
+        if kw.get("joint_limits") is not None:
+            self._unit_limits = [(float(lo), float(hi)) for lo, hi in kw["joint_limits"]]
+            kw["joint_limits"] = self.units.limits_to_radians(self._unit_limits)
+        kw["calibration"] = list(self.units.calibrations)
+        kw["lerobot_calibration"] = spec.by_name
+        kw.setdefault("names", list(spec.joints))
+        return kw
+
+    def _check_device_matches(self, spec: UnitSpec) -> None:
+        """The device drives the calibration's servos in the bundle's joint order, with the layer's calibration."""
+        ids = tuple(getattr(self.device, "ids", ()))
+        if ids != spec.ids:
+            raise CalibrationError(f"{self._url}: the link names servo ids {', '.join(map(str, ids))} but the "
+                                   f"calibration gives ids {', '.join(map(str, spec.ids))} for the bundle's joints "
+                                   f"({', '.join(spec.joints)}); drop ids= from the URL or correct it")
+        assert self.units is not None
+        if tuple(getattr(self.device, "calibration", ())) != self.units.calibrations:
+            raise CalibrationError(f"{self._url}: the device's calibration is not the unit layer's; pass the "
+                                   "calibration through units= only")
 
     # ---- lifecycle ----
     def open(self) -> MotorDeviceLink:
@@ -132,7 +175,8 @@ class MotorDeviceLink(Controller):
             log.warning("%s: hello while armed: stopping (category 0)", self.device.url)
             self._device_stop(0)
         caps = self.device.capabilities
-        limits = getattr(self.device, "joint_limits", None) or [(-np.inf, np.inf)] * caps.joint_count
+        limits = (self._unit_limits or self._device_limits_in_units()
+                  or [(-np.inf, np.inf)] * caps.joint_count)
         joints = tuple(JointLimits(name, float(lo), float(hi), float("inf"), float("inf"))
                        for name, (lo, hi) in zip(caps.joint_names, limits, strict=True))
         period = float(getattr(self.device, "period_s", caps.min_period_s))
@@ -146,6 +190,13 @@ class MotorDeviceLink(Controller):
                  f"{caps.watchdog_period_s * 1e3:.0f} ms; on expiry {caps.on_watchdog_expiry}"
                  if caps.has_device_watchdog else f"NONE ({caps.on_watchdog_expiry})")
         return self.capabilities
+
+    def _device_limits_in_units(self) -> list[tuple[float, float]] | None:
+        limits = getattr(self.device, "joint_limits", None)
+        if limits is None or self.units is None:
+            return limits
+        lo, hi = self.units.from_radians([lo for lo, _ in limits]), self.units.from_radians([hi for _, hi in limits])
+        return [(min(a, b), max(a, b)) for a, b in zip(lo, hi, strict=True)]
 
     @property
     def needs_hello(self) -> bool:
@@ -222,16 +273,20 @@ class MotorDeviceLink(Controller):
     def send_setpoints(self, positions: ArrayLike, velocities: ArrayLike | None = None,
                        efforts: ArrayLike | None = None, kp: ArrayLike | None = None,
                        kd: ArrayLike | None = None) -> Setpoint:
-        """One write of goal positions (rad), clamped by the device to its limits; raises if the device refuses
-        (not armed, fault latched, bus down): the loop then trips."""
+        """One write of goal positions (rad, or the bundle's units with a calibration), clamped by the device to
+        its limits; raises if the device refuses (not armed, fault latched, bus down, a non-finite value): the loop
+        then trips. Returns what was sent, in the same units."""
         if not self._said_ignored and any(a is not None for a in (velocities, efforts, kp, kd)):
             self._said_ignored = True
             log.info("%s: position-mode servos run their own position loop: velocity feedforward, efforts and "
                      "kp/kd are not sent (only goal positions)", self.device.url)
         self._require_open()
         self.stats.frames_sent += 1
-        sent = self.device.write_setpoints(np.asarray(positions, dtype=np.float64))
-        return Setpoint(np.asarray(sent, dtype=np.float64))
+        goal = np.asarray(positions, dtype=np.float64)
+        if self.units is not None:
+            goal = self.units.to_radians(goal)
+        sent = np.asarray(self.device.write_setpoints(goal), dtype=np.float64)
+        return Setpoint(sent if self.units is None else self.units.from_radians(sent))
 
     # ---- state ----
     def poll(self, timeout: float = 0.0) -> list[Message]:
@@ -253,7 +308,10 @@ class MotorDeviceLink(Controller):
             self._mode = Mode.TRIPPED  # the device stopped itself (a fault): latched until the operator arms
         bits = self._fault_bits()
         status = Status.ENABLE_INPUT | (Status.STOP_LATCHED if self._host_stop is not None else Status.NONE)
-        self._latest = JointState(st.positions, st.velocities, st.currents, Fault(bits), self._mode, st.stamp,
+        positions, velocities = st.positions, st.velocities
+        if self.units is not None:
+            positions, velocities = self.units.from_radians(positions), self.units.velocities_from_radians(velocities)
+        self._latest = JointState(positions, velocities, st.currents, Fault(bits), self._mode, st.stamp,
                                   time.monotonic(), -1, st.stamp, status, self.stats.frames_received)
         return []
 
