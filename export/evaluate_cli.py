@@ -8,6 +8,8 @@ With --env metaworld:TASKS (the default for a model trained on MetaWorld), every
 held-out episodes per task, reported per task and per difficulty group beside the published anchors.
 --env sim:hard runs the sim's hard split (the default for a model trained on it); a model trained on the
 base split is evaluated on hard only when asked (`--env sim:hard`).
+--latency-ms 0,100,200 injects inference latency (edge_vla.sim.latency_eval, docs/rtc.md "Latency model"): every
+--strategies chunk strategy at every latency on the same seeds and latency draws, one table per target.
 """
 
 from __future__ import annotations
@@ -39,6 +41,20 @@ from edge_vla.sim.evaluate import (
     random_policy,
 )
 from edge_vla.sim.expert import expert_chunk
+from edge_vla.sim.latency_eval import (
+    DEFAULT_STRATEGIES,
+    LATENCY_SIGMA,
+    NOMINAL_QUANTILE,
+    STRATEGIES,
+    LatencyGrid,
+    SimExpert,
+    check_grid,
+    evaluate_latency,
+    evaluate_latency_metaworld,
+    parse_latencies,
+    parse_strategies,
+    with_zero,
+)
 from edge_vla.sim.metaworld import is_metaworld
 from edge_vla.sim.splits import is_sim, sim_split
 
@@ -76,6 +92,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--onboard", action="store_true",
                         help="run one bundle (or expert) through the onboard stack (control loop at 100 Hz, firmware "
                              "emulator on a pty) and compare with the offline runtime on the same seeds")
+    parser.add_argument("--latency-ms", default=None, metavar="MS[,MS...]",
+                        help="inject inference latency: evaluate every --strategies chunk strategy at each of these "
+                             "nominal latencies (0 is always added: the paired baseline) on the same seeds and latency "
+                             "draws (docs/rtc.md, 'Latency model'). Sim actions are 100 ms, MetaWorld's 12.5 ms")
+    parser.add_argument("--strategies", default=None, metavar="NAME[,NAME...]",
+                        help=f"with --latency-ms: chunk strategies, of {', '.join(STRATEGIES)} (default "
+                             f"{','.join(DEFAULT_STRATEGIES)}; rtc needs a policy trained with --rtc-max-delay)")
+    parser.add_argument("--latency-sigma", type=float, default=LATENCY_SIGMA, metavar="SIGMA",
+                        help="with --latency-ms: lognormal spread of the per-inference latency, whose 90th percentile "
+                             "is the nominal latency (default %(default)s; 0: every inference takes exactly the nominal)")
 
 
 @dataclass
@@ -110,13 +136,57 @@ class Contender:
 
         if self.name == "expert":
             return metaworld.evaluate_expert(env, episodes, seed_base)
+        act = self.metaworld_policy(env)
+        return metaworld.evaluate(act, env, episodes, seed_base, self.image_size, self.num_cameras, execute=execute,
+                                  name=self.name, reseed=self.reseed)
+
+    def metaworld_policy(self, env: str) -> ChunkPolicy:
+        from edge_vla.sim import metaworld
+
         act = metaworld.random_policy() if self.name == "random" else self.act
         if self.dims is not None and self.dims != (4, 4):
             raise ConfigError(f"{self.name} takes a {self.dims[0]}-D state and returns {self.dims[1]}-D actions; "
                               f"MetaWorld's are 4-D (train on `edge-vla make-data --env {env}` data), or evaluate it "
                               "with --env sim")
-        return metaworld.evaluate(act, env, episodes, seed_base, self.image_size, self.num_cameras, execute=execute,
-                                  name=self.name, reseed=self.reseed)
+        return act
+
+    def run_latency(self, args: argparse.Namespace, env: str, split: str, strategies: list[str],
+                    latencies: list[float]) -> LatencyGrid:
+        """Every strategy at every latency on the same seeds (edge_vla.sim.latency_eval)."""
+        reseed = progress(f"{self.name} (latency grid)", args.episodes * len(strategies) * len(with_zero(latencies)),
+                          self.reseed)
+        common = {"strategies": strategies, "latencies_ms": latencies, "episodes": args.episodes,
+                  "seed_base": args.seed_base, "execute": args.execute, "name": self.name, "reseed": reseed,
+                  "sigma": args.latency_sigma}
+        if is_metaworld(env):
+            if self.name == "expert":
+                raise ConfigError(METAWORLD_EXPERT_HAS_NO_CHUNK)
+            return evaluate_latency_metaworld(self.metaworld_policy(env), env, image_size=self.image_size,
+                                              num_cameras=self.num_cameras, **common)
+        if self.name == "expert":  # it reads the scene, which a learned policy cannot: it gets the env
+            from edge_vla.sim.env import ReachEnv
+
+            sim = ReachEnv(split=split)
+            return evaluate_latency(SimExpert(sim), env=sim, split=split, **common)
+        return evaluate_latency(self.act, image_size=self.image_size, num_cameras=self.num_cameras, split=split,
+                                **common)
+
+
+METAWORLD_EXPERT_HAS_NO_CHUNK = ("MetaWorld's scripted expert acts one step at a time from the full state, so it has no "
+                                 "chunk to delay; evaluate a model or random with --latency-ms on MetaWorld")
+
+
+class BundleAct:
+    """A bundle as a chunk policy; one trained for real-time chunking also takes the action prefix (rtc)."""
+
+    def __init__(self, policy: Any) -> None:
+        self.policy = policy
+        self.rtc_max_delay = int(getattr(policy, "rtc_max_delay", 0) or 0)
+
+    def __call__(self, obs: Any, prefix: Any = None) -> Any:
+        if prefix is None:
+            return self.policy.infer(obs).actions
+        return self.policy.infer(obs, prefix=prefix).actions
 
 
 def progress(label: str, episodes: int, reseed: Reseed | None) -> Reseed:
@@ -155,9 +225,8 @@ def load_contender(spec: str, steps: int | None, solver: str) -> Contender:
         cfg = policy.config
         name = f"bundle {target} ({policy.precision}, {policy.steps} steps)"
         if isinstance(cfg, dict):  # a π0 bundle: the sim's own frames, which the policy resizes as π0 does
-            return Contender(name, lambda obs: policy.infer(obs).actions, policy.reset,
-                             num_cameras=int(cfg["num_cameras"]))
-        return Contender(name, lambda obs: policy.infer(obs).actions, policy.reset, cfg.image_size, cfg.num_cameras,
+            return Contender(name, BundleAct(policy), policy.reset, num_cameras=int(cfg["num_cameras"]))
+        return Contender(name, BundleAct(policy), policy.reset, cfg.image_size, cfg.num_cameras,
                          (cfg.state_dim, cfg.action_dim))
     if not path.exists():
         raise EdgeVlaError(f"{target} does not exist; pass a checkpoint dir, a bundle dir, expert or random")
@@ -186,7 +255,26 @@ def main(args: argparse.Namespace) -> int:
     return rc
 
 
+def _latency_args(args: argparse.Namespace) -> tuple[list[str], list[float]] | None:
+    """(strategies, latencies) with --latency-ms, None without; every flag conflict refused in one line."""
+    latency = getattr(args, "latency_ms", None)
+    if latency is None:
+        if getattr(args, "strategies", None) is not None:
+            raise ConfigError("--strategies chooses the chunk strategies of a latency evaluation; add --latency-ms, "
+                              "e.g. --latency-ms 0,100,200")
+        return None
+    for flag, given in (("--data", args.data is not None), ("--onboard", args.onboard),
+                        ("--sensitivity", args.sensitivity)):
+        if given:
+            raise ConfigError(f"--latency-ms runs closed-loop sim episodes; drop {flag} (or run it separately)")
+    sigma = args.latency_sigma = getattr(args, "latency_sigma", LATENCY_SIGMA)
+    if not 0 <= sigma <= 2:  # nan fails this too
+        raise ConfigError(f"--latency-sigma {sigma}: give a spread in 0-2 (0: every inference takes the nominal)")
+    return parse_strategies(args.strategies or ",".join(DEFAULT_STRATEGIES)), parse_latencies(latency)
+
+
 def _main(args: argparse.Namespace) -> int:
+    grid = _latency_args(args)  # before anything runs or loads
     if args.data is not None:
         return _open_loop(args)
     if args.onboard:
@@ -206,6 +294,8 @@ def _main(args: argparse.Namespace) -> int:
     split = sim_split(env) if is_sim(env) else "base"  # an unknown sim:SPLIT fails here, before loading models
     check_execute(args.execute)  # before any model loads
     contenders = [load_contender(t, args.steps, args.solver) for t in args.targets]
+    if grid is not None:
+        return _latency(args, env, split, contenders, *grid)
     if is_metaworld(env):
         return _metaworld(args, env, contenders)
     if split != "base":
@@ -261,6 +351,31 @@ def _metaworld(args: argparse.Namespace, env: str, contenders: list[Contender]) 
         doc = {"env": env, "episodes_per_task": args.episodes, "seed_base": args.seed_base,
                "contenders": [r.as_dict() for r in results], "paired": pairs,
                "anchors": metaworld.ANCHORS, "table": metaworld.table(results, env)}
+        with atomic_write(Path(args.json_out), "w") as f:
+            f.write(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+def _latency(args: argparse.Namespace, env: str, split: str, contenders: list[Contender], strategies: list[str],
+             latencies: list[float]) -> int:
+    for c in contenders:  # every refusal before any episode runs
+        if c.name == "expert" and is_metaworld(env):
+            raise ConfigError(METAWORLD_EXPERT_HAS_NO_CHUNK)
+        if c.name != "expert":  # the sim's expert runs as SimExpert, which takes a prefix
+            check_grid(c.act, strategies, with_zero(latencies), c.name)
+    grids = []
+    for c in contenders:
+        grid = c.run_latency(args, env, split, strategies, latencies)
+        grids.append(grid)
+        print(f"{c.name}: {env}, {args.episodes} episode(s){' per task' if is_metaworld(env) else ''}, action period "
+              f"{1000 * grid.action_period_s:g} ms, replanning every {grid.execute} action(s), latency lognormal "
+              f"sigma {grid.sigma:g} with the nominal as its 90th percentile")
+        print(grid.table())
+    if args.json_out:
+        doc = {"env": env, "split": split, "episodes": args.episodes, "seed_base": args.seed_base,
+               "execute": args.execute, "latency": {"nominal_ms": with_zero(latencies), "strategies": strategies,
+                                                    "sigma": args.latency_sigma, "nominal_quantile": NOMINAL_QUANTILE},
+               "contenders": [g.as_dict() for g in grids]}
         with atomic_write(Path(args.json_out), "w") as f:
             f.write(json.dumps(doc, indent=2) + "\n")
     return 0
