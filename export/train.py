@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from edge_vla.config import VLAConfig
-from edge_vla.errors import EdgeVlaError
+from edge_vla.errors import ConfigError, EdgeVlaError
 from edge_vla.progress import progress as progress_bar
 from edge_vla.sim.dataset import Dataset
 
@@ -178,9 +179,35 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     return tc.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+# Fields a fine-tune may change: the parameters they add start fresh (prefix_emb, the goal head).
+INIT_MAY_DIFFER = ("rtc_max_delay", "goal_head")
+
+
+def from_init(config: VLAConfig, init: VLA) -> VLA:
+    """A model of `config` holding `init`'s weights and normalization; refuses any other config difference."""
+    theirs = dataclasses.replace(init.config, **{k: getattr(config, k) for k in INIT_MAY_DIFFER})
+    if theirs != config:
+        diff = [f"{f.name} {getattr(theirs, f.name)} vs {getattr(config, f.name)}"
+                for f in dataclasses.fields(config) if getattr(theirs, f.name) != getattr(config, f.name)]
+        raise ConfigError(f"--init checkpoint (preset {init.config.preset!r}) differs from the model to train: "
+                          f"{'; '.join(diff)}; only {', '.join(INIT_MAY_DIFFER)} may change in a fine-tune")
+    model = VLA(config)
+    ours = model.state_dict()
+    weights = {k: v for k, v in init.state_dict().items() if k in ours}
+    missing = sorted(set(ours) - set(weights))
+    fresh = [k for k in missing if not k.startswith(("prefix_emb", "goal."))]
+    if fresh:
+        raise ConfigError(f"--init checkpoint lacks {fresh[:5]}; it is not a checkpoint of this model")
+    model.load_state_dict(weights, strict=False)
+    if missing:
+        log.info("fine-tuning from --init; new parameters start fresh: %s", ", ".join(missing))
+    return model
+
+
 def train(config: VLAConfig, ds: Dataset, out: str | Path, tc: TrainConfig, resume: bool = False,
-          progress: bool = True) -> VLA:
-    """Train `config` on `ds`; checkpoints land in `out` (safetensors + config + optimizer state)."""
+          progress: bool = True, init: VLA | None = None) -> VLA:
+    """Train `config` on `ds`; checkpoints land in `out` (safetensors + config + optimizer state). `init`: start
+    from these weights and their normalization (fine-tuning, e.g. adding real-time chunking to a trained model)."""
     threads = tc.threads or default_threads()
     torch.set_num_threads(threads)
     log.info("training with %d torch thread(s)", threads)
@@ -196,6 +223,9 @@ def train(config: VLAConfig, ds: Dataset, out: str | Path, tc: TrainConfig, resu
         start = int(state["step"])
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         log.info("resuming %s from step %d", out, start)
+    elif init is not None:
+        model = from_init(config, init).train()
+        opt = make_optimizer(model, tc)
     else:
         model = VLA(config).train()
         set_normalization(model, ds)

@@ -61,6 +61,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the free cores)")
     parser.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
+    parser.add_argument("--init", metavar="CKPT", default=None,
+                        help="fine-tune: start from this checkpoint's weights and normalization (same preset and "
+                        "data shapes; --rtc-max-delay may add real-time chunking to a trained model)")
     parser.add_argument("--episodes", type=int, default=300,
                         help="episodes to generate when --data is missing (MetaWorld: per task)")
 
@@ -131,7 +134,14 @@ def main(args: argparse.Namespace) -> int:
         require_finite(ds, str(data_path))
         cfg = training_config(cfg, ds)
     out = Path(args.output or f"runs/{args.preset}")
-    train(cfg, ds, out, tc, resume=args.resume)
+    init = None
+    if args.init:
+        if args.resume:
+            raise ConfigError("--init starts a new training from a checkpoint; --resume continues one: give one")
+        from .checkpoint import load_checkpoint
+
+        init, _ = load_checkpoint(args.init)
+    train(cfg, ds, out, tc, resume=args.resume, init=init)
     print(f"checkpoint written to {out}")
     return 0
 

@@ -148,3 +148,28 @@ def test_tiny_data_says_it_has_no_validation_split_instead_of_nan(tmp_path, capl
     assert summaries and all("nan" not in m for m in summaries), summaries
     assert "no validation split" in summaries[0]
     assert load_checkpoint(tmp_path / "run")[1]["val_loss"] is None
+
+
+def test_init_fine_tunes_a_trained_model_into_real_time_chunking(tmp_path):
+    """--init: the trained weights and normalization carry over; RTC's prefix embedding starts fresh; any other
+    config difference is refused."""
+    import dataclasses
+
+    import pytest
+
+    from edge_vla.errors import ConfigError
+
+    ds = dataset.generate(range(2))
+    cfg = preset("tiny")
+    base = train(cfg, ds, tmp_path / "base", TrainConfig(steps=2, batch_size=4, warmup=1), progress=False)
+    rtc_cfg = dataclasses.replace(cfg, rtc_max_delay=3)
+    tuned = train(rtc_cfg, ds, tmp_path / "rtc", TrainConfig(steps=1, batch_size=4, warmup=1, lr=0.0),
+                  progress=False, init=base)
+    assert tuned.prefix_emb is not None
+    for k, v in base.state_dict().items():  # lr 0: exactly the init's weights (and its normalization buffers)
+        torch.testing.assert_close(tuned.state_dict()[k], v)
+    model, _ = load_checkpoint(tmp_path / "rtc")
+    assert model.config.rtc_max_delay == 3
+    with pytest.raises(ConfigError, match="width 128 vs 64"):
+        train(dataclasses.replace(cfg, width=64), ds, tmp_path / "bad", TrainConfig(steps=1, batch_size=4),
+              progress=False, init=base)
