@@ -481,6 +481,12 @@ def main(args: argparse.Namespace) -> int:
     if motor and 1.0 / args.rate_hz < 0.010:
         raise ConfigError(f"--rate-hz {args.rate_hz:g} is above what {args.link.partition(':')[0]}:// servos are "
                           "specified for (100 Hz: 6 servos at 1 Mbaud); use --rate-hz 100 or less")
+    if motor and args.rt_priority:
+        # The vendor SDKs busy-poll the port for replies: a SCHED_FIFO poller starves the kernel work that moves
+        # the tty's bytes, so the bus never answers (measured over the emulator's pty: 12 of 12 opens timed out).
+        raise ConfigError(f"--rt-priority with {args.link.partition(':')[0]}:// servos: their SDK busy-polls the "
+                          "serial port, and a real-time poller starves the tty it waits on; run without --rt-priority "
+                          "(--cpus still pins the control process)")
     socket_path = control_socket_path(args.control_socket)
     if socket_path is not None and not under_systemd(os.environ) and not args.arm_on_start:
         log.info("operator control socket: %s (arm with `edge-vla arm%s`)", socket_path,

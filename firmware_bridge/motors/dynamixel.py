@@ -269,23 +269,30 @@ class DynamixelDevice(ServoBusDevice):
 
     def _check_watchdog_gap(self, periodic: bool = False) -> None:
         """After a gap longer than half the watchdog period (the host stalled), or every 25 cycles for one
-        servo (a packet lost on the wire), read Bus Watchdog (98): -1 means the servo stopped by itself."""
+        servo (a packet lost on the wire, a servo that restarted), read Torque Enable (64) through Bus Watchdog
+        (98) in one transaction: 98 = -1 means the servo stopped by itself; torque off while armed means it
+        restarted (a power dip: it comes back torque off, watchdog 0) or another program switched it off."""
         if not self._armed:
             return
         gap = time.monotonic() - self._last_tx
+        span = BUS_WATCHDOG - TORQUE_ENABLE + 1
         if gap > 0.5 * self.watchdog_units * WATCHDOG_UNIT_S:
-            # one Sync Read of every servo's register 98: one transaction, and it feeds every watchdog
-            values = {i: block[0] for i, block in self._sync_read(BUS_WATCHDOG, 1).items()}
+            # one Sync Read of every servo's 64..98: one transaction, and it feeds every watchdog
+            blocks = self._sync_read(TORQUE_ENABLE, span)
         elif periodic and self._cycles % 25 == 0:
             dxl_id = self.ids[(self._cycles // 25) % len(self.ids)]
-            values = {dxl_id: self._read(dxl_id, BUS_WATCHDOG, 1, alert_ok=True)}
+            blocks = {dxl_id: self._read_bytes(dxl_id, TORQUE_ENABLE, span)}
         else:
             return
-        for dxl_id, value in values.items():
-            if value == WATCHDOG_ERROR:
-                self._latch(MotorFault(self.names[self.ids.index(dxl_id)], "bus_watchdog",
+        for dxl_id, block in blocks.items():
+            name = self.names[self.ids.index(dxl_id)]
+            if block[BUS_WATCHDOG - TORQUE_ENABLE] == WATCHDOG_ERROR:
+                self._latch(MotorFault(name, "bus_watchdog",
                                        f"the servo's Bus Watchdog expired (host silent for {gap * 1000:.0f} ms > "
                                        f"{self.watchdog_units * 20} ms); it holds position with torque on"))
+            elif block[0] != 1:
+                self._latch(MotorFault(name, "torque_lost", "the servo reads torque off while armed: it restarted "
+                                       "(power dip, loose cable) or another program wrote it"))
         if self._faults:
             self._fault_stop()
 
@@ -320,6 +327,12 @@ class DynamixelDevice(ServoBusDevice):
         self._last_tx = time.monotonic()
         self._check(result, error, dxl_id, f"read of address {addr}", alert_ok)
         return int.from_bytes(bytes(data[:size]), "little", signed=signed)
+
+    def _read_bytes(self, dxl_id: int, addr: int, size: int) -> bytes:
+        data, result, error = self._ph.readTxRx(self._port, dxl_id, addr, size)
+        self._last_tx = time.monotonic()
+        self._check(result, error, dxl_id, f"read of addresses {addr}..{addr + size - 1}", alert_ok=True)
+        return bytes(data[:size])
 
     def _write(self, dxl_id: int, addr: int, size: int, value: int, *, alert_ok: bool = False) -> None:
         data = list((value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))

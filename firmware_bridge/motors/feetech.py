@@ -111,7 +111,8 @@ def _torque_param(value: int) -> list[int]:
 
 
 class _ExitHooks:
-    """Torque off every armed Feetech device at interpreter exit and on SIGTERM/SIGHUP.
+    """Torque off every armed Feetech device at interpreter exit and on SIGTERM/SIGINT/SIGHUP (SIGINT: Ctrl-C, and
+    the edge-vla service unit's KillSignal).
 
     How it composes with the host: installed at the first arm(), from the main thread only. A signal whose
     handler is SIG_IGN (the host chose to ignore it) or was set outside Python is left alone. Otherwise the
@@ -123,7 +124,7 @@ class _ExitHooks:
     with MotorBusError while the device is already disarmed.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     devices: ClassVar[weakref.WeakSet[FeetechDevice]] = weakref.WeakSet()
     previous: ClassVar[dict[int, Any]] = {}
     _atexit_done = False
@@ -140,7 +141,8 @@ class _ExitHooks:
             return
         for sig in cls.SIGNALS:
             current = signal.getsignal(sig)
-            if current is cls.on_signal or current == signal.SIG_IGN or current is None:
+            # `==`, not `is`: cls.on_signal is a new bound-method object at every attribute access.
+            if current == cls.on_signal or current == signal.SIG_IGN or current is None:
                 continue
             cls.previous[sig] = current
             signal.signal(sig, cls.on_signal)
@@ -152,7 +154,7 @@ class _ExitHooks:
         if any(d.armed for d in cls.devices) or threading.current_thread() is not threading.main_thread():
             return
         for sig, previous in list(cls.previous.items()):
-            if signal.getsignal(sig) is cls.on_signal:
+            if signal.getsignal(sig) == cls.on_signal:
                 signal.signal(sig, previous)
             del cls.previous[sig]
 

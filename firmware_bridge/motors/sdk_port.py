@@ -7,22 +7,58 @@
 2. Both SDKs compute every reply timeout from a hard-coded LATENCY_TIMER = 16 ms (the FTDI default). The adapter's real
    latency timer is a per-bus setting (`latency_ms` in the link URL): 1 ms for a U2D2 or a Waveshare board set
    as LeRobot recommends, more for a slow adapter or an emulator on a loaded machine.
+3. Neither SDK expects the port itself to fail: when the USB adapter is unplugged the kernel hangs up its tty and
+   pyserial raises (termios.error from a flush, SerialException from a read, OSError from a write) through the
+   SDK, past the backend's checks, and it left the SDK's `is_using` flag set, so every later call answered "Port
+   is in use!" (seen in the fault campaign: the control loop died of termios.error, exit 1). Here a port I/O error
+   is logged once and becomes what the SDK already handles: nothing written (COMM_TX_FAIL), nothing read (a reply
+   timeout), so the backend raises MotorBusError and the control loop trips on a lost link.
 """
 
 from __future__ import annotations
 
+import logging
+import termios
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 DEFAULT_LATENCY_MS = 16  # what both SDKs assume
+PORT_ERRORS = (OSError, termios.error)  # serial.SerialException is an OSError
 
 
 def port_handler(sdk: Any, port: str, latency_ms: int = DEFAULT_LATENCY_MS) -> Any:
     """An instance of `sdk.PortHandler` for `port` with the fixes above."""
 
     class PortHandler(sdk.PortHandler):  # type: ignore[misc, name-defined]
+        port_error: str | None = None  # the first I/O error of this port (the adapter is gone)
+
+        def _failed(self, exc: BaseException) -> None:
+            if self.port_error is None:
+                self.port_error = f"{type(exc).__name__}: {exc}"
+                log.error("%s: port I/O failed (%s): the USB-serial adapter was unplugged or failed", port,
+                          self.port_error)
+
         def clearPort(self) -> None:
-            self.ser.reset_input_buffer()  # stale replies out
-            self.ser.flush()
+            try:
+                self.ser.reset_input_buffer()  # stale replies out
+                self.ser.flush()
+            except PORT_ERRORS as exc:
+                self._failed(exc)
+
+        def readPort(self, length: int) -> Any:
+            try:
+                return super().readPort(length)
+            except PORT_ERRORS as exc:
+                self._failed(exc)
+                return b""  # nothing arrived: the SDK's reply timeout follows
+
+        def writePort(self, packet: Any) -> int:
+            try:
+                return super().writePort(packet)
+            except PORT_ERRORS as exc:
+                self._failed(exc)
+                return 0  # nothing written: the SDK answers COMM_TX_FAIL and clears is_using
 
         def setPacketTimeout(self, packet_length: int) -> None:
             self.packet_start_time = self.getCurrentTime()

@@ -24,6 +24,7 @@ from firmware_bridge.motors.base import (
     MotorBusError,
     MotorDevice,
     MotorError,
+    MotorFault,
     MotorUrlError,
     StopCategory,
 )
@@ -155,6 +156,22 @@ class ServoBusDevice(MotorDevice):
             self._port = None
             raise
         self._log.info("%s: servos %s (%s)", self.url, list(self.ids), self._describe_servos())
+        self._check_found_torque_on()
+
+    def _check_found_torque_on(self) -> None:
+        """A servo with torque on at open was left armed by a host that died (kill -9, a crash, an unplugged
+        cable): a Dynamixel holding after its Bus Watchdog, a Feetech still driving to the dead host's last goal.
+        Latched, so the run starts tripped, not "disarmed" with the arm powered; the operator's clear_faults
+        turns torque off (read back) before anything else."""
+        on = [(j, servo_id) for j, servo_id in enumerate(self.ids) if self._read_torque(servo_id) == 1]
+        for j, servo_id in on:
+            self._latch(MotorFault(self.names[j], "found_torque_on",
+                                   f"servo id {servo_id} had torque on when this host opened the bus: a previous "
+                                   "host left it armed; clear faults (torque off) before arming"))
+        if on:
+            self._log.warning("%s: %d servo(s) found with torque on at open (%s): left armed by a host that died; "
+                              "latched until the operator clears faults, which turns their torque off", self.url,
+                              len(on), ", ".join(self.names[j] for j, _ in on))
 
     def _open_port(self) -> None:
         """Open the port at the configured baud rate; sets self._sdk, self._port and self._ph."""
@@ -235,6 +252,8 @@ class ServoBusDevice(MotorDevice):
         self._require_open("clear_faults")
         if self._armed:
             raise MotorError(f"{self.url}: clear_faults refused while armed; stop first")
+        if any(f.code == "found_torque_on" for f in self._faults) and not self._torque_off_all():
+            raise MotorError(f"{self.url}: torque off was not read back from every servo; check the bus")
 
     def _faults_cleared(self) -> None:
         self._log.warning("%s: faults cleared by the operator: %s", self.url,

@@ -61,6 +61,17 @@ def test_a_motor_device_url_is_checked_by_the_motor_registry_in_one_line(link: s
     assert says in line and link in line, line
 
 
+@pytest.mark.parametrize("scheme", ["dynamixel", "feetech"])
+def test_a_real_time_priority_with_a_servo_bus_is_refused_in_one_line(scheme: str) -> None:
+    """The vendor SDKs busy-poll the port: a SCHED_FIFO control process starves the tty and the bus never answers
+    (the fault campaign: 12 of 12 opens timed out). Control: the same command without --rt-priority gets past it."""
+    link = f"{scheme}:///dev/null?ids=1-2"
+    line = _one_line_refusal(_run("run", "--expert", "--link", link, "--rt-priority", "50", "--duration", "0.1"))
+    assert "--rt-priority" in line and "busy-polls" in line, line
+    control = _run("run", "--expert", "--link", link, "--duration", "0.1")
+    assert "--rt-priority" not in control.stderr, control.stderr
+
+
 def test_the_link_is_checked_before_the_bundle_loads(tmp_path: Path) -> None:
     """A missing bundle would be the first error if the model loaded first; the link's is reported instead."""
     line = _one_line_refusal(_run("run", str(tmp_path / "no-such-bundle"), "--link", "foo://bar"))

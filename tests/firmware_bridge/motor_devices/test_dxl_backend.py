@@ -187,3 +187,26 @@ def test_blocked_joint_trips_overload_and_is_reported(emulator: EmulatorProcess)
                 dev.write_setpoints([0.6] * 3)
             time.sleep(PERIOD_MS / 4000)
         assert [(f.joint, f.reason) for f in dev.faults] == [("joint2", "overload error")]
+
+
+def test_a_servo_that_restarts_mid_run_is_found_and_latched(emulator: EmulatorProcess) -> None:
+    """A rebooted X-series servo comes back torque off with its Bus Watchdog at 0: nothing expires, and the others
+    keep moving. The periodic check reads Torque Enable with the watchdog and latches torque_lost (it was missed:
+    the fault campaign found the run still `running` 3 s after one servo rebooted)."""
+    from firmware_bridge.motors import MotorBusError
+
+    with device(emulator) as dev:
+        dev.arm()
+        cycle(dev, 0.1, 3)
+        emulator.power_cycle(2)
+        deadline = time.monotonic() + 10.0
+        while not dev.faults and time.monotonic() < deadline:
+            try:
+                cycle(dev, 0.1, 1)
+            except MotorBusError:
+                pass  # deaf while it restarts: the read times out
+            except FaultLatchedError:
+                break
+        # While it is deaf the bus stalls on its reads, so the others' watchdogs may expire too (also latched).
+        assert ("joint2", "torque_lost") in [(f.joint, f.code) for f in dev.faults]
+        assert not dev.armed and [emulator.register(i, emu.TORQUE_ENABLE) for i in IDS] == [0, 0, 0]

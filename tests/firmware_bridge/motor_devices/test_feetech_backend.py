@@ -230,3 +230,54 @@ def test_signal_handlers_are_installed_at_arm_and_given_back_at_stop(emulator: E
         assert signal.getsignal(signal.SIGTERM) == _ExitHooks.on_signal
         dev.stop()
         assert signal.getsignal(signal.SIGTERM) == before  # the host gets its own handler back
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_rearming_after_a_stop_keeps_the_hosts_signal_handler_chained(emulator: EmulatorProcess, signame: str) -> None:
+    """Arm, stop, arm, SIGTERM: torque off, then the host's own handler, once. (The hook compared bound methods
+    with `is`, never true: after the first stop it did not restore the host's handler, and the re-arm recorded
+    its own handler as the host's, so a SIGTERM recursed until the process died without its summary.)"""
+    import os
+    import signal
+
+    calls: list[int] = []
+    sig = getattr(signal, signame)
+
+    def host(signum: int, frame: object) -> None:
+        calls.append(signum)
+
+    original = signal.signal(sig, host)
+    try:
+        with device(emulator) as dev:
+            dev.arm()
+            dev.stop()
+            assert signal.getsignal(sig) is host  # nothing armed: the host's handler is back
+            dev.arm()
+            assert torques(emulator) == [1, 1, 1]
+            os.kill(os.getpid(), sig)
+            assert emulator.wait_until(lambda: torques(emulator) == [0, 0, 0], 5.0)
+            assert calls == [sig]  # the host's handler ran once, after the torque-off
+            assert signal.getsignal(sig) is host
+    finally:
+        signal.signal(sig, original)
+
+
+def test_servos_found_with_torque_on_at_open_latch_until_the_operator_clears(emulator: EmulatorProcess) -> None:
+    """A host that died (kill -9) leaves Feetech servos driving to its last goal; the next host used to report
+    "disarmed" with the arm powered. Now the open latches found_torque_on, arming is refused, and the operator's
+    clear_faults turns torque off (read back) first."""
+    with device(emulator) as previous:  # stands in for the host that died: torque on, never stopped
+        previous._write(2, emu.TORQUE_ENABLE, [1])
+    assert torques(emulator) == [0, 1, 0]
+    with device(emulator) as dev:
+        assert [(f.joint, f.code) for f in dev.faults] == [("joint2", "found_torque_on")]
+        with pytest.raises(FaultLatchedError):
+            dev.arm()
+        assert torques(emulator) == [0, 1, 0]  # nothing is switched by the open itself
+        dev.clear_faults()
+        assert torques(emulator) == [0, 0, 0] and not dev.faults
+        dev.arm()
+        assert torques(emulator) == [1, 1, 1]
+    # Control: a bus left torque off opens clean.
+    with device(emulator) as dev:
+        assert not dev.faults
