@@ -263,7 +263,7 @@ class VLA(nn.Module):
 
     def flow_loss(self, images: Tensor, tokens: Tensor, state: Tensor, actions: Tensor,
                   noise: Tensor | None = None, t: Tensor | None = None, goals: Tensor | None = None,
-                  goal_weight: float = 0.0) -> Tensor:
+                  goal_weight: float = 0.0, hold: Tensor | None = None, hold_fraction: float = 0.0) -> Tensor:
         """Flow-matching loss for a batch of physical-unit action chunks [B, H, D]; with `goals` (positions in
         metres, [B, goal_dim]: the sim's target xy, MetaWorld's object and goal xyz) and a goal head, plus `goal_weight` times the goal-location loss."""
         x1 = self.normalize_actions(actions)
@@ -274,7 +274,8 @@ class VLA(nn.Module):
         prefix = self.embed_prefix(images, tokens, state)
         kv = torch.stack([blk.prefix_kv(prefix) for blk in self.expert])
         if self.config.rtc_max_delay > 0:
-            loss = self.prefix_flow_loss(x0, x1, x_t, t, kv)
+            held = None if hold is None or hold_fraction <= 0 else self.normalize_actions(hold)
+            loss = self.prefix_flow_loss(x0, x1, x_t, t, kv, held, hold_fraction)
         else:
             loss = F.mse_loss(self.velocity(x_t, t, kv), x1 - x0)
         if goals is not None and goal_weight > 0 and self.goal is not None:
@@ -282,12 +283,27 @@ class VLA(nn.Module):
             loss = loss + goal_weight * F.mse_loss(self.goal(prefix.mean(dim=1)), (goals - 0.5) / 0.25)
         return loss
 
-    def prefix_flow_loss(self, x0: Tensor, x1: Tensor, x_t: Tensor, t: Tensor, kv: Tensor) -> Tensor:
+    def prefix_flow_loss(self, x0: Tensor, x1: Tensor, x_t: Tensor, t: Tensor, kv: Tensor,
+                         hold: Tensor | None = None, hold_fraction: float = 0.0) -> Tensor:
         """Training-time RTC: per example a delay d uniform in 0..rtc_max_delay; the first d actions are given
-        clean (x_t = x1, mask 1) and the loss covers only the others, the ones the model generates."""
+        clean (x_t = x1, mask 1) and the loss covers only the others, the ones the model generates.
+
+        `hold` [B, D] (normalized; the action that keeps the arm where it is, e.g. the joint positions when
+        actions are joint-position targets): in a `hold_fraction` of the examples the prefix is d holds and the
+        target continues with the plan delayed by d (the arm waited, then the same plan). This is what a robot
+        starting from rest executes while its first chunk is computed; without it that prefix is one the model
+        never saw (measured: it then jumps at the first hand-over)."""
         b, h = x1.shape[:2]
         d = torch.randint(0, self.config.rtc_max_delay + 1, (b, 1), device=x1.device)
-        mask = (torch.arange(h, device=x1.device).unsqueeze(0) < d).to(x1.dtype)  # [B, H]
+        positions = torch.arange(h, device=x1.device).unsqueeze(0)
+        mask = (positions < d).to(x1.dtype)  # [B, H]
+        if hold is not None and hold_fraction > 0:
+            held = (torch.rand(b, device=x1.device) < hold_fraction).view(-1, 1, 1)
+            delayed = x1.gather(1, (positions - d).clamp_min(0).unsqueeze(-1).expand_as(x1))
+            delayed = torch.where(mask.unsqueeze(-1) > 0, hold.unsqueeze(1).expand_as(x1), delayed)
+            x1 = torch.where(held, delayed, x1)
+            tt = t.view(-1, 1, 1)
+            x_t = (1 - tt) * x0 + tt * x1
         x_t = torch.where(mask.unsqueeze(-1) > 0, x1, x_t)
         err = (self.velocity(x_t, t, kv, mask) - (x1 - x0)) ** 2  # [B, H, D]
         free = (1 - mask).unsqueeze(-1)

@@ -38,6 +38,9 @@ class TrainConfig:
     threads: int | None = None
     val_fraction: float = 0.05  # of the layouts (episodes), held out for a validation loss
     goal_weight: float = 0.5  # auxiliary goal-location loss, where the model has a goal head and the data goals
+    # RTC training: the share of examples whose prefix is "hold still" (VLA.prefix_flow_loss), where the data's
+    # actions are joint-position targets of the state's joints.
+    rtc_hold_fraction: float = 0.25
 
 
 def default_threads(window_s: float = 0.5) -> int:
@@ -233,6 +236,10 @@ def train(config: VLAConfig, ds: Dataset, out: str | Path, tc: TrainConfig, resu
     train_idx, val_idx = split_episodes(ds.episodes, tc.val_fraction)
     meta = {"dataset": ds.meta, "samples": len(data), "train_samples": len(train_idx),
             "val_samples": len(val_idx), "train": tc.__dict__}
+    # RTC: hold prefixes need the action that keeps the arm still; with joint-position actions that is the state.
+    hold_prefixes = (config.rtc_max_delay > 0 and tc.rtc_hold_fraction > 0 and config.state_dim == config.action_dim
+                     and ds.meta.get("action_space", {}).get("kind", "absolute_joint_position")
+                     == "absolute_joint_position")
     t0 = time.perf_counter()
     losses: list[float] = []
     bar = progress_bar(range(start, tc.steps), desc=f"train {config.preset}", unit="step", initial=start,
@@ -243,7 +250,9 @@ def train(config: VLAConfig, ds: Dataset, out: str | Path, tc: TrainConfig, resu
         idx = train_idx[torch.randint(0, len(train_idx), (tc.batch_size,))]
         goals = None if data.goals is None else data.goals[idx]
         batch = data.batch(idx)
-        loss = model.flow_loss(*batch, goals=goals, goal_weight=tc.goal_weight)
+        hold = batch[2] if hold_prefixes else None  # joint positions: the action that holds the arm still
+        loss = model.flow_loss(*batch, goals=goals, goal_weight=tc.goal_weight, hold=hold,
+                               hold_fraction=tc.rtc_hold_fraction)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

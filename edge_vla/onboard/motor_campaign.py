@@ -95,6 +95,9 @@ class ServiceUser:
     run_dir: Callable[[str], Path] | None = None
 
 
+DEVICE_FAULT_BIT = 0x4000  # firmware_bridge.motors.link_adapter.DEVICE_FAULT: a device's own latched fault
+
+
 @dataclass
 class MotorFaultRow(FaultRow):
     backend: str = ""
@@ -715,8 +718,14 @@ class MotorCampaign:
         row.host = f"phase {status.get('phase')}, armed {status.get('armed')}"
         row.host_ok = status.get("phase") == "disarmed" and status.get("armed") is False
         if any(s["torque"] for s in self.snaps().values()):
-            row.notes = ("the new run reports DISARMED while the servos still have torque on from before the kill "
-                         "(it does not read or switch off torque at start)")
+            firmware = status.get("firmware") or {}
+            if int(firmware.get("fault_bits", 0)) & DEVICE_FAULT_BIT:
+                row.notes = ("the servos still have torque on from before the kill; the new run latched it as a device "
+                             "fault (found_torque_on): the operator's arm clears it (torque off, read back) first")
+            else:
+                row.notes = ("the new run reports DISARMED with no fault while the servos still have torque on from "
+                             "before the kill")
+                row.host_ok = False
         return row
 
     # -- campaigns -------------------------------------------------------------------------------------

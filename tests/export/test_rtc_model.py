@@ -165,3 +165,33 @@ def test_an_exported_rtc_bundle_takes_the_prefix_in_the_runtime(trained: VLA, tm
             policy.infer(observation, prefix=np.zeros((4, D), np.float32))
         with pytest.raises(ConfigError, match=r"shape \[d, 2\]"):
             policy.infer(observation, prefix=np.zeros((2, 3), np.float32))
+
+
+def test_hold_prefixes_train_the_start_from_rest() -> None:
+    """A `hold` prefix (the arm waits d actions, as while the first chunk is computed) comes with the plan delayed
+    by d as the target: captured from the velocity call at t = 1, where x_t is the target itself."""
+    torch.manual_seed(0)
+    model = VLA(_config(rtc_max_delay=3))
+    seen: dict[str, torch.Tensor] = {}
+
+    def capture(x_t, t, kv, mask=None):  # type: ignore[no-untyped-def]
+        seen["x_t"], seen["mask"] = x_t.detach(), mask.detach()
+        return torch.zeros_like(x_t, requires_grad=True)
+
+    model.velocity = capture  # type: ignore[method-assign]
+    b = 64
+    obs = fake_inputs(model.config, batch=b)
+    plan = _chunks(torch.ones(b))
+    hold = torch.full((b, D), 0.05)
+    x1 = model.normalize_actions(plan)
+    kv = model.prefix_kv(obs["images"], obs["tokens"], obs["state"])
+    model.prefix_flow_loss(torch.zeros_like(x1), x1, x1, torch.ones(b), kv, model.normalize_actions(hold), 1.0)
+    x_t, mask = seen["x_t"], seen["mask"]
+    for i in range(b):
+        d = int(mask[i].sum())
+        assert torch.allclose(x_t[i, :d], model.normalize_actions(hold[i]).expand(d, D))
+        assert torch.allclose(x_t[i, d:], x1[i, : H - d])  # the same plan, d actions later
+    assert {int(m.sum()) for m in mask} == {0, 1, 2, 3}
+    # Control: hold_fraction 0 leaves the targets as they are.
+    model.prefix_flow_loss(torch.zeros_like(x1), x1, x1, torch.ones(b), kv, model.normalize_actions(hold), 0.0)
+    assert torch.equal(seen["x_t"], x1)
