@@ -33,7 +33,7 @@ from edge_vla.onboard.operator import (
 )
 from edge_vla.onboard.rt import RealtimeConfig
 from edge_vla.onboard.runner import OnboardRunner, bus_state_fn
-from edge_vla.onboard.scheduler import INTERPOLATIONS, STRATEGIES
+from edge_vla.onboard.scheduler import INTERPOLATIONS, RUN_STRATEGIES
 from edge_vla.onboard.telemetry import format_summary
 from edge_vla.onboard.watchdog import WatchdogConfig
 from edge_vla.provision.robot_config import CONFIG_PATH, RobotConfig
@@ -94,7 +94,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, help="seconds, then a controlled stop (default: until stopped)")
     parser.add_argument("--instruction", help="language instruction (sim default: the scene's own)")
     parser.add_argument("--seed", type=int, default=1_000_000, help="sim scene seed (default %(default)s)")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="receding", help="chunk scheduling (default %(default)s)")
+    parser.add_argument("--strategy", choices=RUN_STRATEGIES, default="receding",
+                        help="chunk scheduling (default %(default)s; rtc: real-time chunking, for a bundle trained "
+                             "with --rtc-max-delay)")
     parser.add_argument("--blend-s", type=float, default=0.1,
                         help="hand-over cross-fade between chunks, s (default %(default)s s)")
     parser.add_argument("--execute", type=int, help="sync: actions played per chunk")
@@ -199,20 +201,29 @@ def check_link(url: str, emulate: bool = False) -> None:
     _check_device(scheme, parts, url)
 
 
+CAN_MOTOR_SCHEMES = ("damiao", "cia402")  # motor URLs whose port is a python-can INTERFACE/CHANNEL, not a tty
+
+
 def _check_motor_link(url: str, emulate: bool, forms: str, **device_kw: Any) -> None:
     """A dynamixel:// or feetech:// URL: the registry's own parse and the backend's checks, without opening."""
     from firmware_bridge.motors.calibration import CalibrationError
     from firmware_bridge.schemes import open_link
 
+    can_bus = url.partition("://")[0].lower() in CAN_MOTOR_SCHEMES
+    placeholder = "virtual/edge-vla-check" if can_bus else "/dev/null"  # the emulator's port is not known yet
     try:
-        open_link(emulated_motor_url(url, "/dev/null", 1) if emulate else url, **device_kw)
+        open_link(emulated_motor_url(url, placeholder, 1) if emulate else url, **device_kw)
     except CalibrationError as exc:  # the bundle against the calibration (--calibration): not the URL's form
         raise ConfigError(f"--calibration: {exc}") from None
     except ValueError as exc:  # MotorUrlError is one
         raise ConfigError(f"--link {url!r}: {exc}; accepted forms: {forms}") from None
     except ImportError as exc:  # MissingDependencyError: the backend's SDK
         raise ConfigError(f"--link {url!r}: {exc}") from None
-    if not emulate:
+    if emulate:
+        return
+    if can_bus:
+        _check_device("can", urlsplit(url), url)
+    else:
         _check_device("serial", None, "serial://" + url.partition("://")[2], shown=url)
 
 
@@ -245,6 +256,9 @@ def check_servo_flags(args: argparse.Namespace, motor: bool) -> None:
         raise ConfigError(f"{flag} needs a motor --link ({', '.join(f'{s}://...' for s in motor_schemes())}): it maps "
                           "the bundle's units to servo ticks; the firmware link (serial://, can://, or --emulate "
                           "without --link) takes the bundle's units as they are")
+    if flag and args.link.partition("://")[0].lower() in CAN_MOTOR_SCHEMES:
+        raise ConfigError(f"{flag} is for servo buses with a LeRobot calibration file (dynamixel://, feetech://); "
+                          f"{args.link.partition(':')[0]}:// motors take radians directly")
 
 
 def calibration_spec(motors: dict[str, Any], space: ActionSpace, action_units: str | None, source: str) -> Any:
@@ -326,6 +340,13 @@ def _motor_emulator(url: str, space: Any, units: Any = None) -> Any:
     action-space limits (the device refuses to arm when its own limits are wider) and each joint starting at
     0 rad, or mid-range when 0 is outside the limits. With a calibration (`units`), the servos carry its ids,
     homing offsets and range_min..range_max narrowed to the bundle's limits, and start mid-range."""
+    if url.lower().startswith("damiao"):  # CAN motors: no ticks; each starts at 0 rad, or mid-range
+        from firmware_bridge.motors import damiao_emulator as dme
+
+        starts = [0.0 if lo <= 0.0 <= hi else (lo + hi) / 2 for lo, hi in zip(space.lower, space.upper, strict=True)]
+        return dme.EmulatorProcess([dme.MotorConfig(esc_id=i, position=float(p))
+                                    for i, p in zip(_motor_ids(url, space.dim), starts, strict=True)],
+                                   interface="udp_multicast", channel=dme.unique_udp_channel())
     if units is not None:
         servos = _calibrated_servos(url, space, units)
     else:
@@ -493,7 +514,7 @@ def main(args: argparse.Namespace) -> int:
                  "" if args.control_socket is None else f" --control-socket {socket_path}")
     holder = SceneHolder()
     source, space, size, cams = load_source(args.bundle, holder, backend=args.backend, steps=args.steps,
-                                            expert_delay_s=0.0)
+                                            expert_delay_s=0.0, strategy=args.strategy)
     # Before anything moves or starts: a policy whose actions this robot cannot execute is refused here.
     require_executable(space, EXECUTABLE_ACTION_KINDS, f"bundle {args.bundle}", "this robot configuration",
                        EXECUTES_BECAUSE)

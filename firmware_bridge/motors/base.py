@@ -106,7 +106,10 @@ class MotorDevice(ABC):
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def open(self) -> MotorDevice:
-        """Connect and identify the devices. Leaves them disarmed (torque as found: see arm())."""
+        """Connect and identify the devices. Leaves them disarmed (torque as found: see arm()). Idempotent:
+        `with open_device(url) as dev` (already opened) must not open a second port on the same bus."""
+        if not self._closed:
+            return self
         self._open()
         self._closed = False
         return self

@@ -391,6 +391,9 @@ class PtyBus(ABC):
 def serve_bus(conn, bus_type: type[PtyBus], snapshot: Callable[[Any, int], dict],  # type: ignore[no-untyped-def]
               servos: list, kw: dict) -> None:
     """The child process: run the bus, answer (name, args) calls on `conn` until "stop" or EOF."""
+    # Ctrl-C reaches the whole process group: the host must still find its servos to stop them (and the parent
+    # closes this process itself), as the firmware emulator's child does.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     bus = bus_type(servos, **kw)  # type: ignore[call-arg]
     conn.send(bus.open())
     bus.start()

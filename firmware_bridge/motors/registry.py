@@ -29,6 +29,12 @@ BACKENDS: dict[str, tuple[str, str]] = {
         "Feetech STS3215 (SO-100/SO-101), NO device watchdog: a killed host or unplugged cable leaves the "
         "servos holding their last goal under torque (extra: feetech): feetech:///dev/ttyUSB0?ids=1-6",
     ),
+    "damiao": (
+        "firmware_bridge.motors.damiao:DamiaoDevice",
+        "Damiao DM-J (OpenArm, I2RT YAM) in MIT mode over python-can, each motor's TIMEOUT armed at 2 control "
+        "periods: on expiry it disables itself (the joint is not held) (no extra): "
+        "damiao://socketcan/can0?ids=1-7&bitrate=1000000",
+    ),
 }
 
 MAX_IDS = 253  # Protocol 2.0 ids 0..252
