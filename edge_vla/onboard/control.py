@@ -44,7 +44,7 @@ from edge_vla.onboard.linkops import OK, PENDING, Commands
 from edge_vla.onboard.operator import ARM_OK, check_bench_mode
 from edge_vla.onboard.rt import DeadlineClock, RealtimeConfig, apply_realtime
 from edge_vla.onboard.safety import SafetyLayer, SafetyLimits
-from edge_vla.onboard.scheduler import Scheduler, Trajectory, make_scheduler, start_ramp_s
+from edge_vla.onboard.scheduler import RtcScheduler, Scheduler, Trajectory, make_scheduler, start_ramp_s
 from edge_vla.onboard.telemetry import CycleStats, Telemetry, summarize
 from edge_vla.onboard.watchdog import FaultKind, Signals, State, Watchdog, WatchdogConfig
 from edge_vla.provision.sdnotify import Notifier, watchdog_interval_s
@@ -120,6 +120,10 @@ class ControlLoop:
             else config.start_ramp_s
         self.scheduler: Scheduler = make_scheduler(config.strategy, config.interp, config.blend_s, config.execute,
                                                    config.ensemble_m, config.handover, ramp)
+        # rtc: the loop publishes the plan it follows (the worker takes each prefix from it) and reports chunks
+        # that missed their takeover; the reports are logged after the cycle's setpoint went out.
+        self._rtc = self.scheduler if isinstance(self.scheduler, RtcScheduler) else None
+        self._rtc_reports: list[str] = []
         self.watchdog = Watchdog(config.watchdog, defer_logs=True)
         self.tracking = TrackingCheck(config.tracking) if config.tracking is not None else None
         self.telemetry = Telemetry(config.telemetry_path)
@@ -502,13 +506,18 @@ class ControlLoop:
                         self._first_chunk_t = t
                     self.telemetry.record("/control/chunk", t, {
                         "seq": chunk.seq, "obs_t": chunk.obs_timestamp, "latency_s": t - chunk.obs_timestamp,
-                        "actions": chunk.actions.tolist()})
+                        "actions": chunk.actions.tolist(), "prefix_base": chunk.prefix_base,
+                        "prefix_index": chunk.prefix_index, "prefix_len": chunk.prefix_len})
+                    if self._rtc is not None:
+                        self._rtc_report(t - chunk.obs_timestamp)
         if homing is not None:
             target, exhausted, index = homing(tm), False, -1
         else:
             sample = self.scheduler.sample(tm)
             target, exhausted, index = sample.q, sample.exhausted, sample.index
             self.bus.set("consumed_seq", float(self.scheduler.consumed_seq))
+        if self._rtc is not None:
+            self.bus.publish_plan(*self._rtc.plan_position(tm), tm, seen=self._last_chunk_seq)
         commanded_before = self.safety.last_sent
         res = self.safety.command(target)
         trip = self.watchdog.check(self._signals(t, st, homing is not None, commanded_before))
@@ -535,6 +544,9 @@ class ControlLoop:
                 "n": self._n, "requested": res.requested.tolist(), "sent": res.sent.tolist(),
                 "state": None if st is None else np.asarray(st.positions).tolist(),
                 "clamped": list(res.clamped), "index": index, "exhausted": exhausted})
+        for line in self._rtc_reports:  # after the setpoint: a log write never delays it
+            log.warning("%s", line)
+        self._rtc_reports.clear()
         # Exhaustion counts only once the policy is in charge (after homing and a first chunk).
         if homing is None and self._first_chunk_t is not None and exhausted:
             self._exhausted_since = self._exhausted_since or t
@@ -549,6 +561,23 @@ class ControlLoop:
             self.bus.set("ready", 1.0)
             self._notifier.status(f"armed, running at {self.cfg.rate_hz:.0f} Hz")
             log.info("control loop ready: first good armed cycle at %.0f Hz", self.cfg.rate_hz)
+
+    def _rtc_report(self, took_s: float) -> None:
+        """Say what became of an rtc chunk that missed its takeover at index d (the first 10 of each kind, then
+        every 100th: at the replanning rate a persistently slow policy would flood the log)."""
+        assert self._rtc is not None
+        counts = self._rtc.rtc_counts
+        for ev in self._rtc.events:
+            n = counts.get(ev.kind, 0)
+            if ev.kind == "no_prefix" or not (n <= 10 or n % 100 == 0):
+                continue
+            over = f"rtc: inference took {took_s * 1e3:.0f} ms, over the d = {ev.delay} actions planned"
+            if ev.kind == "late":
+                self._rtc_reports.append(f"{over}: adopted late at index {ev.index} ({n} late so far)")
+            else:
+                self._rtc_reports.append(f"{over}: the chunk ran out, held its last action for {ev.held_s * 1e3:.0f} "
+                                         f"ms, resumed at index {ev.index} ({n} held so far)")
+        self._rtc.events.clear()
 
     def _signals(self, t: float, st: Any, homing: bool, commanded: np.ndarray) -> Signals:
         bus = self.bus
@@ -732,7 +761,9 @@ class ControlLoop:
         return summarize(
             self.stats, self.clock.missed if self.clock else 0, self.safety.counts,
             [tr.as_dict() for tr in self.watchdog.trips],
-            extra={"chunks": {"adopted": self.chunks_adopted, "strategy": self.cfg.strategy},
+            extra={"chunks": {"adopted": self.chunks_adopted, "strategy": self.cfg.strategy,
+                              **{k: round(v, 6) if isinstance(v, float) else v
+                                 for k, v in self.scheduler.summary().items()}},
                    "link": link, "realtime": self._realtime, "stop": self.stop_info,
                    "telemetry": str(self.telemetry.path) if self.telemetry.path else None,
                    "final_state": self.watchdog.state.value, "armed_at_exit": self.armed},

@@ -38,7 +38,8 @@ from edge_vla.onboard.cameras import SimCamera
 from edge_vla.onboard.control import ControlConfig
 from edge_vla.onboard.rt import RealtimeConfig
 from edge_vla.onboard.runner import OnboardRunner, bus_state_fn
-from edge_vla.onboard.worker import ChunkSource, ExpertSource, StallableSource
+from edge_vla.onboard.scheduler import RTC
+from edge_vla.onboard.worker import ChunkSource, ExpertSource, StallableSource, not_rtc_error
 from edge_vla.runtime.types import ActionChunk, Observation
 from edge_vla.sim.env import ACTION_PERIOD_S, MAX_STEPS, ReachEnv
 from edge_vla.sim.evaluate import EVAL_SEED_BASE
@@ -75,18 +76,31 @@ class _PolicyAdapter:
     def __init__(self, policy: Any) -> None:
         self.policy = policy
 
-    def infer(self, obs: Observation) -> ActionChunk:
-        return self.policy.infer(obs)
+    @property
+    def rtc_max_delay(self) -> int:
+        """The bundle's rtc.max_delay (0 without an rtc block): the longest prefix `infer` takes."""
+        return int(getattr(self.policy, "rtc_max_delay", 0))
+
+    def infer(self, obs: Observation, prefix: np.ndarray | None = None) -> ActionChunk:
+        return self.policy.infer(obs) if prefix is None else self.policy.infer(obs, prefix=prefix)
 
 
 def load_source(bundle_dir: str | Path | None, holder: SceneHolder, backend: str = "auto",
-                steps: int | None = None, expert_delay_s: float = 0.03) -> tuple[ChunkSource, ActionSpace, int, int]:
-    """(source, action space, image size, cameras): the bundle's Policy, or the sim expert without one."""
+                steps: int | None = None, expert_delay_s: float = 0.03,
+                strategy: str = "receding") -> tuple[ChunkSource, ActionSpace, int, int]:
+    """(source, action space, image size, cameras): the bundle's Policy, or the sim expert without one.
+
+    `strategy` rtc needs a source that takes an action prefix: a bundle without an rtc block is refused here, from
+    its manifest, before its sessions are created (the expert takes one)."""
     if bundle_dir is None:
         return ExpertSource(holder, chunk_len=8, delay_s=expert_delay_s), sim_action_space(), 64, 1
+    from edge_vla.bundle import Bundle
     from edge_vla.runtime.policy import Policy
 
-    policy = Policy.load(bundle_dir, backend=backend, steps=steps)
+    bundle = Bundle.open(bundle_dir)
+    if strategy == RTC and bundle.contract.rtc_max_delay <= 0:
+        raise not_rtc_error(f"bundle {bundle_dir}")
+    policy = Policy.load(bundle, backend=backend, steps=steps)
     images = policy.contract.preprocessing["images"]  # any model family (docs/MANIFEST.md)
     return _PolicyAdapter(policy), policy.action_space, int(images["height"]), int(images["cameras"])
 
@@ -332,7 +346,7 @@ def run_demo(bundle_dir: str | Path | None = None, duration_s: float = 15.0, rat
     from firmware_bridge.emulator_process import EmulatorProcess
 
     holder = SceneHolder()
-    source, space, size, cams = load_source(bundle_dir, holder, backend=backend)
+    source, space, size, cams = load_source(bundle_dir, holder, backend=backend, strategy=strategy)
     out: dict[str, Any] = {"policy": str(bundle_dir) if bundle_dir else "sim expert (no bundle)",
                            "rate_hz": rate_hz, "strategy": strategy}
     with EmulatorProcess(joints=space.dim, limits=EMULATOR_LIMITS) as emu:

@@ -27,7 +27,8 @@ from edge_vla.onboard.cameras import CameraSource
 from edge_vla.onboard.control import ControlConfig, control_main
 from edge_vla.onboard.errors import StartupError
 from edge_vla.onboard.operator import BusOperator, ControlSocketServer
-from edge_vla.onboard.worker import ChunkSource, InferenceWorker
+from edge_vla.onboard.scheduler import RTC
+from edge_vla.onboard.worker import ChunkSource, InferenceWorker, require_rtc
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class OnboardRunner:
     def __init__(self, config: ControlConfig, source: ChunkSource, camera_factory: CameraFactory, instruction: str,
                  image_size: int | None = None, max_chunk_len: int = 64, log_level: int = logging.INFO,
                  control_socket: str | None = None) -> None:
+        if config.strategy == RTC:  # before anything starts: rtc needs a source that takes a prefix
+            require_rtc(source, "this chunk source")
         self.config = config
         self.bus = sh.SharedBus(config.action_space.dim, max_chunk_len)
         self.source = source
@@ -82,8 +85,10 @@ class OnboardRunner:
                 raise StartupError(f"the control loop did not come up on {self.config.link_url}: {err}")
             time.sleep(0.01)
         camera = self.camera_factory(self.bus)
+        rtc = self.config.strategy == RTC  # the worker's half of rtc: prefixes from the plan the loop follows
         self.worker = InferenceWorker(self.source, camera, self.bus, self.instruction, self.image_size,
-                                      sync=self.config.strategy == "sync")
+                                      sync=self.config.strategy == "sync",
+                                      rtc_control_period_s=1.0 / self.config.rate_hz if rtc else None)
         self._thread = threading.Thread(target=self._run_worker, name="edge-vla-worker", daemon=True)
         self._thread.start()
         if self._socket_path:

@@ -11,6 +11,12 @@ Strategies (the control loop calls `push` when a chunk arrives and `sample` ever
   time passed while inference ran are skipped (latency compensation).
 - `ensemble`: ACT-style temporal ensembling: every chunk that covers `now` votes, weights exp(-m * i)
   with i = 0 the oldest.
+- `rtc`: real-time chunking (Black et al. 2025; action-prefix conditioning, arXiv 2512.05964) for bundles
+  trained for it. The worker starts each inference with the prefix: the d actions of the plan that will
+  execute before it returns (d from a p95 of recent latencies, `LatencyTracker`; `rtc_prefix`); the model
+  returns a chunk whose first d actions are that prefix, and `RtcScheduler` hands over to it exactly at
+  index d on the old plan's own timeline. A chunk later than that is adopted at the current index; one
+  that arrives after the old chunk ran out (the loop held its last action) resumes after the hold.
 
 Hand-over between chunks (`handover`, sync and receding):
 - `continuous` (default): the new trajectory starts at the position and velocity commanded now (what
@@ -29,13 +35,20 @@ sampler).
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
 from edge_vla.errors import ConfigError
+from edge_vla.onboard.histogram import LogHistogram
 
+# The strategies every bundle can run (the profile's verdicts cover each). `rtc` needs a bundle trained for it
+# (its manifest's rtc block): `edge-vla run --strategy` offers RUN_STRATEGIES and refuses rtc for other bundles.
 STRATEGIES = ("sync", "receding", "ensemble")
+RTC = "rtc"
+RUN_STRATEGIES = (*STRATEGIES, RTC)
 INTERPOLATIONS = ("linear", "cubic")
 HANDOVERS = ("continuous", "anchored")
 
@@ -49,6 +62,10 @@ class Chunk:
     obs_timestamp: float  # monotonic time of the observation
     start_state: np.ndarray  # [D] the state the observation saw
     seq: int = 0
+    # rtc: the first `prefix_len` actions are actions prefix_index.. of chunk `prefix_base` (0: no prefix)
+    prefix_base: int = -1
+    prefix_index: int = 0
+    prefix_len: int = 0
 
 
 @dataclass
@@ -124,6 +141,50 @@ class Trajectory:
         """The action (index in its chunk) the trajectory is heading to at t (the chunk's length once exhausted)."""
         k = min(self.n, max(0, self._segment(t)))
         return self.first_action + k
+
+    def velocity(self, t: float) -> np.ndarray:
+        """d/dt of the trajectory at t (zero before t0 and once it holds its last action)."""
+        if t < self.t0 or t >= self.end or self.n == 0:
+            return np.zeros_like(self.points[0])
+        k = self._segment(t)
+        h = self.knots[k + 1] - self.knots[k]
+        p0, p1 = self.points[k], self.points[k + 1]
+        if not self.cubic:
+            return (p1 - p0) / h
+        u = (t - self.knots[k]) / h
+        m0, m1 = self.tangents[k] * h, self.tangents[k + 1] * h
+        u2 = u * u
+        return ((6 * u2 - 6 * u) * p0 + (3 * u2 - 4 * u + 1) * m0 + (-6 * u2 + 6 * u) * p1 + (3 * u2 - 2 * u) * m1) / h
+
+    def planned(self, t: float) -> np.ndarray:
+        """The plan's own value at t: its actions (not the start point, not the hand-over's tangents) linearly
+        interpolated between their due times and held past either end. Hand-overs are judged against this."""
+        if self.n == 0:
+            return self.points[0].copy()
+        knots, acts = self.knots[1:], self.points[1:]
+        return np.array([np.interp(t, knots, acts[:, j]) for j in range(acts.shape[1])])
+
+
+class HandoverStats:
+    """Plan disagreement at each hand-over: |the new chunk's first action it executes - what the old plan had for
+    that moment| (L2 over the joints, the action space's units), before any smoothing. It is what the continuous
+    hand-over has to hide; the evaluation's `hand-over disagreement` (docs/rtc.md) is the same measure on the
+    sim's step grid. Fixed memory (a log histogram: the loop runs for days)."""
+
+    def __init__(self) -> None:
+        self.hist = LogHistogram(lowest=1e-6, highest=100.0)
+
+    def record(self, old: Trajectory | None, new: Trajectory) -> float | None:
+        if old is None or new.n == 0:
+            return None
+        gap = float(np.linalg.norm(new.points[1] - old.planned(float(new.knots[1]))))
+        self.hist.record(gap)
+        return gap
+
+    def as_dict(self) -> dict[str, float | int]:
+        h = self.hist
+        return {"handovers": h.count, "handover_disagreement_mean": h.total / h.count if h.count else 0.0,
+                "handover_disagreement_p95": h.percentile(95), "handover_disagreement_max": h.max}
 
 
 # A continuous hand-over joins the new chunk at its first waypoint at least this many periods ahead:
@@ -225,6 +286,7 @@ class Scheduler:
         self._hold: np.ndarray | None = None  # before any chunk: hold here
         self.chunks_received = 0
         self.consumed_seq = -1
+        self.handovers = HandoverStats()
 
     def reset(self, q: np.ndarray) -> None:
         self._hold = np.asarray(q, np.float64).copy()
@@ -239,20 +301,35 @@ class Scheduler:
         """Adopt a chunk at `now`. `commanded`: the (position, velocity) the control loop commands this cycle,
         where a continuous hand-over starts (default: this scheduler's own output and its velocity)."""
         if self.handover == "continuous":
-            q, v = commanded if commanded is not None else self._own_command(now)
-            v = np.asarray(v, np.float64)
-            if not self.clock.ramping(now) and float(np.max(np.abs(v), initial=0.0)) <= REST_SPEED:
-                self.clock.start(now)
-            rate = self.clock.rate(now)
-            traj = self._continuing(chunk, now, np.asarray(q, np.float64), v / rate if rate > 0.05 else None)
+            q, v = self._handover_start(now, commanded)
+            traj = self._continuing(chunk, now, q, v)
             self._previous = None  # continuous in position and velocity already: no cross-fade
         else:
             traj = self._trajectory(chunk, now)
             self._previous = self.current
+        self._install(traj, chunk, now)
+
+    def _handover_start(self, now: float, commanded: tuple[np.ndarray, np.ndarray] | None
+                        ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Where a continuous hand-over starts: the commanded position, and its velocity in plan time (None: a
+        start from rest played through a ramp of the plan clock, which restarts here if the command is at rest)."""
+        q, v = commanded if commanded is not None else self._own_command(now)
+        v = np.asarray(v, np.float64)
+        if not self.clock.ramping(now) and float(np.max(np.abs(v), initial=0.0)) <= REST_SPEED:
+            self.clock.start(now)
+        rate = self.clock.rate(now)
+        return np.asarray(q, np.float64), (v / rate if rate > 0.05 else None)
+
+    def _install(self, traj: Trajectory, chunk: Chunk, now: float) -> None:
+        self.handovers.record(self.current, traj)
         self._blend_from = now
         self.current = traj
         self.seq = chunk.seq
         self.chunks_received += 1
+
+    def summary(self) -> dict[str, float | int]:
+        """What the run's summary reports about this scheduler's hand-overs."""
+        return self.handovers.as_dict()
 
     def _own_command(self, now: float, h: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
         q = self.sample(now).q
@@ -355,6 +432,243 @@ class EnsembleScheduler(Scheduler):
         return Sample(q, exhausted=False, seq=self.seq, index=self.current.index(now))
 
 
+# --- real-time chunking ----------------------------------------------------------------------------------------
+class LatencyTracker:
+    """How long the next inference will take, for rtc's delay d: a high percentile of the last `window` measured
+    latencies plus `headroom_s`. The percentile, not the mean: a prefix that is too short makes the chunk late
+    (adopted past index d, against actions already played), one that is too long only ages the plan a little.
+    A sliding window, so it follows a slowdown (thermal throttling, a busy core) within a few inferences; at p95
+    of 20, one outlier barely moves it and two do. Before any measurement it knows nothing (None): the first
+    inference goes without a prefix, and from then on the estimate starts from the first measured latency."""
+
+    def __init__(self, window: int = 20, percentile: float = 95.0, headroom_s: float = 0.0) -> None:
+        if window < 1:
+            raise ConfigError(f"latency window must be >= 1 inference, got {window}")
+        if not 0.0 <= percentile <= 100.0:
+            raise ConfigError(f"latency percentile must be in 0..100, got {percentile}")
+        if not headroom_s >= 0.0:
+            raise ConfigError(f"latency headroom must be >= 0 s, got {headroom_s}")
+        self.percentile, self.headroom_s = percentile, headroom_s
+        self._recent: deque[float] = deque(maxlen=window)
+
+    def record(self, seconds: float) -> None:
+        if math.isfinite(seconds) and seconds >= 0.0:
+            self._recent.append(float(seconds))
+
+    def estimate(self) -> float | None:
+        """Seconds: the percentile over the window plus the headroom; None before the first measurement."""
+        if not self._recent:
+            return None
+        return float(np.percentile(np.fromiter(self._recent, np.float64), self.percentile)) + self.headroom_s
+
+    def delay(self, period_s: float, max_delay: int, phase: float = 0.0) -> int | None:
+        """d = ceil(phase + estimate / period) actions, in 1..max_delay: the actions that execute before the
+        next chunk can take over. `phase` (0..1) is how much of the action under way has already played: the
+        prefix starts with that action, so its elapsed part does not count towards the delay."""
+        est = self.estimate()
+        if est is None:
+            return None
+        d = math.ceil(phase + est / period_s - 1e-9)  # the tolerance keeps an exact 0.2 s / 0.1 s at 2
+        return int(min(max(d, 1), max_delay))
+
+
+@dataclass(frozen=True)
+class PrefixPlan:
+    """An rtc prefix: actions `index`.. of chunk `base_seq`, the ones that execute while the next chunk is inferred."""
+
+    base_seq: int
+    index: int
+    actions: np.ndarray  # [d, D]
+
+
+def rtc_prefix(actions: np.ndarray, seq: int, position: float, tracker: LatencyTracker, period_s: float,
+               max_delay: int) -> PrefixPlan | None:
+    """The prefix for an inference starting now, on the plan the loop follows: chunk `seq` (its `actions`), at
+    `position` (k.x: heading to action k, x of its period played; RtcScheduler.plan_position). It starts with the
+    action under way and is d actions long (the tracker's delay, at most max_delay and what the chunk has left).
+    None when there is nothing to continue (no latency measured yet, or the chunk already ran out)."""
+    pos = max(0.0, float(position)) if math.isfinite(position) else 0.0
+    index = math.floor(pos)
+    if index >= len(actions):
+        return None
+    d = tracker.delay(period_s, max_delay, phase=pos - index)
+    if d is None:
+        return None
+    d = min(d, len(actions) - index)
+    return PrefixPlan(seq, index, np.array(actions[index : index + d], copy=True))
+
+
+@dataclass(frozen=True)
+class RtcEvent:
+    """What became of an rtc chunk that did not take over on time (and of one without a prefix)."""
+
+    kind: str  # "late" | "held" | "no_prefix"
+    seq: int
+    delay: int  # d: the prefix's length (0: none)
+    index: int  # the action of the new chunk it was adopted at
+    late_s: float = 0.0  # late: plan time past its takeover
+    held_s: float = 0.0  # held: how long the loop held the old chunk's last action
+
+
+@dataclass
+class _Timeline:
+    """A chunk's place in plan time: action k is due at base + (k + 1) * period."""
+
+    base: float
+    period: float
+    length: int
+
+
+@dataclass
+class _Pending:
+    chunk: Chunk
+    timeline: _Timeline
+    takeover: float  # plan time at which the loop starts heading to the chunk's action d
+
+
+class RtcScheduler(Scheduler):
+    """Real-time chunking: every chunk after the first continues the plan, on its timeline.
+
+    A chunk with a prefix (actions i0..i0+d-1 of chunk X) is placed on X's timeline shifted by i0 actions, so its
+    first d actions fall exactly where X's did. Then:
+    - on time (it arrives before its action d-1 is reached): pending; at that knot the trajectory continues into
+      its actions d.. from the old trajectory's own position and velocity there (the position is X's action
+      i0+d-1, which is the prefix's last: nothing jumps);
+    - late (past that knot, X still running): adopted now with the continuous hand-over, at the current index;
+    - held (X ran out first; the loop held its last action, the watchdog's chunk-exhausted clock running):
+      it resumes from the action after X's last, one period from now, from rest.
+    A chunk without a prefix (or whose prefix came from a chunk this scheduler no longer follows, e.g. from
+    before a re-arm) is adopted as receding adopts it when there is no plan to continue: the first after an arm
+    or homing, or after the plan ran out. While a plan executes such a chunk is dropped (it was inferred before
+    the worker saw that plan: the one in flight when the first chunk was adopted); the next chunk continues the
+    plan. The worker reads `plan_position` (via the shared bus) to take the next prefix; `rtc_counts` and
+    `events` say what happened, for the run's summary and log.
+    """
+
+    name = RTC
+    KEEP = 16  # timelines remembered: a prefix refers to the newest chunk the worker saw, one or two back
+
+    def __init__(self, **kw) -> None:
+        if kw.get("handover", "continuous") != "continuous":
+            raise ConfigError("the rtc strategy hands over on the chunks' own timeline from the commanded state: it "
+                              "needs the continuous hand-over")
+        super().__init__(**kw)
+        self._timelines: dict[int, _Timeline] = {}
+        self._pending: list[_Pending] = []
+        self._anchor = 0.0
+        self.plan_seq = -1
+        self.rtc_counts = {"on_time": 0, "late": 0, "held": 0, "no_prefix": 0, "dropped": 0}
+        self.events: list[RtcEvent] = []  # the control loop takes them (logs) after its cycle's setpoint
+
+    def reset(self, q: np.ndarray) -> None:
+        super().reset(q)
+        self._timelines.clear()
+        self._pending.clear()
+        self.plan_seq = -1
+
+    def plan_position(self, now: float) -> tuple[int, float]:
+        """(seq, position) of the newest chunk the loop will follow: position k.x means heading to its action k,
+        x of that action's period played. (-1, 0.0) when there is none."""
+        tl = self._timelines.get(self.plan_seq)
+        if tl is None:
+            return -1, 0.0
+        return self.plan_seq, (self.clock(now) - tl.base) / tl.period
+
+    def summary(self) -> dict[str, float | int]:
+        return {**super().summary(), **{f"rtc_{k}": v for k, v in self.rtc_counts.items()}}
+
+    # -- adoption ----------------------------------------------------------------------------------------------
+    def push(self, chunk: Chunk, now: float, commanded: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        tau = self.clock(now)
+        self._take_over_due(tau)
+        base = self._timelines.get(chunk.prefix_base) if chunk.prefix_len > 0 else None
+        d = chunk.prefix_len
+        if base is None or d >= len(chunk.actions):
+            if self.current is not None and (tau < self.current.end or self._pending):
+                # Inferred before the worker saw the plan that executes now (the one in flight when the first
+                # chunk was adopted): adopting it would switch plans mid-motion; the next chunk continues this one.
+                self.rtc_counts["dropped"] += 1
+                return
+            self._adopt_fresh(chunk, now, commanded)
+            return
+        tl = _Timeline(base.base + chunk.prefix_index * base.period, chunk.period, len(chunk.actions))
+        takeover = tl.base + d * chunk.period
+        if tau <= takeover:
+            # Later pending chunks are superseded: this newer one takes over first, continuing what plays until then.
+            self._pending = [p for p in self._pending if p.takeover < takeover]
+            self._pending.append(_Pending(chunk, tl, takeover))
+            self._remember(chunk.seq, tl)
+            return
+        self._pending.clear()  # older chunks; this one continues the plan from now on
+        if tau >= self.current.end:
+            self._resume_after_hold(chunk, now, commanded, tl)
+            return
+        q, v = self._handover_start(now, commanded)
+        traj = continuing(self.clock(now), q, v, chunk, tl.base + chunk.period, self.interp)
+        self._install(traj, chunk, now)
+        self._remember(chunk.seq, tl)
+        self.rtc_counts["late"] += 1
+        self.events.append(RtcEvent("late", chunk.seq, d, traj.first_action, late_s=tau - takeover))
+
+    def _adopt_fresh(self, chunk: Chunk, now: float, commanded: tuple[np.ndarray, np.ndarray] | None) -> None:
+        self._pending.clear()
+        super().push(chunk, now, commanded)  # the receding adoption; _continuing records its anchor
+        self._remember(chunk.seq, _Timeline(self._anchor, chunk.period, len(chunk.actions)))
+        self.rtc_counts["no_prefix"] += 1
+        self.events.append(RtcEvent("no_prefix", chunk.seq, 0, self.current.first_action if self.current else 0))
+
+    def _resume_after_hold(self, chunk: Chunk, now: float, commanded: tuple[np.ndarray, np.ndarray] | None,
+                           tl: _Timeline) -> None:
+        """The old chunk ran out before this one arrived. The arm holds the old chunk's last action; in this
+        chunk's terms that is action `last`, so it goes on with action last + 1, one period from now."""
+        assert self.current is not None
+        held_s = self.clock(now) - self.current.end
+        last = round((self.current.end - tl.base) / tl.period) - 1
+        resume = min(max(last + 1, 0), len(chunk.actions) - 1)
+        q, v = self._handover_start(now, commanded)  # at rest: the plan clock ramps from here
+        tau = self.clock(now)
+        shifted = _Timeline(tau - resume * chunk.period, chunk.period, len(chunk.actions))
+        acts = np.asarray(chunk.actions, np.float64)[resume:]
+        traj = Trajectory(tau, q, acts, chunk.period, self.interp, start_velocity=v,
+                          times=tau + chunk.period * np.arange(1, len(acts) + 1), first_action=resume)
+        self._install(traj, chunk, now)
+        self._remember(chunk.seq, shifted)
+        self.rtc_counts["held"] += 1
+        self.events.append(RtcEvent("held", chunk.seq, chunk.prefix_len, traj.first_action, held_s=held_s))
+
+    def _continuing(self, chunk: Chunk, now: float, q: np.ndarray, v: np.ndarray | None) -> Trajectory:
+        start = self.clock.t_start if self.clock.t_start is not None else now
+        self._anchor = self.clock(max(chunk.obs_timestamp, start))
+        return continuing(self.clock(now), q, v, chunk, self._anchor + chunk.period, self.interp)
+
+    def _remember(self, seq: int, tl: _Timeline) -> None:
+        self._timelines[seq] = tl
+        self.plan_seq = seq
+        while len(self._timelines) > self.KEEP:
+            del self._timelines[min(self._timelines)]
+
+    # -- the takeover at index d -------------------------------------------------------------------------------
+    def _take_over_due(self, tau: float) -> None:
+        while self._pending and self._pending[0].takeover <= tau:
+            self._take_over(self._pending.pop(0))
+
+    def _take_over(self, p: _Pending) -> None:
+        """At the knot of the prefix's last action (plan time p.takeover): on into actions d.., from the old
+        trajectory's own position and velocity there, each action at its time on the chunk's timeline."""
+        old = self.current
+        assert old is not None
+        d, acts = p.chunk.prefix_len, np.asarray(p.chunk.actions, np.float64)
+        times = p.timeline.base + p.timeline.period * (np.arange(d, len(acts)) + 1)
+        traj = Trajectory(p.takeover, old(p.takeover), acts[d:], p.timeline.period, self.interp,
+                          start_velocity=old.velocity(p.takeover), times=times, first_action=d)
+        self._install(traj, p.chunk, p.takeover)
+        self.rtc_counts["on_time"] += 1
+
+    def sample(self, now: float) -> Sample:
+        self._take_over_due(self.clock(now))
+        return super().sample(now)
+
+
 def start_ramp_s(max_velocity: np.ndarray, max_acceleration: np.ndarray, fraction: float = 0.5) -> float:
     """The plan clock's ramp for an action space: a plan at up to the velocity limit starts from rest
     within `fraction` of the acceleration limit (the rest is left for the interpolation's own curvature)."""
@@ -371,4 +685,6 @@ def make_scheduler(
         return RecedingScheduler(interp=interp, blend_s=blend_s, handover=handover, ramp_s=ramp_s)
     if name == "ensemble":
         return EnsembleScheduler(m=ensemble_m, interp=interp, blend_s=blend_s)
-    raise ConfigError(f"unknown chunk strategy {name!r}; choose one of {STRATEGIES}")
+    if name == RTC:
+        return RtcScheduler(interp=interp, blend_s=blend_s, handover=handover, ramp_s=ramp_s)
+    raise ConfigError(f"unknown chunk strategy {name!r}; choose one of {RUN_STRATEGIES}")

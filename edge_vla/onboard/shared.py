@@ -2,10 +2,10 @@
 
 One flat float64 `multiprocessing.RawArray`, no locks: a lock held by a process that dies (kill -9)
 would freeze the other side, and the control loop must never wait on the worker. Multi-word records
-(the latest state, the latest chunk) use a seqlock: the writer makes the sequence odd, writes, makes it
-even; a reader copies and retries if the sequence was odd or changed. Single words (heartbeats,
-flags) are written whole (an aligned 8-byte store is single-copy atomic on x86-64 and AArch64). Each
-record has exactly one writer process.
+(the latest state, the latest chunk, the plan the loop follows under rtc) use a seqlock: the writer
+makes the sequence odd, writes, makes it even; a reader copies and retries if the sequence was odd or
+changed. Single words (heartbeats, flags) are written whole (an aligned 8-byte store is single-copy
+atomic on x86-64 and AArch64). Each record has exactly one writer process.
 
 Memory ordering (why the seqlock is correct on aarch64, every Jetson): the Linux kernel's seqlock
 pattern. The writer issues a full fence after making the sequence odd and before making it even; the
@@ -103,14 +103,28 @@ class StateRecord:
     seq: int
 
 
+@dataclass
+class PlanRecord:
+    """rtc: the plan the control loop follows (the newest chunk on its timeline; seq -1: none) and where on it."""
+
+    seq: int
+    position: float  # k.x: heading to the chunk's action k, x of that action's period played
+    time: float  # host monotonic time of that position
+    seen: int  # the newest chunk seq the loop has read (adopted or dropped)
+
+
 class SharedBus:
-    """Latest state (control -> worker), latest chunk (worker -> control), and a few words."""
+    """Latest state (control -> worker), latest chunk (worker -> control), the plan the loop follows (control ->
+    worker, rtc only), and a few words."""
+
+    _PLAN_LEN = 5  # seq (of the record), chunk seq, position, time, newest chunk seq the loop has read
 
     def __init__(self, dim: int, max_chunk_len: int = 64) -> None:
         self.dim, self.max_chunk_len = dim, max_chunk_len
         self._state_len = 2 + 2 * dim  # seq, time, positions, velocities
-        self._chunk_len = 5 + dim + max_chunk_len * dim  # seq, obs_t, period, n, publish_t, start, actions
-        size = len(_WORDS) + self._state_len + self._chunk_len
+        # seq, obs_t, period, n, publish_t, prefix base / index / length (rtc), start, actions
+        self._chunk_len = 8 + dim + max_chunk_len * dim
+        size = len(_WORDS) + self._state_len + self._chunk_len + self._PLAN_LEN
         self._raw = mp.RawArray("d", size)
         self._views()
         self.arr[:] = 0.0
@@ -123,7 +137,9 @@ class SharedBus:
         self._w = {name: i for i, name in enumerate(_WORDS)}
         s0 = len(_WORDS)
         self._state = self.arr[s0 : s0 + self._state_len]
-        self._chunk = self.arr[s0 + self._state_len :]
+        c0 = s0 + self._state_len
+        self._chunk = self.arr[c0 : c0 + self._chunk_len]
+        self._plan = self.arr[c0 + self._chunk_len :]
 
     # Picklable for multiprocessing spawn: the RawArray travels, numpy views are rebuilt.
     def __getstate__(self) -> dict[str, Any]:
@@ -185,15 +201,18 @@ class SharedBus:
     def chunk_seq(self) -> int:
         return int(self._chunk[0]) // 2
 
-    def publish_chunk(self, actions: np.ndarray, period: float, obs_timestamp: float, start_state: np.ndarray) -> int:
+    def publish_chunk(self, actions: np.ndarray, period: float, obs_timestamp: float, start_state: np.ndarray,
+                      prefix: tuple[int, int, int] | None = None) -> int:
+        """`prefix` (rtc): (base chunk seq, index, d): the chunk's first d actions are that chunk's actions from
+        `index` on."""
         acts = np.asarray(actions, np.float64)
         n, d = acts.shape
         if d != self.dim or n > self.max_chunk_len or n < 1:
             raise ValueError(f"chunk of shape {acts.shape} does not fit [1..{self.max_chunk_len}, {self.dim}]")
-        payload = np.empty(4 + d + n * d)
-        payload[:4] = (obs_timestamp, period, n, time.monotonic())
-        payload[4 : 4 + d] = start_state
-        payload[4 + d :] = acts.reshape(-1)
+        payload = np.empty(7 + d + n * d)
+        payload[:7] = (obs_timestamp, period, n, time.monotonic(), *(prefix or (-1, 0, 0)))
+        payload[7 : 7 + d] = start_state
+        payload[7 + d :] = acts.reshape(-1)
         self._write(self._chunk, payload)
         return self.chunk_seq()
 
@@ -205,6 +224,20 @@ class SharedBus:
         seq, p = got
         d = self.dim
         n = int(p[2])
-        chunk = Chunk(actions=p[4 + d : 4 + d + n * d].reshape(n, d), period=float(p[1]), obs_timestamp=float(p[0]),
-                      start_state=p[4 : 4 + d].copy(), seq=seq)
+        chunk = Chunk(actions=p[7 + d : 7 + d + n * d].reshape(n, d), period=float(p[1]), obs_timestamp=float(p[0]),
+                      start_state=p[7 : 7 + d].copy(), seq=seq, prefix_base=int(p[4]), prefix_index=int(p[5]),
+                      prefix_len=int(p[6]))
         return chunk, float(p[3])
+
+    def publish_plan(self, seq: int, position: float, t: float, seen: int) -> None:
+        """rtc: the loop follows chunk `seq` (-1: none), at `position` actions along it (RtcScheduler.plan_position)
+        at time t; `seen` is the newest chunk it has read from this bus (adopted or not)."""
+        self._write(self._plan, np.array([seq, position, t, seen], np.float64))
+
+    def read_plan(self) -> PlanRecord | None:
+        """What the loop last published with publish_plan; None before the first."""
+        got = self._read(self._plan, self._PLAN_LEN - 1)
+        if got is None or got[0] == 0:
+            return None
+        p = got[1]
+        return PlanRecord(seq=int(p[0]), position=float(p[1]), time=float(p[2]), seen=int(p[3]))
