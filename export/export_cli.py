@@ -1,4 +1,5 @@
-"""`edge-vla export CHECKPOINT -o BUNDLE [--precision fp32|fp16|int8] [--steps N] [--calib DATA]`."""
+"""`edge-vla export CHECKPOINT -o BUNDLE [--precision fp32|fp16|int8] [--int8-range full|reduced] [--steps N]
+[--calib DATA]`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from edge_vla.errors import EdgeVlaError
 from .calibration import check_source
 from .exporter import PRECISIONS
 from .families import for_checkpoint
+from .quantize import DEFAULT_INT8_RANGE, INT8_RANGES
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +26,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int8-graphs", default="prefix,denoise_step,chunk",
                         help="with --precision int8: the graphs to quantize, comma-separated (others stay FP32); "
                         "'prefix' is often fastest on CPUs")
+    parser.add_argument("--int8-range", choices=tuple(INT8_RANGES), default=DEFAULT_INT8_RANGE,
+                        help="with --precision int8: weights in the full 8-bit range, or 'reduced' to 7 bits for "
+                        "onnxruntime on an x86 CPU without VNNI (AVX2 u8s8 saturation); a choice for the machine "
+                        f"that runs the bundle (default {DEFAULT_INT8_RANGE})")
     parser.add_argument("--time-input", choices=("table", "scalar"), default="table",
                         help="step graph time input: a precomputed time-conditioning table row (faster; step counts "
                         "limited to --table-steps) or the scalar t (any step count)")

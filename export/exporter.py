@@ -54,6 +54,9 @@ class ExportOptions:
     # denoise-step GEMMs gain nothing from INT8 while its Q/DQ nodes cost time, so ("prefix",)
     # is often the faster bundle; on TensorRT, quantize both.
     int8_graphs: tuple[str, ...] = ("prefix", "denoise_step", "chunk")
+    # With precision int8: the weights' range, "full" (8-bit) or "reduced" (7-bit). A property of the machine
+    # that will run the graph, not of this one: quantize.INT8_RANGES says which needs "reduced".
+    int8_range: str = quantize.DEFAULT_INT8_RANGE
     allow_lint_errors: bool = False
     overwrite: bool = False
     action_space: ActionSpace | None = None
@@ -98,6 +101,8 @@ def export_model(model: VLA, out: str | Path, opts: ExportOptions, source_hash: 
         model.config = dataclasses.replace(model.config, num_steps=opts.steps).validate()
     if opts.time_input not in TIME_INPUT:
         raise EdgeVlaError(f"unknown time input {opts.time_input!r}; choose one of {sorted(TIME_INPUT)}")
+    if opts.int8_range not in quantize.INT8_RANGES:
+        raise EdgeVlaError(f"unknown --int8-range {opts.int8_range!r}; choose one of {', '.join(quantize.INT8_RANGES)}")
     cfg = model.config
     # Inputs first: a bad calibration source must not cost an ONNX export and then fail.
     if opts.precision == "int8" or is_lerobot_source(opts.calib):
@@ -149,13 +154,19 @@ def _apply_precision(model: VLA, fp32: dict[str, Path], work: Path, opts: Export
     unknown = set(opts.int8_graphs) - {"prefix", "denoise_step", "chunk"}
     if unknown:
         raise EdgeVlaError(f"unknown graph(s) {sorted(unknown)} in int8_graphs; choose from prefix, denoise_step, chunk")
-    graphs = {name: quantize.to_int8(path, out_dir / path.name, feeds[name]) if name in opts.int8_graphs else path
-              for name, path in fp32.items()}
+    graphs = {name: quantize.to_int8(path, out_dir / path.name, feeds[name], weight_range=opts.int8_range)
+              if name in opts.int8_graphs else path for name, path in fp32.items()}
     desc = {"source": opts.calib or "sim (seeds from 500000)", "observations": len(prefix_feeds),
             "graphs": [name for name in fp32 if name in opts.int8_graphs],
-            "step_samples": len(step_feeds), "method": "minmax",
-            "format": "QDQ symmetric, per-channel weights in a 7-bit range (reduce_range)"}
+            "step_samples": len(step_feeds), "method": "minmax", "format": "QDQ symmetric, per-channel weights",
+            **_weight_range_desc(opts.int8_range)}
     return graphs, desc
+
+
+def _weight_range_desc(weight_range: str) -> dict:
+    """The manifest's record of the INT8 weight range (Policy.load and `edge-vla doctor` read weight_range)."""
+    return {"weight_range": weight_range, "weight_bits": quantize.INT8_RANGES[weight_range],
+            "weight_range_note": quantize.INT8_RANGE_NOTES[weight_range]}
 
 
 def _table_steps(model: VLA, opts: ExportOptions) -> list[int]:

@@ -3,7 +3,8 @@
 FP16 uses onnxconverter-common: weights and activations in FP16, IO kept float32, and the
 numerically sensitive ops (LayerNormalization, Softmax, and the sinusoidal time embedding with its
 frequency table, from the time input to the first matrix multiply) kept float32. INT8 uses onnxruntime.quantization in the QDQ format that TensorRT accepts: symmetric,
-zero points 0, per-channel weights, calibrated on observations.
+zero points 0, per-channel weights, calibrated on observations; weights in the full 8-bit range or a reduced
+7-bit one (INT8_RANGES).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from onnxconverter_common import float16
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from edge_vla.errors import EdgeVlaError
+
 log = logging.getLogger(__name__)
 
 FP16_KEEP_FP32_OPS = ["LayerNormalization", "Softmax", "Cos", "Sin", "Exp", "Pow", "ReduceMean", "Sqrt"]
@@ -30,6 +33,35 @@ INT8_OPS = ["MatMul", "Gemm", "Conv"]
 # held 100% when it replanned every 4 actions but fell to 83% replanning every action, as the onboard
 # loop does; with the state float, 100% at both (issue 13). It is one (state_dim x width) GEMM.
 INT8_EXCLUDE_SCOPES = ("/stem/", "/state_proj/")
+
+
+# INT8 weight range: {name: bits}. "reduced" (onnxruntime's reduce_range) puts the weights in [-64, 64] instead of
+# [-127, 127] (quantization/quant_utils.py ONNX_INT_TYPE_REDUCED_RANGE). Only one kind of machine needs it: an x86
+# CPU with AVX2 (or AVX-512) but no VNNI, running the graph on onnxruntime. On x86 onnxruntime turns the QDQ
+# graph's int8 activations into uint8 with zero point 128 (QDQIsInt8Allowed() is false there,
+# core/optimizer/qdq_transformer/selectors_actions/qdq_selector_action_transformer.h; QDQS8ToU8Transformer) and
+# runs u8 x s8 QGemm. Without VNNI that kernel is VPMADDUBSW (MultiplyAccumulateRowU8S8Avx2 in
+# core/mlas/lib/x86_64/QgemmU8X8KernelAvx2.S), which adds each pair of adjacent products into an int16 with
+# saturation: 2 x 255 x 127 = 64770 can clip at 32767, 2 x 255 x 64 = 32640 cannot. onnxruntime's docs say so:
+# "Reduce-range will quantize the weights to 7 bits. It is designed for the U8S8 format on AVX2 and AVX512
+# (non-VNNI) machines to mitigate saturation issues. This is not needed on machines supporting VNNI."
+# (https://onnxruntime.ai/docs/performance/model-optimizations/quantization.html, FAQ "When to use reduce-range
+# and per-channel quantization?"). With AVX512-VNNI or AVX-VNNI (VPDPBUSD: int32 sums; core/mlas/lib/platform.cpp
+# picks MlasGemmU8S8KernelAvx512Vnni / ...AvxVnni), AMX (TDPBUSD: what this project's Xeon runs, seen in perf),
+# ARM (Jetson's CPU: int8 activations stay int8, sdot/smmla) or TensorRT there is no int16 step. Not the export
+# machine's property but the target's: an exporter cannot know where a bundle will run, so the default is the
+# range that is right everywhere. Measured on the shipped tiny (docs/QUALITY.md "INT8 weight range"): on a VNNI
+# CPU full range is no better (chunk rel L2 0.0258 vs 0.0265, both 100% closed loop); on onnxruntime's AVX2
+# kernels full range doubles the chunk error (0.052) and reduced is unchanged. `--int8-range full` is for
+# targets known to be safe; Policy.load and `edge-vla doctor` warn when a full-range bundle meets a CPU that is not.
+INT8_RANGES = {"full": 8, "reduced": 7}
+INT8_RANGE_NOTES = {
+    "full": "8-bit weights: for TensorRT, ARM CPUs (Jetson) and x86 with AVX512-VNNI or AVX-VNNI; onnxruntime's u8s8 "
+            "GEMM can saturate on x86 with AVX2/AVX-512 but no VNNI (Policy.load and edge-vla doctor warn there)",
+    "reduced": "7-bit weights (reduce_range): right on every target; needed by onnxruntime on x86 with AVX2/AVX-512 "
+               "but no VNNI, where u8s8 pairs of products saturate in int16",
+}
+DEFAULT_INT8_RANGE = "reduced"
 
 
 # Graph inputs that carry flow time. Everything they reach before the first matrix multiply (the sinusoidal
@@ -198,8 +230,11 @@ class FeedReader(CalibrationDataReader):
         self._it = iter(self._feeds)
 
 
-def to_int8(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], method: str = "minmax") -> Path:
-    """Static INT8 QDQ quantization calibrated on `feeds` (graph inputs)."""
+def to_int8(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], method: str = "minmax",
+            weight_range: str = DEFAULT_INT8_RANGE) -> Path:
+    """Static INT8 QDQ quantization calibrated on `feeds` (graph inputs); `weight_range` one of INT8_RANGES."""
+    if weight_range not in INT8_RANGES:
+        raise EdgeVlaError(f"unknown INT8 weight range {weight_range!r}; choose one of {', '.join(INT8_RANGES)}")
     pre = dst.with_suffix(".pre.onnx")
     try:
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
@@ -210,7 +245,7 @@ def to_int8(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], method: st
             per_channel=True,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
-            reduce_range=True,  # 7-bit weights: see the module docstring
+            reduce_range=weight_range == "reduced",  # why a target may need it: INT8_RANGES
             op_types_to_quantize=INT8_OPS,
             nodes_to_exclude=excluded,
             calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,

@@ -195,6 +195,33 @@ def check_onnxruntime(exp: Expectation, m: Machine) -> Check:
     return Check("onnxruntime", PASS, detail)
 
 
+def check_int8_range(exp: Expectation, m: Machine) -> Check | None:
+    """An INT8 bundle's weight range against this CPU, where onnxruntime runs it (export/quantize.py INT8_RANGES)."""
+    if exp.bundle_root is None:
+        return None
+    try:
+        manifest = Bundle.open(exp.bundle_root).manifest
+    except EdgeVlaError:
+        return None  # check_bundle says why
+    if manifest.get("precision") != "int8":
+        return None
+    weight_range = ((manifest.get("provenance") or {}).get("calibration") or {}).get("weight_range", "reduced")
+    if _engines_built(exp):
+        return Check("int8", PASS, f"{weight_range}-range weights; TensorRT engines built (TensorRT's own INT8 kernels)")
+    from edge_vla.runtime.policy import int8_saturation_risk
+
+    try:
+        cpuinfo = (m.proc_root / "cpuinfo").read_text(errors="replace")
+    except OSError:
+        return Check("int8", WARN, f"{weight_range}-range weights; {m.proc_root / 'cpuinfo'} unreadable: "
+                     "cannot tell whether onnxruntime's u8s8 GEMM saturates here", "check procfs is mounted")
+    risk = int8_saturation_risk(manifest, cpuinfo)
+    if risk:
+        return Check("int8", WARN, risk, "edge-vla export CHECKPOINT -o BUNDLE --precision int8 --int8-range reduced, "
+                     "then package and install that bundle for this machine")
+    return Check("int8", PASS, f"{weight_range}-range weights: no u8s8 saturation with this CPU under onnxruntime")
+
+
 def _version_prefix(have: str, want: str, parts: int) -> bool:
     return have.split(".")[:parts] == want.split(".")[:parts]
 
@@ -593,6 +620,7 @@ def run_checks(exp: Expectation, machine: Machine | None = None) -> list[Check]:
         check_bundle(exp, m),
         check_lock(exp, m),
         check_onnxruntime(exp, m),
+        check_int8_range(exp, m),
         check_tensorrt(exp, m),
         check_cuda(exp, m),
         check_gpu(exp, m),

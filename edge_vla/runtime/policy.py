@@ -33,6 +33,10 @@ from edge_vla.runtime.types import ActionChunk, Observation
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
+CPUINFO = Path("/proc/cpuinfo")
+# x86 flags with which onnxruntime's u8s8 GEMM sums products in int32 (VPDPBUSD; AMX CPUs have them too) instead
+# of in saturating int16 pairs (VPMADDUBSW, AVX2/AVX-512 without VNNI): export/quantize.py INT8_RANGES.
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})
 
 
 class Policy:
@@ -195,7 +199,35 @@ def _make_backend(b: Bundle, contract: Contract, backend: str, threads: int | No
         log.info("backend auto: onnxruntime (no TensorRT engines in %s)", b.target_dir / "engines")
     from edge_vla.runtime.ort_backend import OrtBackend
 
+    risk = int8_saturation_risk(b.manifest, _cpuinfo())
+    if risk:
+        log.warning("bundle %s: %s", b.root, risk)
     return OrtBackend.from_bundle(b, contract, threads=threads)
+
+
+def _cpuinfo() -> str:
+    try:
+        return CPUINFO.read_text(errors="replace")
+    except OSError:  # no procfs (a container without it): nothing to say
+        return ""
+
+
+def int8_saturation_risk(manifest: dict, cpuinfo: str) -> str | None:
+    """Why onnxruntime may compute this bundle's INT8 GEMMs wrong on the CPU `cpuinfo` (/proc/cpuinfo's text)
+    describes, or None: full-range (8-bit) weights on an x86 CPU with AVX2 but no VNNI, where u8 x s8 products
+    are added in pairs into int16 with saturation. ARM's cpuinfo has no "flags" line (its kernels sum in int32);
+    Linux x86 without AVX2 uses an SSE kernel that widens to int16 before multiplying. Bundles from before the
+    weight range was recorded were all exported with 7-bit weights."""
+    calib = (manifest.get("provenance") or {}).get("calibration") or {}
+    if manifest.get("precision") != "int8" or calib.get("weight_range", "reduced") != "full":
+        return None
+    flags = next((set(line.split(":", 1)[1].split()) for line in cpuinfo.splitlines()
+                  if line.startswith("flags") and ":" in line), None)
+    if flags is None or "avx2" not in flags or flags & VNNI_FLAGS:
+        return None
+    return ("full-range (8-bit) INT8 weights on an x86 CPU with AVX2 but neither avx512_vnni nor avx_vnni: "
+            "onnxruntime's u8s8 GEMM saturates int16 pair sums here (the shipped tiny's chunk error doubled, "
+            "docs/QUALITY.md 'INT8 weight range'); for this machine re-export with --int8-range reduced")
 
 
 def _trt_engines_present(b: Bundle) -> bool:
