@@ -285,11 +285,15 @@ def tolerances(t: LoopTiming) -> dict[str, Tolerance]:
                             else f"hold limit {x:g} s")
     if t.rtc_max_delay is not None:
         rec = out["receding"]
-        frozen = t.rtc_max_delay * t.action_period_s - tc
+        # An inference starts anywhere within an action, which is then partly played: max_delay frozen actions
+        # guarantee (max_delay - 1) action periods, less the wait for the loop's next cycle. Up to max_delay periods
+        # are on time only for an inference that starts on an action boundary (docs/rtc.md, "Tolerated latency").
+        frozen = (t.rtc_max_delay - 1) * t.action_period_s - tc
         out[RTC] = Tolerance(max(0.0, min(frozen, rec.tolerated_s)), rec.trip_s,
-                             f"real-time chunking freezes the first {t.rtc_max_delay} actions "
-                             f"({t.rtc_max_delay * t.action_period_s * 1e3:.0f} ms) that play while the next chunk "
-                             f"is inferred, less one control period", rec.trip_why)
+                             f"real-time chunking freezes up to {t.rtc_max_delay} actions that play while the next "
+                             f"chunk is inferred: on time for any start within an action up to "
+                             f"{(t.rtc_max_delay - 1) * t.action_period_s * 1e3:.0f} ms, less one control period",
+                             rec.trip_why)
     return out
 
 
