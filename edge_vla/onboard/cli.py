@@ -209,6 +209,9 @@ def _check_motor_link(url: str, emulate: bool, forms: str, **device_kw: Any) -> 
     from firmware_bridge.motors.calibration import CalibrationError
     from firmware_bridge.schemes import open_link
 
+    if emulate and url.lower().startswith("cia402"):
+        raise ConfigError("--emulate does not start CiA 402 drives yet: run `python -m firmware_bridge.motors."
+                          "cia402_emulator --nodes 1-6 --print-url` and give the URL it prints to --link")
     can_bus = url.partition("://")[0].lower() in CAN_MOTOR_SCHEMES
     placeholder = "virtual/edge-vla-check" if can_bus else "/dev/null"  # the emulator's port is not known yet
     try:

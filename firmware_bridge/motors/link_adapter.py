@@ -85,7 +85,7 @@ from firmware_bridge.protocol import (
 log = logging.getLogger(__name__)
 
 DEVICE_FAULT = 0x4000  # a device's own fault (hardware error, servo status): unassigned in protocol.Fault
-FAULT_BITS = {"bus_watchdog": int(Fault.HEARTBEAT_TIMEOUT)}  # MotorFault.code -> Fault bit; others DEVICE_FAULT
+FAULT_BITS = {"bus_watchdog": int(Fault.HEARTBEAT_TIMEOUT), "heartbeat_lost": int(Fault.HEARTBEAT_TIMEOUT)}  # MotorFault.code -> Fault bit; others DEVICE_FAULT
 HOST_STOP_BITS = {0: Fault.HOST_STOP_CAT0, 1: Fault.HOST_STOP_CAT1}
 ACK_MEMORY = 1024
 

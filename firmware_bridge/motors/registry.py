@@ -35,6 +35,11 @@ BACKENDS: dict[str, tuple[str, str]] = {
         "periods: on expiry it disables itself (the joint is not held) (no extra): "
         "damiao://socketcan/can0?ids=1-7&bitrate=1000000",
     ),
+    "cia402": (
+        "firmware_bridge.motors.cia402:Cia402Device",
+        "CiA 402 drives over CANopen, heartbeat consumer (0x1016) and abort-connection quick stop (0x6007 = 3, "
+        "then disabled: 0x605A = 2) armed (extra: cia402): cia402://socketcan/can0?node=1-6&bitrate=1000000",
+    ),
 }
 
 MAX_IDS = 253  # Protocol 2.0 ids 0..252

@@ -16,7 +16,7 @@ from firmware_bridge.motors.registry import parse_ids
 
 def test_schemes_list_only_backends_that_exist_with_a_description() -> None:
     listed = schemes()
-    assert list(listed) == ["dynamixel", "feetech", "damiao"]
+    assert list(listed) == ["dynamixel", "feetech", "damiao", "cia402"]
     assert "dynamixel://" in listed["dynamixel"] and "Bus Watchdog" in listed["dynamixel"]
 
 
