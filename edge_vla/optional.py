@@ -32,6 +32,7 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     # edge_vla); listed here so the robot-package lock check knows which extra brings them.
     "dynamixel_sdk": ("dynamixel", "dynamixel:// motor links (Dynamixel X servos, Protocol 2.0)"),
     "scservo_sdk": ("feetech", "feetech:// motor links (Feetech STS servos)"),
+    "canopen": ("cia402", "cia402:// motor links (CiA 402 drives over CANopen)"),
 }
 
 

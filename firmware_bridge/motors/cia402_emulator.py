@@ -58,11 +58,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import can
-import canopen
-from canopen import objectdictionary as odict
-from canopen.sdo import SdoAbortedError, SdoServer
 
 from firmware_bridge.motors import emulator_common as common
+from firmware_bridge.motors.base import MissingDependencyError
+
+try:  # the cia402 extra, as for the backend: a robot without it never imports this module
+    import canopen
+    from canopen import objectdictionary as odict
+    from canopen.sdo import SdoAbortedError, SdoServer
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise MissingDependencyError(f"the CiA 402 emulator needs canopen ({exc}); install it with: pip install "
+                                 "'edge-vla[cia402]'") from exc
 
 # -- CiA 402 states (canopen's State402 names), statusword bits and the controlword commands -------------------
 NOT_READY, SOD, RTSO, SO, OE = ("NOT READY TO SWITCH ON", "SWITCH ON DISABLED", "READY TO SWITCH ON",
