@@ -151,6 +151,21 @@ class MotorDevice(ABC):
             log.error("%s: fault latched: %s", self.url, fault)
             self._faults.append(fault)
 
+    def _setpoint_target(self, positions: ArrayLike, names: Sequence[str]) -> np.ndarray:
+        """What every backend's write_setpoints checks first: open, no latched fault, armed by the operator, one
+        finite position per joint (float64 [len(names)])."""
+        self._require_open("write_setpoints")  # type: ignore[attr-defined]
+        self._refuse_if_faulted("setpoints")
+        if not self.armed:
+            raise MotorError(f"{self.url}: setpoints refused: not armed (arming is an operator act: arm())")
+        target = np.asarray(positions, dtype=float)
+        if target.shape != (len(names),):
+            raise ValueError(f"{len(names)} joint positions expected, got shape {target.shape}")
+        if not np.all(np.isfinite(target)):
+            bad = names[int(np.argmin(np.isfinite(target)))]
+            raise MotorError(f"{self.url}: setpoints refused: non-finite position for joint {bad!r}")
+        return target
+
     def _refuse_if_faulted(self, what: str) -> None:
         if self._faults:
             raise FaultLatchedError(

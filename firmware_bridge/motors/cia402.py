@@ -438,16 +438,7 @@ class Cia402Device(MotorDevice):
         return self._state_from(rx, stamp)
 
     def write_setpoints(self, positions: ArrayLike) -> np.ndarray:
-        self._require_open("write_setpoints")
-        self._refuse_if_faulted("setpoints")
-        if not self._armed:
-            raise MotorError(f"{self.url}: setpoints refused: not armed (arming is an operator act: arm())")
-        target = np.asarray(positions, dtype=float)
-        if target.shape != (len(self.nodes),):
-            raise ValueError(f"{len(self.nodes)} joint positions expected, got shape {target.shape}")
-        if not np.all(np.isfinite(target)):
-            bad = self.names[int(np.argmin(np.isfinite(target)))]
-            raise MotorError(f"{self.url}: setpoints refused: non-finite position for joint {bad!r}")
+        target = self._setpoint_target(positions, self.names)
         sent = np.empty_like(target)
         for j, node in enumerate(self.nodes):
             cal, (lo, hi) = self.calibration[j], self._count_range[j]

@@ -48,7 +48,6 @@ import contextlib
 import math
 import os
 import random
-import signal
 import struct
 import sys
 import threading
@@ -938,17 +937,8 @@ def main(argv: list[str] | None = None) -> int:
     nodes = common.parse_ids(args.nodes)
     bus = DriveBus([DriveConfig(node=n, soft_limits=limits, supported_modes=modes) for n in nodes],
                    interface=args.interface, channel=channel, udp_port=udp_port)
-    bus.open()
-    if args.print_url:
-        extra = f"&udp_port={udp_port}" if udp_port else ""
-        print(f"cia402://{bus.port}?node={args.nodes}{extra}", flush=True)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    bus.start()
-    threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
-    done.wait()
-    bus.stop()
-    return 0
+    extra = f"&udp_port={udp_port}" if udp_port else ""
+    return common.serve_until_stopped(bus, args.print_url, lambda b: f"cia402://{b.port}?node={args.nodes}{extra}")
 
 
 if __name__ == "__main__":

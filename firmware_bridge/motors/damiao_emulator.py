@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import math
 import random
-import signal
 import struct
 import sys
 import threading
@@ -506,16 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     bus = DamiaoBusEmulator([MotorConfig(esc_id=i, timeout=args.timeout) for i in common.parse_ids(args.ids)],
                             interface=args.interface, channel=args.channel or "", on_timeout=args.on_timeout)
-    bus.open()
-    if args.print_port:
-        print(bus.port, flush=True)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    bus.start()
-    threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
-    done.wait()
-    bus.stop()
-    return 0
+    return common.serve_until_stopped(bus, args.print_port)
 
 
 if __name__ == "__main__":

@@ -537,11 +537,12 @@ def parse_ids(text: str) -> list[int]:
     return ids
 
 
-def serve_until_stopped(bus: PtyBus, print_path: bool) -> int:
-    """Open the pty (print its path if asked), then serve until SIGTERM or until stdin closes."""
+def serve_until_stopped(bus: Any, print_path: bool, line: Callable[[Any], str] = lambda bus: bus.port) -> int:
+    """Open the bus (print `line(bus)`, by default its port, if asked), then serve until SIGTERM or until stdin
+    closes. Every emulator's command line ends here (pty servo buses, the CAN ones)."""
     bus.open()
     if print_path:
-        print(bus.port, flush=True)
+        print(line(bus), flush=True)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     bus.start()

@@ -210,16 +210,7 @@ class ServoBusDevice(MotorDevice):
                                   "limits (joint_limits=[(lo, hi), ...] in rad)")
 
     def write_setpoints(self, positions: ArrayLike) -> np.ndarray:
-        self._require_open("write_setpoints")
-        self._refuse_if_faulted("setpoints")
-        if not self._armed:
-            raise MotorError(f"{self.url}: setpoints refused: not armed (arming is an operator act: arm())")
-        target = np.asarray(positions, dtype=float)
-        if target.shape != (len(self.ids),):
-            raise ValueError(f"{len(self.ids)} joint positions expected, got shape {target.shape}")
-        if not np.all(np.isfinite(target)):
-            bad = self.names[int(np.argmin(np.isfinite(target)))]
-            raise MotorError(f"{self.url}: setpoints refused: non-finite position for joint {bad!r}")
+        target = self._setpoint_target(positions, self.names)
         self._before_setpoints()
         sent = np.empty_like(target)
         param: list[int] = []
