@@ -15,8 +15,13 @@ interleaved in each round (order rotated), so load from other jobs hits all of t
   the same ONNX graphs compiled for CPU with the default config plus INFERENCE_NUM_THREADS, same plain loop.
   Its default inference precision is BF16 on CPUs with AVX512-BF16/AMX, so a second row forces f32
   (INFERENCE_PRECISION_HINT=f32), the one that is checked allclose;
-- edge-vla runtime (Policy on onnxruntime CPU) for each exported precision: fp32, fp16, int8 and int8-prefix
-  (INT8 prefix graph, FP32 step graph).
+- edge-vla runtime (Policy on onnxruntime CPU, backend pinned) for each exported precision: fp32, fp16, int8 and
+  int8-prefix (INT8 prefix graph, FP32 step graph);
+- edge-vla runtime, OpenVINO backend (`Policy.load(backend="openvino", precision=...)`, edge_vla.runtime.ov_backend)
+  on the fp32 bundle: f32, and bf16 where the CPU plugin reports BF16 (rows skipped without openvino);
+- edge-vla tuned default: `edge-vla tune` run on the fp32 bundle at the row's thread count into a fresh state
+  directory, then `Policy.load` with no backend (what a robot runs after build-engines / tune); the label names what
+  tune chose, and its chunk is held to that choice's numerics gate.
 Every row carries its numerics: relative L2 of its chunk against the runtime FP32 chunk for the same noise.
 
 The floor, measured in the same run at the same thread count: the best FP32 GEMM rate of onnxruntime (MLAS)
@@ -465,8 +470,10 @@ def test_peers(name: str, steps: int, threads: int, benchmark: Any, bench_models
     for c in costs.values():  # measure each footprint's bandwidth now, outside the timed rounds
         meter.bandwidth(c["prefix"].bytes), meter.bandwidth(c["denoise_step"].bytes)
 
-    # Numerics: every contender's chunk for the noise a Policy seeded with SEED draws first.
-    policies = {p: Policy.load(b, steps=steps, threads=threads, seed=SEED) for p, b in bundles.items()}
+    # Numerics: every contender's chunk for the noise a Policy seeded with SEED draws first. The runtime rows pin
+    # onnxruntime: a tune record on this machine must not move them (the tuned row below is the one that follows it).
+    policies = {p: Policy.load(b, backend="onnxruntime", steps=steps, threads=threads, seed=SEED)
+                for p, b in bundles.items()}
     ref = {p: pol.infer(obs).actions for p, pol in policies.items()}
     noise = policy_noise(SEED, policies["fp32"].contract.x_t.shape)
     noise_t = torch.from_numpy(noise)
@@ -538,11 +545,35 @@ def test_peers(name: str, steps: int, threads: int, benchmark: Any, bench_models
         add(f"edge-vla runtime {p}", lambda pol=pol: pol.infer(obs), p, _rel_l2(fp32, ref[p]))
     # The runtime's load-time onnxruntime fusion (edge_vla.runtime.ort_fuse), attributed in the same run.
     with _env(FUSE_ENV, "none"):
-        unfused = Policy.load(bundles["fp32"], steps=steps, threads=threads, seed=SEED)
+        unfused = Policy.load(bundles["fp32"], backend="onnxruntime", steps=steps, threads=threads, seed=SEED)
     policies["fp32, ort fusion off"] = unfused
     got = unfused.infer(obs)
     add("edge-vla runtime fp32, load-time fusion off (EDGE_VLA_ORT_FUSE=none)", lambda: unfused.infer(obs), "fp32",
         _rel_l2(fp32, got.actions))
+
+    # The OpenVINO backend behind the runtime's Backend interface, on the fp32 bundle.
+    for precision, why_not in openvino_backend_precisions():
+        label = f"edge-vla runtime, OpenVINO backend {precision} (fp32 graphs)"
+        if why_not:
+            rows.append(Row(Series(label), failed=f"skipped ({why_not})"))
+            continue
+        ov_pol = Policy.load(bundles["fp32"], backend="openvino", precision=precision, steps=steps, threads=threads,
+                             seed=SEED)
+        policies[f"openvino {precision}"] = ov_pol
+        got = ov_pol.infer(obs).actions
+        gate = "fp16" if precision == "bf16" else "fp32"
+        m = Metrics.of(fp32, got)
+        add(label, lambda pol=ov_pol: pol.infer(obs), "fp32",
+            f"{m.rel_l2:.1e}" + ("" if m.within(gate) else f" (outside the {gate.upper()} gate)"))
+
+    # What a robot runs after build-engines / tune: tune here, then Policy.load with no backend.
+    with tempfile.TemporaryDirectory(prefix="bench_peers_tune_") as state:
+        tuned, label, gate = tuned_default(bundles["fp32"], steps, threads, Path(state))
+    policies["tuned default"] = tuned
+    got = tuned.infer(obs).actions
+    m = Metrics.of(fp32, got)
+    add(label, lambda: tuned.infer(obs), "fp32",
+        f"{m.rel_l2:.1e}" + ("" if m.within(gate) else f" (outside the {gate.upper()} gate)"))
 
 
     def reset() -> None:
@@ -562,6 +593,35 @@ def test_peers(name: str, steps: int, threads: int, benchmark: Any, bench_models
     eager = rows[0].series
     print(f"\n{name} {steps} steps {threads} thread(s): " + ", ".join(
         f"{r.series.name} {r.series.median():.2f} ms ({eager.median() / r.series.median():.2f}x)" for r in timed))
+
+
+def openvino_backend_precisions() -> list[tuple[str, str]]:
+    """(precision, why it is skipped or "") for the OpenVINO backend rows: f32, then bf16."""
+    from edge_vla.runtime.ov_backend import bf16_supported, openvino_available
+
+    if not openvino_available():
+        why = "openvino does not import: pip install 'edge-vla[openvino]'"
+        return [("f32", why), ("bf16", why)]
+    return [("f32", ""), ("bf16", "" if bf16_supported() else "this CPU reports no BF16 to OpenVINO")]
+
+
+def tuned_default(bundle: Path, steps: int, threads: int, state: Path) -> tuple[Policy, str, str]:
+    """`edge-vla tune` on `bundle` at `threads` into `state`, then Policy.load with backend auto following it:
+    (the policy, a row label naming tune's choice, the gate that choice was held to)."""
+    from edge_vla.runtime import tune
+
+    result = tune.tune(bundle, state_dir=state, threads=threads)
+    choice = result.record["choice"]
+    figures = next(c for c in result.record["candidates"]
+                   if (c["backend"], c["precision"]) == (choice["backend"], choice["precision"]))
+    with _env(tune.STATE_ENV, str(state)):
+        policy = Policy.load(bundle, steps=steps, threads=threads, seed=SEED)
+    chose = f"{choice['backend']} {choice['precision']}"
+    loaded = f"{policy.backend.name} {getattr(policy.backend, 'precision', policy.precision)}"
+    if loaded != chose:
+        policy.close()
+        raise AssertionError(f"tune chose {chose} but Policy.load ran {loaded}")
+    return policy, f"edge-vla tuned default (tune chose {chose}; fp32 graphs)", figures["gate"]
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("export", "edge_vla.export.export_cli", "checkpoint -> verified ONNX graphs -> bundle", "workstation"),
     Subcommand("lint", "edge_vla.export.trt_lint", "check a bundle's graphs against TensorRT's ONNX parser", "workstation"),
     Subcommand("build-engines", "edge_vla.export.engines", "build TensorRT engines for a bundle (or write trtexec lines)", "target"),
+    Subcommand("tune", "edge_vla.runtime.tune", "time each backend x precision here; record the fastest in the numerics gate", "target"),
     Subcommand("profile", "edge_vla.runtime.profile_cli", "latency budget per stage, with trace, plot and roofline", "target"),
     Subcommand("run", "edge_vla.onboard.cli", "run the robot: cameras -> policy -> safety -> motor controller", "target"),
     Subcommand("serve", "edge_vla.serve.cli", "answer openpi-client robots (websocket protocol) from a bundle", "target"),

@@ -18,6 +18,7 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     "av": ("export", "decoding and encoding LeRobot dataset videos"),
     "tensorrt": ("tensorrt", "the TensorRT backend and engine builds"),
     "cuda": ("tensorrt", "CUDA memory, streams and kernels"),
+    "openvino": ("openvino", "the OpenVINO CPU backend (backend='openvino', edge-vla tune)"),
     "pyrealsense2": ("realsense", "Intel RealSense cameras"),
     "mcap": ("telemetry", "MCAP telemetry logs"),
     "cryptography": ("provision", "bundle signing"),

@@ -12,6 +12,8 @@ per-precision thresholds. An engine outside them is refused (exit 1, the index s
 "verified": false and the runtime warns loudly), unless --allow-unverified.
 Where TensorRT does not import, the command says so and writes BUNDLE/target/build_engines.sh with the
 equivalent trtexec lines; `--index-only` after running it records the engines as unverified.
+Engines kept, it ends with `edge-vla tune` (edge_vla.runtime.tune; --no-tune skips it): every backend x precision
+timed here under the bundle's numerics gate, the fastest recorded for Policy.load in the service's state directory.
 """
 
 from __future__ import annotations
@@ -234,6 +236,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--script-only", action="store_true",
                         help="only write BUNDLE/target/build_engines.sh (the trtexec command lines) and exit 0: for a "
                              "machine without TensorRT, to run the lines on the target")
+    parser.add_argument("--no-tune", action="store_true",
+                        help="skip the closing `edge-vla tune` (timing every backend x precision here and recording "
+                             "the fastest within the numerics gate for Policy.load)")
+    parser.add_argument("--tune-rounds", type=int, default=None,
+                        help="interleaved timing rounds for the closing tune (default: as many as fit its budget)")
     parser.epilog = EXIT_STATUSES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
@@ -261,7 +268,8 @@ def main(args: argparse.Namespace) -> int:
             return 0
         raise EdgeVlaError(f"no engines built: TensorRT (the `tensorrt` module) does not import here; wrote the "
                            f"equivalent trtexec lines to {script} (pass --script-only when that is all you want; "
-                           "install TensorRT: JetPack ships it, on x86 pip install 'edge-vla[tensorrt]')")
+                           "install TensorRT: JetPack ships it, on x86 pip install 'edge-vla[tensorrt]'; on a "
+                           f"machine without a GPU, `edge-vla tune {args.bundle}` picks the fastest CPU backend)")
     contract = bundle.contract
     index: dict[str, Any] = {"graphs": {}, "precision": bundle.precision}
     for name in engine_graphs(contract):
@@ -280,11 +288,13 @@ def main(args: argparse.Namespace) -> int:
     write_json_atomic(engines_dir / "index.json", index)
     if ok:
         print(f"engines verified and written to {engines_dir}: {index['verification']['summary']}")
+        _tune_after_build(bundle, args)
         return 0
     banner = "=" * 78
     print(f"{banner}\nTensorRT engines NOT VERIFIED: {index['verification']['summary']}\n{banner}")
     if args.allow_unverified:
         print(f"kept in {engines_dir} as unverified (--allow-unverified); the runtime warns on every load")
+        _tune_after_build(bundle, args)
         return 0
     for name in engine_graphs(contract):
         (engines_dir / f"{name}.plan").unlink(missing_ok=True)
@@ -292,6 +302,23 @@ def main(args: argparse.Namespace) -> int:
     print("engines removed; the robot will use onnxruntime. Rebuild (another precision, --workspace-mb) or pass "
           "--allow-unverified to keep them")
     return 1
+
+
+def _tune_after_build(bundle: Bundle, args: argparse.Namespace) -> None:
+    """`edge-vla tune` over the new engines and the CPU backends. Its failure never undoes the engines: the
+    runtime then runs its untuned default (TensorRT where engines are built), and the warning says how to redo it."""
+    if args.no_tune:
+        return
+    from edge_vla.runtime.tune import tune
+
+    print("tune: timing every backend x precision on this machine under the bundle's numerics gate ...")
+    try:
+        result = tune(bundle, rounds=args.tune_rounds)
+    except (EdgeVlaError, OSError) as exc:  # OSError: the record could not be written (a full disk)
+        log.warning("tune did not record a choice (%s); Policy.load uses its untuned default. Run `edge-vla tune "
+                    "%s` as the service user to redo it", str(exc).splitlines()[0], args.bundle)
+        return
+    print("\n".join(f"tune: {line}" for line in result.lines()))
 
 
 def _verify_into(index: dict[str, Any], bundle: Bundle, contract: Contract, engines_dir: Path, samples: int) -> bool:

@@ -18,6 +18,22 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gate"))
 torch = pytest.importorskip("torch")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _empty_tune_state_dir(tmp_path_factory):
+    """`Policy.load(backend="auto")` follows an `edge-vla tune` record for the bundle on this machine. A developer's
+    own record (e.g. in /var/lib/edge-vla) must not change which backend other tests get: point every test, and
+    every process it starts, at an empty state directory. Tests of tune pass their own."""
+    state = tmp_path_factory.mktemp("edge-vla-state")
+    state.chmod(0o755)
+    old = os.environ.get("EDGE_VLA_STATE_DIR")
+    os.environ["EDGE_VLA_STATE_DIR"] = str(state)
+    yield state
+    if old is None:
+        os.environ.pop("EDGE_VLA_STATE_DIR", None)
+    else:
+        os.environ["EDGE_VLA_STATE_DIR"] = old
+
+
 def randomized_tiny_model(seed: int = 0):
     """A tiny VLA whose zero-initialised output layers are randomised, so its actions depend on inputs."""
     from edge_vla.config import preset

@@ -222,6 +222,31 @@ def check_int8_range(exp: Expectation, m: Machine) -> Check | None:
     return Check("int8", PASS, f"{weight_range}-range weights: no u8s8 saturation with this CPU under onnxruntime")
 
 
+def check_tune(exp: Expectation, m: Machine) -> Check | None:
+    """The backend `edge-vla tune` recorded for this bundle on this machine, which Policy.load follows."""
+    if exp.bundle_root is None:
+        return None
+    try:
+        bundle = Bundle.open(exp.bundle_root)
+    except EdgeVlaError:
+        return None  # check_bundle says why
+    from edge_vla.runtime.tune import read_record
+
+    try:
+        cpuinfo = (m.proc_root / "cpuinfo").read_text(errors="replace")
+    except OSError:
+        cpuinfo = ""
+    lookup = read_record(bundle, cpuinfo)
+    untuned = "TensorRT (engines built)" if _engines_built(exp) else "onnxruntime"
+    fix = f"run `edge-vla tune {bundle.root}` as the service user (`edge-vla build-engines` ends with it)"
+    if lookup.problem:
+        return Check("tune", WARN, f"{lookup.problem}; the runtime uses {untuned}", fix)
+    if lookup.choice is None:
+        return Check("tune", WARN, f"not tuned on this machine (no record in {', '.join(map(str, lookup.searched))}): "
+                     f"the runtime uses {untuned} without having timed the other backends", fix)
+    return Check("tune", PASS, f"{lookup.choice.label}: {lookup.choice.summary} ({lookup.path})")
+
+
 def _version_prefix(have: str, want: str, parts: int) -> bool:
     return have.split(".")[:parts] == want.split(".")[:parts]
 
@@ -621,6 +646,7 @@ def run_checks(exp: Expectation, machine: Machine | None = None) -> list[Check]:
         check_lock(exp, m),
         check_onnxruntime(exp, m),
         check_int8_range(exp, m),
+        check_tune(exp, m),
         check_tensorrt(exp, m),
         check_cuda(exp, m),
         check_gpu(exp, m),

@@ -32,7 +32,7 @@ from edge_vla.runtime.types import ActionChunk, Observation
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "openvino")
 CPUINFO = Path("/proc/cpuinfo")
 # x86 flags with which onnxruntime's u8s8 GEMM sums products in int32 (VPDPBUSD; AMX CPUs have them too) instead
 # of in saturating int16 pairs (VPMADDUBSW, AVX2/AVX-512 without VNNI): export/quantize.py INT8_RANGES.
@@ -75,14 +75,20 @@ class Policy:
     @classmethod
     def load(cls, bundle: str | os.PathLike[str] | Bundle, backend: str = "auto", steps: int | None = None,
              solver: str | None = None, seed: int = 0, threads: int | None = None,
-             trusted_keys: list[str | Path] | None = None) -> Policy:
+             trusted_keys: list[str | Path] | None = None, precision: str | None = None) -> Policy:
         """Verify and load a bundle. `steps` may change the ODE step count where the bundle allows it.
 
+        `backend`: "auto" follows this machine's `edge-vla tune` record for this bundle where there is a valid
+        one, else TensorRT where engines are built, else onnxruntime; any other name is used as given.
+        `precision`: the OpenVINO backend's arithmetic, "f32" (its default here) or "bf16".
         `trusted_keys`: Ed25519 public keys; the bundle must carry a valid signature by one of them.
         Default: the keys in /etc/edge-vla/trusted-keys, if any (else no signature is required).
         """
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        if precision is not None and backend != "openvino":
+            raise ConfigError(f"precision={precision!r}: the precision applies to the openvino backend only (the "
+                              "others run the bundle's own precision); pass backend='openvino' or no precision")
         b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         from edge_vla.provision.signing import trusted_keys_from_dir, verify_bundle_signature
 
@@ -101,7 +107,7 @@ class Policy:
         if steps < contract.recommended_min_steps:
             log.warning("running %d ODE steps; this model was trained for %d (not step-distilled): expect worse "
                         "actions", steps, contract.num_steps)
-        engine = _make_backend(b, contract, backend, threads)
+        engine = _make_backend(b, contract, backend, threads, precision)
         try:
             return cls(b, engine, steps, solver, seed, contract)
         except BaseException:
@@ -186,7 +192,56 @@ class Policy:
         return (p - self._action_mean) / self._action_std
 
 
-def _make_backend(b: Bundle, contract: Contract, backend: str, threads: int | None) -> Backend:
+def _make_backend(b: Bundle, contract: Contract, backend: str, threads: int | None,
+                  precision: str | None = None) -> Backend:
+    if backend == "auto":
+        tuned = _tuned_backend(b, contract, threads)
+        if tuned is not None:
+            return tuned
+    if backend == "openvino":
+        return _openvino(b, contract, threads, precision)
+    return _default_backend(b, contract, backend, threads)
+
+
+def _openvino(b: Bundle, contract: Contract, threads: int | None, precision: str | None) -> Backend:
+    from edge_vla.runtime.ov_backend import OvBackend
+
+    engine = OvBackend.from_bundle(b, contract, precision=precision, threads=threads)
+    log.info("backend openvino: CPU, precision %s, %d thread(s)", engine.precision, engine.threads)
+    return engine
+
+
+def _tuned_backend(b: Bundle, contract: Contract, threads: int | None) -> Backend | None:
+    """The backend this machine's `edge-vla tune` record chose for this bundle, or None (said why in the log).
+    A record that cannot be followed never stops the load: one warning, then the untuned rule."""
+    from edge_vla.runtime import tune
+
+    lookup = tune.read_record(b, _cpuinfo())
+    fallback = "TensorRT" if _trt_engines_present(b) else "onnxruntime"
+    if lookup.problem:
+        log.warning("%s; using %s (re-run `edge-vla tune %s` on this machine)", lookup.problem, fallback, b.root)
+        return None
+    if lookup.choice is None:
+        log.info("backend auto: not tuned on this machine (no record in %s); `edge-vla tune %s` measures the "
+                 "backends here", ", ".join(str(d) for d in lookup.searched), b.root)
+        return None
+    choice = lookup.choice
+    try:
+        if choice.backend == "openvino":
+            engine = _openvino(b, contract, threads, choice.precision)
+        elif choice.backend == "tensorrt":
+            engine = _default_backend(b, contract, "tensorrt", threads)
+        else:
+            engine = _default_backend(b, contract, "onnxruntime", threads)
+    except EdgeVlaError as exc:
+        log.warning("the tune record %s chose %s, which does not load here (%s); using %s (re-run `edge-vla tune "
+                    "%s` on this machine)", lookup.path, choice.label, str(exc).splitlines()[0], fallback, b.root)
+        return None
+    log.info("backend auto: %s, from the tune record %s (%s)", choice.label, lookup.path, choice.summary)
+    return engine
+
+
+def _default_backend(b: Bundle, contract: Contract, backend: str, threads: int | None) -> Backend:
     if backend == "tensorrt" or (backend == "auto" and _trt_engines_present(b)):
         from edge_vla.runtime.trt_backend import TrtBackend, tensorrt_available
 

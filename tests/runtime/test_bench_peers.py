@@ -4,6 +4,7 @@ microbenchmarks, and the plain onnxruntime / OpenVINO loops producing the runtim
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -91,3 +92,26 @@ def test_openvino_f32_loop_is_the_runtime_chunk(bench: ModuleType, tiny_bundle: 
         shape = policy.contract.x_t.shape
     plain = bench.PlainLoop(tiny_bundle, 10, lambda p: bench.openvino_runner(p, 1, "f32"))
     np.testing.assert_allclose(plain.chunk(obs, bench.policy_noise(5, shape)), want, rtol=1e-4, atol=1e-4)
+
+
+def test_tuned_default_row_runs_what_tune_chose(bench: ModuleType, tiny_bundle: Path, tmp_path: Path) -> None:
+    """The "edge-vla tuned default" row: tune into a fresh state dir, then Policy.load with no backend."""
+    from edge_vla.runtime.compare import Metrics
+
+    policy, label, gate = bench.tuned_default(tiny_bundle, 10, 1, tmp_path)
+    with policy:
+        record = json.loads(next((tmp_path / "tune").glob("*.json")).read_text())
+        chose = f"{record['choice']['backend']} {record['choice']['precision']}"
+        assert f"tune chose {chose}" in label
+        assert f"{policy.backend.name} {getattr(policy.backend, 'precision', policy.precision)}" == chose
+        got = policy.infer(_obs(2)).actions
+    with Policy.load(tiny_bundle, backend="onnxruntime", steps=10, threads=1, seed=bench.SEED) as reference:
+        want = reference.infer(_obs(2)).actions
+    assert Metrics.of(want, got).within(gate)
+
+
+def test_openvino_backend_rows(bench: ModuleType) -> None:
+    from edge_vla.runtime.ov_backend import bf16_supported
+
+    rows = dict(bench.openvino_backend_precisions())
+    assert rows["f32"] == "" and (rows["bf16"] == "") == bf16_supported()
