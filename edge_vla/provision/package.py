@@ -264,13 +264,17 @@ def build_package(
             "usb_vid": usb.vid,
             "usb_pid": usb.pid,
             "usb_serial_match": f', ATTRS{{serial}}=="{usb.serial}"' if usb.serial else "",
-            "firstboot_what": "build the TensorRT engines from the bundle's ONNX (timing cache kept in bundle/target)"
-            if t.gpu else "nothing else (CPU target: no engines to build)",
+            "firstboot_what": "build the TensorRT engines from the bundle's ONNX (timing cache kept in bundle/target), "
+            "then time the backends on this machine (edge-vla tune) and record the fastest that passes the numerics gate"
+            if t.gpu else "time the CPU backends on this machine (edge-vla tune: onnxruntime, and OpenVINO where "
+            "installed) and record the fastest that passes the bundle's numerics gate",
             # Offline packages need no network at first boot (and must not wait for one).
             "firstboot_after": "After=local-fs.target network-online.target\nWants=network-online.target"
             if online else "After=local-fs.target",
             "firstboot_exec": "ExecStart=/opt/edge-vla/current/venv/bin/edge-vla build-engines "
-                              "/opt/edge-vla/current/bundle" if t.gpu else "ExecStart=/bin/true",
+                              "/opt/edge-vla/current/bundle" if t.gpu  # build-engines ends with tune
+            # "-": a failed tune must not keep the robot from starting; Policy.load then uses the untuned default
+            else "ExecStart=-/opt/edge-vla/current/venv/bin/edge-vla tune /opt/edge-vla/current/bundle",
         }
         files[LOCK_FILE] = lock_text(entries, _lock_header(platform, sources.describe(), online, extras)).encode()
         if online_text is not None:

@@ -194,8 +194,22 @@ def test_x86_package_installs_offline_and_runs(x86_package: Path, rootfs: Path, 
     assert "control loop ready" in run.stderr and '"chunks"' in run.stdout, run.stdout[-2000:]
     assert "error" not in summary
 
-    doctor = _doctor(venv, rel, offline_env, tmp_path)
+    # What the CPU target's first-boot unit runs next (ExecStart=-... edge-vla tune, StateDirectory=edge-vla): the
+    # service user times the installed backends and records the choice where edge-vla.service will read it.
+    state = root / "var/lib/edge-vla"  # inside the rootfs, which the service user can reach (tmp_path is root's)
+    state.mkdir(parents=True, exist_ok=True)
+    if why_no_service_user() is None:
+        os.chown(state, 65534, 65534)
+    unit_env = {k: v for k, v in offline_env.items() if k != "EDGE_VLA_STATE_DIR"} | {"STATE_DIRECTORY": str(state)}
+    tune = _run_as_service([str(venv / "bin/edge-vla"), "tune", str(rel / "bundle"), "--rounds", "2"], unit_env, rel,
+                           timeout=300, outside=no_network)
+    assert tune.returncode == 0, tune.stdout[-2000:] + tune.stderr[-3000:]
+    records = list((state / "tune").glob("*.json"))
+    assert len(records) == 1 and json.loads(records[0].read_text())["choice"]["backend"] == "onnxruntime", records
+
+    doctor = _doctor(venv, rel, unit_env, tmp_path)
     assert doctor["lock"]["status"] == "pass", doctor["lock"]
+    assert doctor["tune"]["status"] == "pass", doctor["tune"]
 
     # A locked wheel gone from the venv: the system's copy (through --system-site-packages) serves it.
     gone = _run([str(venv / "bin/python"), "-m", "pip", "uninstall", "-y", "-q", "cobs"],

@@ -77,7 +77,12 @@ def test_service_unit_runs_edge_vla_run_unprivileged_with_watchdog(build, bundle
     assert "Before=edge-vla.service" in firstboot and "Type=oneshot" in firstboot
     assert "ConditionPathExists=!/opt/edge-vla/current/bundle/target/.firstboot-done" in firstboot
     cpu = _members(build(bundle, tmp_path / "c.tar.gz", "x86-cpu").path)
-    assert "build-engines" not in cpu["systemd/edge-vla-firstboot.service"].decode().split("[Service]")[1]
+    cpu_firstboot = cpu["systemd/edge-vla-firstboot.service"].decode().split("[Service]")[1]
+    assert "build-engines" not in cpu_firstboot
+    # CPU targets time their backends at first boot; a failed tune ("-") must not keep the robot from starting
+    assert "\nExecStart=-/opt/edge-vla/current/venv/bin/edge-vla tune /opt/edge-vla/current/bundle\n" in cpu_firstboot
+    for text in (firstboot, cpu_firstboot, unit):  # the record is written and read in the same /var/lib/edge-vla
+        assert "\nStateDirectory=edge-vla\n" in text
 
 
 def test_udev_rule_symlink_and_ftdi_latency(build, bundle: Path, tmp_path: Path):
