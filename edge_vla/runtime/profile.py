@@ -105,12 +105,13 @@ def measure(policy: Policy, obs: list[Observation], iterations: int, warmup: int
 
 def profile_bundle(bundle: Bundle, steps_list: list[int], iterations: int = 200, warmup: int = 20,
                    threads: int | None = None, solver: str | None = None, seed: int = 0,
-                   backend: str = "auto") -> list[ConfigResult]:
+                   backend: str = "auto", precision: str | None = None) -> list[ConfigResult]:
     """Profile each ODE step count on one (already verified) bundle."""
     obs = observations(bundle, seed=seed)
     results = []
     for steps in steps_list:
-        policy = Policy.load(bundle, backend=backend, steps=steps, solver=solver, seed=seed, threads=threads)
+        policy = Policy.load(bundle, backend=backend, steps=steps, solver=solver, seed=seed, threads=threads,
+                             precision=precision)
         t0 = time.perf_counter()
         samples = measure(policy, obs, iterations, warmup)
         log.info("%s steps=%d: %d runs in %.1f s", bundle.precision, steps, iterations, time.perf_counter() - t0)

@@ -67,7 +67,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=200, help="timed runs per configuration")
     parser.add_argument("--warmup", type=int, default=20, help="untimed runs first, per configuration")
     parser.add_argument("--threads", type=int, help="intra-op threads (default: all CPUs)")
-    parser.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"))
+    parser.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "openvino"))
+    parser.add_argument("--ov-precision", choices=("f32", "bf16"),
+                        help="--backend openvino only: its arithmetic, f32 (default) or bf16 (where the CPU has it; "
+                             "edge-vla tune checks it against the FP16 numerics gate)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-o", "--output", dest="out", type=Path,
                         help="where trace.json, latency.png and profile.json go (default: FIRST_BUNDLE/target/profile; "
@@ -150,7 +153,7 @@ def main(args: argparse.Namespace) -> int:
               f"{args.warmup} warm-up", flush=True)
         print(prof.format_timing(timing) if timing else f"onboard verdicts skipped: {not_judged}")
         results = prof.profile_bundle(bundle, steps, args.iterations, args.warmup, args.threads, args.solver,
-                                      args.seed, args.backend)
+                                      args.seed, args.backend, args.ov_precision)
         roof = {"skipped": "--no-roofline"} if args.no_roofline else roofline_for(bundle, steps, args.solver)
         report = prof.bundle_report(bundle, results, timing, args.budget_ms, args.threads, args.warmup, roof,
                                     not_judged, host)

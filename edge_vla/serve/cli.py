@@ -42,7 +42,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default=None, help="instruction to use when a request carries none")
     parser.add_argument("--seed", type=int, default=0,
                         help="noise seed; the k-th connection (from 0) uses seed + k (default 0)")
-    parser.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "openvino"],
+                        help="default auto: what `edge-vla tune` recorded for this bundle here, else TensorRT engines where built, else onnxruntime")
+    parser.add_argument("--ov-precision", choices=["f32", "bf16"],
+                        help="--backend openvino only: its arithmetic, f32 (default) or bf16 (where the CPU has it; "
+                             "edge-vla tune checks it against the FP16 numerics gate)")
     parser.add_argument("--steps", type=int, default=None, help="ODE steps (default: the bundle's)")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     parser.add_argument("--max-message-mb", type=float, default=32.0,
@@ -91,7 +95,8 @@ def main(args: argparse.Namespace) -> int:
                            allow_remote_without_key=args.allow_remote_without_key, seed=args.seed, limits=limits,
                            max_clients=args.max_clients, telemetry=args.telemetry)
     check_bind(options)  # before the (slow) bundle load
-    policy = Policy.load(args.bundle, backend=args.backend, steps=args.steps, seed=args.seed, threads=args.threads)
+    policy = Policy.load(args.bundle, backend=args.backend, steps=args.steps, seed=args.seed, threads=args.threads,
+                         precision=args.ov_precision)
     mapper = ObservationMapper(parse_obs_map(args.obs_map, policy.config.num_cameras), policy.config, args.prompt)
     server = PolicyServer(policy, mapper, options)
     return asyncio.run(_serve(server))
