@@ -11,6 +11,13 @@ truth (run as root: the service user, and the unplug's TIOCVHANGUP, need it):
     .venv/bin/python benchmarks/bench_faults.py --backend dynamixel,feetech --reps 3
     .venv/bin/pytest benchmarks/bench_faults.py -s -k motor   # EDGE_VLA_MOTOR_FAULT_REPS=3 by default
 
+Per CAN backend (issue 25, edge_vla.onboard.can_campaign.CanCampaign): the real `edge-vla run` as the service user against the
+Damiao and CiA 402 emulators on python-can's udp_multicast bus (no bit timing), every fault of the issue (host
+kill -9, SIGTERM, the CAN bus down, stalled inference, a blocked joint, a device fault, frames from a foreign node
+id, a restart after the kill):
+
+    .venv/bin/python benchmarks/bench_faults.py --backend damiao,cia402 --reps 3
+
 Times are on time.monotonic() (one clock for every process): detection -> STOP frame written by the host
 (bound: one control period + 1 ms), -> STOP received by the firmware, and STOP (for a dead host: its last
 heartbeat + the firmware's timeout) -> torque off, on the firmware's clock (bound: the ramp + one tick for
@@ -20,6 +27,7 @@ category 1, one tick for category 0). "moved without arm" must read NEVER in eve
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import platform
@@ -31,12 +39,21 @@ from pathlib import Path
 import pytest
 
 from edge_vla.onboard.campaign import Campaign, FaultRow, format_table
-from edge_vla.onboard.motor_campaign import SCHEMES, MotorCampaign, MotorFaultRow, ServiceUser, format_motor_table
+from edge_vla.onboard.motor_campaign import (
+    ALL_SCHEMES,
+    CAN_SCHEMES,
+    SCHEMES,
+    MotorFaultRow,
+    ServiceUser,
+    format_motor_table,
+    motor_campaign,
+)
 from firmware_bridge.motors.dynamixel import watchdog_units
 
 REPS = int(os.environ.get("EDGE_VLA_FAULT_REPS", "5"))
 MOTOR_REPS = int(os.environ.get("EDGE_VLA_MOTOR_FAULT_REPS", "3"))
-BACKENDS = ("own", *SCHEMES)  # own: the project's firmware protocol (issue 12's campaign)
+BACKENDS = ("own", *ALL_SCHEMES)  # own: the project's firmware protocol (issue 12's campaign)
+EXTRAS = {"dynamixel": "dynamixel_sdk", "feetech": "scservo_sdk", "cia402": "canopen"}  # what each backend imports
 
 
 def run_campaign(reps: int, rate_hz: float = 100.0) -> dict[str, list[FaultRow]]:
@@ -84,12 +101,12 @@ def run_motor_campaign(backends: list[str], reps: int, rate_hz: float = 50.0, pe
     loads = [os.getloadavg()[0]]
     for _ in range(reps):
         for backend in backends:
-            with MotorCampaign(backend, user, rate_hz=rate_hz, period_ms=period_ms) as campaign:
+            with motor_campaign(backend, user, rate_hz=rate_hz, period_ms=period_ms) as campaign:
                 for row in campaign.run_all():
                     by_fault[(row.backend, row.fault)].append(row)
                 spurious += campaign.spurious_trips
             if bundle:
-                with MotorCampaign(backend, user, rate_hz=rate_hz, period_ms=period_ms, bundle=bundle) as campaign:
+                with motor_campaign(backend, user, rate_hz=rate_hz, period_ms=period_ms, bundle=bundle) as campaign:
                     for row in campaign.run_bundle():
                         by_fault[(row.backend, row.fault)].append(row)
                     spurious += campaign.spurious_trips
@@ -100,16 +117,23 @@ def run_motor_campaign(backends: list[str], reps: int, rate_hz: float = 50.0, pe
 def motor_report(by_fault: MotorRows, spurious: list[dict], loads: list[float], reps: int, rate_hz: float,
                  period_ms: int, seconds: float) -> str:
     rows = [r for rs in by_fault.values() for r in rs]
-    head = (f"motor fault campaign: {reps} repetitions per backend at {rate_hz:g} Hz, 2 servos per backend on a pty "
-            f"paced at 1 Mbaud; `edge-vla run --expert` as the service user, no SCHED_FIFO for its control loop "
-            f"(the vendor SDKs busy-poll the port); emulator SCHED_FIFO where permitted; URL period_ms={period_ms} "
-            f"(Dynamixel Bus Watchdog {watchdog_units(period_ms / 1e3) * 20} ms); {platform.machine()} "
-            f"x{os.cpu_count()}, load average "
+    backends = {backend for backend, _ in by_fault}
+    buses = []
+    if backends & set(SCHEMES):
+        buses.append(f"servo buses: 2 servos on a pty paced at 1 Mbaud (Dynamixel Bus Watchdog "
+                     f"{watchdog_units(period_ms / 1e3) * 20} ms)")
+    if backends & set(CAN_SCHEMES):
+        buses.append(f"CAN: 2 motors/drives on python-can's udp_multicast bus between processes, no bit timing "
+                     f"(Damiao TIMEOUT and CiA 402 heartbeat consumer {2 * period_ms} ms)")
+    head = (f"motor fault campaign: {reps} repetitions per backend at {rate_hz:g} Hz; {'; '.join(buses)}; "
+            f"`edge-vla run --expert` as the service user, no SCHED_FIFO for its control loop; emulator SCHED_FIFO "
+            f"where permitted; URL period_ms={period_ms}; {platform.machine()} x{os.cpu_count()}, load average "
             f"{min(loads):.1f}-{max(loads):.1f} (shared machine); {seconds:.0f} s")
     details = []
     for (backend, fault), rs in by_fault.items():
         hosts = sorted({r.host for r in rs if r.host})
-        details.append(f"- {backend}, {fault}: {rs[0].notes}" + (f"; host: {' | '.join(hosts)}" if hosts else ""))
+        details.append(f"- {backend}, {fault}: {rs[0].notes}" + (f"; host: {' | '.join(hosts)}" if hosts else "")
+                       + (f"; control: {rs[0].control}" if rs[0].control_ok is not None else ""))
     counts = (f"rows outside their bound: {sum(not r.within_bounds for r in rows)}; motion without an operator arm: "
               f"{sum(r.moved_without_arm for r in rows)}; residual-risk rows (no device watchdog): "
               f"{sum(r.residual_risk for r in rows)}; FAIL rows: {sum(r.verdict.startswith('FAIL') for r in rows)}; "
@@ -117,12 +141,18 @@ def motor_report(by_fault: MotorRows, spurious: list[dict], loads: list[float], 
     return "\n".join([head, format_motor_table(by_fault), counts, "details (first repetition):", *details])
 
 
+def installed_backends() -> list[str]:
+    """The motor backends whose extra is installed here."""
+    return [s for s in ALL_SCHEMES if s not in EXTRAS or importlib.util.find_spec(EXTRAS[s]) is not None]
+
+
 def test_motor_fault_campaign(benchmark) -> None:
-    pytest.importorskip("dynamixel_sdk")
-    pytest.importorskip("scservo_sdk")
+    backends = installed_backends()
+    if not backends:
+        pytest.skip("no motor backend's extra is installed")
     out: list = []
     t0 = time.monotonic()
-    benchmark.pedantic(lambda: out.append(run_motor_campaign(list(SCHEMES), MOTOR_REPS)), rounds=1, iterations=1)
+    benchmark.pedantic(lambda: out.append(run_motor_campaign(backends, MOTOR_REPS)), rounds=1, iterations=1)
     by_fault, spurious, loads = out[0]
     print("\n" + motor_report(by_fault, spurious, loads, MOTOR_REPS, 50.0, 50, time.monotonic() - t0))
     assert not any(r.moved_without_arm for rows in by_fault.values() for r in rows)
@@ -145,14 +175,18 @@ def main() -> int:
     parser.add_argument("--bundle", help="motor backends: also run a device error and kill -9 with this bundle's "
                                          "policy driving (default: the sim expert only)")
     parser.add_argument("--period-ms", type=int, default=50,
-                        help="motor backends: the period the Dynamixel Bus Watchdog is sized for, 2 x this "
-                             "(default %(default)s ms)")
+                        help="motor backends: the period the device watchdog (Dynamixel Bus Watchdog, Damiao "
+                             "TIMEOUT, CiA 402 heartbeat consumer) is sized for, 2 x this (default %(default)s ms)")
     args = parser.parse_args()
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
         parser.error(f"--backend {args.backend!r}: unknown {', '.join(unknown) or 'empty'}; use a comma-separated "
                      f"list of {', '.join(BACKENDS)}")
+    missing = [b for b in backends if b in EXTRAS and b not in installed_backends()]
+    if missing:
+        parser.error(f"--backend {', '.join(missing)}: not installed here; pip install "
+                     + " ".join(f"'edge-vla[{b}]'" for b in missing))
     logging.basicConfig(level=logging.ERROR)
     if "own" in backends:
         rate, reps = args.rate_hz or 100.0, args.reps or REPS

@@ -38,8 +38,12 @@ Every row starts from a control case that shows the probe can tell applied from 
 the operator, torque on in each, one of them turning at MOVING_TICKS_S or faster, no trip. A row whose control
 case fails (the run tripped by itself on a loaded box) is re-armed and tried again, and the retry is counted.
 
-Used by tests/onboard/test_motor_campaign.py (kill -9, unplug and a device error per backend, with margins)
-and benchmarks/bench_faults.py --backend dynamixel,feetech (every row, repetitions, p99 and max).
+The CAN backends (issue 25) are in `edge_vla.onboard.can_campaign` (`CanCampaign`), sharing the host plumbing
+(`_HostedCampaign`, `HostRun`, `ServiceUser`) and the row format here.
+
+Used by tests/onboard/test_motor_campaign.py (per backend: kill -9, unplug or bus down, and a device error, with
+margins) and benchmarks/bench_faults.py --backend dynamixel,feetech,damiao,cia402 (every row, repetitions, p99
+and max).
 """
 
 from __future__ import annotations
@@ -69,7 +73,9 @@ from firmware_bridge.motors.feetech import TORQUE_CHECK_EVERY
 
 log = logging.getLogger(__name__)
 
-SCHEMES = ("dynamixel", "feetech")
+SCHEMES = ("dynamixel", "feetech")  # servo buses on a pty (MotorCampaign)
+CAN_SCHEMES = ("damiao", "cia402")  # CAN backends on python-can's udp_multicast bus (CanCampaign)
+ALL_SCHEMES = SCHEMES + CAN_SCHEMES
 IDS = (1, 2)  # one servo per joint of the sim arm (shoulder, elbow)
 MOVING_TICKS_S = 40.0  # a servo turning at least this fast is in motion (~0.06 rad/s)
 FAST_TICKS_S = 200.0  # the blocked-joint row waits for this much speed: the block then shows as effort
@@ -108,6 +114,7 @@ class MotorFaultRow(FaultRow):
     host: str = ""  # the host's outcome: trip, exit status, errors
     expect_stop: bool = True  # False for a row that must show no stop and no motion (a restart)
     host_ok: bool | None = None  # the host did what it must (exit with a summary, or report the trip); None: n/a
+    control_ok: bool | None = None  # a row's second control case (the probe taking the right id) held; None: n/a
 
     @property
     def stopped(self) -> bool:
@@ -118,6 +125,8 @@ class MotorFaultRow(FaultRow):
     def verdict(self) -> str:
         if self.moved_without_arm:
             return "FAIL: moved without an operator arm"
+        if self.control_ok is False:
+            return "FAIL: control case (the probe cannot tell applied from ignored)"
         if self.residual_risk:
             return "residual risk (documented)"
         if self.expect_stop and not self.stopped:
@@ -261,51 +270,44 @@ class _Control:
     t: float
     moving_id: int
     speed: float
-    snaps: dict[int, dict]  # every servo just before the fault
-    start: dict[int, dict]  # every servo just after the operator's arm
+    snaps: dict[int, dict]  # every device just before the fault
+    start: dict[int, dict]  # every device just after the operator's arm
+    devices: str = "servos"  # what the devices are called in the row
+    unit: str = "ticks/s"  # the speed's unit (servo ticks; rad/s on the CAN backends)
 
     def describe(self) -> str:
-        return (f"armed by the operator, torque on in {len(self.snaps)} servos, id {self.moving_id} turning at "
-                f"{abs(self.speed):.0f} ticks/s, no trip")
+        speed = f"{abs(self.speed):.0f}" if self.unit == "ticks/s" else f"{abs(self.speed):.2f}"
+        return (f"armed by the operator, torque on in {len(self.snaps)} {self.devices}, id {self.moving_id} turning "
+                f"at {speed} {self.unit}, no trip")
 
 
 @dataclass
-class MotorCampaign:
-    """The rows for one backend against one emulator (two servos): `run_all()` (the benchmark) or `run_ci()`."""
+class _HostedCampaign:
+    """What every backend's campaign shares: the emulator's lifetime, the `edge-vla run` host (started, stopped,
+    asked for its trip), the operator's arm until the control case holds, and the host's outcome."""
 
     scheme: str
     user: ServiceUser = field(default_factory=ServiceUser)
     rate_hz: float = 50.0
-    period_ms: int = 50  # the Bus Watchdog is sized for this period: 2 x 50 ms = 100 ms (see SAFETY.md)
-    latency_ms: int = 16  # the SDKs' reply timeout: 2 x this + 2 ms
-    realtime: bool = True  # SCHED_FIFO for the emulator (the servos' MCUs) where permitted
+    period_ms: int = 50  # the device watchdog is sized for this period: 2 x 50 ms = 100 ms (see SAFETY.md)
+    realtime: bool = True  # SCHED_FIFO for the emulator (the devices' MCUs) where permitted
     watch_s: float = 0.5
     bundle: str | None = None  # a bundle directory: the run drives with that policy instead of the sim's expert
     rows: list[MotorFaultRow] = field(default_factory=list)
     spurious_trips: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"unknown motor backend {self.scheme!r}; use one of {', '.join(SCHEMES)}")
         self.period = 1.0 / self.rate_hz
         self.emu: Any = None
         self.run: HostRun | None = None
         self._dirs: list[Path] = []
-        self.watchdog_ms = watchdog_units(self.period_ms / 1e3) * WATCHDOG_UNIT_S * 1e3
-        self.reply_timeout_ms = 2 * self.latency_ms + 2
 
-    # -- plumbing --------------------------------------------------------------------------------------
-    def __enter__(self) -> MotorCampaign:
-        from edge_vla.onboard.cli import _motor_emulator
-        from edge_vla.onboard.drill import sim_action_space
+    @property
+    def url(self) -> str:
+        raise NotImplementedError
 
-        self.emu = _motor_emulator(f"{self.scheme}://emulated?ids={IDS[0]}-{IDS[-1]}", sim_action_space())
-        if self.user.port_gid is not None:  # a udev rule gives a robot's servo adapter to the service's group
-            os.chown(self.emu.port, 0, self.user.port_gid)
-            os.chmod(self.emu.port, 0o660)
-        if self.realtime:
-            prioritize_threads(self.emu._proc.pid)  # BusProcess has no public pid; its process is the emulator
-        return self
+    def snaps(self) -> dict[int, dict]:
+        raise NotImplementedError
 
     def __exit__(self, *exc: object) -> None:
         self.close_host()
@@ -313,11 +315,6 @@ class MotorCampaign:
             self.emu.close()
         for d in self._dirs:
             shutil.rmtree(d, ignore_errors=True)
-
-    @property
-    def url(self) -> str:
-        return (f"{self.scheme}://{self.emu.port}?ids={IDS[0]}-{IDS[-1]}&period_ms={self.period_ms}"
-                f"&latency_ms={self.latency_ms}")
 
     def start_host(self) -> HostRun:
         self.close_host()
@@ -335,9 +332,6 @@ class MotorCampaign:
             self.run.close()
             self.run = None
 
-    def snaps(self) -> dict[int, dict]:
-        return {i: self.emu.snapshot(i) for i in IDS}
-
     def events(self, kind: str, since: float) -> list[Any]:
         return [e for e in self.emu.events_of(kind) if e.t >= since]
 
@@ -348,10 +342,10 @@ class MotorCampaign:
         trip = self.run.status().get("trip") if self._host_alive() else None  # type: ignore[union-attr]
         return trip if trip is not None and trip["t"] >= t - 1e-3 else None
 
-    # -- the control case ------------------------------------------------------------------------------
-    def arm_and_move(self, min_speed: float = MOVING_TICKS_S, tries: int = 3) -> _Control:
-        """The operator's arm, then wait until a servo turns at `min_speed` with torque on in every servo and no
-        trip: the control case. A run that trips by itself first (a loaded box) is re-armed, at most `tries`."""
+    def _arm_until(self, moving: Callable[[float, dict[int, dict]], _Control | None], what: str,
+                   tries: int = 3) -> _Control:
+        """The operator's arm, then wait until `moving(t_arm, start)` returns the control case. A run that trips by
+        itself first (a loaded box) is re-armed, at most `tries` times, and the trip is counted."""
         assert self.run is not None
         for attempt in range(tries):
             wait_until(lambda: self.run.status().get("phase") in ("stopped", "disarmed"), 10.0,  # type: ignore[union-attr]
@@ -360,25 +354,102 @@ class MotorCampaign:
             if not reply.get("ok"):
                 raise RuntimeError(f"operator arm refused: {reply}\n{self.run.stderr()[-2000:]}")
             t_arm, start = time.monotonic(), self.snaps()
-
-            def moving(t_arm: float = t_arm, start: dict[int, dict] = start) -> _Control | None:
-                return self._moving(min_speed, t_arm, start)
-
             try:
-                return wait_until(moving, 20.0, f"a servo turning at {min_speed:g} ticks/s, torque on in every servo")
+                return wait_until(lambda t_arm=t_arm, start=start: moving(t_arm, start), 20.0, what)
             except _SpontaneousTrip as trip:
                 self.spurious_trips.append({"backend": self.scheme, **trip.trip})
                 log.warning("%s: the run tripped before the fault (%s); re-arming (%d)", self.scheme, trip.trip,
                             attempt + 1)
         raise RuntimeError(f"{self.scheme}: the control case failed {tries} times: {self.spurious_trips[-tries:]}")
 
-    def _moving(self, min_speed: float, t_arm: float, start: dict[int, dict]) -> _Control | None:
-        """The control case if it holds now; raises _SpontaneousTrip if the run tripped since the arm."""
-        snaps, now = self.snaps(), time.monotonic()
+    def _raise_if_tripped_since(self, t_arm: float) -> dict[str, Any]:
+        """The run's status; raises _SpontaneousTrip if it tripped since the operator's arm."""
         status = self.run.status()  # type: ignore[union-attr]
         trip = status.get("trip")
         if trip is not None and trip["t"] >= t_arm:
             raise _SpontaneousTrip(trip)
+        return status
+
+    def _host_outcome(self, since: float, expect_exit: bool = True, settle_s: float = 5.0) -> str:
+        """The run's exit status, its control-loop error and the trips it recorded after `since`; for a run that
+        stays up (it keeps serving its operator socket after a lost bus), its phase and trip."""
+        run = self.run
+        if run is None:
+            return ""
+        if expect_exit:
+            run.wait_exit(10.0)
+        else:
+            with contextlib.suppress(TimeoutError):  # reported below as it is
+                wait_until(lambda: run.exited() or (self._trip_since(since) and run.status().get("phase") == "stopped"),
+                           settle_s, "the host to trip and finish its stop, or exit")
+        if not run.exited():
+            status = run.status()
+            trip = status.get("trip") or {}
+            return (f"still running: phase {status.get('phase')}, armed {status.get('armed')}"
+                    + (f", trip {trip['kind']} (cat {trip['category']})" if trip.get("t", 0) >= since - 1e-3 else
+                       ", no trip"))
+        summary = run.summary() or {}
+        trips = [t for t in summary.get("trips", []) if t["t"] >= since - 1e-3]
+        what = f"exit {run.returncode}"
+        if summary.get("error"):
+            what += f", control loop error: {summary['error']}"
+        if trips:
+            what += ", trips: " + ", ".join(f"{t['kind']} (cat {t['category']})" for t in trips)
+        if run.returncode == 3 and not [t for t in trips if t["kind"] != "operator_stop"]:
+            what += "; status 3 from this run's earlier rows' trips"
+        if run.returncode not in (0, 3, -signal.SIGKILL):  # why it failed: its last error line
+            errors = [line for line in run.stderr().splitlines() if " ERROR " in line or line.startswith("edge-vla")]
+            what += f"; last error: {errors[-1][-300:]}" if errors else ""
+        return what
+
+
+@dataclass
+class MotorCampaign(_HostedCampaign):
+    """The rows for one servo backend against one emulator (two servos): `run_all()` (the benchmark) or
+    `run_ci()`."""
+
+    latency_ms: int = 16  # the SDKs' reply timeout: 2 x this + 2 ms
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"MotorCampaign drives the servo buses ({', '.join(SCHEMES)}), not {self.scheme!r}; "
+                             f"use motor_campaign(), which picks CanCampaign for {', '.join(CAN_SCHEMES)}")
+        super().__post_init__()
+        self.watchdog_ms = watchdog_units(self.period_ms / 1e3) * WATCHDOG_UNIT_S * 1e3
+        self.reply_timeout_ms = 2 * self.latency_ms + 2
+
+    # -- plumbing --------------------------------------------------------------------------------------
+    def __enter__(self) -> MotorCampaign:
+        from edge_vla.onboard.cli import _motor_emulator
+        from edge_vla.onboard.drill import sim_action_space
+
+        self.emu = _motor_emulator(f"{self.scheme}://emulated?ids={IDS[0]}-{IDS[-1]}", sim_action_space())
+        if self.user.port_gid is not None:  # a udev rule gives a robot's servo adapter to the service's group
+            os.chown(self.emu.port, 0, self.user.port_gid)
+            os.chmod(self.emu.port, 0o660)
+        if self.realtime:
+            prioritize_threads(self.emu._proc.pid)  # BusProcess has no public pid; its process is the emulator
+        return self
+
+    @property
+    def url(self) -> str:
+        return (f"{self.scheme}://{self.emu.port}?ids={IDS[0]}-{IDS[-1]}&period_ms={self.period_ms}"
+                f"&latency_ms={self.latency_ms}")
+
+    def snaps(self) -> dict[int, dict]:
+        return {i: self.emu.snapshot(i) for i in IDS}
+
+    # -- the control case ------------------------------------------------------------------------------
+    def arm_and_move(self, min_speed: float = MOVING_TICKS_S, tries: int = 3) -> _Control:
+        """The operator's arm, then wait until a servo turns at `min_speed` with torque on in every servo and no
+        trip: the control case. A run that trips by itself first (a loaded box) is re-armed, at most `tries`."""
+        return self._arm_until(lambda t_arm, start: self._moving(min_speed, t_arm, start),
+                               f"a servo turning at {min_speed:g} ticks/s, torque on in every servo", tries)
+
+    def _moving(self, min_speed: float, t_arm: float, start: dict[int, dict]) -> _Control | None:
+        """The control case if it holds now; raises _SpontaneousTrip if the run tripped since the arm."""
+        snaps, now = self.snaps(), time.monotonic()
+        status = self._raise_if_tripped_since(t_arm)
         fastest = max(IDS, key=lambda i: abs(snaps[i]["velocity"]))
         if (not all(s["torque"] for s in snaps.values()) or abs(snaps[fastest]["velocity"]) < min_speed
                 or status.get("phase") not in ("homing", "running")):
@@ -477,38 +548,6 @@ class MotorCampaign:
         if holding and len(holding) == len(on):
             return "holding, torque on (Bus Watchdog expired: a stop with power kept)"
         return f"torque ON in ids {on}"
-
-    def _host_outcome(self, since: float, expect_exit: bool = True) -> str:
-        """The run's exit status, its control-loop error and the trips it recorded after `since`; for a run that
-        stays up (it keeps serving its operator socket after a lost bus), its phase and trip."""
-        run = self.run
-        if run is None:
-            return ""
-        if expect_exit:
-            run.wait_exit(10.0)
-        else:
-            with contextlib.suppress(TimeoutError):  # reported below as it is
-                wait_until(lambda: run.exited() or (self._trip_since(since) and run.status().get("phase") == "stopped"),
-                           5.0, "the host to trip and finish its stop, or exit")
-        if not run.exited():
-            status = run.status()
-            trip = status.get("trip") or {}
-            return (f"still running: phase {status.get('phase')}, armed {status.get('armed')}"
-                    + (f", trip {trip['kind']} (cat {trip['category']})" if trip.get("t", 0) >= since - 1e-3 else
-                       ", no trip"))
-        summary = run.summary() or {}
-        trips = [t for t in summary.get("trips", []) if t["t"] >= since - 1e-3]
-        what = f"exit {run.returncode}"
-        if summary.get("error"):
-            what += f", control loop error: {summary['error']}"
-        if trips:
-            what += ", trips: " + ", ".join(f"{t['kind']} (cat {t['category']})" for t in trips)
-        if run.returncode == 3 and not [t for t in trips if t["kind"] != "operator_stop"]:
-            what += "; status 3 from this run's earlier rows' trips"
-        if run.returncode not in (0, 3, -signal.SIGKILL):  # why it failed: its last error line
-            errors = [line for line in run.stderr().splitlines() if " ERROR " in line or line.startswith("edge-vla")]
-            what += f"; last error: {errors[-1][-300:]}" if errors else ""
-        return what
 
     # -- the faults ------------------------------------------------------------------------------------
     def device_error(self) -> MotorFaultRow:
@@ -762,6 +801,17 @@ class MotorCampaign:
         return self.rows
 
 
+def motor_campaign(scheme: str, user: ServiceUser | None = None, **kw: Any) -> _HostedCampaign:
+    """The campaign for one motor backend: a servo bus on a pty, or a CAN backend on python-can's bus."""
+    if scheme not in ALL_SCHEMES:
+        raise ValueError(f"unknown motor backend {scheme!r}; use one of {', '.join(ALL_SCHEMES)}")
+    if scheme in CAN_SCHEMES:
+        from edge_vla.onboard.can_campaign import CanCampaign  # it imports this module's shared pieces
+
+        return CanCampaign(scheme, user or ServiceUser(), **kw)
+    return MotorCampaign(scheme, user or ServiceUser(), **kw)
+
+
 class _SpontaneousTrip(Exception):
     def __init__(self, trip: dict) -> None:
         super().__init__(str(trip))
@@ -777,7 +827,7 @@ def format_motor_table(rows_by_fault: dict[tuple[str, str], list[MotorFaultRow]]
         return "-" if not v else f"{np.percentile(v, 99):.1f} / {max(v):.1f}"
 
     lines = ["| backend | fault | detected by | cat | detection->stop at the device ms p99/max (bound) | "
-             "stop->torque off (or hold) in every servo ms p99/max (bound) | servos afterwards | moved without arm | "
+             "stop->torque off (or hold) in every device ms p99/max (bound) | devices afterwards | moved without arm | "
              "verdict |", "|---|---|---|---|---|---|---|---|---|"]
     for (backend, fault), rows in rows_by_fault.items():
         r0 = rows[0]

@@ -170,7 +170,7 @@ def link_kind(link: str) -> str:
         try:  # the URL's shape and ids; the backend's own checks need its SDK, which a workstation may not have
             parsed = parse_url(link)
             if "ids" in parsed.params:
-                parse_ids(parsed.params["ids"])
+                parse_ids(parsed.params["ids"], scheme=parsed.scheme)
         except ValueError as exc:
             raise ConfigError(f"link {link!r}: {exc}") from None
         return scheme

@@ -278,7 +278,7 @@ class Cia402Device(MotorDevice):
         except ValueError:
             raise MotorUrlError(f"counts_per_turn={counts!r} is not a number") from None
         udp_port = parse_int(params, "udp_port", 0) or None
-        return cls(interface.lower(), channel, parse_ids(params["node"], "node"),
+        return cls(interface.lower(), channel, parse_ids(params["node"], "node", scheme="cia402"),
                    bitrate=parse_int(params, "bitrate", 1_000_000), udp_port=udp_port,
                    host_node=parse_int(params, "host_node", HOST_NODE), period_s=period_ms / 1000.0,
                    counts_per_turn=counts_per_turn, host_limits=parse_int(params, "host_limits", 0, (0, 1)) == 1,

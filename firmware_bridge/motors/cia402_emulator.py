@@ -32,7 +32,10 @@ backend: the backend (`cia402.py`) and this emulator check each other. The SDO s
 - EMCY (0x80 + node: code, error register, 5 bytes) on every error, 0x0000 on a fault reset; an injected fault
   (`inject_fault`) latches in Fault until a fault reset (with `persistent=True` the cause stays and resets fail);
 - hostile input: extended-id, FD, remote and error frames are dropped; an SDO request that is not 8 bytes is
-  ignored (`sdo_malformed` event); a heartbeat that is not one byte is none.
+  ignored (`sdo_malformed` event); a heartbeat that is not one byte is none;
+- fault-campaign injections: `block_joint` (the joint cannot move: a collision; no following-error fault is
+  modelled) and `cut_bus` (the bus between host and drives is gone: nothing is heard or sent, every drive's
+  timers, its heartbeat consumer among them, run on).
 
 Emulator assumptions the sources leave open: a PDO mapping write while the PDO is valid is refused with abort
 0x08000022; the disable operation / shutdown option codes (0x605C/0x605B) act as 0 (drive function off at once);
@@ -293,6 +296,7 @@ class EmulatedDrive:
         self.pp_ack = False
         self.limited = False
         self.fault_cause: int | None = None  # a persistent injected fault: resets fail while it is there
+        self.blocked = False  # the joint cannot move (fault injection: a collision)
         self.consumer = "unconfigured"
         self.last_heartbeat = 0.0
         self.heartbeats = self.rpdos = self.syncs = 0
@@ -659,7 +663,14 @@ class EmulatedDrive:
         if not self.torque:
             self.accel = 0.0
             self.velocity *= math.exp(-dt / 0.05)  # power stage off: the joint coasts to rest
-            self.position += self.velocity * dt
+            self.position += 0.0 if self.blocked else self.velocity * dt
+            return
+        if self.blocked:  # held where it is; under power the drive pushes with its full current toward the goal
+            goal = self._goal() if self.state == OE else None
+            self.velocity = 0.0
+            self.accel = 0.0 if goal is None else math.copysign(self.cfg.max_accel, goal - self.position)
+            if self.state != OE:
+                self._ramp_down(dt)  # at rest already: a quick stop or fault reaction completes
             return
         if self.state == OE:
             self._follow(dt)
@@ -733,6 +744,8 @@ class DriveBus:
         self._thread: threading.Thread | None = None
         self._running = False
         self.frames_seen = 0
+        self.cut = False  # the bus is cut between host and drives (cut_bus): frames are lost both ways
+        self.frames_cut = 0
 
     @property
     def port(self) -> str:
@@ -793,6 +806,9 @@ class DriveBus:
     def dispatch(self, can_id: int, data: bytes) -> None:
         now = time.monotonic()
         with self._cond:
+            if self.cut:  # reached this end of a cut bus: no drive hears it (no heartbeat feeds a consumer)
+                self.frames_cut += 1
+                return
             self.frames_seen += 1
             for drive in self.drives.values():
                 if can_id == 0:
@@ -807,6 +823,8 @@ class DriveBus:
                     drive.on_rpdo(can_id, data)
 
     def send(self, can_id: int, data: bytes) -> None:
+        if self.cut:
+            return
         if self.network is not None:
             with contextlib.suppress(can.CanError, OSError, RuntimeError):  # a full socket buffer: a lost frame
                 self.network.send_message(can_id, data)
@@ -842,6 +860,27 @@ class DriveBus:
     def clear_cause(self, node: int) -> None:
         with self._cond:
             self.drives[node].fault_cause = None
+
+    def block_joint(self, node: int, blocked: bool = True) -> None:
+        """The joint cannot move (a collision): it stays where it is; under power the drive pushes at full
+        current."""
+        with self._cond:
+            drive = self.drives[node]
+            drive.blocked = blocked
+            if blocked:
+                drive.velocity = 0.0
+            self.event(node, "block_joint", blocked=blocked)
+
+    def cut_bus(self, cut: bool = True) -> None:
+        """The bus between host and drives is cut (a severed cable, the host's CAN interface down): no drive hears
+        a frame and nothing a drive sends arrives, while every drive's own timers run on."""
+        with self._cond:
+            self.cut = cut
+            self.event(0, "bus_cut", cut=cut)
+
+    def counters(self) -> dict[str, int]:
+        with self._cond:
+            return {"frames": self.frames_seen, "cut": self.frames_cut}
 
     def set_object(self, node: int, index: int, sub: int, value: int, read_only: bool = False) -> None:
         """Set an object from outside the bus (the drive as commissioned); read_only: SDO writes are refused."""
@@ -911,6 +950,12 @@ class EmulatorProcess(common.BusProcess):
 
     def clear_cause(self, node: int) -> None:
         self._call("clear_cause", node)
+
+    def cut_bus(self, cut: bool = True) -> None:
+        self._call("cut_bus", cut)
+
+    def counters(self) -> dict[str, int]:
+        return self._call("counters")  # type: ignore[return-value]
 
     def set_object(self, node: int, index: int, sub: int, value: int, read_only: bool = False) -> None:
         self._call("set_object", node, index, sub, value, read_only)

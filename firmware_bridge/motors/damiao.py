@@ -389,8 +389,8 @@ class DamiaoDevice(MotorDevice):
         interface, channel, bus_kw = _split_port(port)
         if "ids" not in params:
             raise MotorUrlError("damiao:// needs ids=...: the motors' CAN ids (ESC_ID) in joint order, e.g. ids=1-7")
-        ids = parse_ids(params["ids"])
-        masters = parse_ids(params["master_ids"], "master_ids") if "master_ids" in params else None
+        ids = parse_ids(params["ids"], scheme="damiao")
+        masters = parse_ids(params["master_ids"], "master_ids", scheme="damiao") if "master_ids" in params else None
         period_s = kw.pop("period_s", DEFAULT_PERIOD_S)  # the run's period, unless the URL names one
         try:
             period_ms = float(params.get("period_ms", period_s * 1000))

@@ -12,7 +12,10 @@ What it does, and where it had to choose:
 - TIMEOUT (RID 9), as table T1 says: units of 50 us, 0 = off; and T2's choice on expiry: status LOST_COMM (0xD) and
   the motor disables itself (`on_timeout="damping"` models I2RT's README instead: kp 0, kd `damping_kd`);
 - faults: status 8..E (F7) from `inject_fault`, or over-temperature when `set_temperature` passes OT_Value (RID 2);
-- a first-order joint plant per motor (inertia, viscous friction, torque clamped to +-TMAX).
+- a first-order joint plant per motor (inertia, viscous friction, torque clamped to +-TMAX);
+- fault-campaign injections: `block_joint` (the joint cannot move: a collision; the motor's torque saturates at
+  +-TMAX, no overload status is modelled: the sources say nothing of when a DM-J reports 0xE) and `cut_bus` (the
+  bus between host and motors is gone: nothing is heard or sent, the TIMEOUTs run on).
 
 Emulator assumptions the sources do not state: TIMEOUT is measured from the last frame on the motor's own ESC_ID
 (register and refresh frames on 0x7FF do not feed it) and runs only while the motor is enabled; an error status
@@ -115,6 +118,7 @@ class Motor:
     offline: bool = False
     mit_frames: int = 0
     damping_kd: float = 1.0  # T2's damping alternative
+    blocked: bool = False  # the joint cannot move (fault injection: a collision)
     recent: deque = field(default_factory=lambda: deque(maxlen=64))
 
     def __post_init__(self) -> None:
@@ -159,6 +163,9 @@ class Motor:
         else:
             p_des = v_des = kp = kd = t_ff = 0.0
         drive = kp * (p_des - self.position) + kd * v_des + t_ff
+        if self.blocked:  # held where it is: the motor pushes against the block with its command, up to TMAX
+            self.velocity, self.torque = 0.0, max(-tmax, min(tmax, drive))
+            return
         v = (j * self.velocity + dt * drive) / (j + dt * (kd + b))
         torque = drive - kd * v
         if abs(torque) > tmax:
@@ -186,7 +193,8 @@ class DamiaoBusEmulator:
         self.interface, self.channel = interface, channel or unique_udp_channel()
         self.on_timeout, self.timeout_unit_s, self.tick_s = on_timeout, timeout_unit_s, tick_s
         self.events: list[common.Event] = []
-        self.frame_counts = {"frames": 0, "mit": 0, "malformed": 0, "ignored": 0, "rx_errors": 0}
+        self.frame_counts = {"frames": 0, "mit": 0, "malformed": 0, "ignored": 0, "rx_errors": 0, "cut": 0}
+        self.cut = False  # the bus is cut between host and motors (cut_bus): frames are lost both ways
         self._cond = threading.Condition()
         self._bus: can.BusABC | None = None
         self._thread: threading.Thread | None = None
@@ -262,12 +270,17 @@ class DamiaoBusEmulator:
             return None
 
     def _send(self, arbitration_id: int, data: bytes) -> None:
+        if self.cut:
+            return
         if self._bus is not None:
             with contextlib.suppress(can.CanError, OSError):
                 self._bus.send(can.Message(arbitration_id=arbitration_id, data=data, is_extended_id=False))
 
     def _handle(self, msg: can.Message) -> None:
         with self._cond:
+            if self.cut:  # reached this end of a cut bus: no motor hears it (the TIMEOUTs are not fed)
+                self.frame_counts["cut"] += 1
+                return
             self.frame_counts["frames"] += 1
             self._dispatch(msg, time.monotonic())
             self._cond.notify_all()
@@ -436,6 +449,22 @@ class DamiaoBusEmulator:
             m.fault(status)
             self._event(time.monotonic(), m, "fault", status=status, injected=True)
 
+    def block_joint(self, esc_id: int, blocked: bool = True) -> None:
+        """The joint cannot move (a collision): it stays where it is, its torque saturates at +-TMAX."""
+        with self._cond:
+            m = self.motors[esc_id]
+            m.blocked = blocked
+            if blocked:
+                m.velocity = 0.0
+            self._event(time.monotonic(), m, "block_joint", blocked=blocked)
+
+    def cut_bus(self, cut: bool = True) -> None:
+        """The bus between host and motors is cut (a severed cable, the host's CAN interface down): no motor hears
+        a frame and nothing a motor sends arrives, while every motor's own timers (TIMEOUT) run on."""
+        with self._cond:
+            self.cut = cut
+            self.events.append(common.Event(time.monotonic(), 0, "bus_cut", {"cut": cut}))
+
     def silence(self, esc_id: int, silent: bool = True) -> None:
         """The motor neither hears nor answers (its CAN cable or transceiver lost)."""
         with self._cond:
@@ -489,6 +518,9 @@ class EmulatorProcess(common.BusProcess):
 
     def silence(self, esc_id: int, silent: bool = True) -> None:
         self._call("silence", esc_id, silent)
+
+    def cut_bus(self, cut: bool = True) -> None:
+        self._call("cut_bus", cut)
 
     def set_position(self, esc_id: int, position: float) -> None:
         self._call("set_position", esc_id, position)

@@ -42,7 +42,25 @@ BACKENDS: dict[str, tuple[str, str]] = {
     ),
 }
 
-MAX_IDS = 253  # Protocol 2.0 ids 0..252
+MAX_IDS = 253  # Protocol 2.0 ids 0..252: the servo-bus default of parse_ids
+
+
+@dataclass(frozen=True)
+class IdSpace:
+    """The ids a scheme's devices can have: the query key that lists them and the inclusive range, with why."""
+
+    key: str
+    lo: int
+    hi: int
+    why: str
+
+
+ID_SPACES: dict[str, IdSpace] = {
+    "dynamixel": IdSpace("ids", 0, MAX_IDS - 1, "servo-bus ids"),  # Protocol 2.0: 253 reserved, 254 broadcast
+    "feetech": IdSpace("ids", 0, MAX_IDS - 1, "servo-bus ids"),  # the same URL range (STS itself allows 253)
+    "damiao": IdSpace("ids", 0, 0x7FE, "11-bit standard CAN ids; 0x7FF carries the register frames"),
+    "cia402": IdSpace("node", 1, 127, "CANopen node ids; 0 addresses every node in NMT"),
+}
 
 
 @dataclass(frozen=True)
@@ -86,8 +104,10 @@ def parse_url(url: str) -> MotorUrl:
     return MotorUrl(scheme, port, params)
 
 
-def parse_ids(text: str, what: str = "ids") -> tuple[int, ...]:
-    """'1-6' or '1,2,5' or '1-3,7' -> (1, 2, ...): distinct, in the order given, each 0..252."""
+def parse_ids(text: str, what: str = "ids", scheme: str | None = None) -> tuple[int, ...]:
+    """'1-6' or '1,2,5' or '1-3,7' -> (1, 2, ...): distinct, in the order given, each inside the scheme's id range
+    (`ID_SPACES`; without a scheme the servo buses' 0..252)."""
+    space = ID_SPACES[scheme or "dynamixel"]
     ids: list[int] = []
     for part in text.split(","):
         part = part.strip()
@@ -96,10 +116,11 @@ def parse_ids(text: str, what: str = "ids") -> tuple[int, ...]:
             lo = int(lo_s)
             hi = int(hi_s) if sep else lo
         except ValueError:
-            raise MotorUrlError(f"{what}={text!r}: {part!r} is not an id or a range like 1-6; write e.g. {what}=1-6 "
-                                f"or {what}=1,2,5") from None
-        if not (0 <= lo <= hi <= MAX_IDS - 1):
-            raise MotorUrlError(f"{what}={text!r}: {part!r} is outside 0..{MAX_IDS - 1} or runs backwards")
+            raise MotorUrlError(f"{what}={text!r}: {part!r} is not an id or a range like 1-6 (ids {space.lo}.."
+                                f"{space.hi}); write e.g. {what}=1-6 or {what}=1,2,5") from None
+        if not (space.lo <= lo <= hi <= space.hi):
+            raise MotorUrlError(f"{what}={text!r}: {part!r} is outside {space.lo}..{space.hi} ({space.why}) or runs "
+                                "backwards")
         ids.extend(range(lo, hi + 1))
     if len(set(ids)) != len(ids):
         raise MotorUrlError(f"{what}={text!r} lists an id twice; each servo appears once")

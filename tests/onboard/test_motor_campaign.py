@@ -1,12 +1,14 @@
-"""The fault campaign per motor backend, CI subset (edge_vla.onboard.motor_campaign): host kill -9, cable unplug
-and a servo hardware error, for Dynamixel and Feetech, each against a real `edge-vla run` process running as
-the service user (uid 65534) and the backend's emulator on a real pty.
+"""The fault campaign per motor backend, CI subset (edge_vla.onboard.motor_campaign), each against a real
+`edge-vla run` process running as the service user (uid 65534) and the backend's emulator in its own process:
+- Dynamixel and Feetech (a real pty): host kill -9, cable unplug and a servo hardware error;
+- Damiao and CiA 402 (python-can's udp_multicast bus between the processes): host kill -9, the CAN bus down and a
+  device fault (a Damiao error status in its replies; a CiA 402 statusword fault with its EMCY).
 
-One campaign per backend (~6 s) is shared by its assertions. Bounds are the campaign's (see the module), with
-margins for this shared 2-core box. Every row carries its control case: the servos armed by the operator and
-moving before the fault (and, for the Bus Watchdog, armed and not expired), so a probe that saw nothing happen
-cannot pass. The full rows (stalled inference, SIGTERM, a blocked joint, a servo reboot, a restart) run in
-`benchmarks/bench_faults.py --backend dynamixel,feetech`.
+One campaign per backend (~6-10 s) is shared by its assertions. Bounds are the campaign's (see the module), with
+margins for this shared 2-core box. Every row carries its control case: the devices armed by the operator and
+moving before the fault (and, for a device watchdog, armed and not expired), so a probe that saw nothing happen
+cannot pass. The full rows (stalled inference, SIGTERM, a blocked joint, a servo reboot, a restart, frames from a
+foreign node id) run in `benchmarks/bench_faults.py --backend dynamixel,feetech,damiao,cia402`.
 """
 
 from __future__ import annotations
@@ -14,10 +16,28 @@ from __future__ import annotations
 import pytest
 from onboard_helpers import SERVICE_GID, robot_users, service_run_dir
 
-from edge_vla.onboard.motor_campaign import IDS, SCHEMES, MotorCampaign, MotorFaultRow, ServiceUser
+from edge_vla.onboard.can_campaign import CanCampaign
+from edge_vla.onboard.motor_campaign import (
+    CAN_SCHEMES,
+    IDS,
+    SCHEMES,
+    MotorCampaign,
+    MotorFaultRow,
+    ServiceUser,
+)
 
-pytest.importorskip("dynamixel_sdk", reason="dynamixel-sdk is not installed (pip install 'edge-vla[dynamixel]')")
-pytest.importorskip("scservo_sdk", reason="feetech-servo-sdk is not installed (pip install 'edge-vla[feetech]')")
+EXTRAS = {"dynamixel": ("dynamixel_sdk", "dynamixel-sdk", "dynamixel"),
+          "feetech": ("scservo_sdk", "feetech-servo-sdk", "feetech"), "cia402": ("canopen", "canopen", "cia402")}
+
+
+def _service_user(scheme: str) -> ServiceUser:
+    """The robot's service user for the run; skips where the backend's extra is not installed."""
+    if scheme in EXTRAS:
+        module, package, extra = EXTRAS[scheme]
+        pytest.importorskip(module, reason=f"{package} is not installed (pip install 'edge-vla[{extra}]')")
+    users = robot_users()
+    return ServiceUser(users.service, users.python, users.environ(), SERVICE_GID if users.service else None,
+                       service_run_dir)
 
 STOP_MARGIN_MS = 30.0  # detection -> stop: the control process shares 2 loaded cores (no SCHED_FIFO, see module)
 HOLD_MARGIN_MS = 15.0  # Bus Watchdog lateness: the emulator's 1 ms tick, late under load without SCHED_FIFO
@@ -29,10 +49,7 @@ KILL, UNPLUG, ERROR = "host kill -9 mid-motion", "cable unplug (host tty hung up
 
 @pytest.fixture(scope="module", params=SCHEMES)
 def rows(request: pytest.FixtureRequest) -> dict[str, MotorFaultRow]:
-    users = robot_users()
-    user = ServiceUser(users.service, users.python, users.environ(), SERVICE_GID if users.service else None,
-                       service_run_dir)
-    with MotorCampaign(request.param, user) as campaign:
+    with MotorCampaign(request.param, _service_user(request.param)) as campaign:
         return {r.fault: r for r in campaign.run_ci()}
 
 
@@ -94,3 +111,71 @@ def test_unplug_the_host_trips_on_the_lost_bus_instead_of_crashing(rows) -> None
     assert r.host.startswith("still running: phase stopped") and r.host.endswith("trip link_stale (cat 0)"), \
         r.as_dict()
     assert r.host_ok, r.as_dict()
+
+
+# -- the CAN backends ---------------------------------------------------------------------------------------------
+CAN_KILL, BUS_DOWN = "host kill -9 mid-motion", "CAN bus down (host and devices cut apart)"
+DEVICE_FAULT = {"damiao": "device fault (MOS over-temperature, status 0xB in its replies)",
+                "cia402": "device fault (statusword Fault and EMCY 0x4310 (excess temperature))"}
+DEVICES = {"damiao": "motors", "cia402": "drives"}
+TORQUE_OFF = {"damiao": "disabled in every motor", "cia402": "torque off in every drive"}
+WATCHDOG = {"damiao": "device: TIMEOUT (register 9)", "cia402": "device: heartbeat consumer (0x1016)"}
+
+
+@pytest.fixture(scope="module", params=CAN_SCHEMES)
+def can_rows(request: pytest.FixtureRequest) -> dict[str, MotorFaultRow]:
+    with CanCampaign(request.param, _service_user(request.param)) as campaign:
+        return {r.fault: r for r in campaign.run_ci()}
+
+
+def test_every_can_ci_row_ran_from_a_moving_armed_control_case(can_rows) -> None:
+    scheme = _backend(can_rows)
+    assert set(can_rows) == {CAN_KILL, BUS_DOWN, DEVICE_FAULT[scheme]}
+    for row in can_rows.values():
+        assert row.control.startswith(f"armed by the operator, torque on in {len(IDS)} {DEVICES[scheme]}"), \
+            row.as_dict()
+        assert "no trip" in row.control, row.as_dict()
+
+
+def test_nothing_on_the_can_bus_moved_without_an_operator_arm(can_rows) -> None:
+    assert [r.fault for r in can_rows.values() if r.moved_without_arm] == []
+
+
+def test_a_device_fault_stops_every_can_device_category_0_in_bound(can_rows) -> None:
+    """Damiao: the status nibble of the faulted motor's replies; CiA 402: the faulted drive's statusword and its
+    EMCY. The host stops every device (category 0): the fault is timed from its injection."""
+    scheme = _backend(can_rows)
+    r = can_rows[DEVICE_FAULT[scheme]]
+    assert r.detected_by == "device report -> host: firmware_fault" and r.category == 0, r.as_dict()
+    assert r.after.startswith(TORQUE_OFF[scheme]), r.as_dict()
+    assert r.fault_to_stop_ms is not None and r.fault_to_stop_ms <= r.bound_stop_ms + STOP_MARGIN_MS, r.as_dict()
+    assert r.stop_to_off_ms is not None and r.stop_to_off_ms <= r.bound_off_ms + ALL_MARGIN_MS, r.as_dict()
+
+
+@pytest.mark.parametrize("fault", [CAN_KILL, BUS_DOWN])
+def test_host_gone_each_can_devices_own_watchdog_stops_it_on_time(can_rows, fault: str) -> None:
+    """Nothing from the host reaches the devices: each device's own watchdog (Damiao TIMEOUT, CiA 402 heartbeat
+    consumer), armed at two 50 ms periods, expires no earlier than 100 ms after the last frame that fed it and at
+    most an emulator tick (plus load) later, and the device ends torque off (Damiao: disabled at once; CiA 402:
+    quick stop, then Switch On Disabled). The control case saw the watchdog armed and not expired."""
+    scheme = _backend(can_rows)
+    r = can_rows[fault]
+    assert r.detected_by.startswith(WATCHDOG[scheme]) and r.verdict != "residual risk (documented)", r.as_dict()
+    assert "not expired" in r.control and "NOT as armed" not in r.control, r.as_dict()
+    assert r.after.startswith(TORQUE_OFF[scheme]), r.as_dict()
+    assert r.fault_to_stop_ms is not None and 0.0 <= r.fault_to_stop_ms <= r.bound_stop_ms + HOLD_MARGIN_MS, \
+        r.as_dict()
+    assert r.stop_to_off_ms is not None and r.stop_to_off_ms <= r.bound_off_ms + HOLD_MARGIN_MS, r.as_dict()
+
+
+def test_can_kill_9_leaves_no_host_behind(can_rows) -> None:
+    assert can_rows[CAN_KILL].host == "exit -9", can_rows[CAN_KILL].as_dict()
+
+
+def test_can_bus_down_the_host_stays_up_and_reports_a_category_0_trip(can_rows) -> None:
+    """With the bus still down the host must have tripped (category 0: it cannot command a ramp it cannot reach)
+    and finished its stop, serving its operator socket; it cannot read the devices' torque off back, so it still
+    reports itself armed (an unconfirmed disarm)."""
+    r = can_rows[BUS_DOWN]
+    assert r.host.startswith("still running: phase stopped") and r.host.endswith("(cat 0)"), r.as_dict()
+    assert r.host_ok and r.fault_to_detect_ms is not None and "; host: " in r.detected_by, r.as_dict()

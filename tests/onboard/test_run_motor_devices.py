@@ -223,8 +223,16 @@ def test_a_servo_hardware_error_trips_the_loop_category_0_with_torque_off(emulat
             proc.communicate()
 
 
-@pytest.mark.parametrize("scheme", [*SCHEMES, "damiao"])
+# What each backend logs once its stop read back torque off from every device (the disable read back).
+DISABLED_READ_BACK = {"damiao": "every motor disabled (read back)", "cia402": "drives disabled, read back"}
+
+
+@pytest.mark.parametrize("scheme", [*SCHEMES, "damiao", "cia402"])
 def test_emulate_starts_the_scheme_emulator_inside_the_bundle_limits_so_it_arms(scheme: str) -> None:
+    """`--emulate` starts the scheme's emulator with one device per joint and its own position limits (servo
+    limits, CiA 402 0x607D) just inside the bundle's, so the operator's arm passes the backend's limit check."""
+    if scheme == "cia402":
+        pytest.importorskip("canopen", reason="canopen is not installed (pip install 'edge-vla[cia402]')")
     sock = service_run_dir(f"edge-vla-{scheme}-emu-") / "control.sock"
     proc = _start(f"{scheme}://emulated?period_ms=100", sock, "--emulate")
     try:
@@ -234,9 +242,49 @@ def test_emulate_starts_the_scheme_emulator_inside_the_bundle_limits_so_it_arms(
         assert reply.get("ok") and reply["status"]["firmware"]["mode"] == "ARMED", reply
         code, err = _finish(proc, signal.SIGTERM)
         assert code == 0, err[-3000:]
-        assert ("every motor disabled (read back)" if scheme == "damiao" else "torque off read back from every servo") in err, \
-            err[-3000:]
+        assert DISABLED_READ_BACK.get(scheme, "torque off read back from every servo") in err, err[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
+
+
+@pytest.mark.parametrize(("url", "joints", "params", "want"), [
+    ("cia402://emulated?period_ms=100", 2, {"udp_port": "4242"},
+     "cia402://udp_multicast/239.1.2.3?period_ms=100&node=1-2&udp_port=4242"),
+    ("cia402://emulated?node=3,4&udp_port=1", 2, {"udp_port": "4242"},  # the emulator's port wins
+     "cia402://udp_multicast/239.1.2.3?node=3,4&udp_port=4242"),
+    ("damiao://emulated?period_ms=100", 2, {}, "damiao://udp_multicast/239.1.2.3?period_ms=100&ids=1-2"),
+    ("feetech://emulated?ids=1,3", 2, {}, "feetech://udp_multicast/239.1.2.3?ids=1,3"),
+])
+def test_emulated_motor_url_names_the_schemes_devices_and_the_emulators_bus(url: str, joints: int,
+                                                                            params: dict[str, str], want: str) -> None:
+    from edge_vla.onboard.cli import emulated_motor_url
+
+    assert emulated_motor_url(url, "udp_multicast/239.1.2.3", joints, params) == want
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("cia402://emulated?node=1", "names 1 device ids but the bundle's action space has 2 joints (1); give one id per "
+                                 "joint, e.g. node=1-2"),
+    ("cia402://emulated?node=127-128", "node='127-128': '127-128' is outside 1..127"),
+])
+def test_emulate_refuses_a_cia402_url_that_names_the_wrong_drives_in_one_line(url: str, says: str) -> None:
+    from edge_vla.errors import ConfigError
+    from edge_vla.onboard.cli import _motor_ids
+
+    with pytest.raises((ConfigError, ValueError)) as err:
+        _motor_ids(url, 2)
+    assert says in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_emulate_accepts_a_cia402_url_whose_udp_port_the_emulator_replaces() -> None:
+    """With --emulate the emulator's bus replaces the URL's port and udp_port=, so the check before the model loads
+    must not refuse them; control: without --emulate, udp_port= on a SocketCAN port is refused in one line."""
+    pytest.importorskip("canopen", reason="canopen is not installed (pip install 'edge-vla[cia402]')")
+    from edge_vla.errors import ConfigError
+    from edge_vla.onboard.cli import check_link
+
+    check_link("cia402://emulated?node=1-2&udp_port=5", emulate=True)
+    with pytest.raises(ConfigError, match="udp_port= applies only to the udp_multicast interface"):
+        check_link("cia402://socketcan/can0?node=1-2&udp_port=5")

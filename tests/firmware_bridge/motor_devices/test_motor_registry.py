@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from firmware_bridge.motors import MissingDependencyError, MotorUrlError, open_device, parse_url, schemes
 from firmware_bridge.motors.dynamixel import DynamixelDevice
@@ -102,3 +104,73 @@ def test_close_is_idempotent_and_a_skipped_close_warns(caplog: pytest.LogCapture
             dropped.__del__()  # what the garbage collector does to a device nobody closed
         assert "was not closed" in caplog.text
         assert dropped.closed
+
+
+# -- device ids per scheme (issue 25): servo-bus ids, 11-bit CAN ids (Damiao), CANopen node ids (CiA 402) ---------
+ID_RANGES = {"dynamixel": (0, 252), "feetech": (0, 252), "damiao": (0, 0x7FE), "cia402": (1, 127)}
+ID_KEYS = {"cia402": "node"}
+
+
+@pytest.mark.parametrize(("scheme", "lo", "hi"), [(s, lo, hi) for s, (lo, hi) in ID_RANGES.items()])
+def test_each_scheme_takes_its_own_id_range(scheme: str, lo: int, hi: int) -> None:
+    key = ID_KEYS.get(scheme, "ids")
+    assert parse_ids(f"{lo},{hi}", key, scheme=scheme) == (lo, hi)
+    for outside in (lo - 1, hi + 1):
+        with pytest.raises(MotorUrlError) as err:
+            parse_ids(f"{lo}-{outside}" if outside > lo else str(outside), key, scheme=scheme)
+        message = str(err.value)
+        assert "\n" not in message and f"{key}=" in message and f"{lo}..{hi}" in message, message
+
+
+@given(scheme=st.sampled_from(sorted(ID_RANGES)), ident=st.integers(min_value=-5, max_value=5000))
+def test_an_id_parses_exactly_when_it_is_inside_its_schemes_range(scheme: str, ident: int) -> None:
+    lo, hi = ID_RANGES[scheme]
+    key = ID_KEYS.get(scheme, "ids")
+    if lo <= ident <= hi:
+        assert parse_ids(str(ident), key, scheme=scheme) == (ident,)
+    else:
+        with pytest.raises(MotorUrlError, match=rf"{lo}\.\.{hi}"):
+            parse_ids(str(ident), key, scheme=scheme)
+
+
+@pytest.mark.parametrize(("url", "ids"), [
+    ("damiao://virtual/x?ids=300,301&master_ids=400,401", (300, 301)),  # 11-bit CAN ids above the servo buses' 252
+    ("damiao://virtual/x?ids=0x7FE", None),  # not a decimal id
+    ("cia402://virtual/x?node=126,127&host_node=1", (126, 127)),  # the host heartbeat moved off 127
+])
+def test_can_urls_take_can_ids_wider_than_a_servo_bus(url: str, ids: tuple[int, ...] | None) -> None:
+    if url.startswith("cia402"):
+        pytest.importorskip("canopen")
+    if ids is None:
+        with pytest.raises(MotorUrlError, match="is not an id or a range"):
+            open_device(url, open_now=False)
+        return
+    dev = open_device(url, open_now=False, joint_limits=[(-1.0, 1.0)] * len(ids))
+    assert getattr(dev, "ids", None) == ids or getattr(dev, "nodes", None) == ids
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("damiao://virtual/x?ids=2047", "ids='2047': '2047' is outside 0..2046"),
+    ("cia402://virtual/x?node=128", "node='128': '128' is outside 1..127"),
+    ("cia402://virtual/x?node=0-2", "node='0-2': '0-2' is outside 1..127"),
+    ("feetech:///dev/null?ids=253", "ids='253': '253' is outside 0..252"),
+    ("dynamixel:///dev/null?ids=253", "ids='253': '253' is outside 0..252"),
+])
+def test_an_id_outside_the_schemes_range_is_refused_naming_the_range(url: str, says: str) -> None:
+    if url.startswith("cia402"):
+        pytest.importorskip("canopen")
+    with pytest.raises(MotorUrlError) as err:
+        open_device(url, open_now=False)
+    assert says in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_the_robot_configurations_link_check_uses_the_schemes_id_range() -> None:
+    """Provisioning checks a robot configuration's motor link with the same per-scheme range (it refused Damiao
+    CAN ids above 252 as servo-bus ids)."""
+    from edge_vla.provision.robot_config import ConfigError, link_kind
+
+    assert link_kind("damiao://socketcan/can0?ids=300") == "damiao"
+    with pytest.raises(ConfigError, match=r"outside 0\.\.2046"):
+        link_kind("damiao://socketcan/can0?ids=2047")
+    with pytest.raises(ConfigError, match=r"outside 0\.\.252"):
+        link_kind("dynamixel:///dev/ttyUSB0?ids=300")
