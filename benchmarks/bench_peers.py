@@ -70,7 +70,7 @@ from bench_runtime import Series, eager_chunk, interleaved_rounds, observation  
 
 from edge_vla.export.data import observation_tensors  # noqa: E402
 from edge_vla.runtime.compare import Metrics  # noqa: E402
-from edge_vla.runtime.ort_backend import FUSE_ENV  # noqa: E402
+from edge_vla.runtime.ort_backend import CHUNK_ENV, FUSE_ENV  # noqa: E402
 from edge_vla.runtime.policy import Policy  # noqa: E402
 from edge_vla.runtime.roofline import GraphCost, bundle_costs  # noqa: E402
 from edge_vla.runtime.types import Observation  # noqa: E402
@@ -549,6 +549,13 @@ def test_peers(name: str, steps: int, threads: int, benchmark: Any, bench_models
     policies["fp32, ort fusion off"] = unfused
     got = unfused.infer(obs)
     add("edge-vla runtime fp32, load-time fusion off (EDGE_VLA_ORT_FUSE=none)", lambda: unfused.infer(obs), "fp32",
+        _rel_l2(fp32, got.actions))
+    # The one-onnxruntime-call Euler chunk (ort_fuse.compose_chunk), attributed the same way.
+    with _env(CHUNK_ENV, "off"):
+        stepped = Policy.load(bundles["fp32"], backend="onnxruntime", steps=steps, threads=threads, seed=SEED)
+    policies["fp32, one-call chunk off"] = stepped
+    got = stepped.infer(obs)
+    add("edge-vla runtime fp32, one-call chunk off (EDGE_VLA_ORT_CHUNK=off)", lambda: stepped.infer(obs), "fp32",
         _rel_l2(fp32, got.actions))
 
     # The OpenVINO backend behind the runtime's Backend interface, on the fp32 bundle.

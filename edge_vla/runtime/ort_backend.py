@@ -9,6 +9,16 @@ On the CPU provider the graphs are first rewritten in memory with onnxruntime-on
 (edge_vla.runtime.ort_fuse; default: FastGelu), never in the bundle: EDGE_VLA_ORT_FUSE (or the
 `fuse` argument) picks them ("gelu,attention", "none"); a rewrite that fails falls back to the plain
 graph with a warning.
+
+Also on the CPU provider, a whole Euler chunk runs as one onnxruntime call (the Backend's fused-chunk
+capability, which Policy uses for Euler chunks without an action prefix): prepare_fused_chunk composes the
+prefix graph and N copies of the step graph, each with its time row as a constant, into one graph
+(ort_fuse.compose_chunk) and binds it once. Same float32 operations as the Sampler, in the same order: FP32 and
+INT8 chunks equal the stepping path's to the bit (FP16 graphs to FP16 rounding: onnxruntime folds the constant
+time rows through their casts). What it saves is the 1 + N run calls and the Python between them (tiny, 1
+thread: ~8% of a chunk). EDGE_VLA_ORT_CHUNK (or the `chunk` argument) turns it off ("off").
+Graphs with external weights, or over CHUNK_MAX_BYTES, keep stepping: there the per-call overhead is noise
+and the chunk session would hold a second copy of the weights.
 """
 
 from __future__ import annotations
@@ -21,10 +31,11 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_vla.bundle import Bundle
-from edge_vla.errors import BundleError
+from edge_vla.errors import BundleError, EdgeVlaError
+from edge_vla.runtime import onnx_proto as pb
 from edge_vla.runtime.backend import Backend
 from edge_vla.runtime.contract import DTYPES, Contract
-from edge_vla.runtime.ort_fuse import KINDS, FuseReport, fuse_file
+from edge_vla.runtime.ort_fuse import CHUNK_NOISE, KINDS, ChunkReport, FuseReport, compose_chunk, fuse_file
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +73,45 @@ def fuse_kinds(fuse: tuple[str, ...] | str | None = None) -> tuple[str, ...]:
     return tuple(fuse)
 
 
+# A chunk in one call: on by default; "off" steps the ODE from the host (one call per graph run).
+CHUNK_ENV = "EDGE_VLA_ORT_CHUNK"
+_CHUNK_VALUES = {"auto": True, "on": True, "1": True, "off": False, "0": False, "none": False}
+# Above this many bytes of graph files (prefix + step) the chunk is not composed: the run-call overhead it saves
+# (~25 us per step) is noise against such graphs' GEMMs, and the chunk session would hold a second copy of
+# their weights. tiny: 4.5 MB.
+CHUNK_MAX_BYTES = 64 << 20
+
+
+def chunk_enabled(chunk: bool | str | None = None) -> bool:
+    """Whether to run Euler chunks as one call: `chunk` if given, else $EDGE_VLA_ORT_CHUNK, else on."""
+    if isinstance(chunk, bool):
+        return chunk
+    value = (chunk if chunk is not None else os.environ.get(CHUNK_ENV, "auto")).strip().lower()
+    if value not in _CHUNK_VALUES:
+        raise BundleError(f"{CHUNK_ENV} (or the chunk argument) is {value!r}; use 'auto' (one onnxruntime call per "
+                          "chunk) or 'off' (one call per graph run)")
+    return _CHUNK_VALUES[value]
+
+
 def make_session(path: Path, threads: int | None, providers: list[str],
                  fuse: tuple[str, ...] = ()) -> tuple[ort.InferenceSession, FuseReport | None]:
     """A session on `path`, on the CPU provider first rewritten with the `fuse` fusions (report: None if not)."""
+    model, report = load_graph(path, providers, fuse)
+    return _session(model if model is not None else str(path), threads, providers, path), report
+
+
+def load_graph(path: Path, providers: list[str], fuse: tuple[str, ...] = ()) -> tuple[bytes | None, FuseReport | None]:
+    """The fused model bytes of `path` and the fusion report, or (None, None) where the plain file runs."""
     if fuse and providers == ["CPUExecutionProvider"]:
         try:
             model, report = fuse_file(path, fuse)
             if model is not None:
                 log.debug("%s: fused %s (%d -> %d nodes)", path.name, report, report.nodes_before, report.nodes_after)
-                return _session(model, threads, providers, path), report
+                return model, report
         except Exception as exc:  # any failure of an optional rewrite: run the bundle's own graph
             log.warning("onnxruntime fusion of %s failed (%s: %s); running the plain graph (set %s=none to skip "
                         "the attempt)", path, type(exc).__name__, exc, FUSE_ENV)
-    return _session(str(path), threads, providers, path), None
+    return None, None
 
 
 def _session(model: str | bytes, threads: int | None, providers: list[str], path: Path) -> ort.InferenceSession:
@@ -93,6 +130,19 @@ def _session(model: str | bytes, threads: int | None, providers: list[str], path
         raise BundleError(f"onnxruntime could not load {path}: {exc}") from exc
 
 
+def _chunk_sources(*graphs: tuple[Path, bytes | None]) -> tuple[bytes, bytes] | None:
+    """The (prefix, step) model bytes to compose the one-call chunk from, or None where it is not built: graph files
+    over CHUNK_MAX_BYTES in all, or weights in external data files (large models)."""
+    if sum(path.stat().st_size for path, _ in graphs) > CHUNK_MAX_BYTES:
+        log.debug("one-call chunk not built: the graphs are over %d MiB", CHUNK_MAX_BYTES >> 20)
+        return None
+    out = [model if model is not None else path.read_bytes() for path, model in graphs]
+    if any(t.data_location == pb.EXTERNAL for data in out for t in pb.load_model(data).graph.initializer):
+        log.debug("one-call chunk not built: weights in external data")
+        return None
+    return out[0], out[1]
+
+
 class Buffers:
     """Every array the policy touches per chunk, allocated once, keyed by graph IO name."""
 
@@ -107,18 +157,31 @@ class Buffers:
 
 
 class OrtBackend(Backend):
-    """Runs the prefix graph once per chunk and the step graph once per ODE evaluation."""
+    """Runs the prefix graph once per chunk and the step graph once per ODE evaluation; on the CPU provider, an
+    Euler chunk without an action prefix as one call of the composed chunk graph."""
 
     name = "onnxruntime"
 
     def __init__(self, prefix_path: Path, step_path: Path, threads: int | None = None,
-                 providers: list[str] | None = None, fuse: tuple[str, ...] | str | None = None) -> None:
+                 providers: list[str] | None = None, fuse: tuple[str, ...] | str | None = None,
+                 chunk: bool | str | None = None, x_t: str = "x_t", velocity: str = "velocity",
+                 prefix_mask: str | None = None) -> None:
         self.providers = providers or choose_providers()
+        self.threads = threads
         kinds = fuse_kinds(fuse)
-        self.prefix_sess, prefix_report = make_session(prefix_path, threads, self.providers, kinds)
-        self.step_sess, step_report = make_session(step_path, threads, self.providers, kinds)
+        prefix_model, prefix_report = load_graph(prefix_path, self.providers, kinds)
+        step_model, step_report = load_graph(step_path, self.providers, kinds)
+        self.prefix_sess = _session(prefix_model or str(prefix_path), threads, self.providers, prefix_path)
+        self.step_sess = _session(step_model or str(step_path), threads, self.providers, step_path)
         # What the load-time rewrite did per graph (None: the plain graph runs).
         self.fused: dict[str, FuseReport | None] = {"prefix": prefix_report, "step": step_report}
+        self.x_name, self.v_name, self.mask_name = x_t, velocity, prefix_mask
+        # The graphs the chunk is composed from (as the sessions run them), kept where the chunk may be built.
+        self._chunk_sources: tuple[bytes, bytes] | None = None
+        if chunk_enabled(chunk) and self.providers == ["CPUExecutionProvider"]:
+            self._chunk_sources = _chunk_sources((Path(prefix_path), prefix_model), (Path(step_path), step_model))
+        self.chunk: ChunkReport | None = None  # set by prepare_fused_chunk
+        self.chunk_sess: ort.InferenceSession | None = None
         specs: dict[str, dict] = {}
         for sess in (self.prefix_sess, self.step_sess):
             for v in [*sess.get_inputs(), *sess.get_outputs()]:
@@ -134,6 +197,10 @@ class OrtBackend(Backend):
         self._prefix_binding = self._bind(self.prefix_sess)
         self._step_binding = self._bind(self.step_sess)
         self._time: tuple[np.ndarray, np.ndarray] | None = None  # (bound input, rows)
+        self._time_name: str | None = None
+        self._chunk_binding: ort.IOBinding | None = None
+        self._chunk_noise: np.ndarray | None = None
+        self._chunk_x: np.ndarray | None = None
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, contract: Contract, threads: int | None = None,
@@ -142,7 +209,9 @@ class OrtBackend(Backend):
         for p in paths:
             if not p.is_file():
                 raise BundleError(f"bundle {bundle.root} lacks graph file {p.relative_to(bundle.root)}")
-        return cls(*paths, threads=threads, providers=providers, fuse=fuse)
+        mask = contract.prefix_mask
+        return cls(*paths, threads=threads, providers=providers, fuse=fuse, x_t=contract.x_t.name,
+                   velocity=contract.velocity.name, prefix_mask=None if mask is None else mask.name)
 
     def _bind(self, sess: ort.InferenceSession) -> ort.IOBinding:
         binding = sess.io_binding()
@@ -164,6 +233,7 @@ class OrtBackend(Backend):
             raise BundleError(f"time rows {rows.dtype}{list(rows.shape)} do not fit input {name!r} "
                               f"{target.dtype}{list(target.shape)}")
         self._time = (target, np.ascontiguousarray(rows))
+        self._time_name = name
 
     def run_prefix(self) -> None:
         """Reads the observation buffers, writes the prefix outputs (the step graph's per-layer K/V)."""
@@ -179,7 +249,55 @@ class OrtBackend(Backend):
             np.copyto(target, rows[slot])
         self.step_sess.run_with_iobinding(self._step_binding)
 
+    # --- whole chunk: one onnxruntime call -----------------------------------------------------------------
+    def supports_fused_chunk(self) -> bool:
+        """CPU provider, the chunk not turned off, graphs small enough, and float32 x_t and velocity (the state's
+        dtype: the Euler update runs on them directly)."""
+        if self._chunk_sources is None or self.x_name not in self.buf or self.v_name not in self.buf:
+            return False
+        return self.buf[self.x_name].dtype == np.float32 and self.buf[self.v_name].dtype == np.float32
+
+    def prepare_fused_chunk(self, steps: int, dt: float) -> None:
+        """Compose prefix + `steps` Euler steps into one graph (time rows from set_time_rows) and bind it once."""
+        if not self.supports_fused_chunk() or self._chunk_sources is None:
+            raise EdgeVlaError(f"the one-call chunk is off here ({CHUNK_ENV}, a provider other than the CPU, or "
+                               "graphs over CHUNK_MAX_BYTES)")
+        if self._time is None or self._time_name is None:
+            raise EdgeVlaError("prepare_fused_chunk() before set_time_rows(): the sampler sets the schedule first")
+        rows = self._time[1]
+        if len(rows) < 2 * steps + 1:
+            raise EdgeVlaError(f"set_time_rows() gave {len(rows)} time slots; {steps} steps need {2 * steps + 1}")
+        # RTC bundles: a chunk without an action prefix has an all-zero mask (what the sampler writes for d = 0).
+        fixed = {} if self.mask_name is None else {self.mask_name: np.zeros_like(self.buf[self.mask_name])}
+        try:
+            model, report = compose_chunk(pb.load_model(self._chunk_sources[0]), pb.load_model(self._chunk_sources[1]),
+                                          steps=steps, dt=dt, time_name=self._time_name, time_rows=rows,
+                                          x_t=self.x_name, velocity=self.v_name, fixed=fixed)
+            sess = _session(model.SerializeToString(), self.threads, self.providers, Path("<one-call chunk graph>"))
+        except Exception as exc:  # an optional speed-up: the caller steps the ODE instead
+            raise EdgeVlaError(f"no one-call onnxruntime chunk ({type(exc).__name__}: {exc}); set {CHUNK_ENV}=off to "
+                               "skip the attempt") from exc
+        noise = np.zeros(self.buf[self.x_name].shape, dtype=np.float32)
+        x = np.zeros_like(noise)
+        binding = sess.io_binding()
+        for v in sess.get_inputs():
+            binding.bind_cpu_input(v.name, noise if v.name == CHUNK_NOISE else self.buffer(v.name))
+        binding.bind_output(report.output, "cpu", 0, x.dtype, list(x.shape), x.ctypes.data)
+        self.chunk_sess, self.chunk, self._chunk_binding = sess, report, binding
+        self._chunk_noise, self._chunk_x = noise, x
+        log.debug("one-call chunk: prefix + %d Euler steps, %d nodes", steps, report.nodes)
+
+    def run_fused_chunk(self, noise: np.ndarray) -> np.ndarray:
+        """Observation inputs already in their buffers; returns the float32 state after the chunk's steps (a reused
+        buffer). The prefix outputs' buffers are not written (the chunk keeps the K/V inside)."""
+        if self.chunk_sess is None or self._chunk_binding is None or self._chunk_noise is None:
+            raise EdgeVlaError("run_fused_chunk() before prepare_fused_chunk()")
+        np.copyto(self._chunk_noise, noise)
+        self.chunk_sess.run_with_iobinding(self._chunk_binding)
+        return self._chunk_x  # type: ignore[return-value]
+
     def _release(self) -> None:
         # Sessions hold no device resources on the CPU provider; dropping them frees their arenas.
-        self._prefix_binding = self._step_binding = None  # type: ignore[assignment]
-        self.prefix_sess = self.step_sess = None  # type: ignore[assignment]
+        self._prefix_binding = self._step_binding = self._chunk_binding = None  # type: ignore[assignment]
+        self.prefix_sess = self.step_sess = self.chunk_sess = None  # type: ignore[assignment]
+        self._chunk_sources = None

@@ -14,6 +14,10 @@ onnxruntime's own optimizer does not form from them:
 A pattern that is not there is left alone (older bundles load unchanged); anything unexpected makes the
 caller fall back to the plain graph (OrtBackend logs a warning). The robot has no `onnx` package, so the
 graph is edited through edge_vla.runtime.onnx_proto (protobuf only).
+
+compose_chunk builds the whole Euler chunk as one graph (issue 28): the prefix graph, then N copies of the step
+graph, each with its time row as a constant and followed by x <- x + dt * v, so that a chunk is one onnxruntime
+call instead of 1 + N (the CPU counterpart of the TensorRT backend's one CUDA graph per chunk).
 """
 
 from __future__ import annotations
@@ -271,3 +275,118 @@ def _drop_dead(model: Any) -> None:
         keep = [n for n in g.node if id(n) not in dead_ids]
         del g.node[:]
         g.node.extend(keep)
+
+
+# --- the whole Euler chunk as one graph ----------------------------------------------------------------------
+CHUNK_NS = "ort_chunk/"  # every name the composition adds or renames starts with this
+CHUNK_NOISE = CHUNK_NS + "noise"  # the chunk graph's input: the initial state x_0 (x_t's type and shape)
+CHUNK_OUTPUT = CHUNK_NS + "x"  # its output: the state after N Euler steps (float32)
+# Ops whose attributes hold subgraphs that would read the step's value names: renaming them is not done here.
+_SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan"})
+
+
+@dataclass(frozen=True)
+class ChunkReport:
+    """What compose_chunk built: `steps` copies of the step graph after the prefix, `nodes` nodes in all."""
+
+    steps: int
+    nodes: int
+    prefix_nodes: int
+    step_nodes: int
+    output: str = CHUNK_OUTPUT
+
+
+def compose_chunk(prefix: Any, step: Any, *, steps: int, dt: float, time_name: str, time_rows: np.ndarray,
+                  x_t: str, velocity: str, fixed: dict[str, np.ndarray] | None = None) -> tuple[Any, ChunkReport]:
+    """One model computing a whole Euler chunk: the prefix graph, then for i < steps the step graph on x_i with
+    time_rows[2 i] (the half-grid slot the sampler uses for Euler step i) as a constant, and
+    x_{i+1} = x_i + (v_i * dt), the sampler's float32 operations in its order. `fixed`: step inputs that take one
+    constant value for the whole chunk (the RTC prefix mask: zeros, no action prefix).
+
+    Inputs: the prefix graph's inputs, the step graph's other inputs (an observation input only the step takes,
+    such as pi0's state: constant over a chunk, as in the stepping path) and CHUNK_NOISE (x_0); output:
+    CHUNK_OUTPUT. The step graph's inputs that the prefix produces (per-layer K/V) are wired by name; its weights
+    appear once, shared by every copy. `prefix` is consumed (edited in place); `step` is only read. Raises
+    ValueError for a graph this composition does not handle (the caller steps the ODE instead).
+    """
+    if steps < 1 or len(time_rows) < 2 * steps - 1:
+        raise ValueError(f"{len(time_rows)} time rows cannot drive {steps} Euler steps (row 2i per step i)")
+    g, sg = prefix.graph, step.graph
+    for t in (*g.initializer, *sg.initializer):
+        if t.data_location == pb.EXTERNAL:
+            raise ValueError(f"initializer {t.name!r} keeps its data in an external file")
+    bad = sorted({n.op_type for n in sg.node} & _SUBGRAPH_OPS)
+    if bad:
+        raise ValueError(f"the step graph has control-flow ops {bad}")
+    opsets = {o.domain: o.version for o in prefix.opset_import}
+    for o in step.opset_import:
+        if opsets.setdefault(o.domain, o.version) != o.version:
+            raise ValueError(f"opset {o.domain or 'ai.onnx'} is version {opsets[o.domain]} in the prefix graph and "
+                             f"{o.version} in the step graph")
+        if o.domain not in {x.domain for x in prefix.opset_import}:
+            prefix.opset_import.add(domain=o.domain, version=o.version)
+    fixed = fixed or {}
+    step_in = {i.name: i for i in sg.input}
+    step_out = {o.name: o for o in sg.output}
+    for name, what in ((x_t, "x_t"), (time_name, "time")):
+        if name not in step_in:
+            raise ValueError(f"the step graph has no {what} input {name!r}")
+    if velocity not in step_out:
+        raise ValueError(f"the step graph has no output {velocity!r}")
+    prefix_values = {i.name for i in g.input} | {o for n in g.node for o in n.output}
+    inits = {t.name for t in sg.initializer}
+    if any(v.startswith(CHUNK_NS) for v in prefix_values | {t.name for t in g.initializer}):
+        raise ValueError(f"the prefix graph already uses names under {CHUNK_NS!r}")
+    for name, info in step_in.items():  # inputs only the step graph takes become the chunk graph's inputs
+        if name not in {x_t, time_name, *fixed} and name not in inits and name not in prefix_values:
+            g.input.add().CopyFrom(info)
+
+    prefix_nodes, step_nodes = len(g.node), len(sg.node)
+    renamed = {name: f"{CHUNK_NS}step/{name}" for name in inits}
+    for t in sg.initializer:  # the step's weights, once, shared by every copy
+        copy = g.initializer.add()
+        copy.CopyFrom(t)
+        copy.name = renamed[t.name]
+    for name, value in fixed.items():
+        renamed[name] = CHUNK_NS + name
+        g.initializer.append(pb.from_array(np.ascontiguousarray(value), renamed[name]))
+    dt_name = CHUNK_NS + "dt"
+    g.initializer.append(pb.from_array(np.asarray(dt, dtype=np.float32), dt_name))
+    # I/O: the prefix's inputs and x_0 in; only the final state out (the per-layer K/V stay inside).
+    noise = g.input.add()
+    noise.CopyFrom(step_in[x_t])
+    noise.name = CHUNK_NOISE
+    out = step_out[velocity]
+    del g.output[:]
+    final = g.output.add()
+    final.CopyFrom(out)
+    final.name = CHUNK_OUTPUT
+
+    x = CHUNK_NOISE
+    for i in range(steps):
+        tag = f"{CHUNK_NS}s{i}/"
+        time_const = f"{tag}{time_name}"
+        g.initializer.append(pb.from_array(np.ascontiguousarray(time_rows[2 * i]), time_const))
+        own = {x_t: x, time_name: time_const}
+
+        def name_of(v: str, own: dict[str, str] = own, tag: str = tag) -> str:
+            if not v:
+                return v  # an omitted optional input
+            if v in own:
+                return own[v]
+            if v in renamed:
+                return renamed[v]
+            return v if v in step_in else tag + v  # a prefix output (K/V) or observation input, else internal
+
+        for k, node in enumerate(sg.node):
+            copy = g.node.add()
+            copy.CopyFrom(node)
+            copy.name = f"{tag}{node.name or k}"
+            copy.input[:] = [name_of(v) for v in node.input]
+            copy.output[:] = [name_of(v) for v in node.output]
+        dv = f"{tag}dv"
+        nxt = CHUNK_OUTPUT if i == steps - 1 else f"{CHUNK_NS}x_{i + 1}"
+        g.node.extend([make_node("Mul", [name_of(velocity), dt_name], [dv]), make_node("Add", [x, dv], [nxt])])
+        g.node[-2].name, g.node[-1].name = f"{tag}euler_mul", f"{tag}euler_add"
+        x = nxt
+    return prefix, ChunkReport(steps, len(g.node), prefix_nodes, step_nodes)

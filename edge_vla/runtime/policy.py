@@ -59,7 +59,7 @@ class Policy:
             try:  # load the CUDA kernels and capture the chunk graph now, not on the first infer()
                 backend.prepare_fused_chunk(steps, self.sampler.dt)
             except EdgeVlaError as exc:
-                log.warning("whole-chunk CUDA graph unavailable (%s); stepping the ODE from the host", exc)
+                log.warning("whole-chunk graph unavailable (%s); stepping the ODE from the host", exc)
                 self._whole_chunk = False
         norm = bundle.manifest["normalization"]["action"]
         self._action_mean = np.asarray(norm["mean"], dtype=np.float32)

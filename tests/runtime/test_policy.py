@@ -47,7 +47,9 @@ def test_reset_replays_the_same_chunk(tiny_bundle, obs):
     assert not np.array_equal(a, b)  # fresh noise per chunk
 
 
-def test_timings_cover_every_stage(tiny_bundle, obs):
+def test_timings_cover_every_stage(tiny_bundle, obs, monkeypatch):
+    # the stepping path's stages; a one-call onnxruntime chunk is timed as "chunk_graph" (test_ort_chunk.py)
+    monkeypatch.setenv("EDGE_VLA_ORT_CHUNK", "off")
     chunk = Policy.load(tiny_bundle, steps=3).infer(obs)
     t = chunk.timings_ms
     assert {"preprocess", "prefix", "step_0", "step_1", "step_2", "postprocess", "total"} <= set(t)

@@ -22,6 +22,15 @@ def bundle_copy(tiny_bundle, tmp_path_factory):
     return dst
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _stepping_path():
+    # These tests check the per-stage (prefix, step_i) attribution of the stepping path; the onnxruntime backend
+    # otherwise runs a chunk as one call, timed as "chunk_graph" (tests/runtime/test_ort_chunk.py).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGE_VLA_ORT_CHUNK", "off")
+        yield
+
+
 @pytest.fixture(scope="module")
 def cli_run(bundle_copy, tmp_path_factory):
     out = tmp_path_factory.mktemp("profile_out")
