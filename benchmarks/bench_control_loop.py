@@ -8,15 +8,30 @@ process; the same under SCHED_FIFO where permitted); time from a fault to the st
 closed-loop success through the whole stack vs calling the same chunk source directly.
 The chunk source is the bundle's Policy when EDGE_VLA_BUNDLE names one, else the sim expert plus
 numpy work that holds a core (standing in for preprocessing + inference).
+
+Thread settings (issue 28): the real control loop at 100 Hz over the firmware emulator beside a real bundle's
+inference running back to back, under each thread setting, in interleaved rounds within one run:
+
+    BENCH_THREADS_SECONDS=15 BENCH_THREADS_ROUNDS=3 .venv/bin/pytest benchmarks/bench_control_loop.py \
+        -k thread_settings -s --benchmark-disable-gc
+
+The bundle is EDGE_VLA_BUNDLE, else the BENCH_THREADS_PRESET preset (default base) exported FP32 here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import statistics
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -24,6 +39,7 @@ import pytest
 from edge_vla.action_space import sim_action_space
 from edge_vla.onboard import shared as sh
 from edge_vla.onboard.cameras import SimCamera
+from edge_vla.onboard.cli import inference_engine
 from edge_vla.onboard.control import ControlConfig, ControlLoop
 from edge_vla.onboard.drill import (
     EMULATOR_LIMITS,
@@ -34,8 +50,9 @@ from edge_vla.onboard.drill import (
     load_source,
     prioritize_emulator,
 )
-from edge_vla.onboard.rt import RealtimeConfig
+from edge_vla.onboard.rt import AUTO, DEFAULT_FIFO_PRIORITY, NONE, RealtimeConfig, plan_threads
 from edge_vla.onboard.runner import OnboardRunner, bus_state_fn
+from edge_vla.onboard.watchdog import WatchdogConfig
 from edge_vla.onboard.worker import ExpertSource, InferenceWorker
 from edge_vla.sim.env import ReachEnv
 from edge_vla.sim.evaluate import EVAL_SEED_BASE, evaluate
@@ -179,6 +196,145 @@ def test_fault_to_stop_frame_and_success_through_the_stack(benchmark) -> None:
     stack = out["stack"]
     print(f"closed-loop success: whole stack {stack['successes']}/{stack['episodes']} vs direct "
           f"{out['direct']}/10 (same seeds {EVAL_SEED_BASE}..{EVAL_SEED_BASE + 9})")
+
+
+# -- thread settings: the loop's deadlines with inference at full speed beside it (issue 28) ------------------
+
+THREADS_S = float(os.environ.get("BENCH_THREADS_SECONDS", "15"))
+THREADS_ROUNDS = int(os.environ.get("BENCH_THREADS_ROUNDS", "3"))
+THREADS_PRESET = os.environ.get("BENCH_THREADS_PRESET", "base")
+SPINNING = "session.intra_op.allow_spinning"
+
+
+@dataclass(frozen=True)
+class ThreadSetting:
+    name: str
+    loop: str  # --cpus
+    inference: str  # --inference-cpus
+    spinning: bool  # onnxruntime intra-op spin-waiting
+    threads: int | None = None  # intra-op threads; None: the plan's (one per inference CPU)
+    fifo: int | None = None  # --rt-priority
+
+
+THREAD_SETTINGS = (  # a, b: before issue 28 (b: the backend's spinning off); d: `edge-vla run`'s defaults now
+    ThreadSetting("a  no affinity, spinning on", NONE, NONE, spinning=True),
+    ThreadSetting("b  no affinity, spinning off", NONE, NONE, spinning=False),
+    ThreadSetting("e  no affinity, 1 thread, spinning off", NONE, NONE, spinning=False, threads=1),
+    ThreadSetting("c  split, SCHED_OTHER (defaults where FIFO is not permitted)", AUTO, AUTO, spinning=False),
+    ThreadSetting("d  defaults: split + SCHED_FIFO 50", AUTO, AUTO, spinning=False, fifo=DEFAULT_FIFO_PRIORITY),
+)
+
+
+@contextlib.contextmanager
+def _spinning(on: bool) -> Iterator[None]:
+    """Sessions created inside get intra-op spinning on, onnxruntime's own default, which the backend turns off
+    (the bundle's graphs and the backend's other options unchanged); the engine line reads it back."""
+    if not on:
+        yield
+        return
+    import onnxruntime as ort
+
+    class SpinningOptions(ort.SessionOptions):
+        def add_session_config_entry(self, key: str, value: str) -> None:
+            super().add_session_config_entry(key, "1" if key == SPINNING else value)
+
+    with mock.patch.object(ort, "SessionOptions", SpinningOptions):
+        yield
+
+
+def _loop_beside_inference(setting: ThreadSetting, bundle: str, port: str, holder: SceneHolder,
+                           instruction: str) -> dict[str, Any]:
+    """One run: `edge-vla run`'s pieces (plan, policy, runner) under `setting`, inference back to back."""
+    from edge_vla.runtime.policy import Policy
+
+    plan = plan_threads(setting.loop, setting.inference)
+    with _spinning(setting.spinning):
+        policy = Policy.load(bundle, backend="onnxruntime", threads=setting.threads or plan.inference_threads)
+    images = policy.contract.preprocessing["images"]
+    size, cams = int(images["height"]), int(images["cameras"])
+    # Count misses rather than stop on them; a slow base chunk must not trip either. The link's age check stays:
+    # a loop starved of 100 ms trips link_stale, and the table says so.
+    lenient = WatchdogConfig(camera_max_age_s=30, chunk_max_age_s=30, chunk_exhausted_max_s=30,
+                             max_consecutive_overruns=10**6, worker_max_age_s=30)
+    cfg = ControlConfig(link_url=f"serial://{port}", action_space=policy.action_space, rate_hz=100.0,
+                        duration_s=THREADS_S, arm_on_start=True, watchdog=lenient,
+                        realtime=RealtimeConfig(fifo_priority=setting.fifo, cpus=plan.loop_cpus))
+    engine = inference_engine(policy)
+    run = OnboardRunner(cfg, policy, lambda bus: SimCamera(holder, bus_state_fn(bus), size, cams), instruction,
+                        image_size=size, log_level=logging.WARNING, threads=plan, engine=engine)
+    try:
+        run.start()
+        assert run.worker is not None
+        run.worker.min_interval_s = 0.0  # back to back: inference at full speed
+        run.wait(THREADS_S + 30)
+    finally:
+        run.close()
+        policy.close()
+    return {**(run.summary or {}), "engine": engine, "plan": plan}
+
+
+def _thread_table(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    rows = ["| setting | engine | runs | cycles | missed / 1000 cycles | jitter p50 ms | jitter p99 ms | "
+            "jitter max ms | wake late p99 ms | chunk p50 ms | chunk p99 ms | chunks/s | trips |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, runs in results.items():
+        ok = [r for r in runs if r.get("period_error")]
+        if not ok:
+            rows.append(f"| {name} | - | 0 | no data: {runs[0].get('error', '') if runs else ''} |")
+            continue
+        cycles = sum(r["cycles"] for r in ok)
+        missed = sum(r["missed_deadlines"] for r in ok)
+        pe = [r["period_error"] for r in ok]
+        wk = [r["worker"] for r in ok]
+        chunks_s = sum(w["chunks"] for w in wk) / sum(r["duration_s"] for r in ok)
+        rows.append(f"| {name} | {ok[0]['engine']} | {len(ok)} | {cycles} | {1000 * missed / cycles:.2f} ({missed}) "
+                    f"| {statistics.median(p['p50_ms'] for p in pe):.3f} | {max(p['p99_ms'] for p in pe):.3f} "
+                    f"| {max(p['max_ms'] for p in pe):.3f} | {max(r['wake_lateness']['p99_ms'] for r in ok):.3f} "
+                    f"| {statistics.median(w['infer_p50_ms'] for w in wk):.1f} "
+                    f"| {max(w['infer_p99_ms'] for w in wk):.1f} | {chunks_s:.2f} | {_trips(ok) or '-'} |")
+    return rows
+
+
+def _trips(runs: list[dict[str, Any]]) -> str:
+    kinds = [t["kind"] for r in runs for t in r.get("trips", []) if t["kind"] != "operator_stop"]
+    return ", ".join(f"{k} x{kinds.count(k)}" for k in sorted(set(kinds)))
+
+
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+@pytest.mark.slow
+def test_thread_settings_loop_deadlines_beside_full_speed_inference(benchmark, bench_exports, bench_machine) -> None:
+    bundle = BUNDLE or str(bench_exports(THREADS_PRESET, "fp32").bundle)
+    env = ReachEnv()
+    env.reset(EVAL_SEED_BASE)
+    holder = SceneHolder()
+    holder.scene = env.scene
+    results: dict[str, list[dict[str, Any]]] = {s.name: [] for s in THREAD_SETTINGS}
+    loads: list[str] = []
+
+    def measure() -> None:
+        with emulator_process.EmulatorProcess(joints=2, limits=EMULATOR_LIMITS) as emu:
+            prioritize_emulator(emu.proc.pid)  # it stands in for the controller's own MCU
+            for _ in range(THREADS_ROUNDS):  # interleaved: the box's load drifts over minutes
+                loads.append(_uptime())
+                for setting in THREAD_SETTINGS:
+                    results[setting.name].append(
+                        _loop_beside_inference(setting, bundle, emu.port, holder, env.scene.instruction))
+            loads.append(_uptime())
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    print(f"\ncontrol loop at 100 Hz beside back-to-back inference, {THREADS_ROUNDS} interleaved rounds x "
+          f"{THREADS_S:g} s per setting, {date.today()}, bundle {bundle}")
+    print(f"machine: {bench_machine()}")
+    print("load (uptime) per round: " + " | ".join(loads))
+    print("\n".join(_thread_table(results)))
+    for name, runs in results.items():
+        for r in runs:
+            trips = [t["kind"] for t in r.get("trips", []) if t["kind"] != "operator_stop"]
+            print(f"  {name}: missed {r.get('missed_deadlines')} of {r.get('cycles')}, realtime {r.get('realtime')}, "
+                  f"chunks {r.get('worker', {}).get('chunks')}, trips {trips or '-'}")
 
 
 def _rss_mb() -> float:

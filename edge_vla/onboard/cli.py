@@ -31,7 +31,7 @@ from edge_vla.onboard.operator import (
     socket_in_use,
     under_systemd,
 )
-from edge_vla.onboard.rt import RealtimeConfig
+from edge_vla.onboard.rt import AUTO, RealtimeConfig, plan_threads, resolve_fifo
 from edge_vla.onboard.runner import OnboardRunner, bus_state_fn
 from edge_vla.onboard.scheduler import INTERPOLATIONS, RUN_STRATEGIES
 from edge_vla.onboard.telemetry import format_summary
@@ -147,11 +147,43 @@ def configure(parser: argparse.ArgumentParser) -> None:
                           "-100..100 body joints, 0..100 gripper), degrees (LeRobot's use_degrees=True; gripper "
                           "0..100) or rad. Default: the units the bundle declares")
     rt = parser.add_argument_group("real time")
-    rt.add_argument("--rt-priority", type=int, help="SCHED_FIFO priority for the control process (1-99)")
-    rt.add_argument("--cpus", help="pin the control process to these CPUs, e.g. 1 or 2,3")
+    rt.add_argument("--rt-priority", default=AUTO, metavar="N",
+                    help="SCHED_FIFO priority for the control process, 1-99; auto: 50 where this user may (the "
+                         "service's LimitRTPRIO, CAP_SYS_NICE), else SCHED_OTHER, and never with a servo link; none: "
+                         "SCHED_OTHER (default %(default)s)")
+    rt.add_argument("--cpus", default=AUTO, metavar="CPUS",
+                    help="the control process's CPUs, e.g. 1, 2,3 or 2-3; auto: the last CPU this process may use, "
+                         "where it may use 2 or more (its hyperthread siblings left idle); none: not pinned "
+                         "(default %(default)s)")
+    rt.add_argument("--inference-cpus", default=AUTO, metavar="CPUS",
+                    help="the inference worker's CPUs (with its onnxruntime threads, one per CPU, and the rest of the "
+                         "main process); auto: those --cpus leaves; none: not pinned (default %(default)s)")
     rt.add_argument("--mlock", action="store_true", help="mlockall the control process")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     with_epilog(parser, EXIT_STATUSES)
+
+
+def inference_engine(source: Any) -> str:
+    """What computes inference, for the start line: onnxruntime's intra-op threads and spinning, read back from the
+    session, or the backend's name (TensorRT), or the sim expert."""
+    backend = getattr(getattr(source, "policy", source), "backend", None)  # run's adapter, or a Policy itself
+    session = getattr(backend, "prefix_sess", None)
+    if session is None:
+        if backend is None:
+            return "the sim expert"
+        threads = getattr(backend, "threads", None)
+        return f"{backend.name}" + (f", {threads} threads" if threads else "")
+    opts = session.get_session_options()
+    try:
+        spinning = "off" if opts.get_session_config_entry("session.intra_op.allow_spinning") == "0" else "on"
+    except RuntimeError:  # not set: onnxruntime's default
+        spinning = "on"
+    n = opts.intra_op_num_threads
+    return f"{n} onnxruntime intra-op thread{'s' if n != 1 else ''}, spinning {spinning}"
+
+
+def _is_motor(link_url: str) -> bool:
+    return link_url.partition("://")[0].lower() in motor_schemes()
 
 
 def check_rate(rate_hz: float) -> None:
@@ -209,11 +241,10 @@ def _check_motor_link(url: str, emulate: bool, forms: str, **device_kw: Any) -> 
     from firmware_bridge.motors.calibration import CalibrationError
     from firmware_bridge.schemes import open_link
 
-    if emulate and url.lower().startswith("cia402"):
-        raise ConfigError("--emulate does not start CiA 402 drives yet: run `python -m firmware_bridge.motors."
-                          "cia402_emulator --nodes 1-6 --print-url` and give the URL it prints to --link")
     can_bus = url.partition("://")[0].lower() in CAN_MOTOR_SCHEMES
-    placeholder = "virtual/edge-vla-check" if can_bus else "/dev/null"  # the emulator's port is not known yet
+    # The emulator's port is not known yet: a stand-in of its kind (the CAN emulators sit on python-can's
+    # udp_multicast bus, python-can's default group here; nothing is opened).
+    placeholder = "udp_multicast/239.74.163.2" if can_bus else "/dev/null"
     try:
         open_link(emulated_motor_url(url, placeholder, 1) if emulate else url, **device_kw)
     except CalibrationError as exc:  # the bundle against the calibration (--calibration): not the URL's form
@@ -230,13 +261,29 @@ def _check_motor_link(url: str, emulate: bool, forms: str, **device_kw: Any) -> 
         _check_device("serial", None, "serial://" + url.partition("://")[2], shown=url)
 
 
-def emulated_motor_url(url: str, port: str, joints: int | None = None) -> str:
-    """The motor URL with its port replaced by the emulator's pty (ids=1-N added when the URL has none)."""
+def motor_id_param(url: str) -> str:
+    """The query key that lists a motor URL's devices in joint order: node= for CiA 402 drives, ids= otherwise."""
+    return "node" if url.partition("://")[0].lower() == "cia402" else "ids"
+
+
+def emulated_motor_url(url: str, port: str, joints: int | None = None, params: dict[str, str] | None = None) -> str:
+    """The motor URL with its port replaced by the emulator's (a pty, or a python-can INTERFACE/CHANNEL), ids=1-N
+    (node=1-N for cia402) added when the URL lists none, and the emulator's own `params` (cia402: the udp_port of
+    its bus) replacing any the URL gave."""
     scheme, _, rest = url.partition("://")
-    query = rest.partition("?")[2]
-    if joints is not None and "ids" not in parse_qs(query):
-        query = "&".join(q for q in (query, f"ids=1-{joints}") if q)
+    key, extra = motor_id_param(url), dict(params or {})
+    parts = [q for q in rest.partition("?")[2].split("&") if q and q.partition("=")[0] not in extra]  # as written
+    if joints is not None and key not in {q.partition("=")[0] for q in parts}:
+        parts.append(f"{key}=1-{joints}")
+    query = "&".join([*parts, *(f"{k}={v}" for k, v in extra.items())])
     return f"{scheme}://{port}" + (f"?{query}" if query else "")
+
+
+def emulator_url_params(emulator: Any) -> dict[str, str]:
+    """What a host needs besides the emulator's port to reach it: the UDP port of a CiA 402 emulator's bus (the
+    damiao emulator's port already carries GROUP:PORT; a pty needs nothing)."""
+    udp_port = getattr(emulator, "udp_port", None)
+    return {"udp_port": str(udp_port)} if udp_port else {}
 
 
 def motor_link_kwargs(space: Any, rate_hz: float, units: Any = None) -> dict[str, Any]:
@@ -343,13 +390,15 @@ def _motor_emulator(url: str, space: Any, units: Any = None) -> Any:
     action-space limits (the device refuses to arm when its own limits are wider) and each joint starting at
     0 rad, or mid-range when 0 is outside the limits. With a calibration (`units`), the servos carry its ids,
     homing offsets and range_min..range_max narrowed to the bundle's limits, and start mid-range."""
+    starts = [0.0 if lo <= 0.0 <= hi else (lo + hi) / 2 for lo, hi in zip(space.lower, space.upper, strict=True)]
     if url.lower().startswith("damiao"):  # CAN motors: no ticks; each starts at 0 rad, or mid-range
         from firmware_bridge.motors import damiao_emulator as dme
 
-        starts = [0.0 if lo <= 0.0 <= hi else (lo + hi) / 2 for lo, hi in zip(space.lower, space.upper, strict=True)]
         return dme.EmulatorProcess([dme.MotorConfig(esc_id=i, position=float(p))
                                     for i, p in zip(_motor_ids(url, space.dim), starts, strict=True)],
                                    interface="udp_multicast", channel=dme.unique_udp_channel())
+    if url.lower().startswith("cia402"):
+        return _cia402_emulator(url, space, starts)
     if units is not None:
         servos = _calibrated_servos(url, space, units)
     else:
@@ -371,6 +420,32 @@ def _motor_emulator(url: str, space: Any, units: Any = None) -> Any:
 
     return ft.EmulatorProcess([ft.ServoConfig(servo_id=i, min_angle=lo, max_angle=hi, initial_position=st,
                                               homing_offset=h, return_delay=0) for i, lo, hi, st, h in servos])
+
+
+CIA402_LIMIT_MARGIN = 2  # counts inside the bundle's limits: the backend's check allows 1 count of rounding
+
+
+def _cia402_emulator(url: str, space: Any, starts: list[float]) -> Any:
+    """CiA 402 drives, one per joint (node ids from node=, else 1..N), each with its software position limits
+    0x607D just inside the bundle's limits (the backend refuses to arm a drive whose 0x607D is wider) and its feed
+    constant 0x6092 = the URL's counts_per_turn (default 65536), so counts and radians agree with the host's."""
+    from firmware_bridge.motors import cia402_emulator as cia
+    from firmware_bridge.motors.calibration import JointCalibration
+    from firmware_bridge.motors.registry import parse_url
+
+    params = parse_url(emulated_motor_url(url, "emulated/x", space.dim)).params
+    try:
+        per_turn = round(float(params.get("counts_per_turn", cia.DriveConfig.counts_per_turn)))
+    except ValueError:
+        raise ConfigError(f"--link {url!r}: counts_per_turn={params['counts_per_turn']!r} is not a number") from None
+    cal = JointCalibration(offset=0.0, direction=1, ticks_per_turn=per_turn)  # the backend's, from 0x6092
+    drives = []
+    for node, lo, hi, start in zip(_motor_ids(url, space.dim), space.lower, space.upper, starts, strict=True):
+        c_lo, c_hi = sorted((cal.to_ticks(float(lo)), cal.to_ticks(float(hi))))
+        limits = (c_lo + CIA402_LIMIT_MARGIN, c_hi - CIA402_LIMIT_MARGIN)
+        position = min(max(cal.to_ticks(start), limits[0]), limits[1])  # inside the drive's own limits too
+        drives.append(cia.DriveConfig(node=node, position=position, counts_per_turn=per_turn, soft_limits=limits))
+    return cia.EmulatorProcess(drives)
 
 
 def _calibrated_servos(url: str, space: Any, units: Any) -> list[tuple[int, int, int, int, int]]:
@@ -401,10 +476,11 @@ def _calibrated_servos(url: str, space: Any, units: Any) -> list[tuple[int, int,
 def _motor_ids(url: str, joints: int) -> list[int]:
     from firmware_bridge.motors.registry import parse_ids, parse_url
 
-    ids = list(parse_ids(parse_url(emulated_motor_url(url, "emulated", joints)).params["ids"]))
+    key, parsed = motor_id_param(url), parse_url(emulated_motor_url(url, "emulated", joints))
+    ids = list(parse_ids(parsed.params[key], key, scheme=parsed.scheme))
     if len(ids) != joints:
-        raise ConfigError(f"--link {url!r} names {len(ids)} servo ids but the bundle's action space has {joints} "
-                          f"joints ({', '.join(map(str, ids))}); give one id per joint, e.g. ids=1-{joints}")
+        raise ConfigError(f"--link {url!r} names {len(ids)} device ids but the bundle's action space has {joints} "
+                          f"joints ({', '.join(map(str, ids))}); give one id per joint, e.g. {key}=1-{joints}")
     return ids
 
 
@@ -464,12 +540,13 @@ def _control_config(args: argparse.Namespace, link_url: str, space: Any,
     home = tuple(float(x) for x in args.home.split(",")) if args.home else None
     if home is not None and len(home) != space.dim:
         raise ConfigError(f"--home has {len(home)} values; the action space has {space.dim} joints")
-    cpus = tuple(int(c) for c in args.cpus.split(",")) if args.cpus else None
+    cpus = plan_threads(args.cpus, args.inference_cpus).loop_cpus
     return ControlConfig(
         link_url=link_url, action_space=space, rate_hz=args.rate_hz, duration_s=args.duration,
         strategy=args.strategy, interp=args.interp, blend_s=args.blend_s, execute=args.execute,
         max_step=args.max_step, watchdog=watchdog, home=home, telemetry_path=args.telemetry,
-        realtime=RealtimeConfig(fifo_priority=args.rt_priority, cpus=cpus, lock_memory=args.mlock),
+        realtime=RealtimeConfig(fifo_priority=resolve_fifo(args.rt_priority, _is_motor(link_url))[0], cpus=cpus,
+                                lock_memory=args.mlock),
         arm_on_start=args.arm_on_start, tracking=tracking,
     )
 
@@ -505,19 +582,23 @@ def main(args: argparse.Namespace) -> int:
     if motor and 1.0 / args.rate_hz < 0.010:
         raise ConfigError(f"--rate-hz {args.rate_hz:g} is above what {args.link.partition(':')[0]}:// servos are "
                           "specified for (100 Hz: 6 servos at 1 Mbaud); use --rate-hz 100 or less")
-    if motor and args.rt_priority:
+    fifo, sched = resolve_fifo(args.rt_priority, motor)
+    if motor and fifo is not None:
         # The vendor SDKs busy-poll the port for replies: a SCHED_FIFO poller starves the kernel work that moves
         # the tty's bytes, so the bus never answers (measured over the emulator's pty: 12 of 12 opens timed out).
         raise ConfigError(f"--rt-priority with {args.link.partition(':')[0]}:// servos: their SDK busy-polls the "
                           "serial port, and a real-time poller starves the tty it waits on; run without --rt-priority "
                           "(--cpus still pins the control process)")
+    # A CPU list this process may not use is refused here, before the model loads.
+    threads = replace(plan_threads(args.cpus, args.inference_cpus), loop_sched=sched)
     socket_path = control_socket_path(args.control_socket)
     if socket_path is not None and not under_systemd(os.environ) and not args.arm_on_start:
         log.info("operator control socket: %s (arm with `edge-vla arm%s`)", socket_path,
                  "" if args.control_socket is None else f" --control-socket {socket_path}")
     holder = SceneHolder()
     source, space, size, cams = load_source(args.bundle, holder, backend=args.backend, steps=args.steps,
-                                            expert_delay_s=0.0, strategy=args.strategy)
+                                            expert_delay_s=0.0, strategy=args.strategy,
+                                            threads=threads.inference_threads)
     # Before anything moves or starts: a policy whose actions this robot cannot execute is refused here.
     require_executable(space, EXECUTABLE_ACTION_KINDS, f"bundle {args.bundle}", "this robot configuration",
                        EXECUTES_BECAUSE)
@@ -542,7 +623,7 @@ def main(args: argparse.Namespace) -> int:
             link_url = url_with_calibrated_ids(args.link, units, args.calibration)
             if args.emulate:
                 emu_motor = stack.enter_context(_motor_emulator(link_url, space, units))
-                link_url = emulated_motor_url(link_url, emu_motor.port, space.dim)
+                link_url = emulated_motor_url(link_url, emu_motor.port, space.dim, emulator_url_params(emu_motor))
                 log.info("motor emulator on %s: %s", emu_motor.port, link_url)
             _check_motor_link(link_url, False, accepted_links(), **link_kwargs)
         elif args.emulate:
@@ -550,8 +631,8 @@ def main(args: argparse.Namespace) -> int:
 
             emu = stack.enter_context(EmulatorProcess(joints=space.dim, limits=EMULATOR_LIMITS))
             link_url = f"serial://{emu.port}"
-            if args.rt_priority:
-                prioritize_emulator(emu.proc.pid, max(1, args.rt_priority - 10))
+            if fifo:
+                prioritize_emulator(emu.proc.pid, max(1, fifo - 10))
         policy = getattr(source, "policy", None)
         tracking = policy.bundle.manifest["action_space"].get("tracking") if policy is not None else None
         config = _control_config(args, link_url, space, tracking, units)
@@ -563,7 +644,7 @@ def main(args: argparse.Namespace) -> int:
 
         level = logging.getLogger().getEffectiveLevel()
         runner = OnboardRunner(config, source, camera_factory, instruction, image_size=size, log_level=level,
-                               control_socket=socket_path)
+                               control_socket=socket_path, threads=threads, engine=inference_engine(source))
         previous = {}
 
         def on_signal(signum: int, _frame: Any) -> None:

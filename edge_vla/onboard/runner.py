@@ -8,6 +8,10 @@
 `run.operator` is the operator API (edge_vla.onboard.operator); with `control_socket` the same API is
 served on a Unix socket for `edge-vla arm / stop / status`.
 
+With `threads` (a ThreadPlan: `edge-vla run` makes one by default) the control process pins itself to the plan's
+loop CPUs (ControlConfig.realtime.cpus) and every thread of this process, inference's, goes to the others; one line
+says where each runs.
+
 The parent's SIGINT/SIGTERM handlers (installed by the CLI) call `request_stop()`: the control process
 then makes a category-1 stop, disarms and exits; `close()` waits for that, and only kills the child if
 it does not exit (the firmware watchdog then stops the motors).
@@ -27,6 +31,7 @@ from edge_vla.onboard.cameras import CameraSource
 from edge_vla.onboard.control import ControlConfig, control_main
 from edge_vla.onboard.errors import StartupError
 from edge_vla.onboard.operator import BusOperator, ControlSocketServer
+from edge_vla.onboard.rt import ThreadPlan, name_thread, pin_threads
 from edge_vla.onboard.scheduler import RTC
 from edge_vla.onboard.worker import ChunkSource, InferenceWorker, require_rtc
 
@@ -46,7 +51,9 @@ def bus_state_fn(bus: sh.SharedBus) -> Callable[[], tuple[Any, float] | None]:
 class OnboardRunner:
     def __init__(self, config: ControlConfig, source: ChunkSource, camera_factory: CameraFactory, instruction: str,
                  image_size: int | None = None, max_chunk_len: int = 64, log_level: int = logging.INFO,
-                 control_socket: str | None = None) -> None:
+                 control_socket: str | None = None, threads: ThreadPlan | None = None, engine: str = "") -> None:
+        """`threads`: where the loop and inference run (None: left as they are); `engine`: what computes inference,
+        for the start line (e.g. "1 onnxruntime intra-op thread, spinning off")."""
         if config.strategy == RTC:  # before anything starts: rtc needs a source that takes a prefix
             require_rtc(source, "this chunk source")
         self.config = config
@@ -69,14 +76,17 @@ class OnboardRunner:
         self.operator = BusOperator(self.bus, alive=self.proc.is_alive)
         self._socket_path = control_socket
         self._server: ControlSocketServer | None = None
+        self.threads, self.engine = threads, engine
+        self._pinned = False  # this process's threads moved to the inference CPUs (undone by close)
 
     @property
     def control_pid(self) -> int | None:
         return self.proc.pid
 
     def start(self, timeout: float = 30.0) -> OnboardRunner:
-        self.proc.start()
+        self.proc.start()  # before the pinning below: the control process starts from this process's own CPUs
         self._send.close()  # only the child writes
+        self._pin_inference()
         deadline = time.monotonic() + timeout
         while self.bus.read_state() is None:
             if not self.proc.is_alive() or time.monotonic() > deadline:
@@ -91,9 +101,34 @@ class OnboardRunner:
                                       rtc_control_period_s=1.0 / self.config.rate_hz if rtc else None)
         self._thread = threading.Thread(target=self._run_worker, name="edge-vla-worker", daemon=True)
         self._thread.start()
+        if self._thread.native_id is not None:  # top -H, ps -L and /proc/PID/task/TID/comm show which thread infers
+            name_thread(self._thread.native_id, "edge-vla-worker")
         if self._socket_path:
             self._server = ControlSocketServer(self._socket_path, self.operator).start()
+        self._log_threads()
         return self
+
+    def _pin_inference(self) -> None:
+        """Every thread of this process (the backend's pools were made with the session, before the worker) onto the
+        inference CPUs; threads made later inherit them. The kernel refusing (a cpuset that changed) is said once."""
+        plan = self.threads
+        if plan is None or plan.inference_cpus is None:
+            return
+        try:
+            pin_threads(plan.inference_cpus)
+            self._pinned = True
+        except OSError as exc:
+            log.warning("inference CPUs %s not applied (%s): inference may run on the control loop's CPU",
+                        list(plan.inference_cpus), exc)
+
+    def _log_threads(self) -> None:
+        if self.threads is None:
+            return
+        fifo = self.config.realtime.fifo_priority
+        sched = f"SCHED_FIFO priority {fifo} requested" if fifo else "SCHED_OTHER"
+        tid = self._thread.native_id if self._thread is not None else None
+        line = self.threads.line(self.proc.pid, tid, self.engine or "inference", sched)
+        log.log(logging.WARNING if self.threads.note else logging.INFO, "%s", line)
 
     def _run_worker(self) -> None:
         assert self.worker is not None
@@ -151,6 +186,12 @@ class OnboardRunner:
             self._thread.join(timeout=5.0)
         if self.worker is not None:
             self.worker.camera.close()
+        if self._pinned and self.threads is not None:  # an in-process caller gets its CPUs back
+            try:
+                pin_threads(self.threads.available)
+            except OSError as exc:
+                log.debug("could not restore this process's CPUs: %s", exc)
+            self._pinned = False
         if self.summary is not None and self.worker is not None:
             self.summary["worker"] = self.worker.stats.as_dict()
             if self._worker_error is not None:

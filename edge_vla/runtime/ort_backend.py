@@ -118,7 +118,9 @@ def _session(model: str | bytes, threads: int | None, providers: list[str], path
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    # The CPUs this process may run on (taskset, systemd's CPUAffinity=, edge-vla run's split), not the machine's:
+    # two threads on one allowed core only preempt each other.
+    opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     # No spin-waiting between ops: on a robot the control loop shares these cores, and a spinning

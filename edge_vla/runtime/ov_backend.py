@@ -77,7 +77,7 @@ def compile_config(precision: str, threads: int | None) -> dict[str, Any]:
     """The CPU plugin properties the backend compiles with (every one that changes speed or numerics)."""
     return {
         "INFERENCE_PRECISION_HINT": precision,
-        "INFERENCE_NUM_THREADS": int(threads or (os.cpu_count() or 1)),
+        "INFERENCE_NUM_THREADS": int(threads or len(os.sched_getaffinity(0))),  # the allowed CPUs
         "NUM_STREAMS": 1,
         "PERFORMANCE_HINT": "LATENCY",
         "ENABLE_CPU_PINNING": False,

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -121,3 +123,30 @@ def test_closed_policy_refuses_to_infer(tiny_bundle, obs):
     policy.close()  # idempotent
     with pytest.raises(EdgeVlaError, match="was closed"):
         policy.infer(obs)
+
+
+def test_default_thread_count_follows_the_affinity_mask_not_the_machine(tiny_bundle):
+    """Under `taskset -c 0` (a robot whose service is confined to one core) the default intra-op pool must have one
+    thread, not os.cpu_count(): two threads on one core just preempt each other. Control: the same load unconfined."""
+    import subprocess
+    import sys
+
+    probe = ("import onnxruntime as ort, edge_vla.runtime.ort_backend as ob\n"
+             "seen = []\n"
+             "orig = ob._session\n"
+             "def spy(model, threads, providers, path):\n"
+             "    s = orig(model, threads, providers, path)\n"
+             "    seen.append(s.get_session_options().intra_op_num_threads)\n"
+             "    return s\n"
+             "ob._session = spy\n"
+             "from edge_vla import Policy\n"
+             f"Policy.load({str(tiny_bundle)!r}, backend='onnxruntime').close()\n"
+             "print(max(seen))\n")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs for the control case")
+    pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=120)
+    free = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert pinned.returncode == 0 and free.returncode == 0, pinned.stderr[-2000:] + free.stderr[-2000:]
+    assert int(pinned.stdout.split()[-1]) == 1
+    assert int(free.stdout.split()[-1]) == len(os.sched_getaffinity(0))

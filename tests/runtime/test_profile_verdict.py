@@ -63,7 +63,10 @@ def _busy(stop: threading.Event) -> None:
         x += 1
 
 
-def test_stage_means_add_up_to_the_total_mean_under_load(bundle_copy):
+@pytest.mark.parametrize("chunk", ["off", "auto"])
+def test_stage_means_add_up_to_the_total_mean_under_load(bundle_copy, chunk, monkeypatch):
+    # off: prefix + steps from the host; auto: onnxruntime's one-call chunk, one chunk_graph stage (as TensorRT's)
+    monkeypatch.setenv("EDGE_VLA_ORT_CHUNK", chunk)
     stop = threading.Event()
     hog = threading.Thread(target=_busy, args=(stop,), daemon=True)  # competes for the GIL and a core
     hog.start()
@@ -74,13 +77,15 @@ def test_stage_means_add_up_to_the_total_mean_under_load(bundle_copy):
         hog.join()
     summary = prof.summarize(results[0], budget_ms=20.0)
     rows = summary["breakdown_ms"]
-    assert list(rows) == ["preprocess", "prefix", "ode", "postprocess", "other", "total"]
+    middle = ["prefix", "ode"] if chunk == "off" else [prof.FUSED]
+    assert list(rows) == ["preprocess", *middle, "postprocess", "other", "total"]
     parts = sum(v for k, v in rows.items() if k != "total")
     assert parts == pytest.approx(rows["total"], rel=1e-12, abs=1e-12)
     assert rows["total"] == pytest.approx(summary["stages"]["total"]["mean"], rel=1e-12)
     # the "other" row is what no stage accounts for, not a fudge: it equals mean(total - stages) per run
     s = results[0].samples
-    rest = s["total"] - s["preprocess"] - s["prefix"] - s["ode_total"] - s["postprocess"]
+    inner = s["prefix"] + s["ode_total"] if chunk == "off" else s[prof.FUSED]
+    rest = s["total"] - s["preprocess"] - inner - s["postprocess"]
     assert rows["other"] == pytest.approx(float(rest.mean()), abs=1e-9)
 
 
