@@ -103,7 +103,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interp", choices=INTERPOLATIONS, default="cubic", help="(default %(default)s)")
     parser.add_argument("--max-step", type=float, help="max change per cycle (rad) on top of the velocity limit")
     parser.add_argument("--home", help="comma-separated joint pose to move to before the policy starts")
-    parser.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"))
+    parser.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "openvino"),
+                        help="default auto: what `edge-vla tune` recorded for this bundle on this machine, else "
+                             "TensorRT engines where built, else onnxruntime")
+    parser.add_argument("--ov-precision", choices=("f32", "bf16"),
+                        help="--backend openvino only: its arithmetic, f32 (default) or bf16 (where the CPU has it; "
+                             "edge-vla tune checks it against the FP16 numerics gate)")
     parser.add_argument("--steps", type=int, help="ODE steps (default: the bundle's)")
     parser.add_argument("--telemetry", help="telemetry file: .mcap (needs the mcap package) or .jsonl")
     op = parser.add_argument_group("operator (arming is an operator act: the loop starts disarmed)")
@@ -598,7 +603,7 @@ def main(args: argparse.Namespace) -> int:
     holder = SceneHolder()
     source, space, size, cams = load_source(args.bundle, holder, backend=args.backend, steps=args.steps,
                                             expert_delay_s=0.0, strategy=args.strategy,
-                                            threads=threads.inference_threads)
+                                            threads=threads.inference_threads, precision=args.ov_precision)
     # Before anything moves or starts: a policy whose actions this robot cannot execute is refused here.
     require_executable(space, EXECUTABLE_ACTION_KINDS, f"bundle {args.bundle}", "this robot configuration",
                        EXECUTES_BECAUSE)

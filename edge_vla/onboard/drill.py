@@ -87,7 +87,8 @@ class _PolicyAdapter:
 
 def load_source(bundle_dir: str | Path | None, holder: SceneHolder, backend: str = "auto",
                 steps: int | None = None, expert_delay_s: float = 0.03,
-                strategy: str = "receding", threads: int | None = None) -> tuple[ChunkSource, ActionSpace, int, int]:
+                strategy: str = "receding", threads: int | None = None,
+                precision: str | None = None) -> tuple[ChunkSource, ActionSpace, int, int]:
     """(source, action space, image size, cameras): the bundle's Policy, or the sim expert without one.
 
     `threads`: the backend's intra-op threads (None: its default), e.g. one per CPU left to inference.
@@ -102,7 +103,7 @@ def load_source(bundle_dir: str | Path | None, holder: SceneHolder, backend: str
     bundle = Bundle.open(bundle_dir)
     if strategy == RTC and bundle.contract.rtc_max_delay <= 0:
         raise not_rtc_error(f"bundle {bundle_dir}")
-    policy = Policy.load(bundle, backend=backend, steps=steps, threads=threads)
+    policy = Policy.load(bundle, backend=backend, steps=steps, threads=threads, precision=precision)
     images = policy.contract.preprocessing["images"]  # any model family (docs/MANIFEST.md)
     return _PolicyAdapter(policy), policy.action_space, int(images["height"]), int(images["cameras"])
 
