@@ -55,7 +55,7 @@ from edge_vla.sim.latency_eval import (
     parse_strategies,
     with_zero,
 )
-from edge_vla.sim.metaworld import is_metaworld
+from edge_vla.sim.metaworld import MetaWorldSpec, is_metaworld
 from edge_vla.sim.splits import is_sim, sim_split
 
 from .envs import resolve_env
@@ -153,8 +153,9 @@ class Contender:
     def run_latency(self, args: argparse.Namespace, env: str, split: str, strategies: list[str],
                     latencies: list[float]) -> LatencyGrid:
         """Every strategy at every latency on the same seeds (edge_vla.sim.latency_eval)."""
-        reseed = progress(f"{self.name} (latency grid)", args.episodes * len(strategies) * len(with_zero(latencies)),
-                          self.reseed)
+        tasks = len(MetaWorldSpec.parse(env).tasks) if is_metaworld(env) else 1  # MetaWorld: --episodes per task
+        reseed = progress(f"{self.name} (latency grid)",
+                          args.episodes * tasks * len(strategies) * len(with_zero(latencies)), self.reseed)
         common = {"strategies": strategies, "latencies_ms": latencies, "episodes": args.episodes,
                   "seed_base": args.seed_base, "execute": args.execute, "name": self.name, "reseed": reseed,
                   "sigma": args.latency_sigma}

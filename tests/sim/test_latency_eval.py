@@ -344,3 +344,22 @@ def test_on_the_sim_the_prefix_taking_expert_hands_over_without_a_jump_where_rec
     assert (receding.strategy, rtc.strategy, rtc.latency_ms) == ("receding", "rtc", 200)
     assert rtc.handover_disagreement < 1e-6 and receding.handover_disagreement > 0.1  # float32 rounding only
     assert rtc.result.successes == receding.result.successes == 8
+
+
+def test_metaworld_latency_grid_progress_counts_every_task(monkeypatch):
+    """--episodes is per task on MetaWorld: the progress total covers tasks x strategies x latencies x episodes
+    (it said `episode 126/60` on MT10). Control: the sim grid's total has no task factor."""
+    from types import SimpleNamespace
+
+    from edge_vla.export import evaluate_cli
+
+    totals: list[int] = []
+    monkeypatch.setattr(evaluate_cli, "progress", lambda label, n, reseed: totals.append(n) or reseed)
+    monkeypatch.setattr(evaluate_cli, "evaluate_latency_metaworld", lambda *a, **k: "grid")
+    monkeypatch.setattr(evaluate_cli, "evaluate_latency", lambda *a, **k: "grid")
+    contender = evaluate_cli.Contender("policy", lambda obs: obs, None, dims=(4, 4))
+    monkeypatch.setattr(contender, "metaworld_policy", lambda env: None, raising=False)
+    args = SimpleNamespace(episodes=3, seed_base=0, execute=4, latency_sigma=0.25)
+    contender.run_latency(args, "metaworld:reach-v3,push-v3", "base", ["sync", "rtc"], [25.0])
+    contender.run_latency(args, "sim", "base", ["sync", "rtc"], [25.0])
+    assert totals == [3 * 2 * 2 * 2, 3 * 2 * 2]  # tasks x strategies x (0 ms + 25 ms) x episodes; the sim: no tasks
