@@ -18,20 +18,16 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gate"))
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _empty_tune_state_dir(tmp_path_factory):
-    """`Policy.load(backend="auto")` follows an `edge-vla tune` record for the bundle on this machine. A developer's
-    own record (e.g. in /var/lib/edge-vla) must not change which backend other tests get: point every test, and
-    every process it starts, at an empty state directory. Tests of tune pass their own."""
+@pytest.fixture(autouse=True)
+def _empty_tune_state_dir(tmp_path_factory, monkeypatch):
+    """`Policy.load(backend="auto")` follows an `edge-vla tune` record for the bundle on this machine. Neither a
+    developer's own record (e.g. in /var/lib/edge-vla) nor one written by an earlier test (`build-engines` ends with
+    tune; the session bundles share a manifest hash) may change which backend a test gets: every test, and every
+    process it starts, sees its own empty state directory. Tests of tune pass their own."""
     state = tmp_path_factory.mktemp("edge-vla-state")
     state.chmod(0o755)
-    old = os.environ.get("EDGE_VLA_STATE_DIR")
-    os.environ["EDGE_VLA_STATE_DIR"] = str(state)
-    yield state
-    if old is None:
-        os.environ.pop("EDGE_VLA_STATE_DIR", None)
-    else:
-        os.environ["EDGE_VLA_STATE_DIR"] = old
+    monkeypatch.setenv("EDGE_VLA_STATE_DIR", str(state))
+    return state
 
 
 def randomized_tiny_model(seed: int = 0):

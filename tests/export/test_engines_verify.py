@@ -79,7 +79,7 @@ def test_build_engines_marks_agreeing_engines_verified_and_the_tensorrt_policy_m
     from edge_vla.sim.env import ReachEnv
 
     b, fake = _engines(tmp_path, tiny_bundle, monkeypatch)
-    assert main(["build-engines", str(b), "--index-only", "--verify-samples", "2"]) == 0
+    assert main(["build-engines", str(b), "--index-only", "--verify-samples", "2", "--no-tune"]) == 0
     index = json.loads((b / "target" / "engines" / "index.json").read_text())
     assert index["verified"] is True and "PASS" in index["verification"]["summary"]
     obs = ReachEnv().reset(4)
@@ -95,7 +95,7 @@ def test_build_engines_refuses_engines_outside_the_thresholds(tmp_path, tiny_bun
     from edge_vla.cli import main
 
     b, _ = _engines(tmp_path, tiny_bundle, monkeypatch, perturb=1e-2)
-    assert main(["build-engines", str(b), "--index-only", "--verify-samples", "2"]) == 1
+    assert main(["build-engines", str(b), "--index-only", "--verify-samples", "2", "--no-tune"]) == 1
     out = capsys.readouterr().out
     assert "NOT VERIFIED" in out and "denoise_step: rel L2" in out
     assert not (b / "target" / "engines" / "index.json").exists()
@@ -107,7 +107,7 @@ def test_allow_unverified_keeps_them_marked_and_the_runtime_warns(tmp_path, tiny
     from edge_vla.runtime.trt_backend import TrtBackend
 
     b, _ = _engines(tmp_path, tiny_bundle, monkeypatch, perturb=1e-2)
-    assert main(["build-engines", str(b), "--index-only", "--verify-samples", "2", "--allow-unverified"]) == 0
+    assert main(["build-engines", str(b), "--index-only", "--verify-samples", "2", "--allow-unverified", "--no-tune"]) == 0
     assert json.loads((b / "target" / "engines" / "index.json").read_text())["verified"] is False
     with TrtBackend.from_bundle(Bundle.open(b)):
         pass

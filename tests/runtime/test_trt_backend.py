@@ -84,7 +84,7 @@ def test_tensorrt_policy_matches_onnxruntime(tiny_bundle, tmp_path):
         pytest.skip("TensorRT is not installed")
     b = tmp_path / "b"
     shutil.copytree(tiny_bundle, b)
-    assert main(["build-engines", str(b)]) == 0
+    assert main(["build-engines", str(b), "--no-tune"]) == 0
     obs = ReachEnv().reset(1)
     trt_chunk = Policy.load(b, backend="tensorrt", seed=2).infer(obs).actions
     ort_chunk = Policy.load(b, backend="onnxruntime", seed=2).infer(obs).actions
