@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_vla.errors import BundleError
+
 log = logging.getLogger(__name__)
 
 
@@ -79,3 +81,23 @@ class Backend(abc.ABC):
                 self.close()
             except Exception:  # interpreter shutdown: the libraries may already be gone
                 log.debug("close() in __del__ failed", exc_info=True)
+
+
+class HostBufferBackend(Backend, abc.ABC):
+    """A CPU backend whose graph IO lives in host arrays it allocated once (`buf`: name -> array), bound to its
+    engine by pointer, so `buffer()` returns the very array the engine reads and writes."""
+
+    buf: dict[str, np.ndarray]
+
+    def buffer(self, name: str) -> np.ndarray:
+        if name not in self.buf:
+            raise BundleError(f"no graph has an input or output named {name!r}")
+        return self.buf[name]
+
+    def _fit_time_rows(self, name: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the input's buffer, the rows contiguous): the rows of a schedule for step input `name`, checked."""
+        target = self.buffer(name)
+        if rows.shape[1:] != target.shape or rows.dtype != target.dtype:
+            raise BundleError(f"time rows {rows.dtype}{list(rows.shape)} do not fit input {name!r} "
+                              f"{target.dtype}{list(target.shape)}")
+        return target, np.ascontiguousarray(rows)

@@ -33,7 +33,7 @@ import onnxruntime as ort
 from edge_vla.bundle import Bundle
 from edge_vla.errors import BundleError, EdgeVlaError
 from edge_vla.runtime import onnx_proto as pb
-from edge_vla.runtime.backend import Backend
+from edge_vla.runtime.backend import HostBufferBackend
 from edge_vla.runtime.contract import DTYPES, Contract
 from edge_vla.runtime.ort_fuse import CHUNK_NOISE, KINDS, ChunkReport, FuseReport, compose_chunk, fuse_file
 
@@ -158,7 +158,7 @@ class Buffers:
         return name in self.arrays
 
 
-class OrtBackend(Backend):
+class OrtBackend(HostBufferBackend):
     """Runs the prefix graph once per chunk and the step graph once per ODE evaluation; on the CPU provider, an
     Euler chunk without an action prefix as one call of the composed chunk graph."""
 
@@ -224,17 +224,8 @@ class OrtBackend(Backend):
             binding.bind_output(v.name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
         return binding
 
-    def buffer(self, name: str) -> np.ndarray:
-        if name not in self.buf:
-            raise BundleError(f"no graph has an input or output named {name!r}")
-        return self.buf[name]
-
     def set_time_rows(self, name: str, rows: np.ndarray) -> None:
-        target = self.buffer(name)
-        if rows.shape[1:] != target.shape or rows.dtype != target.dtype:
-            raise BundleError(f"time rows {rows.dtype}{list(rows.shape)} do not fit input {name!r} "
-                              f"{target.dtype}{list(target.shape)}")
-        self._time = (target, np.ascontiguousarray(rows))
+        self._time = self._fit_time_rows(name, rows)
         self._time_name = name
 
     def run_prefix(self) -> None:

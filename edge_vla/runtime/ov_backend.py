@@ -30,7 +30,7 @@ import numpy as np
 from edge_vla.bundle import Bundle
 from edge_vla.errors import BundleError, ConfigError, EdgeVlaError
 from edge_vla.optional import available, require
-from edge_vla.runtime.backend import Backend
+from edge_vla.runtime.backend import HostBufferBackend
 from edge_vla.runtime.contract import DTYPES, Contract
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def _precision_name(hint: Any) -> str:
     return _HINT_NAMES.get(text, text)
 
 
-class OvBackend(Backend):
+class OvBackend(HostBufferBackend):
     """Runs the prefix graph once per chunk and the step graph once per ODE evaluation on OpenVINO CPU."""
 
     name = "openvino"
@@ -164,17 +164,8 @@ class OvBackend(Backend):
                                       "re-export the bundle")
         return {name: np.zeros(shape, dtype) for name, (shape, dtype) in specs.items()}
 
-    def buffer(self, name: str) -> np.ndarray:
-        if name not in self.buf:
-            raise BundleError(f"no graph has an input or output named {name!r}")
-        return self.buf[name]
-
     def set_time_rows(self, name: str, rows: np.ndarray) -> None:
-        target = self.buffer(name)
-        if rows.shape[1:] != target.shape or rows.dtype != target.dtype:
-            raise BundleError(f"time rows {rows.dtype}{list(rows.shape)} do not fit input {name!r} "
-                              f"{target.dtype}{list(target.shape)}")
-        self._time = (target, np.ascontiguousarray(rows))
+        self._time = self._fit_time_rows(name, rows)
 
     def _check_open(self) -> None:
         if self._closed:
