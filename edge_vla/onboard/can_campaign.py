@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import struct
 import threading
@@ -452,6 +451,9 @@ class CanCampaign(_HostedCampaign):
         return _Control(now, fastest, snaps[fastest]["velocity"], snaps, start, self.p.devices, "rad/s")
 
     # -- the verdict -----------------------------------------------------------------------------------
+    def _wait_stopped(self, since: float, timeout: float = 5.0) -> dict[int, tuple[float, str]]:
+        return self._wait_off(since, timeout)
+
     def _wait_off(self, since: float, timeout: float = 5.0) -> dict[int, tuple[float, str]]:
         """Every device's torque-off time and cause once all are off, or what is off when `timeout` runs out."""
         def every_device() -> dict[int, tuple[float, str]] | None:
@@ -633,21 +635,6 @@ class CanCampaign(_HostedCampaign):
         row.host = f"{time.monotonic() - t:.1f} s after the fault: phase {status.get('phase')}, no trip"
         row.notes = f"{what}; stopped by the operator"
         self.run.op("stop")
-        return self._watch(row, t)
-
-    def stalled_inference(self) -> MotorFaultRow:
-        """The run's inference process frozen with SIGSTOP (see MotorCampaign.stalled_inference): the control
-        loop, in its own process, must stop the devices."""
-        ctl = self.arm_and_move()
-        assert self.run is not None
-        t = time.monotonic()
-        os.kill(self.run.pid, signal.SIGSTOP)
-        try:
-            self._wait_off(t, timeout=10.0)
-        finally:
-            os.kill(self.run.pid, signal.SIGCONT)
-        trip = wait_until(lambda: self._trip_since(t), 5.0, "the host's trip")
-        row = self._timed_row("stalled inference (inference process frozen)", t, ctl, trip)
         return self._watch(row, t)
 
     def host_sigterm(self) -> MotorFaultRow:

@@ -370,6 +370,28 @@ class _HostedCampaign:
             raise _SpontaneousTrip(trip)
         return status
 
+    def stalled_inference(self) -> MotorFaultRow:
+        """The run's inference process (policy, camera, operator socket) frozen with SIGSTOP: from the control
+        loop's side, what a hung inference looks like. campaign.py stalls the policy call inside the process that
+        hosts the runner (StallableSource); `edge-vla run` offers no such hook from outside, so the stall is
+        applied to its inference process as a whole (the loop runs in its own process and keeps cycling). The same for every backend: what differs is how the
+        devices are seen to stop (`_wait_stopped`)."""
+        ctl = self.arm_and_move()
+        assert self.run is not None
+        t = time.monotonic()
+        os.kill(self.run.pid, signal.SIGSTOP)
+        try:
+            self._wait_stopped(t, timeout=10.0)
+        finally:
+            os.kill(self.run.pid, signal.SIGCONT)
+        trip = wait_until(lambda: self._trip_since(t), 5.0, "the host's trip")
+        row = self._timed_row("stalled inference (inference process frozen)", t, ctl, trip)
+        return self._watch(row, t)
+
+    def _wait_stopped(self, since: float, timeout: float = 5.0) -> dict[int, tuple[float, str]]:
+        """Per device, (time, by whom) it was stopped after `since` (torque off, or held by its own watchdog)."""
+        raise NotImplementedError
+
     def _host_outcome(self, since: float, expect_exit: bool = True, settle_s: float = 5.0) -> str:
         """The run's exit status, its control-loop error and the trips it recorded after `since`; for a run that
         stays up (it keeps serving its operator socket after a lost bus), its phase and trip."""
@@ -477,6 +499,9 @@ class MotorCampaign(_HostedCampaign):
         for e in self.events("watchdog_expired", since):
             note(e.servo_id, e.t, "hold")
         return out
+
+    def _wait_stopped(self, since: float, timeout: float = 5.0) -> dict[int, tuple[float, str]]:
+        return self._wait_safe(since, timeout)
 
     def _wait_safe(self, since: float, timeout: float = 5.0) -> dict[int, tuple[float, str]]:
         """The servos' safe times once every servo is safe, or whatever is safe when `timeout` runs out."""
@@ -620,23 +645,6 @@ class MotorCampaign(_HostedCampaign):
         row.moved_without_arm = bool([e for e in self.events("torque", t) if e.detail.get("value") == 1])
         self.rows.append(row)
         return row
-
-    def stalled_inference(self) -> MotorFaultRow:
-        """The run's inference process (policy, camera, operator socket) frozen with SIGSTOP: from the control
-        loop's side, what a hung inference looks like. campaign.py stalls the policy call inside the process that
-        hosts the runner (StallableSource); `edge-vla run` offers no such hook from outside, so the stall is
-        applied to its inference process as a whole (the loop runs in its own process and keeps cycling)."""
-        ctl = self.arm_and_move()
-        assert self.run is not None
-        t = time.monotonic()
-        os.kill(self.run.pid, signal.SIGSTOP)
-        try:
-            self._wait_safe(t, timeout=10.0)
-        finally:
-            os.kill(self.run.pid, signal.SIGCONT)
-        trip = wait_until(lambda: self._trip_since(t), 5.0, "the host's trip")
-        row = self._timed_row("stalled inference (inference process frozen)", t, ctl, trip)
-        return self._watch(row, t)
 
     def host_sigterm(self) -> MotorFaultRow:
         """SIGTERM to every process of the run (a control-group stop): the run ends."""
