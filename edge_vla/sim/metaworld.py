@@ -119,13 +119,17 @@ ANCHORS: dict[str, dict[str, float]] = {
     "pi0 (3.3B)": {"easy": 71.8, "medium": 48.2, "hard": 41.7, "very hard": 30.0},
 }
 
-CAMERAS = ("corner", "corner2", "corner3", "topview", "behindGripper", "gripperPOV")
+CAMERAS = ("corner", "corner2", "corner3", "topview", "behindGripper", "gripperPOV", "front")
 WRIST_CAMERA = "gripperPOV"
 DEFAULT_CAMERAS = ("corner2", "gripperPOV", "corner", "topview", "corner3", "behindGripper")  # by count
 # These two are mounted upside down; LeRobot flips corner2 the same way, and moves it to a view of the whole
 # table (from arXiv 2206.14244): frames then match a LeRobot MetaWorld dataset's camera.
 _FLIPPED = {"corner", "corner2"}
 _CORNER2_POS = (0.75, 0.075, 0.7)
+# Not in MetaWorld's model: a fixed camera facing the robot across the table, framing the reachable workspace
+# (objects and goals at y 0.4-0.9 m) the way a cell's scene camera is mounted. At 64 px corner2's whole-table view
+# leaves a goal marker 1-2 px; here it is 2-4 px. MuJoCo free-camera terms: lookat (m), distance (m), degrees.
+_FREE_CAMERAS = {"front": {"lookat": (0.0, 0.7, 0.12), "distance": 0.95, "azimuth": -120.0, "elevation": -35.0}}
 
 STATE_NAMES = ("hand_x", "hand_y", "hand_z", "gripper_opening")
 ACTION_NAMES = ("dx", "dy", "dz", "gripper")
@@ -257,6 +261,7 @@ class MetaWorldEnv:
         self.env = env
         self.expert = policies.ENV_POLICY_MAP[task]()
         self._renderer: Any = None
+        self._free_cameras = {name: self._free_camera(**view) for name, view in _FREE_CAMERAS.items()}
         self.raw: np.ndarray | None = None
         self.t = 0
         self.success = False
@@ -292,12 +297,20 @@ class MetaWorldEnv:
         mj, r = self._mujoco, self._renderer
         images = []
         for cam in self.cameras:
-            r.update_scene(self.env.data, camera=cam)
+            r.update_scene(self.env.data, camera=self._free_cameras.get(cam, cam))
             r.scene.flags[mj.mjtRndFlag.mjRND_REFLECTION] = 0
             r.scene.flags[mj.mjtRndFlag.mjRND_SKYBOX] = 0
             img = r.render()
             images.append(np.ascontiguousarray(np.flip(img, (0, 1)) if cam in _FLIPPED else img.copy()))
         return images
+
+    def _free_camera(self, lookat: tuple[float, float, float], distance: float, azimuth: float,
+                     elevation: float) -> Any:
+        cam = self._mujoco.MjvCamera()
+        cam.type = self._mujoco.mjtCamera.mjCAMERA_FREE
+        cam.lookat[:] = lookat
+        cam.distance, cam.azimuth, cam.elevation = distance, azimuth, elevation
+        return cam
 
     def _make_renderer(self) -> Any:
         try:

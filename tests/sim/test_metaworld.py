@@ -141,3 +141,36 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch):
     with pytest.raises(MissingDependencyError, match=r"pip install 'edge-vla\[metaworld\]'") as err:
         MetaWorldEnv("reach-v3")
     assert "\n" not in str(err.value)
+
+
+def test_the_front_camera_frames_the_workspace_so_the_goal_marker_is_larger_than_in_corner2():
+    """`front`: a fixed camera facing the robot across the table, framing the reachable workspace (a real cell
+    mounts one like it). At 64 px the reach goal marker covers more pixels than in corner2, whose view takes in
+    the whole table, and it moves with the goal."""
+    if importlib.util.find_spec("metaworld") is None:
+        pytest.skip("MetaWorld is an optional extra: pip install 'edge-vla[metaworld]'")
+    from edge_vla.sim.metaworld import MetaWorldEnv
+
+    def goal_pixels(env) -> np.ndarray:
+        img = env.render()
+        moved = [np.argwhere(np.abs(a.astype(int) - b.astype(int)).sum(-1) > 60) for a, b in zip(img, base)]
+        return moved
+
+    with MetaWorldEnv("reach-v3", ("front", "corner2"), image_size=64, horizon=10) as env:
+        sizes = {"front": [], "corner2": []}
+        for seed in (3, 4, 5):
+            env.reset(seed)
+            base = env.render()
+            site = env.env.model.site("goal").id
+            rgba = env.env.model.site_rgba[site].copy()
+            env.env.model.site_rgba[site, 3] = 0.0  # hide the marker: the pixels that change are the marker's
+            moved = goal_pixels(env)
+            env.env.model.site_rgba[site] = rgba
+            sizes["front"].append(len(moved[0]))
+            sizes["corner2"].append(len(moved[1]))
+        env.reset(3)
+        a = env.render()[0]
+        env.reset(4)
+        assert not np.array_equal(a, env.render()[0])
+    assert min(sizes["front"]) >= 2, sizes
+    assert sum(sizes["front"]) > 1.5 * sum(sizes["corner2"]), sizes
