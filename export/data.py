@@ -1,6 +1,8 @@
-"""Turning sim datasets and observations into model tensors."""
+"""Turning sim datasets and observations into model tensors, and loading one or several datasets for training."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -8,7 +10,9 @@ import torch
 from edge_vla.config import VLAConfig
 from edge_vla.errors import ConfigError
 from edge_vla.runtime.types import Observation
+from edge_vla.sim import dataset
 from edge_vla.sim.dataset import Dataset
+from edge_vla.sim.metaworld import MetaWorldSpec, is_metaworld
 from edge_vla.tokenizer import tokenize
 
 
@@ -22,6 +26,80 @@ def require_finite(ds: Dataset, source: str) -> None:
             raise ConfigError(f"{source}: sample {int(rows[0])} (episode {int(ds.episodes[rows[0]])}) holds a "
                               f"non-finite {name} ({len(rows)} sample(s) do); the dataset is corrupt: regenerate it "
                               "with `edge-vla make-data`")
+
+
+# Meta fields that must agree for datasets to train one model together: the environment, the sim's split, the
+# frames' cameras and size, the state and action spaces. MetaWorld specs (`env`) are compared by _same_env.
+SAME_META = ("task", "split", "cameras", "image_size", "num_cameras", "action_space", "state_names", "action_period_s")
+
+
+def is_dataset_list(source: str) -> bool:
+    """`A.npz,B.npz`: several datasets to train on together (a file whose own name holds a comma is one dataset)."""
+    return "," in source and not Path(source).exists()
+
+
+def load_training_data(source: str) -> Dataset:
+    """One dataset, or `A.npz,B.npz,...` concatenated (e.g. demonstrations and DAgger rounds)."""
+    if not is_dataset_list(source):
+        return dataset.load(source)
+    paths = [p.strip() for p in source.split(",")]
+    if any(not p for p in paths):
+        raise ConfigError(f"--data {source!r}: an empty name in the list; give A.npz,B.npz")
+    for p in paths:  # every name checked before any (large) file is read
+        if not Path(p).is_file():
+            raise ConfigError(f"--data: dataset {p} does not exist; make it with `edge-vla make-data -o {p}` (a list of "
+                              "datasets is never generated)")
+    return concatenate([(p, dataset.load(p)) for p in paths])
+
+
+def concatenate(parts: list[tuple[str, Dataset]]) -> Dataset:
+    """Samples of every part, in order; episode ids shifted so no two parts share one (whole episodes stay together
+    in the validation split, which takes the highest ids: the last part's last episodes). The meta is the first
+    part's, with `parts` naming each file, its sample count and meta."""
+    (first_path, first), rest = parts[0], parts[1:]
+    for path, part in rest:
+        _check_same(first_path, first, path, part)
+    episodes, offset = [], 0
+    for _, part in parts:
+        episodes.append(part.episodes.astype(np.int64) + offset)
+        offset = int(episodes[-1].max()) + 1 if len(part) else offset
+    goals = None if first.goals is None else np.concatenate([p.goals for _, p in parts])
+    meta = dict(first.meta) | {"parts": [{"path": path, "samples": len(part), "meta": part.meta} for path, part in parts]}
+    return Dataset(
+        images=np.concatenate([p.images for _, p in parts]),
+        instructions=np.concatenate([p.instructions for _, p in parts]),
+        states=np.concatenate([p.states for _, p in parts]),
+        actions=np.concatenate([p.actions for _, p in parts]),
+        episodes=np.concatenate(episodes).astype(np.int32),
+        goals=goals, meta=meta,
+    )
+
+
+def _check_same(first_path: str, first: Dataset, path: str, part: Dataset) -> None:
+    """One line naming the first thing that differs between `part` and the first dataset."""
+    def shape(a: np.ndarray | None) -> object:
+        return None if a is None else tuple(a.shape[1:])
+
+    diffs = [(k, part.meta.get(k), first.meta.get(k)) for k in SAME_META if part.meta.get(k) != first.meta.get(k)]
+    diffs += _env_diff(part.meta.get("env"), first.meta.get("env"))
+    diffs += [(k, shape(getattr(part, k)), shape(getattr(first, k))) for k in ("images", "states", "actions", "goals")
+              if shape(getattr(part, k)) != shape(getattr(first, k))]
+    if diffs:
+        key, theirs, ours = diffs[0]
+        raise ConfigError(f"--data: {path} differs from {first_path} in {key} ({theirs!r} vs {ours!r}); datasets trained "
+                          "together come from the same --env, --cameras and --image-size")
+
+
+def _env_diff(theirs: object, ours: object) -> list[tuple[str, object, object]]:
+    """MetaWorld: the same cameras, and no task the first dataset lacks (its env stays the model's); the horizon
+    may differ (a DAgger round may cut episodes shorter). Anything else: the same string."""
+    if not (is_metaworld(theirs) and is_metaworld(ours)):
+        return [] if theirs == ours else [("env", theirs, ours)]
+    a, b = MetaWorldSpec.parse(str(theirs)), MetaWorldSpec.parse(str(ours))
+    if a.cameras != b.cameras:
+        return [("env cameras", a.cameras, b.cameras)]
+    extra = [t for t in a.tasks if t not in b.tasks]
+    return [("env tasks", extra, "absent")] if extra else []
 
 
 class TensorDataset:

@@ -16,7 +16,7 @@ from edge_vla.sim.cli import ENV_HELP
 from edge_vla.sim.metaworld import is_metaworld
 from edge_vla.sim.splits import sim_split
 
-from .data import require_finite
+from .data import is_dataset_list, load_training_data, require_finite
 from .envs import training_config
 from .lerobot.hooks import is_lerobot_source, training_data
 from .train import TrainConfig, train
@@ -43,8 +43,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "file of PI0Config keyword arguments merged over the reduced default (export/pi0/train.py)")
     parser.add_argument("--data", default=None,
                         help="dataset from `edge-vla make-data` (made if missing; default runs/data/reach.npz, with a "
-                        "MetaWorld --env runs/data/metaworld.npz), or lerobot:PATH (a LeRobot v3.0/v2.1 dataset; see "
-                        "docs/LEROBOT.md; edge-vla family only). A MetaWorld dataset sets the model's state, action "
+                        "MetaWorld --env runs/data/metaworld.npz), several to train on together as A.npz,B.npz (e.g. "
+                        "demonstrations and DAgger rounds: same env, cameras and image size), or lerobot:PATH (a "
+                        "LeRobot v3.0/v2.1 dataset; see docs/LEROBOT.md; edge-vla family only). A MetaWorld dataset sets the model's state, action "
                         "and camera counts")
     parser.add_argument("--env", default="sim", help="the environment to generate --data from when it is missing: "
                         + ENV_HELP)
@@ -120,7 +121,7 @@ def main(args: argparse.Namespace) -> int:
     if is_lerobot_source(data):
         cfg, ds = training_data(data, cfg)
     else:
-        if not data_path.exists():
+        if not data_path.exists() and not is_dataset_list(data):
             print(f"{data_path} not found: generating {args.episodes} expert episodes"
                   + (f" per task of {args.env}" if mw else ""))
             if mw:
@@ -130,8 +131,8 @@ def main(args: argparse.Namespace) -> int:
             else:
                 made = dataset.generate(range(args.episodes), cfg.image_size, cfg.num_cameras, split=split)
             dataset.save(made, data_path)
-        ds = dataset.load(data_path)
-        require_finite(ds, str(data_path))
+        ds = load_training_data(data)
+        require_finite(ds, data)
         cfg = training_config(cfg, ds)
     out = Path(args.output or f"runs/{args.preset}")
     init = None

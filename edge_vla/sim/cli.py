@@ -32,16 +32,33 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="sim: scene layouts (seeds); each layout gives one demonstration per block, the "
                              "instruction naming that block, so N layouts give N x blocks demonstrations (3 blocks in "
                              "sim:base, 5 in sim:hard). MetaWorld: episodes per task (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="first episode seed (held-out eval seeds start at 1e6)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="first episode seed (default 0; with --dagger-policy 300000; held-out eval seeds start at "
+                        "1e6)")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--cameras", type=int, default=1,
                         help="cameras per frame (MetaWorld: corner2, gripperPOV, ... unless the env names them)")
     parser.add_argument("--noise", type=float, default=None,
                         help="std of the executed-action perturbation (sim: rad, default 0.15; MetaWorld: action "
                         "units on the xyz deltas, default 0.1)")
+    parser.add_argument("--dagger-policy", default=None, metavar="CKPT_OR_BUNDLE",
+                        help="MetaWorld DAgger round: roll out this checkpoint or bundle (as `edge-vla evaluate` runs it) "
+                        "on --episodes seeds per task and record every state it visits, labelled with the scripted "
+                        "expert's action chunk from that state (edge_vla/sim/metaworld_dagger.py); train on it beside "
+                        "the demonstrations with `edge-vla train --data DEMOS.npz,DAGGER.npz`")
+    parser.add_argument("--dagger-beta", type=float, default=None, metavar="B",
+                        help="with --dagger-policy: probability per chunk that the expert acts instead (default 0: the "
+                        "policy alone; 1: the expert alone)")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.dagger_policy is not None:
+        from edge_vla.sim import metaworld_dagger
+
+        return metaworld_dagger.main(args)
+    if args.dagger_beta is not None:
+        raise ConfigError("--dagger-beta needs --dagger-policy (the policy the expert is mixed with)")
+    args.seed = 0 if args.seed is None else args.seed
     if not is_sim(args.env):
         return _metaworld(args)
     split = sim_split(args.env)
