@@ -542,7 +542,9 @@ def test_peers(name: str, steps: int, threads: int, benchmark: Any, bench_models
             "fp32", _rel_l2(fp32, got))
 
     for p, pol in policies.items():
-        add(f"edge-vla runtime {p}", lambda pol=pol: pol.infer(obs), p, _rel_l2(fp32, ref[p]))
+        path = getattr(pol.backend, "chunk_path", None)  # which code ran the steps: "cpu_step" is the C Euler loop
+        add(f"edge-vla runtime {p}" + (f" (steps: {path})" if path else ""), lambda pol=pol: pol.infer(obs), p,
+            _rel_l2(fp32, ref[p]))
     # The runtime's load-time onnxruntime fusion (edge_vla.runtime.ort_fuse), attributed in the same run.
     with _env(FUSE_ENV, "none"):
         unfused = Policy.load(bundles["fp32"], backend="onnxruntime", steps=steps, threads=threads, seed=SEED)
@@ -556,6 +558,14 @@ def test_peers(name: str, steps: int, threads: int, benchmark: Any, bench_models
     policies["fp32, one-call chunk off"] = stepped
     got = stepped.infer(obs)
     add("edge-vla runtime fp32, one-call chunk off (EDGE_VLA_ORT_CHUNK=off)", lambda: stepped.infer(obs), "fp32",
+        _rel_l2(fp32, got.actions))
+
+    # The C Euler loop (edge_vla.runtime.cpu_step), attributed the same way: the one-call onnxruntime chunk instead.
+    with _env("EDGE_VLA_CPU_STEP", "off"):
+        ort_chunk = Policy.load(bundles["fp32"], backend="onnxruntime", steps=steps, threads=threads, seed=SEED)
+    policies["fp32, C Euler loop off"] = ort_chunk
+    got = ort_chunk.infer(obs)
+    add("edge-vla runtime fp32, C Euler loop off (EDGE_VLA_CPU_STEP=off)", lambda: ort_chunk.infer(obs), "fp32",
         _rel_l2(fp32, got.actions))
 
     # The OpenVINO backend behind the runtime's Backend interface, on the fp32 bundle.

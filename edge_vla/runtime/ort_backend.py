@@ -19,6 +19,10 @@ time rows through their casts). What it saves is the 1 + N run calls and the Pyt
 thread: ~8% of a chunk). EDGE_VLA_ORT_CHUNK (or the `chunk` argument) turns it off ("off").
 Graphs with external weights, or over CHUNK_MAX_BYTES, keep stepping: there the per-call overhead is noise
 and the chunk session would hold a second copy of the weights.
+
+Where edge_vla.runtime.cpu_step applies (an FP32 FoldedStep step graph, a C compiler, its load-time numerics check
+passed; EDGE_VLA_CPU_STEP=auto, the default), the one-call chunk is the prefix graph in onnxruntime and then every
+Euler step in one C call instead of the composed graph; `chunk_path` says which runs ("cpu_step" or "onnxruntime").
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import onnxruntime as ort
 
 from edge_vla.bundle import Bundle
 from edge_vla.errors import BundleError, EdgeVlaError
+from edge_vla.runtime import cpu_step
 from edge_vla.runtime import onnx_proto as pb
 from edge_vla.runtime.backend import HostBufferBackend
 from edge_vla.runtime.contract import DTYPES, Contract
@@ -183,6 +188,9 @@ class OrtBackend(HostBufferBackend):
         if chunk_enabled(chunk) and self.providers == ["CPUExecutionProvider"]:
             self._chunk_sources = _chunk_sources((Path(prefix_path), prefix_model), (Path(step_path), step_model))
         self.chunk: ChunkReport | None = None  # set by prepare_fused_chunk
+        self.step_path, self._cpu_step_on = Path(step_path), cpu_step.cpu_step_enabled()
+        self.cpu_step: cpu_step.CpuStep | None = None  # the C Euler loop, where prepare_fused_chunk set it up
+        self.chunk_path: str | None = None  # the one-call chunk prepared: "cpu_step" or "onnxruntime" (composed graph)
         self.chunk_sess: ort.InferenceSession | None = None
         specs: dict[str, dict] = {}
         for sess in (self.prefix_sess, self.step_sess):
@@ -260,6 +268,14 @@ class OrtBackend(HostBufferBackend):
         rows = self._time[1]
         if len(rows) < 2 * steps + 1:
             raise EdgeVlaError(f"set_time_rows() gave {len(rows)} time slots; {steps} steps need {2 * steps + 1}")
+        self.cpu_step = cpu_step.prepare(
+            self.step_path, self.buf, x_t=self.x_name, time=self._time_name, velocity=self.v_name,
+            mask=self.mask_name, rows=rows, steps=steps, dt=dt, run_ort_step=self._ort_velocity,
+        ) if self._cpu_step_on else None
+        if self.cpu_step is not None:  # no onnxruntime chunk graph: the prefix session and the C loop run it
+            self.chunk_sess = self.chunk = self._chunk_binding = None
+            self.chunk_path = "cpu_step"
+            return
         # RTC bundles: a chunk without an action prefix has an all-zero mask (what the sampler writes for d = 0).
         fixed = {} if self.mask_name is None else {self.mask_name: np.zeros_like(self.buf[self.mask_name])}
         try:
@@ -278,18 +294,30 @@ class OrtBackend(HostBufferBackend):
         binding.bind_output(report.output, "cpu", 0, x.dtype, list(x.shape), x.ctypes.data)
         self.chunk_sess, self.chunk, self._chunk_binding = sess, report, binding
         self._chunk_noise, self._chunk_x = noise, x
+        self.chunk_path = "onnxruntime"
         log.debug("one-call chunk: prefix + %d Euler steps, %d nodes", steps, report.nodes)
 
     def run_fused_chunk(self, noise: np.ndarray) -> np.ndarray:
         """Observation inputs already in their buffers; returns the float32 state after the chunk's steps (a reused
-        buffer). The prefix outputs' buffers are not written (the chunk keeps the K/V inside)."""
+        buffer). The prefix outputs' buffers are not written (the chunk keeps the K/V inside), except by the C loop's
+        path, which runs the prefix session and then the C loop on its K/V buffers."""
+        if self.cpu_step is not None:
+            self.run_prefix()
+            return self.cpu_step.run(noise)
         if self.chunk_sess is None or self._chunk_binding is None or self._chunk_noise is None:
             raise EdgeVlaError("run_fused_chunk() before prepare_fused_chunk()")
         np.copyto(self._chunk_noise, noise)
         self.chunk_sess.run_with_iobinding(self._chunk_binding)
         return self._chunk_x  # type: ignore[return-value]
 
+    def _ort_velocity(self, x: np.ndarray, slot: int) -> np.ndarray:
+        """onnxruntime's velocity at state x and time slot `slot` (the C loop's load-time check)."""
+        np.copyto(self.buf[self.x_name], x, casting="same_kind")
+        self.run_step(slot)
+        return self.buf[self.v_name]
+
     def _release(self) -> None:
+        self.cpu_step = None
         # Sessions hold no device resources on the CPU provider; dropping them frees their arenas.
         self._prefix_binding = self._step_binding = self._chunk_binding = None  # type: ignore[assignment]
         self.prefix_sess = self.step_sess = self.chunk_sess = None  # type: ignore[assignment]

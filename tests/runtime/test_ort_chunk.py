@@ -102,6 +102,7 @@ def test_reduced_precision_bundles_run_in_one_call_too(request, obs, monkeypatch
 
 def test_the_composed_graph_holds_the_prefix_and_every_step(tiny_bundle, obs, monkeypatch):
     monkeypatch.delenv(CHUNK_ENV, raising=False)
+    monkeypatch.setenv("EDGE_VLA_CPU_STEP", "off")  # the composed ORT graph, not the C loop (test_cpu_step.py)
     monkeypatch.delenv(FUSE_ENV, raising=False)
     # the graphs as the sessions run them: the bundle's files with the default load-time fusions
     prefix, step = (load_model(fuse_file(tiny_bundle / "graphs" / f"{g}.onnx", DEFAULT_FUSE)[0])
@@ -129,6 +130,7 @@ def test_other_solvers_step_from_the_host(tiny_bundle, obs, ort_calls, monkeypat
 
 def test_a_failed_composition_falls_back_to_stepping_with_a_warning(tiny_bundle, obs, monkeypatch, ort_calls,
                                                                     caplog):
+    monkeypatch.setenv("EDGE_VLA_CPU_STEP", "off")  # the composed ORT graph, not the C loop (test_cpu_step.py)
     ref = _chunks(tiny_bundle, obs, monkeypatch, "off", 10, n=1)[0]
 
     def broken(*args, **kwargs):
