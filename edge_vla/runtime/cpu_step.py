@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_vla.atomic import atomic_write
 from edge_vla.errors import BundleError, EdgeVlaError
 from edge_vla.runtime import onnx_proto as pb
 
@@ -167,17 +168,9 @@ def _intact(so: Path) -> bool:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        f.write(data)
+    os.chmod(path, 0o644)  # mkstemp's 0600 otherwise; the library is read by whoever loads the cache
 
 
 def _compile(cc: list[str], so: Path) -> str | None:
