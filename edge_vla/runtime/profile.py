@@ -116,8 +116,10 @@ def profile_bundle(bundle: Bundle, steps_list: list[int], iterations: int = 200,
         samples = measure(policy, obs, iterations, warmup)
         log.info("%s steps=%d: %d runs in %.1f s", bundle.precision, steps, iterations, time.perf_counter() - t0)
         label = f"{bundle.precision} {policy.solver} x{steps}"
-        results.append(ConfigResult(label, bundle.precision, steps, policy.solver, samples,
-                                    getattr(policy.backend, "name", type(policy.backend).__name__)))
+        name = getattr(policy.backend, "name", type(policy.backend).__name__)
+        if getattr(policy.backend, "chunk_path", None) == "cpu_step":  # the steps ran in the C Euler loop
+            name += " + C Euler loop"
+        results.append(ConfigResult(label, bundle.precision, steps, policy.solver, samples, name))
     return results
 
 

@@ -381,3 +381,15 @@ def test_the_service_user_builds_into_its_state_dir_or_a_private_temp_dir_or_fal
     assert not list(private.iterdir())  # nothing built into it
     for got in (built, in_tmp, fallback):
         assert _rel_l2(ref[0], np.asarray(got["actions"], np.float32)) <= REL_L2
+
+
+def test_the_profile_says_which_code_ran_the_steps(tiny_bundle, monkeypatch):
+    """`edge-vla profile` names the C loop beside the backend, and not when it is off (control)."""
+    from edge_vla.bundle import Bundle
+    from edge_vla.runtime.profile import profile_bundle
+
+    for switch, expected in (("auto", "onnxruntime + C Euler loop"), ("off", "onnxruntime")):
+        monkeypatch.setenv("EDGE_VLA_CPU_STEP", switch)
+        (result,) = profile_bundle(Bundle.open(tiny_bundle), [10], iterations=3, warmup=1, threads=1,
+                                   backend="onnxruntime")
+        assert result.backend == expected
