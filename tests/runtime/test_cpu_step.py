@@ -363,7 +363,12 @@ def test_the_service_user_builds_into_its_state_dir_or_a_private_temp_dir_or_fal
     tmp = service_tree / "tmp"  # a sticky world-writable temp dir, like /tmp
     tmp.mkdir()
     tmp.chmod(0o1777)
-    built, _ = _as_service_user(service_tree, EDGE_VLA_STATE_DIR=str(state), TMPDIR=str(locked))
+    # A temp dir of its own, empty: with an unwritable TMPDIR Python's tempfile falls back to /tmp, where another
+    # service-user test may already have cached the library (then nothing would be built into the state dir).
+    own_tmp = service_tree / "own-tmp"
+    own_tmp.mkdir()
+    os.chown(own_tmp, 65534, 65534)
+    built, _ = _as_service_user(service_tree, EDGE_VLA_STATE_DIR=str(state), TMPDIR=str(own_tmp))
     assert built["path"] == "cpu_step"
     libs = list((state / "kernels").glob("*.so"))
     assert len(libs) == 1 and libs[0].stat().st_uid == 65534 and not libs[0].stat().st_mode & 0o022
