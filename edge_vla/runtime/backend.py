@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import os
 import warnings
 from typing import Any
 
@@ -101,3 +102,18 @@ class HostBufferBackend(Backend, abc.ABC):
             raise BundleError(f"time rows {rows.dtype}{list(rows.shape)} do not fit input {name!r} "
                               f"{target.dtype}{list(target.shape)}")
         return target, np.ascontiguousarray(rows)
+
+
+# The spellings an on/off speed-up switch accepts (EDGE_VLA_ORT_CHUNK, EDGE_VLA_CPU_STEP); "auto" is the default.
+_SWITCH_VALUES = {"auto": True, "on": True, "1": True, "off": False, "0": False, "none": False}
+
+
+def env_switch(value: bool | str | None, env: str, on: str, off: str) -> bool:
+    """Whether a speed-up is on: `value` if given, else $`env`, else auto (on). `on`/`off` say what each means, for
+    the one-line error a value outside _SWITCH_VALUES gets."""
+    if isinstance(value, bool):
+        return value
+    text = (value if value is not None else os.environ.get(env, "auto")).strip().lower()
+    if text not in _SWITCH_VALUES:
+        raise BundleError(f"{env} (or the argument) is {text!r}; use 'auto' ({on}) or 'off' ({off})")
+    return _SWITCH_VALUES[text]

@@ -29,7 +29,6 @@ import ctypes
 import hashlib
 import logging
 import os
-import platform
 import shlex
 import shutil
 import stat
@@ -45,13 +44,13 @@ from typing import Any
 import numpy as np
 
 from edge_vla.atomic import atomic_write
-from edge_vla.errors import BundleError, EdgeVlaError
+from edge_vla.errors import EdgeVlaError
 from edge_vla.runtime import onnx_proto as pb
+from edge_vla.runtime.backend import env_switch
 
 log = logging.getLogger(__name__)
 
 CPU_STEP_ENV = "EDGE_VLA_CPU_STEP"
-_MODES = {"auto": True, "on": True, "1": True, "off": False, "0": False, "none": False}
 KERNEL_CACHE_ENV = "EDGE_VLA_KERNEL_CACHE"  # shared with kernels/build.py
 SOURCE = Path(__file__).with_name("cpu_step.c")
 ABI = 1  # cpu_step.c EV_ABI
@@ -69,13 +68,7 @@ class StepStructureError(EdgeVlaError):
 
 def cpu_step_enabled(value: bool | str | None = None) -> bool:
     """Whether to try the C loop: `value` if given, else $EDGE_VLA_CPU_STEP, else auto (on)."""
-    if isinstance(value, bool):
-        return value
-    text = (value if value is not None else os.environ.get(CPU_STEP_ENV, "auto")).strip().lower()
-    if text not in _MODES:
-        raise BundleError(f"{CPU_STEP_ENV} is {text!r}; use 'auto' (the C Euler loop where it applies) or 'off' "
-                          "(onnxruntime runs every step)")
-    return _MODES[text]
+    return env_switch(value, CPU_STEP_ENV, "the C Euler loop where it applies", "onnxruntime runs every step")
 
 
 # --- building and loading the library ----------------------------------------------------------------------
@@ -105,15 +98,12 @@ def _compiler_identity(cc: list[str]) -> str:
 
 
 def _cpu_identity() -> str:
-    """The model and feature flags -march=native compiles for: a cache shared between machines never hands a
-    library built for one CPU to another."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        text = ""
-    keep = [line for line in text.splitlines()
-            if line.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part", "CPU implementer")]
-    return platform.machine() + "\n" + "\n".join(dict.fromkeys(keep))
+    """The architecture, model and feature flags -march=native compiles for (tune's machine fingerprint, less the
+    CPU count): a cache shared between machines never hands a library built for one CPU to another."""
+    from edge_vla.runtime.tune import machine_fingerprint  # late: tune imports the backends
+
+    fp = machine_fingerprint()
+    return f"{fp['arch']}\n{fp['cpu_model']}\n{fp['cpu_flags_sha256']}"
 
 
 def _private(d: Path) -> bool:
@@ -167,12 +157,6 @@ def _intact(so: Path) -> bool:
     return _digest(so) == want
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    with atomic_write(path) as f:
-        f.write(data)
-    os.chmod(path, 0o644)  # mkstemp's 0600 otherwise; the library is read by whoever loads the cache
-
-
 def _compile(cc: list[str], so: Path) -> str | None:
     """Build the library into `so` (atomically, digest beside it); None, or why it failed (one line)."""
     fd, tmp = tempfile.mkstemp(dir=so.parent, prefix=f".{so.name}.", suffix=".so")
@@ -186,10 +170,12 @@ def _compile(cc: list[str], so: Path) -> str | None:
             except (OSError, subprocess.TimeoutExpired) as exc:
                 return f"{type(exc).__name__}: {exc}"
             if proc.returncode == 0:
-                data = Path(tmp).read_bytes()
-                _write_atomic(so, data)
-                _write_atomic(so.with_name(so.name + ".sha256"),
-                              f"{hashlib.sha256(data).hexdigest()}  {so.name}\n".encode())
+                digest = so.with_name(so.name + ".sha256")
+                with atomic_write(digest, "w") as f:
+                    f.write(f"{_digest(Path(tmp))}  {so.name}\n")
+                for path in (digest, Path(tmp)):  # mkstemp's 0600 otherwise: both are read by whoever loads the cache
+                    os.chmod(path, 0o644)
+                os.replace(tmp, so)  # the compiler wrote tmp in so's directory: the rename is atomic
                 return None
             why = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
         return why
@@ -327,14 +313,8 @@ class _Reader:
             self.take(node)
             name = node.input[0]
             node = self.producer.get(name)
-        if name in self.inits:
-            t = self.inits[name]
-        elif node is not None and node.op_type == "Constant":
-            self.take(node)
-            t = next((a.t for a in node.attribute if a.name == "value" and a.type == pb.ATTR_TENSOR), None)
-            if t is None:
-                raise StepStructureError(f"{what}: Constant {name!r} has no tensor value")
-        else:
+        t = self._tensor(name, take=True)
+        if t is None:
             src = f"the output of {node.op_type}" if node is not None else "not a constant"
             raise StepStructureError(f"{what} {name!r} is {src}, not a float32 constant")
         if t.data_type != pb.FLOAT:
@@ -344,12 +324,19 @@ class _Reader:
             raise StepStructureError(f"{what} {name!r} is stored externally or in an unsupported field")
         return np.array(arr, dtype=np.float32)
 
-    def ints(self, name: str, what: str) -> list[int]:
+    def _tensor(self, name: str, take: bool) -> Any | None:
+        """The TensorProto of an initializer or of a Constant node's value (the node taken if `take`); else None."""
+        if name in self.inits:
+            return self.inits[name]
         node = self.producer.get(name)
-        t = self.inits.get(name)
-        if t is None and node is not None and node.op_type == "Constant":
+        if node is None or node.op_type != "Constant":
+            return None
+        if take:
             self.take(node)
-            t = next((a.t for a in node.attribute if a.name == "value"), None)
+        return next((a.t for a in node.attribute if a.name == "value" and a.type == pb.ATTR_TENSOR), None)
+
+    def ints(self, name: str, what: str) -> list[int]:
+        t = self._tensor(name, take=True)
         arr = None if t is None else pb.to_array(t)
         if arr is None or arr.dtype != np.int64:
             raise StepStructureError(f"{what}: {name!r} is not an int64 constant")
@@ -458,10 +445,7 @@ class _Reader:
         return out, (float(self.const(a, "GELU constant")), float(self.const(b, "GELU constant")))
 
     def _scalar(self, name: str) -> bool:
-        t = self.inits.get(name)
-        node = self.producer.get(name)
-        if t is None and node is not None and node.op_type == "Constant":
-            t = next((a.t for a in node.attribute if a.name == "value"), None)
+        t = self._tensor(name, take=False)
         return t is not None and t.data_type == pb.FLOAT and len(t.dims) == 0
 
     def time_split(self) -> int:

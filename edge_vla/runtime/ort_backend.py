@@ -38,7 +38,7 @@ from edge_vla.bundle import Bundle
 from edge_vla.errors import BundleError, EdgeVlaError
 from edge_vla.runtime import cpu_step
 from edge_vla.runtime import onnx_proto as pb
-from edge_vla.runtime.backend import HostBufferBackend
+from edge_vla.runtime.backend import HostBufferBackend, env_switch
 from edge_vla.runtime.contract import DTYPES, Contract
 from edge_vla.runtime.ort_fuse import CHUNK_NOISE, KINDS, ChunkReport, FuseReport, compose_chunk, fuse_file
 
@@ -80,7 +80,6 @@ def fuse_kinds(fuse: tuple[str, ...] | str | None = None) -> tuple[str, ...]:
 
 # A chunk in one call: on by default; "off" steps the ODE from the host (one call per graph run).
 CHUNK_ENV = "EDGE_VLA_ORT_CHUNK"
-_CHUNK_VALUES = {"auto": True, "on": True, "1": True, "off": False, "0": False, "none": False}
 # Above this many bytes of graph files (prefix + step) the chunk is not composed: the run-call overhead it saves
 # (~25 us per step) is noise against such graphs' GEMMs, and the chunk session would hold a second copy of
 # their weights. tiny: 4.5 MB.
@@ -89,13 +88,7 @@ CHUNK_MAX_BYTES = 64 << 20
 
 def chunk_enabled(chunk: bool | str | None = None) -> bool:
     """Whether to run Euler chunks as one call: `chunk` if given, else $EDGE_VLA_ORT_CHUNK, else on."""
-    if isinstance(chunk, bool):
-        return chunk
-    value = (chunk if chunk is not None else os.environ.get(CHUNK_ENV, "auto")).strip().lower()
-    if value not in _CHUNK_VALUES:
-        raise BundleError(f"{CHUNK_ENV} (or the chunk argument) is {value!r}; use 'auto' (one onnxruntime call per "
-                          "chunk) or 'off' (one call per graph run)")
-    return _CHUNK_VALUES[value]
+    return env_switch(chunk, CHUNK_ENV, "one onnxruntime call per chunk", "one call per graph run")
 
 
 def make_session(path: Path, threads: int | None, providers: list[str],
@@ -190,7 +183,6 @@ class OrtBackend(HostBufferBackend):
         self.chunk: ChunkReport | None = None  # set by prepare_fused_chunk
         self.step_path, self._cpu_step_on = Path(step_path), cpu_step.cpu_step_enabled()
         self.cpu_step: cpu_step.CpuStep | None = None  # the C Euler loop, where prepare_fused_chunk set it up
-        self.chunk_path: str | None = None  # the one-call chunk prepared: "cpu_step" or "onnxruntime" (composed graph)
         self.chunk_sess: ort.InferenceSession | None = None
         specs: dict[str, dict] = {}
         for sess in (self.prefix_sess, self.step_sess):
@@ -274,7 +266,6 @@ class OrtBackend(HostBufferBackend):
         ) if self._cpu_step_on else None
         if self.cpu_step is not None:  # no onnxruntime chunk graph: the prefix session and the C loop run it
             self.chunk_sess = self.chunk = self._chunk_binding = None
-            self.chunk_path = "cpu_step"
             return
         # RTC bundles: a chunk without an action prefix has an all-zero mask (what the sampler writes for d = 0).
         fixed = {} if self.mask_name is None else {self.mask_name: np.zeros_like(self.buf[self.mask_name])}
@@ -294,8 +285,13 @@ class OrtBackend(HostBufferBackend):
         binding.bind_output(report.output, "cpu", 0, x.dtype, list(x.shape), x.ctypes.data)
         self.chunk_sess, self.chunk, self._chunk_binding = sess, report, binding
         self._chunk_noise, self._chunk_x = noise, x
-        self.chunk_path = "onnxruntime"
         log.debug("one-call chunk: prefix + %d Euler steps, %d nodes", steps, report.nodes)
+
+    @property
+    def chunk_path(self) -> str | None:
+        """Which one-call chunk prepare_fused_chunk set up: "cpu_step" (the C loop), "onnxruntime" (the composed
+        graph), or None (none yet, or stepping)."""
+        return "cpu_step" if self.cpu_step is not None else "onnxruntime" if self.chunk_sess is not None else None
 
     def run_fused_chunk(self, noise: np.ndarray) -> np.ndarray:
         """Observation inputs already in their buffers; returns the float32 state after the chunk's steps (a reused

@@ -283,10 +283,12 @@ class MetaWorldEnv:
         assert self.raw is not None, "call reset() first"
         return np.concatenate([self.raw[4:7], self.raw[36:39]]).astype(np.float32)
 
-    def expert_action(self) -> np.ndarray:
-        """The task's scripted expert (it reads the full observation, object and goal included)."""
-        assert self.raw is not None, "call reset() first"
-        return np.clip(np.asarray(self.expert.get_action(self.raw), dtype=np.float32), -1.0, 1.0)
+    def expert_action(self, raw: np.ndarray | None = None) -> np.ndarray:
+        """The task's scripted expert (it reads the full observation, object and goal included) at the env's current
+        observation, or at `raw` (a 39-D observation from a copy of the env: DAgger's labeller)."""
+        raw = self.raw if raw is None else raw
+        assert raw is not None, "call reset() first"
+        return np.clip(np.asarray(self.expert.get_action(raw), dtype=np.float32), -1.0, 1.0)
 
     def observation(self) -> Observation:
         return Observation(images=self.render(), instruction=self.instruction, state=self.state)
@@ -383,17 +385,30 @@ def generate(spec: MetaWorldSpec | str, seeds: range, image_size: int = 64, num_
     if not states:
         raise EdgeVlaError(f"the MetaWorld experts solved none of the {len(seeds)} episodes per task of {spec}; "
                            "raise horizon= or lower --noise")
+    meta = dataset_meta(spec, cams, image_size, seeds, noise, frame_every) | {"expert_failures": failed}
+    return recorded_dataset(images, instr, states, positions, actions, episodes, meta)
+
+
+def dataset_meta(spec: MetaWorldSpec, cams: tuple[str, ...], image_size: int, seeds: range, noise: float,
+                 frame_every: int) -> dict[str, Any]:
+    """The meta every MetaWorld dataset carries (demonstrations and DAgger rounds alike): what datasets trained
+    together must agree on (export/data.py SAME_META) is written in one place."""
+    return {
+        "format_version": FORMAT_VERSION, "task": "metaworld", "env": str(replace(spec, cameras=cams)),
+        "tasks": list(spec.tasks), "cameras": list(cams), "image_size": image_size, "num_cameras": len(cams),
+        "seeds": [seeds.start, seeds.stop], "noise": noise, "horizon": spec.horizon, "frame_every": frame_every,
+        "action_period_s": ACTION_PERIOD_S, "action_space": action_space().to_dict(), "state_names": list(STATE_NAMES),
+    }
+
+
+def recorded_dataset(images: list[np.ndarray], instructions: list[str], states: list[np.ndarray],
+                     positions: list[np.ndarray], labels: list[np.ndarray], episodes: list[int],
+                     meta: dict[str, Any]) -> Dataset:
+    """Per-frame records -> the Dataset (.npz format): frames stacked, float32 states/labels/goals, int32 episodes."""
     return Dataset(
-        images=np.stack(images), instructions=np.array(instr), states=np.stack(states).astype(np.float32),
-        actions=np.stack(actions).astype(np.float32), episodes=np.array(episodes, dtype=np.int32),
-        goals=np.stack(positions).astype(np.float32),
-        meta={
-            "format_version": FORMAT_VERSION, "task": "metaworld", "env": str(replace(spec, cameras=cams)),
-            "tasks": list(spec.tasks), "cameras": list(cams), "image_size": image_size, "num_cameras": len(cams),
-            "seeds": [seeds.start, seeds.stop], "noise": noise, "horizon": spec.horizon, "frame_every": frame_every,
-            "expert_failures": failed, "action_period_s": ACTION_PERIOD_S, "action_space": action_space().to_dict(),
-            "state_names": list(STATE_NAMES),
-        },
+        images=np.stack(images), instructions=np.array(instructions), states=np.stack(states).astype(np.float32),
+        actions=np.stack(labels).astype(np.float32), episodes=np.array(episodes, dtype=np.int32),
+        goals=np.stack(positions).astype(np.float32), meta=meta,
     )
 
 

@@ -33,16 +33,9 @@ import numpy as np
 from edge_vla.bundle import sha256_file
 from edge_vla.errors import ConfigError, EdgeVlaError
 from edge_vla.optional import require
-from edge_vla.sim.dataset import DATASET_CHUNK, FORMAT_VERSION, Dataset
+from edge_vla.sim.dataset import DATASET_CHUNK, Dataset
 from edge_vla.sim.evaluate import EVAL_SEED_BASE, EXECUTE, ChunkPolicy, Reseed, check_execute
-from edge_vla.sim.metaworld import (
-    ACTION_PERIOD_S,
-    STATE_NAMES,
-    MetaWorldEnv,
-    MetaWorldSpec,
-    action_space,
-    is_metaworld,
-)
+from edge_vla.sim.metaworld import MetaWorldEnv, MetaWorldSpec, dataset_meta, is_metaworld, recorded_dataset
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +109,7 @@ class ExpertLabeller:
         assert raw is not None, "reset the env first"
         actions: list[np.ndarray] = []
         while True:
-            # As MetaWorldEnv.expert_action and .step do: float32, clipped to the action range.
-            a = np.clip(np.asarray(self.env.expert.get_action(raw), dtype=np.float32), -1.0, 1.0)
+            a = self.env.expert_action(raw)  # the copy's observation, not the env's own
             actions.append(a)
             if len(actions) == chunk_len or sim.curr_path_length >= sim.max_path_length:
                 break
@@ -214,22 +206,14 @@ def collect(policy: ChunkPolicy, spec: MetaWorldSpec | str, seeds: range, image_
     if not states:
         raise EdgeVlaError(f"no episodes to record: {len(seeds)} seed(s)")
     won = sum(w for w, _ in successes.values())
-    meta = {
-        "format_version": FORMAT_VERSION, "task": "metaworld", "env": str(replace(spec, cameras=cams)),
-        "tasks": list(spec.tasks), "cameras": list(cams), "image_size": image_size, "num_cameras": len(cams),
-        "seeds": [seeds.start, seeds.stop], "noise": 0.0, "horizon": spec.horizon, "frame_every": 1,
-        "action_period_s": ACTION_PERIOD_S, "action_space": action_space().to_dict(), "state_names": list(STATE_NAMES),
+    meta = dataset_meta(spec, cams, image_size, seeds, noise=0.0, frame_every=1) | {
         "dagger": True, "beta": beta, "execute": execute, "policy": policy_info or {"path": "(in-process)"},
         "policy_success": {"overall": [won, len(seeds) * len(spec.tasks)], "tasks": successes},
         "expert_chunks": [expert_chunks, chunks],
         "labels": f"the scripted expert's next {chunk_len} actions from each visited state (the env snapshotted, "
                   "the expert run forward on a copy, the env restored exactly)",
     }
-    return Dataset(
-        images=np.stack(images), instructions=np.array(instructions), states=np.stack(states).astype(np.float32),
-        actions=np.stack(labels).astype(np.float32), episodes=np.array(episodes, dtype=np.int32),
-        goals=np.stack(positions).astype(np.float32), meta=meta,
-    )
+    return recorded_dataset(images, instructions, states, positions, labels, episodes, meta)
 
 
 def check_beta(beta: float) -> float:
