@@ -143,8 +143,19 @@ def test_the_chunk_moves_away_from_the_noise_and_follows_the_observation(tiny_bu
 
 
 # --- and falls back, in one line, wherever it cannot ------------------------------------------------------------
-def _cpu_step_records(caplog) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == cpu_step.__name__ and r.levelno >= logging.INFO]
+def _cpu_step_records(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == cpu_step.__name__ and r.levelno >= logging.INFO]
+
+
+def _falls_back(bundle: Path, obs, monkeypatch, caplog, says: str) -> np.ndarray:
+    """Loads and infers with the C loop on auto: the onnxruntime chunk ran, after exactly one one-line log record of
+    cpu_step's saying `says`. Returns the actions."""
+    with caplog.at_level(logging.INFO, logger=cpu_step.__name__):
+        got, path = _infer(bundle, [obs], monkeypatch)
+    assert path == "onnxruntime"
+    records = _cpu_step_records(caplog)
+    assert len(records) == 1 and says in records[0] and "\n" not in records[0], records
+    return got[0]
 
 
 @pytest.mark.parametrize("how", ["CC is /bin/false", "no cc on PATH"])
@@ -158,13 +169,8 @@ def test_no_working_compiler_is_one_log_line_and_the_onnxruntime_chunk(tiny_bund
         empty.mkdir()
         monkeypatch.setenv("PATH", str(empty))
     ref, _ = _infer(tiny_bundle, [obs], monkeypatch, chunk="off")
-    with caplog.at_level(logging.INFO, logger=cpu_step.__name__):
-        got, path = _infer(tiny_bundle, [obs], monkeypatch)
-    assert path == "onnxruntime"
-    records = _cpu_step_records(caplog)
-    assert len(records) == 1 and "compiler" in records[0].getMessage(), [r.getMessage() for r in records]
-    assert "\n" not in records[0].getMessage()
-    assert _rel_l2(ref[0], got[0]) <= 1e-6  # the onnxruntime chunk: the stepping path's arithmetic
+    got = _falls_back(tiny_bundle, obs, monkeypatch, caplog, "compiler")
+    assert _rel_l2(ref[0], got) <= 1e-6  # the onnxruntime chunk: the stepping path's arithmetic
 
 
 def test_the_switch_turns_it_off_and_rejects_nonsense(tiny_bundle, obs, monkeypatch):
@@ -177,11 +183,7 @@ def test_the_switch_turns_it_off_and_rejects_nonsense(tiny_bundle, obs, monkeypa
 
 
 def test_an_fp16_bundle_keeps_the_onnxruntime_chunk(tiny_bundle_fp16, obs, monkeypatch, caplog):
-    with caplog.at_level(logging.INFO, logger=cpu_step.__name__):
-        _, path = _infer(tiny_bundle_fp16, [obs], monkeypatch)
-    assert path == "onnxruntime"
-    records = _cpu_step_records(caplog)
-    assert len(records) == 1 and "Cast" in records[0].getMessage(), [r.getMessage() for r in records]
+    _falls_back(tiny_bundle_fp16, obs, monkeypatch, caplog, "Cast")
 
 
 def _step_model(bundle: Path):
@@ -235,7 +237,7 @@ def test_a_transposed_gemm_the_reader_must_not_take_falls_back_without_a_crash(t
         x = backend.run_fused_chunk(np.ones((1, 8, 2), np.float32))
         assert np.all(np.isfinite(x))
     records = _cpu_step_records(caplog)
-    assert len(records) == 1 and "transB" in records[0].getMessage(), [r.getMessage() for r in records]
+    assert len(records) == 1 and "transB" in records[0], records
 
 
 def test_the_load_time_numerics_check_refuses_a_wrong_c_chunk(tiny_bundle, obs, monkeypatch, caplog):
@@ -249,12 +251,8 @@ def test_the_load_time_numerics_check_refuses_a_wrong_c_chunk(tiny_bundle, obs, 
 
     monkeypatch.setattr(cpu_step, "read_step", off_by_a_little)
     ref, _ = _infer(tiny_bundle, [obs], monkeypatch, chunk="off")
-    with caplog.at_level(logging.INFO, logger=cpu_step.__name__):
-        got, path = _infer(tiny_bundle, [obs], monkeypatch)
-    assert path == "onnxruntime"
-    records = _cpu_step_records(caplog)
-    assert len(records) == 1 and "rel L2" in records[0].getMessage(), [r.getMessage() for r in records]
-    assert _rel_l2(ref[0], got[0]) <= 1e-6
+    got = _falls_back(tiny_bundle, obs, monkeypatch, caplog, "rel L2")
+    assert _rel_l2(ref[0], got) <= 1e-6
 
 
 def test_a_c_loop_slower_than_onnxruntime_here_is_not_taken(tiny_bundle, obs, monkeypatch, caplog):
@@ -268,12 +266,7 @@ def test_a_c_loop_slower_than_onnxruntime_here_is_not_taken(tiny_bundle, obs, mo
         return out
 
     monkeypatch.setattr(cpu_step.CpuStep, "run", thirty_times)
-    with caplog.at_level(logging.INFO, logger=cpu_step.__name__):
-        _, path = _infer(tiny_bundle, [obs], monkeypatch)
-    assert path == "onnxruntime"
-    records = _cpu_step_records(caplog)
-    assert len(records) == 1 and "slower than onnxruntime" in records[0].getMessage(), \
-        [r.getMessage() for r in records]
+    _falls_back(tiny_bundle, obs, monkeypatch, caplog, "slower than onnxruntime")
 
 
 # --- the compiled library's cache -------------------------------------------------------------------------------
