@@ -54,8 +54,8 @@ def load_training_data(source: str) -> Dataset:
 
 def concatenate(parts: list[tuple[str, Dataset]]) -> Dataset:
     """Samples of every part, in order; episode ids shifted so no two parts share one (whole episodes stay together
-    in the validation split, which takes the highest ids: the last part's last episodes). The meta is the first
-    part's, with `parts` naming each file, its sample count and meta."""
+    in the validation split, which takes the highest ids, per task for MetaWorld: the last part's last episodes).
+    The meta is the first part's, with `parts` naming each file, its sample count and meta."""
     (first_path, first), rest = parts[0], parts[1:]
     for path, part in rest:
         _check_same(first_path, first, path, part)

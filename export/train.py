@@ -76,14 +76,31 @@ def busy_cores(window_s: float = 0.5) -> float:
     return 0.0 if total <= 0 else (os.cpu_count() or 1) * (1 - idle / total)
 
 
-def split_episodes(episodes, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, validation) sample indices; whole episodes (and every variant of a layout) stay together."""
+def split_episodes(episodes, val_fraction: float, groups=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) sample indices; whole episodes (and every variant of a layout) stay together: the
+    highest episode ids are held out. `groups` (one label per sample, e.g. a multi-task dataset's instruction)
+    holds out the highest ids of each group instead: with `--data ALL.npz,EXTRA.npz` the highest ids are all the
+    last file's, which may hold only some of the tasks."""
     ids = torch.as_tensor(episodes)
-    unique = torch.unique(ids)
-    n_val = int(len(unique) * val_fraction) if len(unique) > 1 else 0
-    val_ids = unique[len(unique) - n_val:] if n_val else unique[:0]
+    if groups is None:
+        val_ids = _highest_ids(torch.unique(ids), val_fraction)
+    else:
+        labels = np.asarray(groups)
+        val_ids = torch.cat([_highest_ids(torch.unique(ids[torch.from_numpy(labels == g)]), val_fraction)
+                             for g in np.unique(labels)])
     is_val = torch.isin(ids, val_ids)
     return torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
+
+
+def task_groups(ds: Dataset) -> np.ndarray | None:
+    """Per-sample task labels where a dataset holds several tasks episode by episode (MetaWorld: the instruction
+    names the task); None for the project's sim, whose layouts give one episode per instruction."""
+    return np.asarray(ds.instructions) if ds.meta.get("task") == "metaworld" else None
+
+
+def _highest_ids(unique: torch.Tensor, val_fraction: float) -> torch.Tensor:
+    n_val = int(len(unique) * val_fraction) if len(unique) > 1 else 0
+    return unique[len(unique) - n_val:] if n_val else unique[:0]
 
 
 @torch.no_grad()
@@ -106,13 +123,15 @@ def validation_loss(model: VLA, data: TensorDataset, idx: torch.Tensor, seed: in
 
 
 @torch.no_grad()
-def goal_error_cm(model: VLA, data: TensorDataset, idx: torch.Tensor, max_samples: int = 512) -> float | None:
-    """Median distance (cm) between the goal head's estimate and the named block on held-out samples."""
+def goal_error_cm(model: VLA, data: TensorDataset, idx: torch.Tensor, max_samples: int = 512,
+                 seed: int = 1234) -> float | None:
+    """Median distance (cm) between the goal head's estimate and the named block on held-out samples (a fixed
+    random sample of the whole split, so every task of a per-task split counts and checkpoints compare)."""
     if model.goal is None or data.goals is None or len(idx) == 0:
         return None
     was_training = model.training
     model.eval()
-    idx = idx[:max_samples]
+    idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))[:max_samples]]
     errs = []
     for part in idx.split(128):
         images, tokens, state, _ = data.batch(part)
@@ -233,7 +252,7 @@ def train(config: VLAConfig, ds: Dataset, out: str | Path, tc: TrainConfig, resu
         model = VLA(config).train()
         set_normalization(model, ds)
         opt = make_optimizer(model, tc)
-    train_idx, val_idx = split_episodes(ds.episodes, tc.val_fraction)
+    train_idx, val_idx = split_episodes(ds.episodes, tc.val_fraction, groups=task_groups(ds))
     meta = {"dataset": ds.meta, "samples": len(data), "train_samples": len(train_idx),
             "val_samples": len(val_idx), "train": tc.__dict__}
     # RTC: hold prefixes need the action that keeps the arm still; with joint-position actions that is the state.

@@ -44,7 +44,7 @@ from edge_vla.runtime.types import Observation
 from edge_vla.sim.dataset import Dataset
 from edge_vla.sim.scene import COLORS, JOINT_LOWER, JOINT_NAMES, JOINT_UPPER, JOINT_VEL_LIMIT, TEMPLATES
 
-from ..train import TrainConfig, default_threads, lr_at, split_episodes
+from ..train import TrainConfig, default_threads, lr_at, split_episodes, task_groups
 from .checkpoint import open_pi0
 from .exporter import SIDECAR_FILE
 from .teacher import Pi0Inputs, zero_padded_dims
@@ -326,7 +326,7 @@ def train_pi0(ds: Dataset, out: str | Path, tc: TrainConfig, config: dict[str, A
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
     else:
         torch.manual_seed(tc.seed)
-    train_idx, val_idx = split_episodes(ds.episodes, tc.val_fraction)
+    train_idx, val_idx = split_episodes(ds.episodes, tc.val_fraction, groups=task_groups(ds))
     params = sum(p.numel() for p in model.parameters())
     log.info("π0 %.2fM parameters, %d thread(s), %d train / %d validation samples", params / 1e6, threads,
              len(train_idx), len(val_idx))

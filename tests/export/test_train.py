@@ -173,3 +173,58 @@ def test_init_fine_tunes_a_trained_model_into_real_time_chunking(tmp_path):
     with pytest.raises(ConfigError, match="width 128 vs 64"):
         train(dataclasses.replace(cfg, width=64), ds, tmp_path / "bad", TrainConfig(steps=1, batch_size=4),
               progress=False, init=base)
+
+
+def test_a_multi_task_validation_split_holds_out_episodes_of_every_task():
+    """`train --data ALL.npz,EXTRA.npz` where the last file holds only some tasks (e.g. more demonstrations of the
+    tasks that fail): the highest episode ids are all that file's, so the validation loss and goal probe measured
+    those tasks alone. With one group label per sample (the instruction) every task gives its last episodes;
+    without, the split is unchanged (the shipped sim weights reproduce bit for bit)."""
+    import numpy as np
+
+    from edge_vla.export.train import split_episodes
+
+    tasks = np.array(["reach", "push", "door"])
+    first_eps = np.repeat(np.arange(60), 5)  # make-data numbers episodes interleaved: episode k*3+i is task i
+    first_tasks = tasks[first_eps % 3]
+    extra_eps = np.repeat(np.arange(60, 100), 5)  # a second file of 40 reach episodes, ids shifted by concatenate
+    episodes = np.concatenate([first_eps, extra_eps])
+    groups = np.concatenate([first_tasks, np.full(len(extra_eps), "reach")])
+    _, plain = split_episodes(episodes, 0.1)
+    assert set(groups[plain.numpy()]) == {"reach"}  # the old behaviour: one task validated
+    train_idx, val_idx = split_episodes(episodes, 0.1, groups=groups)
+    val_eps = set(episodes[val_idx.numpy()].tolist())
+    assert set(groups[val_idx.numpy()]) == {"reach", "push", "door"}
+    assert val_eps == {55, 58, 56, 59, 94, 95, 96, 97, 98, 99}  # each task's highest 10%: push 2, door 2, reach 6
+    assert sorted(train_idx.tolist() + val_idx.tolist()) == list(range(len(episodes)))
+    assert set(episodes[train_idx.numpy()].tolist()).isdisjoint(val_eps)
+
+
+def test_the_goal_probe_error_samples_the_whole_validation_split(monkeypatch):
+    """goal_error_cm took the first 512 validation samples: with a per-task split that is the first task only."""
+    import numpy as np
+
+    from edge_vla.export import train as train_mod
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.goal = object()
+
+        def goal_xy(self, prefix):
+            return prefix
+
+        def embed_prefix(self, images, tokens, state):
+            return state
+
+    class Data:
+        goals = torch.zeros(2000, 3)
+        states = torch.cat([torch.zeros(600, 3), torch.ones(1400, 3)])  # error 0 cm, then 173 cm
+
+        def batch(self, idx):
+            return None, None, self.states[idx], None
+
+    err = train_mod.goal_error_cm(Head(), Data(), torch.arange(2000))
+    assert err is not None and err > 100, err  # the median over the whole split, not its first 512 (all zero)
+    assert train_mod.goal_error_cm(Head(), Data(), torch.arange(2000)) == err  # a fixed sample: comparable
+    assert np.isfinite(err)
