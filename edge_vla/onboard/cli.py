@@ -352,12 +352,14 @@ def url_with_calibrated_ids(url: str, units: Any, source: str) -> str:
     from firmware_bridge.motors.registry import parse_ids, parse_url
 
     ids = ",".join(map(str, units.ids))
-    given = parse_url(url).params.get("ids")
+    parsed = parse_url(url)
+    given = parsed.params.get("ids")
     if given is None:
         base, _, query = url.partition("?")
         return f"{base}?{'&'.join(q for q in (query, f'ids={ids}') if q)}"
-    if parse_ids(given) != tuple(units.ids):
-        raise ConfigError(f"--link {url!r} names servo ids {', '.join(map(str, parse_ids(given)))} but the calibration "
+    named = parse_ids(given, scheme=parsed.scheme)  # the scheme's own id range (Feetech 0..253, Dynamixel 0..252)
+    if named != tuple(units.ids):
+        raise ConfigError(f"--link {url!r} names servo ids {', '.join(map(str, named))} but the calibration "
                           f"{source} gives ids {ids.replace(',', ', ')} for the bundle's joints "
                           f"({', '.join(units.joints)}); drop ids= from the URL (the calibration's are used) or "
                           "correct it")

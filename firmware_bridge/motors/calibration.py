@@ -23,6 +23,7 @@ from enum import Enum
 from pathlib import Path
 
 from firmware_bridge.motors.base import MotorError
+from firmware_bridge.motors.registry import ID_SPACES
 
 X_SERIES_TICKS_PER_TURN = 4096
 MAX_CALIBRATION_BYTES = 1 << 20  # a calibration file for a few dozen motors is a few kB
@@ -132,8 +133,12 @@ def _motor(path: str, name: str, entry: object) -> LeRobotMotor:
     if motor.range_min >= motor.range_max:
         raise CalibrationError(f"{path}: motor {name!r}: range_min {motor.range_min} must be below range_max "
                                f"{motor.range_max}; re-run LeRobot's calibrate")
-    if not 0 <= motor.id <= 252 or motor.drive_mode not in (0, 1):
-        raise CalibrationError(f"{path}: motor {name!r}: id must be 0..252 and drive_mode 0 or 1")
+    # The file does not say which servo family it is for: the widest servo range (Feetech's) here; the link's
+    # URL then checks each id against its own scheme (Dynamixel: 0..252).
+    if problem := ID_SPACES["feetech"].problem(motor.id):
+        raise CalibrationError(f"{path}: motor {name!r}: {problem}")
+    if motor.drive_mode not in (0, 1):
+        raise CalibrationError(f"{path}: motor {name!r}: drive_mode must be 0 or 1, not {motor.drive_mode}")
     return motor
 
 

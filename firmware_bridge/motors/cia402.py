@@ -40,6 +40,14 @@ Switch On Disabled), at most `stop_timeout_s`, then the same disable voltage. A 
 stops (category 0); only clear_faults() sends a fault reset (controlword bit 7 rising edge) and the NMT start a
 drive needs after a lost heartbeat. close() disables the drives, turns their consumer off (0x1016:1 <- 0) and
 leaves them pre-operational.
+
+A receive error (python-can's recv raising: SocketCAN's ENETDOWN while the interface is down, an adapter that
+resets): python-can's Notifier would end canopen's receive thread on it, and canopen would then re-raise it from
+every later send, so the link stayed dead after the bus came back. The listener handles it instead: the thread
+backs off `RECEIVE_RETRY_S` and reads on, and the control thread's next call latches a `bus_error` fault (frames
+from the drives may have been lost meanwhile: an EMCY, a statusword change), stops the drives (category 0) and
+raises one line. Once the bus works again the stop is read back, feedback flows, and the operator's clear_faults
+and arm resume; nothing resumes by itself.
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ import math
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -104,6 +112,7 @@ DEFAULT_PERIOD_S = 0.010
 HOST_NODE = 127
 TPDO_LAYOUT = ((1, (0x6041, 0x6064), 0x180), (2, (0x606C, 0x6078), 0x280))  # (map, objects, base COB-ID)
 RPDO_LAYOUT = (1, (0x6040, 0x607A), 0x200)
+RECEIVE_RETRY_S = 0.01  # after a receive error the receive thread waits this long: no busy loop on a downed interface
 
 
 def frame_bits(data_bytes: int) -> int:
@@ -161,12 +170,27 @@ def _host_dictionary() -> odict.ObjectDictionary:
 
 
 class _StandardFrames(MessageListener):
-    """CANopen uses classic 11-bit frames: an extended-id or FD frame is no CANopen frame, whatever its id says."""
+    """CANopen uses classic 11-bit frames: an extended-id or FD frame is no CANopen frame, whatever its id says.
+    A receive error is reported to `on_receive_error` and handled, so the receive thread reads on."""
+
+    def __init__(self, network: canopen.Network, on_receive_error: Callable[[Exception], None]) -> None:
+        super().__init__(network)
+        self._on_receive_error = on_receive_error
 
     def on_message_received(self, msg: can.Message) -> None:
         if msg.is_extended_id or msg.is_fd:
             return
         super().on_message_received(msg)
+
+    def on_error(self, exc: Exception) -> None:
+        """Called by python-can's Notifier in its receive thread. Handled (returning normally), the thread goes on
+        reading; unhandled it would end, and canopen's send_message re-raises the error the Notifier stored from
+        every later send: cleared here, as the device reports it instead."""
+        notifier = self.network.notifier
+        if notifier is not None and notifier.exception is exc:
+            notifier.exception = None
+        self._on_receive_error(exc)
+        time.sleep(RECEIVE_RETRY_S)
 
 
 @dataclass
@@ -227,6 +251,9 @@ class Cia402Device(MotorDevice):
         self._count_range: list[tuple[int, int]] = []
         self._rx = {node: _Received() for node in self.nodes}
         self._rx_cond = threading.Condition()
+        self._rx_errors = 0  # receive errors the listener handled (counted by the receive thread)
+        self._rx_error: Exception | None = None  # the latest of them
+        self._rx_errors_reported = 0  # how many of them the control thread has reported
         self._emcy: collections.deque[tuple[int, int, float]] = collections.deque()
         self._armed = False
         self._watching = False  # the drives' consumer watches from the first heartbeat, sent at the first arm
@@ -313,7 +340,9 @@ class Cia402Device(MotorDevice):
             self.calibration = self._given_calibration or tuple(calibration)
             for node in self.nodes:
                 self._send(0, bytes([NMT_START, node]))
-            if not self._sync_and_wait(0.5):
+            answered = self._sync_and_wait(0.5)
+            self._raise_on_receive_error()
+            if not answered:
                 silent = [n for n in self.nodes if self._rx[n].seq1 == 0 or self._rx[n].seq2 == 0]
                 raise MotorBusError(f"{self.url}: drive node(s) {silent} send no PDO after NMT start; check that "
                                     "no other master holds them stopped")
@@ -336,7 +365,7 @@ class Cia402Device(MotorDevice):
                                 "exists and is up (ip link set can0 up type can bitrate 1000000)") from exc
         network = canopen.Network(bus)
         network.NOTIFIER_CYCLE = 0.05  # close() then waits at most 50 ms for the receive thread
-        network.listeners = [_StandardFrames(network)]
+        network.listeners = [_StandardFrames(network, self._on_receive_error)]
         return network.connect()
 
     def _add_node(self, node: int) -> None:
@@ -423,8 +452,10 @@ class Cia402Device(MotorDevice):
     # -- the cycle ------------------------------------------------------------------------------------------
     def poll_state(self) -> MotorState:
         self._require_open("poll_state")
+        self._raise_on_receive_error()
         self._beat(force=True)
         fresh = self._sync_and_wait(0.5 * self.period_s)
+        self._raise_on_receive_error()  # one during this cycle's wait: its answers may be lost
         now = time.monotonic()
         with self._rx_cond:
             rx = {n: _Received(**vars(r)) for n, r in self._rx.items()}
@@ -438,6 +469,8 @@ class Cia402Device(MotorDevice):
         return self._state_from(rx, stamp)
 
     def write_setpoints(self, positions: ArrayLike) -> np.ndarray:
+        self._require_open("write_setpoints")
+        self._raise_on_receive_error()
         target = self._setpoint_target(positions, self.names)
         sent = np.empty_like(target)
         for j, node in enumerate(self.nodes):
@@ -545,6 +578,7 @@ class Cia402Device(MotorDevice):
         self._require_open("clear_faults")
         if self._armed:
             raise MotorError(f"{self.url}: clear_faults refused while armed; stop first")
+        self._raise_on_receive_error()
         for node in self.nodes:
             self._send(0, bytes([NMT_START, node]))
         for node in self.nodes:
@@ -557,7 +591,9 @@ class Cia402Device(MotorDevice):
             codes = {n: self._optional(n, 0x603F, "<H") for n in self.nodes}
             raise MotorError(f"{exc}; error codes 0x603F {codes}: remove the cause (see the drive's manual), then "
                              "clear faults again") from None
-        if not self._sync_and_wait(0.5):
+        answered = self._sync_and_wait(0.5)
+        self._raise_on_receive_error()  # it failed again while clearing: the latch stays
+        if not answered:
             raise MotorBusError(f"{self.url}: the drives send no PDO after NMT start; check the bus")
         self._emcy.clear()
         log.warning("%s: faults cleared by the operator: %s", self.url, "; ".join(map(str, self._faults)) or "none")
@@ -679,14 +715,46 @@ class Cia402Device(MotorDevice):
             rx.velocity, rx.current, rx.seq2, rx.stamp2 = velocity, current, rx.seq2 + 1, time.monotonic()
             self._rx_cond.notify_all()
 
+    def _on_receive_error(self, exc: Exception) -> None:
+        """Receive thread: count the error and wake a control thread waiting for answers (it reports it)."""
+        with self._rx_cond:
+            self._rx_errors += 1
+            self._rx_error = exc
+            self._rx_cond.notify_all()
+
+    def _raise_on_receive_error(self) -> None:
+        """Control thread: a receive error since the last check latches `bus_error`, stops the drives (category 0)
+        when armed, and raises one line; the next check passes unless the receive failed again."""
+        with self._rx_cond:
+            count, exc = self._rx_errors, self._rx_error
+        new = count - self._rx_errors_reported
+        if not new:
+            return
+        self._rx_errors_reported = count
+        cause = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever the interface wrote
+        reason = (f"receiving from CAN {self.interface}/{self.channel} failed ({cause}; {new} time(s)): frames from "
+                  "the drives may have been lost")
+        self._latch(MotorFault(f"{self.interface}/{self.channel}", "bus_error", reason))
+        stopped = ""
+        if self._armed:
+            confirmed = self.stop(StopCategory.TORQUE_OFF)
+            stopped = ("; drives stopped (category 0, read back)" if confirmed else
+                       "; stop NOT read back (each drive's heartbeat consumer stops it if the bus stays down)")
+        raise MotorBusError(f"{self.url}: {reason}; fault latched{stopped}: once the bus works again (check it with "
+                            "ip -details link show), clear faults and arm")
+
     def _sync_and_wait(self, timeout: float) -> bool:
-        """One SYNC; True when every drive's TPDO1 and TPDO2 answered it within `timeout`."""
+        """One SYNC; True when every drive's TPDO1 and TPDO2 answered it within `timeout` (False at once on a
+        receive error: its answers may be lost)."""
         with self._rx_cond:
             before = {n: (r.seq1, r.seq2) for n, r in self._rx.items()}
+            errors = self._rx_errors
         self._send(0x80, b"")
         with self._rx_cond:
             return self._rx_cond.wait_for(
-                lambda: all(r.seq1 > before[n][0] and r.seq2 > before[n][1] for n, r in self._rx.items()), timeout)
+                lambda: self._rx_errors != errors
+                or all(r.seq1 > before[n][0] and r.seq2 > before[n][1] for n, r in self._rx.items()),
+                timeout) and self._rx_errors == errors
 
     def _read_by_sdo(self, rx: dict[int, _Received]) -> dict[int, _Received]:
         now = time.monotonic()

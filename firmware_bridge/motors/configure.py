@@ -37,7 +37,7 @@ from typing import Any
 from firmware_bridge.motors import dynamixel as dxl_table
 from firmware_bridge.motors import feetech as sts_table
 from firmware_bridge.motors.base import MotorError
-from firmware_bridge.motors.registry import parse_ids, parse_int, parse_url
+from firmware_bridge.motors.registry import ID_SPACES, IdSpace, parse_ids, parse_int, parse_url
 from firmware_bridge.motors.sdk_port import DEFAULT_LATENCY_MS, port_handler
 from firmware_bridge.motors.servo_bus import load_sdk
 
@@ -81,7 +81,6 @@ class Vendor:
     title: str
     sdk: tuple[str, str, str]  # (module, pip distribution, edge-vla extra)
     protocol: float
-    max_id: int
     baud_values: dict[int, int]  # Baud Rate register value -> bits per second, as documented
     sdk_bauds: tuple[int, ...]  # the rates the vendor SDK can set a port to
     broadcast_ping: bool
@@ -101,6 +100,19 @@ class Vendor:
     refusal_bits: int  # status-packet error bits that mean "write refused" (Feetech's error byte is its Status)
     refusals: dict[int, str] = field(default_factory=dict)
 
+    @property
+    def id_space(self) -> IdSpace:
+        """The family's servo ids: the registry's, so the motor URL and this tool take the same ones."""
+        return ID_SPACES[self.scheme]
+
+    @property
+    def max_id(self) -> int:
+        return self.id_space.hi
+
+    def id_problem(self, servo_id: int) -> str | None:
+        """Why `servo_id` cannot be one servo's id (the registry's one line), or None."""
+        return self.id_space.problem(servo_id)
+
     def baud_value(self, baud: int) -> int:
         return {bps: value for value, bps in self.baud_values.items()}[baud]
 
@@ -115,7 +127,7 @@ class Vendor:
 
 DYNAMIXEL = Vendor(
     scheme="dynamixel", title="Dynamixel X (Protocol 2.0)", sdk=("dynamixel_sdk", "dynamixel-sdk", "dynamixel"),
-    protocol=2.0, max_id=252, baud_values=dxl_table.BAUD_RATE_VALUES, sdk_bauds=dxl_table.BAUD_RATES,
+    protocol=2.0, baud_values=dxl_table.BAUD_RATE_VALUES, sdk_bauds=dxl_table.BAUD_RATES,
     broadcast_ping=True,
     model=Register("Model Number", dxl_table.MODEL_NUMBER, 2, True),
     firmware=(Register("Firmware Version", dxl_table.FIRMWARE_VERSION, 1, True),),
@@ -131,7 +143,7 @@ DYNAMIXEL = Vendor(
 )
 FEETECH = Vendor(
     scheme="feetech", title="Feetech STS/SMS", sdk=("scservo_sdk", "feetech-servo-sdk", "feetech"),
-    protocol=0, max_id=253, baud_values=sts_table.BAUD_RATE_VALUES, sdk_bauds=sts_table.BAUD_RATES,
+    protocol=0, baud_values=sts_table.BAUD_RATE_VALUES, sdk_bauds=sts_table.BAUD_RATES,
     broadcast_ping=False,
     model=Register("Model Number", sts_table.MODEL_NUMBER, 2, True),
     firmware=(Register("Firmware Major", sts_table.FIRMWARE_MAJOR, 1, True),
@@ -293,7 +305,7 @@ def parse_target(url: str) -> Target:
         raise ConfigureError(f"unknown query parameter(s) {', '.join(unknown)} in {url!r}; scan and configure "
                              f"accept {', '.join(URL_KEYS)}")
     vendor = vendor_of(parsed.scheme)
-    ids = parse_ids(parsed.params["ids"]) if "ids" in parsed.params else None
+    ids = parse_ids(parsed.params["ids"], scheme=parsed.scheme) if "ids" in parsed.params else None
     baud = parse_int(parsed.params, "baud", 0, vendor.sdk_bauds) if "baud" in parsed.params else None
     latency = parse_int(parsed.params, "latency_ms", DEFAULT_LATENCY_MS)
     if not 1 <= latency <= 1000:
@@ -388,9 +400,9 @@ def scan(scheme: str, port: str, *, bauds: Sequence[int], ids: Iterable[int] | N
     """Every servo answering on `port` at each of `bauds` among `ids` (default: every id of the family)."""
     vendor = vendor_of(scheme)
     tried = tuple(range(vendor.max_id + 1)) if ids is None else tuple(ids)
-    bad = [i for i in tried if not 0 <= i <= vendor.max_id]
-    if bad:
-        raise ConfigureError(f"id {bad[0]} is outside 0..{vendor.max_id}, the {vendor.title} ids")
+    problem = next((p for i in tried if (p := vendor.id_problem(i))), None)
+    if problem:
+        raise ConfigureError(problem)
     if not bauds:
         raise ConfigureError("no baud rate to scan; give --baud RATE[,RATE...] or --all-bauds")
     wrong = [b for b in bauds if b not in vendor.sdk_bauds]
@@ -479,14 +491,14 @@ def validate(vendor: Vendor, req: Request) -> None:
         raise ConfigureError("no servo ids: give ids=... in the URL (the servos to configure, as they answer now)")
     listed = f"ids={id_ranges(req.ids)}"
     for i in req.ids:
-        if not 0 <= i <= vendor.max_id:
-            raise ConfigureError(f"id {i} is outside 0..{vendor.max_id}, the {vendor.title} ids")
+        if problem := vendor.id_problem(i):
+            raise ConfigureError(problem)
     targets: dict[int, int] = {}
     for old, new in req.set_ids.items():
         what = f"--set-id {old}:{new}"
         for i in (old, new):
-            if not 0 <= i <= vendor.max_id:
-                raise ConfigureError(f"{what}: id {i} is outside 0..{vendor.max_id}, the {vendor.title} ids")
+            if problem := vendor.id_problem(i):
+                raise ConfigureError(f"{what}: {problem}")
         if old not in req.ids:
             raise ConfigureError(f"{what}: servo id {old} is not in {listed}; list it in the URL")
         if new in targets:

@@ -431,6 +431,10 @@ class DamiaoDevice(MotorDevice):
             self._bus.shutdown()
             self._bus = None
             raise
+        if self._faults:  # e.g. LOST_COMM: the TIMEOUT of a host that died expired and the motor disabled itself
+            log.warning("%s: %d motor(s) reported a fault when this host opened the bus (%s): latched, so the run "
+                        "starts tripped; the operator's clear faults (clear error, status 0 read back) comes before "
+                        "any arm", self.url, len(self._faults), "; ".join(map(str, self._faults)))
         log.info("%s: motors %s in MIT mode, bus load %.1f%%", self.url, list(self.ids), self.bus_load * 100)
 
     def _check_motor(self, j: int) -> None:

@@ -211,7 +211,8 @@ class FeetechDevice(ServoBusDevice):
         if "ids" not in params:
             raise MotorUrlError("feetech:// needs ids=...: the servo ids in joint order, e.g. ids=1-6")
         period_ms = parse_int(params, "period_ms", round(kw.pop("period_s", PERIOD_FLOOR_S) * 1000))
-        return cls(port, parse_ids(params["ids"]), baud=parse_int(params, "baud", 1_000_000, BAUD_RATES),
+        ids = parse_ids(params["ids"], scheme="feetech")  # Feetech's own range (0..253), not Dynamixel's
+        return cls(port, ids, baud=parse_int(params, "baud", 1_000_000, BAUD_RATES),
                    period_s=period_ms / 1000.0, latency_ms=parse_int(params, "latency_ms", DEFAULT_LATENCY_MS), **kw)
 
     # -- lifecycle ------------------------------------------------------------------------------------

@@ -47,9 +47,11 @@ Where the firmware protocol has no device equivalent:
   it guards nothing on the wire (only this process holds the port, which the OS enforces per open file).
 - the firmware clock: servos have none. A state's `firmware_time_s` and `sampled_host_time` are the host's
   time.monotonic() when the sync-read answer arrived, so the loop's freshness test measures bus answers.
-- modes: ARMED while the device is armed; TRIPPED after a stop or a device fault (latched until the
-  operator's clear-faults and arm); DISARMED after a disarm or before the first arm; STOPPING while a stop
-  could not yet read torque off back.
+- modes, as the firmware reports them (PROTOCOL.md: DISARMED is torque off with nothing latched): ARMED while the
+  device is armed; TRIPPED after a stop or while a device fault is latched, including one latched at open (a
+  restart over devices a dead host left faulted or powered), until the operator's clear-faults; DISARMED before
+  the first arm, after clear-faults, or after a disarm with nothing latched; STOPPING while a stop could not yet
+  read torque off back.
 """
 
 from __future__ import annotations
@@ -85,7 +87,10 @@ from firmware_bridge.protocol import (
 log = logging.getLogger(__name__)
 
 DEVICE_FAULT = 0x4000  # a device's own fault (hardware error, servo status): unassigned in protocol.Fault
-FAULT_BITS = {"bus_watchdog": int(Fault.HEARTBEAT_TIMEOUT), "heartbeat_lost": int(Fault.HEARTBEAT_TIMEOUT)}  # MotorFault.code -> Fault bit; others DEVICE_FAULT
+# MotorFault.code -> Fault bit; others DEVICE_FAULT. A bus_error (the host's CAN receive failed: frames may be lost)
+# is the firmware's LINK_ERRORS trip.
+FAULT_BITS = {"bus_watchdog": int(Fault.HEARTBEAT_TIMEOUT), "heartbeat_lost": int(Fault.HEARTBEAT_TIMEOUT),
+              "bus_error": int(Fault.LINK_ERRORS)}
 HOST_STOP_BITS = {0: Fault.HOST_STOP_CAT0, 1: Fault.HOST_STOP_CAT1}
 ACK_MEMORY = 1024
 
@@ -222,8 +227,8 @@ class MotorDeviceLink(Controller):
         def disarm() -> None:
             if (self.device.armed or self._mode is Mode.STOPPING) and not self._device_stop(0):
                 raise MotorError(f"{self.device.url}: torque off not read back from every servo")
-            self._mode = Mode.DISARMED
             self._host_stop = None
+            self._mode = Mode.TRIPPED if self.device.faults else Mode.DISARMED  # DISARM keeps a latched trip
         return self._command("DISARM", disarm)
 
     def send_stop(self, category: int, reason: int = 0) -> int:
@@ -306,6 +311,8 @@ class MotorDeviceLink(Controller):
         self._collect_faults()
         if self._mode is Mode.ARMED and not self.device.armed:
             self._mode = Mode.TRIPPED  # the device stopped itself (a fault): latched until the operator arms
+        elif self._mode is Mode.DISARMED and self.device.faults:
+            self._mode = Mode.TRIPPED  # a fault latched while disarmed (at open: a restart over a faulted device)
         bits = self._fault_bits()
         status = Status.ENABLE_INPUT | (Status.STOP_LATCHED if self._host_stop is not None else Status.NONE)
         positions, velocities = st.positions, st.velocities

@@ -42,22 +42,39 @@ BACKENDS: dict[str, tuple[str, str]] = {
     ),
 }
 
-MAX_IDS = 253  # Protocol 2.0 ids 0..252: the servo-bus default of parse_ids
+# The servo ids of each family, the one place every entry point (motor URLs, `motors scan/configure`, LeRobot
+# calibration files, robot configurations) takes them from:
+DYNAMIXEL_MAX_ID = 252  # Protocol 2.0: ID 0..252 (ROBOTIS e-manual, control table address 7); 254 is broadcast
+FEETECH_MAX_ID = 253  # STS/SMS memory table: ID (address 5) 0..253; scservo_sdk refuses only ids >= 0xFE
+SERVO_BROADCAST_ID = 0xFE  # 254 on both servo buses
+BROADCAST = "the broadcast id (0xFE: every servo acts on it and none answers)"
 
 
 @dataclass(frozen=True)
 class IdSpace:
-    """The ids a scheme's devices can have: the query key that lists them and the inclusive range, with why."""
+    """The ids a scheme's devices can have: the query key that lists them and the inclusive range, with why;
+    `reserved` names what an id just outside the range is (the servo buses' broadcast id)."""
 
     key: str
     lo: int
     hi: int
     why: str
+    reserved: tuple[tuple[int, str], ...] = ()
+
+    def problem(self, value: int) -> str | None:
+        """Why `value` cannot be one device's id, in one line; None when it can."""
+        if self.lo <= value <= self.hi:
+            return None
+        named = dict(self.reserved).get(value)
+        if named:
+            return f"id {value} is {named}; give one servo's own id, {self.lo}..{self.hi} ({self.why})"
+        return f"id {value} is outside {self.lo}..{self.hi} ({self.why})"
 
 
 ID_SPACES: dict[str, IdSpace] = {
-    "dynamixel": IdSpace("ids", 0, MAX_IDS - 1, "servo-bus ids"),  # Protocol 2.0: 253 reserved, 254 broadcast
-    "feetech": IdSpace("ids", 0, MAX_IDS - 1, "servo-bus ids"),  # the same URL range (STS itself allows 253)
+    "dynamixel": IdSpace("ids", 0, DYNAMIXEL_MAX_ID, "Dynamixel Protocol 2.0 ids",
+                         ((SERVO_BROADCAST_ID, BROADCAST),)),
+    "feetech": IdSpace("ids", 0, FEETECH_MAX_ID, "Feetech STS/SMS ids", ((SERVO_BROADCAST_ID, BROADCAST),)),
     "damiao": IdSpace("ids", 0, 0x7FE, "11-bit standard CAN ids; 0x7FF carries the register frames"),
     "cia402": IdSpace("node", 1, 127, "CANopen node ids; 0 addresses every node in NMT"),
 }
@@ -106,7 +123,7 @@ def parse_url(url: str) -> MotorUrl:
 
 def parse_ids(text: str, what: str = "ids", scheme: str | None = None) -> tuple[int, ...]:
     """'1-6' or '1,2,5' or '1-3,7' -> (1, 2, ...): distinct, in the order given, each inside the scheme's id range
-    (`ID_SPACES`; without a scheme the servo buses' 0..252)."""
+    (`ID_SPACES`; without a scheme Dynamixel's 0..252)."""
     space = ID_SPACES[scheme or "dynamixel"]
     ids: list[int] = []
     for part in text.split(","):
@@ -118,6 +135,9 @@ def parse_ids(text: str, what: str = "ids", scheme: str | None = None) -> tuple[
         except ValueError:
             raise MotorUrlError(f"{what}={text!r}: {part!r} is not an id or a range like 1-6 (ids {space.lo}.."
                                 f"{space.hi}); write e.g. {what}=1-6 or {what}=1,2,5") from None
+        reserved = next((v for v in (lo, hi) if v in dict(space.reserved)), None)
+        if reserved is not None:  # the broadcast id: say so, not just "outside"
+            raise MotorUrlError(f"{what}={text!r}: {space.problem(reserved)}")
         if not (space.lo <= lo <= hi <= space.hi):
             raise MotorUrlError(f"{what}={text!r}: {part!r} is outside {space.lo}..{space.hi} ({space.why}) or runs "
                                 "backwards")

@@ -173,7 +173,7 @@ def test_servo_bus_links_are_provisionable_and_doctor_says_what_protects_the_arm
 
 
 @pytest.mark.parametrize(("link", "rate", "message"), [
-    ("feetech:///dev/ttyUSB0?ids=1-300", 50, "outside 0..252"),
+    ("feetech:///dev/ttyUSB0?ids=1-300", 50, "outside 0..253"),  # Feetech STS/SMS ids are 0..253
     ("dynamixel://?ids=1-6", 50, "names no port"),
     ("ethercat://eth0", 50, "feetech:///dev/DEVICE"),
     ("feetech:///dev/ttyUSB0?ids=1-6", 200, "EDGE_VLA_RATE_HZ=100"),

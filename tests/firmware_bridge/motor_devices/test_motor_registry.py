@@ -107,7 +107,7 @@ def test_close_is_idempotent_and_a_skipped_close_warns(caplog: pytest.LogCapture
 
 
 # -- device ids per scheme (issue 25): servo-bus ids, 11-bit CAN ids (Damiao), CANopen node ids (CiA 402) ---------
-ID_RANGES = {"dynamixel": (0, 252), "feetech": (0, 252), "damiao": (0, 0x7FE), "cia402": (1, 127)}
+ID_RANGES = {"dynamixel": (0, 252), "feetech": (0, 253), "damiao": (0, 0x7FE), "cia402": (1, 127)}
 ID_KEYS = {"cia402": "node"}
 
 
@@ -153,7 +153,7 @@ def test_can_urls_take_can_ids_wider_than_a_servo_bus(url: str, ids: tuple[int, 
     ("damiao://virtual/x?ids=2047", "ids='2047': '2047' is outside 0..2046"),
     ("cia402://virtual/x?node=128", "node='128': '128' is outside 1..127"),
     ("cia402://virtual/x?node=0-2", "node='0-2': '0-2' is outside 1..127"),
-    ("feetech:///dev/null?ids=253", "ids='253': '253' is outside 0..252"),
+    ("feetech:///dev/null?ids=254", "ids='254': id 254 is the broadcast id"),  # Feetech's own ids are 0..253
     ("dynamixel:///dev/null?ids=253", "ids='253': '253' is outside 0..252"),
 ])
 def test_an_id_outside_the_schemes_range_is_refused_naming_the_range(url: str, says: str) -> None:
