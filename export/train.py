@@ -78,16 +78,18 @@ def busy_cores(window_s: float = 0.5) -> float:
 
 def split_episodes(episodes, val_fraction: float, groups=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, validation) sample indices; whole episodes (and every variant of a layout) stay together: the
-    highest episode ids are held out. `groups` (one label per sample, e.g. a multi-task dataset's instruction)
-    holds out the highest ids of each group instead: with `--data ALL.npz,EXTRA.npz` the highest ids are all the
-    last file's, which may hold only some of the tasks."""
+    highest episode ids are held out. `groups` (one label per sample, e.g. a multi-task dataset's instruction): a
+    group none of whose episodes is among them also gives its own highest ids. With `--data ALL.npz,EXTRA.npz` the
+    highest ids are all the last file's, which may hold only some of the tasks; a single make-data file numbers
+    its episodes across tasks, so its split (and every shipped checkpoint's) is the plain one."""
     ids = torch.as_tensor(episodes)
-    if groups is None:
-        val_ids = _highest_ids(torch.unique(ids), val_fraction)
-    else:
+    val_ids = _highest_ids(torch.unique(ids), val_fraction)
+    if groups is not None and len(val_ids):
         labels = np.asarray(groups)
-        val_ids = torch.cat([_highest_ids(torch.unique(ids[torch.from_numpy(labels == g)]), val_fraction)
-                             for g in np.unique(labels)])
+        covered = set(np.unique(labels[torch.isin(ids, val_ids).numpy()]).tolist())
+        missed = [_highest_ids(torch.unique(ids[torch.from_numpy(labels == g)]), val_fraction)
+                  for g in np.unique(labels) if g not in covered]
+        val_ids = torch.cat([val_ids, *missed])
     is_val = torch.isin(ids, val_ids)
     return torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
 

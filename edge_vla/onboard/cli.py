@@ -349,10 +349,16 @@ def url_with_calibrated_ids(url: str, units: Any, source: str) -> str:
     """The motor URL with the calibration's ids in the bundle's joint order; ids the URL gives must agree."""
     if units is None:
         return url
-    from firmware_bridge.motors.registry import parse_ids, parse_url
+    from firmware_bridge.motors.registry import ID_SPACES, parse_ids, parse_url
 
     ids = ",".join(map(str, units.ids))
     parsed = parse_url(url)
+    space = ID_SPACES.get(parsed.scheme)
+    for joint, motor_id in zip(units.joints, units.ids, strict=True):
+        problem = space.problem(motor_id) if space is not None else None
+        if problem:  # a calibration names no bus family: check its ids against this link's before they enter the URL
+            raise ConfigError(f"--calibration {source} (correct its id or the link): joint {joint!r} on a "
+                              f"{parsed.scheme}:// link: {problem}")
     given = parsed.params.get("ids")
     if given is None:
         base, _, query = url.partition("?")

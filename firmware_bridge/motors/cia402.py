@@ -328,6 +328,9 @@ class Cia402Device(MotorDevice):
 
     # -- open -------------------------------------------------------------------------------------------------
     def _open(self) -> None:
+        with self._rx_cond:  # a receive error of an earlier, failed open is not this one's
+            self._rx_errors = self._rx_errors_reported = 0
+            self._rx_error = None
         self._net = self._connect()
         try:
             for node in self.nodes:
@@ -341,7 +344,7 @@ class Cia402Device(MotorDevice):
             for node in self.nodes:
                 self._send(0, bytes([NMT_START, node]))
             answered = self._sync_and_wait(0.5)
-            self._raise_on_receive_error()
+            self._refuse_open_on_receive_error()
             if not answered:
                 silent = [n for n in self.nodes if self._rx[n].seq1 == 0 or self._rx[n].seq2 == 0]
                 raise MotorBusError(f"{self.url}: drive node(s) {silent} send no PDO after NMT start; check that "
@@ -721,6 +724,16 @@ class Cia402Device(MotorDevice):
             self._rx_errors += 1
             self._rx_error = exc
             self._rx_cond.notify_all()
+
+    def _refuse_open_on_receive_error(self) -> None:
+        """open(): a receive error means the drives' answers to the setup may be lost. Nothing is armed and the
+        device does not open, so there is no fault to latch or clear: say so and what to check."""
+        with self._rx_cond:
+            count, exc = self._rx_errors, self._rx_error
+        if count:
+            cause = " ".join(str(exc).split()) or type(exc).__name__
+            raise MotorBusError(f"{self.url}: receiving from CAN {self.interface}/{self.channel} failed while opening "
+                                f"({cause}); check the interface (ip -details link show) and open again")
 
     def _raise_on_receive_error(self) -> None:
         """Control thread: a receive error since the last check latches `bus_error`, stops the drives (category 0)

@@ -218,8 +218,10 @@ class MotorDeviceLink(Controller):
 
     def send_arm(self) -> int:
         def arm() -> None:
+            if self._host_stop is not None:  # PROTOCOL.md: a host STOP latches; ARM is refused until CLEAR_FAULTS
+                raise FaultLatchedError(f"{self.device.url}: a host stop (category {self._host_stop}) is latched; "
+                                        "re-arming is the operator's act: clear faults, then arm")
             self.device.arm()
-            self._host_stop = None
             self._mode = Mode.ARMED
         return self._command("ARM", arm)
 
@@ -227,8 +229,8 @@ class MotorDeviceLink(Controller):
         def disarm() -> None:
             if (self.device.armed or self._mode is Mode.STOPPING) and not self._device_stop(0):
                 raise MotorError(f"{self.device.url}: torque off not read back from every servo")
-            self._host_stop = None
-            self._mode = Mode.TRIPPED if self.device.faults else Mode.DISARMED  # DISARM keeps a latched trip
+            latched = self.device.faults or self._host_stop is not None
+            self._mode = Mode.TRIPPED if latched else Mode.DISARMED  # DISARM keeps a latched trip (and a host stop)
         return self._command("DISARM", disarm)
 
     def send_stop(self, category: int, reason: int = 0) -> int:

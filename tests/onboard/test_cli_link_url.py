@@ -109,3 +109,20 @@ def test_status_json_reports_usage_errors_as_json() -> None:
     # control: without --json the usage error stays argparse's text on stderr
     plain = _run("status", "--timeout", "-1")
     assert plain.returncode == 2 and plain.stdout == "" and "--timeout" in plain.stderr
+
+
+def test_a_calibration_id_outside_the_links_range_is_refused_naming_the_calibration() -> None:
+    """A LeRobot calibration file names no bus family, so it accepts Feetech's 0..253; driving id 253 over a
+    Dynamixel link (0..252) was refused later by the URL parser, naming an ids= the user never wrote."""
+    from types import SimpleNamespace
+
+    from edge_vla.errors import ConfigError
+    from edge_vla.onboard.cli import url_with_calibrated_ids
+
+    units = SimpleNamespace(ids=(1, 253), joints=("shoulder", "wrist"))
+    with pytest.raises(ConfigError) as err:
+        url_with_calibrated_ids("dynamixel:///dev/ttyUSB0", units, "so100.json")
+    msg = str(err.value)
+    assert "so100.json" in msg and "wrist" in msg and "253" in msg and "0..252" in msg and "\n" not in msg
+    # control: the same calibration on a Feetech link is taken, its ids in the bundle's joint order
+    assert url_with_calibrated_ids("feetech:///dev/ttyUSB0", units, "so100.json") == "feetech:///dev/ttyUSB0?ids=1,253"

@@ -190,3 +190,34 @@ def test_control_error_frames_are_no_receive_failure(rig: Any) -> None:
         assert dev.armed and not dev.faults and not died and snapshot(emu, 1)["state"] == OE
     finally:
         intruder.shutdown()
+
+
+def test_a_receive_error_while_opening_refuses_the_open_without_a_fault_to_clear(monkeypatch: pytest.MonkeyPatch) -> None:
+    """open() is not a run: nothing is armed and the device does not open, so the message must not send the operator
+    to clear faults on a device that is not open; the same device opens once the bus works. Control: the same open
+    with no receive error succeeds."""
+    channel = f"cia402-rx-open-{uuid.uuid4().hex[:8]}"
+    emu = DriveBus([DriveConfig(node=1, soft_limits=(-LIMIT_COUNTS, LIMIT_COUNTS))], interface="virtual",
+                   channel=channel).start()
+    dev = device_from_url(f"cia402://virtual/{channel}?node=1&period_ms={PERIOD_MS}", joint_limits=[JOINT_LIMITS])
+    real_wait = Cia402Device._sync_and_wait
+    failing = {"on": True}
+
+    def wait_with_an_error(self: Cia402Device, timeout: float) -> bool:
+        if failing["on"]:
+            self._on_receive_error(can.CanOperationError("Failed to receive: Network is down", errno.ENETDOWN))
+        return real_wait(self, timeout)
+
+    monkeypatch.setattr(Cia402Device, "_sync_and_wait", wait_with_an_error)
+    try:
+        with pytest.raises(MotorBusError) as err:
+            dev.open()
+        message = str(err.value)
+        assert "while opening" in message and "open again" in message and "clear faults" not in message, message
+        assert "\n" not in message and not dev.faults
+        failing["on"] = False  # the bus works again: the same device opens
+        dev.open()
+        assert not dev.faults and snapshot(emu, 1)["state"] == SOD
+    finally:
+        dev.close()
+        emu.stop()

@@ -105,3 +105,36 @@ def test_the_servo_backends_same_state_says_tripped_too() -> None:
             assert link.latest_state.mode == Mode.DISARMED and bus.register(1, femu.TORQUE_ENABLE) == 0
         finally:
             link.close()
+
+
+def test_a_host_stop_latches_through_disarm_and_arm_until_the_operators_clear_faults(damiao_bus: Any) -> None:
+    """PROTOCOL.md: a host STOP latches HOST_STOP_CAT0/1 (trip bits); DISARM does not clear them and ARM is refused
+    (FAULTS_LATCHED) while they are latched: re-arming is an operator act, clear faults then arm. The motor link
+    cleared the stop on DISARM and took ARM straight after a STOP. Control: after clear faults, arm is taken."""
+    from firmware_bridge.errors import NackError
+    from firmware_bridge.protocol import Fault, NackCode
+
+    _, channel = damiao_bus
+    link = _damiao_link(channel)
+    try:
+        assert link.ack_result(link.send_arm()) is True
+        assert link.ack_result(link.send_stop(0)) is True
+        link.poll()
+        assert link.latest_state.mode == Mode.TRIPPED and link.latest_state.fault_bits & Fault.HOST_STOP_CAT0
+        refused = link.ack_result(link.send_arm())  # no operator clear: refused
+        assert isinstance(refused, NackError) and refused.code == NackCode.FAULTS_LATCHED, refused
+        assert link.ack_result(link.send_disarm()) is True
+        link.poll()
+        assert link.latest_state.mode == Mode.TRIPPED and link.latest_state.fault_bits & Fault.HOST_STOP_CAT0
+        refused = link.ack_result(link.send_arm())
+        assert isinstance(refused, NackError) and refused.code == NackCode.FAULTS_LATCHED, refused
+        link.poll()
+        assert link.latest_state.mode == Mode.TRIPPED and not link.device.armed
+        assert link.ack_result(link.send_clear_faults()) is True  # the operator's act
+        link.poll()
+        assert link.latest_state.mode == Mode.DISARMED and int(link.latest_state.fault_bits) == 0
+        assert link.ack_result(link.send_arm()) is True
+        link.poll()
+        assert link.latest_state.mode == Mode.ARMED
+    finally:
+        link.close()
