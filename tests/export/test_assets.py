@@ -77,7 +77,7 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def test_the_shipped_metaworld_student_does_an_mt10_task_and_reads_its_cameras_and_instruction(one_torch_thread):
+def test_the_shipped_metaworld_student_does_an_mt10_task_and_reads_its_front_camera_and_instruction(one_torch_thread):
     """tiny-mt10, the MetaWorld MT10 student (docs/METAWORLD.md): it loads against its provenance, closes a window on
     held-out seeds through the same evaluation `edge-vla evaluate` runs, and its chunk depends on what it is shown:
     it moves well away from the noise, and a blank front camera or another task's instruction changes it."""
