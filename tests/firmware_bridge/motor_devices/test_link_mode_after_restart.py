@@ -49,6 +49,16 @@ def _damiao_link(channel: str) -> MotorDeviceLink:
     return link
 
 
+def _operator_clears_then_arms(link: MotorDeviceLink) -> None:
+    """The operator's act: clear faults (then DISARMED, nothing latched), arm (then ARMED)."""
+    assert link.ack_result(link.send_clear_faults()) is True
+    link.poll()
+    assert link.latest_state.mode == Mode.DISARMED and int(link.latest_state.fault_bits) == 0
+    assert link.ack_result(link.send_arm()) is True
+    link.poll()
+    assert link.latest_state.mode == Mode.ARMED
+
+
 def _reported_modes(link: MotorDeviceLink) -> tuple[Mode, list[Mode]]:
     return Mode(link.latest_state.mode), [Mode(f.mode) for f in link.faults]
 
@@ -68,12 +78,7 @@ def test_a_restarted_damiao_run_over_lost_comm_motors_says_tripped_everywhere(
         assert link.ack_result(link.send_disarm()) is True  # a disarm leaves a latched trip latched
         link.poll()
         assert link.latest_state.mode == Mode.TRIPPED
-        assert link.ack_result(link.send_clear_faults()) is True  # the operator's act
-        link.poll()
-        assert link.latest_state.mode == Mode.DISARMED and int(link.latest_state.fault_bits) == 0
-        assert link.ack_result(link.send_arm()) is True
-        link.poll()
-        assert link.latest_state.mode == Mode.ARMED
+        _operator_clears_then_arms(link)
     finally:
         link.close()
 
@@ -130,11 +135,6 @@ def test_a_host_stop_latches_through_disarm_and_arm_until_the_operators_clear_fa
         assert isinstance(refused, NackError) and refused.code == NackCode.FAULTS_LATCHED, refused
         link.poll()
         assert link.latest_state.mode == Mode.TRIPPED and not link.device.armed
-        assert link.ack_result(link.send_clear_faults()) is True  # the operator's act
-        link.poll()
-        assert link.latest_state.mode == Mode.DISARMED and int(link.latest_state.fault_bits) == 0
-        assert link.ack_result(link.send_arm()) is True
-        link.poll()
-        assert link.latest_state.mode == Mode.ARMED
+        _operator_clears_then_arms(link)
     finally:
         link.close()
