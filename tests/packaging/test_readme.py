@@ -247,15 +247,37 @@ class Workspace:
         try:
             rc = bg.proc.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
+            report = _group_report(bg.proc.pid)  # before the kill: what each process was doing, and its signals
             os.killpg(bg.proc.pid, signal.SIGKILL)
             bg.proc.wait()
             self.failures.append(f"README line {bg.block.line} (background) ignored Ctrl-C for {STOP_TIMEOUT_S:.0f} s:\n"
-                                 + _tail(bg.log))
+                                 + _tail(bg.log) + "\n--- the process group when it was killed ---\n" + report)
             return
         _kill_leftovers(bg.proc.pid)
         if rc not in (0, 130, -signal.SIGINT):
             self.failures.append(f"README line {bg.block.line} (background) exited {rc} after Ctrl-C:\n"
                                  + _tail(bg.log))
+
+
+def _group_report(pgid: int) -> str:
+    """Each process of the group: its command, state, kernel wait channel per thread and signal masks (an
+    inherited SIG_IGN for SIGINT shows in SigIgn), plus `py-spy dump` where py-spy is installed."""
+    lines = []
+    for proc in sorted(Path("/proc").glob("[0-9]*"), key=lambda d: int(d.name)):
+        try:
+            if os.getpgid(int(proc.name)) != pgid:
+                continue
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+            status = [ln for ln in (proc / "status").read_text().splitlines()
+                      if ln.startswith(("State", "SigBlk", "SigIgn", "SigCgt"))]
+            wchans = sorted({(t / "wchan").read_text() for t in (proc / "task").iterdir()})
+        except (OSError, ProcessLookupError):
+            continue
+        lines.append(f"pid {proc.name}: {cmd}\n  " + "; ".join(status) + f"; wchan {wchans}")
+        if shutil.which("py-spy"):
+            dump = subprocess.run(["py-spy", "dump", "--pid", proc.name], capture_output=True, text=True, timeout=30)
+            lines.append(dump.stdout[-3000:] + dump.stderr[-500:])
+    return "\n".join(lines) or "(no process left in the group)"
 
 
 def _tail(path: Path, n: int = 4000) -> str:
