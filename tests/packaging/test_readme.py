@@ -259,6 +259,15 @@ class Workspace:
                                  + _tail(bg.log))
 
 
+def as_from_a_terminal() -> None:
+    """In the block's child, before exec: the signals a terminal's shell gives a command. A suite started in the
+    background of a script (`make test &`, `nohup`) runs with SIGINT, SIGQUIT and SIGHUP ignored, a child inherits
+    that, and Python does not install its Ctrl-C handler where SIGINT is ignored: every background block then
+    "ignored Ctrl-C" although a user's terminal would have stopped it."""
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _group_report(pgid: int) -> str:
     """Each process of the group: its command, state, kernel wait channel per thread and signal masks (an
     inherited SIG_IGN for SIGINT shows in SigIgn), plus `py-spy dump` where py-spy is installed."""
@@ -378,13 +387,15 @@ def test_readme_block_runs(block: Block, workspace: Workspace):
         log = workspace.root / f".readme-bg-{block.line}.log"
         with log.open("w") as fh:
             proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", script], cwd=workspace.root,
-                                    env=workspace.env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+                                    env=workspace.env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=as_from_a_terminal)
         bg = Background(block, proc, log)
         workspace.background.append(bg)
         _wait_ready(workspace, bg)
         return
     proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", script], cwd=workspace.root, env=workspace.env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=as_from_a_terminal)
     try:
         output, _ = proc.communicate(timeout=BLOCK_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -469,3 +480,17 @@ def test_substitutions_shrink_only_sizes():
     assert substitute("edge-vla run b --duration 60\n", background=True, pypi=True) == "edge-vla run b --duration 60\n"
     assert "--online" in substitute("edge-vla package b -o p.tar.gz --target x86-cpu\n", False, pypi=False)
     assert shutil.which("bash"), "the README test runs blocks with bash"
+
+
+@pytest.mark.parametrize("preexec", [None, as_from_a_terminal], ids=["inherited", "as-from-a-terminal"])
+def test_blocks_get_ctrl_c_even_from_a_suite_started_in_the_background(preexec):
+    """With SIGINT ignored in this process (the suite run as `make test &`), a block's Python still gets its Ctrl-C
+    handler through as_from_a_terminal; the control case without it shows the probe sees the inherited SIG_IGN."""
+    probe = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        out = subprocess.run(["bash", "-c", f"{sys.executable} -c '{probe}'"], capture_output=True, text=True,
+                             check=True, preexec_fn=preexec).stdout.strip()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert out == ("True" if preexec else "False")
