@@ -1,7 +1,4 @@
-"""The shipped MetaWorld student (export/assets/tiny-mt10). Here, not in tests/export: it renders MuJoCo in the
-test process, and the suite's README test, which Ctrl-Cs background `edge-vla emulate` processes, must run before
-any in-process rendering (with this test at the start of the suite that README check failed twice in the full run,
-and passed without it; the mechanism is not established)."""
+"""The shipped MetaWorld student (export/assets/tiny-mt10), next to the MetaWorld evaluation it runs through."""
 
 import importlib.util
 
