@@ -30,13 +30,7 @@ STUDENT = preset("tiny", width=32, depth=1, heads=2, expert_width=32, expert_dep
 TEACHER = preset("small", width=48, depth=2, heads=2, expert_width=48, expert_depth=2, expert_heads=2, **MICRO)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two loaded cores: oversubscribed intra-op threads make these tests ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py: two loaded cores
 
 
 @pytest.fixture(scope="module")

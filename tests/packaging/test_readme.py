@@ -285,9 +285,13 @@ def _group_report(pgid: int) -> str:
         except (OSError, ProcessLookupError):
             continue
         lines.append(f"pid {proc.name}: {cmd}\n  " + "; ".join(status) + f"; wchan {wchans}")
-        if shutil.which("py-spy"):
-            dump = subprocess.run(["py-spy", "dump", "--pid", proc.name], capture_output=True, text=True, timeout=30)
-            lines.append(dump.stdout[-3000:] + dump.stderr[-500:])
+        if shutil.which("py-spy"):  # a diagnosis only: it must not keep the caller from killing the group
+            try:
+                dump = subprocess.run(["py-spy", "dump", "--pid", proc.name], capture_output=True, text=True,
+                                      timeout=30)
+                lines.append(dump.stdout[-3000:] + dump.stderr[-500:])
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                lines.append(f"  py-spy dump failed: {exc}")
     return "\n".join(lines) or "(no process left in the group)"
 
 

@@ -8,18 +8,6 @@ from edge_vla.export import assets
 from edge_vla.export.checkpoint import load_checkpoint
 
 
-@pytest.fixture
-def one_torch_thread():
-    """A 1.4 M-parameter model: a second intra-op thread only waits on a shared core another process keeps busy
-    (measured 53 s instead of 3.6 s for the test below with a MetaWorld job on the other core)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_the_shipped_metaworld_student_does_an_mt10_task_and_reads_its_front_camera_and_instruction(one_torch_thread):
     """tiny-mt10, the MetaWorld MT10 student (docs/METAWORLD.md): it loads against its provenance, closes a window on
     held-out seeds through the same evaluation `edge-vla evaluate` runs, and its chunk depends on what it is shown:
