@@ -71,6 +71,7 @@ from bench_runtime import Series, eager_chunk, interleaved_rounds, observation  
 from edge_vla.export.data import observation_tensors  # noqa: E402
 from edge_vla.runtime.compare import Metrics  # noqa: E402
 from edge_vla.runtime.ort_backend import CHUNK_ENV, FUSE_ENV  # noqa: E402
+from edge_vla.runtime.ov_backend import shared_core  # noqa: E402
 from edge_vla.runtime.policy import Policy  # noqa: E402
 from edge_vla.runtime.roofline import GraphCost, bundle_costs  # noqa: E402
 from edge_vla.runtime.types import Observation  # noqa: E402
@@ -285,11 +286,12 @@ def ort_runner(path: Path, threads: int) -> GraphRun:
 def openvino_runner(path: Path, threads: int, precision: str | None = None) -> GraphRun:
     """OpenVINO CPU with its default config plus INFERENCE_NUM_THREADS (and INFERENCE_PRECISION_HINT when
     `precision` is given, e.g. "f32")."""
-    ov = importlib.import_module("openvino")
     config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads}
     if precision:
         config["INFERENCE_PRECISION_HINT"] = precision
-    compiled = ov.Core().compile_model(str(path), "CPU", config)
+    # The process's one Core (a second Core let go out of order leaves the thread on an unmapped signal stack:
+    # see shared_core); sharing it changes no compile setting.
+    compiled = shared_core().compile_model(str(path), "CPU", config)
     request = compiled.create_infer_request()
     outputs = [(o, o.get_any_name()) for o in compiled.outputs]
     names = {o: sorted(o.get_names()) for o, _ in outputs}
@@ -303,8 +305,7 @@ def openvino_runner(path: Path, threads: int, precision: str | None = None) -> G
 
 
 def openvino_default_precision() -> str:
-    ov = importlib.import_module("openvino")
-    hint = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
+    hint = shared_core().get_property("CPU", "INFERENCE_PRECISION_HINT")
     return hint.to_string() if hasattr(hint, "to_string") else str(hint)  # an ov.Type: "bf16", "f32"
 
 

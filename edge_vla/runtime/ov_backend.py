@@ -20,6 +20,7 @@ slot's time row into the bound time input, as the onnxruntime backend does. A st
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -46,8 +47,19 @@ def openvino_available() -> bool:
     return available("openvino")
 
 
+@functools.cache
+def shared_core() -> Any:
+    """The one ov.Core of this process, kept for its lifetime. Why one: each Core's CPU plugin gives the thread a
+    signal stack of its own and, when let go, puts back the stack it found and unmaps its own (OpenVINO 2026.4
+    does this on every CPU). Let go out of creation order (a BF16 probe, then two backends closed in turn, as
+    `edge-vla tune` does), the thread is left on an unmapped signal stack, and the next signal whose handler runs
+    on it (CPython's all do: SIGTERM to a motor backend's torque-off hook, Ctrl-C) kills the process by SIGSEGV
+    instead. One Core never lets its plugin go."""
+    return require("openvino").Core()
+
+
 def _core(core: Any = None) -> Any:
-    return core if core is not None else require("openvino").Core()
+    return core if core is not None else shared_core()
 
 
 def cpu_capabilities(core: Any = None) -> list[str]:
@@ -100,7 +112,7 @@ class OvBackend(HostBufferBackend):
                  names: dict[str, set[str]] | None = None) -> None:
         """`names`: per graph role, the IO names the bundle's manifest gives (a port may carry several names)."""
         ov = require("openvino")
-        core = ov.Core()
+        core = shared_core()
         self.requested = check_precision(precision, core)
         self.config = compile_config(self.requested, threads)
         self.compiled: dict[str, Any] = {}
