@@ -4,37 +4,23 @@ the end-to-end tests that run the robot service and the operator CLI as the robo
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
-import subprocess
 import sys
-import sysconfig
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import service_user
 
 from edge_vla.onboard.drill import EMULATOR_LIMITS
 
 emulator_process = pytest.importorskip("firmware_bridge.emulator_process")
 
 REPO = Path(__file__).resolve().parents[2]
-SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # what systemd units run with
 
 
-def _load_service_user():
-    """tests/provision/service_user.py (uid 65534 and a temp dir it can enter), shared rather than copied."""
-    spec = importlib.util.spec_from_file_location("service_user", REPO / "tests" / "provision" / "service_user.py")
-    assert spec is not None and spec.loader is not None
-    module = sys.modules.setdefault("service_user", importlib.util.module_from_spec(spec))
-    if not hasattr(module, "open_dir"):
-        spec.loader.exec_module(module)
-    return module
-
-
-service_user = _load_service_user()
 SERVICE_UID, SERVICE_GID = service_user.SERVICE_UID, service_user.SERVICE_GID  # edge-vla.service's user and group
 OPERATOR_UID = 65533  # an operator: another local user, in the service's group (never a user created here)
 
@@ -61,11 +47,6 @@ def wait_for(pred, timeout: float, what: str, step: float = 0.01):
 
 # -- the robot's users: the service (uid/gid 65534) and an operator in its group (uid 65533) --------------
 
-def _drop(uid: int, gid: int, groups: tuple[int, ...] = ()) -> list[str]:
-    extra = ["--groups", ",".join(map(str, groups))] if groups else ["--clear-groups"]
-    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", *extra]
-
-
 @dataclass(frozen=True)
 class RobotUsers:
     """Command prefixes that run a step as the service user or as an operator, and the interpreter they use.
@@ -84,43 +65,19 @@ class RobotUsers:
 
     def environ(self, **extra: str) -> dict[str, str]:
         """The test's environment as a system user sees it: no HOME of root's, no pytest variables."""
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("PYTEST", "COV_", "NOTIFY_SOCKET", "INVOCATION_ID", "WATCHDOG_"))}
-        env.update(self.env, HOME="/nonexistent", PYTHONDONTWRITEBYTECODE="1", **extra)
-        return env
-
-
-def _site_dirs() -> list[str]:
-    paths = sysconfig.get_paths()
-    return list(dict.fromkeys([paths["purelib"], paths["platlib"]]))
-
-
-def _can_run(prefix: list[str], python: str, env: dict[str, str]) -> bool:
-    # Exec from an already unprivileged shell, as the service's own children are: `setpriv` keeps root's
-    # capabilities until its execve, so `setpriv ... python` alone can start an interpreter whose children fail.
-    probe = [*prefix, "/bin/sh", "-c", 'exec "$0" -c "import edge_vla.cli, firmware_bridge, numpy, serial"', python]
-    return subprocess.run(probe, cwd="/", env=env, capture_output=True, timeout=60).returncode == 0
+        return service_user.system_environ(**self.env, **extra)
 
 
 @functools.cache
 def robot_users() -> RobotUsers:
-    """Who runs what in the end-to-end tests; skips if no interpreter is usable by the service user."""
-    why = service_user.why_no_service_user()
-    if why is not None:  # not root: everything runs as this user (the tests then cannot catch root-only files)
+    """Who runs what in the end-to-end tests: the service user and an operator where we are root, with an
+    interpreter and import path the service user can use (service_user.service_python())."""
+    if service_user.why_no_service_user() is not None:  # everything runs as this user (no root-only files caught)
         return RobotUsers((), (), os.getuid(), sys.executable, {"PYTHONPATH": str(REPO)})
-    service = tuple(_drop(SERVICE_UID, SERVICE_GID))
-    operator = tuple(_drop(OPERATOR_UID, OPERATOR_UID, (SERVICE_GID,)))  # `usermod -aG edge-vla alice`
-    # The test venv's python first (a CI venv is usually world-readable); else, when it lives where the service
-    # user cannot go (a pyenv under /root), the system's python of the same minor version with this venv's
-    # site-packages on PYTHONPATH: the robot's venv is made from its system python too (tests/provision).
-    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    system = [str(p) for d in SYSTEM_PATH.split(":") if (p := Path(d) / version).is_file()][:1]
-    for python, path in [(sys.executable, [str(REPO)]), *((s, [str(REPO), *_site_dirs()]) for s in system)]:
-        users = RobotUsers(service, operator, SERVICE_UID, python, {"PYTHONPATH": os.pathsep.join(path)})
-        if _can_run(list(service), python, users.environ()):
-            return users
-    pytest.skip(f"uid {SERVICE_UID} can execute neither {sys.executable} nor a system {version} that imports "
-                f"this venv's packages")
+    service = tuple(service_user.drop())
+    operator = tuple(service_user.drop(OPERATOR_UID, OPERATOR_UID, (SERVICE_GID,)))  # `usermod -aG edge-vla alice`
+    sp = service_user.service_python()
+    return RobotUsers(service, operator, SERVICE_UID, sp.python, {"PYTHONPATH": os.pathsep.join(sp.pythonpath)})
 
 
 def service_run_dir(prefix: str) -> Path:

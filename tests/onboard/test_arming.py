@@ -12,7 +12,7 @@ import subprocess
 import time
 
 import pytest
-from onboard_helpers import REPO, events, give_pty_to_service, robot_users, service_run_dir, start_emulator, wait_for
+from onboard_helpers import events, give_pty_to_service, robot_users, service_run_dir, start_emulator, wait_for
 
 from edge_vla.action_space import sim_action_space
 from edge_vla.errors import ConfigError
@@ -91,7 +91,7 @@ def test_control_socket_and_cli_arm_stop_status(emulator) -> None:
         cwd=run_dir, env=users.environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def call(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(users.edge_vla(users.operator, *args, "--control-socket", str(sock)), cwd=REPO,
+        return subprocess.run(users.edge_vla(users.operator, *args, "--control-socket", str(sock)), cwd="/",
                               env=users.environ(), capture_output=True, text=True, timeout=30)
 
     try:

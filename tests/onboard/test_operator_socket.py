@@ -31,7 +31,6 @@ from pathlib import Path
 
 SERVICE_UID = 65534  # the robot service's user in these tests (nobody); never a user created on this machine
 OPERATOR_UID = 65533  # another local user: an operator when given the service's group, a stranger without it
-REPO = Path(__file__).resolve().parents[2]
 STOP_BOUND_S = 1.0  # a stop must be acknowledged within this, whatever other clients do (the old server: ~5 s)
 
 
@@ -70,8 +69,16 @@ def _serve_main(argv: list[str]) -> None:
 
 def _drop_to(uid: int, *groups: int) -> list[str]:
     """Run as `uid` (primary group = uid) with exactly `groups` as supplementary groups."""
-    extra = ["--groups", ",".join(map(str, groups))] if groups else ["--clear-groups"]
-    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", *extra]
+    import service_user  # tests/service_user.py (test side only: this file also runs as the server script)
+
+    return service_user.drop(uid, uid, groups)
+
+
+def _service_python():
+    """The interpreter and import path with which the unprivileged users run this checkout."""
+    import service_user
+
+    return service_user.service_python()
 
 
 class Served:
@@ -112,8 +119,10 @@ def serve(*options: str) -> Iterator[Served]:
     run_dir.mkdir(mode=0o750)
     os.chown(run_dir, SERVICE_UID, SERVICE_UID)
     path = run_dir / "control.sock"
-    proc = subprocess.Popen([*_drop_to(SERVICE_UID), sys.executable, __file__, "serve", str(path), *options],
-                            cwd=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sp = _service_python()
+    proc = subprocess.Popen([*_drop_to(SERVICE_UID), sp.python, str(sp.path(Path(__file__))), "serve", str(path),
+                             *options], cwd=base, env=sp.environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     served = Served(proc, path)
     try:
         served.wait_for("ready", 20.0)
@@ -308,7 +317,12 @@ def test_a_connection_flood_is_bounded_and_a_stop_still_gets_through() -> None:
 # -- the CLI: one line (or {"ok": false} under --json), a non-zero exit, never a traceback ---------------
 
 def _cli(*args: str, user: list[str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen([*(user or []), sys.executable, "-m", "edge_vla.cli", *args], cwd=REPO,
+    """`edge-vla ARGS` as this user, or as `user` (a setpriv prefix) with the interpreter it can run."""
+    python, env = sys.executable, None
+    if user:
+        sp = _service_python()
+        python, env = sp.python, sp.environ()
+    return subprocess.Popen([*(user or []), python, "-m", "edge_vla.cli", *args], cwd="/", env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -2,13 +2,12 @@ import json
 import os
 import shutil
 import stat
-import subprocess
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
 import pytest
+from service_user import needs_service_user, python_as_service_user
 
 from edge_vla.bundle import SCHEMA_VERSION, Bundle, write_bundle, write_json_atomic
 from edge_vla.errors import BundleError
@@ -149,13 +148,6 @@ def test_write_bundle_sets_modes_whatever_the_umask(tmp_path, tiny_bundle):
     assert {rel: oct(_mode(out / rel)) for rel in want} == {rel: oct(m) for rel, m in want.items()}
 
 
-def _as_service_user(cmd: list[str]) -> subprocess.CompletedProcess[str]:
-    """Run as uid/gid 65534 with no groups: how edge-vla.service (its own system user) reads a bundle."""
-    env = dict(os.environ, HOME="/nonexistent", PYTHONDONTWRITEBYTECODE="1")
-    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd], cwd="/",
-                          capture_output=True, text=True, timeout=120, env=env)
-
-
 _LOAD = """
 import os, sys
 from edge_vla.runtime.policy import Policy
@@ -164,8 +156,7 @@ print(os.getuid(), policy.bundle.config.preset)
 """
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
-                    reason="needs root and setpriv (util-linux) to drop to uid 65534")
+@needs_service_user
 def test_exported_bundle_loads_as_the_service_user():
     from edge_vla.cli import main as cli
     from edge_vla.export.assets import shipped_checkpoint
@@ -176,12 +167,11 @@ def test_exported_bundle_loads_as_the_service_user():
         out = base / "bundle"
         assert cli(["export", str(shipped_checkpoint()), "-o", str(out), "--table-steps", "10",
                     "--calib-count", "2"]) == 0
-        load = [sys.executable, "-I", "-c", _LOAD, str(out)]
-        proc = _as_service_user(load)
+        proc = python_as_service_user(_LOAD, str(out))
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.split() == ["65534", "tiny"]
         out.chmod(0o700)  # control: the same load fails when only root may enter the bundle
-        proc = _as_service_user(load)
+        proc = python_as_service_user(_LOAD, str(out))
         assert proc.returncode != 0 and "Permission" in proc.stderr, proc.stderr[-2000:]
     finally:
         shutil.rmtree(base, ignore_errors=True)

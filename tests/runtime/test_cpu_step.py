@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import service_user
+from service_user import needs_service_user
 
 from edge_vla.bundle import set_readable_modes
 from edge_vla.errors import BundleError
@@ -35,9 +37,6 @@ CPU_ENV = "EDGE_VLA_CPU_STEP"
 CACHE_ENV = "EDGE_VLA_KERNEL_CACHE"
 # The brief's gate: the C chunk against onnxruntime's stepping path, rel L2 of the actions.
 REL_L2 = 1e-5
-SERVICE = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-needs_service_user = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
-                                        reason="needs root and setpriv (util-linux) to drop to uid 65534")
 
 
 @pytest.fixture(scope="module")
@@ -334,10 +333,11 @@ def service_tree(tiny_bundle) -> Iterator[Path]:
 
 
 def _as_service_user(tree: Path, **env: str) -> tuple[dict, str]:
-    full = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST") and k != CACHE_ENV}
-    full |= {"HOME": "/nonexistent", "PYTHONDONTWRITEBYTECODE": "1", CPU_ENV: "auto", CHUNK_ENV: "auto"} | env
-    out = subprocess.run([*SERVICE, sys.executable, "-c", _SERVICE_INFER, str(tree / "bundle")], capture_output=True,
-                         text=True, timeout=120, env=full, cwd="/")
+    sp = service_user.service_python()
+    full = sp.environ({k: v for k, v in os.environ.items() if k != CACHE_ENV}, **{CPU_ENV: "auto", CHUNK_ENV: "auto"},
+                      **env)
+    out = subprocess.run([*service_user.drop(), sp.python, "-c", _SERVICE_INFER, str(tree / "bundle")],
+                         capture_output=True, text=True, timeout=120, env=full, cwd="/")
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
 

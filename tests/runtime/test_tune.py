@@ -13,7 +13,6 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+import service_user
+from service_user import needs_service_user
 
 from edge_vla.bundle import Bundle, set_readable_modes
 from edge_vla.cli import main as cli
@@ -32,10 +33,6 @@ from edge_vla.runtime.compare import THRESHOLDS
 from edge_vla.runtime.ort_backend import OrtBackend
 from edge_vla.runtime.ov_backend import OvBackend, bf16_supported
 from edge_vla.runtime.policy import Policy
-
-SERVICE = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-needs_service_user = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
-                                        reason="needs root and setpriv (util-linux) to drop to uid 65534")
 
 
 class _Wrapped(Backend):
@@ -352,9 +349,11 @@ def service_tree() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-def _service(cmd: list[str], **env: str) -> subprocess.CompletedProcess[str]:
-    full = dict(os.environ, HOME="/nonexistent", PYTHONDONTWRITEBYTECODE="1", **env)
-    return subprocess.run([*SERVICE, *cmd], cwd="/", capture_output=True, text=True, timeout=300, env=full)
+def _service(python_args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    """`python PYTHON_ARGS` as the service user, with the interpreter and import path it can use."""
+    sp = service_user.service_python()
+    return subprocess.run([*service_user.drop(), sp.python, *python_args], cwd="/", capture_output=True, text=True,
+                          timeout=300, env=sp.environ(**env))
 
 
 _LOAD = """
@@ -374,13 +373,13 @@ def test_the_service_user_tunes_and_loads_the_choice(tiny_bundle: Path, service_
     state = service_tree / "state"
     state.mkdir()
     os.chown(state, 65534, 65534)  # what StateDirectory= gives the service
-    tuned = _service([sys.executable, "-m", "edge_vla.cli", "tune", str(root), "--rounds", "1", "--threads", "1"],
+    tuned = _service(["-m", "edge_vla.cli", "tune", str(root), "--rounds", "1", "--threads", "1"],
                      EDGE_VLA_STATE_DIR=str(state))
     assert tuned.returncode == 0, tuned.stderr[-3000:]
     record = state / "tune" / f"{tune.bundle_hash(Bundle.open(root))}.json"
     assert record.stat().st_uid == 65534 and "chose" in tuned.stdout
     choice = json.loads(record.read_text())["choice"]
-    loaded = _service([sys.executable, "-I", "-c", _LOAD, str(root)], EDGE_VLA_STATE_DIR=str(state))
+    loaded = _service(["-c", _LOAD, str(root)], EDGE_VLA_STATE_DIR=str(state))
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     name = {"onnxruntime": "OrtBackend", "openvino": "OvBackend"}[choice["backend"]]
     assert loaded.stdout.split()[0] == name and "tune" in loaded.stderr
@@ -393,7 +392,7 @@ def test_the_service_user_cannot_write_a_root_owned_state_dir(tiny_bundle: Path,
     set_readable_modes(root)
     state = service_tree / "state"
     state.mkdir(mode=0o755)  # root's, as /var/lib/edge-vla would be without StateDirectory=
-    out = _service([sys.executable, "-m", "edge_vla.cli", "tune", str(root), "--rounds", "1"],
+    out = _service(["-m", "edge_vla.cli", "tune", str(root), "--rounds", "1"],
                    EDGE_VLA_STATE_DIR=str(state))
     assert out.returncode == 1
     err = out.stderr.strip().splitlines()

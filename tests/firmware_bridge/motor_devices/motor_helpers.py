@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import select
-import shutil
 import subprocess
 import sys
 import time
@@ -15,19 +14,22 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pytest
+import service_user
 
 T = TypeVar("T")
 
-SERVICE_UID = 65534  # nobody: robot-side code runs as the service user, not root
+SERVICE_UID = service_user.SERVICE_UID  # robot-side code runs as the service user, not root
 
 
 def run_host(*argv: str) -> subprocess.Popen[str]:
-    """`python -c argv[0] argv[1:]...` with this checkout importable, as the service user where we are root."""
-    cmd = [sys.executable, "-c", *argv]
-    if os.geteuid() == 0 and shutil.which("setpriv"):  # robot-side code runs as the service user, not root
-        cmd = ["setpriv", f"--reuid={SERVICE_UID}", f"--regid={SERVICE_UID}", "--clear-groups", *cmd]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    """`python -c argv[0] argv[1:]...` with this checkout importable and as the working directory, as the service
+    user where we are root (tests/service_user.py: with an interpreter and a path to the checkout it can use)."""
+    if service_user.why_no_service_user() is None:  # robot-side code runs as the service user, not root
+        sp = service_user.service_python()
+        cmd, cwd, env = [*service_user.drop(), sp.python, "-c", *argv], sp.repo, sp.environ()
+    else:
+        cmd, cwd, env = [sys.executable, "-c", *argv], os.getcwd(), {**os.environ, "PYTHONPATH": os.getcwd()}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
 
 
 def wait_line(proc: subprocess.Popen[str], want: str, timeout: float) -> None:
