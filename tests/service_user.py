@@ -123,6 +123,10 @@ def _link_tree(src: Path, dst: Path, skip: Sequence[Path] = ()) -> None:
     elif src.is_dir():
         shutil.copytree(src, dst, symlinks=True, copy_function=_link,
                         ignore=lambda d, names: {n for n in names if Path(d, n) in skip})
+        # copytree gives each directory its source's mode, and the source may be the 0700 clone itself: the
+        # mirror's directories (new ones, unlike its files) must let others in.
+        for directory, _, _ in os.walk(dst):
+            os.chmod(directory, os.stat(directory).st_mode | 0o055)
     else:
         _link(str(src), str(dst))
 

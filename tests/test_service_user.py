@@ -26,6 +26,7 @@ def test_a_clone_under_a_private_directory_runs_as_the_service_user_from_a_stage
     try:
         # The clone and its venv's packages (editable finder included, pointing at the clone), under `private`.
         clone, sites = service_user.link_checkout(service_user.REPO, service_user._site_dirs(), private)
+        clone.chmod(0o700)  # `git clone . "$(mktemp -d)"`: the clone's own directory is the 0700 one
         system = service_user._system_pythons()
         assert system, "no system python to run the service user's steps with"
         # Control: directly, the service user reaches neither the clone nor its packages.
