@@ -23,6 +23,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib", default=None, help=".npz dataset or folder of them, or lerobot:PATH, for INT8 "
                         "calibration (default: the checkpoint's LeRobot training data, else fresh sim observations)")
     parser.add_argument("--calib-count", type=int, default=32, help="calibration observations")
+    parser.add_argument("--numerics-count", type=numerics_count, default=None,
+                        help=f"observations the numerics check compares the exported graphs on, 1 to {MAX_NUMERICS} "
+                             "(default 8; π0: 3)")
     parser.add_argument("--int8-graphs", default="prefix,denoise_step,chunk",
                         help="with --precision int8: the graphs to quantize, comma-separated (others stay FP32); "
                         "'prefix' is often fastest on CPUs")
@@ -45,6 +48,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      help="write each graph's weights to <graph>.onnx.data (needed over 2 GB: the full π0)")
     pi0.add_argument("--skip-numerics", action="store_true",
                      help="do not compare with sample_actions (full-size π0 on a small machine); the bundle says so")
+
+
+MAX_NUMERICS = 512  # each is a full chunk through PyTorch and the graphs (and, for MetaWorld, rendered frames)
+
+
+def numerics_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= n <= MAX_NUMERICS:
+        raise argparse.ArgumentTypeError(f"{n} is outside 1..{MAX_NUMERICS}")
+    return n
 
 
 def main(args: argparse.Namespace) -> int:

@@ -36,6 +36,7 @@ def export(args: argparse.Namespace) -> ExportReport:
                          calib_count=args.calib_count, allow_lint_errors=args.allow_lint_errors,
                          int8_graphs=tuple(g.strip() for g in args.int8_graphs.split(",") if g.strip()),
                          int8_range=args.int8_range,
+                         **({"numerics_count": args.numerics_count} if args.numerics_count else {}),
                          overwrite=args.overwrite, time_input=args.time_input,
                          table_steps=tuple(int(n) for n in args.table_steps.split(",")) if args.table_steps else None)
     return ExportReport(export_checkpoint(args.checkpoint, args.output, opts), "bundle")

@@ -33,7 +33,8 @@ def export(args: argparse.Namespace) -> ExportReport:
     opts = Pi0ExportOptions(precision=args.precision, steps=args.steps, cameras=args.cameras, sidecar=args.sidecar,
                             calib=args.calib, calib_count=min(args.calib_count, 16), int8_graphs=graphs,
                             allow_lint_errors=args.allow_lint_errors, overwrite=args.overwrite,
-                            external_data=args.external_data, check_numerics=not args.skip_numerics)
+                            external_data=args.external_data, check_numerics=not args.skip_numerics,
+                            **({"numerics_count": args.numerics_count} if args.numerics_count else {}))
     return ExportReport(export_pi0(args.checkpoint, args.output, opts), "π0 bundle")
 
 

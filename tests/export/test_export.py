@@ -231,3 +231,54 @@ def test_int8_prefix_only_keeps_the_step_graph_fp32(tmp_path, tiny_model):
     assert b.manifest["graphs"]["prefix"]["precision"] == "int8"
     with pytest.raises(EdgeVlaError, match="unknown graph"):
         export_model(tiny_model, tmp_path / "c", ExportOptions(precision="int8", int8_graphs=("trunk",)))
+
+
+def test_the_report_gives_each_observations_error_and_the_rest_without_the_worst(tiny_bundle_int8):
+    """reports/numerics.json carries the chunk error per observation (its worst max|err| is the whole check's) and
+    the whole chunk's error without the worst observation."""
+    report = json.loads((Bundle.open(tiny_bundle_int8).root / "reports" / "numerics.json").read_text())
+    per = report["per_observation"]
+    assert len(per) == report["observations"] == 4
+    assert max(m["max_abs"] for m in per) == pytest.approx(report["actions"]["max_abs"])
+    assert max(m["rel_l2"] for m in per) >= report["actions"]["rel_l2"] >= min(m["rel_l2"] for m in per) > 0
+    assert report["without_worst"]["rel_l2"] <= report["actions"]["rel_l2"]
+
+
+def _report(per_rel: list[float], rest_rel: float, passed: bool = False):
+    from edge_vla.export.numerics import NumericsReport
+
+    per = [{"max_abs": 10 * r, "rel_l2": r, "cosine": 1 - r} for r in per_rel]
+    whole = {"max_abs": 10 * max(per_rel), "rel_l2": 0.13, "cosine": 0.99}
+    return NumericsReport("int8", len(per), 10, {}, whole, 0.08, 0.995, passed, per, {
+        "max_abs": 0.3, "rel_l2": rest_rel, "cosine": 0.9995})
+
+
+def test_a_failure_that_one_observation_decides_says_so() -> None:
+    """What a MetaWorld INT8 export met (measured: observation 1 of 8 at rel L2 0.33, the other 7 at 0.019): the
+    failure names the observation and what the rest measure; the gate itself is unchanged (still FAIL)."""
+    line = _report([0.03, 0.33, 0.01, 0.02], rest_rel=0.019).summary()
+    assert "FAIL; one observation decides it: observation 1 has rel L2 3.30e-01" in line
+    assert "the other 3 together 1.90e-02" in line and "--numerics-count" in line and "\n" not in line
+    # Controls: the rest failing too, or a pass, say nothing of the kind.
+    assert "one observation" not in _report([0.2, 0.33, 0.15, 0.12], rest_rel=0.15).summary()
+    assert "one observation" not in _report([0.01, 0.02, 0.01, 0.02], rest_rel=0.015, passed=True).summary()
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "513", "eight", "1e9"])
+def test_a_bad_numerics_count_is_refused_before_any_work(bad, tmp_path, capsys):
+    from edge_vla.cli import main as cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli(["export", str(tmp_path / "nope"), "-o", str(tmp_path / "b"), "--numerics-count", bad])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--numerics-count" in err and not (tmp_path / "b").exists()
+
+
+def test_the_numerics_count_is_the_checks(tiny_checkpoint, tmp_path):
+    from edge_vla.cli import main as cli
+
+    out = tmp_path / "b"
+    assert cli(["export", str(tiny_checkpoint), "-o", str(out), "--numerics-count", "3", "--table-steps", "10"]) == 0
+    report = json.loads((out / "reports" / "numerics.json").read_text())
+    assert report["observations"] == len(report["per_observation"]) == 3
