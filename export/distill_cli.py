@@ -13,10 +13,9 @@ from typing import Any
 from edge_vla.cli_flags import DeprecatedAlias
 from edge_vla.config import PRESETS, VLAConfig, preset
 from edge_vla.errors import ConfigError
-from edge_vla.sim import dataset
 from edge_vla.sim.splits import meta_split
 
-from .data import require_finite
+from .data import is_dataset_list, load_training_data, require_finite
 from .distill import DistillConfig, ObsPool, distill
 from .envs import dataset_env, longest_instruction, student_config, text_len_for
 from .families import load_teacher
@@ -45,7 +44,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="student checkpoint; with --reflow-steps > 0 the pre-reflow student goes to <output>_kd")
     parser.add_argument("--data", default="runs/data/reach.npz",
                         help="observations to label: a sim dataset .npz (DAgger rolls out in its split, e.g. sim:hard), "
-                        "or lerobot:PATH (recorded states; offline, no DAgger)")
+                        "A.npz,B.npz,... together (demonstrations and DAgger rounds), or lerobot:PATH (recorded "
+                        "states; offline, no DAgger)")
     parser.add_argument("--max-obs", type=int, default=None, help="use at most this many dataset observations")
     parser.add_argument("--train-steps", type=int, default=d.steps, metavar="N",
                         help="knowledge-distillation steps over all rounds (default %(default)s)")
@@ -129,11 +129,11 @@ def main(args: argparse.Namespace) -> int:
         student_cfg = fit_instructions(student_cfg, dataset_text_len(args.data))
         ds = distill_data(args.data, teacher.model.config, student_cfg)
         data_meta = ds.meta
-    elif not data_path.is_file():
+    elif not is_dataset_list(args.data) and not data_path.is_file():
         print(f"{data_path} not found; make it with `edge-vla make-data -o {data_path}`")
         return 2
     else:
-        ds = dataset.load(data_path)
+        ds = load_training_data(args.data)  # one .npz, or A.npz,B.npz,... as `edge-vla train --data` takes
         require_finite(ds, str(data_path))
         check_teacher_text(teacher, ds.instructions, str(data_path))
         student_cfg = fit_instructions(student_cfg, text_len_for(ds.instructions))

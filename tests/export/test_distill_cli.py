@@ -80,3 +80,28 @@ def test_divergent_distillation_stops_without_writing_a_student(tmp_path: Path,
                      err), err
     assert re.search(r"batch of 4 observations \[[\d, ]+\]", err), err
     assert not (tmp_path / "student").exists() and not (tmp_path / "student_kd").exists()
+
+
+def test_distill_takes_a_list_of_datasets_as_train_does(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--data A.npz,B.npz` (demonstrations and DAgger rounds) labels the observations of both; a missing name in
+    the list is refused before any file is read."""
+    from edge_vla.cli import main
+
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    save_checkpoint(VLA(preset("tiny")), tmp_path / "teacher")
+    dataset.save(dataset.generate(range(1), image_size=64), tmp_path / "a.npz")
+    dataset.save(dataset.generate(range(1, 2), image_size=64), tmp_path / "b.npz")
+    sizes = [len(dataset.load(tmp_path / f).states) for f in ("a.npz", "b.npz")]
+    common = ["distill", "--teacher", str(tmp_path / "teacher"), "--train-steps", "1", "--batch-size", "4",
+              "--dagger-rounds", "0", "--reflow-steps", "0", "--threads", "1", "--device", "cpu"]
+    try:
+        assert main([*common, "-o", str(tmp_path / "s"), "--data", f"{tmp_path / 'a.npz'},{tmp_path / 'b.npz'}"]) == 0
+        capsys.readouterr()
+        assert main([*common, "-o", str(tmp_path / "s2"), "--data", f"{tmp_path / 'a.npz'},{tmp_path / 'nope.npz'}"]) == 1
+        assert "nope.npz does not exist" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
+    _, meta = load_checkpoint(tmp_path / "s")
+    assert meta["distill"]["observations"] == sum(sizes), meta["distill"]
+    assert not (tmp_path / "s2").exists()
