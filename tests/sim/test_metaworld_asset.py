@@ -8,10 +8,14 @@ from edge_vla.export import assets
 from edge_vla.export.checkpoint import load_checkpoint
 
 
-def test_the_shipped_metaworld_student_does_an_mt10_task_and_reads_its_front_camera_and_instruction(one_torch_thread):
-    """tiny-mt10, the MetaWorld MT10 student (docs/METAWORLD.md): it loads against its provenance, closes a window on
-    held-out seeds through the same evaluation `edge-vla evaluate` runs, and its chunk depends on what it is shown:
-    it moves well away from the noise, and a blank front camera or another task's instruction changes it."""
+@pytest.mark.parametrize(("name", "made_by", "steps"), [("tiny-mt10", "edge-vla train", 10),
+                                                      ("tiny-mt10-1step", "edge-vla distill", 1)])
+def test_the_shipped_metaworld_student_does_an_mt10_task_and_reads_its_front_camera_and_instruction(
+        one_torch_thread, name, made_by, steps):
+    """tiny-mt10, the MetaWorld MT10 student, and tiny-mt10-1step, the same student reflowed to one ODE step
+    (docs/METAWORLD.md): each loads against its provenance, closes a window on held-out seeds through the same
+    evaluation `edge-vla evaluate` runs, at its own step count, and its chunk depends on what it is shown: it moves
+    well away from the noise, and a blank front camera or another task's instruction changes it."""
     if importlib.util.find_spec("metaworld") is None:  # not importorskip: importing metaworld imports mujoco, which
         pytest.skip("pip install 'edge-vla[metaworld]'")  # must come after edge_vla.sim.metaworld sets MUJOCO_GL
     import dataclasses
@@ -22,15 +26,15 @@ def test_the_shipped_metaworld_student_does_an_mt10_task_and_reads_its_front_cam
     from edge_vla.export.torch_policy import TorchPolicy
     from edge_vla.sim import metaworld
 
-    path = assets.shipped_checkpoint("tiny-mt10")
+    path = assets.shipped_checkpoint(name)
     model, meta = load_checkpoint(path)
-    prov = assets.provenance("tiny-mt10")
+    prov = assets.provenance(name)
     env = dataset_env(meta["dataset"])
-    assert env == "metaworld:mt10?cameras=front,gripperPOV" and "edge-vla train" in prov["command"]
-    assert model.config.num_cameras == 2 and prov["measured"]
+    assert env == "metaworld:mt10?cameras=front,gripperPOV" and made_by in prov["command"]
+    assert model.config.num_cameras == 2 and model.config.num_steps == steps and prov["measured"]
     policy = TorchPolicy(model, seed=0)
     result = metaworld.evaluate(policy, "metaworld:window-close-v3?cameras=front,gripperPOV", episodes=2,
-                                num_cameras=2, name="tiny-mt10")
+                                num_cameras=2, name=name)
     assert result.overall.successes == 2, result.overall  # 30/30 in the 300-episode table
 
     with metaworld.MetaWorldEnv("reach-v3", ("front", "gripperPOV")) as sim:
