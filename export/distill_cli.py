@@ -140,6 +140,10 @@ def main(args: argparse.Namespace) -> int:
         split = meta_split(ds.meta)
         if split != "base":  # DAgger rolls out in the data's split; the student's checkpoint records it
             data_meta = ds.meta
+        if ds.goals is not None and "goal_dim" not in overrides:
+            # The goal head as `edge-vla train` sizes it, from the data: MetaWorld's name the object's and the goal's
+            # positions (6), the sim's one block's (2, the presets' own).
+            student_cfg = dataclasses.replace(student_cfg, goal_dim=int(ds.goals.shape[1])).validate()
         if dataset_env(ds.meta) is not None:
             student_cfg = student_config(student_cfg, teacher.model.config, ds.meta)
             data_meta = ds.meta  # the student's bundle then declares MetaWorld's action space and cameras

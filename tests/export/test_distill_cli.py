@@ -105,3 +105,26 @@ def test_distill_takes_a_list_of_datasets_as_train_does(tmp_path: Path, capsys: 
     _, meta = load_checkpoint(tmp_path / "s")
     assert meta["distill"]["observations"] == sum(sizes), meta["distill"]
     assert not (tmp_path / "s2").exists()
+
+
+def test_a_metaworld_teacher_distills_on_metaworld_data(tmp_path: Path, one_torch_thread) -> None:
+    """MetaWorld data names 6 goal coordinates (object and goal positions) where the sim names 2: the student's goal
+    head is sized from the data, as `edge-vla train` does (it crashed on a tensor size mismatch, 2 against 6)."""
+    import importlib.util
+
+    if importlib.util.find_spec("metaworld") is None:  # importing metaworld imports mujoco: MUJOCO_GL first
+        pytest.skip("pip install 'edge-vla[metaworld]'")
+    from edge_vla.cli import main
+    from edge_vla.export import assets
+    from edge_vla.sim import metaworld
+
+    spec = metaworld.MetaWorldSpec.parse("metaworld:reach-v3?cameras=front,gripperPOV")
+    ds = metaworld.generate(spec, range(1), 64, 2, frame_every=20)
+    assert ds.goals is not None and ds.goals.shape[1] == 6
+    dataset.save(ds, tmp_path / "mw.npz")
+    rc = main(["distill", "--teacher", str(assets.shipped_checkpoint("tiny-mt10")), "--student-preset", "tiny",
+               "-o", str(tmp_path / "s"), "--data", str(tmp_path / "mw.npz"), "--max-obs", "8", "--train-steps", "1",
+               "--batch-size", "4", "--dagger-rounds", "0", "--reflow-steps", "0", "--threads", "1", "--device", "cpu"])
+    assert rc == 0
+    student, _ = load_checkpoint(tmp_path / "s")
+    assert student.config.goal_dim == 6 and student.config.num_cameras == 2
