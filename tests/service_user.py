@@ -71,15 +71,14 @@ def system_environ(base: Mapping[str, str] | None = None, **extra: str) -> dict[
 @dataclass(frozen=True)
 class ServicePython:
     """An interpreter the service user can exec from an unprivileged process (the service spawns its control
-    process and the emulator with sys.executable), the import path that gives it this checkout and this venv's
-    packages, and where it finds the checkout (`repo`: the working directory for paths relative to the root)."""
+    process and the emulator with sys.executable), with this venv's packages, and where it finds the checkout
+    (`repo`: on its PYTHONPATH, and the working directory for paths relative to the root)."""
 
     python: str
-    pythonpath: tuple[str, ...]
     repo: Path
 
     def environ(self, base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
-        return system_environ(base, PYTHONPATH=os.pathsep.join(self.pythonpath), **extra)
+        return system_environ(base, PYTHONPATH=str(self.repo), **extra)
 
     def path(self, inside: Path) -> Path:
         """Where the service user finds `inside`, a path in this checkout (a test script, a fixture file)."""
@@ -188,7 +187,7 @@ def _find_service_python(repo: Path = REPO, site_dirs: Sequence[str] | None = No
     # The test venv's own python, where the service user can run it (a CI venv made from /usr/bin/python3).
     tried = [_probe(venv_python, [str(repo)])]
     if tried[-1] is None:
-        return ServicePython(venv_python, (str(repo),), repo)
+        return ServicePython(venv_python, repo)
     bases = [p for p in [*_system_pythons(), sys._base_executable] if _probe(p, [], "import encodings") is None]
     if not bases:
         return (f"uid {SERVICE_UID} can execute no python {sys.version_info.major}.{sys.version_info.minor} here "
@@ -199,13 +198,13 @@ def _find_service_python(repo: Path = REPO, site_dirs: Sequence[str] | None = No
     python = make_venv(root / "venv", bases[0], site)
     tried.append(_probe(python, [str(repo)]))
     if tried[-1] is None:
-        return ServicePython(python, (str(repo),), repo)
+        return ServicePython(python, repo)
     # The checkout or the packages out of reach too (a clone under a 0700 `mktemp -d`): a linked mirror of both.
     linked, sites = link_checkout(repo, site, root)
     python = make_venv(root / "linked-venv", bases[0], sites)
     tried.append(_probe(python, [str(linked)]))
     if tried[-1] is None:
-        return ServicePython(python, (str(linked),), linked)
+        return ServicePython(python, linked)
     return (f"uid {SERVICE_UID} cannot import this checkout ({repo}) and its packages ({'; '.join(map(str, tried))}); "
             "are its files readable by others (not a clone made under umask 077)?")
 
@@ -218,11 +217,17 @@ def as_service_user(cmd: Sequence[str], *, cwd: Path | None = None, timeout: flo
                           timeout=timeout, env=system_environ(env))
 
 
-def python_as_service_user(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """`python -c code args...` as the service user, with this checkout and its packages importable and
-    nothing from the working directory (-P)."""
+def run_python_as_service_user(python_args: Sequence[str], *, timeout: float = 120,
+                               base: Mapping[str, str] | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    """`python PYTHON_ARGS` as the service user, with this checkout and its packages importable; its environment
+    is `base` (default: this process's) as a system user has it, plus `env`."""
     sp = service_python()
-    return as_service_user([sp.python, "-P", "-c", code, *args], timeout=timeout, env=sp.environ())
+    return as_service_user([sp.python, *python_args], timeout=timeout, env=sp.environ(base, **env))
+
+
+def python_as_service_user(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`python -c code args...` as the service user, nothing from the working directory on its path (-P)."""
+    return run_python_as_service_user(["-P", "-c", code, *args], timeout=timeout)
 
 
 def open_dir(prefix: str) -> Path:

@@ -282,3 +282,28 @@ def test_the_numerics_count_is_the_checks(tiny_checkpoint, tmp_path):
     assert cli(["export", str(tiny_checkpoint), "-o", str(out), "--numerics-count", "3", "--table-steps", "10"]) == 0
     report = json.loads((out / "reports" / "numerics.json").read_text())
     assert report["observations"] == len(report["per_observation"]) == 3
+
+
+def test_a_chunk_wrong_for_one_observation_is_named_by_the_check(tmp_path, tiny_model, monkeypatch):
+    """The runtime's sampler made wrong for the second of four observations only (its chunk shifted by 0.5 in
+    normalized units): the check fails, and the report names that observation while the other three match
+    PyTorch. Control: the same export without the fault passes with every observation close. The tiny model's
+    outputs are live (tests/conftest.py), and its chunks for the four observations differ (asserted below)."""
+    from edge_vla.export import numerics
+
+    calls: list[np.ndarray] = []
+
+    class WrongOnce(numerics.Sampler):
+        def run(self, noise, *args, **kwargs):
+            out = super().run(noise, *args, **kwargs)
+            calls.append(out.copy())
+            return out + 0.5 if len(calls) == 2 else out
+
+    ok = export_model(tiny_model, tmp_path / "ok", ExportOptions(numerics_count=4)).numerics
+    assert ok.passed and all(m["rel_l2"] < 1e-4 for m in ok.per_observation)
+    monkeypatch.setattr(numerics, "Sampler", WrongOnce)
+    with pytest.raises(EdgeVlaError) as exc:
+        export_model(tiny_model, tmp_path / "bad", ExportOptions(numerics_count=4))
+    assert "one observation decides it: observation 1 has rel L2" in str(exc.value), str(exc.value)
+    assert not (tmp_path / "bad").exists()
+    assert len(calls) == 4 and min(np.abs(calls[i] - calls[0]).max() for i in (1, 2, 3)) > 0.05

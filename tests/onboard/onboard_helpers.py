@@ -77,7 +77,7 @@ def robot_users() -> RobotUsers:
     service = tuple(service_user.drop())
     operator = tuple(service_user.drop(OPERATOR_UID, OPERATOR_UID, (SERVICE_GID,)))  # `usermod -aG edge-vla alice`
     sp = service_user.service_python()
-    return RobotUsers(service, operator, SERVICE_UID, sp.python, {"PYTHONPATH": os.pathsep.join(sp.pythonpath)})
+    return RobotUsers(service, operator, SERVICE_UID, sp.python, {"PYTHONPATH": str(sp.repo)})
 
 
 def service_run_dir(prefix: str) -> Path:

@@ -333,11 +333,9 @@ def service_tree(tiny_bundle) -> Iterator[Path]:
 
 
 def _as_service_user(tree: Path, **env: str) -> tuple[dict, str]:
-    sp = service_user.service_python()
-    full = sp.environ({k: v for k, v in os.environ.items() if k != CACHE_ENV}, **{CPU_ENV: "auto", CHUNK_ENV: "auto"},
-                      **env)
-    out = subprocess.run([*service_user.drop(), sp.python, "-c", _SERVICE_INFER, str(tree / "bundle")],
-                         capture_output=True, text=True, timeout=120, env=full, cwd="/")
+    base = {k: v for k, v in os.environ.items() if k != CACHE_ENV}
+    out = service_user.run_python_as_service_user(["-c", _SERVICE_INFER, str(tree / "bundle")], base=base,
+                                                  **({CPU_ENV: "auto", CHUNK_ENV: "auto"} | env))
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
 

@@ -350,10 +350,7 @@ def service_tree() -> Iterator[Path]:
 
 
 def _service(python_args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
-    """`python PYTHON_ARGS` as the service user, with the interpreter and import path it can use."""
-    sp = service_user.service_python()
-    return subprocess.run([*service_user.drop(), sp.python, *python_args], cwd="/", capture_output=True, text=True,
-                          timeout=300, env=sp.environ(**env))
+    return service_user.run_python_as_service_user(python_args, timeout=300, **env)
 
 
 _LOAD = """
