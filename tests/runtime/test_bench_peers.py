@@ -1,5 +1,6 @@
 """benchmarks/bench_peers.py's parts that its figures rest on: the floor arithmetic, the machine
-microbenchmarks, and the plain onnxruntime / OpenVINO loops producing the runtime's chunk for the same noise."""
+microbenchmarks, and the plain onnxruntime / OpenVINO loops producing the runtime's chunk for the same noise;
+and benchmarks/bench_chunk_parts.py's split of a chunk into its parts."""
 
 from __future__ import annotations
 
@@ -19,20 +20,24 @@ from edge_vla.runtime.types import Observation
 BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def bench() -> ModuleType:
+def _load_bench(name: str) -> ModuleType:
     pytest.importorskip("onnx")
-    sys.path.insert(0, str(BENCH_DIR))  # bench_peers imports bench_runtime's baseline from its own folder
+    sys.path.insert(0, str(BENCH_DIR))  # the benchmarks import each other (bench_runtime's baseline) from their folder
     try:
-        spec = importlib.util.spec_from_file_location("bench_peers", BENCH_DIR / "bench_peers.py")
+        spec = importlib.util.spec_from_file_location(name, BENCH_DIR / f"{name}.py")
         assert spec and spec.loader
         module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_peers"] = module  # dataclasses resolve their annotations through sys.modules
+        sys.modules[name] = module  # dataclasses resolve their annotations through sys.modules
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(BENCH_DIR))
-        sys.modules.pop("bench_peers", None)
+        sys.modules.pop(name, None)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    return _load_bench("bench_peers")
 
 
 def _obs(seed: int = 0) -> Observation:
@@ -115,3 +120,23 @@ def test_openvino_backend_rows(bench: ModuleType) -> None:
 
     rows = dict(bench.openvino_backend_precisions())
     assert rows["f32"] == "" and (rows["bf16"] == "") == bf16_supported()
+
+
+def test_chunk_parts_splits_a_chunk_and_refuses_without_the_c_loop(tiny_bundle: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_vla.runtime.cpu_step import CPU_STEP_ENV
+
+    parts = _load_bench("bench_chunk_parts")
+    with Policy.load(tiny_bundle, backend="onnxruntime", threads=1) as policy:
+        if policy.backend.cpu_step is None:
+            pytest.skip("no C step loop here (no C compiler)")
+        times = parts.part_times(policy, rounds=3, evict_bytes=1 << 20)
+        assert set(times) == {*parts.MODES, "Policy.infer"}
+        for mode in parts.MODES:
+            assert set(times[mode]) == {"prefix", "steps"}
+            assert all(0.0 < t < 1e4 for t in times[mode].values()), times
+        assert 0.0 < times["Policy.infer"]["total"] < 1e4
+    monkeypatch.setenv(CPU_STEP_ENV, "off")  # control: no C loop, nothing to split, and it says so
+    with Policy.load(tiny_bundle, backend="onnxruntime", threads=1) as policy, \
+            pytest.raises(RuntimeError, match="runs no C step loop"):
+        parts.part_times(policy, rounds=1)
