@@ -118,10 +118,13 @@ class Bundle:
         for rel in self.manifest.get("graphs", {}).values():
             if rel.get("file") not in files:
                 problems.append(f"graph file {rel.get('file')!r} is not among the hashed files")
-        time_input = self.manifest.get("sampler", {}).get("time_input") or {}
-        for table in (time_input.get("tables") or {}).values():
-            if table not in files:
-                problems.append(f"time table {table!r} is not among the hashed files")
+        # Only where they have the right types: Contract.from_manifest reports a malformed time_input.
+        sampler = self.manifest.get("sampler")
+        time_input = sampler.get("time_input") if isinstance(sampler, Mapping) else None
+        tables = time_input.get("tables") if isinstance(time_input, Mapping) else None
+        for table in tables.values() if isinstance(tables, Mapping) else ():
+            if not isinstance(table, str) or table not in files:
+                problems.append(f"time table {table!r:.80} is not among the hashed files")
         for rel, digest in files.items():
             p = self.root / rel
             if not _safe_member(rel):
@@ -190,8 +193,11 @@ def read_manifest(root: Path) -> dict[str, Any]:
         raise BundleError(f"{root} has no {MANIFEST}: not an edge-vla bundle, or an incomplete copy")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{mpath} is not valid JSON ({exc}); the bundle is corrupt, re-export it") from exc
+    # ValueError: also an integer of more than 4300 digits; RecursionError: nesting too deep to parse.
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        text = str(exc).splitlines()[0][:120] if str(exc) else ""
+        raise BundleError(f"{mpath} is not valid JSON ({type(exc).__name__}: {text}); the bundle is corrupt, "
+                          "re-export it") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{mpath} is not an edge-vla bundle manifest (format != {FORMAT!r})")
     version = manifest.get("schema_version")
@@ -211,7 +217,37 @@ def read_manifest(root: Path) -> dict[str, Any]:
     missing = [k for k in _REQUIRED if k not in manifest]
     if missing:
         raise BundleError(f"{mpath} lacks required fields {missing}; re-export the bundle")
+    wrong = _wrong_types(manifest)
+    if wrong:
+        raise BundleError(f"{mpath} is malformed: {'; '.join(wrong[:5])}; re-export the bundle")
     return manifest
+
+
+# The required fields that are objects; everything below "graphs" and "sampler" is checked by Contract.from_manifest.
+_OBJECTS = ("model", "graphs", "normalization", "action_space", "sampler", "tokenizer", "files", "provenance")
+
+
+def _wrong_types(manifest: Mapping[str, Any]) -> list[str]:
+    """What in the manifest has the wrong JSON type for the code that reads it (verify, the typed views), so a
+    malformed one is refused here in one line instead of an AttributeError deep inside."""
+    wrong = [f"{k} must be an object, not {type(manifest[k]).__name__}" for k in _OBJECTS
+             if not isinstance(manifest[k], dict)]
+    if not isinstance(manifest["precision"], str):
+        wrong.append(f"precision must be a string, not {type(manifest['precision']).__name__}")
+    if isinstance(manifest["files"], dict):
+        wrong += [f"files[{rel!r:.80}] must be a sha256 in hex, not {digest!r:.40}"
+                  for rel, digest in manifest["files"].items() if not _is_sha256(digest)]
+    if isinstance(manifest["graphs"], dict):
+        for name, g in manifest["graphs"].items():
+            if not isinstance(g, dict):
+                wrong.append(f"graph {name!r:.40} must be an object, not {type(g).__name__}")
+            elif not isinstance(g.get("file"), str):
+                wrong.append(f"graph {name!r:.40} file must be a bundle-relative path, not {g.get('file')!r:.40}")
+    return wrong
+
+
+def _is_sha256(digest: object) -> bool:
+    return isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
 
 
 def write_bundle(out: str | os.PathLike[str], manifest: dict[str, Any], files: Mapping[str, Path | bytes],

@@ -8,6 +8,7 @@ Every problem is reported at once, as a BundleError that says what is wrong and 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,13 +110,11 @@ class Contract:
         if len(by_role["chunk"]) > 1:
             problems.append("at most one graph may have role 'chunk'")
         sampler = _mapping(manifest, "sampler", problems)
-        time = sampler.get("time", {})
-        flow = Flow(float(time.get("start", 0.0)), float(time.get("end", 1.0))) if isinstance(time, Mapping) else Flow()
-        if flow.start == flow.end:
-            problems.append(f"sampler.time start and end are both {flow.start}: the flow has no direction")
-        solvers = tuple(sampler.get("solvers", ()))
+        flow = _flow(sampler.get("time", {}), problems)
+        raw_solvers = sampler.get("solvers", ())
+        solvers = tuple(raw_solvers) if isinstance(raw_solvers, list) else ()
         if not solvers or any(s not in SOLVERS for s in solvers):
-            problems.append(f"sampler.solvers must be a non-empty subset of {list(SOLVERS)}, got {list(solvers)}")
+            problems.append(f"sampler.solvers must be a non-empty subset of {list(SOLVERS)}, got {raw_solvers!r:.80}")
         solver = sampler.get("solver", "euler")
         if solvers and solver not in solvers:
             problems.append(f"sampler.solver {solver!r} is not among sampler.solvers {list(solvers)}")
@@ -128,6 +127,10 @@ class Contract:
         if ints["min_steps"] > ints["max_steps"] or not ints["min_steps"] <= ints["num_steps"] <= ints["max_steps"]:
             problems.append(f"sampler steps: need min_steps <= num_steps <= max_steps, got {ints}")
         time_input = _time_input(sampler.get("time_input"), problems)
+        recommended = sampler.get("recommended_min_steps", 1)
+        if not isinstance(recommended, int) or isinstance(recommended, bool) or recommended < 1:
+            problems.append(f"sampler.recommended_min_steps must be a positive integer, got {recommended!r:.40}")
+            recommended = 1
         prep = manifest.get("preprocessing")
         if not isinstance(prep, Mapping) or "kind" not in prep:
             problems.append("preprocessing must be an object with a 'kind'")
@@ -138,7 +141,7 @@ class Contract:
         chunk = by_role["chunk"][0] if by_role["chunk"] else None
         contract = cls(str(manifest.get("family", "")), prefix, step, chunk, flow, solvers, solver,
                        ints["num_steps"], ints["min_steps"], ints["max_steps"],
-                       int(sampler.get("recommended_min_steps", 1)), time_input, prep, root,
+                       recommended, time_input, prep, root,
                        _rtc_max_delay(manifest.get("rtc"), step, problems))
         contract._check_wiring(problems)
         if not contract.family:
@@ -271,9 +274,27 @@ def _mapping(m: Mapping[str, Any], key: str, problems: list[str]) -> Mapping[str
     return v
 
 
+def _flow(time: Any, problems: list[str]) -> Flow:
+    """sampler.time {"start", "end"}: two different finite numbers (0 and 1 where absent)."""
+    if not isinstance(time, Mapping):
+        problems.append(f"sampler.time must be an object {{'start': T0, 'end': T1}}, got {time!r:.80}")
+        return Flow()
+    ends = [time.get("start", 0.0), time.get("end", 1.0)]
+    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in ends):
+        problems.append(f"sampler.time start and end must be finite numbers, got {ends!r:.80}")
+        return Flow()
+    flow = Flow(float(ends[0]), float(ends[1]))
+    if flow.start == flow.end:
+        problems.append(f"sampler.time start and end are both {flow.start}: the flow has no direction")
+    return flow
+
+
 def _io(graph: str, entries: Any, problems: list[str]) -> tuple[IOSpec, ...]:
     out = []
     for e in entries if isinstance(entries, list) else []:
+        if not isinstance(e, Mapping):
+            problems.append(f"graph {graph!r}: IO entry {e!r:.80} is not an object")
+            continue
         name, shape, dtype, role = (e.get(k) for k in ("name", "shape", "dtype", "role"))
         if not isinstance(name, str) or not isinstance(role, str):
             problems.append(f"graph {graph!r}: IO entry {e!r} lacks a name or role")

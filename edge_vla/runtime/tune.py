@@ -307,6 +307,18 @@ def _short(value: Any) -> str:
     return repr(value)[:40]
 
 
+def _milliseconds(value: Any) -> float | None:
+    """A record's time as a finite positive float, else None. JSON numbers are unbounded: an integer of a few
+    hundred digits parses, compares below math.inf, and then overflows `float()`, so convert before comparing."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        ms = float(value)
+    except OverflowError:
+        return None
+    return ms if 0 < ms < math.inf else None
+
+
 def _validate(record: Any, digest: str, machine: dict[str, Any]) -> Choice:
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
         raise _Bad(f"it is not a tune record (no \"format\": {RECORD_FORMAT!r} object)")
@@ -332,21 +344,21 @@ def _validate(record: Any, digest: str, machine: dict[str, Any]) -> Choice:
                     and c.get("precision") == precision), None)
     if figures is None or figures.get("passed") is not True:
         raise _Bad(f"its choice {backend} {_short(precision)} did not pass the numerics gate in its own figures")
-    median = figures.get("median_ms")
-    if not isinstance(median, (int, float)) or isinstance(median, bool) or not 0 < median < math.inf:
-        raise _Bad(f"its choice has no valid median time ({_short(median)})")
+    median = _milliseconds(figures.get("median_ms"))
+    if median is None:
+        raise _Bad(f"its choice has no valid median time ({_short(figures.get('median_ms'))})")
     if backend == "openvino":
         from edge_vla.runtime.ov_backend import PRECISIONS
 
         if precision not in PRECISIONS:
             raise _Bad(f"its OpenVINO precision {_short(precision)} is none of {', '.join(PRECISIONS)}")
-    others = [c for c in record["candidates"] if isinstance(c, dict) and c is not figures and c.get("passed") is True
-              and isinstance(c.get("median_ms"), (int, float))]
-    versus = ", ".join(f"{str(c.get('backend'))[:20]} {str(c.get('precision'))[:10]} {c['median_ms']:.2f} ms"
-                       for c in others)
-    summary = (f"{float(median):.2f} ms/chunk" + (f" vs {versus}" if versus else "")
+    # The other figures only feed the log line's comparison: one without a usable time is left out of it.
+    others = [(c, ms) for c in record["candidates"] if isinstance(c, dict) and c is not figures
+              and c.get("passed") is True and (ms := _milliseconds(c.get("median_ms"))) is not None]
+    versus = ", ".join(f"{str(c.get('backend'))[:20]} {str(c.get('precision'))[:10]} {ms:.2f} ms" for c, ms in others)
+    summary = (f"{median:.2f} ms/chunk" + (f" vs {versus}" if versus else "")
                + f", tuned {str(record.get('tuned_at'))[:32]}")
-    return Choice(backend, precision if backend == "openvino" else None, float(median), summary)
+    return Choice(backend, precision if backend == "openvino" else None, median, summary)
 
 
 # --- measuring -------------------------------------------------------------------------------------------
