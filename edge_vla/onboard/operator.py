@@ -335,15 +335,7 @@ class ControlSocketServer:
 
     def start(self) -> ControlSocketServer:
         self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-        if self.path.exists() or self.path.is_symlink():
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(str(self.path))
-            except OSError:
-                self.path.unlink()  # stale: left by a process that died
-            else:
-                probe.close()
-                raise OperatorError(f"another edge-vla is serving {self.path}; stop it first (one robot, one loop)")
+        self._remove_stale_socket()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o777 & ~self.mode)  # never a moment with wider permissions than `mode`
         try:
@@ -358,6 +350,24 @@ class ControlSocketServer:
         self._thread.start()
         log.info("operator control socket at %s (mode %o)", self.path, self.mode)
         return self
+
+    def _remove_stale_socket(self) -> None:
+        """Clear the path for bind(): remove a socket nobody answers on (left by a process that died); refuse
+        anything else. A mistyped --control-socket naming a file, a directory or a symlink must not cost it."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OperatorError(f"{self.path} exists and is {_file_kind(st.st_mode)}, not a control socket; edge-vla "
+                                "replaces only a stale socket there: pass another --control-socket")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(self.path))
+            except OSError:
+                self.path.unlink()  # stale
+                return
+        raise OperatorError(f"another edge-vla is serving {self.path}; stop it first (one robot, one loop)")
 
     # -- the event loop (one thread; never blocks on a client) --
 
@@ -530,6 +540,12 @@ class ControlSocketServer:
         self._sock = None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symlink"),
+             (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
+    return next((name for test, name in kinds if test(mode)), "not a socket")
 
 
 def _peer_uid(conn: socket.socket) -> int | str:

@@ -10,6 +10,11 @@ Protocol, per connection:
        and the connection stays open for the next request.
 `GET /healthz` answers 200 with a small JSON status (no API key needed; it reveals no observations).
 
+Connections: at most `max_clients` past their handshake (the next one gets a 503 saying so) and at most
+`max_handshakes` still sending their HTTP request (when full, the oldest of those is closed with a 503: idle
+TCP connections cannot take every file descriptor). A client that leaves more than 1 MiB of the server's
+frames unread (a ping flood that never reads its pongs) is disconnected.
+
 Concurrency model: one Policy instance, one worker thread. The asyncio event loop does all socket I/O for
 every client; each complete request (decode, key mapping, inference, reply encoding) runs on the single
 worker thread, so requests from all clients are served one at a time, in the order they arrived, and the
@@ -27,6 +32,7 @@ between. The metadata tells each client its `connection` number and `seed`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import http
 import ipaddress
@@ -64,6 +70,9 @@ log = logging.getLogger(__name__)
 
 PROTOCOL = "openpi-websocket (openpi-client 0.1.2: msgpack-numpy over websockets)"
 CLIENT_ERRORS = (RequestError, ObservationError, PolicyOutputError)
+# Frames the server may hold for a client that does not read them. ws.send() waits while more than websockets'
+# write limit (32 KiB) is buffered, so replies never come near this; only the pongs websockets writes by itself can.
+MAX_UNREAD_OUTPUT_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,7 @@ class ServeOptions:
     seed: int = 0
     limits: Limits = field(default_factory=Limits)
     max_clients: int = 8
+    max_handshakes: int = 64  # connections still sending their HTTP request; when full the oldest is closed
     telemetry: str | None = None  # a .mcap or .jsonl file: one /serve/request record per request
 
 
@@ -86,6 +96,76 @@ class _Connection:
     rng: np.random.Generator
     requests: int = 0
     prev_total_ms: float | None = None
+
+
+class _GuardedConnection(ServerConnection):
+    """A websocket connection with two guards websockets lacks, each against a client that holds server
+    resources without using them:
+
+    - until its HTTP request has arrived, it is one of the server's `handshaking` connections, of which the
+      server keeps at most `max_handshakes` (the oldest is closed to make room). The client cap counts only
+      connections past their handshake, so a few hundred TCP connections that never sent a byte took every
+      file descriptor (a systemd service has 1024) and no one else could connect;
+    - it is dropped once its client leaves more than MAX_UNREAD_OUTPUT_BYTES unread. websockets answers every
+      ping with a pong written straight to the transport, outside the flow control of ws.send(): a client
+      that floods pings and never reads made the server buffer all the pongs (24 MiB of pings in about a
+      second: 20 MiB held, for as long as the client stayed). It reads nothing, so it is told nothing: the
+      connection is aborted and the server log says why.
+    """
+
+    def __init__(self, handshaking: _Handshaking, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._handshaking = handshaking
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._handshaking.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._handshaking.discard(self)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        unread = self.transport.get_write_buffer_size()
+        if unread > MAX_UNREAD_OUTPUT_BYTES and not self.transport.is_closing():
+            log.warning("dropped the connection from %s: it sends (pings?) but never reads what the server sends "
+                        "back (%d bytes left unread, at most %d)", self.remote_address, unread,
+                        MAX_UNREAD_OUTPUT_BYTES)
+            self.transport.abort()
+
+
+class _Handshaking:
+    """The connections still sending their HTTP request, oldest first, at most `limit` (event loop only).
+    When full, the oldest is closed with a 503 saying why: an honest client sends its request as soon as it
+    connects, so it is never the oldest for long, while idle connections cannot pile up."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._since: dict[ServerConnection, float] = {}  # insertion order: the first is the oldest
+
+    def add(self, conn: ServerConnection) -> None:
+        self._since[conn] = time.monotonic()
+        if len(self._since) > self.limit:
+            oldest, since = next(iter(self._since.items()))
+            self.discard(oldest)
+            log.warning("closed a connection from %s that sent no handshake in %.1f s: %d connections were "
+                        "waiting for theirs", oldest.remote_address, time.monotonic() - since, self.limit + 1)
+            oldest.transport.write(_HANDSHAKE_REFUSAL)
+            oldest.transport.close()
+
+    def discard(self, conn: ServerConnection) -> None:
+        self._since.pop(conn, None)
+
+
+def _handshake_refusal() -> bytes:
+    body = (b"too many connections are still in their websocket handshake; this one, the oldest, was closed to "
+            b"let a newer one in: send the handshake as soon as you connect\n")
+    return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)) + body
+
+
+_HANDSHAKE_REFUSAL = _handshake_refusal()
 
 
 class _Fatal(str):
@@ -129,6 +209,7 @@ class PolicyServer:
         self._recent_ms: deque[float] = deque(maxlen=1000)
         self._stats_lock = threading.Lock()  # the worker thread writes stats, /healthz reads them
         self._server: Server | None = None
+        self._handshaking = _Handshaking(opts.max_handshakes)
         self._telemetry = Telemetry(opts.telemetry)  # written on the worker thread only
         self.metadata = self._metadata()
 
@@ -139,6 +220,8 @@ class PolicyServer:
             self._server = await serve(
                 self._handle, self.options.host, self.options.port,
                 process_request=self._process_request,
+                # idle connections cannot take every descriptor; a client that never reads cannot pile up pongs
+                create_connection=functools.partial(_GuardedConnection, self._handshaking),  # type: ignore[arg-type]
                 max_size=lim.max_message_bytes,  # a larger frame closes the connection with 1009
                 compression=None,  # no permessage-deflate: no decompression bombs, and openpi-client asks for none
                 max_queue=1,  # one frame buffered per connection, then TCP back-pressure: openpi-client never pipelines,
@@ -178,6 +261,7 @@ class PolicyServer:
 
     # --- HTTP: health check, API key, client cap ---------------------------------------------------
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        self._handshaking.discard(connection)  # its request is here: no longer an idle connection
         if request.path.split("?", 1)[0] == "/healthz":
             return _respond(http.HTTPStatus.OK, json.dumps(self.stats()) + "\n", "application/json")
         if self._auth is not None and (why := self._key_refusal(request.headers)):
