@@ -15,8 +15,10 @@ Operators edit it on the robot; `edge-vla install` keeps their edits (see instal
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -75,8 +77,8 @@ class RobotConfig:
         if self.link_loss_category not in (0, 1):
             raise ConfigError(f"EDGE_VLA_LINK_LOSS_CATEGORY={self.link_loss_category}: use 0 (torque off, the default) "
                               "or 1 (controlled stop, for arms that fall without torque and have no brakes)")
-        if self.gripper_effort < 0:
-            raise ConfigError(f"EDGE_VLA_GRIPPER_EFFORT={self.gripper_effort} must be >= 0 (0: off)")
+        if not self.gripper_effort >= 0:  # NaN too: it compares false everywhere, and would turn the limit off
+            raise ConfigError(f"EDGE_VLA_GRIPPER_EFFORT={self.gripper_effort} must be a number >= 0 (0: off)")
         for value in (self.link, self.camera, self.extra_args, self.following_error, self.gripper_joints):
             if "\n" in value or '"' in value:
                 raise ConfigError(f"config value {value!r} contains a newline or a double quote")
@@ -125,10 +127,33 @@ class RobotConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> RobotConfig:
-        try:
-            return cls.from_env(Path(path).read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"cannot read robot config {path}: {exc}") from exc
+        return cls.from_env(_read_config_text(Path(path)))
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a robot.env is a few hundred bytes; anything near this is not one
+
+
+def _read_config_text(path: Path) -> str:
+    """The file's text, or one ConfigError line. Opened without blocking and checked to be a regular file first: a
+    FIFO (or a device) at --robot-config would otherwise block `edge-vla run` until some writer comes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as exc:
+        raise ConfigError(f"cannot read robot config {path}: {exc.strerror or exc}") from exc
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"robot config {path} is not a regular file; give the path of the KEY=VALUE file "
+                              f"(default {CONFIG_PATH})")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"robot config {path} is {info.st_size / 2**20:.1f} MiB, too large for a KEY=VALUE file "
+                              f"(at most {MAX_CONFIG_BYTES >> 20} MiB); is it the right file?")
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"robot config {path} is not UTF-8 text (byte {data[exc.start]:#04x} at offset "
+                          f"{exc.start}); save it as UTF-8, as systemd reads it") from exc
 
 
 def parse_env(text: str) -> dict[str, str]:
