@@ -15,7 +15,8 @@ What the backend does, and why:
 - open: computes the bus load for the configured motors and period and refuses above 70% (below); reads CTRL_MODE
   (must be 1, MIT), PMAX/VMAX/TMAX from each motor and refuses, in one line naming the motor and both values, a
   mismatch with the robot configuration (`pmax`/`vmax`/`tmax` per joint; DM-J4310 defaults): a mismatch silently
-  rescales every command and reading (F14). It enables nothing. A motor already reporting an error is latched.
+  rescales every command and reading (F14). It enables nothing. A motor already reporting an error is latched, and
+  so is one found enabled (`found_enabled`: a host that died left it driving; clear_faults disables it first).
 - arm (the operator's act): refused while a fault is latched; writes TIMEOUT (RID 9) to RAM as two control periods
   in the device's unit (T1), reads it back, enables each motor (enable frame, confirmed by a reply with status 1),
   then sends a hold command at the present position. It never sends save (0xAA) or set-zero (FE).
@@ -427,6 +428,7 @@ class DamiaoDevice(MotorDevice):
                 self._check_motor(j)
             self._refresh(strict=True)
             self._check_statuses()
+            self._latch_found_enabled()
         except BaseException:
             self._bus.shutdown()
             self._bus = None
@@ -453,6 +455,16 @@ class DamiaoDevice(MotorDevice):
                     f"{where} has {name} {got:g} but the robot configuration says {cfg:g}: every MIT command and "
                     f"reading would be scaled by {got / cfg if cfg else math.inf:.3g}; set {name.lower()} for this "
                     f"joint to {got:g} in the configuration, or write {name} (register {rid}) with the vendor's tool")
+
+    def _latch_found_enabled(self) -> None:
+        """A motor enabled when this host opens the bus was left so by a host that died: with TIMEOUT 0 (LeRobot never
+        writes it, F16) it drives that host's last command for good. Latched, so the run starts tripped, not
+        "disarmed" with the motors powered; the operator's clear_faults disables them (read back) first."""
+        for j, reply in enumerate(self._latest):
+            if reply is not None and reply.status == STATUS_ENABLED:
+                self._latch(MotorFault(self.names[j], "found_enabled",
+                                       f"motor id {self.ids[j]} was enabled when this host opened the bus: a previous "
+                                       "host left it driving its last command; clear faults (disable) before arming"))
 
     def _close(self) -> None:
         try:
@@ -615,11 +627,15 @@ class DamiaoDevice(MotorDevice):
         return confirmed
 
     def clear_faults(self) -> None:
-        """Operator act: the clear-error frame (FB) to each motor, status 0 (disabled, no error) read back, then
-        the host's latches are dropped. The motors stay disabled: arming is a separate act."""
+        """Operator act: motors found enabled at open are disabled first (read back); then the clear-error frame (FB)
+        to each motor, status 0 (disabled, no error) read back, then the host's latches are dropped. The motors stay
+        disabled: arming is a separate act."""
         self._require_open("clear_faults")
         if self._armed:
             raise MotorError(f"{self.url}: clear_faults refused while armed; stop first")
+        if any(f.code == "found_enabled" for f in self._faults) and not self._disable_all():
+            raise MotorError(f"{self.url}: disable was not read back from every motor (found enabled at open); check "
+                             "the bus and clear faults again")
         sent = self._send_all(CLEAR_ERROR)
         n = len(self.ids)
         self._wait(lambda: all(self._fresh(j, sent[j]) for j in range(n)), self.reply_timeout_s * 4)

@@ -166,6 +166,7 @@ class DynamixelDevice(ServoBusDevice):
                 self._write(dxl_id, BUS_WATCHDOG, 1, self.watchdog_units)  # inactive until torque is on
             # One sync write starts every servo's torque (and so its watchdog) together; one sync read of
             # 64..98 reads both back and feeds every watchdog.
+            self._torque_unconfirmed = True  # until a torque off is read back, whatever happens next
             self._sync_write(TORQUE_ENABLE, 1, [b for dxl_id in self.ids for b in (dxl_id, 1)])
             for dxl_id, block in self._sync_read(TORQUE_ENABLE, BUS_WATCHDOG - TORQUE_ENABLE + 1).items():
                 torque, wd = block[0], block[BUS_WATCHDOG - TORQUE_ENABLE]
@@ -326,13 +327,21 @@ class DynamixelDevice(ServoBusDevice):
         data, result, error = self._ph.readTxRx(self._port, dxl_id, addr, size)
         self._last_tx = time.monotonic()
         self._check(result, error, dxl_id, f"read of address {addr}", alert_ok)
-        return int.from_bytes(bytes(data[:size]), "little", signed=signed)
+        return int.from_bytes(self._whole(data, size, dxl_id, addr), "little", signed=signed)
 
     def _read_bytes(self, dxl_id: int, addr: int, size: int) -> bytes:
         data, result, error = self._ph.readTxRx(self._port, dxl_id, addr, size)
         self._last_tx = time.monotonic()
         self._check(result, error, dxl_id, f"read of addresses {addr}..{addr + size - 1}", alert_ok=True)
-        return bytes(data[:size])
+        return self._whole(data, size, dxl_id, addr)
+
+    def _whole(self, data: Sequence[int], size: int, dxl_id: int, addr: int) -> bytes:
+        """The `size` bytes a status packet must carry: the SDK hands over whatever parameters the packet had,
+        and a short answer decoded anyway reads as zeros (a position of tick 0, an IndexError)."""
+        if len(data) != size:
+            raise MotorBusError(f"{self.url}: servo id {dxl_id} answered {len(data)} bytes for the {size} at address "
+                                f"{addr}; check for two servos with one id, or a servo of another series")
+        return bytes(data)
 
     def _write(self, dxl_id: int, addr: int, size: int, value: int, *, alert_ok: bool = False) -> None:
         data = list((value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
@@ -355,7 +364,10 @@ class DynamixelDevice(ServoBusDevice):
             if result != sdk.COMM_SUCCESS:
                 raise MotorBusError(f"{self.url}: servo id {dxl_id} did not answer the sync read of address {addr} "
                                     f"({ph.getTxRxResult(result)}); check its cable and power")
-            raw[dxl_id] = bytes(data)
+            if error & 0x7F:  # the servo did not serve the read: its status packet carries no data
+                raise MotorBusError(f"{self.url}: servo id {dxl_id} refused the sync read of address {addr}: "
+                                    f"{STATUS_ERRORS.get(error & 0x7F, f'error {error & 0x7F}')}")
+            raw[dxl_id] = self._whole(data, size, dxl_id, addr)
             if error & ALERT:
                 alerts.append(dxl_id)
         for dxl_id in alerts:

@@ -35,7 +35,8 @@ check each other. What it does, with the manual's words where the manual says it
   packet is released when its last byte would have left the servo; the host port's termios speed must
   match the servo's baud rate or the bytes are dropped as noise (a real UART would see garbage);
 - a first-order joint plant per servo, and fault injection: hardware errors (overload...), a servo
-  rebooting mid-run, a blocked joint (which trips Overload after `overload_after_s` of effort).
+  rebooting mid-run, a blocked joint (which trips Overload after `overload_after_s` of effort), reads it
+  answers with an error status and no data (`fail_reads`).
 
     python -m firmware_bridge.motors.dynamixel_emulator --ids 1-6 --return-delay 0 --print-path
 """
@@ -237,6 +238,7 @@ class Servo:
         self.booted_at = time.monotonic()
         self.eeprom_written = 0  # EEPROM bytes accepted (EEPROM wears)
         self.silent_after_eeprom: int | None = None  # fault injection: silent after this many more EEPROM writes
+        self.failing_reads: dict[int, int] = {}  # fault injection: start address -> error of a data-less status
 
     # -- registers ------------------------------------------------------------------------------------
     def _load_defaults(self, eeprom: bool) -> None:
@@ -279,6 +281,8 @@ class Servo:
         return error | (ALERT if self.table[HARDWARE_ERROR_STATUS] else 0)
 
     def read(self, addr: int, length: int) -> tuple[int, bytes]:
+        if addr in self.failing_reads:  # injected: the status packet of a read the servo could not serve
+            return self.failing_reads[addr], b""
         if length <= 0 or addr + length > TABLE_SIZE:
             return ERR_ACCESS, b""
         return 0, bytes(self.table[addr: addr + length])
@@ -577,6 +581,17 @@ class BusEmulator(common.PtyBus):
             servo.reboot(now, self.reboot_s)
             self._event(now, dxl_id, "reboot", by="injected")
 
+    def fail_reads(self, dxl_id: int, address: int, error: int = ERR_RESULT_FAIL) -> None:
+        """Fault injection: the servo answers every Read and Sync Read starting at `address` with a status packet
+        carrying `error` and no data, as it answers a read it cannot serve (error 0 ends the injection)."""
+        with self._cond:
+            failing = self.servos[dxl_id].failing_reads
+            if error:
+                failing[address] = error
+            else:
+                failing.pop(address, None)
+            self._event(time.monotonic(), dxl_id, "fail_reads", address=address, error=error)
+
     def set_position(self, dxl_id: int, ticks: float) -> None:
         with self._cond:
             servo = self.servos[dxl_id]
@@ -600,15 +615,15 @@ def snapshot(bus: BusEmulator, dxl_id: int) -> dict:
                 "online": time.monotonic() >= servo.offline_until, "eeprom_written": servo.eeprom_written}
 
 
-_REMOTE_CALLS = ("register", "events_of", "inject_hardware_error", "power_cycle", "block_joint", "set_position",
-                 "set_register", "eeprom_writes", "silence_after_eeprom_writes", "servo_ids")
+_REMOTE_CALLS = ("register", "events_of", "inject_hardware_error", "fail_reads", "power_cycle", "block_joint",
+                 "set_position", "set_register", "eeprom_writes", "silence_after_eeprom_writes", "servo_ids")
 
 
 class EmulatorProcess(common.BusProcess):
     """A BusEmulator in its own process (no GIL shared with the host under test), driven over a pipe.
 
     Inspection: snapshot(id), register(id, addr), events_of(kind, id), eeprom_writes(id), servo_ids();
-    injection: inject_hardware_error, power_cycle, block_joint, set_position, set_register,
+    injection: inject_hardware_error, fail_reads, power_cycle, block_joint, set_position, set_register,
     silence_after_eeprom_writes. Timestamps are time.monotonic(), one clock for the machine."""
 
     bus_type = BusEmulator
@@ -618,6 +633,9 @@ class EmulatorProcess(common.BusProcess):
 
     def inject_hardware_error(self, dxl_id: int, bit: int = HW_OVERLOAD) -> None:
         self._call("inject_hardware_error", dxl_id, bit)
+
+    def fail_reads(self, dxl_id: int, address: int, error: int = ERR_RESULT_FAIL) -> None:
+        self._call("fail_reads", dxl_id, address, error)
 
     def set_position(self, dxl_id: int, ticks: float) -> None:
         self._call("set_position", dxl_id, ticks)

@@ -288,8 +288,9 @@ class PtyBus(ABC):
         return self.baud_table.get(servo.table[self.baud_address])
 
     def _hears(self, servo: Any, now: float) -> bool:
-        """Powered, not restarting, and at the baud rate of the packet being dispatched."""
-        return now >= servo.offline_until and (self._heard_at is None or self._servo_baud(servo) == self._heard_at)
+        """Powered, not restarting, its data wire connected, and at the baud rate of the packet being dispatched."""
+        return (now >= servo.offline_until and now >= getattr(servo, "deaf_until", 0.0)
+                and (self._heard_at is None or self._servo_baud(servo) == self._heard_at))
 
     def _online(self, servo_id: int, now: float) -> Any | None:
         if self.id_address < 0:
@@ -368,6 +369,15 @@ class PtyBus(ABC):
         with self._cond:
             self.servos[servo_id].blocked = blocked
             self._event(time.monotonic(), servo_id, "block_joint", blocked=blocked)
+
+    def disconnect(self, servo_id: int, seconds: float) -> float:
+        """Fault injection: the servo's data wire is loose for `seconds`. It hears no packet and answers none, but
+        keeps its power: torque, goal and motion go on as they were. Returns when the wire is back (monotonic)."""
+        with self._cond:
+            servo = self.servos[servo_id]
+            servo.deaf_until = time.monotonic() + seconds
+            self._event(time.monotonic(), servo_id, "disconnected", seconds=seconds)
+            return float(servo.deaf_until)
 
     def eeprom_writes(self, servo_id: int) -> int:
         """EEPROM bytes the servo at `servo_id` has accepted since the emulator started (EEPROM wears)."""
@@ -463,6 +473,9 @@ class BusProcess:
 
     def block_joint(self, servo_id: int, blocked: bool = True) -> None:
         self._call("block_joint", servo_id, blocked)
+
+    def disconnect(self, servo_id: int, seconds: float) -> float:
+        return self._call("disconnect", servo_id, seconds)  # type: ignore[return-value]
 
     def eeprom_writes(self, servo_id: int) -> int:
         return self._call("eeprom_writes", servo_id)  # type: ignore[return-value]

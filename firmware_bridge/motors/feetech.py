@@ -111,8 +111,8 @@ def _torque_param(value: int) -> list[int]:
 
 
 class _ExitHooks:
-    """Torque off every armed Feetech device at interpreter exit and on SIGTERM/SIGINT/SIGHUP (SIGINT: Ctrl-C, and
-    the edge-vla service unit's KillSignal).
+    """Torque off every armed Feetech device (and one whose last stop was not read back from every servo) at
+    interpreter exit and on SIGTERM/SIGINT/SIGHUP (SIGINT: Ctrl-C, and the edge-vla service unit's KillSignal).
 
     How it composes with the host: installed at the first arm(), from the main thread only. A signal whose
     handler is SIG_IGN (the host chose to ignore it) or was set outside Python is left alone. Otherwise the
@@ -149,9 +149,9 @@ class _ExitHooks:
 
     @classmethod
     def untrack(cls, device: FeetechDevice) -> None:
-        """No armed device left: give the host back its own handlers (where ours is still installed)."""
+        """No device left that may hold torque: give the host back its own handlers (where ours is still installed)."""
         cls.devices.discard(device)
-        if any(d.armed for d in cls.devices) or threading.current_thread() is not threading.main_thread():
+        if any(d.torque_maybe_on for d in cls.devices) or threading.current_thread() is not threading.main_thread():
             return
         for sig, previous in list(cls.previous.items()):
             if signal.getsignal(sig) == cls.on_signal:
@@ -161,7 +161,7 @@ class _ExitHooks:
     @classmethod
     def torque_off_all(cls, why: str) -> None:
         for device in list(cls.devices):
-            if device.armed:
+            if device.torque_maybe_on:  # armed, or a stop whose torque off was not read back from every servo
                 log.warning("%s: %s: torque off", device.url, why)
                 device._interrupted_reset()
                 device.stop(StopCategory.TORQUE_OFF)
@@ -267,6 +267,7 @@ class FeetechDevice(ServoBusDevice):
             for servo_id in self.ids:  # no jump to a stale goal at torque on
                 present = decode_sign_magnitude(self._read(servo_id, 56, 2), POSITION_SIGN_BIT)
                 self._write(servo_id, GOAL_POSITION, list(encode_sign_magnitude(present, 15).to_bytes(2, "little")))
+            self._torque_unconfirmed = True  # until a torque off is read back, whatever happens next
             self._sync_write(TORQUE_ENABLE, 1, [b for i in self.ids for b in (i, *_torque_param(1))])
             for servo_id in self.ids:
                 torque = self._read(servo_id, TORQUE_ENABLE, 1)

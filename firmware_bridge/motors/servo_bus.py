@@ -101,6 +101,9 @@ class ServoBusDevice(MotorDevice):
         self.period_s, self.stop_timeout_s = period_s, stop_timeout_s
         self.url = f"{self.SCHEME}://{port}?baud={baud}&ids={','.join(map(str, self.ids))}"
         self._armed = False
+        # True from an arm's torque on until a torque off is read back from every servo: a stop that a servo did
+        # not acknowledge (a loose data wire, noise) must not be forgotten, or close() would leave it powered.
+        self._torque_unconfirmed = False
         self._port: Any = None
         self._ph: Any = None
         self._models: dict[int, int] = {}
@@ -189,7 +192,7 @@ class ServoBusDevice(MotorDevice):
 
     def _close(self) -> None:
         try:
-            if self._armed:
+            if self.torque_maybe_on:  # armed, or a stop that a servo did not acknowledge: try again
                 self.stop(StopCategory.TORQUE_OFF)
         finally:
             self._on_disarm()
@@ -201,6 +204,11 @@ class ServoBusDevice(MotorDevice):
     @property
     def armed(self) -> bool:
         return self._armed
+
+    @property
+    def torque_maybe_on(self) -> bool:
+        """Torque may still be on somewhere: armed, or the last torque off was not read back from every servo."""
+        return self._armed or self._torque_unconfirmed
 
     def _arm_preflight(self) -> None:
         self._require_open("arm")
@@ -234,7 +242,8 @@ class ServoBusDevice(MotorDevice):
                 self._log.error("%s: controlled stop aborted (%s); torque off now", self.url, exc)
         confirmed = self._torque_off_all()
         self._armed = False
-        self._on_disarm()
+        if confirmed:  # else the exit hooks (Feetech) stay on it, and close() tries again
+            self._on_disarm()
         self._log.warning("%s: stop category %d: torque off %s", self.url, int(category),
                           "read back from every servo" if confirmed else "NOT confirmed by every servo")
         return confirmed
@@ -311,6 +320,7 @@ class ServoBusDevice(MotorDevice):
                 confirmed &= self._read_torque(servo_id) == 0
             except MotorError:
                 confirmed = False
+        self._torque_unconfirmed = not confirmed
         return confirmed
 
     # -- bus helpers ----------------------------------------------------------------------------------
