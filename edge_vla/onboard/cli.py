@@ -27,6 +27,7 @@ from edge_vla.onboard.operator import (
     SOCKET_ENV,
     check_bench_mode,
     default_socket_path,
+    not_a_socket,
     prepare_socket_dir,
     socket_in_use,
     under_systemd,
@@ -523,6 +524,8 @@ def control_socket_path(requested: str | None) -> str | None:
     path = requested or default_socket_path()
     if not requested and not os.environ.get(SOCKET_ENV) and not os.environ.get("RUNTIME_DIRECTORY"):
         prepare_socket_dir(path)  # the bench default: a private directory of this user's
+    if why := not_a_socket(path):
+        raise ConfigError(why)
     if socket_in_use(path):
         raise ConfigError(f"another edge-vla is serving {path}; stop it first (one robot, one loop), or give this "
                           "run another --control-socket")

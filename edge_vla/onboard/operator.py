@@ -354,18 +354,15 @@ class ControlSocketServer:
     def _remove_stale_socket(self) -> None:
         """Clear the path for bind(): remove a socket nobody answers on (left by a process that died); refuse
         anything else. A mistyped --control-socket naming a file, a directory or a symlink must not cost it."""
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
+        if why := not_a_socket(self.path):
+            raise OperatorError(why)
+        if not os.path.lexists(self.path):
             return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise OperatorError(f"{self.path} exists and is {_file_kind(st.st_mode)}, not a control socket; edge-vla "
-                                "replaces only a stale socket there: pass another --control-socket")
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
             try:
                 probe.connect(str(self.path))
             except OSError:
-                self.path.unlink()  # stale
+                self.path.unlink(missing_ok=True)  # stale (another start may have removed it meanwhile)
                 return
         raise OperatorError(f"another edge-vla is serving {self.path}; stop it first (one robot, one loop)")
 
@@ -540,6 +537,19 @@ class ControlSocketServer:
         self._sock = None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+def not_a_socket(path: str | os.PathLike[str]) -> str | None:
+    """Why the control socket cannot be bound at `path` because something else lies there (a file, a directory,
+    a symlink...), in one line; None where nothing or a socket is there."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISSOCK(st.st_mode):
+        return None
+    return (f"{path} exists and is {_file_kind(st.st_mode)}, not a control socket; edge-vla replaces only a stale "
+            "socket there: pass another --control-socket")
 
 
 def _file_kind(mode: int) -> str:

@@ -77,3 +77,19 @@ def test_only_a_stale_socket_is_replaced(run_dir: Path) -> None:
     assert not wrong, "; ".join(wrong)
     assert notes.read_text() == NOTES and (folder / "keep").read_text() == NOTES
     assert link.is_symlink() and os.readlink(link) == str(notes)
+
+
+def test_run_refuses_a_path_that_is_no_socket_before_anything_loads(tmp_path: Path) -> None:
+    """`edge-vla run` checks --control-socket before it loads the bundle or opens the link: a file there is
+    refused up front (not after the loop has started), and a stale socket is accepted (the control)."""
+    from edge_vla.errors import ConfigError
+    from edge_vla.onboard.cli import control_socket_path
+
+    stale = tmp_path / "control.sock"
+    _stale_socket(stale)
+    assert control_socket_path(str(stale)) == str(stale)
+    notes = tmp_path / "notes.txt"
+    notes.write_text(NOTES)
+    with pytest.raises(ConfigError, match="is a regular file, not a control socket"):
+        control_socket_path(str(notes))
+    assert notes.read_text() == NOTES
