@@ -19,6 +19,11 @@ def normalize(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def _clip(text: str, keep: int = 60) -> str:
+    """The instruction as quoted in an error: its start, so the line names it without echoing kilobytes of it."""
+    return repr(text) if len(text) <= keep else f"{text[:keep]!r}... ({len(text)} characters)"
+
+
 def tokenize(text: str, max_len: int) -> np.ndarray:
     """int64 [max_len] token ids; raises if the instruction does not fit."""
     if not isinstance(text, str) or not text.strip():
@@ -26,7 +31,7 @@ def tokenize(text: str, max_len: int) -> np.ndarray:
     data = normalize(text).encode("utf-8")
     if len(data) + 1 > max_len:
         raise ObservationError(
-            f"instruction is {len(data)} bytes but this model takes at most {max_len - 1}: {text!r}; shorten it"
+            f"instruction is {len(data)} bytes but this model takes at most {max_len - 1}: {_clip(text)}; shorten it"
         )
     ids = np.full(max_len, PAD_ID, dtype=np.int64)
     ids[: len(data)] = np.frombuffer(data, dtype=np.uint8).astype(np.int64) + 2

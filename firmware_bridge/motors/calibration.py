@@ -45,8 +45,10 @@ class JointCalibration:
     def __post_init__(self) -> None:
         if self.direction not in (1, -1):
             raise CalibrationError(f"joint direction must be +1 or -1, got {self.direction}")
-        if not self.ticks_per_turn > 0:
-            raise CalibrationError(f"ticks per turn must be positive, got {self.ticks_per_turn}")
+        if not 0 < self.ticks_per_turn < math.inf:  # inf reads every position as 0 rad; NaN passes "> 0" checks
+            raise CalibrationError(f"ticks per turn must be a positive finite number, got {self.ticks_per_turn}")
+        if not math.isfinite(self.offset):
+            raise CalibrationError(f"the joint's offset must be a finite number of ticks, got {self.offset}")
 
     def to_radians(self, ticks: float) -> float:
         return self.direction * (ticks - self.offset) * (2.0 * math.pi / self.ticks_per_turn)

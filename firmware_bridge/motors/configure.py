@@ -54,6 +54,7 @@ LIMIT_RANGE = (0, 4095)  # position-mode limits on both families: one turn of a 
 RETURN_DELAY_UNIT_US = 2
 RETURN_DELAY_MAX_US = 254 * RETURN_DELAY_UNIT_US
 DEFAULT_SCAN_TIMEOUT_MS = 6.0  # per-id ping: a servo answers a Ping within ~0.6 ms at 1 Mbaud (500 us delay)
+MAX_SCAN_TIMEOUT_MS = 1000.0  # per id: 253 ids at this wait is already four minutes a baud rate
 URL_KEYS = ("ids", "baud", "latency_ms")
 
 
@@ -409,8 +410,9 @@ def scan(scheme: str, port: str, *, bauds: Sequence[int], ids: Iterable[int] | N
     if wrong:
         raise ConfigureError(f"baud {wrong[0]} is not a {vendor.title} rate the SDK can set; use one of "
                              f"{', '.join(map(str, vendor.sdk_bauds))}")
-    if not timeout_ms >= 3:
-        raise ConfigureError(f"--timeout-ms {timeout_ms} is below 3 ms: no servo answers that fast")
+    if not 3 <= timeout_ms <= MAX_SCAN_TIMEOUT_MS:  # NaN fails both; inf overflowed the adapter's latency setting
+        raise ConfigureError(f"--timeout-ms {timeout_ms:g} is outside 3..{MAX_SCAN_TIMEOUT_MS:g} ms: no servo answers "
+                             "faster, and one that has not answered in a second is not there")
     found: list[ServoInfo] = []
     with Bus(vendor, port, bauds[0], latency_ms) as bus:
         for baud in bauds:

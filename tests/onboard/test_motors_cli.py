@@ -119,6 +119,8 @@ def test_hostile_input_gets_one_line_and_writes_nothing(emulator: Any) -> None:
     one_line_error(motors("configure", url(emulator), "--limits", "1=3000:1000"), "3000:1000", "low end first")
     one_line_error(motors("configure", url(emulator), "--return-delay", "7"), "return delay 7 us")
     one_line_error(motors("configure", url(emulator, "ids=1-2&bogus=1"), "--return-delay", "0"), "bogus")
+    for timeout in ("inf", "nan", "1e9"):  # unbounded: an OverflowError traceback, or a scan that never ends
+        one_line_error(motors("scan", url(emulator), "--baud", "1000000", "--timeout-ms", timeout), "--timeout-ms")
     proc = motors("configure", url(emulator), "--json", "--limits", "9=1:2")
     assert proc.returncode == 1 and json.loads(proc.stdout)["ok"] is False
     assert eeprom(emulator) == [0, 0]

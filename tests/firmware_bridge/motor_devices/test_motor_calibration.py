@@ -41,6 +41,11 @@ def test_direction_and_offset() -> None:
     assert cal.to_ticks(math.pi / 2) == 1024
     with pytest.raises(CalibrationError):
         JointCalibration(direction=0)
+    for bad in (math.inf, math.nan, -math.inf):  # inf: every position reads 0 rad, and arm overflows
+        with pytest.raises(CalibrationError, match="ticks per turn"):
+            JointCalibration(ticks_per_turn=bad)
+    with pytest.raises(CalibrationError, match="offset"):
+        JointCalibration(offset=math.nan)
 
 
 SO101 = {"shoulder_pan": {"id": 1, "drive_mode": 0, "homing_offset": -1470, "range_min": 1024, "range_max": 3072},
