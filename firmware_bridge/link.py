@@ -71,6 +71,9 @@ _TRANSPORT_ERRORS = (serial.SerialException, OSError, can.CanError)
 # frames earlier, so that an operator's arm (CLEAR_FAULTS, resends, ARM) fits in the session it starts in.
 SESSION_RENEW_MARGIN = 4096
 ACK_MEMORY = 1024  # answers kept for ack_result()
+# How far (in firmware sequence numbers) a frame may arrive behind the newest one of another stream: an urgent CAN
+# FAULT overtakes what sits in the controller's TX queue (its 4 KiB buffer holds fewer than 300 frames).
+REORDER_LIMIT = 512
 
 
 class FirmwareClock:
@@ -120,7 +123,11 @@ class Link(Controller):
         # A random first sequence number: frames of an earlier host process are then (almost surely)
         # outside the firmware's window for this session, so a late copy of one is never applied.
         self._seq = secrets.randbelow(0x10000)
-        self._last_rx_seq: int | None = None
+        # The host window, per received stream (a CAN ID; a serial port has one). CAN keeps the order within an ID
+        # only: the firmware's urgent FAULT n+1 overtakes its queued ACK n in arbitration, and one window over both
+        # IDs would drop that ACK as stale (no STOP confirmed). `_newest_rx_seq` (all streams) counts the gaps.
+        self._last_rx_seq: dict[int, int] = {}
+        self._newest_rx_seq: int | None = None
         self._hello_pending = False
         # 1.2: `_session` (Controller) is the firmware's nonce for this link's session (None: no session, call
         # hello()); `_awaiting_session` the sequence number of the HELLO whose SESSION answer hello() waits for.
@@ -128,6 +135,7 @@ class Link(Controller):
         self._sent_since_hello = 0  # frames sent after the HELLO that started the session
         self._acks: OrderedDict[int, Ack] = OrderedDict()
         self._stale_run = 0
+        self._wrong_joint_states = 0  # STATEs dropped for a joint count other than the capabilities'
         self._decoders: dict[int, framing.StreamDecoder] = {}
         self._sent_at: OrderedDict[int, float] = OrderedDict()
         self._inbox: deque[Message] = deque(maxlen=inbox_size)
@@ -360,6 +368,11 @@ class Link(Controller):
         self._ensure_connected()
         seq = self._seq
         self._seq = (self._seq + 1) & 0xFFFF
+        # The u16 sequence number comes round every 65536 frames. An answer kept from the previous wrap (a
+        # KEEPALIVE's ACK before a long run of SETPOINTs, which are answered by STATE) would otherwise answer
+        # this frame: a lost STOP would read as confirmed. Forget it before the frame goes out.
+        self._acks.pop(seq, None)
+        self._sent_at.pop(seq, None)
         frame = framing.encode(msg, seq)
         try:
             self.transport.write(frame, urgent)
@@ -421,14 +434,14 @@ class Link(Controller):
             self.stats.bytes_received += len(data)
             decoder = self._decoders.setdefault(stream, framing.StreamDecoder())
             for block in decoder.feed(data):
-                msg = self._decode(block, now)
+                msg = self._decode(block, now, stream)
                 if msg is not None:
                     out.append(msg)
         if keep:
             self._inbox.extend(out)
         return out
 
-    def _decode(self, block: bytes, now: float) -> Message | None:
+    def _decode(self, block: bytes, now: float, stream: int = 0) -> Message | None:
         try:
             raw = framing.decode_raw(block)
             if raw.version != PROTOCOL_MAJOR and raw.type == MsgType.CAPABILITIES and len(raw.payload) >= 2:
@@ -437,30 +450,78 @@ class Link(Controller):
                     f"this host speaks {PROTOCOL_MAJOR}.{PROTOCOL_MINOR}: flash a matching firmware or install a "
                     "matching edge-vla")
             msg = framing.decode_message(raw)
+            self._check_joint_count(msg)
         except FrameError as exc:
             kind = {"crc": "crc_errors", "framing": "framing_errors"}.get(exc.kind, "bad_messages")
             setattr(self.stats, kind, getattr(self.stats, kind) + 1)
             log.debug("dropped frame from %s: %s", self.transport.description, exc)
             return None
-        session_start = self._hello_pending and isinstance(msg, Capabilities)
-        if self._last_rx_seq is not None and not session_start:
-            gap = (raw.seq - self._last_rx_seq) & 0xFFFF
-            if gap == 0:
-                self.stats.duplicates += 1
-                return None
-            if gap >= 0x8000:  # older than the last accepted frame (serial-number arithmetic, RFC 1982)
-                self.stats.stale += 1
-                self._stale_run += 1
-                if self._stale_run == 64:
-                    log.warning("64 frames in a row from %s had old sequence numbers: did the firmware restart? "
-                                "call hello() to start a new session", self.transport.description)
-                return None
-            self.stats.drops += gap - 1
+        if self._hello_pending and isinstance(msg, Capabilities):  # a new session: every stream starts again
+            self._last_rx_seq.clear()
+            self._newest_rx_seq = None
+        verdict = self._window(raw.seq, stream)
+        if verdict == "duplicate":
+            self.stats.duplicates += 1
+            return None
+        if verdict == "stale":
+            self.stats.stale += 1
+            self._stale_run += 1
+            if self._stale_run == 64:
+                log.warning("64 frames in a row from %s had old sequence numbers: did the firmware restart? "
+                            "call hello() to start a new session", self.transport.description)
+            return None
+        self._count_drops(raw.seq)
         self._stale_run = 0
-        self._last_rx_seq = raw.seq
+        self._last_rx_seq[stream] = raw.seq
         self.stats.frames_received += 1
         self._on_message(msg, now, raw.seq)
         return msg
+
+    def _window(self, seq: int, stream: int) -> str:
+        """'new', 'duplicate' or 'stale' (serial-number arithmetic, RFC 1982). A frame must be newer than the last
+        one on its stream, and at most REORDER_LIMIT behind the newest of all streams: another stream may overtake
+        a few queued frames, but an old frame written again on a quiet stream is still refused."""
+        last = self._last_rx_seq.get(stream)
+        if last is not None:
+            gap = (seq - last) & 0xFFFF
+            if gap == 0:
+                return "duplicate"
+            if gap >= 0x8000:  # older than the last accepted frame of this stream
+                return "stale"
+        if self._newest_rx_seq is not None:
+            behind = (self._newest_rx_seq - seq) & 0xFFFF
+            if behind == 0 and last is None:
+                return "duplicate"  # the same number on another stream
+            if REORDER_LIMIT < behind < 0x8000:
+                return "stale"
+        return "new"
+
+    def _count_drops(self, seq: int) -> None:
+        """Gaps in the firmware's numbering over all streams: a frame that overtook others (an urgent CAN FAULT)
+        counts its gap as drops, and each overtaken frame that then arrives takes one back."""
+        if self._newest_rx_seq is None:
+            self._newest_rx_seq = seq
+            return
+        gap = (seq - self._newest_rx_seq) & 0xFFFF
+        if 0 < gap < 0x8000:
+            self.stats.drops += gap - 1
+            self._newest_rx_seq = seq
+        elif gap and self.stats.drops > 0:
+            self.stats.drops -= 1
+
+    def _check_joint_count(self, msg: Message) -> None:
+        """A STATE must describe the joints the controller announced: numpy would broadcast one joint's values
+        over all of them (and the loop's shared state does), so a CRC-valid STATE with another count (a faulty or
+        foreign controller) is dropped like a malformed frame, never becomes `latest_state`."""
+        caps = self.capabilities
+        if isinstance(msg, State) and caps is not None and len(msg.positions) != caps.joint_count:
+            self._wrong_joint_states += 1
+            # the first and then every 1000th: a controller streaming them at 100 Hz must not flood the log
+            level = logging.WARNING if self._wrong_joint_states % 1000 == 1 else logging.DEBUG
+            log.log(level, "dropped a STATE for %d joints from %s (%d so far): the controller announced %d at hello(); "
+                    "check that only one controller answers on this port/node", len(msg.positions),
+                    self.transport.description, self._wrong_joint_states, caps.joint_count)
+            raise FrameError("bad_field", f"STATE for {len(msg.positions)} joints, controller has {caps.joint_count}")
 
     def _on_message(self, msg: Message, now: float, seq: int) -> None:
         if isinstance(msg, State):
@@ -530,7 +591,8 @@ class Link(Controller):
             raise LinkDownError(self._down_message()) from exc
         self._connected = True
         self._backoff = self._backoff0
-        self._last_rx_seq = None
+        self._last_rx_seq.clear()
+        self._newest_rx_seq = None
         self._session = None  # the firmware may have rebooted: a new HELLO (and its session) first
         for d in self._decoders.values():
             d.reset()
