@@ -445,10 +445,16 @@ class Link(Controller):
         try:
             raw = framing.decode_raw(block)
             if raw.version != PROTOCOL_MAJOR and raw.type == MsgType.CAPABILITIES and len(raw.payload) >= 2:
-                raise IncompatibleProtocolError(
-                    f"firmware on {self.transport.description} speaks protocol {raw.payload[0]}.{raw.payload[1]}, "
-                    f"this host speaks {PROTOCOL_MAJOR}.{PROTOCOL_MINOR}: flash a matching firmware or install a "
-                    "matching edge-vla")
+                foreign = (f"firmware on {self.transport.description} speaks protocol {raw.payload[0]}.{raw.payload[1]}, "
+                           f"this host speaks {PROTOCOL_MAJOR}.{PROTOCOL_MINOR}")
+                if self._hello_pending:  # the answer to our HELLO: this is the firmware we talk to
+                    raise IncompatibleProtocolError(f"{foreign}: flash a matching firmware or install a matching "
+                                                    "edge-vla")
+                # Outside hello() it answers nothing of ours (noise, a second controller on the port): dropped like
+                # any malformed frame. Raising here would throw out of poll() and stop(), and a stop must not throw.
+                log.warning("dropped a CAPABILITIES frame outside hello(): %s; is a second controller on this "
+                            "port/node?", foreign)
+                raise FrameError("bad_field", "CAPABILITIES of another protocol outside hello()")
             msg = framing.decode_message(raw)
             self._check_joint_count(msg)
         except FrameError as exc:

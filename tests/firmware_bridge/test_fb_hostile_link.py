@@ -17,6 +17,7 @@ import pytest
 from firmware_bridge import canbus, framing
 from firmware_bridge import protocol as p
 from firmware_bridge.can_link import CanLink
+from firmware_bridge.errors import IncompatibleProtocolError
 from firmware_bridge.link import Link
 from firmware_bridge.protocol import Fault, Mode, MsgType
 from firmware_bridge.serial_link import SerialLink
@@ -213,3 +214,36 @@ def test_can_stop_is_confirmed_when_the_urgent_fault_overtakes_its_ack() -> None
         finally:
             done.set()
             controller.join()
+
+
+# ---- 4. a foreign CAPABILITIES frame outside hello() -------------------------------------------------------------
+
+def test_a_foreign_capabilities_frame_mid_run_is_dropped_and_stop_does_not_raise(fake, caplog) -> None:
+    """The stop path must not throw: one CRC-valid CAPABILITIES of another protocol major arriving after the
+    session started (noise, a second controller) is dropped and counted, and poll()/stop() go on. Control: the
+    same frame answering hello() is the incompatible firmware it names, and hello() refuses it."""
+    fw, link = fake
+    _hello(fw, link)
+    foreign = p.Capabilities(2, 0, (2, 0, 0), 0.1, 100, 0.2, JOINTS)
+    bad_before = link.stats.bad_messages
+    with caplog.at_level(logging.WARNING, logger="firmware_bridge.link"):
+        fw.pty.write(framing.encode(foreign, fw.seq, version=2))
+        fw.seq += 1
+        wait_for(link, lambda: link.stats.bad_messages > bad_before)
+    assert any("protocol 2.0" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert link.stop(0, timeout=0.02, retries=1) is False  # no answer came: unconfirmed, and no exception
+
+    def answer_foreign() -> None:
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            if any(isinstance(m, p.Hello) for _, m in fw.read_frames(0.01)):
+                fw.pty.write(framing.encode(foreign, fw.seq, version=2))
+                return
+
+    responder = threading.Thread(target=answer_foreign)
+    responder.start()
+    try:
+        with pytest.raises(IncompatibleProtocolError, match="protocol 2.0"):
+            link.hello(timeout=1.0)
+    finally:
+        responder.join()
