@@ -68,6 +68,8 @@ class Expectation:
     lock: list[LockEntry] | None = None
     venv: Path | None = None  # the release's venv (package dir/venv), whose installs are compared to the lock
     online: bool = False  # an --online (development) package: its dependencies come unlocked from an index
+    installed: bool = False  # the release edge-vla.service runs (/opt/edge-vla/current), not a package file
+    install_check: Check | None = None  # whether that release is complete, for the installed release only
 
 
 @dataclass
@@ -100,9 +102,9 @@ def _run(cmd: list[str]) -> str | None:
 def expectation_for(path: str | Path | None) -> Iterator[Expectation]:
     """Read a package (.tar.gz or unpacked), a bundle, or the installed release."""
     if path is None:
-        if (INSTALLED / PACKAGE_JSON).is_file():
-            exp = _from_package_dir(INSTALLED, f"installed release {INSTALLED.resolve().name}")
-            if Path(CONFIG_PATH).is_file():  # the operator's edits win over the package's copy
+        if os.path.lexists(INSTALLED):
+            exp = _installed_release()
+            if exp.installed and Path(CONFIG_PATH).is_file():  # the operator's edits win over the package's copy
                 exp.config = RobotConfig.load(CONFIG_PATH)
             yield exp
         else:
@@ -123,6 +125,26 @@ def expectation_for(path: str | Path | None) -> Iterator[Expectation]:
         else:
             inner = root if (root / MANIFEST).is_file() else next((p for p in root.iterdir() if p.is_dir()), root)
             yield Expectation(source=f"bundle {path}", bundle_root=inner)
+
+
+def _installed_release() -> Expectation:
+    """The installed release, with an "install" check: FAIL, and nothing else read from it, when `current`
+    dangles or its package.json does not read (a half-installed or damaged robot: the service cannot start)."""
+    link = f"{INSTALLED} -> {os.readlink(INSTALLED)}" if INSTALLED.is_symlink() else str(INSTALLED)
+    source = f"installed release {INSTALLED.resolve().name}"
+    fix = ("go back to the previous release (sudo edge-vla install --rollback --rootfs /) or install the package "
+           "again (sudo EDGE_VLA_PKG=PKG sh install.sh)")
+    if not (INSTALLED / PACKAGE_JSON).is_file():
+        problem = f"{link}, which holds no {PACKAGE_JSON}: the release is missing or incomplete"
+        return Expectation(source=source, install_check=Check("install", FAIL, problem, fix))
+    try:
+        exp = _from_package_dir(INSTALLED, source)
+    except (OSError, ValueError, TypeError, AttributeError, EdgeVlaError) as exc:  # json's errors are ValueErrors
+        problem = f"{link}: its {PACKAGE_JSON} or lock does not read ({exc}): the release is damaged"
+        return Expectation(source=source, install_check=Check("install", FAIL, problem, fix))
+    exp.installed = True
+    exp.install_check = Check("install", PASS, link)
+    return exp
 
 
 def _from_package_dir(d: Path, source: str) -> Expectation:
@@ -347,6 +369,11 @@ def check_lock(exp: Expectation, m: Machine) -> Check | None:
     if exp.lock is None:
         return None
     python = exp.venv / "bin/python" if exp.venv is not None else None
+    if (python is None or not python.exists()) and exp.installed:
+        return Check("lock", FAIL, f"{exp.venv} is missing: edge-vla-firstboot.service has not made this release's "
+                                   "venv, so edge-vla.service cannot start",
+                     "sudo systemctl start edge-vla-firstboot.service (if it fails, `journalctl -u "
+                     "edge-vla-firstboot` says why)")
     if python is None or not python.exists():
         return Check("lock", PASS, f"{len(exp.lock)} locked wheels; no venv here to compare (the robot makes it "
                                    "on first boot; run doctor there)")
@@ -641,6 +668,7 @@ def check_governor(exp: Expectation, m: Machine) -> Check:
 def run_checks(exp: Expectation, machine: Machine | None = None) -> list[Check]:
     m = machine or Machine()
     checks = [
+        exp.install_check,
         check_python(exp),
         check_bundle(exp, m),
         check_lock(exp, m),

@@ -13,6 +13,7 @@ Idempotent (same package twice -> "unchanged") and atomic (see rootfs.py and pla
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import shlex
 import shutil
@@ -53,11 +54,18 @@ def install_rootfs(pkg: Path, root: Path, *, trusted_keys: Sequence[str | Path] 
         raise InstallError(f"rootfs {root} is not a directory; pass Linux_for_Tegra/rootfs (or / on the robot)")
     if not trusted_keys:
         trusted_keys = signing.trusted_keys_from_dir(root / rootfs.KEYS_DIR)
+    # Not for a dry run: it changes nothing, and may run beside a real install.
+    with contextlib.nullcontext() if dry_run else rootfs.install_lock(root):
+        return _stage_and_install(Path(pkg), root, trusted_keys, dry_run, keep)
+
+
+def _stage_and_install(pkg: Path, root: Path, trusted_keys: Sequence[str | Path], dry_run: bool,
+                       keep: int) -> InstallReport:
     # Extract on the rootfs's filesystem so that the staged dir becomes the release by one rename;
     # a dry run extracts to /tmp and leaves the rootfs untouched.
     staging = Path(tempfile.mkdtemp(prefix="edge-vla-dry-run-")) if dry_run else rootfs.staging_dir(root)
     try:
-        staged = rootfs.open_package(Path(pkg), staging, trusted_keys)
+        staged = rootfs.open_package(pkg, staging, trusted_keys)
         plan = rootfs.plan_install(root, staged, trusted_keys)
         report = InstallReport(not plan.empty, staged.release, rootfs.current_release(root),
                                [s.show for s in plan.steps], plan.notes)
@@ -76,12 +84,13 @@ def install_rootfs(pkg: Path, root: Path, *, trusted_keys: Sequence[str | Path] 
 
 
 def rollback_rootfs(root: Path, *, dry_run: bool = False) -> InstallReport:
-    plan = rootfs.plan_rollback(Path(root))
-    report = InstallReport(not plan.empty, rootfs.previous_release(root), rootfs.current_release(root),
-                           [s.show for s in plan.steps], plan.notes)
-    if not dry_run:
-        plan.run()
-    return report
+    with contextlib.nullcontext() if dry_run else rootfs.install_lock(Path(root)):
+        plan = rootfs.plan_rollback(Path(root))
+        report = InstallReport(not plan.empty, rootfs.previous_release(root), rootfs.current_release(root),
+                               [s.show for s in plan.steps], plan.notes)
+        if not dry_run:
+            plan.run()
+        return report
 
 
 def host_commands(pkg: Path, host: str, release: str, *, trusted_keys: Sequence[Path] = (), rollback: bool = False,

@@ -17,6 +17,7 @@ the rootfs changes, and `current` moves last, by renaming a temp symlink over it
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import json
 import logging
@@ -24,7 +25,8 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,7 @@ WANTS = UNIT_DIR / "multi-user.target.wants"
 UDEV_DIR = Path("etc/udev/rules.d")
 CONFIG = Path("etc/edge-vla/robot.env")
 KEYS_DIR = Path("etc/edge-vla/trusted-keys")
+INSTALL_LOCK = OPT / ".install.lock"  # held by the one install or rollback running on a rootfs
 # Made on the robot after install (engines, timing cache, the release's venv): never compared.
 _RUNTIME_FILES = ("bundle/" + TARGET_DIR + "/", "venv/")
 _RUNTIME_DIRS = frozenset(f.rstrip("/") for f in _RUNTIME_FILES)
@@ -372,6 +375,31 @@ def prune(root: Path, keep: int) -> list[str]:
     for leftover in rel.glob(".staging-*"):  # from an install killed mid-way
         remove_tree(leftover)
     return removed
+
+
+@contextmanager
+def install_lock(root: Path) -> Iterator[None]:
+    """Hold the rootfs's install lock, or refuse at once: one install or rollback at a time.
+
+    Two at once would each plan from the state before the other and switch `current` in turn, and the
+    one finishing first prunes `.staging-*`, the other's staged release among them. flock: the kernel
+    drops the lock when its holder dies, so a killed install leaves no stale lock behind."""
+    path = root / INSTALL_LOCK
+    make_dirs(path.parent)
+    try:  # O_NOFOLLOW: root never opens (or creates) a file through a link planted in the rootfs
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise InstallError(f"cannot open the install lock {path}: {exc.strerror}; it must be a regular file "
+                           "(remove what is there)") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InstallError(f"another edge-vla install is running on {root} (it holds {path}); nothing was "
+                               "changed: wait for it to finish, then run this one again") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def staging_dir(root: Path) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import io
 import tarfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from edge_vla.atomic import atomic_write
@@ -50,12 +50,41 @@ def write_tarball(out: Path, files: Mapping[str, bytes | Path], executable: froz
     return out
 
 
+_MEMBER_KINDS = {tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hard link", tarfile.CHRTYPE: "character device",
+                 tarfile.BLKTYPE: "block device", tarfile.FIFOTYPE: "fifo", tarfile.CONTTYPE: "contiguous file"}
+
+
+def _package_filter(archive: Path) -> Callable[[tarfile.TarInfo, str], tarfile.TarInfo | None]:
+    """Refuse any member write_tarball never makes, then apply tarfile's "data" filter.
+
+    A package is extracted (as root, into the rootfs) before package.json and the signature inside it can
+    be checked, so extraction must not trust the archive. The "data" filter alone is not enough: on a
+    Python before 3.11.13/3.12.11/3.13.4 a chain of symlinks nested past PATH_MAX defeats its realpath
+    check (CVE-2025-4517) and writes anywhere. With only plain relative files and directories there is
+    no link for a later member to follow, so staging cannot be left."""
+    def refuse(member: tarfile.TarInfo, what: str) -> PackageError:
+        return PackageError(f"package {archive} holds {what} {member.name!r}; an edge-vla package holds only regular "
+                            "files and directories with relative paths: refused before anything was installed "
+                            "(rebuild it with `edge-vla package`)")
+
+    def check(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+        if not (member.isreg() or member.isdir()):
+            raise refuse(member, f"a {_MEMBER_KINDS.get(member.type, f'member of type {member.type!r}')}")
+        if member.name.startswith("/"):
+            raise refuse(member, "the absolute path")
+        if ".." in member.name.split("/"):
+            raise refuse(member, "a '..' in the path")
+        return tarfile.data_filter(member, dest)
+
+    return check
+
+
 def extract_tarball(archive: Path, dest: Path) -> None:
-    """Extract with tarfile's "data" filter: no absolute paths, no links out, no devices."""
+    """Extract a package: only regular files and directories, inside `dest` (see _package_filter)."""
     if not archive.is_file():
         raise PackageError(f"package {archive} does not exist; make one with `edge-vla package BUNDLE -o {archive}`")
     try:
         with tarfile.open(archive) as tar:
-            tar.extractall(dest, filter="data")
+            tar.extractall(dest, filter=_package_filter(archive))
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise PackageError(f"cannot extract package {archive}: {exc}; the file is corrupt, copy or rebuild it") from exc
