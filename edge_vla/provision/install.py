@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import re
 import shlex
 import shutil
 import subprocess
@@ -93,6 +94,11 @@ def rollback_rootfs(root: Path, *, dry_run: bool = False) -> InstallReport:
         return report
 
 
+# Where `install --host` puts the package on the robot: relative to the ssh user's home, private to that user.
+REMOTE_STAGE = ".cache/edge-vla/install"
+_RELEASE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
 def host_commands(pkg: Path, host: str, release: str, *, trusted_keys: Sequence[Path] = (), rollback: bool = False,
                   ssh_options: Sequence[str] = (), have_rsync: bool | None = None) -> list[list[str]]:
     """The commands that install `pkg` on a live robot (or roll it back); what --dry-run prints."""
@@ -100,15 +106,23 @@ def host_commands(pkg: Path, host: str, release: str, *, trusted_keys: Sequence[
     if rollback:
         remote = f"sudo {REMOTE_EDGE_VLA} install --rollback --rootfs / && sudo systemctl restart edge-vla.service"
         return [[*ssh, remote]]
+    if not _RELEASE_NAME.fullmatch(release):
+        raise InstallError(f"release name {release!r} is not a plain file name (letters, digits, '.', '_', '-'); "
+                           "rebuild the package with `edge-vla package`")
     if have_rsync is None:
         have_rsync = shutil.which("rsync") is not None
-    stem = f"/tmp/edge-vla-{release}"
+    # Relative to the ssh user's home (scp, rsync and the remote shell all start there): a directory only that
+    # user can write, made first. A predictable path in /tmp could be created first by another local user of the
+    # robot, who could then swap install.sh before sudo runs it.
+    stem = f"{REMOTE_STAGE}/{release}"
     remote_pkg, remote_dir = f"{stem}.tar.gz", stem
     sources = [str(pkg)]
     install_args = []
     for i, key in enumerate(trusted_keys):
         sources.append(str(key))
         install_args += ["--trusted-key", f"{stem}-key{i}.pub"]
+    q = shlex.quote
+    prepare = [*ssh, f"umask 077 && mkdir -p {q(REMOTE_STAGE)} && chmod 700 {q(REMOTE_STAGE)}"]
     copies = []
     for i, src in enumerate(sources):
         dest = remote_pkg if i == 0 else f"{stem}-key{i - 1}.pub"
@@ -117,13 +131,14 @@ def host_commands(pkg: Path, host: str, release: str, *, trusted_keys: Sequence[
             copies.append(["rsync", "-a", "--partial", "--checksum", *rsh, src, f"{host}:{dest}"])
         else:
             copies.append(["scp", "-q", *ssh_options, src, f"{host}:{dest}"])
-    q = shlex.quote
     env = f"EDGE_VLA_PKG={q(remote_pkg)}"
     if install_args:
         env += f" EDGE_VLA_INSTALL_ARGS={q(shlex.join(install_args))}"
-    remote = (f"set -e; rm -rf {q(remote_dir)}; mkdir -p {q(remote_dir)}; tar -xzf {q(remote_pkg)} -C {q(remote_dir)}; "
-              f"sudo {env} sh {q(remote_dir + '/install.sh')}; rm -rf {q(remote_dir)}")
-    return [*copies, [*ssh, remote]]
+    # `cd` (home): the relative paths above are the home's; sudo keeps the working directory.
+    remote = (f"set -e; cd; rm -rf {q(remote_dir)}; mkdir -m 700 {q(remote_dir)}; "
+              f"tar -xzf {q(remote_pkg)} -C {q(remote_dir)}; sudo {env} sh {q(remote_dir + '/install.sh')}; "
+              f"rm -rf {q(remote_dir)}")
+    return [prepare, *copies, [*ssh, remote]]
 
 
 def install_host(pkg: Path, host: str, *, trusted_keys: Sequence[Path] = (), dry_run: bool = False,

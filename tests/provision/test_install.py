@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
+import stat
 import subprocess
 import tarfile
 from pathlib import Path
@@ -236,18 +238,28 @@ def test_host_dry_run_prints_the_commands(pkg: Path, capsys, keypair):
     assert cli(["install", str(pkg), "--host", "nvidia@orin.local", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     cmds = [shlex.split(line.removeprefix("would run: ")) for line in lines]
-    assert cmds[0][0] in {"rsync", "scp"} and cmds[0][-1].startswith("nvidia@orin.local:/tmp/edge-vla-")
+    # The files go to a directory private to the ssh user (made first, mode 0700), never to a path in /tmp that
+    # another local user of the robot could create first and swap install.sh in before sudo runs it.
+    assert cmds[0] == ["ssh", "nvidia@orin.local", f"umask 077 && mkdir -p {install.REMOTE_STAGE} && chmod 700 "
+                                                   f"{install.REMOTE_STAGE}"]
+    assert cmds[1][0] in {"rsync", "scp"} and cmds[1][-1].startswith(f"nvidia@orin.local:{install.REMOTE_STAGE}/")
     assert cmds[-1][:2] == ["ssh", "nvidia@orin.local"]
     remote = cmds[-1][2]
-    assert "tar -xzf" in remote and "sudo EDGE_VLA_PKG=" in remote and "install.sh" in remote
+    assert remote.startswith("set -e; cd; ") and "tar -xzf" in remote and "sudo EDGE_VLA_PKG=" in remote
+    assert "install.sh" in remote and not any("/tmp" in c[-1] for c in cmds if c[0] == "ssh")
+    assert not any(":/tmp" in c[-1] for c in cmds if c[0] != "ssh")  # the local package may be anywhere
 
     cmds = install.host_commands(pkg, "robot", "abc", trusted_keys=[keypair[1]], ssh_options=["-p2222"],
                                  have_rsync=True)
-    assert cmds[0][:6] == ["rsync", "-a", "--partial", "--checksum", "-e", "ssh -p2222"]
-    assert cmds[1][-1] == "robot:/tmp/edge-vla-abc-key0.pub"
-    assert "--trusted-key /tmp/edge-vla-abc-key0.pub" in cmds[-1][-1]
+    assert cmds[0][:3] == ["ssh", "-p2222", "robot"]
+    assert cmds[1][:6] == ["rsync", "-a", "--partial", "--checksum", "-e", "ssh -p2222"]
+    assert cmds[2][-1] == f"robot:{install.REMOTE_STAGE}/abc-key0.pub"
+    assert f"--trusted-key {install.REMOTE_STAGE}/abc-key0.pub" in cmds[-1][-1]
     scp = install.host_commands(pkg, "robot", "abc", have_rsync=False)
-    assert scp[0][0] == "scp"
+    assert scp[1][0] == "scp"
+    for bad in ("../x", "a/b", ".hidden", ""):  # a release name is a file name in that directory, nothing else
+        with pytest.raises(EdgeVlaError, match="release name"):
+            install.host_commands(pkg, "robot", bad)
     rb = install.host_commands(pkg, "robot", "", rollback=True)
     assert rb == [["ssh", "robot", "sudo /opt/edge-vla/current/venv/bin/edge-vla install --rollback --rootfs / && "
                                    "sudo systemctl restart edge-vla.service"]]
@@ -272,3 +284,36 @@ def test_verify_package_dir_reports_unexpected_files(pkg: Path, tmp_path: Path):
     (tmp_path / "x/extra.txt").write_text("smuggled")
     with pytest.raises(PackageError, match=r"unexpected file extra\.txt"):
         rootfs.verify_package_dir(staged.dir)
+
+
+def test_host_commands_run_in_a_shell_put_the_package_in_a_private_dir_and_run_its_installer(pkg: Path, tmp_path: Path,
+                                                                                               keypair) -> None:
+    """The --host commands run for real against a home directory (ssh and scp stood in for by a local shell and
+    cp, sudo by a script that records what it was asked to run): the remote paths resolve, the staging directory
+    is private, and install.sh is run with the package and the key it was given."""
+    home, bin_dir = tmp_path / "home", tmp_path / "bin"
+    home.mkdir()
+    bin_dir.mkdir()
+    sudo = bin_dir / "sudo"
+    # Records only: the real install.sh would change this machine. It checks that the script it was given is
+    # there, unpacked, at that moment.
+    sudo.write_text('#!/bin/sh\n{ pwd; for a in "$@"; do echo "$a"; done; } > "$HOME/sudo.log"\n'
+                    'eval "last=\\${$#}"; [ -f "$last" ] && echo present >> "$HOME/sudo.log"\n')
+    sudo.chmod(0o755)
+    env = {"HOME": str(home), "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    cmds = install.host_commands(pkg, "robot", "rel-1", trusted_keys=[keypair[1]], have_rsync=False)
+    for cmd in cmds:
+        if cmd[0] == "ssh":
+            subprocess.run(["sh", "-c", cmd[-1]], cwd=home, env=env, check=True)
+        else:  # scp SRC robot:DEST, DEST relative to the home
+            dest = home / cmd[-1].split(":", 1)[1]
+            shutil.copyfile(cmd[-2], dest)
+    stage = home / install.REMOTE_STAGE
+    assert stat.S_IMODE(stage.stat().st_mode) == 0o700
+    log = (home / "sudo.log").read_text().splitlines()
+    assert log[0] == str(home)  # sudo ran from the home, where the relative paths are
+    assert log[1] == f"EDGE_VLA_PKG={install.REMOTE_STAGE}/rel-1.tar.gz"
+    assert log[2] == f"EDGE_VLA_INSTALL_ARGS=--trusted-key {install.REMOTE_STAGE}/rel-1-key0.pub"
+    assert log[3:] == ["sh", f"{install.REMOTE_STAGE}/rel-1/install.sh", "present"]
+    assert (stage / "rel-1.tar.gz").read_bytes() == pkg.read_bytes()
+    assert not (stage / "rel-1").exists()  # the unpacked copy is removed after the install
