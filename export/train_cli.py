@@ -136,15 +136,39 @@ def main(args: argparse.Namespace) -> int:
         cfg = training_config(cfg, ds)
     out = Path(args.output or f"runs/{args.preset}")
     init = None
+    if args.init and args.resume:
+        raise ConfigError("--init starts a new training from a checkpoint; --resume continues one: give one")
+    if args.resume:
+        check_resume(out, cfg, tc.steps)
     if args.init:
-        if args.resume:
-            raise ConfigError("--init starts a new training from a checkpoint; --resume continues one: give one")
         from .checkpoint import load_checkpoint
 
         init, _ = load_checkpoint(args.init)
     train(cfg, ds, out, tc, resume=args.resume, init=init)
     print(f"checkpoint written to {out}")
     return 0
+
+
+def check_resume(out: Path, cfg: VLAConfig, steps: int) -> None:
+    """Before any training: --resume must find in `out` a run of the model this command describes, with its
+    training state, short of --train-steps. Anything else used to be ignored (another --preset or --set), start a
+    fresh model over the checkpoint (no training state), or fail with a traceback (a damaged train_state.json)."""
+    from .checkpoint import read_config, read_training_state
+
+    if not (out / "config.json").is_file():
+        raise ConfigError(f"--resume: {out} holds no checkpoint to resume; drop --resume to start a new training "
+                          "there, or give the -o of the run to continue")
+    theirs, _ = read_config(out)
+    step = read_training_state(out)["step"]
+    if theirs != cfg:
+        diff = [f"{f.name} {getattr(theirs, f.name)!r} vs {getattr(cfg, f.name)!r}"
+                for f in dataclasses.fields(cfg) if getattr(theirs, f.name) != getattr(cfg, f.name)]
+        raise ConfigError(f"--resume: the run in {out} is not the model this command trains (run vs command: "
+                          f"{'; '.join(diff)}); give the --preset, --set and --data it was trained with, or choose "
+                          "another -o")
+    if step >= steps:
+        raise ConfigError(f"--resume: the run in {out} is already at step {step} of --train-steps {steps}; raise "
+                          f"--train-steps above {step} to continue it")
 
 
 def _train_pi0(args: argparse.Namespace, tc: TrainConfig) -> int:

@@ -20,6 +20,7 @@ v2.1: data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet,
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,8 @@ def open_meta(root: str | Path) -> DatasetMeta:
             f"{root} is not a LeRobot dataset: {INFO_PATH} is missing. Point at the dataset's root folder (the one "
             "holding meta/, data/ and videos/), e.g. ~/.cache/huggingface/lerobot/<user>/<dataset>")
     info = _read_json(info_path)
+    if not isinstance(info, dict):
+        raise LeRobotDatasetError(f"{info_path} is not a JSON object; re-download meta/ or re-run the conversion")
     version = str(info.get("codebase_version", ""))
     if version not in SUPPORTED_VERSIONS:
         raise LeRobotDatasetError(
@@ -125,6 +128,7 @@ def open_meta(root: str | Path) -> DatasetMeta:
     for key in ("fps", "features", "data_path"):
         if key not in info:
             raise LeRobotDatasetError(f"{info_path} lacks {key!r}; the file is truncated or not LeRobot's")
+    _check_info(info_path, info)
     if version == "v3.0":
         return _open_v30(root, info)
     return _open_v21(root, info)
@@ -141,36 +145,37 @@ def _open_v30(root: Path, info: dict[str, Any]) -> DatasetMeta:
     video_keys = [k for k, f in info["features"].items() if f.get("dtype") == "video"]
     episodes: list[EpisodeInfo] = []
     for path in ep_files:
-        names = [n for n in pq.read_schema(path).names if not n.startswith("stats/")]  # per-episode stats unused
-        cols = pq.read_table(path, columns=names).to_pydict()
+        names = [n for n in read_parquet(path, pq.read_schema).names if not n.startswith("stats/")]  # stats unused
+        cols = read_parquet(path, pq.read_table, columns=names).to_pydict()
         required = {"episode_index", "length", "data/chunk_index", "data/file_index"}
         if required - set(cols):
             raise LeRobotDatasetError(f"{path} lacks column(s) {sorted(required - set(cols))}; it is not LeRobot "
                                       "v3.0 episode metadata (re-download meta/ or re-run the conversion)")
         for i in range(len(cols["episode_index"])):
             row = {k: v[i] for k, v in cols.items()}
-            data = root / info["data_path"].format(chunk_index=int(row["data/chunk_index"]),
-                                                   file_index=int(row["data/file_index"]))
+            data = root / _fill(info, "data_path", chunk_index=int(row["data/chunk_index"]),
+                                file_index=int(row["data/file_index"]))
             videos = {}
             for key in video_keys:
                 if info.get("video_path") is None or f"videos/{key}/from_timestamp" not in row:
                     continue  # reported as a missing video entry if this camera is chosen
-                vpath = root / info["video_path"].format(video_key=key, chunk_index=int(row[f"videos/{key}/chunk_index"]),
-                                                         file_index=int(row[f"videos/{key}/file_index"]))
+                vpath = root / _fill(info, "video_path", video_key=key,
+                                     chunk_index=int(row[f"videos/{key}/chunk_index"]),
+                                     file_index=int(row[f"videos/{key}/file_index"]))
                 videos[key] = VideoSegment(vpath, float(row[f"videos/{key}/from_timestamp"]),
                                            float(row[f"videos/{key}/to_timestamp"]))
             episodes.append(EpisodeInfo(int(row["episode_index"]), int(row["length"]),
                                         tuple(row.get("tasks") or ()), data, videos))
     episodes.sort(key=lambda e: e.index)
     stats_path = root / STATS_PATH
-    stats = _as_arrays(_read_json(stats_path)) if stats_path.is_file() else {}
+    stats = _as_arrays(_read_json(stats_path), stats_path) if stats_path.is_file() else {}
     return DatasetMeta(root, "v3.0", float(info["fps"]), info["features"], tasks, episodes, stats, info)
 
 
 def _read_tasks_parquet(path: Path) -> dict[int, str]:
     if not path.is_file():
         raise LeRobotDatasetError(f"{path} is missing; the dataset's task table is needed for the instructions")
-    table = require("pyarrow.parquet").read_table(path).to_pydict()
+    table = read_parquet(path, require("pyarrow.parquet").read_table).to_pydict()
     # LeRobot writes a pandas frame indexed by the task string: the index is stored as column "task".
     names = table.get("task") or table.get("__index_level_0__")
     if names is None or "task_index" not in table:
@@ -180,25 +185,31 @@ def _read_tasks_parquet(path: Path) -> dict[int, str]:
 
 # --- v2.1 --------------------------------------------------------------------------------------------
 def _open_v21(root: Path, info: dict[str, Any]) -> DatasetMeta:
-    chunks_size = int(info.get("chunks_size", DEFAULT_CHUNK_SIZE))
-    tasks = {int(r["task_index"]): str(r["task"]) for r in _read_jsonl(root / LEGACY_TASKS_PATH)}
+    chunks_size = info.get("chunks_size", DEFAULT_CHUNK_SIZE)
+    if type(chunks_size) is not int or chunks_size < 1:
+        raise LeRobotDatasetError(f"{root / INFO_PATH}: 'chunks_size' must be a positive whole number, got "
+                                  f"{chunks_size!r}; re-download meta/ or re-run the conversion")
+    tasks = {int(r["task_index"]): str(r["task"])
+             for r in _read_jsonl(root / LEGACY_TASKS_PATH, required=("task_index", "task"))}
     video_keys = [k for k, f in info["features"].items() if f.get("dtype") == "video"]
     episodes = []
-    for row in sorted(_read_jsonl(root / LEGACY_EPISODES_PATH), key=lambda r: r["episode_index"]):
+    rows = _read_jsonl(root / LEGACY_EPISODES_PATH, required=("episode_index", "length"))
+    for row in sorted(rows, key=lambda r: r["episode_index"]):
         idx = int(row["episode_index"])
         chunk = idx // chunks_size
-        data = root / info["data_path"].format(episode_chunk=chunk, episode_index=idx)
+        data = root / _fill(info, "data_path", episode_chunk=chunk, episode_index=idx)
         videos = {}
         if info.get("video_path"):
-            videos = {k: VideoSegment(root / info["video_path"].format(episode_chunk=chunk, video_key=k,
-                                                                      episode_index=idx), 0.0, None)
+            videos = {k: VideoSegment(root / _fill(info, "video_path", episode_chunk=chunk, video_key=k,
+                                                   episode_index=idx), 0.0, None)
                       for k in video_keys}
         episodes.append(EpisodeInfo(idx, int(row["length"]), tuple(row.get("tasks") or ()), data, videos))
     stats_path = root / STATS_PATH
     if (root / LEGACY_EPISODES_STATS_PATH).is_file():
-        stats = aggregate_stats([_as_arrays(r["stats"]) for r in _read_jsonl(root / LEGACY_EPISODES_STATS_PATH)])
+        stats = aggregate_stats([_as_arrays(r["stats"], root / LEGACY_EPISODES_STATS_PATH)
+                                 for r in _read_jsonl(root / LEGACY_EPISODES_STATS_PATH, required=("stats",))])
     elif stats_path.is_file():  # v2.0 kept only the dataset-wide file
-        stats = _as_arrays(_read_json(stats_path))
+        stats = _as_arrays(_read_json(stats_path), stats_path)
     else:
         stats = {}
     return DatasetMeta(root, str(info["codebase_version"]), float(info["fps"]), info["features"], tasks, episodes,
@@ -229,26 +240,90 @@ def aggregate_stats(per_episode: list[dict[str, dict[str, np.ndarray]]]) -> dict
 
 
 # --- helpers -----------------------------------------------------------------------------------------
+_REDO = "re-download meta/ or re-run the conversion"
+
+
+def _check_info(path: Path, info: dict[str, Any]) -> None:
+    """The info.json fields the reader uses, by type: a wrong one is named here, not met as an AttributeError,
+    ZeroDivisionError or numpy ufunc error deep inside the reader."""
+    fps, features = info["fps"], info["features"]
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < float("inf"):
+        raise LeRobotDatasetError(f"{path}: 'fps' must be a positive number, got {fps!r}; {_REDO}")
+    if not isinstance(features, dict):
+        raise LeRobotDatasetError(f"{path}: 'features' must be a JSON object, got {type(features).__name__}; {_REDO}")
+    for key, feature in features.items():
+        if not isinstance(feature, dict):
+            raise LeRobotDatasetError(f"{path}: feature {key!r} must be a JSON object, got {feature!r}; {_REDO}")
+        shape = feature.get("shape")
+        if shape is not None and not (isinstance(shape, list)
+                                      and all(type(n) is int and n > 0 for n in shape)):
+            raise LeRobotDatasetError(f"{path}: feature {key!r} shape must be a list of positive whole numbers, got "
+                                      f"{shape!r}; {_REDO}")
+    for key in ("data_path", "video_path"):
+        if info.get(key) is not None and not isinstance(info[key], str):
+            raise LeRobotDatasetError(f"{path}: {key!r} must be a string, got {info[key]!r}; {_REDO}")
+
+
+def _fill(info: dict[str, Any], key: str, **fields: Any) -> str:
+    """info.json's path template `key` filled in; one that names a field LeRobot does not give is refused."""
+    template = info[key]
+    try:
+        return template.format(**fields)
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise LeRobotDatasetError(f"meta/info.json: {key} {template!r} cannot be filled in with {sorted(fields)} "
+                                  f"({type(exc).__name__}: {exc}); {_REDO}") from None
+
+
+def read_parquet(path: Path, read: Callable[..., Any], **options: Any) -> Any:
+    """`read(path, **options)` (a pyarrow.parquet reader), a damaged or foreign file as one LeRobotDatasetError."""
+    pa = require("pyarrow")
+    try:
+        return read(path, **options)
+    except (pa.ArrowException, OSError) as exc:
+        raise LeRobotDatasetError(f"{path} is not a readable parquet file ({exc}); it is truncated or damaged: "
+                                  "download the dataset again") from None
+
+
+def _parse_json(text: bytes, where: str) -> Any:
+    try:
+        return json.loads(text.decode("utf-8"))
+    except RecursionError:
+        raise LeRobotDatasetError(f"{where} is not readable JSON (nested too deeply); re-download or re-write the "
+                                  "dataset") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise LeRobotDatasetError(f"{where} is not readable JSON ({exc}); re-download or re-write the "
+                                  "dataset") from None
+
+
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        raw = path.read_bytes()
+    except OSError as exc:
         raise LeRobotDatasetError(f"{path} is not readable JSON ({exc}); re-download or re-write the dataset") from exc
+    return _parse_json(raw, str(path))
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     if not path.is_file():
         raise LeRobotDatasetError(f"{path} is missing; a v2.1 dataset needs meta/episodes.jsonl and meta/tasks.jsonl")
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(path.read_bytes().splitlines(), 1):
         if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise LeRobotDatasetError(f"{path} line {n} is not JSON ({exc})") from exc
+            row = _parse_json(line, f"{path} line {n}")
+            if not isinstance(row, dict):
+                raise LeRobotDatasetError(f"{path} line {n} is not a JSON object; {_REDO}")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise LeRobotDatasetError(f"{path} line {n} lacks {', '.join(map(repr, missing))}; {_REDO}")
+            rows.append(row)
     return rows
 
 
-def _as_arrays(stats: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
-    return {k: {s: np.asarray(v, dtype=np.float64) for s, v in d.items()} for k, d in stats.items()
-            if isinstance(d, dict)}
+def _as_arrays(stats: Any, path: Path) -> dict[str, dict[str, np.ndarray]]:
+    if not isinstance(stats, dict):
+        raise LeRobotDatasetError(f"{path} is not a JSON object of per-feature statistics; {_REDO}")
+    try:
+        return {k: {s: np.asarray(v, dtype=np.float64) for s, v in d.items()} for k, d in stats.items()
+                if isinstance(d, dict)}
+    except (TypeError, ValueError) as exc:
+        raise LeRobotDatasetError(f"{path} holds a statistic that is not numbers ({exc}); {_REDO}") from None

@@ -27,7 +27,7 @@ from edge_vla.sim.dataset import Dataset
 
 from ..envs import longest_instruction
 from .errors import LeRobotDatasetError
-from .layout import LEGACY_EPISODES_STATS_PATH, QUANTILES, STATS_PATH, DatasetMeta, EpisodeInfo, open_meta
+from .layout import LEGACY_EPISODES_STATS_PATH, QUANTILES, STATS_PATH, DatasetMeta, EpisodeInfo, open_meta, read_parquet
 from .video import decode_segment
 
 log = logging.getLogger(__name__)
@@ -335,12 +335,12 @@ def _data_table(path: Path, columns: tuple[str, ...]) -> Any:
 @lru_cache(maxsize=2)  # v3.0 files hold many episodes: read each once while its episodes are read
 def _read_table(path: Path, _mtime_ns: int, _size: int, columns: tuple[str, ...]) -> Any:
     pq = require("pyarrow.parquet")
-    present = set(pq.read_schema(path).names)
+    present = set(read_parquet(path, pq.read_schema).names)
     missing = [c for c in columns if c not in present]
     if missing:
         raise LeRobotDatasetError(f"{path} lacks column(s) {missing} (it has {sorted(present)}); the dataset's "
                                   "info.json features and its data disagree, or the feature name is wrong")
-    return pq.read_table(path, columns=list(columns))
+    return read_parquet(path, pq.read_table, columns=list(columns))
 
 
 def column(table: Any, key: str, path: Path) -> np.ndarray:

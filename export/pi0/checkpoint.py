@@ -26,16 +26,28 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 # embeddings, never token ids). A checkpoint converted without it is complete; anything else missing is not.
 UNREAD_WEIGHTS = frozenset({"model.dit.embed_tokens.weight"})
 _NAMES_SHOWN = 5
+MAX_CONFIG_BYTES = 1 << 20  # a transformers config.json is a few kB
 
 
 def read_config(path: Path) -> dict[str, Any]:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{path} has no config.json: not a checkpoint directory")
+    # Every `export`/`evaluate`/`distill` asks this first of any checkpoint (families.for_checkpoint): a list, a
+    # document nested past the parser's recursion limit or a huge file must be a CheckpointError, not a traceback.
+    with cfg_path.open("rb") as f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)
     try:
-        return json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ValueError(f"larger than {MAX_CONFIG_BYTES} bytes")
+        doc = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise CheckpointError(f"{cfg_path} is not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CheckpointError(f"{cfg_path} is not valid JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{cfg_path} is not a JSON object (got {type(doc).__name__})")
+    return doc
 
 
 def is_pi0_checkpoint(path: str | Path) -> bool:
