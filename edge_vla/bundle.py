@@ -35,6 +35,7 @@ from edge_vla.atomic import atomic_write
 from edge_vla.config import VLAConfig
 from edge_vla.errors import BundleError, ConfigError
 from edge_vla.runtime.contract import Contract
+from edge_vla.safe_tar import plain_members
 
 SCHEMA_VERSION = 2  # 2: graph/IO roles, per-layer prefix K/V, flow convention, time input
 FORMAT = "edge-vla-bundle"
@@ -333,11 +334,17 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _extract(archive: Path, dest: Path) -> Path:
+    def refuse(member: tarfile.TarInfo, what: str) -> BundleError:
+        return BundleError(f"bundle archive {archive} holds {what} {member.name!r}; a bundle archive holds only "
+                           "regular files and directories with relative paths: refused before anything was read "
+                           "(re-export the bundle, or archive the bundle directory with `tar -czf`)")
+
     try:
         with tarfile.open(archive) as tar:
-            tar.extractall(dest, filter="data")  # refuses absolute paths, links out, devices
-    except (tarfile.TarError, OSError) as exc:
-        raise BundleError(f"cannot extract bundle archive {archive}: {exc}") from exc
+            tar.extractall(dest, filter=plain_members(refuse))  # edge_vla.safe_tar: why not "data" alone
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise BundleError(f"cannot extract bundle archive {archive}: {str(exc).splitlines()[0] if str(exc) else exc}"
+                          "; the file is corrupt, copy it again") from exc
     entries = [p for p in dest.iterdir()]
     if (dest / MANIFEST).is_file():
         return dest

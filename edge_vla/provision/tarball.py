@@ -10,11 +10,12 @@ from __future__ import annotations
 import gzip
 import io
 import tarfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from edge_vla.atomic import atomic_write
 from edge_vla.provision.errors import PackageError
+from edge_vla.safe_tar import Filter, plain_members
 
 FIXED_MTIME = 0
 
@@ -50,33 +51,15 @@ def write_tarball(out: Path, files: Mapping[str, bytes | Path], executable: froz
     return out
 
 
-_MEMBER_KINDS = {tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hard link", tarfile.CHRTYPE: "character device",
-                 tarfile.BLKTYPE: "block device", tarfile.FIFOTYPE: "fifo", tarfile.CONTTYPE: "contiguous file"}
-
-
-def _package_filter(archive: Path) -> Callable[[tarfile.TarInfo, str], tarfile.TarInfo | None]:
-    """Refuse any member write_tarball never makes, then apply tarfile's "data" filter.
-
-    A package is extracted (as root, into the rootfs) before package.json and the signature inside it can
-    be checked, so extraction must not trust the archive. The "data" filter alone is not enough: on a
-    Python before 3.11.13/3.12.11/3.13.4 a chain of symlinks nested past PATH_MAX defeats its realpath
-    check (CVE-2025-4517) and writes anywhere. With only plain relative files and directories there is
-    no link for a later member to follow, so staging cannot be left."""
+def _package_filter(archive: Path) -> Filter:
+    """Only what write_tarball makes (edge_vla.safe_tar): a package is extracted as root, into the rootfs, before
+    package.json and the signature inside it can be checked."""
     def refuse(member: tarfile.TarInfo, what: str) -> PackageError:
         return PackageError(f"package {archive} holds {what} {member.name!r}; an edge-vla package holds only regular "
                             "files and directories with relative paths: refused before anything was installed "
                             "(rebuild it with `edge-vla package`)")
 
-    def check(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
-        if not (member.isreg() or member.isdir()):
-            raise refuse(member, f"a {_MEMBER_KINDS.get(member.type, f'member of type {member.type!r}')}")
-        if member.name.startswith("/"):
-            raise refuse(member, "the absolute path")
-        if ".." in member.name.split("/"):
-            raise refuse(member, "a '..' in the path")
-        return tarfile.data_filter(member, dest)
-
-    return check
+    return plain_members(refuse)
 
 
 def extract_tarball(archive: Path, dest: Path) -> None:

@@ -10,7 +10,6 @@ anything else is refused in one line, before anything lands outside staging.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import select
 import subprocess
@@ -19,6 +18,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from hostile_tar import ESCAPED, archive, realpath_limit_escape
+from hostile_tar import add as _add
 
 from edge_vla.cli import main as cli
 from edge_vla.provision import install, rootfs
@@ -26,8 +27,6 @@ from edge_vla.provision.errors import PackageError
 from edge_vla.provision.tarball import extract_tarball
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = "abcdefghijklmnop"
-ESCAPED = "etc/cron.d/edge-vla-escaped"  # where the hostile archives try to write, relative to the rootfs
 
 
 def _tree(root: Path) -> dict[str, str]:
@@ -41,41 +40,6 @@ def _tree(root: Path) -> dict[str, str]:
         else:
             out[rel] = "dir"
     return out
-
-
-def _add(tar: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, link: str = "", data: bytes = b"",
-         mode: int = 0o644) -> None:
-    info = tarfile.TarInfo(name)
-    info.type, info.linkname, info.size, info.mode = kind, link, len(data), mode
-    tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
-
-
-def _archive(out: Path, build) -> Path:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.GNU_FORMAT) as tar:
-        build(tar)
-    out.write_bytes(buf.getvalue())
-    return out
-
-
-def realpath_limit_escape(out: Path, staging_len: int, up: int) -> Path:
-    """CVE-2025-4517: symlinks nested past PATH_MAX, which os.path.realpath stops expanding, so the "data"
-    filter of a Python before 3.11.13/3.12.11/3.13.4 checks a lexical path inside the destination while
-    the kernel follows the links `up` levels above it. `staging_len`: the length of the extraction dir."""
-    component = "d" * ((os.pathconf("/", "PC_PATH_MAX") - staging_len - 1) // (len(STEPS) + 1))
-
-    def build(tar: tarfile.TarFile) -> None:
-        path = ""
-        for step in STEPS:
-            _add(tar, os.path.join(path, component), tarfile.DIRTYPE, mode=0o755)
-            _add(tar, os.path.join(path, step), tarfile.SYMTYPE, component)
-            path = os.path.join(path, component)
-        long_link = os.path.join(*STEPS, "l" * 254)
-        _add(tar, long_link, tarfile.SYMTYPE, os.path.join(*[".."] * len(STEPS)))  # back to the destination
-        _add(tar, "escape", tarfile.SYMTYPE, os.path.join(long_link, *[".."] * up))
-        _add(tar, f"escape/{ESCAPED}", data=b"* * * * * root sh -c 'owned'\n")
-
-    return _archive(out, build)
 
 
 def _staging_len(root: Path) -> int:
@@ -112,7 +76,7 @@ def test_a_realpath_limit_symlink_chain_writes_nothing_outside_staging(installed
     ("absolute", lambda t: _add(t, "/tmp/edge-vla-absolute-member", data=b"x")),
 ])
 def test_members_a_package_never_holds_are_refused_in_one_line(what: str, build, tmp_path: Path):
-    evil = _archive(tmp_path / "evil.tar.gz", build)
+    evil = archive(tmp_path / "evil.tar.gz", build)
     dest = tmp_path / "staging"
     dest.mkdir()
     with pytest.raises(PackageError) as caught:
@@ -124,7 +88,7 @@ def test_members_a_package_never_holds_are_refused_in_one_line(what: str, build,
 
 def test_setuid_bits_do_not_survive_extraction(tmp_path: Path):
     """Modes are normalised (the "data" filter clears setuid/setgid/sticky and group/other write)."""
-    evil = _archive(tmp_path / "suid.tar.gz", lambda t: _add(t, "install.sh", data=b"#!/bin/sh\n", mode=0o6777))
+    evil = archive(tmp_path / "suid.tar.gz", lambda t: _add(t, "install.sh", data=b"#!/bin/sh\n", mode=0o6777))
     extract_tarball(evil, tmp_path / "out")
     mode = (tmp_path / "out/install.sh").stat().st_mode & 0o7777
     assert not mode & 0o7022, oct(mode)
