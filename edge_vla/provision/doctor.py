@@ -31,7 +31,7 @@ from typing import Any
 
 from edge_vla import __version__
 from edge_vla.bundle import MANIFEST, TARGET_DIR, Bundle
-from edge_vla.errors import EdgeVlaError
+from edge_vla.errors import ConfigError, EdgeVlaError
 from edge_vla.provision import signing
 from edge_vla.provision.lock import LOCK_FILE, LockEntry, parse_lock
 from edge_vla.provision.package import PACKAGE_JSON
@@ -70,6 +70,7 @@ class Expectation:
     online: bool = False  # an --online (development) package: its dependencies come unlocked from an index
     installed: bool = False  # the release edge-vla.service runs (/opt/edge-vla/current), not a package file
     install_check: Check | None = None  # whether that release is complete, for the installed release only
+    config_check: Check | None = None  # FAIL where the operator's robot.env does not read or validate
 
 
 @dataclass
@@ -104,8 +105,8 @@ def expectation_for(path: str | Path | None) -> Iterator[Expectation]:
     if path is None:
         if os.path.lexists(INSTALLED):
             exp = _installed_release()
-            if exp.installed and Path(CONFIG_PATH).is_file():  # the operator's edits win over the package's copy
-                exp.config = RobotConfig.load(CONFIG_PATH)
+            if exp.installed and os.path.lexists(CONFIG_PATH):  # the operator's edits win over the package's copy
+                exp.config_check = _read_operator_config(exp)
             yield exp
         else:
             yield Expectation()
@@ -125,6 +126,17 @@ def expectation_for(path: str | Path | None) -> Iterator[Expectation]:
         else:
             inner = root if (root / MANIFEST).is_file() else next((p for p in root.iterdir() if p.is_dir()), root)
             yield Expectation(source=f"bundle {path}", bundle_root=inner)
+
+
+def _read_operator_config(exp: Expectation) -> Check | None:
+    """Read the operator's robot.env into `exp`; a FAIL "config" check where it does not read or validate (the
+    checks below then use the package's copy), so the rest of the report still comes."""
+    try:
+        exp.config = RobotConfig.load(CONFIG_PATH).validate()
+    except ConfigError as exc:
+        return Check("config", FAIL, f"{exc} (the checks below use the package's copy of the config)",
+                     f"fix {CONFIG_PATH} (KEY=VALUE lines, UTF-8), then: sudo systemctl restart edge-vla.service")
+    return None
 
 
 def _installed_release() -> Expectation:
@@ -669,6 +681,7 @@ def run_checks(exp: Expectation, machine: Machine | None = None) -> list[Check]:
     m = machine or Machine()
     checks = [
         exp.install_check,
+        exp.config_check,
         check_python(exp),
         check_bundle(exp, m),
         check_lock(exp, m),

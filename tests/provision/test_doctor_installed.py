@@ -71,3 +71,21 @@ def test_a_broken_current_release_is_a_fail_line_not_a_pass(installed: Path, dam
     assert check is not None and check["status"] == "fail", report["checks"]
     assert str(release) in check["detail"] and "--rollback" in check["fix"], check
     assert report["rc"] == 1
+
+
+@needs_service_user
+def test_an_unreadable_robot_env_is_a_fail_line_and_the_other_checks_still_run(installed: Path):
+    """The operator's robot.env saved as Latin-1 (or holding a value that is not a number): one FAIL line naming
+    the file, with the rest of the report (which then uses the package's copy of the config), not one error line
+    instead of the report."""
+    env = installed / "etc/edge-vla/robot.env"
+    good = env.read_bytes()
+    report = _doctor_as_service_user(installed)  # control: the installed robot.env reads
+    assert "config" not in report["by_name"] and "link" in report["by_name"], report["checks"]
+    env.write_bytes(good + "# réglé par l'intégrateur\n".encode("latin-1"))
+    report = _doctor_as_service_user(installed)
+    check = report["by_name"].get("config")
+    assert check is not None and check["status"] == "fail", report["checks"]
+    assert str(env) in check["detail"] and "UTF-8" in check["detail"], check
+    assert "link" in report["by_name"] and "install" in report["by_name"]
+    assert report["rc"] == 1
