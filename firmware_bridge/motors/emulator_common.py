@@ -379,6 +379,21 @@ class PtyBus(ABC):
             self._event(time.monotonic(), servo_id, "disconnected", seconds=seconds)
             return float(servo.deaf_until)
 
+    def disconnect_after_torque_on(self, servo_id: int, seconds: float) -> None:
+        """Fault injection: the servo's data wire comes loose for `seconds` right after it applies its next torque on
+        (between a host's torque-on write and its read-back), keeping its torque. Once."""
+        with self._cond:
+            self.servos[servo_id].deaf_after_torque_on = seconds
+
+    def _torque_on_heard(self, servo: Any, now: float) -> None:
+        """Called by a vendor's emulator when a servo applies a torque on: starts an injected disconnect."""
+        seconds = getattr(servo, "deaf_after_torque_on", None)
+        if seconds is not None:
+            servo.deaf_after_torque_on = None
+            servo.deaf_until = now + seconds
+            self._event(now, self._id_of(servo) if self.id_address >= 0 else getattr(servo, "servo_id", -1),
+                        "disconnected", seconds=seconds)
+
     def eeprom_writes(self, servo_id: int) -> int:
         """EEPROM bytes the servo at `servo_id` has accepted since the emulator started (EEPROM wears)."""
         with self._cond:
@@ -476,6 +491,9 @@ class BusProcess:
 
     def disconnect(self, servo_id: int, seconds: float) -> float:
         return self._call("disconnect", servo_id, seconds)  # type: ignore[return-value]
+
+    def disconnect_after_torque_on(self, servo_id: int, seconds: float) -> None:
+        self._call("disconnect_after_torque_on", servo_id, seconds)
 
     def eeprom_writes(self, servo_id: int) -> int:
         return self._call("eeprom_writes", servo_id)  # type: ignore[return-value]

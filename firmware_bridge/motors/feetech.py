@@ -268,17 +268,20 @@ class FeetechDevice(ServoBusDevice):
                 present = decode_sign_magnitude(self._read(servo_id, 56, 2), POSITION_SIGN_BIT)
                 self._write(servo_id, GOAL_POSITION, list(encode_sign_magnitude(present, 15).to_bytes(2, "little")))
             self._torque_unconfirmed = True  # until a torque off is read back, whatever happens next
+            # Hooked before torque on, not after a successful arm: an arm that fails after it (a servo deaf to the
+            # read-back, and so to the torque off below) leaves a powered servo that SIGTERM must still reach.
+            _ExitHooks.track(self)
             self._sync_write(TORQUE_ENABLE, 1, [b for i in self.ids for b in (i, *_torque_param(1))])
             for servo_id in self.ids:
                 torque = self._read(servo_id, TORQUE_ENABLE, 1)
                 if torque != 1:
                     raise ArmRefusedError(f"arm failed: servo id {servo_id} reads back torque {torque} (expected 1)")
         except MotorError:
-            self._torque_off_all()
+            if self._torque_off_all():
+                self._on_disarm()  # every servo read torque off: nothing left for the hooks
             raise
         self._armed = True
         self._cycles = 0
-        _ExitHooks.track(self)
         log.warning("%s: armed WITHOUT a device watchdog. %s", self.url, RESIDUAL_RISK)
 
     def poll_state(self) -> MotorState:

@@ -422,6 +422,8 @@ class BusEmulator(common.PtyBus):
             servo.table[STATUS] = 0  # an emulator choice: error bits clear once torque is released
             servo.effort_since = None
         self._event(now, servo.servo_id, "torque", value=value)
+        if value == 1:
+            self._torque_on_heard(servo, now)
 
     def _sync_read(self, p: Packet, now: float) -> None:
         if p.servo_id != BROADCAST_ID or len(p.params) < 3:

@@ -85,3 +85,20 @@ def test_feetech_sigterm_after_an_unconfirmed_stop_still_turns_torque_off() -> N
         h.proc.send_signal(signal.SIGTERM)
         assert h.proc.wait(10.0) == -signal.SIGTERM  # died by the signal, as the host's own default would
         assert torques(bus, torque_addr) == [0, 0, 0], "SIGTERM left torque on"
+
+
+def test_feetech_sigterm_after_an_arm_that_failed_with_a_servo_powered_still_turns_torque_off() -> None:
+    """An arm can fail after torque on: a servo's wire comes loose between the torque-on write and its read-back,
+    so arm() raises and its torque off is not read back from that servo either. The SIGTERM hook must already be
+    on the device then (it used to be installed only after a successful arm). Control: the other servos read
+    torque off right after the failed arm."""
+    with emulated_bus("feetech") as (bus, url, torque_addr), ScriptedHost(url, len(IDS)) as h:
+        bus.disconnect_after_torque_on(LOOSE, LOOSE_S)
+        armed = h.do("arm")
+        assert not armed["ok"], armed
+        assert torques(bus, torque_addr) == [0, 1, 0]  # the loose servo kept its torque, the others are off
+        back_at = time.monotonic() + LOOSE_S
+        assert bus.wait_for(lambda: time.monotonic() >= back_at, LOOSE_S + 5.0)
+        h.proc.send_signal(signal.SIGTERM)
+        assert h.proc.wait(10.0) == -signal.SIGTERM
+        assert torques(bus, torque_addr) == [0, 0, 0], "SIGTERM after a failed arm left torque on"
