@@ -341,7 +341,7 @@ def _extract(archive: Path, dest: Path) -> Path:
 
     try:
         with tarfile.open(archive) as tar:
-            tar.extractall(dest, filter=plain_members(refuse))  # edge_vla.safe_tar: why not "data" alone
+            tar.extractall(dest, filter=plain_members(refuse, dest))  # edge_vla.safe_tar: why not "data" alone
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise BundleError(f"cannot extract bundle archive {archive}: {str(exc).splitlines()[0] if str(exc) else exc}"
                           "; the file is corrupt, copy it again") from exc

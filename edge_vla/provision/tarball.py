@@ -51,7 +51,7 @@ def write_tarball(out: Path, files: Mapping[str, bytes | Path], executable: froz
     return out
 
 
-def _package_filter(archive: Path) -> Filter:
+def _package_filter(archive: Path, dest: Path) -> Filter:
     """Only what write_tarball makes (edge_vla.safe_tar): a package is extracted as root, into the rootfs, before
     package.json and the signature inside it can be checked."""
     def refuse(member: tarfile.TarInfo, what: str) -> PackageError:
@@ -59,7 +59,7 @@ def _package_filter(archive: Path) -> Filter:
                             "files and directories with relative paths: refused before anything was installed "
                             "(rebuild it with `edge-vla package`)")
 
-    return plain_members(refuse)
+    return plain_members(refuse, dest)
 
 
 def extract_tarball(archive: Path, dest: Path) -> None:
@@ -68,6 +68,6 @@ def extract_tarball(archive: Path, dest: Path) -> None:
         raise PackageError(f"package {archive} does not exist; make one with `edge-vla package BUNDLE -o {archive}`")
     try:
         with tarfile.open(archive) as tar:
-            tar.extractall(dest, filter=_package_filter(archive))
+            tar.extractall(dest, filter=_package_filter(archive, dest))
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise PackageError(f"cannot extract package {archive}: {exc}; the file is corrupt, copy or rebuild it") from exc

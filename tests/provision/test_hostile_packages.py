@@ -151,3 +151,22 @@ def test_a_second_install_at_the_same_time_is_refused_and_the_first_completes(bu
     assert not list((installed / "opt/edge-vla/releases").glob(".staging-*"))
     # Once A is done, B goes through (the refusal was about the moment, not about B).
     assert install.install_rootfs(pkg_b, installed).changed
+
+
+def test_a_package_declaring_more_than_the_disk_can_spare_is_refused_before_it_fills_it(tmp_path: Path, monkeypatch):
+    """A few kB of gzip can declare gigabytes of zeros: extraction (as root, into the rootfs, before verification)
+    stops at what the filesystem can spare, in one line, instead of filling the robot's disk. The budget is made
+    small here (the filesystem's free space read as 300 MiB: 44 MiB above the margin) so that a real 64 MiB member
+    exceeds it; control: the same archive extracts where the space is there."""
+    from edge_vla import safe_tar
+
+    big = archive(tmp_path / "big.tar.gz", lambda t: _add(t, "wheels/zeros.whl", data=bytes(64 << 20)))
+    assert big.stat().st_size < 1 << 20  # what travels is small
+    monkeypatch.setattr(safe_tar, "free_bytes", lambda path: safe_tar.FREE_MARGIN + (44 << 20))
+    with pytest.raises(PackageError) as caught:
+        extract_tarball(big, tmp_path / "staging")
+    assert "\n" not in str(caught.value) and "filesystem can spare" in str(caught.value), caught.value
+    assert not (tmp_path / "staging/wheels/zeros.whl").exists()
+    monkeypatch.undo()
+    extract_tarball(big, tmp_path / "roomy")
+    assert (tmp_path / "roomy/wheels/zeros.whl").stat().st_size == 64 << 20
