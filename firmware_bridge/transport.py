@@ -12,6 +12,7 @@ import os
 import select
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
 
 import can
 import serial
@@ -21,6 +22,14 @@ from firmware_bridge.errors import BridgeError, LinkDownError
 
 log = logging.getLogger(__name__)
 Chunks = list[tuple[int, bytes]]
+
+# Frames CanTransport.read() drops: (what it is, why it is not ours / what to do).
+_IGNORED_WHY = {
+    "extended": ("29-bit (extended) frame", "this link uses 11-bit IDs only, so another device on the bus sent it"),
+    "error": ("error frame", "the bus reports errors (the ID bits are the error class, see linux/can/error.h); "
+              "check termination, bitrate and wiring (ip -details -statistics link show)"),
+    "remote": ("remote (RTR) frame", "this protocol never requests frames; another node on the bus sends them"),
+}
 
 
 class Transport(ABC):
@@ -87,10 +96,22 @@ class SerialTransport(Transport):
 
 
 class CanTransport(Transport):
-    """python-can: frames segmented into 8-byte CAN frames (64 with CAN-FD) under the canbus ID scheme."""
+    """python-can: frames segmented into 8-byte CAN frames (64 with CAN-FD) under the canbus ID scheme.
+
+    Only 11-bit data frames on our receive IDs are ours. A 29-bit frame whose ID has the same value (another
+    device on the bus), an error frame (socketcan puts the error class in its ID bits, and 0x141 is a bus-off
+    recovery) and a remote frame carry bytes that are not the controller's: read() drops them, counts them in
+    `ignored_frames` by kind and logs the first of each kind.
+    """
+
+    # The most CAN frames one read() takes. The control loop's poll(0.0) must return within its period even while
+    # a node floods our receive IDs; what is left stays queued (socket or driver buffer) for the next call. 256 is
+    # more than a saturated 1 Mbit/s bus carries (~9,000 frames/s) between two polls of a loop at 36 Hz or faster,
+    # and more than the largest message (CAPABILITIES for 16 joints, ~70 classic frames).
+    MAX_FRAMES_PER_READ = 256
 
     def __init__(self, interface: str, channel: str, node_id: int = 1, side: str = "host", fd: bool = False,
-                 bitrate: int | None = None) -> None:
+                 bitrate: int | None = None, max_frames_per_read: int = MAX_FRAMES_PER_READ) -> None:
         if side not in ("host", "firmware"):
             raise BridgeError(f"CAN side must be 'host' or 'firmware', got {side!r}")
         host = side == "host"
@@ -102,6 +123,12 @@ class CanTransport(Transport):
         self.description = f"CAN {interface}/{channel} node {node_id}"
         self._bus: can.BusABC | None = None
         self.frames_sent = 0
+        if max_frames_per_read < 1:
+            raise BridgeError(f"max_frames_per_read must be at least 1, got {max_frames_per_read}")
+        self.max_frames_per_read = max_frames_per_read
+        self.ignored_frames: Counter[str] = Counter()  # "extended", "error", "remote": frames read() dropped
+        self.reads_at_budget = 0  # read() calls that stopped at max_frames_per_read (more may have been waiting)
+        self._logged: set[str] = set()  # what was already logged once
 
     def open(self) -> None:
         kw: dict[str, object] = {"fd": self.fd}
@@ -109,7 +136,8 @@ class CanTransport(Transport):
             kw["bitrate"] = self.bitrate
         try:
             self._bus = can.Bus(interface=self.interface, channel=self.channel,
-                                can_filters=[{"can_id": i, "can_mask": 0x7FF} for i in self.rx_ids], **kw)
+                                can_filters=[{"can_id": i, "can_mask": 0x7FF, "extended": False}
+                                             for i in self.rx_ids], **kw)
         except (can.CanError, OSError, ValueError, ImportError) as exc:
             raise LinkDownError(
                 f"cannot open {self.description}: {exc}. Check that the interface exists and is up "
@@ -123,15 +151,48 @@ class CanTransport(Transport):
             self._bus = None
 
     def read(self, timeout: float) -> Chunks:
+        """Our data frames among the next `max_frames_per_read` frames received (waiting up to `timeout` for the
+        first); frames beyond the budget stay queued for the next call."""
         bus = self._bus
         assert bus is not None, "read() on a closed transport"
         out: Chunks = []
         msg = bus.recv(max(0.0, timeout))
+        taken = 0
         while msg is not None:
-            if msg.arbitration_id in self.rx_ids and not msg.is_remote_frame:
+            taken += 1
+            if self._is_ours(msg):
                 out.append((msg.arbitration_id, bytes(msg.data)))
+            if taken >= self.max_frames_per_read:
+                self._budget_reached()
+                break
             msg = bus.recv(0.0)
         return out
+
+    def _is_ours(self, msg: can.Message) -> bool:
+        # Error frame first: its ID bits are an error class, not an ID, and may equal ours.
+        kind = ("error" if msg.is_error_frame else "remote" if msg.is_remote_frame
+                else "extended" if msg.is_extended_id else None)
+        if kind is None:
+            # an interface that cannot filter also passes other nodes' 11-bit frames: normal traffic, not counted
+            return msg.arbitration_id in self.rx_ids
+        self.ignored_frames[kind] += 1
+        self._log_once(kind, "dropped a CAN %s on %s (ID bits 0x%x, %d data bytes): %s. Further ones are counted in "
+                       "ignored_frames, not logged", _IGNORED_WHY[kind][0], self.description, msg.arbitration_id,
+                       len(msg.data), _IGNORED_WHY[kind][1])
+        return False
+
+    def _budget_reached(self) -> None:
+        self.reads_at_budget += 1
+        self._log_once("budget", "%s: a read stopped at its budget of %d CAN frames; the rest is read on the next "
+                       "call, so the control loop keeps its period. If this repeats, a node may be flooding IDs %s "
+                       "(candump %s shows it)",
+                       self.description, self.max_frames_per_read,
+                       "/".join(f"0x{i:x}" for i in sorted(self.rx_ids)), self.channel)
+
+    def _log_once(self, key: str, fmt: str, *args: object) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            log.warning(fmt, *args)
 
     def write(self, frame: bytes, urgent: bool = False) -> None:
         bus = self._bus
