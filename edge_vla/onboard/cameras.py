@@ -51,14 +51,80 @@ def resize_nearest(img: np.ndarray, size: int) -> np.ndarray:
     return img[rows][:, cols]
 
 
-def _to_rgb_u8(img: np.ndarray) -> np.ndarray:
+FRAME_FORMAT = ("frames are [N, H, W, 3] (or one [H, W, 3] / [H, W] image), uint8 0-255 or float 0-1; "
+                "a grayscale stack [N, H, W] needs its channel: np.repeat(a[..., None], 3, axis=-1)")
+
+
+def _image_to_rgb_u8(img: np.ndarray, origin: str) -> np.ndarray:
+    """One HxW, HxWx1, HxWx3 or HxWx4 image as HxWx3 uint8 RGB. Anything else is refused (CameraError naming
+    `origin`): a frame the camera misreads would reach the policy as a picture of nothing, with no error."""
     a = np.asarray(img)
     if a.ndim == 2:
-        a = np.repeat(a[:, :, None], 3, axis=2)
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[2] not in (1, 3, 4) or a.shape[0] == 0 or a.shape[1] == 0:
+        raise CameraError(f"{origin}: shape {tuple(np.shape(img))} is not an image; {FRAME_FORMAT}")
     a = a[:, :, :3]
-    if a.dtype != np.uint8:
-        a = (np.clip(a, 0.0, 1.0) * 255).astype(np.uint8) if a.dtype.kind == "f" else a.astype(np.uint8)
-    return np.ascontiguousarray(a)
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    return np.ascontiguousarray(_pixels_u8(a, origin))
+
+
+def _pixels_u8(a: np.ndarray, origin: str) -> np.ndarray:
+    """uint8 as is, integers within 0-255, floats within 0-1 (what image readers return); nothing is clipped or
+    wrapped silently (0-255 floats clipped to 0-1 are a white image; 16-bit values wrapped are noise)."""
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype.kind in "ui":
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi > 255:
+            raise CameraError(f"{origin}: {a.dtype} values {'down to ' + str(lo) if lo < 0 else 'up to ' + str(hi)} "
+                              f"are outside 0-255; {FRAME_FORMAT}")
+        return a.astype(np.uint8)
+    if a.dtype.kind == "f":
+        if not np.isfinite(a).all():
+            raise CameraError(f"{origin}: pixel values not finite (NaN or inf); {FRAME_FORMAT}")
+        lo, hi = float(a.min()), float(a.max())
+        if lo < 0.0 or hi > 1.0:
+            raise CameraError(f"{origin}: float values {f'down to {lo:g}' if lo < 0.0 else f'up to {hi:g}'} are "
+                              f"outside 0-1; divide 0-255 floats by 255, or save uint8; {FRAME_FORMAT}")
+        return np.rint(a * 255.0).astype(np.uint8)
+    raise CameraError(f"{origin}: dtype {a.dtype} is not pixels; {FRAME_FORMAT}")
+
+
+def _load_array(f: Path) -> np.ndarray:
+    """An .npy file's array; any failure (not .npy, cut short, pickled objects) as a CameraError naming it."""
+    try:
+        with open(f, "rb") as fh:
+            if fh.read(6) != b"\x93NUMPY":  # else numpy tries it as a pickle and says to allow that: never here
+                raise CameraError(f"cannot read {f} as an .npy array (no .npy header: not saved with np.save); "
+                                  f"{FRAME_FORMAT}")
+        return np.load(f, allow_pickle=False)
+    except CameraError:
+        raise
+    except Exception as exc:  # numpy raises ValueError, OSError, EOFError, UnpicklingError for a bad file
+        raise CameraError(f"cannot read {f} as an .npy array ({_first_line(exc)}); {FRAME_FORMAT}") from None
+
+
+def _read_image(f: Path) -> np.ndarray:
+    """A .png/.jpg file's pixels (matplotlib, which returns float 0-1 for PNG and uint8 for JPEG)."""
+    plt = require("matplotlib.pyplot")
+    try:
+        return plt.imread(f)
+    except Exception as exc:  # Pillow raises SyntaxError, OSError, UnidentifiedImageError for a bad file
+        raise CameraError(f"cannot read {f} as an image ({_first_line(exc)}); replace or remove it") from None
+
+
+def _require_regular(p: Path) -> None:
+    """A folder or a regular file: opening a FIFO to read waits for a writer (the run would hang before its first
+    frame), and a device is not a recording."""
+    if not (p.is_dir() or p.is_file()):
+        raise CameraError(f"{p} is not a regular file (a FIFO or a device?); video: reads a folder of images, an .npy "
+                          "file or a video file; a live camera is realsense[:SERIAL]")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else 'no detail'}"
 
 
 class SimCamera:
@@ -97,6 +163,7 @@ class FolderCamera:
         p = Path(path)
         if not p.exists():
             raise CameraError(f"video source {p} does not exist; give a folder of images, an .npy file or a video")
+        _require_regular(p)
         self.frames = self._load(p)
         if not self.frames:
             raise CameraError(f"no frames in {p}; supported: {', '.join(IMAGE_SUFFIXES)} files, [N,H,W,3] .npy")
@@ -108,16 +175,15 @@ class FolderCamera:
     def _load(p: Path) -> list[np.ndarray]:
         if p.is_dir():
             files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-            out = []
             for f in files:
-                if f.suffix.lower() == ".npy":
-                    out.append(_to_rgb_u8(np.load(f)))
-                else:
-                    out.append(_to_rgb_u8(require("matplotlib.pyplot").imread(f)))
-            return out
+                _require_regular(f)
+            return [_image_to_rgb_u8(_load_array(f) if f.suffix.lower() == ".npy" else _read_image(f), str(f))
+                    for f in files]
         if p.suffix.lower() == ".npy":
-            arr = np.load(p)
-            return [_to_rgb_u8(a) for a in (arr if arr.ndim == 4 else arr[None])]
+            arr = _load_array(p)
+            if arr.ndim == 4:  # a stack [N, H, W, C]; anything else must be one image
+                return [_image_to_rgb_u8(a, f"{p} (shape {arr.shape}), frame {i}") for i, a in enumerate(arr)]
+            return [_image_to_rgb_u8(arr, str(p))]
         cv2 = require("cv2")
         cap = cv2.VideoCapture(str(p))
         out = []

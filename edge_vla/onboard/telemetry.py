@@ -6,16 +6,21 @@ package is installed; otherwise, and for any other suffix, JSON lines: one objec
 `<path>.jsonl` with a warning rather than failing the run.
 
 The control loop never waits on the disk: records go into an in-memory queue and are written in the
-cycle's slack (`drain(budget_s)`), a few at a time, then flushed at exit.
+cycle's slack (`drain(budget_s)`), a few at a time, then flushed at exit. Nor does it fail with the disk: a
+write error (a full disk, a pulled USB stick) stops the telemetry with one logged line and the run goes on.
+`read_records` gives back every whole record of a file a killed run left cut short.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
+from struct import error as struct_error
 from typing import IO, Any
 
 from edge_vla.onboard.histogram import LogHistogram
@@ -42,6 +47,11 @@ class _JsonLines:
 
     def close(self) -> None:
         self._f.close()
+
+    def abandon(self) -> None:
+        """Close after a write error: what the kernel refused is lost; the lines before it stay readable."""
+        with contextlib.suppress(OSError):
+            self._f.close()
 
 
 class _Mcap:
@@ -70,6 +80,12 @@ class _Mcap:
         self._w.finish()
         self._f.close()
 
+    def abandon(self) -> None:
+        """Close after a write error without finishing (that would write again): the file keeps its whole chunks,
+        which read_records recovers (`mcap recover` rebuilds the index)."""
+        with contextlib.suppress(OSError):
+            self._f.close()
+
 
 class Telemetry:
     """Queue records cheaply; write them when there is time."""
@@ -83,6 +99,7 @@ class Telemetry:
         self._queue: deque[tuple[str, float, dict[str, Any]]] = deque(maxlen=self.MAX_QUEUED)
         self.written = 0
         self.dropped = 0
+        self.failed: str | None = None  # why writing stopped mid-run (e.g. "No space left on device")
         if path is None:
             return
         p = Path(path)
@@ -104,6 +121,8 @@ class Telemetry:
             if len(self._queue) == self.MAX_QUEUED:
                 self.dropped += 1
             self._queue.append((topic, t, data))
+        elif self.failed is not None:
+            self.dropped += 1  # after a write error: counted, not queued
 
     @property
     def enabled(self) -> bool:
@@ -115,33 +134,124 @@ class Telemetry:
             return 0
         end = time.monotonic() + budget_s
         n = 0
-        while self._queue and time.monotonic() < end:
-            self._sink.write(*self._queue.popleft())
+        while self._queue and time.monotonic() < end and self._write(self._queue.popleft()):
             n += 1
-        self.written += n
         return n
 
     def close(self) -> None:
         if self._sink is None:
             return
-        while self._queue:
-            self._sink.write(*self._queue.popleft())
-            self.written += 1
-        self._sink.close()
+        while self._queue and self._write(self._queue.popleft()):
+            pass
+        if self._sink is None:  # the last writes failed: already abandoned
+            return
+        try:
+            self._sink.close()  # flushes the buffer, which may be what finds the disk full
+        except OSError as exc:
+            self._give_up(exc, lost=0)
         self._sink = None
+
+    def _write(self, rec: tuple[str, float, dict[str, Any]]) -> bool:
+        """Write one record; False (and the telemetry stopped) when the disk refused it."""
+        assert self._sink is not None
+        try:
+            self._sink.write(*rec)
+        except OSError as exc:
+            self._give_up(exc, lost=1)
+            return False
+        self.written += 1
+        return True
+
+    def _give_up(self, exc: OSError, lost: int) -> None:
+        """A write error is not retried (a full disk stays full; each retry would cost the loop's slack): the
+        queue is dropped, recording stops (`enabled` is False) and the run goes on without telemetry. The
+        records in the file's buffer when the error came are lost too; those before are readable."""
+        sink, self._sink = self._sink, None
+        self.failed = exc.strerror or str(exc)
+        self.dropped += lost + len(self._queue)
+        self._queue.clear()
+        if sink is not None:
+            sink.abandon()
+        log.error("telemetry to %s stopped: %s; the run goes on without it (the file keeps the records up to its "
+                  "last whole write); free space or give --telemetry another disk", self.path, self.failed)
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Every record of a telemetry file (MCAP or JSON lines) as {"topic", "t", ...fields}."""
+    """Every record of a telemetry file (MCAP or JSON lines) as {"topic", "t", ...fields}.
+
+    A file cut short (the run was killed or lost power before closing it) gives back every whole record
+    before the cut, with one warning; damage anywhere else is a ValueError naming the file and the place."""
     p = Path(path)
     if p.suffix != ".mcap":
-        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-    reader_mod = require("mcap.reader")
+        return _read_json_lines(p)
+    return _read_mcap(p)
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    """One record's JSON; ValueError saying what is wrong with it."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8") from None
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply to be a telemetry record") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"not a JSON object (a {type(obj).__name__})")
+    return obj
+
+
+def _read_json_lines(p: Path) -> list[dict[str, Any]]:
+    data = p.read_bytes()
+    lines = data.split(b"\n")
     out = []
-    with open(p, "rb") as f:
-        for _schema, channel, message in reader_mod.make_reader(f).iter_messages():
-            out.append({"topic": channel.topic, "t": message.log_time / 1e9, **json.loads(message.data)})
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(_json_object(line))
+        except ValueError as exc:
+            if i == len(lines) - 1:  # no newline after it: the writer was stopped mid-record
+                log.warning("%s was cut short in its last record (%d bytes skipped); %d whole records read",
+                            p, len(line), len(out))
+                break
+            raise ValueError(f"{p}: line {i + 1}: {exc}; the file is damaged there (not a cut-short run), "
+                             "so it is not read past it") from None
     return out
+
+
+def _read_mcap(p: Path) -> list[dict[str, Any]]:
+    reader_mod = require("mcap.reader")
+    exceptions = require("mcap.exceptions")
+    with open(p, "rb") as f:
+        try:
+            return list(_mcap_records(p, reader_mod.make_reader(f).iter_messages()))
+        except exceptions.InvalidMagic:
+            raise ValueError(f"{p}: not an MCAP file (no MCAP magic at its start); JSON lines need a .jsonl "
+                             "suffix") from None
+        except (exceptions.McapError, struct_error):  # a cut inside a record's length field
+            pass  # no usable summary at the end: a file whose writer never finished; read it front to back
+        f.seek(0)
+        out: list[dict[str, Any]] = []
+        try:
+            for rec in _mcap_records(p, reader_mod.NonSeekingReader(f).iter_messages(log_time_order=False)):
+                out.append(rec)
+        except (exceptions.McapError, struct_error):  # a cut inside a record's length field
+            log.warning("%s was cut short (its writer never finished it): %d whole records read up to the cut; "
+                        "`mcap recover` rebuilds its index for other tools", p, len(out))
+    return out
+
+
+def _mcap_records(p: Path, messages: Iterator[Any]) -> Iterator[dict[str, Any]]:
+    for _schema, channel, message in messages:
+        try:
+            fields = _json_object(message.data)
+        except ValueError as exc:
+            raise ValueError(f"{p}: message {message.sequence} on {channel.topic}: {exc}") from None
+        yield {"topic": channel.topic, "t": message.log_time / 1e9, **fields}
 
 
 class CycleStats:
