@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import stat
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from pathlib import Path
 from struct import error as struct_error
 from typing import IO, Any
 
+from edge_vla.errors import ConfigError
 from edge_vla.onboard.histogram import LogHistogram
 from edge_vla.optional import available, require
 
@@ -87,6 +89,20 @@ class _Mcap:
             self._f.close()
 
 
+def _refuse_blocking_target(p: Path) -> None:
+    """A FIFO (or socket, or directory) at the telemetry path: opening a FIFO for writing waits for a reader, so
+    `edge-vla run` would sit there and fail much later for another reason. A regular file or a character device
+    (/dev/null) is fine."""
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise ConfigError(f"--telemetry {p} is {kind}: opening it would block or fail; give the path of a file "
+                          "(e.g. runs/run.mcap)")
+
+
 class Telemetry:
     """Queue records cheaply; write them when there is time."""
 
@@ -104,6 +120,7 @@ class Telemetry:
             return
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
+        _refuse_blocking_target(p)
         if p.suffix == ".mcap":
             if available("mcap"):
                 self._sink = _Mcap(p)

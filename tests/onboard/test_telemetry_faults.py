@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,22 @@ def test_a_file_that_is_not_mcap_says_so(tmp_path) -> None:
     bad.write_text("these are notes, not telemetry\n")
     with pytest.raises(ValueError, match=rf"{bad}: not an MCAP file"):
         read_records(bad)
+
+
+def test_a_fifo_as_the_telemetry_file_is_refused_at_once(tmp_path: Path) -> None:
+    """Opening a FIFO for writing waits for a reader: `edge-vla run --telemetry FIFO` sat in open() and then
+    failed 30 s later with a misleading "no joint state". Refused in one line instead (in a child: the old code
+    would hang this test). Control: a regular path in the same directory opens."""
+    fifo = tmp_path / "run.jsonl"
+    os.mkfifo(fifo)
+    code = ("import sys\nfrom edge_vla.errors import ConfigError\nfrom edge_vla.onboard.telemetry import Telemetry\n"
+            "try:\n    Telemetry(sys.argv[1])\nexcept ConfigError as exc:\n    print(exc)\n    sys.exit(3)\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("Telemetry() blocked opening a FIFO for writing")
+    assert done.returncode == 3, done.stderr
+    assert str(fifo) in done.stdout and "FIFO" in done.stdout
+    t = Telemetry(tmp_path / "ok.jsonl")
+    assert t.enabled
+    t.close()
