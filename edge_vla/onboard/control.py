@@ -765,9 +765,18 @@ class ControlLoop:
                               **{k: round(v, 6) if isinstance(v, float) else v
                                  for k, v in self.scheduler.summary().items()}},
                    "link": link, "realtime": self._realtime, "stop": self.stop_info,
-                   "telemetry": str(self.telemetry.path) if self.telemetry.path else None,
+                   "telemetry": _telemetry_text(self.telemetry),
                    "final_state": self.watchdog.state.value, "armed_at_exit": self.armed},
         )
+
+
+def _telemetry_text(telemetry: Telemetry) -> str | None:
+    """The summary's telemetry entry: the file, and whether recording stopped mid-run (a full disk)."""
+    if telemetry.path is None:
+        return None
+    if telemetry.failed is None:
+        return str(telemetry.path)
+    return f"{telemetry.path} (stopped mid-run: {telemetry.failed}; {telemetry.dropped} records not written)"
 
 
 def control_main(config: ControlConfig, bus: sh.SharedBus, conn: Any = None, log_level: int = logging.INFO) -> None:

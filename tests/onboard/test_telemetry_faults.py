@@ -83,6 +83,8 @@ def test_a_run_whose_telemetry_disk_fills_ends_with_the_planned_stop() -> None:
     assert summary["duration_s"] > 3.5  # it ran to its duration
     lines = [ln for ln in proc.stderr.splitlines() if "telemetry to /dev/full stopped" in ln]
     assert len(lines) == 1 and "No space left on device" in lines[0], proc.stderr[-3000:]
+    # the summary says so too, not just the path as if everything had been recorded
+    assert summary["telemetry"].startswith("/dev/full (stopped mid-run: No space left on device"), summary["telemetry"]
 
 
 # -- files cut short -----------------------------------------------------------------------------------------
