@@ -20,6 +20,7 @@ import binascii
 import hashlib
 import json
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -32,6 +33,9 @@ from edge_vla.optional import require
 
 SIG_FORMAT = "edge-vla-signature"
 SIG_VERSION = 1
+# A key or signature file is well under 1 KiB. Anything far larger (or a FIFO, or /dev/zero behind a
+# symlink) is not one, and reading it whole would block the runtime's start forever or fill its memory.
+MAX_KEY_OR_SIGNATURE_BYTES = 64 * 1024
 
 
 def _crypto() -> Any:
@@ -51,16 +55,38 @@ def _raw_public(pub: Any) -> bytes:
     return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
+def _file_kind(mode: int) -> str:
+    kinds = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+             stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
+    return kinds.get(stat.S_IFMT(mode), "not a plain file")
+
+
+def read_small_file(path: Path, what: str, error: type[Exception] = ConfigError) -> bytes:
+    """The bytes of the key or signature file `path`, refusing (with `error`) anything but a regular
+    file of at most MAX_KEY_OR_SIGNATURE_BYTES. O_NONBLOCK: opening a FIFO must not wait for a writer."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror}") from exc
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{what} {path} is not a regular file ({_file_kind(st.st_mode)}); "
+                        "replace it with the key or signature file itself")
+        data = f.read(MAX_KEY_OR_SIGNATURE_BYTES + 1)  # bounded: the file may grow after fstat
+    if len(data) > MAX_KEY_OR_SIGNATURE_BYTES:
+        raise error(f"{what} {path} is too large ({max(st.st_size, len(data))} bytes; a key or signature is "
+                    f"under {MAX_KEY_OR_SIGNATURE_BYTES}): not a key or signature file")
+    return data
+
+
 def load_private_key(path: str | os.PathLike[str]) -> Any:
     """An Ed25519 private key from a PKCS#8 PEM file or a raw 32-byte seed file."""
     ed25519 = _crypto()
     from cryptography.hazmat.primitives import serialization
 
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read signing key {path}: {exc}") from exc
+    data = read_small_file(path, "signing key")
     if len(data) == 32:
         return ed25519.Ed25519PrivateKey.from_private_bytes(data)
     try:
@@ -75,35 +101,43 @@ def load_private_key(path: str | os.PathLike[str]) -> Any:
     return key
 
 
+def _is_private_pem(text: bytes) -> bool:
+    """True for any PEM private key block: PKCS#8, encrypted PKCS#8, OpenSSH, PKCS#1/SEC1."""
+    first_line = text.split(b"\n", 1)[0]
+    return first_line.startswith(b"-----BEGIN") and b"PRIVATE KEY-----" in first_line
+
+
 def load_public_key(spec: str | os.PathLike[str]) -> bytes:
-    """A trusted key (file or text, see the module doc) -> the raw 32-byte public key."""
+    """A trusted key (file or text, see the module doc) -> the raw 32-byte public key.
+
+    A private key is refused, never reduced to its public half: whatever is given as a trusted key is
+    copied to robots (`edge-vla install --host`), so accepting one would spread the signing key."""
     ed25519 = _crypto()
     from cryptography.hazmat.primitives import serialization
 
     data: bytes
     path = Path(spec)
-    is_file = isinstance(spec, os.PathLike) or (len(str(spec)) < 4096 and path.is_file())
+    # A path that exists is read as a file even when it is not a regular one (and is then refused).
+    is_file = isinstance(spec, os.PathLike) or (len(str(spec)) < 4096 and os.path.lexists(path))
     if is_file:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"cannot read trusted key {path}: {exc}") from exc
+        name = str(path)
+        data = read_small_file(path, "trusted key")
         if len(data) == 32:
             return data
     else:
+        name = "given as text"  # never echoed whole: it may be a pasted private key
         data = str(spec).encode()
     text = data.strip()
+    if _is_private_pem(text):
+        raise ConfigError(f"trusted key {name} is a private key, not a public one: give its public half "
+                          "(PATH.pub from keygen); a trusted key is copied to robots, a private key must never be")
     if text.startswith(b"-----BEGIN"):
         try:
             key = serialization.load_pem_public_key(text)
-        except ValueError:
-            # A private key given as trusted key: accept it, trust its public half.
-            try:
-                key = serialization.load_pem_private_key(text, password=None).public_key()
-            except (ValueError, TypeError) as exc:
-                raise ConfigError(f"trusted key {spec}: unreadable PEM ({exc})") from exc
+        except ValueError as exc:
+            raise ConfigError(f"trusted key {name}: unreadable PEM public key ({exc})") from exc
         if not isinstance(key, ed25519.Ed25519PublicKey):
-            raise ConfigError(f"trusted key {spec} is a {type(key).__name__}, not an Ed25519 public key")
+            raise ConfigError(f"trusted key {name} is a {type(key).__name__}, not an Ed25519 public key")
         return _raw_public(key)
     text = text.removeprefix(b"ed25519:")
     try:
@@ -153,12 +187,15 @@ def sign_bundle(root: str | os.PathLike[str], key: str | os.PathLike[str] | Any)
 def read_signature(root: Path, name: str = SIGNATURE) -> dict[str, Any] | None:
     """The parsed signature file root/name, or None when there is none."""
     path = root / name
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
+    data = read_small_file(path, "signature", BundleError)
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{path} is not valid JSON ({exc}): corrupt signature; re-sign it") from exc
+    except RecursionError:  # nested deeper than json's recursion limit: no signature is
+        raise BundleError(f"{path} is not a signature (JSON nested too deeply); re-sign it") from None
     if not isinstance(doc, dict) or doc.get("format") != SIG_FORMAT or doc.get("algorithm") != "ed25519":
         raise BundleError(f"{path} is not an edge-vla Ed25519 signature; re-sign it")
     if doc.get("version") != SIG_VERSION:
@@ -168,11 +205,23 @@ def read_signature(root: Path, name: str = SIGNATURE) -> dict[str, Any] | None:
     return doc
 
 
+def _check_trust_anchor(path: Path, st: os.stat_result) -> None:
+    """Refuse a trusted key (or its directory) that a user other than root or us could change: that user
+    could add their own key and have their bundle run. The rule of ssh's StrictModes."""
+    if st.st_uid not in (0, os.geteuid()):
+        raise BundleError(f"trusted key path {path} is owned by uid {st.st_uid}, not root: refusing to trust keys "
+                          f"another user can replace; sudo chown root:root {path}")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise BundleError(f"trusted key path {path} is writable by group or others (mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}): anyone there could add a key; sudo chmod go-w {path}")
+
+
 def trusted_keys_from_dir(directory: str | os.PathLike[str] = "/etc/edge-vla/trusted-keys") -> list[Path]:
     """The *.pub files `edge-vla install --trusted-key` puts on a robot (empty when there are none).
 
     Fails closed: a directory that exists but cannot be listed (the service user lacks permission)
-    raises instead of reading as "no keys", which would let the runtime accept unsigned bundles."""
+    raises instead of reading as "no keys", which would let the runtime accept unsigned bundles; so do
+    a directory or key that is not root's (or ours) alone to write, and a *.pub that is not a regular file."""
     d = Path(directory)
     try:
         names = os.listdir(d)
@@ -182,7 +231,17 @@ def trusted_keys_from_dir(directory: str | os.PathLike[str] = "/etc/edge-vla/tru
         raise BundleError(f"cannot read trusted keys directory {d} ({exc.strerror}): refusing to run without "
                           "knowing which keys to trust; make it readable by the service user "
                           f"(sudo chmod 0755 {d} and 0644 its *.pub)") from exc
-    return sorted(d / n for n in names if n.endswith(".pub"))
+    _check_trust_anchor(d, os.stat(d))
+    keys = sorted(d / n for n in names if n.endswith(".pub"))
+    for key in keys:
+        try:
+            st = os.stat(key)  # follows a symlink: what is read is its target
+        except OSError as exc:
+            raise BundleError(f"cannot read trusted key {key} ({exc.strerror}); remove it or fix it") from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"trusted key {key} is not a regular file ({_file_kind(st.st_mode)}); remove it")
+        _check_trust_anchor(key, st)
+    return keys
 
 
 def verify_signed_file(root: Path, signed: str, sig_name: str, trusted_keys: Sequence[str | Path],
@@ -253,6 +312,7 @@ def generate_keypair(path: str | os.PathLike[str], overwrite: bool = False) -> t
     with os.fdopen(fd, "wb") as f:
         f.write(priv)
     pub_path.write_bytes(pub)
+    os.chmod(pub_path, 0o644)  # not the umask's: a group-writable copy in trusted-keys would be refused
     return priv_path, pub_path, key_id(_raw_public(key.public_key()))
 
 
