@@ -199,7 +199,10 @@ def check_bundle(exp: Expectation, m: Machine) -> Check:
     except EdgeVlaError as exc:
         return Check("bundle", FAIL, str(exc), "re-export or re-package the bundle and install it again")
     detail = f"{bundle.config.preset} {bundle.precision}, {len(bundle.manifest['files'])} files verified"
-    keys = sorted(m.trusted_keys.glob("*.pub")) if m.trusted_keys.is_dir() else []
+    try:  # the runtime's own reading: a key another user could write is refused here as it is there
+        keys = signing.trusted_keys_from_dir(m.trusted_keys) if m.trusted_keys.is_dir() else []
+    except EdgeVlaError as exc:
+        return Check("bundle", FAIL, str(exc), f"fix {m.trusted_keys} as the line says; the service refuses it too")
     if keys:
         try:
             kid = signing.verify_bundle_signature(bundle.root, keys)

@@ -201,6 +201,10 @@ def test_trusted_keys_on_the_machine_are_enforced(bundle: Path, tmp_path: Path, 
 
     sign_bundle(bundle, keypair[0])
     assert doctor.check_bundle(Expectation(bundle_root=bundle), m).status == PASS
+    # a key others can write: the service refuses to trust it, so doctor says so rather than pass (old: PASS)
+    (m.trusted_keys / "k.pub").chmod(0o666)
+    check = doctor.check_bundle(Expectation(bundle_root=bundle), m)
+    assert check.status == FAIL and "writable by group or others" in check.detail, check
 
 
 @pytest.mark.parametrize("what", ["bundle-dir", "package-dir"])
