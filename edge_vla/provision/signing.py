@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edge_vla.atomic import atomic_write
 from edge_vla.bundle import MANIFEST, SIGNATURE
 from edge_vla.errors import BundleError, ConfigError
 from edge_vla.optional import require
@@ -301,18 +302,20 @@ def generate_keypair(path: str | os.PathLike[str], overwrite: bool = False) -> t
 
     priv_path = Path(path)
     pub_path = priv_path.with_name(priv_path.name + ".pub")
-    if not overwrite and (priv_path.exists() or pub_path.exists()):
+    # lexists: a symlink planted at PATH (even a dangling one) is "something there", never written through
+    if not overwrite and (os.path.lexists(priv_path) or os.path.lexists(pub_path)):
         raise ConfigError(f"{priv_path} or {pub_path} exists; refusing to overwrite a signing key")
     key = ed25519.Ed25519PrivateKey.generate()
     priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    priv_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
+    # atomic_write: a new file (mkstemp, 0600) renamed over PATH, so a link there is replaced, not followed, and
+    # an overwritten key never keeps the old file's (maybe wider) mode.
+    with atomic_write(priv_path) as f:
         f.write(priv)
-    pub_path.write_bytes(pub)
-    os.chmod(pub_path, 0o644)  # not the umask's: a group-writable copy in trusted-keys would be refused
+    with atomic_write(pub_path) as f:
+        os.fchmod(f.fileno(), 0o644)  # not the umask's: a group-writable copy in trusted-keys would be refused
+        f.write(pub)
     return priv_path, pub_path, key_id(_raw_public(key.public_key()))
 
 

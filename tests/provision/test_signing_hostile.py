@@ -192,3 +192,20 @@ def test_a_deeply_nested_or_huge_signature_file_is_a_clear_refusal(bundle: Path,
         signing.verify_bundle_signature(bundle, [pub])
     sig.write_bytes(good)  # control
     assert signing.verify_bundle_signature(bundle, [pub])
+
+
+def test_keygen_never_writes_through_a_link_planted_at_its_path(tmp_path: Path) -> None:
+    """A dangling symlink at PATH read as "nothing there" (Path.exists follows it), and the private key was then
+    written wherever the link pointed. Now refused; nothing is written there or at the link's target. Control: a
+    fresh path gets the key, 0600, and the public half, 0644."""
+    from edge_vla.provision.signing import generate_keypair
+
+    target = tmp_path / "elsewhere" / "stolen"
+    target.parent.mkdir()
+    planted = tmp_path / "robot-signing"
+    planted.symlink_to(target)
+    with pytest.raises(ConfigError, match="exists"):
+        generate_keypair(planted)
+    assert not target.exists() and planted.is_symlink()
+    priv, pub, _ = generate_keypair(tmp_path / "fresh")
+    assert (priv.stat().st_mode & 0o777, pub.stat().st_mode & 0o777) == (0o600, 0o644)
