@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +70,38 @@ def main(args: argparse.Namespace) -> int:
     if (out.exists() or out.is_symlink()) and not args.overwrite:
         raise EdgeVlaError(f"{out} already exists; pass --overwrite to replace it (atomically, once the new bundle "
                            "is complete), or choose another -o")
+    check_checkpoint_path(Path(args.checkpoint))
     check_source(args.calib)  # inputs before any export work, for every model family
     report = for_checkpoint(args.checkpoint).export(args)  # the family registry (export/families.py)
     print_result(report.result, report.what)
     return 0
+
+
+def check_checkpoint_path(path: Path) -> None:
+    """The two slips a checkpoint loader reports as a bare "no config.json": a path that is not there (often a
+    relative one typed from another directory), and a bundle (what `make demo` leaves at hand) instead of the
+    training checkpoint it was exported from."""
+    if not path.exists():
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+        raise EdgeVlaError(f"checkpoint {path} does not exist{where}; pass the directory `edge-vla train -o` wrote "
+                           "(the shipped one is export/assets/tiny-reach in the repository)")
+    if path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar")):
+        raise EdgeVlaError(f"{path} is an archive (a bundle or a robot package), not a training checkpoint; export "
+                           "reads the checkpoint directory `edge-vla train -o` wrote")
+    manifest = path / "manifest.json"
+    if manifest.is_file() and not (path / "config.json").exists():
+        raise EdgeVlaError(f"{path} is an exported bundle, not a training checkpoint; export reads the checkpoint "
+                           f"it came from{_source_hint(manifest)}, and run, profile, package and serve take the "
+                           "bundle itself")
+
+
+def _source_hint(manifest: Path) -> str:
+    """` (here SOURCE)` where the bundle's manifest records its source checkpoint; '' when it cannot say."""
+    try:
+        source = json.loads(manifest.read_text())["provenance"]["source_checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):  # only a hint: any damage means none
+        return ""
+    return f" (here {source})" if isinstance(source, str) and source else ""
 
 
 def print_result(result: Any, what: str) -> None:

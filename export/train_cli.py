@@ -42,8 +42,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="pi0 family: a size (reduced: the default, ~2.3M parameters; wide: ~7.2M) or a JSON "
                         "file of PI0Config keyword arguments merged over the reduced default (export/pi0/train.py)")
     parser.add_argument("--data", default=None,
-                        help="dataset from `edge-vla make-data` (made if missing; default runs/data/reach.npz, with a "
-                        "MetaWorld --env runs/data/metaworld.npz), several to train on together as A.npz,B.npz (e.g. "
+                        help="dataset from `edge-vla make-data` (default runs/data/reach.npz, with a MetaWorld --env "
+                        "runs/data/metaworld.npz: the default path is made if missing, any other path must exist), "
+                        "several to train on together as A.npz,B.npz (e.g. "
                         "demonstrations and DAgger rounds: same env, cameras and image size), or lerobot:PATH (a "
                         "LeRobot v3.0/v2.1 dataset; see docs/LEROBOT.md; edge-vla family only). A MetaWorld dataset sets the model's state, action "
                         "and camera counts")
@@ -67,6 +68,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "data shapes; --rtc-max-delay may add real-time chunking to a trained model)")
     parser.add_argument("--episodes", type=int, default=300,
                         help="episodes to generate when --data is missing (MetaWorld: per task)")
+
+
+def default_sim_data(split: str) -> str:
+    """Where `--data` left out points for a sim split (the file `edge-vla make-data` writes by default)."""
+    return "runs/data/reach.npz" if split == "base" else f"runs/data/reach_{split}.npz"
+
+
+def refuse_missing_data(path: Path, default: str, env: str) -> None:
+    """Only the default dataset path is generated when missing: a path the user named and got wrong (a typo)
+    would otherwise be filled with fresh demonstrations and trained on without anyone noticing."""
+    if path == Path(default):
+        return
+    env_flag = "" if env == "sim" else f" --env {env}"
+    raise ConfigError(f"--data {path}: no such dataset; make it first with `edge-vla make-data -o {path}{env_flag} "
+                      f"--episodes N`, check the path, or leave --data out to train on {default} (made if missing)")
 
 
 def rtc_override(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -115,13 +131,14 @@ def main(args: argparse.Namespace) -> int:
     cfg = preset(args.preset, **rtc_override(args, parse_overrides(args.set)))
     mw = is_metaworld(args.env)
     split = "base" if mw else sim_split(args.env)
-    data = args.data or ("runs/data/metaworld.npz" if mw else "runs/data/reach.npz" if split == "base"
-                         else f"runs/data/reach_{split}.npz")
+    default = "runs/data/metaworld.npz" if mw else default_sim_data(split)
+    data = args.data or default
     data_path = Path(data)
     if is_lerobot_source(data):
         cfg, ds = training_data(data, cfg)
     else:
         if not data_path.exists() and not is_dataset_list(data):
+            refuse_missing_data(data_path, default, args.env)
             print(f"{data_path} not found: generating {args.episodes} expert episodes"
                   + (f" per task of {args.env}" if mw else ""))
             if mw:
@@ -177,13 +194,15 @@ def _train_pi0(args: argparse.Namespace, tc: TrainConfig) -> int:
     if is_metaworld(args.env):
         raise ConfigError("--family pi0 trains on the project's sim for now; MetaWorld data is not supported for it")
     split = sim_split(args.env)
-    args.data = args.data or ("runs/data/reach.npz" if split == "base" else f"runs/data/reach_{split}.npz")
+    default = default_sim_data(split)
+    args.data = args.data or default
     if is_lerobot_source(args.data):
         raise ConfigError("--family pi0 trains on sim datasets (`edge-vla make-data`); lerobot: data is not "
                           "supported for it yet")
     overrides = resolve_config(args.pi0_config)
     data_path = Path(args.data)
     if not data_path.exists():
+        refuse_missing_data(data_path, default, args.env)
         print(f"{data_path} not found: generating {args.episodes} expert episodes")
         dataset.save(dataset.generate(range(args.episodes), split=split), data_path)
     out = train_pi0(dataset.load(data_path), args.output or "runs/pi0", tc, overrides, resume=args.resume)

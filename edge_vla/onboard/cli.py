@@ -502,11 +502,14 @@ def _check_device(scheme: str, parts: Any, url: str, shown: str | None = None) -
     shown = shown or url
     if scheme == "serial":
         port = url[len("serial://"):].partition("?")[0]
-        if not port.startswith("/"):
+        if "://" in port:
             return  # a pyserial URL (socket://, rfc2217://): pyserial reaches it when the loop starts
         if not os.path.exists(port):
-            raise ConfigError(f"--link {shown!r}: no serial port {port}: check the motor controller's cable and power "
-                              f"and the device name (ls -l {port}; /dev/edge-vla-motor with the package's udev rule)")
+            # A relative path (the README's serial://$PWD/... without $PWD) is opened from here: say where.
+            where = "" if port.startswith("/") else f" (relative to {os.getcwd()}; an absolute path is safer)"
+            raise ConfigError(f"--link {shown!r}: no serial port {port}{where}: check the motor controller's cable "
+                              f"and power and the device name (ls -l {port}; /dev/edge-vla-motor with the package's "
+                              "udev rule)")
         if not os.access(port, os.R_OK | os.W_OK):
             raise ConfigError(f"--link {shown!r}: no permission to open {port} as this user: add it to the port's "
                               "group (dialout, or the udev rule's) and log in again")
