@@ -13,7 +13,9 @@ buffers. Noise comes from a seeded generator, so a run can be replayed with `res
 from __future__ import annotations
 
 import logging
+import operator
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,9 @@ class Policy:
         self._step_keys = [f"step_{i}" for i in range(steps)]
         self._seed = seed
         self.rng = np.random.default_rng(seed)
+        # infer() writes the observation into bound input buffers and integrates in one state array, all shared:
+        # two threads at once would silently mix their observations. Calls are serialized instead.
+        self._lock = threading.Lock()
 
     @classmethod
     def load(cls, bundle: str | os.PathLike[str] | Bundle, backend: str = "auto", steps: int | None = None,
@@ -97,12 +102,13 @@ class Policy:
         if keys:
             key_id = verify_bundle_signature(b.root, keys)
             log.info("bundle %s signed by trusted key %s", b.root, key_id)
+        threads = checked_threads(threads)
         contract = b.contract
-        solver = solver or contract.solver
+        solver = contract.solver if solver is None else solver
         if solver not in SOLVERS:
             raise ConfigError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
         contract.check_solver(solver)
-        steps = int(steps or contract.num_steps)
+        steps = contract.num_steps if steps is None else _checked_int("steps", steps)
         contract.check_steps(steps)
         if steps < contract.recommended_min_steps:
             log.warning("running %d ODE steps; this model was trained for %d (not step-distilled): expect worse "
@@ -117,11 +123,13 @@ class Policy:
     # --- API ---------------------------------------------------------------------------------------
     def reset(self, seed: int | None = None) -> None:
         """Forget per-episode state and restart the noise stream (same seed -> same actions)."""
-        self.rng = np.random.default_rng(self._seed if seed is None else seed)
+        with self._lock:
+            self.rng = np.random.default_rng(self._seed if seed is None else seed)
 
     def close(self) -> None:
-        """Release the backend (sessions, device memory, CUDA graph). Idempotent."""
-        self.backend.close()
+        """Release the backend (sessions, device memory, CUDA graph). Idempotent; waits for a running infer()."""
+        with self._lock:
+            self.backend.close()
 
     def __enter__(self) -> Policy:
         return self
@@ -137,7 +145,14 @@ class Policy:
     def infer(self, obs: Observation, prefix: np.ndarray | None = None) -> ActionChunk:
         """One action chunk for `obs`. With an RTC bundle, `prefix` [d, D] (physical units, d <= rtc_max_delay)
         are the actions that will execute while this inference runs: the chunk starts with them, unchanged, and
-        continues consistent with them (hand over at index d)."""
+        continues consistent with them (hand over at index d).
+
+        Thread-safe: calls from several threads run one at a time (they share the bound buffers), so a second
+        caller waits; for parallel inference load one Policy per thread."""
+        with self._lock:
+            return self._infer(obs, prefix)
+
+    def _infer(self, obs: Observation, prefix: np.ndarray | None) -> ActionChunk:
         if self.backend.closed:
             raise EdgeVlaError("this Policy was closed; load the bundle again with Policy.load()")
         clock = time.perf_counter
@@ -190,6 +205,29 @@ class Policy:
             raise ConfigError(f"an action prefix of {len(p)} actions: this bundle takes at most {self.rtc_max_delay} "
                               "(its rtc.max_delay)")
         return (p - self._action_mean) / self._action_std
+
+
+def _checked_int(name: str, value: object) -> int:
+    """`value` as an int, refusing what int() would silently round or reinterpret (2.7, True, "3")."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r}: give a whole number, not a bool")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ConfigError(f"{name}={value!r}: give a whole number") from None
+
+
+def checked_threads(threads: object) -> int | None:
+    """None (every CPU this process may use) or 1..os.cpu_count(): onnxruntime starts exactly as many threads as
+    asked (10**6 hung the load and exhausted memory), and more threads than CPUs only preempt each other."""
+    if threads is None:
+        return None
+    n = _checked_int("threads", threads)
+    cpus = os.cpu_count() or 1
+    if not 1 <= n <= cpus:
+        raise ConfigError(f"threads={n}: give 1..{cpus} intra-op threads (this machine has {cpus} CPUs), or leave "
+                          "it unset for every CPU this process may use")
+    return n
 
 
 def _make_backend(b: Bundle, contract: Contract, backend: str, threads: int | None,

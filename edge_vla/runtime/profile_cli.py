@@ -23,6 +23,7 @@ from edge_vla.cli_flags import DeprecatedAlias
 from edge_vla.errors import ConfigError, EdgeVlaError, MissingDependencyError
 from edge_vla.runtime import profile as prof
 from edge_vla.runtime import roofline as rl
+from edge_vla.runtime.policy import checked_threads
 from edge_vla.runtime.solvers import EVALS_PER_STEP
 from edge_vla.runtime.trace import write_trace
 
@@ -127,6 +128,7 @@ def _run_args(text: str) -> list[str]:
 def main(args: argparse.Namespace) -> int:
     if args.budget_ms is not None and not args.budget_ms > 0:
         raise ConfigError(f"--budget-ms must be > 0, got {args.budget_ms}")
+    checked_threads(args.threads)  # before any output: --threads 1000000 would hang the first load
     run_args = _run_args(args.run_args)
     bundles = [Bundle.open(p) for p in args.bundles]
     if args.precision:

@@ -582,10 +582,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from edge_vla.runtime.policy import checked_threads  # policy imports this module lazily
+
     if args.rounds is not None and args.rounds < 1:
         raise EdgeVlaError(f"--rounds {args.rounds}: give at least 1")
     if args.samples < 1:
         raise EdgeVlaError(f"--samples {args.samples}: give at least 1")
+    checked_threads(args.threads)  # --threads 1000000 would hang the first backend's load
     result = tune(args.bundle, state_dir=args.state_dir, threads=args.threads, rounds=args.rounds,
                   samples=args.samples)
     print("\n".join(result.lines()))
