@@ -191,6 +191,9 @@ _REQUIRED = ("schema_version", "format", "model", "precision", "graphs", "normal
 def read_manifest(root: Path) -> dict[str, Any]:
     mpath = root / MANIFEST
     if not mpath.is_file():
+        if (root / "config.json").is_file() and (root / "model.safetensors").exists():
+            raise BundleError(f"{root} is a training checkpoint, not a bundle: export it first "
+                              f"(`edge-vla export {root} -o BUNDLE`), then give BUNDLE")
         raise BundleError(f"{root} has no {MANIFEST}: not an edge-vla bundle, or an incomplete copy")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))

@@ -28,7 +28,11 @@ def tokenize(text: str, max_len: int) -> np.ndarray:
     """int64 [max_len] token ids; raises if the instruction does not fit."""
     if not isinstance(text, str) or not text.strip():
         raise ObservationError("the instruction is missing or empty; pass the task in words, e.g. 'reach the red block'")
-    data = normalize(text).encode("utf-8")
+    try:
+        data = normalize(text).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800"): JSON carries it, UTF-8 does not
+        raise ObservationError(f"the instruction {_clip(text)} is not valid text (it holds a lone surrogate, which "
+                               "UTF-8 cannot encode); send it as UTF-8 text") from None
     if len(data) + 1 > max_len:
         raise ObservationError(
             f"instruction is {len(data)} bytes but this model takes at most {max_len - 1}: {_clip(text)}; shorten it"

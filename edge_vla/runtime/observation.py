@@ -80,6 +80,9 @@ class ReferenceEncoder:
                 )
             # HWC uint8 -> CHW float in [0, 1], written into the bound input buffer.
             np.multiply(img.transpose(2, 0, 1), 1.0 / 255.0, out=images[0, i], casting="unsafe")
+        if not isinstance(obs.instruction, str):  # before the cache lookup: a list or dict is not even hashable
+            raise ObservationError(f"the instruction must be text, not {type(obs.instruction).__name__}; pass the task "
+                                   "in words, e.g. 'reach the red block'")
         tokens = self._token_cache.get(obs.instruction)
         if tokens is None:
             tokens = tokenize(obs.instruction, self.max_text_len).astype(inputs["tokens"].dtype)
