@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import signal
+import stat
 import sys
 from contextlib import ExitStack
 from dataclasses import replace
@@ -510,6 +511,12 @@ def _check_device(scheme: str, parts: Any, url: str, shown: str | None = None) -
             raise ConfigError(f"--link {shown!r}: no serial port {port}{where}: check the motor controller's cable "
                               f"and power and the device name (ls -l {port}; /dev/edge-vla-motor with the package's "
                               "udev rule)")
+        mode = os.stat(port).st_mode  # follows the udev symlink to the device
+        if not stat.S_ISCHR(mode):  # a tty, USB serial adapter or pty is a character device; nothing else opens as one
+            kind = "a regular file" if stat.S_ISREG(mode) else "a directory" if stat.S_ISDIR(mode) else "not a tty"
+            raise ConfigError(f"--link {shown!r}: {port} is not a serial device ({kind}); give the motor "
+                              "controller's port (ls -l /dev/ttyACM* /dev/ttyUSB* /dev/edge-vla-motor) or the pty "
+                              "`edge-vla emulate` printed")
         if not os.access(port, os.R_OK | os.W_OK):
             raise ConfigError(f"--link {shown!r}: no permission to open {port} as this user: add it to the port's "
                               "group (dialout, or the udev rule's) and log in again")

@@ -112,6 +112,10 @@ def expectation_for(path: str | Path | None) -> Iterator[Expectation]:
             yield Expectation()
         return
     path = Path(path)
+    if not os.path.lexists(path):
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+        raise EdgeVlaError(f"{path} does not exist{where}; doctor takes a robot package (.tar.gz or unpacked), a "
+                           "bundle directory, or nothing (the installed release)")
     if path.is_dir():
         if (path / PACKAGE_JSON).is_file():
             yield _from_package_dir(path, f"package {path}")

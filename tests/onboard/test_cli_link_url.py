@@ -85,10 +85,12 @@ def test_a_port_the_service_user_may_not_open_is_named_in_one_line() -> None:
     if not users.service:
         pytest.skip(service_user.why_no_service_user() or "no service user")
     d = service_user.open_dir("edge-vla-port-")
+    master, slave = os.openpty()  # a real tty (a character device), root's 0600 like one without the udev rule
     try:
+        tty = os.ttyname(slave)
+        os.chmod(tty, 0o600)
         port = d / "tty"
-        port.write_bytes(b"")
-        os.chmod(port, 0o600)  # root's, like a tty without the udev rule
+        port.symlink_to(tty)  # as /dev/edge-vla-motor points at the adapter
         cmd = users.edge_vla(users.service, "run", "--expert", "--link", f"serial://{port}", "--duration", "1")
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=users.environ(), cwd="/")
         line = _one_line_refusal(proc)
@@ -96,6 +98,8 @@ def test_a_port_the_service_user_may_not_open_is_named_in_one_line() -> None:
     finally:
         import shutil
 
+        os.close(master)
+        os.close(slave)
         shutil.rmtree(d, ignore_errors=True)
 
 

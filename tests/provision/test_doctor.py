@@ -354,3 +354,15 @@ def test_lock_check_only_warns_about_an_online_packages_unlocked_dependencies(ve
     assert check.status == WARN and "unverified: numpy 2.0.0" in check.detail and "--online" in check.fix, check
     exp.online = False  # control: the same venv under an offline package's lock fails
     assert doctor.check_lock(exp, Machine()).status == FAIL
+
+
+def test_a_misspelt_target_names_what_doctor_takes(tmp_path: Path, capsys):
+    """`edge-vla doctor runs/demo/bundle_int9` answered "package ... does not exist; make one with edge-vla package
+    BUNDLE -o runs/demo/bundle_int9": advice to write a package over the bundle name that was mistyped."""
+    from edge_vla.cli import main as cli
+
+    missing = tmp_path / "bundle_int9"
+    assert cli(["doctor", str(missing)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"{missing} does not exist" in err and "bundle" in err and "edge-vla package" not in err, err
