@@ -68,6 +68,9 @@ class ReferenceEncoder:
     def encode(self, obs: Observation, inputs: Mapping[str, np.ndarray]) -> None:
         if not isinstance(obs, Observation):
             raise ObservationError(f"expected an Observation, got {type(obs).__name__}")
+        if not isinstance(obs.images, (list, tuple)):
+            raise ObservationError(f"images must be a list of {self.cameras} camera image(s), got "
+                                   f"{type(obs.images).__name__}")
         if len(obs.images) != self.cameras:
             raise ObservationError(f"expected {self.cameras} camera image(s), got {len(obs.images)}")
         images = inputs["images"]
@@ -90,9 +93,20 @@ class ReferenceEncoder:
                 self._token_cache.clear()
             self._token_cache[obs.instruction] = tokens
         inputs["tokens"][0] = tokens
-        state = np.asarray(obs.state)
-        if state.shape != (self.state_dim,):
-            raise ObservationError(f"state must have shape ({self.state_dim},), got {state.shape}")
-        if not np.all(np.isfinite(state)):
-            raise ObservationError(f"state contains NaN or Inf: {state.tolist()}; check the joint encoder feed")
-        inputs["state"][0] = state
+        inputs["state"][0] = checked_state(obs.state, self.state_dim)
+
+
+def checked_state(raw: object, dim: int) -> np.ndarray:
+    """The joint state as float32 [dim]: real numbers only (strings, objects and complex numbers are refused, not
+    coerced: numpy would drop an imaginary part silently), finite in float32 (1e39 is finite in float64 and inf in
+    the float32 input)."""
+    state = np.asarray(raw)
+    if state.shape != (dim,):
+        raise ObservationError(f"state must have shape ({dim},), got {state.shape}")
+    if state.dtype.kind not in "fiub":
+        raise ObservationError(f"state must hold real numbers, got dtype {state.dtype}; send joint positions as floats")
+    with np.errstate(over="ignore", invalid="ignore"):
+        state32 = state.astype(np.float32)
+    if not np.all(np.isfinite(state32)):
+        raise ObservationError(f"state contains NaN or Inf (in float32): {state.tolist()}; check the joint encoder feed")
+    return state32

@@ -45,3 +45,18 @@ def test_a_training_checkpoint_given_as_a_bundle_says_to_export_it(tmp_path: Pat
         Policy.load(ckpt)
     with pytest.raises(BundleError, match="not an edge-vla bundle"):  # control: an empty directory is just not one
         Policy.load(tmp_path)
+
+
+@pytest.mark.parametrize(("images", "state", "named"), [
+    (None, np.zeros(2, np.float32), "images"),                          # TypeError from len()
+    ("not a list", np.zeros(2, np.float32), "images"),
+    ([np.zeros((64, 64, 3), np.uint8)], np.array(["0", "1"]), "state"),   # TypeError from isfinite
+    ([np.zeros((64, 64, 3), np.uint8)], np.array([1 + 2j, 0j]), "state"),  # the imaginary part was dropped silently
+    ([np.zeros((64, 64, 3), np.uint8)], np.array([1e39, 0.0]), "state"),   # finite float64, inf in float32
+])
+def test_images_and_state_of_the_wrong_kind_are_observation_errors(tiny_bundle: Path, images: object, state: object,
+                                                                   named: str) -> None:
+    with Policy.load(tiny_bundle, threads=1) as policy:
+        with pytest.raises(ObservationError, match=named):
+            policy.infer(Observation(images=images, instruction="reach the red block", state=state))  # type: ignore[arg-type]
+        assert policy.infer(_obs("reach the red block")).actions.shape[0] > 0  # the policy still serves
