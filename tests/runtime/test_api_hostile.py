@@ -100,9 +100,12 @@ def test_an_allowed_step_count_is_used_as_given(tiny_bundle):
 def test_the_clis_refuse_an_absurd_thread_count_in_one_line(tiny_bundle, tmp_path, command):
     """`--threads 1000000` hung the first session load (a million threads); now one line, exit 1, no traceback.
     Control: the same profile command with --threads 1 runs to its verdict."""
+    import shutil
     import subprocess
 
-    cli = [sys.executable, "-m", "edge_vla.cli", command, str(tiny_bundle)]
+    bundle = tmp_path / "bundle"  # a copy: profile writes its report into the bundle's target/ (shared fixture)
+    shutil.copytree(tiny_bundle, bundle)
+    cli = [sys.executable, "-m", "edge_vla.cli", command, str(bundle)]
     extra = ["-o", str(tmp_path / "out"), "--no-plot", "--no-roofline", "--steps", "1", "--iterations", "2",
              "--warmup", "0"] if command == "profile" else ["--state-dir", str(tmp_path / "state")]
     bad = subprocess.run([*cli, *extra, "--threads", "1000000"], capture_output=True, text=True, timeout=60)
