@@ -104,6 +104,11 @@ class VLAConfig:
             raise ConfigError("invalid VLAConfig: " + "; ".join(problems))
         return self
 
+    def differences(self, other: VLAConfig) -> list[str]:
+        """'field mine vs theirs' for every field that differs (for errors naming a config mismatch)."""
+        return [f"{f.name} {getattr(self, f.name)!r} vs {getattr(other, f.name)!r}"
+                for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -471,10 +471,8 @@ def new_student(config: VLAConfig, seed: int = 0, init: VLA | None = None, goals
     if init is not None:
         theirs = dataclasses.replace(init.config, goal_head=config.goal_head)
         if theirs != config:
-            diff = [f"{f.name} {getattr(theirs, f.name)} vs {getattr(config, f.name)}"
-                    for f in dataclasses.fields(config) if getattr(theirs, f.name) != getattr(config, f.name)]
             raise ConfigError(f"--student-init (preset {init.config.preset!r}) differs from the student "
-                              f"({config.preset!r}): {'; '.join(diff)}; pass a checkpoint of the student's "
+                              f"({config.preset!r}): {'; '.join(theirs.differences(config))}; pass a checkpoint of the student's "
                               "configuration (the same preset, --set and data)")
         weights = {k: v for k, v in init.state_dict().items() if config.goal_head or not k.startswith("goal.")}
         student.load_state_dict(weights, strict=not (config.goal_head and init.goal is None))

@@ -178,10 +178,8 @@ def check_resume(out: Path, cfg: VLAConfig, steps: int) -> None:
     theirs, _ = read_config(out)
     step = read_training_state(out)["step"]
     if theirs != cfg:
-        diff = [f"{f.name} {getattr(theirs, f.name)!r} vs {getattr(cfg, f.name)!r}"
-                for f in dataclasses.fields(cfg) if getattr(theirs, f.name) != getattr(cfg, f.name)]
         raise ConfigError(f"--resume: the run in {out} is not the model this command trains (run vs command: "
-                          f"{'; '.join(diff)}); give the --preset, --set and --data it was trained with, or choose "
+                          f"{'; '.join(theirs.differences(cfg))}); give the --preset, --set and --data it was trained with, or choose "
                           "another -o")
     if step >= steps:
         raise ConfigError(f"--resume: the run in {out} is already at step {step} of --train-steps {steps}; raise "
