@@ -30,6 +30,7 @@ from firmware_bridge.protocol import Capabilities, Fault, FaultReport, Message, 
 
 ArrayLike = np.ndarray | Sequence[float]
 FAULT_LOG_SIZE = 256  # fault reports kept in `faults` (`fault_count` counts all of them)
+IGNORED_FRAME_KINDS = ("extended", "error", "remote")  # what a CAN transport drops (LinkStats.ignored_frames)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,11 @@ class LinkStats:
     stale: int = 0  # frames dropped for a sequence number older than the last one (replays, late copies)
     reconnects: int = 0
     stops_unacknowledged: int = 0  # stop() calls that ended without an ACK
+    # CAN only (zero elsewhere): frames on our receive IDs that were not the controller's data frames, by kind
+    # ("extended": a 29-bit ID, "error": the bus reporting errors, "remote": RTR), and reads cut at the transport's
+    # per-read frame budget (a node flooding our IDs). Copied from the transport after every read.
+    ignored_frames: dict[str, int] = field(default_factory=lambda: dict.fromkeys(IGNORED_FRAME_KINDS, 0))
+    reads_at_budget: int = 0
     rtts: deque = field(default_factory=lambda: deque(maxlen=4096))
 
     def rtt_percentiles(self, qs: Sequence[float] = (50, 90, 99)) -> dict[str, float]:
@@ -76,7 +82,7 @@ class LinkStats:
         return {f"p{q:g}": float(v) for q, v in zip(qs, values, strict=True)}
 
     def as_dict(self) -> dict[str, object]:
-        d: dict[str, object] = {k: v for k, v in vars(self).items() if k != "rtts"}
+        d: dict[str, object] = {k: dict(v) if isinstance(v, dict) else v for k, v in vars(self).items() if k != "rtts"}
         d["rtt"] = self.rtt_percentiles()
         return d
 
@@ -207,4 +213,4 @@ class Controller(ABC):
         return kept[max(0, count - first):]
 
 
-__all__ = ["FAULT_LOG_SIZE", "ArrayLike", "Controller", "JointState", "LinkStats"]
+__all__ = ["FAULT_LOG_SIZE", "IGNORED_FRAME_KINDS", "ArrayLike", "Controller", "JointState", "LinkStats"]

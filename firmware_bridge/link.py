@@ -199,6 +199,7 @@ class Link(Controller):
                         caps = self._accept_capabilities(msg)
                         self._hello_pending = False
                     elif isinstance(msg, SafetyConfig) and caps is not None:
+                        self._check_safety_joint_count(caps, msg)
                         caps = replace(caps, safety=msg)
                     elif isinstance(msg, Session) and caps is not None and msg.hello_seq == seq:
                         if msg.session == 0:
@@ -216,6 +217,12 @@ class Link(Controller):
                     what = ("HELLO" if caps is None else "SAFETY_CONFIG after CAPABILITIES" if caps.safety is None
                             else "SESSION after SAFETY_CONFIG")
                     raise LinkTimeoutError(self._no_answer(what, timeout))
+        except BaseException:
+            # poll() takes the nonce from the SESSION frame as soon as it is decoded, possibly in the same read as
+            # the CAPABILITIES or SAFETY_CONFIG refused above: a refused (or unfinished) hello holds no session,
+            # or arm() would still work with it.
+            self._session = None
+            raise
         finally:
             self._hello_pending = False
             self._awaiting_session = None
@@ -359,6 +366,20 @@ class Link(Controller):
                  caps.protocol_major, caps.protocol_minor, caps.joint_count, ", ".join(caps.joint_names))
         return caps
 
+    def _check_safety_joint_count(self, caps: Capabilities, safety: SafetyConfig) -> None:
+        """SAFETY_CONFIG has one row of limits (following error, effort limit, gain caps) per joint CAPABILITIES
+        announced. Another count means joints without the limits this host was told they have (a firmware built
+        with another arm's table, or a second controller answering on this port/node): no session is taken, so
+        nothing can arm, and the refused controller is not described by `capabilities`."""
+        if len(safety.joints) == caps.joint_count:
+            return
+        self.capabilities = None
+        raise IncompatibleProtocolError(
+            f"firmware on {self.transport.description} announced {caps.joint_count} joints in CAPABILITIES but sent a "
+            f"SAFETY_CONFIG for {len(safety.joints)} joints: its safety limits do not describe its joints; refused "
+            "before any motion. Fix the firmware's joint/safety tables (one row per joint), and check that only one "
+            "controller answers on this port/node")
+
     def _no_answer(self, what: str, timeout: float) -> str:
         return (f"no answer to {what} from the firmware on {self.transport.description} within {timeout:g} s: check "
                 "that the controller is powered and running this protocol, and that the baud rate / CAN bitrate "
@@ -428,6 +449,8 @@ class Link(Controller):
         except _TRANSPORT_ERRORS as exc:
             self._lost(exc)
             return []
+        finally:
+            self._copy_transport_counters()
         now = time.monotonic()
         out: list[Message] = []
         for stream, data in chunks:
@@ -440,6 +463,12 @@ class Link(Controller):
         if keep:
             self._inbox.extend(out)
         return out
+
+    def _copy_transport_counters(self) -> None:
+        """What the transport dropped before decoding (CAN: frames not ours, reads cut at the frame budget) goes
+        into `stats`, which the run summary and telemetry read; the transport keeps the running counts."""
+        self.stats.ignored_frames.update(self.transport.ignored_frames)
+        self.stats.reads_at_budget = self.transport.reads_at_budget
 
     def _decode(self, block: bytes, now: float, stream: int = 0) -> Message | None:
         try:

@@ -13,6 +13,8 @@ import select
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import can
 import serial
@@ -34,6 +36,10 @@ _IGNORED_WHY = {
 
 class Transport(ABC):
     description: str = "transport"
+    # Frames read() dropped as not the peer's data (by kind), and read() calls cut at a frame budget: CAN only;
+    # a byte stream has neither. Link copies both into its LinkStats after every read.
+    ignored_frames: Mapping[str, int] = MappingProxyType({})
+    reads_at_budget: int = 0
 
     @abstractmethod
     def open(self) -> None: ...

@@ -13,6 +13,12 @@
    is in use!" (seen in the fault campaign: the control loop died of termios.error, exit 1). Here a port I/O error
    is logged once and becomes what the SDK already handles: nothing written (COMM_TX_FAIL), nothing read (a reply
    timeout), so the backend raises MotorBusError and the control loop trips on a lost link.
+4. Both SDKs' receive loops check the reply timeout only when a read comes up short: a packet for another id (or
+   a byte that starts no packet) is skipped and the loop reads on. While a peer keeps the input full (a servo or
+   a second master flooding status packets; a pty or a USB adapter delivers faster than the SDK parses) one read
+   went on past its deadline for as long as the flood lasted (2.1 s seen on a pty for a 34 ms timeout). Past the
+   deadline readPort() takes nothing more, so the loop ends at the SDK's own timeout check (COMM_RX_TIMEOUT or
+   COMM_RX_CORRUPT) after at most the packet it was parsing.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ def port_handler(sdk: Any, port: str, latency_ms: int = DEFAULT_LATENCY_MS) -> A
                 self._failed(exc)
 
         def readPort(self, length: int) -> Any:
+            if self.getTimeSinceStart() > self.packet_timeout:
+                return b""  # past this reply's deadline: take nothing more (fix 4)
             try:
                 return super().readPort(length)
             except PORT_ERRORS as exc:
