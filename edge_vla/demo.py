@@ -34,16 +34,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", dest="out", default="runs/demo",
                         help="where data, checkpoint, bundles and reports go (default %(default)s)")
     parser.add_argument("--out", dest="out", action=DeprecatedAlias, new="-o/--output")
-    parser.add_argument("--episodes", type=int, default=300, help="expert demonstrations to train on")
-    parser.add_argument("--train-steps", type=int, default=300,
-                        help="steps of the demo's own training run (the shipped checkpoint trained for longer)")
+    parser.add_argument("--episodes", type=int, default=300, metavar="N",
+                        help="sim expert demonstrations (episodes) to train on (default %(default)s)")
+    parser.add_argument("--train-steps", type=int, default=300, metavar="N",
+                        help="optimizer steps of the demo's own training run (default %(default)s; the shipped "
+                        "checkpoint trained for longer)")
     parser.add_argument("--deploy", choices=("shipped", "trained"), default="shipped",
                         help="what steps 4-6 export and run: the shipped tiny checkpoint (trained by the command "
-                        "in its provenance.json) or the checkpoint this demo just trained")
-    parser.add_argument("--eval-episodes", type=int, default=50)
-    parser.add_argument("--onboard-seconds", type=float, default=12.0)
-    parser.add_argument("--quick", action="store_true", help="a smoke run in about a minute (numbers meaningless)")
-    parser.add_argument("--reuse", action="store_true", help="reuse data and checkpoint already in --out")
+                        "in its provenance.json) or the checkpoint this demo just trained (default %(default)s)")
+    parser.add_argument("--eval-episodes", type=int, default=50, metavar="N",
+                        help="held-out sim episodes per policy in the closed-loop evaluations, steps 3 and 5 "
+                        "(default %(default)s)")
+    parser.add_argument("--onboard-seconds", type=float, default=12.0, metavar="S",
+                        help="seconds of onboard closed loop over the firmware emulator in step 6, before the "
+                        "watchdog drills (default %(default)g)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run in about a minute, numbers meaningless: 6 episodes, 20 training steps, "
+                        "4 evaluation episodes, 4 s onboard (overrides those options)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse the data and the trained checkpoint a previous demo left in -o (default: "
+                        "make both again, replacing them)")
 
 
 def _step(n: int, title: str) -> float:

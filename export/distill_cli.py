@@ -21,7 +21,7 @@ from .envs import dataset_env, longest_instruction, student_config, text_len_for
 from .families import load_teacher
 from .lerobot.hooks import dataset_text_len, distill_data, is_lerobot_source
 from .teacher import Teacher, VLATeacher
-from .train_cli import parse_overrides, rtc_override
+from .train_cli import parse_overrides, refuse_existing_checkpoint, rtc_override
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +42,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student-init", default=None, help="start the student from this checkpoint (same preset)")
     parser.add_argument("-o", "--output", required=True,
                         help="student checkpoint; with --reflow-steps > 0 the pre-reflow student goes to <output>_kd")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a checkpoint already in --output (and <output>_kd); without it one is refused")
     parser.add_argument("--data", default="runs/data/reach.npz",
                         help="observations to label: a sim dataset .npz (DAgger rolls out in its split, e.g. sim:hard), "
                         "A.npz,B.npz,... together (demonstrations and DAgger rounds), or lerobot:PATH (recorded "
@@ -109,7 +111,17 @@ def check_teacher_text(teacher: Teacher, instructions: Iterable[object], source:
                           "(`edge-vla train` sizes the instruction from the data's longest one)")
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Before the teacher loads: the students this run writes must not replace checkpoints without --overwrite."""
+    if args.overwrite:
+        return
+    out = Path(args.output)
+    for path in (out, out.with_name(out.name + "_kd")) if args.reflow_steps > 0 else (out,):
+        refuse_existing_checkpoint(path, "add --overwrite to replace it")
+
+
 def main(args: argparse.Namespace) -> int:
+    check_outputs(args)
     overrides = rtc_override(args, parse_overrides(args.set))
     teacher = load_teacher(args.teacher, steps=args.teacher_steps)
     student_cfg = student_preset(args.student_preset, overrides, teacher)

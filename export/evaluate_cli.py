@@ -63,6 +63,17 @@ from .envs import resolve_env
 log = logging.getLogger(__name__)
 
 
+OPEN_LOOP_SAMPLES = 256
+# The flags of the open-loop check on recorded data (--data), and what each means in the sim instead.
+OPEN_LOOP_ONLY = {
+    "teacher": ("--teacher", "compares the model with a teacher in the open-loop check on recorded data",
+                "in the sim, give the teacher as another TARGET: each target is compared with the first"),
+    "samples": ("--samples", "sizes the open-loop check on recorded data", "in the sim, --episodes sets the size"),
+    "seed": ("--seed", "seeds the open-loop check's noise on recorded data",
+             "in the sim, --seed-base picks the episodes"),
+}
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("targets", nargs="+", metavar="TARGET",
                         help="checkpoint dir (edge-vla or transformers π0), bundle dir, expert or random; TARGET@N runs N "
@@ -84,8 +95,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "episodes instead of closed-loop sim episodes (for robots without a simulator)")
     parser.add_argument("--teacher", default=None, help="with --data: a checkpoint or bundle to compare against, "
                         "run from the same noise")
-    parser.add_argument("--samples", type=int, default=256, help="with --data: at most this many held-out chunks")
-    parser.add_argument("--seed", type=int, default=0, help="with --data: noise seed")
+    # None defaults, so that one given without --data is seen (and refused) rather than ignored.
+    parser.add_argument("--samples", type=int, default=None,
+                        help=f"with --data: at most this many held-out chunks (default {OPEN_LOOP_SAMPLES})")
+    parser.add_argument("--seed", type=int, default=None, help="with --data: seed of the chunks' noise (default 0)")
     parser.add_argument("--execute", type=int, default=EXECUTE,
                         help="actions played from each chunk before the policy replans (default %(default)s; 1 replans "
                              "every action, closest to the onboard loop, which replans as soon as inference is free)")
@@ -274,8 +287,18 @@ def _latency_args(args: argparse.Namespace) -> tuple[list[str], list[float]] | N
     return parse_strategies(args.strategies or ",".join(DEFAULT_STRATEGIES)), parse_latencies(latency)
 
 
+def _check_open_loop_flags(args: argparse.Namespace) -> None:
+    """Without --data, a flag of the open-loop check used to be dropped without a word (the sim evaluation ran)."""
+    if getattr(args, "data", None) is not None:
+        return
+    for dest, (flag, what, instead) in OPEN_LOOP_ONLY.items():
+        if getattr(args, dest, None) is not None:
+            raise ConfigError(f"{flag} {what}; add --data lerobot:PATH, or drop {flag} ({instead})")
+
+
 def _main(args: argparse.Namespace) -> int:
-    grid = _latency_args(args)  # before anything runs or loads
+    _check_open_loop_flags(args)  # before anything runs or loads
+    grid = _latency_args(args)
     if args.data is not None:
         return _open_loop(args)
     if args.onboard:
@@ -393,7 +416,8 @@ def _open_loop(args: argparse.Namespace) -> int:
 
     if len(args.targets) != 1:
         raise EdgeVlaError("--data takes one checkpoint or bundle; compare against another with --teacher")
-    result = open_loop(args.targets[0], args.data, args.teacher, max_samples=args.samples, seed=args.seed,
+    samples = OPEN_LOOP_SAMPLES if args.samples is None else args.samples
+    result = open_loop(args.targets[0], args.data, args.teacher, max_samples=samples, seed=args.seed or 0,
                        steps=args.steps, solver=args.solver)
     print(result)
     if args.json_out:

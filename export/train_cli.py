@@ -63,6 +63,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the free cores)")
     parser.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new training over the checkpoint already in --output, replacing it (edge-vla: "
+                        "at this run's first checkpoint; pi0: at once); without it, or --resume, an --output that "
+                        "holds a checkpoint is refused")
     parser.add_argument("--init", metavar="CKPT", default=None,
                         help="fine-tune: start from this checkpoint's weights and normalization (same preset and "
                         "data shapes; --rtc-max-delay may add real-time chunking to a trained model)")
@@ -116,7 +120,47 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+# What marks a directory as holding a training's result: its weights (either family; π0's may be sharded, with an
+# index) or the training state that --resume continues from.
+CHECKPOINT_MARKERS = ("model.safetensors", "model.safetensors.index.json", "train_state.json")
+
+
+def checkpoint_files(path: Path) -> list[str]:
+    """The checkpoint files already in `path` (none for a directory that does not exist)."""
+    return [name for name in CHECKPOINT_MARKERS if (path / name).is_file()]
+
+
+def refuse_existing_checkpoint(out: Path, ways_on: str) -> None:
+    """A new training or distillation into a directory that holds a checkpoint would replace it without a word,
+    and a mistyped -o (or the default one, a second time) costs the hours the first run took: refuse, naming
+    `ways_on` (the flags that say what to do with it)."""
+    found = checkpoint_files(out)
+    if found:
+        raise ConfigError(f"{out} already holds a checkpoint ({', '.join(found)}); {ways_on}, or choose another -o")
+
+
+def check_output(args: argparse.Namespace, out: Path) -> None:
+    """Before any work (data generation included): what -o holds must be what the command means to do with it."""
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues the checkpoint in -o and --overwrite starts a new training over it; "
+                          "give one")
+    if not args.resume and not args.overwrite:
+        refuse_existing_checkpoint(out, "add --resume to continue it, --overwrite to start a new training over it")
+    if args.resume and args.family == "pi0" and not (out / "train_state.json").is_file():
+        # It used to start a fresh model over the weights there. (The edge-vla family checks its run in full in
+        # check_resume, once the model the command describes is known.)
+        way = ("--overwrite to start a new training over it" if checkpoint_files(out)
+               else "drop --resume to start a new training there")
+        raise ConfigError(f"--resume: {out} holds no training state (train_state.json) to resume; give the -o of the "
+                          f"π0 run to continue, or {way}")
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    return Path(args.output or ("runs/pi0" if args.family == "pi0" else f"runs/{args.preset}"))
+
+
 def main(args: argparse.Namespace) -> int:
+    check_output(args, output_dir(args))
     pi0 = args.family == "pi0"
     defaults = PI0_DEFAULTS if pi0 else {"batch_size": TrainConfig.batch_size, "lr": TrainConfig.lr}
     tc = TrainConfig(steps=args.train_steps, batch_size=args.batch_size or defaults["batch_size"],
@@ -125,6 +169,8 @@ def main(args: argparse.Namespace) -> int:
     if pi0:
         if args.set:
             raise ConfigError("--set overrides edge-vla presets; for --family pi0 use --pi0-config")
+        if args.init:
+            raise ConfigError("--init fine-tunes an edge-vla checkpoint; --family pi0 starts from its --pi0-config")
         return _train_pi0(args, tc)
     if args.pi0_config:
         raise ConfigError("--pi0-config needs --family pi0")
@@ -151,7 +197,7 @@ def main(args: argparse.Namespace) -> int:
         ds = load_training_data(data)
         require_finite(ds, data)
         cfg = training_config(cfg, ds)
-    out = Path(args.output or f"runs/{args.preset}")
+    out = output_dir(args)
     init = None
     if args.init and args.resume:
         raise ConfigError("--init starts a new training from a checkpoint; --resume continues one: give one")
@@ -186,6 +232,16 @@ def check_resume(out: Path, cfg: VLAConfig, steps: int) -> None:
                           f"--train-steps above {step} to continue it")
 
 
+def drop_training_state(out: Path) -> None:
+    """--overwrite of a π0 run: π0 writes its step-0 weights straight into -o, and the old run's training state must
+    not outlive them (interrupted before the first checkpoint, a --resume would pair the old step and optimizer with
+    fresh weights)."""
+    from .pi0.train import OPTIMIZER_FILE, PROBE_FILE, STATE_FILE
+
+    for name in (STATE_FILE, OPTIMIZER_FILE, PROBE_FILE):
+        (out / name).unlink(missing_ok=True)
+
+
 def _train_pi0(args: argparse.Namespace, tc: TrainConfig) -> int:
     from .pi0.train import resolve_config, train_pi0
 
@@ -203,7 +259,9 @@ def _train_pi0(args: argparse.Namespace, tc: TrainConfig) -> int:
         refuse_missing_data(data_path, default, args.env)
         print(f"{data_path} not found: generating {args.episodes} expert episodes")
         dataset.save(dataset.generate(range(args.episodes), split=split), data_path)
-    out = train_pi0(dataset.load(data_path), args.output or "runs/pi0", tc, overrides, resume=args.resume)
+    if args.overwrite:
+        drop_training_state(output_dir(args))
+    out = train_pi0(dataset.load(data_path), output_dir(args), tc, overrides, resume=args.resume)
     print(f"π0 checkpoint written to {out} (transformers format + processor + robot.json); export it with "
           f"`edge-vla export {out} -o BUNDLE`, distill it with `edge-vla distill --teacher {out}`")
     return 0

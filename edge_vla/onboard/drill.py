@@ -38,7 +38,7 @@ from edge_vla.onboard.cameras import SimCamera
 from edge_vla.onboard.control import ControlConfig
 from edge_vla.onboard.rt import RealtimeConfig
 from edge_vla.onboard.runner import OnboardRunner, bus_state_fn
-from edge_vla.onboard.scheduler import RTC
+from edge_vla.onboard.scheduler import RTC, RUN_STRATEGIES
 from edge_vla.onboard.worker import ChunkSource, ExpertSource, StallableSource, not_rtc_error
 from edge_vla.runtime.types import ActionChunk, Observation
 from edge_vla.sim.env import ACTION_PERIOD_S, MAX_STEPS, ReachEnv
@@ -431,10 +431,15 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m edge_vla.onboard.drill", description=__doc__.splitlines()[0])
     parser.add_argument("bundle", nargs="?", help="bundle directory (default: the sim expert)")
-    parser.add_argument("--duration", type=float, default=15.0)
-    parser.add_argument("--rate-hz", type=float, default=100.0)
-    parser.add_argument("--strategy", default="receding")
-    parser.add_argument("--no-drills", action="store_true")
+    parser.add_argument("--duration", type=float, default=15.0, metavar="S",
+                        help="seconds of closed-loop episodes before the drills (default %(default)g)")
+    parser.add_argument("--rate-hz", type=float, default=100.0, metavar="HZ",
+                        help="control rate in Hz (default %(default)g)")
+    parser.add_argument("--strategy", default="receding", metavar="NAME",
+                        help=f"chunk scheduling, one of {', '.join(RUN_STRATEGIES)} (default %(default)s; rtc needs a "
+                        "bundle trained with --rtc-max-delay)")
+    parser.add_argument("--no-drills", action="store_true",
+                        help="run the closed loop only, no watchdog drills (same as --drills '')")
     parser.add_argument("--drills", default=",".join(DRILLS),
                         help=f"the drills to run, comma-separated (default all: {','.join(DRILLS)})")
     args = parser.parse_args(argv)

@@ -56,18 +56,29 @@ class OpenLoopReport:
         return asdict(self)
 
     def __str__(self) -> str:
-        lines = [f"open-loop check of {self.target} on {self.source} ({self.codebase_version}): "
-                 f"{len(self.episodes)} held-out episode(s) {self.episodes[:8]}{'...' if len(self.episodes) > 8 else ''}, "
-                 f"{self.samples} chunks of {self.chunk_len} actions every {self.action_period_s:.3f} s",
-                 f"{'':<22}{'RMSE/std [95% CI]':<26}per dim (physical units)"]
-        for p in self.pairs:
-            dims = "  ".join(f"{n} {v:.4g}" for n, v in zip(self.action_names, p.rmse_per_dim))
-            lines.append(f"{p.name:<22}{p.rmse_std:.4g} [{p.ci95[0]:.4g}, {p.ci95[1]:.4g}]".ljust(48) + dims)
-        for p in self.pairs:
-            steps = " ".join(f"{v:.3g}" for v in p.rmse_std_per_step)
-            lines.append(f"per chunk step, {p.name}: {steps}")
-        lines.append(f"(CI: bootstrap over {self.bootstrap_unit})")
-        return "\n".join(lines)
+        against = f" against teacher {self.teacher}" if self.teacher else ""
+        episodes = f"{self.episodes[:8]}{'...' if len(self.episodes) > 8 else ''}"
+        errors = [["", "RMSE/std", "95% CI", *self.action_names]]
+        errors += [[p.name, f"{p.rmse_std:.4g}", f"[{p.ci95[0]:.4g}, {p.ci95[1]:.4g}]",
+                    *(f"{v:.4g}" for v in p.rmse_per_dim)] for p in self.pairs]
+        steps = [["RMSE/std per chunk step", *(str(k + 1) for k in range(self.chunk_len))]]
+        steps += [[p.name, *(f"{v:.3g}" for v in p.rmse_std_per_step)] for p in self.pairs]
+        return "\n".join([
+            f"open-loop check of {self.target}{against} on {self.source} ({self.codebase_version}): "
+            f"{len(self.episodes)} held-out episode(s) {episodes}, {self.samples} chunks of {self.chunk_len} actions "
+            f"every {self.action_period_s:.3f} s",
+            "RMSE of the predicted chunks: overall in units of the recording's action std (RMSE/std, with its 95% CI), "
+            "then per action dimension in physical units",
+            *aligned(errors), "", *aligned(steps), f"(CI: bootstrap over {self.bootstrap_unit})"])
+
+
+def aligned(rows: list[list[str]], gap: int = 2) -> list[str]:
+    """Rows of cells as text columns, each as wide as its widest cell (names, CIs or numbers of any length):
+    the first column left-aligned, the numbers right-aligned, columns `gap` spaces apart."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    sep = " " * gap
+    return [sep.join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True))]).rstrip()
+            for row in rows]
 
 
 def load_actor(path: str, steps: int | None = None, solver: str | None = None) -> tuple[VLAConfig, Actor, str]:
