@@ -135,7 +135,7 @@ class Link(Controller):
         self._sent_since_hello = 0  # frames sent after the HELLO that started the session
         self._acks: OrderedDict[int, Ack] = OrderedDict()
         self._stale_run = 0
-        self._wrong_joint_states = 0  # STATEs dropped for a joint count other than the capabilities'
+        self._wrong_joint_frames = 0  # STATE / SAFETY_CONFIG frames dropped for a joint count other than caps'
         self._decoders: dict[int, framing.StreamDecoder] = {}
         self._sent_at: OrderedDict[int, float] = OrderedDict()
         self._inbox: deque[Message] = deque(maxlen=inbox_size)
@@ -547,16 +547,30 @@ class Link(Controller):
     def _check_joint_count(self, msg: Message) -> None:
         """A STATE must describe the joints the controller announced: numpy would broadcast one joint's values
         over all of them (and the loop's shared state does), so a CRC-valid STATE with another count (a faulty or
-        foreign controller) is dropped like a malformed frame, never becomes `latest_state`."""
+        foreign controller) is dropped like a malformed frame, never becomes `latest_state`.
+
+        So is a SAFETY_CONFIG of another count outside hello() (hello() refuses the session for one, in its own
+        words). It never replaces `capabilities.safety`, but taken as our controller's frame its sequence number
+        would enter the window (one numbered ahead of ours made all our later frames "stale": `latest_state`
+        froze) and its firmware time the clock estimate (another firmware's uptime made our STATEs look that old)."""
         caps = self.capabilities
-        if isinstance(msg, State) and caps is not None and len(msg.positions) != caps.joint_count:
-            self._wrong_joint_states += 1
-            # the first and then every 1000th: a controller streaming them at 100 Hz must not flood the log
-            level = logging.WARNING if self._wrong_joint_states % 1000 == 1 else logging.DEBUG
-            log.log(level, "dropped a STATE for %d joints from %s (%d so far): the controller announced %d at hello(); "
-                    "check that only one controller answers on this port/node", len(msg.positions),
-                    self.transport.description, self._wrong_joint_states, caps.joint_count)
-            raise FrameError("bad_field", f"STATE for {len(msg.positions)} joints, controller has {caps.joint_count}")
+        if caps is None:
+            return
+        if isinstance(msg, State):
+            what, joints = "STATE", len(msg.positions)
+        elif isinstance(msg, SafetyConfig) and self._awaiting_session is None:
+            what, joints = "SAFETY_CONFIG", len(msg.joints)
+        else:
+            return
+        if joints == caps.joint_count:
+            return
+        self._wrong_joint_frames += 1
+        # the first and then every 1000th: a controller streaming them at 100 Hz must not flood the log
+        level = logging.WARNING if self._wrong_joint_frames % 1000 == 1 else logging.DEBUG
+        log.log(level, "dropped a %s for %d joints from %s (%d such frames so far): the controller announced %d at "
+                "hello(); check that only one controller answers on this port/node", what, joints,
+                self.transport.description, self._wrong_joint_frames, caps.joint_count)
+        raise FrameError("bad_field", f"{what} for {joints} joints, controller has {caps.joint_count}")
 
     def _on_message(self, msg: Message, now: float, seq: int) -> None:
         if isinstance(msg, State):

@@ -19,12 +19,18 @@
    went on past its deadline for as long as the flood lasted (2.1 s seen on a pty for a 34 ms timeout). Past the
    deadline readPort() takes nothing more, so the loop ends at the SDK's own timeout check (COMM_RX_TIMEOUT or
    COMM_RX_CORRUPT) after at most the packet it was parsing.
+5. Both SDKs time every reply with `time.time()`, the wall clock, which NTP steps when a robot computer without an
+   RTC (a Jetson) first syncs, often by hours, while the control loop runs. A forward step during a read ended it
+   at once although the servo was answering (a spurious lost link: MotorBusError, the control loop trips); a
+   backward step met the SDKs' "negative elapsed time" guard, which restarted the timeout from the step, holding
+   the read up to one more full timeout past its deadline. Replies are timed with the monotonic clock.
 """
 
 from __future__ import annotations
 
 import logging
 import termios
+import time
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -67,6 +73,10 @@ def port_handler(sdk: Any, port: str, latency_ms: int = DEFAULT_LATENCY_MS) -> A
             except PORT_ERRORS as exc:
                 self._failed(exc)
                 return 0  # nothing written: the SDK answers COMM_TX_FAIL and clears is_using
+
+        def getCurrentTime(self) -> float:
+            """Milliseconds of the monotonic clock (fix 5): every SDK timeout is measured from this."""
+            return time.monotonic_ns() / 1_000_000.0
 
         def setPacketTimeout(self, packet_length: int) -> None:
             self.packet_start_time = self.getCurrentTime()
