@@ -88,9 +88,13 @@ class GraphSpec:
 class Bundle:
     """A verified bundle on disk. Use `Bundle.open(path)`."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any], tmp: tempfile.TemporaryDirectory | None = None):
+    def __init__(self, root: Path, manifest: dict[str, Any], tmp: tempfile.TemporaryDirectory | None = None,
+                 manifest_bytes: bytes | None = None):
         self.root = root
         self.manifest = manifest
+        # The exact bytes `manifest` was parsed from: a signature is checked over these, never over a second
+        # read of manifest.json (which could return other bytes than the ones in use).
+        self.manifest_bytes = manifest_bytes
         self._tmp = tmp  # keeps an extracted tarball alive as long as the Bundle
 
     @classmethod
@@ -106,8 +110,8 @@ class Bundle:
             raise BundleError(f"bundle {path} does not exist; make one with `edge-vla export CHECKPOINT -o {path}`")
         else:
             raise BundleError(f"{path} is neither a bundle directory nor a .tar/.tar.gz bundle")
-        manifest = read_manifest(root)
-        bundle = cls(root, manifest, tmp)
+        manifest_bytes, manifest = read_manifest_bytes(root)
+        bundle = cls(root, manifest, tmp, manifest_bytes)
         if verify:
             bundle.verify()
         return bundle
@@ -189,14 +193,25 @@ _REQUIRED = ("schema_version", "format", "model", "precision", "graphs", "normal
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
+    return read_manifest_bytes(root)[1]
+
+
+def read_manifest_bytes(root: Path) -> tuple[bytes, dict[str, Any]]:
+    """manifest.json's bytes, read once, and the manifest parsed and checked from exactly those bytes."""
     mpath = root / MANIFEST
     if not mpath.is_file():
         if (root / "config.json").is_file() and (root / "model.safetensors").exists():
             raise BundleError(f"{root} is a training checkpoint, not a bundle: export it first "
                               f"(`edge-vla export {root} -o BUNDLE`), then give BUNDLE")
         raise BundleError(f"{root} has no {MANIFEST}: not an edge-vla bundle, or an incomplete copy")
+    data = mpath.read_bytes()
+    return data, parse_manifest(data, mpath)
+
+
+def parse_manifest(data: bytes, mpath: Path) -> dict[str, Any]:
+    """The manifest in `data` (read from `mpath`, named in messages), schema and field types checked."""
     try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        manifest = json.loads(data.decode("utf-8"))
     # ValueError: also an integer of more than 4300 digits; RecursionError: nesting too deep to parse.
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         text = str(exc).splitlines()[0][:120] if str(exc) else ""

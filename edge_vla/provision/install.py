@@ -6,6 +6,7 @@
                there over ssh; that script makes the venv and calls `edge-vla install --rootfs /`.
 --dry-run      print every file and command; change nothing (the package is still verified).
 --rollback     point `current` back at the previous release.
+--allow-downgrade  install a package of an older edge-vla than the current release's (refused otherwise).
 
 Idempotent (same package twice -> "unchanged") and atomic (see rootfs.py and plan.py).
 """
@@ -14,19 +15,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from edge_vla.errors import ConfigError
+from edge_vla.optional import require
 from edge_vla.provision import rootfs, signing
 from edge_vla.provision.errors import InstallError
+from edge_vla.provision.lock import canonical_name
+from edge_vla.provision.package import PACKAGE_JSON
 from edge_vla.provision.plan import remove_tree
 
 log = logging.getLogger(__name__)
@@ -45,11 +52,12 @@ class InstallReport:
 
 
 def install_rootfs(pkg: Path, root: Path, *, trusted_keys: Sequence[str | Path] = (), dry_run: bool = False,
-                   keep: int = 3) -> InstallReport:
+                   keep: int = 3, allow_downgrade: bool = False) -> InstallReport:
     """Verify `pkg`, then stage it into `root` and make it current (or only plan it with dry_run).
 
     Without `trusted_keys`, the keys an earlier install left in the rootfs (/etc/edge-vla/trusted-keys)
-    apply: a robot that trusts a key installs only packages signed by it."""
+    apply: a robot that trusts a key installs only packages signed by it. A package of an older edge-vla
+    than the current release's is refused unless `allow_downgrade` (an older signed release still verifies)."""
     root = Path(root)
     if not root.is_dir():
         raise InstallError(f"rootfs {root} is not a directory; pass Linux_for_Tegra/rootfs (or / on the robot)")
@@ -57,17 +65,20 @@ def install_rootfs(pkg: Path, root: Path, *, trusted_keys: Sequence[str | Path] 
         trusted_keys = signing.trusted_keys_from_dir(root / rootfs.KEYS_DIR)
     # Not for a dry run: it changes nothing, and may run beside a real install.
     with contextlib.nullcontext() if dry_run else rootfs.install_lock(root):
-        return _stage_and_install(Path(pkg), root, trusted_keys, dry_run, keep)
+        return _stage_and_install(Path(pkg), root, trusted_keys, dry_run, keep, allow_downgrade)
 
 
 def _stage_and_install(pkg: Path, root: Path, trusted_keys: Sequence[str | Path], dry_run: bool,
-                       keep: int) -> InstallReport:
+                       keep: int, allow_downgrade: bool) -> InstallReport:
     # Extract on the rootfs's filesystem so that the staged dir becomes the release by one rename;
     # a dry run extracts to /tmp and leaves the rootfs untouched.
     staging = Path(tempfile.mkdtemp(prefix="edge-vla-dry-run-")) if dry_run else rootfs.staging_dir(root)
     try:
         staged = rootfs.open_package(pkg, staging, trusted_keys)
+        downgrade = _check_downgrade(pkg, root, staged, allow_downgrade)
         plan = rootfs.plan_install(root, staged, trusted_keys)
+        if downgrade:
+            plan.notes.append(downgrade)
         report = InstallReport(not plan.empty, staged.release, rootfs.current_release(root),
                                [s.show for s in plan.steps], plan.notes)
         if not dry_run and not plan.empty:
@@ -82,6 +93,57 @@ def _stage_and_install(pkg: Path, root: Path, trusted_keys: Sequence[str | Path]
         return report
     finally:
         remove_tree(staging)  # gone already when it became the release
+
+
+def shipped_version(meta: dict[str, Any]) -> str | None:
+    """The version of edge-vla a package (its package.json) runs: its edge-vla wheel's, which verify_package_dir
+    matched to the wheel file and the lock; package.json's edge_vla_version where no wheel names it."""
+    wheels = meta.get("wheels")
+    for info in wheels.values() if isinstance(wheels, dict) else ():
+        if isinstance(info, dict) and canonical_name(str(info.get("name", ""))) == "edge-vla":
+            return str(info.get("version"))
+    version = meta.get("edge_vla_version")
+    return str(version) if version is not None else None
+
+
+def is_downgrade(new: str, current: str) -> bool:
+    """True when edge-vla `new` is older than `current`, as PEP 440 orders them (0.10 after 0.9, rc before final).
+    Raises packaging's InvalidVersion for a version that is not PEP 440."""
+    require("packaging")
+    from packaging.version import Version
+
+    return Version(new) < Version(current)
+
+
+def _check_downgrade(pkg: Path, root: Path, staged: rootfs.StagedPackage, allow: bool) -> str | None:
+    """Refuse (InstallError) a package of an older edge-vla than the current release's, unless `allow`; then
+    return the note that says it is a downgrade. Release ids are content hashes, so the edge-vla version is the
+    only order releases have: two packages of the same edge-vla (e.g. two models) are never a downgrade."""
+    current = rootfs.current_release(root)
+    if current is None or current == staged.release:
+        return None
+    try:
+        current_meta = json.loads((rootfs.releases_dir(root) / current / PACKAGE_JSON).read_bytes())
+    except (OSError, ValueError):  # a damaged current release: installing over it is how it gets fixed
+        log.warning("cannot read the current release %s's package.json: not checked for a downgrade", current)
+        return None
+    old = shipped_version(current_meta) if isinstance(current_meta, dict) else None
+    new = shipped_version(staged.meta)
+    if old is None:
+        return None
+    what = f"{pkg} (edge-vla {new}, release {staged.release})"
+    require("packaging")
+    from packaging.version import InvalidVersion
+
+    try:
+        older = new is None or is_downgrade(new, old)
+    except InvalidVersion:  # a signed package with an unreadable version: cannot be ordered, treated as older
+        older = True
+    if older and not allow:
+        raise InstallError(f"{what} is older than the current release {current} (edge-vla {old}): refusing to "
+                           "downgrade; pass --allow-downgrade to install it anyway, or `edge-vla install --rollback` "
+                           "to go back to the previous release")
+    return f"downgrading from edge-vla {old} to {new} (--allow-downgrade)" if older else None
 
 
 def rollback_rootfs(root: Path, *, dry_run: bool = False) -> InstallReport:
@@ -100,7 +162,8 @@ _RELEASE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 def host_commands(pkg: Path, host: str, release: str, *, trusted_keys: Sequence[Path] = (), rollback: bool = False,
-                  ssh_options: Sequence[str] = (), have_rsync: bool | None = None) -> list[list[str]]:
+                  ssh_options: Sequence[str] = (), have_rsync: bool | None = None,
+                  allow_downgrade: bool = False) -> list[list[str]]:
     """The commands that install `pkg` on a live robot (or roll it back); what --dry-run prints."""
     ssh = ["ssh", *ssh_options, host]
     if rollback:
@@ -117,7 +180,7 @@ def host_commands(pkg: Path, host: str, release: str, *, trusted_keys: Sequence[
     stem = f"{REMOTE_STAGE}/{release}"
     remote_pkg, remote_dir = f"{stem}.tar.gz", stem
     sources = [str(pkg)]
-    install_args = []
+    install_args = ["--allow-downgrade"] if allow_downgrade else []  # the robot's `edge-vla install` checks it
     for i, key in enumerate(trusted_keys):
         sources.append(str(key))
         install_args += ["--trusted-key", f"{stem}-key{i}.pub"]
@@ -142,14 +205,16 @@ def host_commands(pkg: Path, host: str, release: str, *, trusted_keys: Sequence[
 
 
 def install_host(pkg: Path, host: str, *, trusted_keys: Sequence[Path] = (), dry_run: bool = False,
-                 rollback: bool = False, ssh_options: Sequence[str] = ()) -> list[list[str]]:
+                 rollback: bool = False, ssh_options: Sequence[str] = (), allow_downgrade: bool = False
+                 ) -> list[list[str]]:
     release = ""
     if not rollback:
         # Verify here first: a bad package never leaves the workstation.
         with tempfile.TemporaryDirectory(prefix="edge-vla-verify-") as tmp:
             staged = rootfs.open_package(pkg, Path(tmp), trusted_keys)
             release = staged.release
-    commands = host_commands(pkg, host, release, trusted_keys=trusted_keys, rollback=rollback, ssh_options=ssh_options)
+    commands = host_commands(pkg, host, release, trusted_keys=trusted_keys, rollback=rollback, ssh_options=ssh_options,
+                             allow_downgrade=allow_downgrade)
     if not dry_run:
         for cmd in commands:
             log.info("running %s", shlex.join(cmd))
@@ -175,6 +240,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trusted-key", action="append", default=[], metavar="PUBKEY",
                         help="refuse the bundle unless signed by this Ed25519 public key (repeatable); "
                              "the key is also installed in /etc/edge-vla/trusted-keys")
+    parser.add_argument("--allow-downgrade", action="store_true",
+                        help="install a package of an older edge-vla than the current release's (refused otherwise)")
     parser.add_argument("--keep", type=int, default=3, help="releases to keep (default %(default)s)")
     parser.add_argument("--ssh-option", action="append", default=[], metavar="OPT",
                         help="extra ssh argument, e.g. --ssh-option=-p2222 (repeatable)")
@@ -199,9 +266,16 @@ def main(args: argparse.Namespace) -> int:
     if not args.rollback and not args.package:
         raise ConfigError("give the PACKAGE to install (or --rollback)")
     keys = [Path(k) for k in args.trusted_key]
+    if args.host and not args.rollback and not keys:
+        # The robot checks signatures with its trusted keys too, but only inside the package's own installer,
+        # which install.sh has already started as root: the check on this machine is the one that comes first.
+        print("warning: no --trusted-key: the package's signatures are not checked on this machine (its hashes are); "
+              "the robot checks them only after install.sh has started the package's own installer as root: pass "
+              "--trusted-key KEY.pub", file=sys.stderr)
     if args.host:
         commands = install_host(Path(args.package) if args.package else Path(), args.host, trusted_keys=keys,
-                                dry_run=args.dry_run, rollback=args.rollback, ssh_options=args.ssh_option)
+                                dry_run=args.dry_run, rollback=args.rollback, ssh_options=args.ssh_option,
+                                allow_downgrade=args.allow_downgrade)
         for cmd in commands:
             print(("would run: " if args.dry_run else "ran: ") + shlex.join(cmd))
         return 0
@@ -209,7 +283,8 @@ def main(args: argparse.Namespace) -> int:
     if args.rollback:
         report = rollback_rootfs(root, dry_run=args.dry_run)
     else:
-        report = install_rootfs(Path(args.package), root, trusted_keys=keys, dry_run=args.dry_run, keep=args.keep)
+        report = install_rootfs(Path(args.package), root, trusted_keys=keys, dry_run=args.dry_run, keep=args.keep,
+                                allow_downgrade=args.allow_downgrade)
     _print_report(report, args.dry_run, str(root))
     if not args.dry_run and report.changed and str(root) != "/":
         print("flash the rootfs; on first boot edge-vla-firstboot.service makes the venv and engines, "

@@ -89,9 +89,16 @@ def release_id(bundle_hash: str, package_json: bytes) -> str:
 
 def _bundle_files(bundle: Bundle) -> dict[str, bytes | Path]:
     out: dict[str, bytes | Path] = {}
-    for rel in sorted(bundle.manifest["files"]):
-        out[f"bundle/{rel}"] = (bundle.root / rel).read_bytes()
-    out[f"bundle/{MANIFEST}"] = (bundle.root / MANIFEST).read_bytes()
+    for rel, digest in sorted(bundle.manifest["files"].items()):
+        data = (bundle.root / rel).read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:  # read again after Bundle.open's check: check these bytes
+            raise PackageError(f"bundle {bundle.root}: {rel} changed while it was being packaged (it no longer matches "
+                               "its sha256 in the manifest); nothing written: package the bundle again once it is "
+                               "complete, or re-export it")
+        out[f"bundle/{rel}"] = data
+    # The bytes Bundle.open checked every file's hash against: what is shipped (and signed) is what was verified,
+    # never a second read of manifest.json.
+    out[f"bundle/{MANIFEST}"] = bundle.manifest_bytes or (bundle.root / MANIFEST).read_bytes()
     return out
 
 

@@ -35,7 +35,6 @@ from edge_vla.bundle import (
     DIR_MODE,
     EXEC_MODE,
     FILE_MODE,
-    MANIFEST,
     TARGET_DIR,
     Bundle,
     set_readable_modes,
@@ -155,18 +154,21 @@ def verify_package_dir(d: Path, trusted_keys: Sequence[str | Path] = ()) -> Stag
     if problems:
         raise PackageError(f"package {d} failed verification: {'; '.join(problems)}. Rebuild or copy it again.")
     try:
-        Bundle.open(d / "bundle")
+        bundle = Bundle.open(d / "bundle")
     except BundleError as exc:
         raise PackageError(f"the package's bundle is not installable: {exc}") from exc
-    bundle_hash = hashlib.sha256((d / "bundle" / MANIFEST).read_bytes()).hexdigest()
+    # Every check below is over the bytes already read and parsed, never a second read of the file.
+    manifest_bytes = bundle.manifest_bytes
+    assert manifest_bytes is not None  # Bundle.open keeps them
+    bundle_hash = hashlib.sha256(manifest_bytes).hexdigest()
     if bundle_hash != meta["bundle"]["hash"]:
         raise PackageError(f"{PACKAGE_JSON} names bundle {meta['bundle']['hash'][:16]} but holds {bundle_hash[:16]}")
     verify_wheelhouse(d, meta)  # the lock, wheels/ and package.json's wheel list agree hash by hash
     if trusted_keys:
         # package.sig covers package.json, which lists every file's (and so every wheel's) sha256.
         signing.verify_signed_file(d, PACKAGE_JSON, PACKAGE_SIG, trusted_keys, "package",
-                                   "rebuild it with `edge-vla package BUNDLE --sign KEY`")
-        signing.verify_bundle_signature(d / "bundle", trusted_keys)
+                                   "rebuild it with `edge-vla package BUNDLE --sign KEY`", meta_bytes)
+        signing.verify_bundle_signature(d / "bundle", trusted_keys, manifest_bytes)
     return StagedPackage(d, meta, release_id(bundle_hash, meta_bytes))
 
 

@@ -246,11 +246,15 @@ def trusted_keys_from_dir(directory: str | os.PathLike[str] = "/etc/edge-vla/tru
 
 
 def verify_signed_file(root: Path, signed: str, sig_name: str, trusted_keys: Sequence[str | Path],
-                       what: str, fix: str) -> str:
+                       what: str, fix: str, data: bytes | None = None) -> str:
     """Check root/sig_name, an Ed25519 signature over the exact bytes of root/signed, against the
     trusted keys; return the key id that verified. `what` names the thing in messages, `fix` says
     how to sign it. Raises BundleError saying why: no trusted keys, unsigned, malformed, unknown
-    key, or a signature that does not match (the file was changed after signing)."""
+    key, or a signature that does not match (the file was changed after signing).
+
+    `data`: the bytes of root/signed that the caller read and uses. Give them whenever the caller
+    parsed the file: the signature is then checked over exactly what is used, where reading the file
+    again here could return other bytes (a file swapped between the two reads would pass unsigned)."""
     root = Path(root)
     if not trusted_keys:
         raise BundleError("no trusted keys configured: pass the signer's public key (e.g. robot-signing.pub)")
@@ -274,11 +278,13 @@ def verify_signed_file(root: Path, signed: str, sig_name: str, trusted_keys: Seq
         sig = base64.b64decode(doc["signature"], validate=True)
     except (ValueError, binascii.Error) as exc:
         raise BundleError(f"{root / sig_name}: signature is not base64 ({exc}); {fix}") from exc
-    target = root / signed
-    if not target.is_file():
-        raise BundleError(f"{what} {root} has a signature but no {signed}; copy it again")
+    if data is None:
+        target = root / signed
+        if not target.is_file():
+            raise BundleError(f"{what} {root} has a signature but no {signed}; copy it again")
+        data = target.read_bytes()
     try:
-        ed25519.Ed25519PublicKey.from_public_bytes(trusted[kid]).verify(sig, target.read_bytes())
+        ed25519.Ed25519PublicKey.from_public_bytes(trusted[kid]).verify(sig, data)
     except InvalidSignature:
         raise BundleError(
             f"{what} {root}: bad signature: {signed} does not match the signature by key {kid} "
@@ -287,12 +293,14 @@ def verify_signed_file(root: Path, signed: str, sig_name: str, trusted_keys: Seq
     return kid
 
 
-def verify_bundle_signature(root: Path, trusted_keys: Sequence[str | Path]) -> str:
+def verify_bundle_signature(root: Path, trusted_keys: Sequence[str | Path], manifest_bytes: bytes | None = None) -> str:
     """Check root/manifest.sig against the trusted keys; return the key id that verified.
 
-    Checks the signature only: combine with `Bundle.verify()` for the file hashes."""
+    Checks the signature only: combine with `Bundle.verify()` for the file hashes, and pass the opened
+    Bundle's `manifest_bytes` (what it parsed and hashed the files against), so that both checks cover
+    the same manifest."""
     return verify_signed_file(root, MANIFEST, SIGNATURE, trusted_keys, "bundle",
-                              "re-export and sign it with `edge-vla package BUNDLE --sign KEY`")
+                              "re-export and sign it with `edge-vla package BUNDLE --sign KEY`", manifest_bytes)
 
 
 def generate_keypair(path: str | os.PathLike[str], overwrite: bool = False) -> tuple[Path, Path, str]:
@@ -341,8 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from edge_vla.bundle import Bundle
 
-            kid = verify_bundle_signature(Path(args.bundle), args.trusted)
-            Bundle.open(args.bundle)
+            bundle = Bundle.open(args.bundle)  # hashes every file against the manifest it read once...
+            kid = verify_bundle_signature(bundle.root, args.trusted, bundle.manifest_bytes)  # ...signed over those bytes
             print(f"{args.bundle}: signature by {kid} and every file hash verified")
     except (BundleError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)

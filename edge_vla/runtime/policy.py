@@ -100,7 +100,8 @@ class Policy:
         # A robot provisioned with trusted keys (edge-vla install --trusted-key) runs only signed bundles.
         keys = trusted_keys if trusted_keys is not None else trusted_keys_from_dir()
         if keys:
-            key_id = verify_bundle_signature(b.root, keys)
+            # Over the manifest bytes Bundle.open parsed and hashed the files against, not a second read of the file.
+            key_id = verify_bundle_signature(b.root, keys, b.manifest_bytes)
             log.info("bundle %s signed by trusted key %s", b.root, key_id)
         threads = checked_threads(threads)
         contract = b.contract

@@ -3,6 +3,13 @@
 #   sudo EDGE_VLA_PKG=/path/robot-pkg.tar.gz sh install.sh   install onto this machine, (re)start the service
 #   sh install.sh --setup-venv     make this release's venv from its wheels (the first-boot unit runs it)
 # To stage into an L4T rootfs before flashing, use `edge-vla install PKG --rootfs DIR` on the host.
+# An older edge-vla than the current release's is refused; EDGE_VLA_INSTALL_ARGS=--allow-downgrade installs it.
+#
+# Trust: this script, and the installer it runs as root, come from this package as unpacked: the installer
+# checks the package's signatures, but by then the package's own code already runs as root. Verify the package
+# before running this script: `edge-vla install PKG --host USER@ROBOT --trusted-key KEY.pub` on the workstation
+# does (before copying anything), and on a robot with a release installed its edge-vla does:
+#   sudo /opt/edge-vla/current/venv/bin/edge-vla install PKG --rootfs / --dry-run
 #
 # The venv gets exactly the wheels in this package's wheels/ directory, each checked against its
 # sha256 in requirements.lock, with no index: no network, nothing by name from anywhere else.
