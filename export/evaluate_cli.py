@@ -72,6 +72,23 @@ OPEN_LOOP_ONLY = {
     "seed": ("--seed", "seeds the open-loop check's noise on recorded data",
              "in the sim, --seed-base picks the episodes"),
 }
+# The flags of the closed-loop sim evaluation, which the open-loop check on recorded data (--data) does not read:
+# dest -> (flag, what it does, its open-loop counterpart if any). Their defaults are None in the parser, so that
+# one given (even at its default value) is seen and refused beside --data rather than dropped; SIM_DEFAULTS fills
+# them in after that check.
+CLOSED_LOOP_ONLY = {
+    "sensitivity": ("--sensitivity", "reruns the sim episodes with another block named", ""),
+    "onboard": ("--onboard", "runs the sim episodes through the onboard stack", ""),
+    "episodes": ("--episodes", "sets how many sim episodes run", "its size is --samples"),
+    "env": ("--env", "picks the environment of closed-loop episodes", ""),
+    "execute": ("--execute", "sets how many actions of each chunk a sim episode plays", ""),
+    "seed_base": ("--seed-base", "picks the sim episodes", "its noise is seeded by --seed"),
+    "latency_ms": ("--latency-ms", "injects inference latency into sim episodes", ""),
+    "strategies": ("--strategies", "picks the chunk strategies of a sim latency evaluation", ""),
+    "latency_sigma": ("--latency-sigma", "shapes the latency draws of a sim latency evaluation", ""),
+}
+SIM_EPISODES = 100
+SIM_DEFAULTS = {"episodes": SIM_EPISODES, "seed_base": EVAL_SEED_BASE, "execute": EXECUTE}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -79,10 +96,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint dir (edge-vla or transformers π0), bundle dir, expert or random; TARGET@N runs N "
                              "ODE steps. "
                              "With several, each is compared with the first on the same episodes and noise")
-    parser.add_argument("--episodes", type=int, default=100, help="held-out seeded episodes (MetaWorld: per task)")
+    # --episodes, --seed-base, --execute and --latency-sigma default to None: see CLOSED_LOOP_ONLY.
+    parser.add_argument("--episodes", type=int, default=None,
+                        help=f"held-out seeded episodes (MetaWorld: per task; default {SIM_EPISODES})")
     parser.add_argument("--env", default=None, help=ENV_HELP + "; default: the environment the first model target "
                         "was trained in")
-    parser.add_argument("--seed-base", type=int, default=EVAL_SEED_BASE, help="first episode seed")
+    parser.add_argument("--seed-base", type=int, default=None, help=f"first episode seed (default {EVAL_SEED_BASE})")
     parser.add_argument("--steps", type=int, default=None, help="ODE steps (default: the model's)")
     parser.add_argument("--solver", choices=["euler", "heun", "midpoint"], default="euler")
     parser.add_argument("--sensitivity", action="store_true",
@@ -99,8 +118,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=None,
                         help=f"with --data: at most this many held-out chunks (default {OPEN_LOOP_SAMPLES})")
     parser.add_argument("--seed", type=int, default=None, help="with --data: seed of the chunks' noise (default 0)")
-    parser.add_argument("--execute", type=int, default=EXECUTE,
-                        help="actions played from each chunk before the policy replans (default %(default)s; 1 replans "
+    parser.add_argument("--execute", type=int, default=None,
+                        help=f"actions played from each chunk before the policy replans (default {EXECUTE}; 1 replans "
                              "every action, closest to the onboard loop, which replans as soon as inference is free)")
     parser.add_argument("--onboard", action="store_true",
                         help="run one bundle (or expert) through the onboard stack (control loop at 100 Hz, firmware "
@@ -112,9 +131,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategies", default=None, metavar="NAME[,NAME...]",
                         help=f"with --latency-ms: chunk strategies, of {', '.join(STRATEGIES)} (default "
                              f"{','.join(DEFAULT_STRATEGIES)}; rtc needs a policy trained with --rtc-max-delay)")
-    parser.add_argument("--latency-sigma", type=float, default=LATENCY_SIGMA, metavar="SIGMA",
+    parser.add_argument("--latency-sigma", type=float, default=None, metavar="SIGMA",
                         help="with --latency-ms: lognormal spread of the per-inference latency, whose 90th percentile "
-                             "is the nominal latency (default %(default)s; 0: every inference takes exactly the nominal)")
+                             f"is the nominal latency (default {LATENCY_SIGMA}; 0: every inference takes exactly the "
+                             "nominal)")
 
 
 @dataclass
@@ -273,15 +293,19 @@ def _latency_args(args: argparse.Namespace) -> tuple[list[str], list[float]] | N
     """(strategies, latencies) with --latency-ms, None without; every flag conflict refused in one line."""
     latency = getattr(args, "latency_ms", None)
     if latency is None:
-        if getattr(args, "strategies", None) is not None:
-            raise ConfigError("--strategies chooses the chunk strategies of a latency evaluation; add --latency-ms, "
-                              "e.g. --latency-ms 0,100,200")
+        for flag, dest, what in (("--strategies", "strategies", "chooses the chunk strategies"),
+                                 ("--latency-sigma", "latency_sigma", "shapes the latency draws")):
+            if getattr(args, dest, None) is not None:
+                raise ConfigError(f"{flag} {what} of a latency evaluation; add --latency-ms, e.g. --latency-ms "
+                                  f"0,100,200, or drop {flag}")
         return None
     for flag, given in (("--data", args.data is not None), ("--onboard", args.onboard),
                         ("--sensitivity", args.sensitivity)):
         if given:
             raise ConfigError(f"--latency-ms runs closed-loop sim episodes; drop {flag} (or run it separately)")
-    sigma = args.latency_sigma = getattr(args, "latency_sigma", LATENCY_SIGMA)
+    if getattr(args, "latency_sigma", None) is None:
+        args.latency_sigma = LATENCY_SIGMA
+    sigma = args.latency_sigma
     if not 0 <= sigma <= 2:  # nan fails this too
         raise ConfigError(f"--latency-sigma {sigma}: give a spread in 0-2 (0: every inference takes the nominal)")
     return parse_strategies(args.strategies or ",".join(DEFAULT_STRATEGIES)), parse_latencies(latency)
@@ -296,8 +320,30 @@ def _check_open_loop_flags(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} {what}; add --data lerobot:PATH, or drop {flag} ({instead})")
 
 
+def _check_closed_loop_flags(args: argparse.Namespace) -> None:
+    """With --data, a flag of the closed-loop sim evaluation used to be dropped without a word (the open-loop check
+    ran, read none of them, and exited 0)."""
+    if getattr(args, "data", None) is None:
+        return
+    for dest, (flag, what, counterpart) in CLOSED_LOOP_ONLY.items():
+        value = getattr(args, dest, None)
+        if value is not None and value is not False:  # False: a store_true flag not given (0 is a given value)
+            instead = f" ({counterpart})" if counterpart else ""
+            raise ConfigError(f"{flag} {what}; --data runs an open-loop check on recorded data instead{instead}: "
+                              f"drop --data to evaluate in the sim, or drop {flag}")
+
+
+def _fill_sim_defaults(args: argparse.Namespace) -> None:
+    """The closed-loop flags' defaults, once `_check_closed_loop_flags` has seen which were given."""
+    for dest, default in SIM_DEFAULTS.items():
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, default)
+
+
 def _main(args: argparse.Namespace) -> int:
     _check_open_loop_flags(args)  # before anything runs or loads
+    _check_closed_loop_flags(args)
+    _fill_sim_defaults(args)
     grid = _latency_args(args)
     if args.data is not None:
         return _open_loop(args)

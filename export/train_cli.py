@@ -146,6 +146,11 @@ def check_output(args: argparse.Namespace, out: Path) -> None:
                           "give one")
     if not args.resume and not args.overwrite:
         refuse_existing_checkpoint(out, "add --resume to continue it, --overwrite to start a new training over it")
+    if args.resume and args.family == "pi0" and out.is_dir():
+        # a first save stopped between its renames left its state in staging: complete it before looking for it
+        from export.pi0.train import finish_interrupted_save
+
+        finish_interrupted_save(out)
     if args.resume and args.family == "pi0" and not (out / "train_state.json").is_file():
         # It used to start a fresh model over the weights there. (The edge-vla family checks its run in full in
         # check_resume, once the model the command describes is known.)

@@ -435,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds of closed-loop episodes before the drills (default %(default)g)")
     parser.add_argument("--rate-hz", type=float, default=100.0, metavar="HZ",
                         help="control rate in Hz (default %(default)g)")
-    parser.add_argument("--strategy", default="receding", metavar="NAME",
+    # choices: a misspelt name is refused here, not after the emulator and the control process have started.
+    parser.add_argument("--strategy", default="receding", choices=RUN_STRATEGIES, metavar="NAME",
                         help=f"chunk scheduling, one of {', '.join(RUN_STRATEGIES)} (default %(default)s; rtc needs a "
                         "bundle trained with --rtc-max-delay)")
     parser.add_argument("--no-drills", action="store_true",

@@ -20,15 +20,21 @@ distill --teacher` and `edge-vla evaluate` take it as they take any π0 checkpoi
   position, weighted by `TrainConfig.goal_weight`. Without it the reduced π0 reached 9% success after 3000
   steps (instruction sensitivity 16%: it does not ground the colour word). The probe is not part of π0: it is
   saved beside the checkpoint as `goal_probe.pt` (for --resume) and nothing else reads it.
+- Checkpoints are replaced whole or not at all (`write_checkpoint`): written into a staging directory inside -o and
+  synced, then renamed in, train_state.json last with the digests of the files it goes with, which --resume checks.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from edge_vla.atomic import atomic_write
-from edge_vla.errors import ConfigError
+from edge_vla.errors import CheckpointError, ConfigError
 from edge_vla.preprocess import STATS_EPS
 from edge_vla.progress import progress as progress_bar
 from edge_vla.runtime.types import Observation
@@ -54,6 +59,8 @@ log = logging.getLogger(__name__)
 STATE_FILE = "train_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 PROBE_FILE = "goal_probe.pt"
+# A save's files are written here (a directory inside -o, so renames stay on one filesystem) before any replaces -o's.
+STAGING_PREFIX = ".pi0-save-"
 SIM_INSTRUCTIONS = [t.format(c) for t in TEMPLATES for c in COLORS]
 
 
@@ -279,13 +286,112 @@ def init_checkpoint(ds: Dataset, out: Path, cfg: dict[str, Any], seed: int = 0) 
         raise ConfigError(f"the dataset has {ds.states.shape[-1]} state / {valid} action dims, more than the π0 "
                           f"config's max_state_dim {cfg['max_state_dim']} / max_action_dim {cfg['max_action_dim']}")
     model = new_model(cfg, processor, valid, seed)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    cams = int(ds.meta.get("num_cameras", ds.images.shape[1]))
-    with atomic_write(out / SIDECAR_FILE, "w") as f:
-        f.write(json.dumps(sim_sidecar(cams, float(ds.meta.get("action_period_s", 0.1))), indent=2) + "\n")
+    sidecar = sim_sidecar(int(ds.meta.get("num_cameras", ds.images.shape[1])), float(ds.meta.get("action_period_s", 0.1)))
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        (staging / SIDECAR_FILE).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+
+    write_checkpoint(out, write)
     return model
+
+
+def write_checkpoint(out: Path, write: Callable[[Path], None], state: dict[str, Any] | None = None) -> None:
+    """Put the files `write(staging)` makes into `out` so that a stop at any point leaves a whole checkpoint there.
+
+    They are written into a staging directory inside `out` and fsynced first: a stop while writing (the slow part)
+    leaves `out` as it was. `state` (train_state.json, what --resume trusts) goes into the staging directory after
+    them, with the digest of every file it was saved with; from then on the save is committed. The files are renamed
+    into `out`, the state last, so a stop between renames leaves the rest, state included, in the staging directory,
+    and `finish_interrupted_save` completes the save before a resume reads anything."""
+    out.mkdir(parents=True, exist_ok=True)
+    # Left by an earlier save: one that died before committing, or (in a new training over -o) a committed one of
+    # the old run. A resume has completed a committed one before this (finish_interrupted_save).
+    _drop_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+    try:
+        write(staging)
+        files = sorted(p for p in staging.iterdir() if p.is_file())
+        for p in files:
+            _fsync(p)
+        if state is not None:  # the commit: only once every file it names is durable
+            digests = {p.name: file_digest(p) for p in files}
+            (staging / STATE_FILE).write_text(json.dumps({**state, "files": digests}) + "\n", encoding="utf-8")
+            _fsync(staging / STATE_FILE)
+            _fsync(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _move_in(staging, out)
+    staging.rmdir()
+
+
+def finish_interrupted_save(out: Path) -> bool:
+    """Complete a save that was stopped between its renames (its staging directory holds its state: everything was
+    written); drop one that was stopped before. True if a save was completed."""
+    finished = False
+    for staging in sorted(out.glob(STAGING_PREFIX + "*")):
+        if (staging / STATE_FILE).is_file():
+            _move_in(staging, out)
+            log.warning("%s: completed the checkpoint save that was interrupted (step %s)", out,
+                        json.loads((out / STATE_FILE).read_text(encoding="utf-8")).get("step"))
+            finished = True
+    _drop_staging(out)
+    return finished
+
+
+def check_state_files(out: Path, state: dict[str, Any]) -> None:
+    """--resume continues the files train_state.json was saved with, or refuses: another step's weights beside this
+    state would be trained on as this step's, without a word. (A state from before the digests were kept has none.)"""
+    for name, digest in state.get("files", {}).items():
+        path = out / name
+        if not path.is_file() or file_digest(path) != digest:
+            raise CheckpointError(f"--resume: {path} is not the file {STATE_FILE} (step {state.get('step')}) was saved "
+                                  "with (replaced or changed since); it cannot be resumed exactly: start a new training "
+                                  "with --overwrite, or use its weights as they are (`edge-vla export`)")
+
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _move_in(staging: Path, out: Path) -> None:
+    """Rename the staged files into `out`, the state last and only once the others are durable there."""
+    names = sorted(p.name for p in staging.iterdir() if p.name != STATE_FILE)
+    for name in names:
+        os.replace(staging / name, out / name)
+    _fsync(out)
+    if (staging / STATE_FILE).is_file():
+        os.replace(staging / STATE_FILE, out / STATE_FILE)
+        _fsync(out)
+
+
+def _drop_staging(out: Path) -> None:
+    for staging in out.glob(STAGING_PREFIX + "*"):
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file's bytes or a directory's entries (the renames into it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_training_checkpoint(out: Path, model: Any, opt: torch.optim.Optimizer, probe: GoalProbe | None,
+                             state: dict[str, Any]) -> None:
+    """The weights (with config.json), optimizer and goal probe of a step, then its train_state.json."""
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        torch.save(opt.state_dict(), staging / OPTIMIZER_FILE)
+        if probe is not None:
+            torch.save(probe.state_dict(), staging / PROBE_FILE)
+
+    write_checkpoint(out, write, state)
 
 
 def text_tokens_needed(inputs_src: Any, instructions: np.ndarray) -> int:
@@ -303,9 +409,12 @@ def train_pi0(ds: Dataset, out: str | Path, tc: TrainConfig, config: dict[str, A
     torch.set_num_threads(threads)
     out = Path(out)
     start, state = 0, {}
+    if resume and out.is_dir():
+        finish_interrupted_save(out)  # before anything of the run is read
     if resume and (out / STATE_FILE).is_file():
         state = json.loads((out / STATE_FILE).read_text(encoding="utf-8"))
         start = int(state["step"])
+        check_state_files(out, state)
         model = open_pi0(out).load_model()  # refuses missing/unexpected tensors rather than re-initialising them
         log.info("resuming %s from step %d", out, start)
     else:
@@ -352,11 +461,6 @@ def train_pi0(ds: Dataset, out: str | Path, tc: TrainConfig, config: dict[str, A
                      "threads": threads, "batch_size": tc.batch_size, "parameters": params,
                      "dataset": ds.meta, "train": tc.__dict__, "torch_rng": rng.tolist()}
             log.info("step %d: train loss %.4f, validation loss %.4f", done, state["loss"], val)
-            model.save_pretrained(out)
-            torch.save(opt.state_dict(), out / OPTIMIZER_FILE)
-            if probe is not None:
-                torch.save(probe.state_dict(), out / PROBE_FILE)
-            with atomic_write(out / STATE_FILE, "w") as f:
-                f.write(json.dumps(state) + "\n")
+            save_training_checkpoint(out, model, opt, probe, state)
     model.eval()
     return out
