@@ -23,19 +23,20 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from edge_vla.action_space import ActionSpace
 from edge_vla.atomic import atomic_write
 from edge_vla.config import VLAConfig
 from edge_vla.errors import BundleError, ConfigError
 from edge_vla.runtime.contract import Contract
-from edge_vla.safe_tar import plain_members
+from edge_vla.safe_tar import extract_plain, plain_members
 
 SCHEMA_VERSION = 2  # 2: graph/IO roles, per-layer prefix K/V, flow convention, time input
 FORMAT = "edge-vla-bundle"
@@ -43,6 +44,9 @@ MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 TARGET_DIR = "target"
 _UNHASHED = {MANIFEST, SIGNATURE}
+# Exported manifests are tens of kB (the largest here 33 kB: an INT8 MetaWorld bundle with its dataset provenance;
+# pi0 test bundles 9 kB): 16 MiB is a margin of ~500x, yet stops a hostile multi-GB one before it is read.
+MAX_MANIFEST_BYTES = 16 << 20
 # A bundle is written by whoever exports it and read by the robot's unprivileged service user: its
 # modes are set explicitly (tempfile makes 0700 dirs and 0600 files; umask varies), never inherited.
 # Nothing in a bundle is secret (the signing key never enters it); shell scripts are executable.
@@ -197,15 +201,47 @@ def read_manifest(root: Path) -> dict[str, Any]:
 
 
 def read_manifest_bytes(root: Path) -> tuple[bytes, dict[str, Any]]:
-    """manifest.json's bytes, read once, and the manifest parsed and checked from exactly those bytes."""
+    """manifest.json's bytes, read once, and the manifest parsed and checked from exactly those bytes.
+
+    Read from one open file: only a regular file, of at most MAX_MANIFEST_BYTES, is read (checked on what was
+    opened, so nothing put in its place after a check is read instead)."""
     mpath = root / MANIFEST
-    if not mpath.is_file():
-        if (root / "config.json").is_file() and (root / "model.safetensors").exists():
-            raise BundleError(f"{root} is a training checkpoint, not a bundle: export it first "
-                              f"(`edge-vla export {root} -o BUNDLE`), then give BUNDLE")
-        raise BundleError(f"{root} has no {MANIFEST}: not an edge-vla bundle, or an incomplete copy")
-    data = mpath.read_bytes()
+    # O_NONBLOCK: a FIFO put there opens at once (and is refused below) instead of blocking the load forever.
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(mpath, flags)
+    except FileNotFoundError:
+        _no_manifest(root)
+    except OSError as exc:
+        raise BundleError(f"cannot read {mpath} ({exc.strerror}); check the bundle's permissions, or copy it "
+                          "again") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # checked on the fd: before fdopen, which refuses a directory itself
+            raise BundleError(f"{mpath} is a {_file_kind(st.st_mode)}, not a regular file: not an edge-vla bundle "
+                              "manifest; re-export the bundle, or copy it again")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)  # +1: a file that grew past the limit since fstat is refused too
+    finally:
+        os.close(fd)
+    if max(st.st_size, len(data)) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{mpath} is {max(st.st_size, len(data)):,} bytes, more than the {MAX_MANIFEST_BYTES:,}-"
+                          "byte limit of a bundle manifest (an exported one is tens of kB): not an edge-vla bundle "
+                          "manifest; re-export the bundle")
     return data, parse_manifest(data, mpath)
+
+
+def _no_manifest(root: Path) -> NoReturn:
+    if (root / "config.json").is_file() and (root / "model.safetensors").exists():
+        raise BundleError(f"{root} is a training checkpoint, not a bundle: export it first "
+                          f"(`edge-vla export {root} -o BUNDLE`), then give BUNDLE")
+    raise BundleError(f"{root} has no {MANIFEST}: not an edge-vla bundle, or an incomplete copy")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "fifo"), (stat.S_ISCHR, "character device"),
+             (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
+    return next((name for test, name in kinds if test(mode)), f"file of type {stat.S_IFMT(mode):o}")
 
 
 def parse_manifest(data: bytes, mpath: Path) -> dict[str, Any]:
@@ -359,7 +395,7 @@ def _extract(archive: Path, dest: Path) -> Path:
 
     try:
         with tarfile.open(archive) as tar:
-            tar.extractall(dest, filter=plain_members(refuse, dest))  # edge_vla.safe_tar: why not "data" alone
+            extract_plain(tar, dest, plain_members(refuse, dest))  # edge_vla.safe_tar: why not "data" alone
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise BundleError(f"cannot extract bundle archive {archive}: {str(exc).splitlines()[0] if str(exc) else exc}"
                           "; the file is corrupt, copy it again") from exc

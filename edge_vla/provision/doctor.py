@@ -71,6 +71,7 @@ class Expectation:
     installed: bool = False  # the release edge-vla.service runs (/opt/edge-vla/current), not a package file
     install_check: Check | None = None  # whether that release is complete, for the installed release only
     config_check: Check | None = None  # FAIL where the operator's robot.env does not read or validate
+    opened: Bundle | EdgeVlaError | None = None  # bundle_root opened once per report (_open_bundle)
 
 
 @dataclass
@@ -195,13 +196,24 @@ def check_python(exp: Expectation) -> Check:
     return Check("python", PASS, f"{detail}, edge-vla {__version__}")
 
 
+def _open_bundle(exp: Expectation, root: Path) -> Bundle | EdgeVlaError:
+    """exp.bundle_root (`root`) opened once per report (manifest.json read once, every file hashed against it), or
+    why it does not open: every check of the report speaks about the same manifest bytes (a second read could
+    return other bytes), and a multi-GB bundle is hashed once, not once per check."""
+    if exp.opened is None:
+        try:
+            exp.opened = Bundle.open(root)
+        except EdgeVlaError as exc:
+            exp.opened = exc
+    return exp.opened
+
+
 def check_bundle(exp: Expectation, m: Machine) -> Check:
     if exp.bundle_root is None:
         return Check("bundle", PASS, "no bundle given (pass PKG or BUNDLE to check one)")
-    try:
-        bundle = Bundle.open(exp.bundle_root)
-    except EdgeVlaError as exc:
-        return Check("bundle", FAIL, str(exc), "re-export or re-package the bundle and install it again")
+    bundle = _open_bundle(exp, exp.bundle_root)
+    if isinstance(bundle, EdgeVlaError):
+        return Check("bundle", FAIL, str(bundle), "re-export or re-package the bundle and install it again")
     detail = f"{bundle.config.preset} {bundle.precision}, {len(bundle.manifest['files'])} files verified"
     try:  # the runtime's own reading: a key another user could write is refused here as it is there
         keys = signing.trusted_keys_from_dir(m.trusted_keys) if m.trusted_keys.is_dir() else []
@@ -209,7 +221,8 @@ def check_bundle(exp: Expectation, m: Machine) -> Check:
         return Check("bundle", FAIL, str(exc), f"fix {m.trusted_keys} as the line says; the service refuses it too")
     if keys:
         try:
-            kid = signing.verify_bundle_signature(bundle.root, keys)
+            # over the bytes the manifest (and every hash checked above) was parsed from, not a second read
+            kid = signing.verify_bundle_signature(bundle.root, keys, manifest_bytes=bundle.manifest_bytes)
         except EdgeVlaError as exc:
             return Check("bundle", FAIL, str(exc), f"install a bundle signed by a key in {m.trusted_keys}")
         return Check("bundle", PASS, f"{detail}, signed by trusted key {kid}")
@@ -240,10 +253,10 @@ def check_int8_range(exp: Expectation, m: Machine) -> Check | None:
     """An INT8 bundle's weight range against this CPU, where onnxruntime runs it (export/quantize.py INT8_RANGES)."""
     if exp.bundle_root is None:
         return None
-    try:
-        manifest = Bundle.open(exp.bundle_root).manifest
-    except EdgeVlaError:
+    bundle = _open_bundle(exp, exp.bundle_root)
+    if isinstance(bundle, EdgeVlaError):
         return None  # check_bundle says why
+    manifest = bundle.manifest
     if manifest.get("precision") != "int8":
         return None
     weight_range = ((manifest.get("provenance") or {}).get("calibration") or {}).get("weight_range", "reduced")
@@ -267,9 +280,8 @@ def check_tune(exp: Expectation, m: Machine) -> Check | None:
     """The backend `edge-vla tune` recorded for this bundle on this machine, which Policy.load follows."""
     if exp.bundle_root is None:
         return None
-    try:
-        bundle = Bundle.open(exp.bundle_root)
-    except EdgeVlaError:
+    bundle = _open_bundle(exp, exp.bundle_root)
+    if isinstance(bundle, EdgeVlaError):
         return None  # check_bundle says why
     from edge_vla.runtime.tune import read_record
 

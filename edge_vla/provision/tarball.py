@@ -15,7 +15,7 @@ from pathlib import Path
 
 from edge_vla.atomic import atomic_write
 from edge_vla.provision.errors import PackageError
-from edge_vla.safe_tar import Filter, plain_members
+from edge_vla.safe_tar import Filter, extract_plain, plain_members
 
 FIXED_MTIME = 0
 
@@ -68,6 +68,6 @@ def extract_tarball(archive: Path, dest: Path) -> None:
         raise PackageError(f"package {archive} does not exist; make one with `edge-vla package BUNDLE -o {archive}`")
     try:
         with tarfile.open(archive) as tar:
-            tar.extractall(dest, filter=_package_filter(archive, dest))
+            extract_plain(tar, dest, _package_filter(archive, dest))
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise PackageError(f"cannot extract package {archive}: {exc}; the file is corrupt, copy or rebuild it") from exc

@@ -132,8 +132,12 @@ def default_candidates(bundle: Bundle, contract: Contract, threads: int | None =
 # --- the machine, the bundle, where records live ---------------------------------------------------------
 
 def bundle_hash(bundle: Bundle) -> str:
-    """sha256 of manifest.json, which holds the sha256 of every file: the bundle's content (as packages name it)."""
-    return hashlib.sha256((bundle.root / MANIFEST).read_bytes()).hexdigest()
+    """sha256 of manifest.json, which holds the sha256 of every file: the bundle's content (as packages name it).
+    The bytes Bundle.open parsed and verified, not a second read of the file."""
+    data = bundle.manifest_bytes
+    if data is None:  # a Bundle built by hand, not by Bundle.open
+        data = (bundle.root / MANIFEST).read_bytes()
+    return hashlib.sha256(data).hexdigest()
 
 
 def _read_cpuinfo() -> str:
