@@ -41,6 +41,41 @@ class CameraSource(Protocol):
     def close(self) -> None: ...
 
 
+def camera_name(camera: object) -> str:
+    """How messages name `camera`: its `name` (the --camera spec it was opened from), else its type."""
+    name = getattr(camera, "name", None)
+    return name if isinstance(name, str) and name else type(camera).__name__
+
+
+FUTURE_STAMP_S = 1.0  # a capture time this far past time.monotonic() is on another clock
+
+
+def frame_problem(frame: object, images: int | None = None) -> str | None:
+    """None if `frame` is one a policy can use (a Frame of HxWx3 uint8 images with a finite capture time on
+    time.monotonic()'s clock, and `images` of them where given), else what is wrong with it, for a one-line
+    message. A capture time in the future would hide a stale camera from the watchdog (its age would read 0)."""
+    if frame is None:
+        return "no frame (None)"
+    got, stamp = getattr(frame, "images", None), getattr(frame, "timestamp", None)
+    if not isinstance(got, (list, tuple)) or not isinstance(stamp, (int, float)):
+        return f"a {type(frame).__name__}, not a Frame"
+    if not got:
+        return "a frame with no images"
+    if images is not None and len(got) != images:
+        return f"a frame of {len(got)} images, not the {images} it started with"
+    for img in got:
+        if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 \
+                or 0 in img.shape:
+            what = f"shape {tuple(np.shape(img))} {getattr(img, 'dtype', type(img).__name__)}"
+            return f"an image of {what}, not HxWx3 uint8"
+    if not np.isfinite(stamp):
+        return f"a frame with capture time {stamp}"
+    ahead = float(stamp) - time.monotonic()
+    if ahead > FUTURE_STAMP_S:
+        return f"a frame stamped {ahead:.1f} s in the future (capture times must be time.monotonic())"
+    return None
+
+
 def resize_nearest(img: np.ndarray, size: int) -> np.ndarray:
     """Square nearest-neighbour resize (no OpenCV on the robot); a no-op at the right size."""
     h, w = img.shape[:2]
@@ -102,7 +137,7 @@ def _load_array(f: Path) -> np.ndarray:
     except CameraError:
         raise
     except Exception as exc:  # numpy raises ValueError, OSError, EOFError, UnpicklingError for a bad file
-        raise CameraError(f"cannot read {f} as an .npy array ({_first_line(exc)}); {FRAME_FORMAT}") from None
+        raise CameraError(f"cannot read {f} as an .npy array ({error_line(exc)}); {FRAME_FORMAT}") from None
 
 
 def _read_image(f: Path) -> np.ndarray:
@@ -111,7 +146,7 @@ def _read_image(f: Path) -> np.ndarray:
     try:
         return plt.imread(f)
     except Exception as exc:  # Pillow raises SyntaxError, OSError, UnidentifiedImageError for a bad file
-        raise CameraError(f"cannot read {f} as an image ({_first_line(exc)}); replace or remove it") from None
+        raise CameraError(f"cannot read {f} as an image ({error_line(exc)}); replace or remove it") from None
 
 
 def _require_regular(p: Path) -> None:
@@ -122,7 +157,8 @@ def _require_regular(p: Path) -> None:
                           "file or a video file; a live camera is realsense[:SERIAL]")
 
 
-def _first_line(exc: BaseException) -> str:
+def error_line(exc: BaseException) -> str:
+    """`Type: first line of the message`: an error as a one-line message can quote it."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else 'no detail'}"
 
@@ -134,6 +170,7 @@ class SimCamera:
                  num_cameras: int = 1) -> None:
         self.scene = scene
         self.state_fn = state_fn
+        self.name = "sim"
         self.size, self.num_cameras = size, num_cameras
 
     def read(self, timeout: float = 0.05) -> Frame:
@@ -168,8 +205,9 @@ class FolderCamera:
         if not self.frames:
             raise CameraError(f"no frames in {p}; supported: {', '.join(IMAGE_SUFFIXES)} files, [N,H,W,3] .npy")
         self.size, self.fps, self.loop, self.num_cameras = size, fps, loop, num_cameras
-        self._i = 0
-        self._t0 = time.monotonic()
+        self.name = f"video:{p}"
+        self._n = 0  # frames delivered, over every pass: the index into the recording is _n % len(frames)
+        self._t0 = time.monotonic()  # when frame _n is due: _t0 + _n / fps (moved on when the reader is late)
 
     @staticmethod
     def _load(p: Path) -> list[np.ndarray]:
@@ -195,20 +233,25 @@ class FolderCamera:
         return out
 
     def read(self) -> Frame:
-        if self._i >= len(self.frames):
-            if not self.loop:
-                raise CameraError(f"video source ended after {len(self.frames)} frames")
-            self._i = 0
-        # Pace like a camera: frame i is due at t0 + i / fps.
-        due = self._t0 + self._i / self.fps
-        now = time.monotonic()
-        if due > now:
-            time.sleep(due - now)
-        img = self.frames[self._i % len(self.frames)]
-        self._i += 1
+        if not self.loop and self._n >= len(self.frames):
+            raise CameraError(f"video source ended after {len(self.frames)} frames")
+        self._wait_due()
+        img = self.frames[self._n % len(self.frames)]
+        self._n += 1
         if self.size:
             img = resize_nearest(img, self.size)
         return Frame(images=[img] * self.num_cameras, timestamp=time.monotonic())
+
+    def _wait_due(self) -> None:
+        """Pace like a camera, on every pass of the loop: frame n is due at t0 + n / fps (n counts on across the
+        wrap, so a later pass is paced as the first). A reader that comes later than one period past the due time
+        moves the schedule to now: a camera skips the frames it missed rather than storing them for a burst."""
+        due = self._t0 + self._n / self.fps
+        now = time.monotonic()
+        if due > now:
+            time.sleep(due - now)
+        elif now - due > 1.0 / self.fps:
+            self._t0 = now - self._n / self.fps
 
     def close(self) -> None:
         pass
@@ -238,6 +281,7 @@ class RealSenseCamera:
         self.depth_scale = profile.get_device().first_depth_sensor().get_depth_scale() if depth else 1.0
         self.size, self.timeout_ms = size, timeout_ms
         self.serial = serial or devices[0]
+        self.name = f"realsense:{self.serial}"
         log.info("RealSense %s streaming %dx%d@%d%s", self.serial, width, height, fps, " + depth" if depth else "")
 
     def read(self) -> Frame:

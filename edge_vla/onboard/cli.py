@@ -24,6 +24,7 @@ from edge_vla.errors import ConfigError, EdgeVlaError
 from edge_vla.onboard.cameras import open_camera
 from edge_vla.onboard.control import EXECUTABLE_ACTION_KINDS, EXECUTES_BECAUSE, ControlConfig
 from edge_vla.onboard.drill import EMULATOR_LIMITS, SceneHolder, load_source, prioritize_emulator
+from edge_vla.onboard.errors import CameraError
 from edge_vla.onboard.operator import (
     SOCKET_ENV,
     check_bench_mode,
@@ -37,7 +38,7 @@ from edge_vla.onboard.rt import AUTO, RealtimeConfig, plan_threads, resolve_fifo
 from edge_vla.onboard.runner import OnboardRunner, bus_state_fn
 from edge_vla.onboard.scheduler import INTERPOLATIONS, RUN_STRATEGIES
 from edge_vla.onboard.telemetry import format_summary
-from edge_vla.onboard.watchdog import WatchdogConfig
+from edge_vla.onboard.watchdog import PLANNED_STOPS, WatchdogConfig
 from edge_vla.provision.robot_config import CONFIG_PATH, RobotConfig
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,12 @@ CAN_NODE_IDS = range(64)
 FEETECH_HOMING_MAX = 2047  # STS Homing Offset (31): sign-magnitude, sign in bit 11
 
 EXIT_STATUSES = """exit status:
-  0  the loop ran and stopped without a safety trip (its duration, a signal, or an operator stop)
+  0  the loop ran and stopped without a safety trip (its --duration ended, a signal, or an operator stop)
   1  could not start or failed: bad arguments or link, unusable bundle, another run on the control socket,
-     a control-loop error (one line on stderr)
+     a control-loop error, a camera that failed while nothing moved (one line on stderr)
   2  command-line usage error
-  3  stopped by a safety trip (watchdog, firmware fault, link loss, tracking error); the summary says which
+  3  stopped by a safety trip (watchdog, firmware fault, link loss, tracking error, a camera that failed
+     mid-run: the robot is stopped, then the run ends); the summary says which, a failed camera in one line
   130 interrupted before the loop started"""
 
 
@@ -670,7 +672,8 @@ def main(args: argparse.Namespace) -> int:
 
         level = logging.getLogger().getEffectiveLevel()
         runner = OnboardRunner(config, source, camera_factory, instruction, image_size=size, log_level=level,
-                               control_socket=socket_path, threads=threads, engine=inference_engine(source))
+                               control_socket=socket_path, threads=threads, engine=inference_engine(source),
+                               camera_label=args.camera)
         previous = {}
 
         def on_signal(signum: int, _frame: Any) -> None:
@@ -698,10 +701,35 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2, default=str))
     else:
         print(format_summary(summary))
+        if summary.get("end"):
+            print(f"{'ended':<14} {end_text(summary['end'], args.duration)}")
         if "sim_success" in summary:
             print(f"sim task       {'reached' if summary['sim_success'] else 'not reached'}: {instruction!r}")
+    return exit_status(summary, runner.worker_failure, isinstance(runner.worker_error, CameraError))
+
+
+def end_text(end: dict[str, Any], duration_s: float | None) -> str:
+    """The summary's `end` as the text summary says it."""
+    if end["kind"] == "duration" and duration_s is not None:
+        return f"the planned --duration of {duration_s:g} s (a controlled stop, not a trip)"
+    return f"{end['kind']}: {end['reason']}"
+
+
+def exit_status(summary: dict[str, Any], worker_failure: str | None, camera: bool = False) -> int:
+    """The run's exit status (EXIT_STATUSES), with its one line on stderr where it did not end as planned.
+    `worker_failure`: why the inference worker ended, if it did (`camera`: a camera failure)."""
     if "error" in summary:
         print(f"edge-vla run: control loop error: {summary['error']}", file=sys.stderr)
         return 1
-    faults = [t for t in summary.get("trips", []) if t["kind"] != "operator_stop"]
+    planned = {k.value for k in PLANNED_STOPS}
+    faults = [t for t in summary.get("trips", []) if t["kind"] not in planned]
+    if worker_failure is not None:
+        # The robot was stopped before this process got here (the control process exits only once stopped).
+        first = faults[0] if faults else None
+        stopped = (f"the robot was stopped ({first['kind']}, category {first['category']})" if first else
+                   "nothing was moving")
+        todo = ("check the camera (its cable, power, the --camera spec) and start the run again" if camera else
+                "run again with -v for the traceback, and report it")
+        print(f"edge-vla run: {worker_failure}; {stopped} and the run ended: {todo}", file=sys.stderr)
+        return 3 if faults else 1
     return 3 if faults else 0

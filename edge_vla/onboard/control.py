@@ -46,7 +46,7 @@ from edge_vla.onboard.rt import DeadlineClock, RealtimeConfig, apply_realtime
 from edge_vla.onboard.safety import SafetyLayer, SafetyLimits
 from edge_vla.onboard.scheduler import RtcScheduler, Scheduler, Trajectory, make_scheduler, start_ramp_s
 from edge_vla.onboard.telemetry import CycleStats, Telemetry, summarize
-from edge_vla.onboard.watchdog import FaultKind, Signals, State, Watchdog, WatchdogConfig
+from edge_vla.onboard.watchdog import PLANNED_STOPS, FaultKind, Signals, State, Watchdog, WatchdogConfig
 from edge_vla.provision.sdnotify import Notifier, watchdog_interval_s
 
 if TYPE_CHECKING:  # the loop's one interface to the motor controller, whatever the backend
@@ -59,6 +59,11 @@ _MODE_DISARMED, _MODE_ARMED, _MODE_STOPPING, _MODE_TRIPPED = 0, 1, 2, 3
 _NOT_FIRMWARE_TRIPS = 0x0004 | 0x0008 | 0x0100 | 0x0200  # HOST_STOP_CAT0/1, SETPOINT_CLAMPED, GAINS_CLAMPED
 _ARM_NOT_DISARMED, _ARM_REFUSED, _ARM_TIMEOUT, _ARM_LINK_DOWN, _ARM_ENABLE_OFF = 1, 2, 3, 4, 5
 _NACK_ENABLE_OFF = 9
+
+# The parent's `stop_request` word: why it asks the loop to stop and exit (the loop acts on the first it sees).
+STOP_EXIT = 1.0  # a signal to the parent, its close(): a controlled stop, as an operator's
+STOP_WORKER_FAILED = 2.0  # the inference worker ended on an error (a camera unplugged): a fault, stop now
+WORKER_FAILED_REASON = "the inference worker stopped on an error (a camera failure or a bug; the run says which)"
 
 # The link carries joint-position setpoints (firmware_bridge SETPOINT), so the loop executes one action kind.
 EXECUTABLE_ACTION_KINDS = ("absolute_joint_position",)
@@ -130,6 +135,7 @@ class ControlLoop:
         self.stats = CycleStats(self.period)
         self.clock: DeadlineClock | None = None
         self.stop_requested: str | None = None  # exit reason, set by signal handlers, the parent, the duration
+        self.exit_kind = FaultKind.OPERATOR_STOP  # the stop an exit request makes (see _request_exit)
         self.armed = False  # True from the moment an ARM may have reached the firmware until a DISARM is ACKed
         self.status = sh.STATUS_STARTING
         self.stop_info: dict[str, Any] = {}
@@ -267,10 +273,8 @@ class ControlLoop:
             self.link.poll(0.0)
             st = self._state(t)
             self._publish(st)
-            if self.stop_requested is None and self.bus.get("stop_request") > 0:
-                self.stop_requested = "stop requested by the parent process"
-            if self.stop_requested is None and t >= end:
-                self.stop_requested = "duration reached"
+            if self.stop_requested is None:
+                self._exit_requests(t, end)
             if self.stop_requested is not None and self._exit_step(t):
                 return
             self._operator_requests(t)
@@ -291,12 +295,26 @@ class ControlLoop:
             # Telemetry writes only in the slack, leaving a margin for the wake-up.
             self.telemetry.drain(clock.slack() - 0.3 * self.period)
 
+    def _exit_requests(self, t: float, end: float) -> None:
+        """The parent's stop request, else the planned end: each exits with its own kind of stop (a signal to this
+        process sets `stop_requested` itself, an operator's stop)."""
+        request = self.bus.get("stop_request")
+        if request >= STOP_WORKER_FAILED:
+            self._request_exit(FaultKind.WORKER_DEAD, WORKER_FAILED_REASON)
+        elif request > 0:
+            self._request_exit(FaultKind.OPERATOR_STOP, "stop requested by the parent process")
+        elif t >= end:
+            self._request_exit(FaultKind.DURATION, "duration reached")
+
+    def _request_exit(self, kind: FaultKind, reason: str) -> None:
+        self.stop_requested, self.exit_kind = reason, kind
+
     def _exit_step(self, t: float) -> bool:
-        """On an exit request: a planned stop if moving, then leave once stopped (bounded)."""
+        """On an exit request: a stop of the request's kind if moving, then leave once stopped (bounded)."""
         if self._exit_deadline is None:
             self._exit_deadline = t + 2 * self.cfg.stop_timeout_s + self.cfg.disarm_tries * 0.1 + 0.5
             if self.status in (sh.STATUS_RUNNING, sh.STATUS_HOMING):
-                self._trip(FaultKind.OPERATOR_STOP, self.stop_requested or "exit", t)
+                self._trip(self.exit_kind, self.stop_requested or "exit", t)
             elif self.status == sh.STATUS_ARMING:
                 self._abort_arm(t, "exit requested while arming")
         if self.status in (sh.STATUS_DISARMED, sh.STATUS_STOPPED):
@@ -634,7 +652,7 @@ class ControlLoop:
         self.bus.set("trip_kind", float(list(FaultKind).index(k) + 1))
         self.bus.set("trip_category", float(category))
         self.bus.set("trip_t", t_fault)
-        self._notifier.status(f"{'stopped' if k is FaultKind.OPERATOR_STOP else 'safety stop'} category {category}: "
+        self._notifier.status(f"{'stopped' if k in PLANNED_STOPS else 'safety stop'} category {category}: "
                               f"{reason}")
         self.stop_info = {"category": category, "fault_to_stop_frame_ms": (t_wire - t_fault) * 1e3}
         self._event(t_wire, "stop_sent", category=category, kind=kind, reason=reason, t_fault=t_fault)
@@ -706,11 +724,11 @@ class ControlLoop:
         self._set_status(sh.STATUS_STOPPED)
         kind = self.watchdog.active.kind.value if self.watchdog.active else "unknown"
         self._event(t, "stopped", category=self._stop.get("category"), kind=kind, armed=self.armed)
-        if kind == FaultKind.OPERATOR_STOP.value:
-            log.info("stopped (%s); latched until an operator arms", self.watchdog.active.reason)  # type: ignore[union-attr]
+        then = "exiting" if self.stop_requested is not None else "latched until an operator arms"
+        if kind in {k.value for k in PLANNED_STOPS}:
+            log.info("stopped (%s); %s", self.watchdog.active.reason, then)  # type: ignore[union-attr]
         else:
-            log.error("stopped after a category-%s stop (%s); latched until an operator arms",
-                      self._stop.get("category"), kind)
+            log.error("stopped after a category-%s stop (%s); %s", self._stop.get("category"), kind, then)
 
     def _idle_cycle(self, t: float, st: Any) -> None:
         """Disarmed or stopped: command nothing. A keep-alive (never the motion watchdog's food) goes only to a
@@ -754,14 +772,25 @@ class ControlLoop:
                 return
         log.error("DISARM on exit not confirmed; the firmware's watchdog and latched STOP keep the motors off")
 
+    def _end(self) -> dict[str, Any] | None:
+        """Why the loop ended: {"kind": "duration" (the planned --duration), "operator_stop" (a signal, the
+        parent's stop) or "worker_dead" (the inference worker failed), "reason": ...}; None before an exit request
+        (still running, or ended by an error)."""
+        if self.stop_requested is None:
+            return None
+        return {"kind": self.exit_kind.value, "reason": self.stop_requested}
+
     def summary(self) -> dict[str, Any]:
         stats = self.link.stats
         link = {k: getattr(stats, k) for k in ("frames_sent", "frames_received", "crc_errors", "framing_errors",
-                                               "bad_messages", "drops", "reconnects")}
+                                               "bad_messages", "drops", "reconnects", "reads_at_budget")}
+        link["ignored_frames"] = dict(getattr(stats, "ignored_frames", {}))  # CAN: frames not ours, by kind
+        # A planned end is not a trip: it is the summary's `end`, and stays out of `trips`, where every reader (the
+        # exit status, drills, campaigns, benchmarks) takes any kind but operator_stop for a fault.
+        trips = [tr.as_dict() for tr in self.watchdog.trips if tr.kind is not FaultKind.DURATION]
         return summarize(
-            self.stats, self.clock.missed if self.clock else 0, self.safety.counts,
-            [tr.as_dict() for tr in self.watchdog.trips],
-            extra={"chunks": {"adopted": self.chunks_adopted, "strategy": self.cfg.strategy,
+            self.stats, self.clock.missed if self.clock else 0, self.safety.counts, trips,
+            extra={"end": self._end(), "chunks": {"adopted": self.chunks_adopted, "strategy": self.cfg.strategy,
                               **{k: round(v, 6) if isinstance(v, float) else v
                                  for k, v in self.scheduler.summary().items()}},
                    "link": link, "realtime": self._realtime, "stop": self.stop_info,

@@ -15,6 +15,10 @@ says where each runs.
 The parent's SIGINT/SIGTERM handlers (installed by the CLI) call `request_stop()`: the control process
 then makes a category-1 stop, disarms and exits; `close()` waits for that, and only kills the child if
 it does not exit (the firmware watchdog then stops the motors).
+
+If the inference worker ends on an error (a camera unplugged: its read raises, or it gives no usable frame), no
+chunk will come again: the worker's thread asks the control process to stop (a worker_dead fault, category 1)
+and exit, so `wait()` returns and `worker_failure` says why in one line.
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ from collections.abc import Callable
 from typing import Any
 
 from edge_vla.onboard import shared as sh
-from edge_vla.onboard.cameras import CameraSource
-from edge_vla.onboard.control import ControlConfig, control_main
-from edge_vla.onboard.errors import StartupError
+from edge_vla.onboard.cameras import CameraSource, error_line
+from edge_vla.onboard.control import STOP_EXIT, STOP_WORKER_FAILED, ControlConfig, control_main
+from edge_vla.onboard.errors import CameraError, StartupError
 from edge_vla.onboard.operator import BusOperator, ControlSocketServer
 from edge_vla.onboard.rt import ThreadPlan, name_thread, pin_threads
 from edge_vla.onboard.scheduler import RTC
@@ -51,9 +55,11 @@ def bus_state_fn(bus: sh.SharedBus) -> Callable[[], tuple[Any, float] | None]:
 class OnboardRunner:
     def __init__(self, config: ControlConfig, source: ChunkSource, camera_factory: CameraFactory, instruction: str,
                  image_size: int | None = None, max_chunk_len: int = 64, log_level: int = logging.INFO,
-                 control_socket: str | None = None, threads: ThreadPlan | None = None, engine: str = "") -> None:
+                 control_socket: str | None = None, threads: ThreadPlan | None = None, engine: str = "",
+                 camera_label: str | None = None) -> None:
         """`threads`: where the loop and inference run (None: left as they are); `engine`: what computes inference,
-        for the start line (e.g. "1 onnxruntime intra-op thread, spinning off")."""
+        for the start line (e.g. "1 onnxruntime intra-op thread, spinning off"); `camera_label`: how a camera
+        failure names the camera (e.g. the --camera spec; default: the camera's own name)."""
         if config.strategy == RTC:  # before anything starts: rtc needs a source that takes a prefix
             require_rtc(source, "this chunk source")
         self.config = config
@@ -68,6 +74,8 @@ class OnboardRunner:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._worker_error: BaseException | None = None
+        self.camera_label = camera_label
+        self._stop_lock = threading.RLock()  # the worker thread and the main thread (its signal handlers) both ask
         ctx = mp.get_context("spawn")  # no fork: onnxruntime threads and locks do not survive it
         self._recv, send = ctx.Pipe(duplex=False)
         self.proc = ctx.Process(target=control_main, args=(config, self.bus, send, log_level),
@@ -98,7 +106,8 @@ class OnboardRunner:
         rtc = self.config.strategy == RTC  # the worker's half of rtc: prefixes from the plan the loop follows
         self.worker = InferenceWorker(self.source, camera, self.bus, self.instruction, self.image_size,
                                       sync=self.config.strategy == "sync",
-                                      rtc_control_period_s=1.0 / self.config.rate_hz if rtc else None)
+                                      rtc_control_period_s=1.0 / self.config.rate_hz if rtc else None,
+                                      camera_label=self.camera_label)
         self._thread = threading.Thread(target=self._run_worker, name="edge-vla-worker", daemon=True)
         self._thread.start()
         if self._thread.native_id is not None:  # top -H, ps -L and /proc/PID/task/TID/comm show which thread infers
@@ -134,9 +143,28 @@ class OnboardRunner:
         assert self.worker is not None
         try:
             self.worker.run(self._stop, alive=self.proc.is_alive)
-        except BaseException as exc:  # the watchdog sees the silence; the parent reports why
+        except BaseException as exc:
             self._worker_error = exc
-            log.exception("inference worker died")
+            # Nothing will infer again: the robot stops now (not when its chunk runs out) and the run ends, rather
+            # than waiting, stopped, for an operator whose arm could only lead to the next stop.
+            self.request_stop(STOP_WORKER_FAILED)
+            if isinstance(exc, CameraError):  # a device failing, said in one line; a bug keeps its traceback
+                log.error("%s; stopping the robot and ending the run", exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            else:
+                log.exception("inference worker died; stopping the robot and ending the run")
+
+    @property
+    def worker_error(self) -> BaseException | None:
+        """The error the inference worker ended on (a CameraError for a camera failure), or None."""
+        return self._worker_error
+
+    @property
+    def worker_failure(self) -> str | None:
+        """Why the inference worker ended, in one line (a camera failure names the camera), or None."""
+        exc = self._worker_error
+        if exc is None:
+            return None
+        return str(exc) if isinstance(exc, CameraError) else f"the inference worker failed: {error_line(exc)}"
 
     def wait_ready(self, timeout: float = 60.0) -> bool:
         deadline = time.monotonic() + timeout
@@ -155,8 +183,11 @@ class OnboardRunner:
     def status(self) -> str:
         return sh.STATUS_NAMES[int(self.bus.get("status"))]
 
-    def request_stop(self) -> None:
-        self.bus.set("stop_request", 1.0)
+    def request_stop(self, why: float = STOP_EXIT) -> None:
+        """Ask the control process for a controlled stop and exit; `why` (control.STOP_*) sets the stop's kind. A
+        request never lowers an earlier one: a worker failure stays a fault when close() asks again."""
+        with self._stop_lock:
+            self.bus.set("stop_request", max(self.bus.get("stop_request"), why))
 
     def rearm(self) -> dict[str, Any]:
         """Deprecated alias of `operator.arm()` (kept for one release)."""

@@ -7,7 +7,7 @@
 The stop category follows the fault kind (IEC 60204-1): category 0 (torque off now) when the link or
 the firmware can no longer be trusted to carry out a controlled stop; category 1 (decelerate to hold,
 then torque off) for everything the motor controller can still execute: stale camera or chunk,
-overruns, a dead inference worker, non-finite actions, an operator stop.
+overruns, a dead inference worker, non-finite actions, an operator stop, the planned end of a run.
 Only the first trip is acted on; later ones while stopping are recorded but do not change the stop.
 """
 
@@ -40,11 +40,17 @@ class FaultKind(Enum):
     FIRMWARE_FAULT = "firmware_fault"
     WORKER_DEAD = "worker_dead"
     NONFINITE_ACTION = "nonfinite_action"
-    OPERATOR_STOP = "operator_stop"  # SIGINT / SIGTERM / stop request / duration reached
+    OPERATOR_STOP = "operator_stop"  # an operator's stop, SIGINT / SIGTERM, the parent's stop request
     LOOP_ERROR = "loop_error"  # an exception inside the control loop itself
     FOLLOWING_ERROR = "following_error"  # |commanded - measured| over the joint's limit (a collision, a block)
     EFFORT_LIMIT = "effort_limit"  # a gripper-role joint over its effort limit
     STOP_ESCALATED = "stop_escalated"  # a category-1 ramp did not end within its bound: torque off now
+    # Last, so the shared bus's trip_kind numbers (1 + index) of the kinds above stay what they were.
+    DURATION = "duration"  # the run's planned --duration ended: not a fault, and no operator's act either
+
+
+# Stops that end a run as planned or asked: logged at INFO, not a fault (exit status 0).
+PLANNED_STOPS = frozenset({FaultKind.OPERATOR_STOP, FaultKind.DURATION})
 
 
 STOP_CATEGORY: dict[FaultKind, int] = {
@@ -62,6 +68,7 @@ STOP_CATEGORY: dict[FaultKind, int] = {
     FaultKind.FOLLOWING_ERROR: 1,
     FaultKind.EFFORT_LIMIT: 1,
     FaultKind.STOP_ESCALATED: 0,
+    FaultKind.DURATION: 1,
 }
 # Losing the link is category 0 by default: a controller we cannot reach cannot be commanded through a
 # ramp, and its own heartbeat watchdog then runs its configured stop anyway. Robots that fall without
@@ -173,7 +180,7 @@ class Watchdog:
             return None
         self.active = trip
         self.state = State.STOPPED if trip.category == 0 else State.STOPPING
-        if kind is FaultKind.OPERATOR_STOP:  # a planned end or an operator's stop, not a fault
+        if kind in PLANNED_STOPS:  # a planned end or an operator's stop, not a fault
             self._log(logging.INFO, "stopped (%s): category-%d stop at t=%.6f", reason, trip.category, now)
         else:
             self._log(logging.ERROR, "SAFETY STOP category %d at t=%.6f: %s: %s", trip.category, now, kind.value,

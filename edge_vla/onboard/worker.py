@@ -24,7 +24,8 @@ import numpy as np
 
 from edge_vla.errors import ConfigError
 from edge_vla.onboard import shared as sh
-from edge_vla.onboard.cameras import CameraSource, resize_nearest
+from edge_vla.onboard.cameras import CameraSource, Frame, camera_name, error_line, frame_problem, resize_nearest
+from edge_vla.onboard.errors import CameraError
 from edge_vla.onboard.histogram import LogHistogram
 from edge_vla.onboard.scheduler import RTC, LatencyTracker, PrefixPlan, rtc_prefix
 from edge_vla.runtime.types import ActionChunk, Observation
@@ -203,9 +204,12 @@ class InferenceWorker:
 
     def __init__(self, source: ChunkSource, camera: CameraSource, bus: sh.SharedBus, instruction: str,
                  image_size: int | None = None, sync: bool = False, min_interval_s: float = 0.05,
-                 rtc_control_period_s: float | None = None) -> None:
-        """`rtc_control_period_s`: run the rtc strategy's half (prefixes) for a loop at that control period."""
+                 rtc_control_period_s: float | None = None, camera_label: str | None = None) -> None:
+        """`rtc_control_period_s`: run the rtc strategy's half (prefixes) for a loop at that control period.
+        `camera_label`: how a camera failure names the camera (default: its `name`, the --camera spec)."""
         self.source, self.camera, self.bus = source, camera, bus
+        self.camera_label = camera_label or camera_name(camera)
+        self._images: int | None = None  # images per frame, from the first good frame: a camera keeps its count
         self.min_interval_s = min_interval_s  # replanning faster than this buys nothing and costs a core
         self._last_start = 0.0
         self.instruction, self.image_size, self.sync = instruction, image_size, sync
@@ -257,7 +261,7 @@ class InferenceWorker:
             time.sleep(wait)
         self._last_start = time.monotonic()
         self.bus.set("worker_phase", sh.WORKER_CAMERA)
-        frame = self.camera.read()
+        frame = self._read_frame()
         got = time.monotonic()
         self.bus.set("worker_phase", sh.WORKER_IDLE)
         self.bus.beat()
@@ -303,6 +307,21 @@ class InferenceWorker:
             self.rtc.record(plan, time.monotonic() - t_plan)
         self.stats.chunks += 1
         return True
+
+    def _read_frame(self) -> Frame:
+        """The camera's next frame. A read that raises, or gives no usable frame, ends the worker with a CameraError
+        naming the camera (an unplugged USB camera does both): a camera driver does its own waiting and retrying
+        (RealSense's frame timeout), so what reaches here is not a frame to drive on. `worker_phase` stays at
+        WORKER_CAMERA, so the control loop's camera check sees a camera that gives nothing from here on."""
+        try:
+            frame = self.camera.read()
+        except Exception as exc:
+            raise CameraError(f"camera {self.camera_label} failed: {error_line(exc)}") from exc
+        why = frame_problem(frame, self._images)
+        if why is not None:
+            raise CameraError(f"camera {self.camera_label} returned {why}")
+        self._images = len(frame.images)
+        return frame
 
     def _kept(self, plan: PrefixPlan | None, actions: np.ndarray) -> PrefixPlan | None:
         """The prefix, if the chunk starts with it; else None: the loop must not hand over to it as a continuation."""

@@ -78,8 +78,8 @@ def test_a_run_whose_telemetry_disk_fills_ends_with_the_planned_stop() -> None:
     proc = _run_expert(run_dir, "/dev/full")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
-    assert "error" not in summary and [t["kind"] for t in summary["trips"]] == ["operator_stop"]
-    assert summary["trips"][0]["category"] != 0 and not summary["armed_at_exit"]
+    assert "error" not in summary and summary["trips"] == [] and summary["end"]["kind"] == "duration"
+    assert summary["stop"]["category"] == 1 and not summary["armed_at_exit"]  # the planned stop, not torque off
     assert summary["duration_s"] > 3.5  # it ran to its duration
     lines = [ln for ln in proc.stderr.splitlines() if "telemetry to /dev/full stopped" in ln]
     assert len(lines) == 1 and "No space left on device" in lines[0], proc.stderr[-3000:]
