@@ -17,8 +17,9 @@
    a byte that starts no packet) is skipped and the loop reads on. While a peer keeps the input full (a servo or
    a second master flooding status packets; a pty or a USB adapter delivers faster than the SDK parses) one read
    went on past its deadline for as long as the flood lasted (2.1 s seen on a pty for a 34 ms timeout). Past the
-   deadline readPort() takes nothing more, so the loop ends at the SDK's own timeout check (COMM_RX_TIMEOUT or
-   COMM_RX_CORRUPT) after at most the packet it was parsing.
+   deadline readPort() takes at most LATE_READ_BYTES more (a reply that came in time to a thread descheduled past
+   the deadline is still read: the SDKs read a packet in two or more pieces) and then nothing, so the loop ends at
+   the SDK's own timeout check (COMM_RX_TIMEOUT or COMM_RX_CORRUPT): ~2.5 ms of input at 1 Mbaud.
 5. Both SDKs time every reply with `time.time()`, the wall clock, which NTP steps when a robot computer without an
    RTC (a Jetson) first syncs, often by hours, while the control loop runs. A forward step during a read ended it
    at once although the servo was answering (a spurious lost link: MotorBusError, the control loop trips); a
@@ -36,6 +37,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 DEFAULT_LATENCY_MS = 16  # what both SDKs assume
+# Past a reply's deadline a read may still take this much input, once per transaction: a sync read's replies from
+# a few servos (a status packet is 11-20 bytes), not a flood.
+LATE_READ_BYTES = 256
 PORT_ERRORS = (OSError, termios.error)  # serial.SerialException is an OSError
 
 
@@ -58,11 +62,21 @@ def port_handler(sdk: Any, port: str, latency_ms: int = DEFAULT_LATENCY_MS) -> A
             except PORT_ERRORS as exc:
                 self._failed(exc)
 
+        late_bytes_left = LATE_READ_BYTES  # what this transaction may still read past its deadline (fix 4)
+
         def readPort(self, length: int) -> Any:
-            if self.getTimeSinceStart() > self.packet_timeout:
-                return b""  # past this reply's deadline: take nothing more (fix 4)
+            late = self.getTimeSinceStart() > self.packet_timeout
+            if late:
+                # Past this reply's deadline: a little more of what is already buffered (a reply that came in time
+                # to a thread descheduled past the deadline is still read), then nothing more (fix 4).
+                length = min(length, self.late_bytes_left)
+                if length <= 0:
+                    return b""
             try:
-                return super().readPort(length)
+                data = super().readPort(length)
+                if late:
+                    self.late_bytes_left -= len(data)
+                return data
             except PORT_ERRORS as exc:
                 self._failed(exc)
                 return b""  # nothing arrived: the SDK's reply timeout follows
@@ -78,7 +92,12 @@ def port_handler(sdk: Any, port: str, latency_ms: int = DEFAULT_LATENCY_MS) -> A
             """Milliseconds of the monotonic clock (fix 5): every SDK timeout is measured from this."""
             return time.monotonic_ns() / 1_000_000.0
 
+        def setPacketTimeoutMillis(self, msec: float) -> None:
+            super().setPacketTimeoutMillis(msec)
+            self.late_bytes_left = LATE_READ_BYTES
+
         def setPacketTimeout(self, packet_length: int) -> None:
+            self.late_bytes_left = LATE_READ_BYTES
             self.packet_start_time = self.getCurrentTime()
             self.packet_timeout = (self.tx_time_per_byte * packet_length) + (latency_ms * 2.0) + 2.0
 

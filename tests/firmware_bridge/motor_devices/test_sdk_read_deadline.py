@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from firmware_bridge.motors import dynamixel_emulator, feetech_emulator
-from firmware_bridge.motors.sdk_port import port_handler
+from firmware_bridge.motors.sdk_port import LATE_READ_BYTES, port_handler
 
 FLOOD_S = 3.0  # how long a flood lasts at most: a read held by it shows as seconds, not a hung test
 BOUND_S = 0.5  # a read's timeout is ~34 ms (16 ms latency timer x 2 + 2 + wire time); this allows a loaded host
@@ -169,15 +169,15 @@ def _sync_read(sdk: Any, ph: Any, port: Any) -> int:
 
 @pytest.mark.parametrize("read", [_read_one, _sync_read], ids=["read", "sync-read"])
 def test_a_flood_of_another_ids_packets_does_not_hold_a_read(bus, read) -> None:
-    """Each read ends at its deadline: it takes no input after it (the exact property; how long the old code ran
-    on depended on when the kernel's pty buffer first ran dry: 40 ms to the whole flood) and returns well under a
-    second, with the SDK's timeout result (id 1 never answered)."""
+    """Each read ends at its deadline: it takes at most LATE_READ_BYTES of input after it (the exact property; how
+    long the old code ran on depended on when the kernel's pty buffer first ran dry: 40 ms to the whole flood, over
+    100 kB) and returns well under a second, with the SDK's timeout result (id 1 never answered)."""
     sdk = bus[1]
     reads = _reads_during_flood(bus, read)
     took = [round(t, 3) for _, t, _ in reads]
     late = [n for *_, n in reads]
     assert max(took) < BOUND_S, f"reads were held {took} s by a flood of id {FOREIGN_ID} status packets"
-    assert not any(late), f"reads took {late} bytes after their deadline (held {took} s)"
+    assert max(late) <= LATE_READ_BYTES, f"reads took {late} bytes after their deadline (held {took} s)"
     assert all(r in (sdk.COMM_RX_TIMEOUT, sdk.COMM_RX_CORRUPT) for r, *_ in reads), reads
 
 
@@ -203,3 +203,33 @@ def test_control_a_reply_after_other_ids_packets_is_read(bus) -> None:
     assert result == sdk.COMM_SUCCESS, ph.getTxRxResult(result)
     assert bytes(data) == value and error == 0
     assert took < BOUND_S
+
+
+def test_a_reply_that_came_in_time_is_read_by_a_reader_descheduled_past_its_deadline(bus) -> None:
+    """The servo answers at once, but the reading thread runs again only 40 ms later (a GC pause, a loaded core;
+    the deadline is ~34 ms): the reply is in the port's buffer and is read, as the SDK's own PortHandler reads it.
+    (A first version of the deadline bound took nothing past the deadline and turned it into a lost link.)"""
+    spec, sdk, port, master, _ = bus
+    ph = spec.packet_handler(sdk)
+    value = (0x12345678).to_bytes(SIZE, "little")
+
+    def servo() -> None:
+        if select.select([master], [], [], 5.0)[0]:
+            os.read(master, 4096)
+            os.write(master, spec.status_packet(SERVO_ID, 0, value))
+
+    responder = threading.Thread(target=servo, daemon=True)
+    responder.start()
+    set_timeout = port.setPacketTimeout
+
+    def descheduled(packet_length: int) -> None:
+        set_timeout(packet_length)
+        deadline = port.packet_start_time + port.packet_timeout
+        while port.getCurrentTime() <= deadline + 6.0 or port.getBytesAvailable() == 0:
+            time.sleep(0.001)  # the reader is away until the deadline has passed and the reply is buffered
+
+    port.setPacketTimeout = descheduled
+    data, result, error = ph.readTxRx(port, SERVO_ID, ADDR, SIZE)
+    responder.join(5.0)
+    assert result == sdk.COMM_SUCCESS, ph.getTxRxResult(result)
+    assert bytes(data) == value and error == 0
