@@ -23,6 +23,11 @@ State machine (the STATUS word; nothing below ever waits inside a cycle):
   `stop_timeout_s` escalates to category 0. Then DISARM, resent until ACKed; if it never is, that is
   logged as an error and `armed` stays true (the firmware is still latched, its torque confirmed off).
 - Keep-alives (which never feed the motion watchdog) go only to a firmware confirmed not armed.
+- The parent process dying (`edge-vla run` killed with SIGKILL: the OOM killer, `systemctl kill -s KILL`, a crash
+  in a native library) takes the inference worker and the operator socket with it: the loop sees it within one
+  cycle (getppid() no longer the parent's pid; PR_SET_PDEATHSIG says so at once), makes the stop a SIGTERM
+  makes (category 1 if moving, as a dead worker), disarms and exits, rather than living on as an orphan holding
+  the port, the CAN socket and the shared memory.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from edge_vla.onboard.errors import StartupError
 from edge_vla.onboard.following import TrackingCheck, TrackingLimits
 from edge_vla.onboard.linkops import OK, PENDING, Commands
 from edge_vla.onboard.operator import ARM_OK, check_bench_mode
-from edge_vla.onboard.rt import DeadlineClock, RealtimeConfig, apply_realtime
+from edge_vla.onboard.rt import DeadlineClock, RealtimeConfig, apply_realtime, set_parent_death_signal
 from edge_vla.onboard.safety import SafetyLayer, SafetyLimits
 from edge_vla.onboard.scheduler import RtcScheduler, Scheduler, Trajectory, make_scheduler, start_ramp_s
 from edge_vla.onboard.telemetry import CycleStats, Telemetry, summarize
@@ -64,6 +69,10 @@ _NACK_ENABLE_OFF = 9
 STOP_EXIT = 1.0  # a signal to the parent, its close(): a controlled stop, as an operator's
 STOP_WORKER_FAILED = 2.0  # the inference worker ended on an error (a camera unplugged): a fault, stop now
 WORKER_FAILED_REASON = "the inference worker stopped on an error (a camera failure or a bug; the run says which)"
+# The parent process died without asking for a stop (SIGKILL, a crash): nothing infers or serves operators again.
+PARENT_DIED_REASON = "the parent process (pid {pid}) died: no inference worker and no operator socket are left"
+# PR_SET_PDEATHSIG's signal: its own, not SIGTERM, because it also comes when only the parent's starting thread ends.
+PARENT_DEATH_SIGNAL = signal.SIGUSR2
 
 # The link carries joint-position setpoints (firmware_bridge SETPOINT), so the loop executes one action kind.
 EXECUTABLE_ACTION_KINDS = ("absolute_joint_position",)
@@ -110,7 +119,9 @@ class ControlConfig:
 class ControlLoop:
     """One control loop over one link; `run()` returns the summary dict."""
 
-    def __init__(self, config: ControlConfig, bus: sh.SharedBus, link: Controller) -> None:
+    def __init__(self, config: ControlConfig, bus: sh.SharedBus, link: Controller,
+                 parent_pid: int | None = None) -> None:
+        """`parent_pid`: the process that runs the inference worker; its death ends the loop (None: not watched)."""
         if config.arm_on_start:
             check_bench_mode()
         self.cfg = config
@@ -156,6 +167,8 @@ class ControlLoop:
         self._fw_fresh_t = 0.0
         self._last_keepalive = 0.0
         self._exit_deadline: float | None = None
+        self.parent_pid = parent_pid
+        self.parent_signalled = False  # PR_SET_PDEATHSIG's signal came (set by the handler, read by the loop)
         # arming / stopping sub-state
         self._clear_seq: int | None = None
         self._arm_seq: int | None = None
@@ -295,9 +308,30 @@ class ControlLoop:
             # Telemetry writes only in the slack, leaving a margin for the wake-up.
             self.telemetry.drain(clock.slack() - 0.3 * self.period)
 
+    def orphaned(self) -> bool:
+        """The parent process is gone: this one was re-parented (to init, or to a subreaper such as systemd's)."""
+        return self.parent_pid is not None and os.getppid() != self.parent_pid
+
+    def _parent_died(self) -> bool:
+        """Every cycle (a getppid() call): a dead parent sends no chunk and no stop request, ever again. Also the
+        backstop for the signal: a parent dead before the prctl, a kernel without it."""
+        if self.parent_signalled and not self.orphaned():
+            log.info("the thread that started the control process ended; its process (pid %s) lives on: running on",
+                     self.parent_pid)
+        self.parent_signalled = False
+        if not self.orphaned():
+            return False
+        reason = PARENT_DIED_REASON.format(pid=self.parent_pid)
+        self._request_exit(FaultKind.WORKER_DEAD, reason)
+        if self.status not in (sh.STATUS_RUNNING, sh.STATUS_HOMING):  # moving: the trip's line says it, after STOP
+            log.error("%s (killed?); nothing was moving: exiting", reason)
+        return True
+
     def _exit_requests(self, t: float, end: float) -> None:
-        """The parent's stop request, else the planned end: each exits with its own kind of stop (a signal to this
-        process sets `stop_requested` itself, an operator's stop)."""
+        """The parent's death, its stop request, else the planned end: each exits with its own kind of stop (a
+        signal to this process sets `stop_requested` itself, an operator's stop)."""
+        if self._parent_died():
+            return
         request = self.bus.get("stop_request")
         if request >= STOP_WORKER_FAILED:
             self._request_exit(FaultKind.WORKER_DEAD, WORKER_FAILED_REASON)
@@ -808,14 +842,17 @@ def _telemetry_text(telemetry: Telemetry) -> str | None:
     return f"{telemetry.path} (stopped mid-run: {telemetry.failed}; {telemetry.dropped} records not written)"
 
 
-def control_main(config: ControlConfig, bus: sh.SharedBus, conn: Any = None, log_level: int = logging.INFO) -> None:
-    """Entry point of the control process: SIGINT/SIGTERM -> controlled stop; summary sent over `conn`."""
+def control_main(config: ControlConfig, bus: sh.SharedBus, conn: Any = None, log_level: int = logging.INFO,
+                 parent_pid: int | None = None) -> None:
+    """Entry point of the control process: SIGINT/SIGTERM -> controlled stop; summary sent over `conn`.
+    `parent_pid` (the runner's pid, passed in: by the time this runs, getppid() may already be init's): its death
+    -> the same controlled stop, then exit."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[control]: %(message)s")
     from firmware_bridge.schemes import open_link
 
     try:
         link = open_link(config.link_url, **config.link_kwargs)
-        loop = ControlLoop(config, bus, link)
+        loop = ControlLoop(config, bus, link, parent_pid)
     except Exception as exc:  # e.g. a telemetry file the service user may not write: the parent says why
         log.error("control loop could not start: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
         if conn is not None:
@@ -828,6 +865,8 @@ def control_main(config: ControlConfig, bus: sh.SharedBus, conn: Any = None, log
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if parent_pid is not None:
+        _watch_parent(loop)
     result: dict[str, Any]
     try:
         result = loop.run()
@@ -835,5 +874,27 @@ def control_main(config: ControlConfig, bus: sh.SharedBus, conn: Any = None, log
         log.exception("control loop failed")
         result = {**loop.summary(), "error": f"{type(exc).__name__}: {exc}"}
     if conn is not None:
+        _send_summary(conn, result)
+
+
+def _watch_parent(loop: ControlLoop) -> None:
+    """PR_SET_PDEATHSIG: the kernel signals this process when its parent dies. The handler only raises a flag (the
+    signal also comes when just the parent's starting thread ends); the loop's per-cycle getppid() check decides,
+    and covers a parent that died before the prctl (the loop's first cycle sees it)."""
+    def on_parent_signal(_signum: int, _frame: Any) -> None:
+        loop.parent_signalled = True
+
+    signal.signal(PARENT_DEATH_SIGNAL, on_parent_signal)  # before the prctl: the signal's default would kill us
+    why_not = set_parent_death_signal(PARENT_DEATH_SIGNAL)
+    if why_not is not None:
+        log.warning("PR_SET_PDEATHSIG unavailable (%s): the parent's death is seen by the loop's own check", why_not)
+
+
+def _send_summary(conn: Any, result: dict[str, Any]) -> None:
+    """The summary to the parent; a parent that died (the loop stopped because of that) cannot take it."""
+    try:
         conn.send(result)
         conn.close()
+    except OSError as exc:  # BrokenPipeError: the reading end died with the parent
+        where = f"it is in {result['telemetry']}" if result.get("telemetry") else "no telemetry file was set to keep it"
+        log.warning("the summary could not reach the parent process (%s); %s", exc, where)

@@ -14,7 +14,11 @@ says where each runs.
 
 The parent's SIGINT/SIGTERM handlers (installed by the CLI) call `request_stop()`: the control process
 then makes a category-1 stop, disarms and exits; `close()` waits for that, and only kills the child if
-it does not exit (the firmware watchdog then stops the motors).
+it does not exit (the firmware watchdog then stops the motors). If this process dies without a word (SIGKILL: the
+OOM killer, `systemctl kill -s KILL`, a crash in a native library) the control process sees it within one cycle,
+makes the same stop, disarms and exits, rather than living on as an orphan holding the port. The thread that calls
+`start()` forks it, and PR_SET_PDEATHSIG (one of its two checks) fires when that *thread* ends: the control process
+checks that this process is really gone before stopping, so a runner may be started from a short-lived thread.
 
 If the inference worker ends on an error (a camera unplugged: its read raises, or it gives no usable frame), no
 chunk will come again: the worker's thread asks the control process to stop (a worker_dead fault, category 1)
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -78,7 +83,8 @@ class OnboardRunner:
         self._stop_lock = threading.RLock()  # the worker thread and the main thread (its signal handlers) both ask
         ctx = mp.get_context("spawn")  # no fork: onnxruntime threads and locks do not survive it
         self._recv, send = ctx.Pipe(duplex=False)
-        self.proc = ctx.Process(target=control_main, args=(config, self.bus, send, log_level),
+        # Our pid: the control process stops the robot and exits when this process dies (a SIGKILL, a crash).
+        self.proc = ctx.Process(target=control_main, args=(config, self.bus, send, log_level, os.getpid()),
                                 name="edge-vla-control", daemon=False)
         self._send = send
         self.operator = BusOperator(self.bus, alive=self.proc.is_alive)
