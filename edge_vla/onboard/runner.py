@@ -150,6 +150,11 @@ class OnboardRunner:
         try:
             self.worker.run(self._stop, alive=self.proc.is_alive)
         except BaseException as exc:
+            if self._stop.is_set():
+                # close() ended the run and closed the camera under a worker still inferring (past its 5 s join):
+                # its next read failing is the end of the run, not a camera failure (the exit status stays 0)
+                log.debug("inference worker ended after close(): %s", error_line(exc))
+                return
             self._worker_error = exc
             # Nothing will infer again: the robot stops now (not when its chunk runs out) and the run ends, rather
             # than waiting, stopped, for an operator whose arm could only lead to the next stop.

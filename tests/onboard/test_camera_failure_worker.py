@@ -102,3 +102,38 @@ def test_control_a_camera_that_keeps_working_keeps_the_worker_serving() -> None:
     stop = threading.Event()
     assert all(worker.step(stop) for _ in range(5))
     assert bus.chunk_seq() == 5 and bus.get("worker_phase") == sh.WORKER_IDLE
+
+
+class _RaisingWorker:
+    """The worker's run(): its camera read fails (closed under it, or unplugged)."""
+
+    def run(self, stop, alive) -> None:
+        raise CameraError("camera video:/data/unplugged failed: OSError: [Errno 19] No such device")
+
+
+def _bare_runner(stop_set: bool):
+    """An OnboardRunner with only what _run_worker touches (no control process is started)."""
+    from edge_vla.onboard.runner import OnboardRunner
+
+    runner = object.__new__(OnboardRunner)
+    runner.bus = sh.SharedBus(2, 8)
+    runner._stop, runner._stop_lock, runner._worker_error = threading.Event(), threading.RLock(), None
+    runner.worker = _RaisingWorker()
+    runner.proc = type("Proc", (), {"is_alive": staticmethod(lambda: True)})()
+    if stop_set:
+        runner._stop.set()
+    return runner
+
+
+def test_a_worker_failing_after_close_is_the_end_of_the_run_not_a_camera_failure() -> None:
+    """close() closes the camera under a worker still inferring past its 5 s join (pi0 on a CPU): the read that then
+    fails must not turn a clean end (exit 0) into a camera failure (exit 3). Control: the same failure mid-run is one."""
+    after_close = _bare_runner(stop_set=True)
+    after_close._run_worker()
+    assert after_close.worker_failure is None
+    assert after_close.bus.get("stop_request") == 0
+
+    mid_run = _bare_runner(stop_set=False)
+    mid_run._run_worker()
+    assert mid_run.worker_failure is not None and "No such device" in mid_run.worker_failure
+    assert mid_run.bus.get("stop_request") > 0
