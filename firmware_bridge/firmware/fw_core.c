@@ -40,7 +40,9 @@ int fw_set_joint(fw_t *fw, uint8_t j, const char *name, int32_t pos_min, int32_t
     if (j >= fw->n_joints || pos_min > pos_max || vel_max < 0 || eff_max < 0) return -1;
     fw_joint_cfg_t *c = &fw->joint[j];
     memset(c, 0, sizeof *c);
-    for (size_t i = 0; name && name[i] && i < FW_NAME_LEN; i++) c->name[i] = name[i];
+    /* The bound first: a name of exactly FW_NAME_LEN bytes (another fw_joint_cfg_t's name, NUL-padded only when
+     * shorter) has no terminator, and reading name[FW_NAME_LEN] would be one byte past it. */
+    for (size_t i = 0; name && i < FW_NAME_LEN && name[i]; i++) c->name[i] = name[i];
     c->pos_min = pos_min;
     c->pos_max = pos_max;
     c->vel_max = vel_max;
@@ -533,11 +535,16 @@ static void handle_frame(fw_t *fw, uint8_t version, uint8_t type, uint16_t seq, 
         send_ack(fw, FW_MSG_ACK, seq, type, 0);
         return;
     case FW_MSG_DISARM:
-        if (len != 0) break;
+        /* only removes torque, so a malformed one (with a payload) disarms too, answered NACK BAD_LENGTH */
         torque_off(fw, FW_MODE_DISARMED);
         fw->mode = resting_mode(fw); /* faults stay latched */
         emit(fw, FW_EV_DISARMED, 0);
-        send_ack(fw, FW_MSG_ACK, seq, type, 0);
+        if (len != 0) {
+            fw->stats[FW_STAT_RX_BAD_MESSAGES]++;
+            send_ack(fw, FW_MSG_NACK, seq, type, FW_NACK_BAD_LENGTH);
+        } else {
+            send_ack(fw, FW_MSG_ACK, seq, type, 0);
+        }
         return;
     case FW_MSG_CLEAR_FAULTS:
         if (len != 0 && len != 4) break;
@@ -561,14 +568,23 @@ static void handle_frame(fw_t *fw, uint8_t version, uint8_t type, uint16_t seq, 
         if (len != 4) break;
         send_ack(fw, FW_MSG_ACK, seq, type, 0); /* proves the link, never feeds the motion watchdog */
         return;
-    case FW_MSG_STOP:
-        if (len != 4) break;
-        if (p[0] > 1u) { send_ack(fw, FW_MSG_NACK, seq, type, FW_NACK_BAD_ARGUMENT); return; }
-        send_ack(fw, FW_MSG_ACK, seq, type, 0);
+    case FW_MSG_STOP: {
+        /* A stop always wins, a malformed one too (another length, an unknown category): it is still a request to
+         * stop. It gets the category it names when that byte is there and known, else category 0, and a NACK
+         * that tells the sender it was malformed; refusing it would leave the motors running. */
+        uint8_t cat = (len >= 1u && p[0] <= 1u) ? p[0] : 0u;
+        uint8_t bad = len != 4u ? FW_NACK_BAD_LENGTH : (p[0] > 1u ? FW_NACK_BAD_ARGUMENT : 0u);
+        if (bad) {
+            fw->stats[FW_STAT_RX_BAD_MESSAGES]++;
+            send_ack(fw, FW_MSG_NACK, seq, type, bad);
+        } else {
+            send_ack(fw, FW_MSG_ACK, seq, type, 0);
+        }
         fw->stop_latched = 1;
-        emit(fw, FW_EV_STOP_RECEIVED, p[0]);
-        trip(fw, p[0] == 0u ? FW_FAULT_HOST_STOP_CAT0 : FW_FAULT_HOST_STOP_CAT1, p[0]);
+        emit(fw, FW_EV_STOP_RECEIVED, cat);
+        trip(fw, cat == 0u ? FW_FAULT_HOST_STOP_CAT0 : FW_FAULT_HOST_STOP_CAT1, cat);
         return;
+    }
     default:
         fw->stats[FW_STAT_RX_BAD_MESSAGES]++;
         send_ack(fw, FW_MSG_NACK, seq, type, FW_NACK_UNKNOWN_TYPE);

@@ -160,6 +160,7 @@ size_t fw_sizeof(void);
 void fw_init(fw_t *fw, uint8_t n_joints, uint32_t hb_timeout_ms, uint32_t ramp_ms, uint32_t state_rate_hz,
              uint8_t link_err_limit, uint32_t fw_version);
 void fw_set_protocol(fw_t *fw, uint8_t major, uint8_t minor); /* tests: pretend to be another version */
+/* `name`: NULL, a C string, or a char[FW_NAME_LEN] without a terminator; at most FW_NAME_LEN bytes are read. */
 int fw_set_joint(fw_t *fw, uint8_t j, const char *name, int32_t pos_min, int32_t pos_max, int32_t vel_max,
                  int32_t eff_max, uint32_t kp_default, uint32_t kd_default);
 /* Safety configuration (1.1). Categories are 0 or 1; seq_window 1..32768; returns -1 on a bad value.
