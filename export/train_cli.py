@@ -148,7 +148,7 @@ def check_output(args: argparse.Namespace, out: Path) -> None:
         refuse_existing_checkpoint(out, "add --resume to continue it, --overwrite to start a new training over it")
     if args.resume and args.family == "pi0" and out.is_dir():
         # a first save stopped between its renames left its state in staging: complete it before looking for it
-        from export.pi0.train import finish_interrupted_save
+        from .pi0.train import finish_interrupted_save
 
         finish_interrupted_save(out)
     if args.resume and args.family == "pi0" and not (out / "train_state.json").is_file():

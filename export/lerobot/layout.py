@@ -152,24 +152,55 @@ def _open_v30(root: Path, info: dict[str, Any]) -> DatasetMeta:
             raise LeRobotDatasetError(f"{path} lacks column(s) {sorted(required - set(cols))}; it is not LeRobot "
                                       "v3.0 episode metadata (re-download meta/ or re-run the conversion)")
         for i in range(len(cols["episode_index"])):
-            row = {k: v[i] for k, v in cols.items()}
-            data = root / _fill(info, "data_path", chunk_index=int(row["data/chunk_index"]),
-                                file_index=int(row["data/file_index"]))
+            row = _EpisodeRow({k: v[i] for k, v in cols.items()}, path, i)
+            data = root / _fill(info, "data_path", chunk_index=row.index("data/chunk_index"),
+                                file_index=row.index("data/file_index"))
             videos = {}
             for key in video_keys:
-                if info.get("video_path") is None or f"videos/{key}/from_timestamp" not in row:
+                if info.get("video_path") is None or f"videos/{key}/from_timestamp" not in row.values:
                     continue  # reported as a missing video entry if this camera is chosen
                 vpath = root / _fill(info, "video_path", video_key=key,
-                                     chunk_index=int(row[f"videos/{key}/chunk_index"]),
-                                     file_index=int(row[f"videos/{key}/file_index"]))
-                videos[key] = VideoSegment(vpath, float(row[f"videos/{key}/from_timestamp"]),
-                                           float(row[f"videos/{key}/to_timestamp"]))
-            episodes.append(EpisodeInfo(int(row["episode_index"]), int(row["length"]),
-                                        tuple(row.get("tasks") or ()), data, videos))
+                                     chunk_index=row.index(f"videos/{key}/chunk_index"),
+                                     file_index=row.index(f"videos/{key}/file_index"))
+                videos[key] = VideoSegment(vpath, row.time(f"videos/{key}/from_timestamp"),
+                                           row.time(f"videos/{key}/to_timestamp"))
+            episodes.append(EpisodeInfo(row.index("episode_index"), row.index("length"),
+                                        tuple(row.values.get("tasks") or ()), data, videos))
     episodes.sort(key=lambda e: e.index)
     stats_path = root / STATS_PATH
     stats = _as_arrays(_read_json(stats_path), stats_path) if stats_path.is_file() else {}
     return DatasetMeta(root, "v3.0", float(info["fps"]), info["features"], tasks, episodes, stats, info)
+
+
+@dataclass(frozen=True)
+class _EpisodeRow:
+    """One row of a v3.0 meta/episodes file, read field by field: a null, a string, a NaN or an Inf (from another
+    converter or a hand edit) is one error naming the file, the row and the field, not a TypeError / ValueError
+    traceback, and not a NaN segment end that silently disables the segment check."""
+
+    values: dict[str, Any]
+    path: Path
+    row: int
+
+    def index(self, key: str) -> int:
+        value = self.values.get(key)
+        # pyarrow gives int64 columns as ints; a float column of whole numbers (pandas with a gap) is taken too.
+        whole = type(value) is int or (type(value) is float and value.is_integer())
+        if not whole or value < 0:
+            raise self._bad(key, value, "a whole number >= 0")
+        return int(value)
+
+    def time(self, key: str) -> float:
+        value = self.values.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value) or value < 0:
+            raise self._bad(key, value, "a finite number of seconds >= 0")
+        return float(value)
+
+    def _bad(self, key: str, value: Any, want: str) -> LeRobotDatasetError:
+        shown = repr(value)[:60] if isinstance(value, (int, float, str)) or value is None else type(value).__name__
+        episode = self.values.get("episode_index")
+        return LeRobotDatasetError(f"{self.path} row {self.row} (episode {episode!r}): {key} is {shown}, not {want}; "
+                                   f"{_REDO}")
 
 
 def _read_tasks_parquet(path: Path) -> dict[int, str]:

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 # LeRobot's default (lerobot_dataset.py: tolerance_s=1e-4): a frame is the one asked for only this close.
 TOLERANCE_S = 1e-4
+_MAX_PTS = 1 << 62  # a seek target FFmpeg's int64 takes; anything later is past the end of any video
+_PAST_END_S = 1.0
 
 # Encoders the writer offers: name -> (PyAV codec, pixel format, options).
 ENCODERS: dict[str, tuple[str, str, dict[str, str]]] = {
@@ -75,6 +77,9 @@ def decode_segment(segment: VideoSegment, timestamps: Sequence[float], camera: s
     av = require("av")
     check_decodable(segment.path, camera)
     want = np.asarray(timestamps, dtype=np.float64) + segment.start
+    if not np.isfinite(want).all():
+        raise LeRobotDatasetError(f"episode {episode}, camera {camera!r}: a frame time is not finite (segment start "
+                                  f"{segment.start}, timestamps from the data); the dataset's timing is damaged")
     if segment.end is not None:
         outside = (want < segment.start - tolerance_s) | (want > segment.end + tolerance_s)
         if outside.any():
@@ -96,7 +101,13 @@ def decode_segment(segment: VideoSegment, timestamps: Sequence[float], camera: s
             tb = stream.time_base
             if stream.duration:
                 declared_end = float(stream.duration * tb)
-            container.seek(max(0, int(float(want[order[0]]) / tb) - 1), stream=stream, backward=True, any_frame=False)
+            first = float(want[order[0]])
+            # Well past the declared end (a second: a container's duration can be a little off) the timing is wrong,
+            # not the file: say so before seeking there.
+            if declared_end is not None and first > declared_end + _PAST_END_S:
+                raise _past_the_end(segment, camera, episode, first, declared_end)
+            # Bounded: a finite time can still be past any int64 pts (1e30 s was an OverflowError in the seek).
+            container.seek(min(max(0, int(first / tb) - 1), _MAX_PTS), stream=stream, backward=True, any_frame=False)
             for frame in container.decode(stream):
                 if frame.pts is None:
                     continue
@@ -120,6 +131,14 @@ def decode_segment(segment: VideoSegment, timestamps: Sequence[float], camera: s
     if missing:
         raise _missing_frames(segment.path, camera, episode, want, missing, last_seen, declared_end, tolerance_s)
     return np.stack(out)  # type: ignore[arg-type]
+
+
+def _past_the_end(segment: VideoSegment, camera: str, episode: int, first: float,
+                  declared_end: float) -> LeRobotDatasetError:
+    return LeRobotDatasetError(
+        f"episode {episode}, camera {camera!r}: frames are wanted from {first:.6g} s but {segment.path} holds "
+        f"{declared_end:.4f} s of video; the episode's timestamps (data/) or its videos/*/from_timestamp "
+        "(meta/episodes) do not belong to this file: re-run LeRobot's conversion or drop the episode")
 
 
 def _missing_frames(path: Path, camera: str, episode: int, want: np.ndarray, missing: list[int],

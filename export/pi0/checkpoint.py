@@ -10,23 +10,70 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
+import os
+import re
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edge_vla.bundle import sha256_file
-from edge_vla.errors import CheckpointError
+from edge_vla.errors import CheckpointError, EdgeVlaError
 
 log = logging.getLogger(__name__)
 
 TRANSFORMERS_SERIES = "5.23"  # the PI0 API names this importer uses (dit_config, pixel_attention_mask)
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")  # transformers' order of preference
 # Weights neither π0's sampler nor the exported graphs read: the expert's token embedding (the expert takes
 # embeddings, never token ids). A checkpoint converted without it is complete; anything else missing is not.
 UNREAD_WEIGHTS = frozenset({"model.dit.embed_tokens.weight"})
 _NAMES_SHOWN = 5
 MAX_CONFIG_BYTES = 1 << 20  # a transformers config.json is a few kB
+MAX_SIDE_JSON_BYTES = 16 << 20  # tokenizer_config.json, processor_config.json, the shard index: kB to a few MB
+MAX_TOKENIZER_BYTES = 128 << 20  # Gemma's tokenizer.json (π0's) is 17 MB
+# Sizes no tensor shape carries, so the weights cannot bound them: x_t is [1, chunk_size, max_action_dim] in every
+# graph and the runtime's sampler takes 1..64 steps (the bundle's sampler.max_steps). π0 uses 50 and 10.
+MAX_CHUNK_SIZE = 1024
+MAX_STEPS = 64
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # safetensors' names; π0 is loaded in float32
+_SIZE_FIELD = re.compile(r"size|dim|^num_|layers$|heads$")
+_FINITE_CHUNK = 1 << 24  # elements per isfinite() pass: bounds the temporary mask on a full-size tensor
+
+
+def read_json_file(path: Path, max_bytes: int, error: type[EdgeVlaError] = CheckpointError) -> Any:
+    """A JSON document from a regular file of at most `max_bytes`; anything else is one `error` naming the file.
+
+    Opened non-blocking and checked with fstat, so a FIFO (which blocks an ordinary open until a writer comes) or a
+    link to /dev/zero (which never ends) is refused at once; a document nested past the parser's recursion limit
+    is an error too, not a traceback."""
+    raw = read_bounded(path, max_bytes, error)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise error(f"{path} is not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise error(f"{path} is not valid JSON ({exc})") from None
+
+
+def read_bounded(path: Path, max_bytes: int, error: type[EdgeVlaError] = CheckpointError) -> bytes:
+    """The bytes of a regular file of at most `max_bytes` (see read_json_file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise error(f"{path} cannot be read ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{path} is not a regular file (a FIFO, device or directory); give the file itself")
+        if st.st_size > max_bytes:
+            raise error(f"{path} is {st.st_size} bytes, more than the {max_bytes} such a file can need; it is not "
+                        "the file it should be")
+        raw = f.read(max_bytes + 1)
+    if len(raw) > max_bytes:  # grew while read
+        raise error(f"{path} is more than {max_bytes} bytes; it is not the file it should be")
+    return raw
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -35,19 +82,66 @@ def read_config(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} has no config.json: not a checkpoint directory")
     # Every `export`/`evaluate`/`distill` asks this first of any checkpoint (families.for_checkpoint): a list, a
     # document nested past the parser's recursion limit or a huge file must be a CheckpointError, not a traceback.
-    with cfg_path.open("rb") as f:
-        raw = f.read(MAX_CONFIG_BYTES + 1)
-    try:
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise ValueError(f"larger than {MAX_CONFIG_BYTES} bytes")
-        doc = json.loads(raw.decode("utf-8"))
-    except RecursionError:
-        raise CheckpointError(f"{cfg_path} is not valid JSON (nested too deeply)") from None
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise CheckpointError(f"{cfg_path} is not valid JSON ({exc})") from exc
+    doc = read_json_file(cfg_path, MAX_CONFIG_BYTES)
     if not isinstance(doc, dict):
         raise CheckpointError(f"{cfg_path} is not a JSON object (got {type(doc).__name__})")
     return doc
+
+
+@dataclass(frozen=True)
+class TensorHeader:
+    """One tensor as a safetensors header declares it (read without loading any tensor)."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files transformers would read: model.safetensors, else the shards the index names. A shard
+    must be a regular file in the checkpoint directory (a link to one is fine: the Hugging Face cache links blobs)."""
+    single = path / WEIGHT_FILES[0]
+    if single.is_file():
+        return [single]
+    index_path = path / WEIGHT_FILES[1]
+    index = read_json_file(index_path, MAX_SIDE_JSON_BYTES)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_path} has no weight_map of tensor names to shard files; save the model again "
+                              "with model.save_pretrained(dir)")
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        if name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise CheckpointError(f"{index_path} names the shard {name!r} outside the checkpoint directory; shards are "
+                                  "files beside the index")
+        shard = path / name
+        if not shard.exists():
+            raise CheckpointError(f"{index_path} names the shard {name}, which is missing; download it again")
+        if not shard.is_file():
+            raise CheckpointError(f"the shard {shard} is not a regular file (a FIFO, device or directory)")
+        shards.append(shard)
+    return shards
+
+
+def read_weight_headers(path: Path) -> dict[str, TensorHeader]:
+    """Every tensor's dtype and shape from the safetensors headers, no tensor read. safetensors checks that each
+    header is bounded (100 MB) and that the declared tensors exactly cover the file, so a truncated file, a header
+    length of 2^63 or a shape bigger than its bytes stop here, naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    headers: dict[str, TensorHeader] = {}
+    for file in weight_files(path):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                names = f.keys()  # a safe_open handle is not iterable itself
+                for name in names:
+                    piece = f.get_slice(name)
+                    headers[name] = TensorHeader(file, str(piece.get_dtype()), tuple(int(n) for n in piece.get_shape()))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{file} is not a readable safetensors file ({_one_line(exc)}): it is truncated or "
+                                  "damaged; download or save it again") from None
+    return headers
 
 
 def is_pi0_checkpoint(path: str | Path) -> bool:
@@ -72,18 +166,32 @@ class Pi0Source:
     processor: dict[str, Any] = field(default_factory=dict)  # processor_config.json, {} when absent
 
     @property
+    def processor_path(self) -> Path:
+        return self.path / "processor_config.json"
+
+    @property
     def image_processor(self) -> dict[str, Any]:
-        return dict(self.processor.get("image_processor", {}))
+        ip = self.processor.get("image_processor", {})
+        if not isinstance(ip, dict):
+            raise CheckpointError(f"{self.processor_path}: image_processor must be a JSON object of the image "
+                                  f"settings, got {type(ip).__name__}; save the processor again")
+        return dict(ip)
 
     def stats(self, which: str) -> tuple[list[float], list[float]] | None:
-        """(mean, std) of "state" or "actions" as PI0Processor saved them, or None."""
+        """(mean, std) of "state" or "actions" as PI0Processor saved them, or None. They become the bundle's
+        normalisation: each must be a list of finite numbers, std not negative (0 is a constant dimension)."""
         mean, std = self.processor.get(f"{which}_mean"), self.processor.get(f"{which}_std")
         if mean is None or std is None:
             return None
-        if len(mean) != len(std):
-            raise CheckpointError(f"processor_config.json: {which}_mean and {which}_std differ in length "
-                                  f"({len(mean)} vs {len(std)})")
-        return [float(v) for v in mean], [float(v) for v in std]
+        mean_v = finite_numbers(mean, f"{self.processor_path}: {which}_mean")
+        std_v = finite_numbers(std, f"{self.processor_path}: {which}_std")
+        if len(mean_v) != len(std_v):
+            raise CheckpointError(f"{self.processor_path}: {which}_mean and {which}_std differ in length "
+                                  f"({len(mean_v)} vs {len(std_v)})")
+        if any(v < 0 for v in std_v):
+            raise CheckpointError(f"{self.processor_path}: {which}_std has a negative entry ({std_v}); recompute the "
+                                  "dataset statistics")
+        return mean_v, std_v
 
     def weights_sha256(self) -> str:
         for name in WEIGHT_FILES:
@@ -99,8 +207,10 @@ class Pi0Source:
         except ImportError as exc:
             raise CheckpointError(f"reading {self.tokenizer_json} needs the tokenizers library ({exc}); install "
                                   "it with: pip install 'edge-vla[pi0-export]'") from exc
+        # Read here, bounded (a 3 GB file took 3.5 GB and 10 s to be called unreadable), then parsed from memory.
+        raw = read_bounded(self.tokenizer_json, MAX_TOKENIZER_BYTES)
         try:
-            return Tokenizer.from_file(str(self.tokenizer_json))
+            return Tokenizer.from_str(raw.decode("utf-8"))
         except Exception as exc:  # the Rust side raises plain Exception for unreadable, truncated or foreign JSON
             raise CheckpointError(
                 f"{self.tokenizer_json} is not a readable tokenizer ({_one_line(exc)}); save the processor's "
@@ -122,16 +232,82 @@ class Pi0Source:
             log.warning("transformers %s is installed; the π0 importer is checked against %s.x",
                         transformers.__version__, TRANSFORMERS_SERIES)
         import torch
+        from safetensors import SafetensorError
 
+        config = self.checked_config()
         log.debug("loading the π0 weights from %s", self.path)
         try:
             with _quiet_transformers():  # its load report and progress bar: the check below says what matters
-                model, info = PI0ForConditionalGeneration.from_pretrained(self.path, dtype=torch.float32,
-                                                                          output_loading_info=True)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                # ignore_mismatched_sizes: transformers then reports a reshaped tensor by name (the check below
+                # refuses it) instead of "look at the above report"; checked_config bounded the model's size.
+                model, info = PI0ForConditionalGeneration.from_pretrained(
+                    self.path, config=config, dtype=torch.float32, output_loading_info=True,
+                    ignore_mismatched_sizes=True)
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
             raise CheckpointError(f"cannot load the π0 checkpoint {self.path}: {_one_line(exc)}") from exc
         self._check_loading_info(info)
+        self._check_finite(model)
         return model.eval()
+
+    def checked_config(self) -> Any:
+        """The PI0Config, refused (one CheckpointError naming config.json) when transformers could not build it or
+        when the weights cannot fill it: transformers builds every layer config.json declares and allocates every
+        tensor the weights lack, so a config of a million layers or a 1e9-token vocabulary beside small weights hung
+        or ran out of memory inside from_pretrained. Checked against the safetensors headers (no tensor read) and a
+        model built on the meta device (no memory), before anything is allocated."""
+        import torch
+        from transformers import PI0Config, PI0ForConditionalGeneration
+
+        cfg_path = self.path / "config.json"
+        headers = read_weight_headers(self.path)
+        if not headers:
+            raise CheckpointError(f"the weights in {self.path} hold no tensors; save the model with "
+                                  "model.save_pretrained(dir)")
+        _check_dtypes(headers)
+        try:
+            config = PI0Config.from_dict(dict(self.config))
+        except Exception as exc:  # huggingface_hub's StrictDataclassFieldValidationError, ValueError, TypeError
+            raise CheckpointError(f"{cfg_path} is not a π0 config transformers can build ({_one_line(exc)}); save "
+                                  "the checkpoint again with model.save_pretrained(dir)") from None
+        negative = _negative_sizes(self.config)
+        if negative:
+            raise CheckpointError(f"{cfg_path}: {negative[0]} is {negative[1]}; a size or count cannot be negative")
+        weights = _weights_named(headers, self.path)
+        for name, value in _layer_counts(config).items():  # before any module is built: each layer is a module
+            if not isinstance(value, int) or value < 0 or value > len(headers):
+                raise CheckpointError(f"{cfg_path}: {name} is {value} but {weights} hold only {len(headers)} tensors "
+                                      "(every layer has several): this config does not belong to these weights; save "
+                                      "the checkpoint whole with model.save_pretrained(dir)")
+        for name, value, top, usual in (("chunk_size", config.chunk_size, MAX_CHUNK_SIZE, 50),
+                                        ("num_inference_steps", config.num_inference_steps, MAX_STEPS, 10)):
+            if not isinstance(value, int) or not 1 <= value <= top:
+                raise CheckpointError(f"{cfg_path}: {name} is {value}, outside 1..{top} (π0 uses {usual}); "
+                                      "fix config.json")
+        try:
+            with torch.device("meta"):  # shapes only: no tensor is allocated
+                skeleton = PI0ForConditionalGeneration(config)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(f"{cfg_path} is not a π0 config transformers can build ({_one_line(exc)}); save "
+                                  "the checkpoint again with model.save_pretrained(dir)") from None
+        params = dict(skeleton.named_parameters())
+        declared = sum(p.numel() for p in params.values())
+        may_lack = sum(params[n].numel() for n in UNREAD_WEIGHTS if n in params)
+        stored = sum(math.prod(h.shape) for h in headers.values())
+        if declared > stored + may_lack:
+            raise CheckpointError(f"{cfg_path} describes a π0 of {declared:,} parameters but {weights} hold "
+                                  f"{stored:,}: this config does not belong to these weights; save the checkpoint "
+                                  "whole with model.save_pretrained(dir)")
+        return config
+
+    def _check_finite(self, model: Any) -> None:
+        """A NaN or Inf weight makes every chunk NaN: refuse it by name rather than fail the numerics gate."""
+        import torch
+
+        bad = [name for name, p in model.named_parameters()
+               if not all(bool(torch.isfinite(c).all()) for c in p.detach().reshape(-1).split(_FINITE_CHUNK))]
+        if bad:
+            raise CheckpointError(f"the weights in {self.path} hold NaN or Inf in {len(bad)} tensor(s) {_names(bad)}; "
+                                  "the checkpoint is damaged or was saved from a diverged run: export another one")
 
     def _check_loading_info(self, info: dict[str, Any]) -> None:
         missing = set(info.get("missing_keys") or ())
@@ -149,6 +325,63 @@ class Pi0Source:
                 f"the weights in {self.path} do not fit the π0 architecture in its config.json: "
                 + "; ".join(problems) + ". transformers would fill missing tensors with random values. Save the "
                 "checkpoint whole (model.save_pretrained(dir)) with the config it was trained with")
+
+
+def finite_numbers(value: Any, what: str, error: type[EdgeVlaError] = CheckpointError) -> list[float]:
+    """A JSON list of finite numbers (not booleans, strings or nested lists) as floats; else one `error`."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not isinstance(value, list):
+        raise error(f"{what} must be a list of finite numbers, got {preview(value)}")
+    for v in value:
+        if not number(v):
+            raise error(f"{what} must be a list of finite numbers, got the entry {preview(v)}")
+    return [float(v) for v in value]
+
+
+def preview(value: Any) -> str:
+    """A short rendering that cannot recurse (a nested list from outside may be nested deeply)."""
+    return repr(value)[:60] if isinstance(value, (int, float, str)) or value is None else f"a {type(value).__name__}"
+
+
+def _check_dtypes(headers: dict[str, TensorHeader]) -> None:
+    """transformers casts an integer tensor to float32 without a word: a quantized tensor without its scale (or a
+    mislabelled one) would become the model the bundle is exported from, and the numerics gate would compare the
+    bundle against that same wrong model."""
+    wrong = {n: h for n, h in headers.items() if h.dtype not in FLOAT_DTYPES}
+    if wrong:
+        files = sorted({str(h.file) for h in wrong.values()})
+        raise CheckpointError(
+            f"{', '.join(files)}: {len(wrong)} tensor(s) are not floating point "
+            f"{_names(f'{n} ({h.dtype})' for n, h in wrong.items())}; π0 is imported from float weights "
+            f"({', '.join(sorted(FLOAT_DTYPES))}): export from the unquantized checkpoint")
+
+
+def _negative_sizes(cfg: dict[str, Any]) -> tuple[str, int] | None:
+    """The first negative size or count in config.json (dotted path, value): a field named like one (hidden_size,
+    head_dim, num_hidden_layers, ...; not e.g. ignore_index, which may be -100). torch would otherwise refuse it
+    without naming the field. Walked without recursion (the document may be nested as deep as the parser allowed)."""
+    stack: list[tuple[str, Any]] = [("", cfg)]
+    while stack:
+        where, node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in node.items())
+        elif type(node) is int and node < 0 and _SIZE_FIELD.search(where.rsplit(".", 1)[-1]):
+            return where, node
+    return None
+
+
+def _weights_named(headers: dict[str, TensorHeader], path: Path) -> str:
+    files = sorted({h.file.name for h in headers.values()})
+    return f"{path}/{files[0]}" if len(files) == 1 else f"the {len(files)} shards in {path}"
+
+
+def _layer_counts(config: Any) -> dict[str, Any]:
+    vlm = config.vlm_config
+    return {"vlm_config.text_config.num_hidden_layers": vlm.text_config.num_hidden_layers,
+            "vlm_config.vision_config.num_hidden_layers": vlm.vision_config.num_hidden_layers,
+            "dit_config.num_hidden_layers": config.dit_config.num_hidden_layers}
 
 
 def _names(keys: Iterable[str]) -> str:
@@ -209,10 +442,10 @@ def open_pi0(path: str | Path) -> Pi0Source:
 
 
 def _json_or_empty(p: Path) -> dict[str, Any]:
-    if not p.is_file():
+    if not p.exists():
         return {}
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{p} is not valid JSON ({exc})") from exc
-    return data if isinstance(data, dict) else {}
+    data = read_json_file(p, MAX_SIDE_JSON_BYTES)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{p} is not a JSON object (got {type(data).__name__}); save the processor again: "
+                              "PI0Processor.from_pretrained(...).save_pretrained(dir)")
+    return data

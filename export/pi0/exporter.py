@@ -25,7 +25,7 @@ import torch
 
 import edge_vla
 from edge_vla.bundle import write_bundle
-from edge_vla.errors import CheckpointError, EdgeVlaError
+from edge_vla.errors import CheckpointError, ConfigError, EdgeVlaError
 from edge_vla.hf_tokenizer import PromptLayout, PromptTokenizer
 from edge_vla.preprocess import ImageSpec, Pi0ObservationEncoder
 from edge_vla.runtime.contract import Contract
@@ -38,7 +38,7 @@ from .. import quantize
 from ..exporter import enforce_gates
 from ..numerics import THRESHOLDS, Metrics
 from . import observations
-from .checkpoint import Pi0Source, open_pi0
+from .checkpoint import MAX_STEPS, Pi0Source, finite_numbers, open_pi0, preview
 from .graphs import OPSET, Pi0Prefix, Pi0Shapes, Pi0Step, example_inputs, export_graphs
 from .graphs import to_fp16 as graphs_to_fp16
 from .sidecar import RobotSidecar, default_sidecar, load_sidecar
@@ -178,21 +178,11 @@ def make_plan(src: Pi0Source, model: Any, opts: Pi0ExportOptions) -> _Plan:
     builds its observation encoder from the same plan, so it sees exactly what the bundle sees."""
     cfg = model.config
     vision = cfg.vlm_config.vision_config
-    sidecar_path = opts.sidecar or (src.path / SIDECAR_FILE if (src.path / SIDECAR_FILE).is_file() else None)
+    # exists(), not is_file(): a robot.json that is a FIFO or a device is refused by name, not silently skipped.
+    sidecar_path = opts.sidecar or (src.path / SIDECAR_FILE if (src.path / SIDECAR_FILE).exists() else None)
     sidecar = load_sidecar(sidecar_path) if sidecar_path else None
-    ip = src.image_processor
-    size = ip.get("size") or {"max_height": vision.image_size, "max_width": vision.image_size}
-    pad = ip.get("pad_size") or {"height": vision.image_size, "width": vision.image_size}
-    if (int(pad["height"]), int(pad["width"])) != (vision.image_size, vision.image_size):
-        raise CheckpointError(f"the image processor pads to {pad['height']}x{pad['width']} but the SigLIP tower takes "
-                              f"{vision.image_size}x{vision.image_size}; the processor does not belong to this model")
     seq_len = (vision.image_size // vision.patch_size) ** 2
-    if int(ip.get("image_seq_length", seq_len)) != seq_len:
-        raise CheckpointError(f"processor image_seq_length {ip['image_seq_length']} != {seq_len} image tokens the "
-                              "vision tower produces")
-    image = ImageSpec(int(size["max_height"]), int(size["max_width"]), int(pad["height"]), int(pad["width"]),
-                      float(ip.get("rescale_factor", 1 / 255)), tuple(ip.get("image_mean", (0.5,) * 3)),
-                      tuple(ip.get("image_std", (0.5,) * 3)))
+    image = _image_spec(src, vision.image_size, seq_len)
     if opts.cameras is not None:
         ncam = opts.cameras
     elif sidecar and sidecar.cameras:
@@ -218,7 +208,9 @@ def make_plan(src: Pi0Source, model: Any, opts: Pi0ExportOptions) -> _Plan:
     if sidecar.action_dim != len(action_stats[0]):
         raise EdgeVlaError(f"the sidecar names {sidecar.action_dim} actions but the action statistics have "
                            f"{len(action_stats[0])} dims; they must describe the same valid action dims")
-    steps = opts.steps or int(cfg.num_inference_steps)
+    steps = opts.steps or int(cfg.num_inference_steps)  # the checkpoint's is checked in Pi0Source.checked_config
+    if not 1 <= steps <= MAX_STEPS:
+        raise ConfigError(f"steps {steps} is outside 1..{MAX_STEPS}, what the runtime's sampler takes")
     text = cfg.vlm_config.text_config
     n_dit = int(cfg.dit_config.num_hidden_layers)
     if n_dit > int(text.num_hidden_layers):
@@ -229,6 +221,43 @@ def make_plan(src: Pi0Source, model: Any, opts: Pi0ExportOptions) -> _Plan:
     pad_id = _pad_id(src)
     layout = PromptLayout("<image>", seq_len, ncam, str(bos), pad_id, shapes.prompt_len)
     return _Plan(shapes, layout, image, state_stats, action_stats, stats_source, sidecar, cameras, steps)
+
+
+def _image_spec(src: Pi0Source, tower_size: int, seq_len: int) -> ImageSpec:
+    """The processor's image settings, checked: they size every frame the robot resizes (a resize target of 1e9 px
+    had the encoder allocate 7.5 GB for its taps) and become the bundle's normalisation."""
+    where = src.processor_path
+    ip = src.image_processor
+    size = _dict_of_ints(ip.get("size") or {"max_height": tower_size, "max_width": tower_size},
+                         ("max_height", "max_width"), f"{where}: image_processor.size")
+    pad = _dict_of_ints(ip.get("pad_size") or {"height": tower_size, "width": tower_size}, ("height", "width"),
+                        f"{where}: image_processor.pad_size")
+    if (pad["height"], pad["width"]) != (tower_size, tower_size):
+        raise CheckpointError(f"the image processor pads to {pad['height']}x{pad['width']} but the SigLIP tower takes "
+                              f"{tower_size}x{tower_size}; the processor does not belong to this model")
+    if not (1 <= size["max_height"] <= pad["height"] and 1 <= size["max_width"] <= pad["width"]):
+        raise CheckpointError(f"{where}: image_processor.size max_height x max_width {size['max_height']}x"
+                              f"{size['max_width']} must fit the {pad['height']}x{pad['width']} pad (frames are "
+                              "resized to fit it, then padded)")
+    declared = ip.get("image_seq_length", seq_len)
+    if declared != seq_len:
+        raise CheckpointError(f"{where}: image_seq_length {preview(declared)} != {seq_len} image tokens the vision "
+                              "tower produces")
+    scale = finite_numbers([ip.get("rescale_factor", 1 / 255)], f"{where}: image_processor.rescale_factor")[0]
+    mean = finite_numbers(ip.get("image_mean", [0.5] * 3), f"{where}: image_processor.image_mean")
+    std = finite_numbers(ip.get("image_std", [0.5] * 3), f"{where}: image_processor.image_std")
+    if scale <= 0 or len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise CheckpointError(f"{where}: image_processor needs rescale_factor > 0 and image_mean, image_std of 3 "
+                              f"numbers each with image_std > 0 (got {scale}, {mean}, {std})")
+    return ImageSpec(size["max_height"], size["max_width"], pad["height"], pad["width"], scale, tuple(mean),
+                     tuple(std))
+
+
+def _dict_of_ints(value: Any, keys: tuple[str, ...], what: str) -> dict[str, int]:
+    if not isinstance(value, dict) or not all(type(value.get(k)) is int and value[k] > 0 for k in keys):
+        raise CheckpointError(f"{what} must be an object with positive whole numbers {', '.join(keys)}, got "
+                              f"{preview(value)}")
+    return {k: value[k] for k in keys}
 
 
 def _pad_id(src: Pi0Source) -> int:

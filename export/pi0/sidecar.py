@@ -15,7 +15,7 @@ The number of action names is the number of valid action dims: the first `len(na
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,10 @@ import numpy as np
 
 from edge_vla.action_space import ACTION_KINDS, ActionSpace
 from edge_vla.errors import ConfigError
+
+from .checkpoint import finite_numbers, preview, read_json_file
+
+MAX_SIDECAR_BYTES = 1 << 20  # a robot description is a few kB
 
 
 @dataclass
@@ -51,16 +55,16 @@ def default_sidecar(action_dim: int, action_period_s: float = 0.02) -> RobotSide
 
 def load_sidecar(path: str | Path) -> RobotSidecar:
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError(f"sidecar {path} does not exist") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"sidecar {path} is not valid JSON ({exc})") from exc
+    if not path.exists() and not path.is_symlink():
+        raise ConfigError(f"sidecar {path} does not exist")
+    # Bounded and non-blocking: `--sidecar` naming a FIFO blocked forever, one naming /dev/zero read until memory
+    # ran out, a document nested too deeply was a RecursionError traceback.
+    data = read_json_file(path, MAX_SIDECAR_BYTES, ConfigError)
     return parse_sidecar(data, str(path))
 
 
 def parse_sidecar(data: Any, source: str = "sidecar") -> RobotSidecar:
+    """Every field is checked for its type here, so a hand-edited file gives one ConfigError naming the field."""
     if not isinstance(data, dict) or not isinstance(data.get("action"), dict):
         raise ConfigError(f"{source}: needs an 'action' object (names, units, lower, upper, ...); see docs/PI0.md")
     act = data["action"]
@@ -69,39 +73,67 @@ def parse_sidecar(data: Any, source: str = "sidecar") -> RobotSidecar:
         raise ConfigError(f"{source}: action.names must be a non-empty list of strings")
     d = len(names)
     kind = act.get("kind", "absolute_joint_position")
-    if kind not in ACTION_KINDS:
-        raise ConfigError(f"{source}: action.kind {kind!r} is not one of {list(ACTION_KINDS)}")
+    if not isinstance(kind, str) or kind not in ACTION_KINDS:
+        raise ConfigError(f"{source}: action.kind {preview(kind)} is not one of {list(ACTION_KINDS)}")
     roles = act.get("roles")
-    if roles is not None and (not isinstance(roles, list) or len(roles) != d):
+    if roles is not None and (not isinstance(roles, list) or len(roles) != d or
+                              not all(isinstance(r, str) for r in roles)):
         raise ConfigError(f"{source}: action.roles must list {d} roles (joint, ee or gripper; one per action name)")
-    period = (data.get("control") or {}).get("action_period_s", 0.02)
+    units = act.get("units", "rad")
+    if not isinstance(units, str):
+        raise ConfigError(f"{source}: action.units must be a string such as \"rad\", got {preview(units)}")
+    control = _object(data, "control", source)
+    period = control.get("action_period_s", 0.02)
+    if not _number(period) or period <= 0:
+        raise ConfigError(f"{source}: control.action_period_s must be a positive number of seconds, got "
+                          f"{preview(period)}")
 
-    def vec(key: str, default: float) -> list[float]:
-        v = act.get(key, [default] * d)
-        if not isinstance(v, list) or len(v) != d:
+    def vec(key: str, default: float) -> np.ndarray:
+        values = finite_numbers(act.get(key, [default] * d), f"{source}: action.{key}", ConfigError)
+        if len(values) != d:
             raise ConfigError(f"{source}: action.{key} must list {d} numbers (one per action name)")
-        return [float(x) for x in v]
+        return np.asarray(values, np.float32)
 
     try:
-        space = ActionSpace(tuple(names), str(act.get("units", "rad")), np.asarray(vec("lower", -np.pi), np.float32),
-                            np.asarray(vec("upper", np.pi), np.float32), np.asarray(vec("max_velocity", 2.0), np.float32),
-                            np.asarray(vec("max_acceleration", 20.0), np.float32), float(period), kind,
-                            tuple(str(r) for r in roles) if roles is not None else None).validate()
+        space = ActionSpace(tuple(names), units, vec("lower", -np.pi), vec("upper", np.pi), vec("max_velocity", 2.0),
+                            vec("max_acceleration", 20.0), float(period), kind,
+                            tuple(roles) if roles is not None else None).validate()
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
     stats: dict[str, tuple[list[float], list[float]]] = {}
+    all_stats = _object(data, "stats", source)
     for key, want in (("state", None), ("action", d)):
-        s = (data.get("stats") or {}).get(key)
+        s = all_stats.get(key)
         if s is None:
             continue
-        mean, std = s.get("mean"), s.get("std")
-        if not isinstance(mean, list) or not isinstance(std, list) or len(mean) != len(std) or (want and len(mean) != want):
+        if not isinstance(s, dict):
+            raise ConfigError(f"{source}: stats.{key} must be an object with mean and std lists, got {preview(s)}")
+        mean = finite_numbers(s.get("mean"), f"{source}: stats.{key}.mean", ConfigError)
+        std = finite_numbers(s.get("std"), f"{source}: stats.{key}.std", ConfigError)
+        if len(mean) != len(std) or (want and len(mean) != want):
             raise ConfigError(f"{source}: stats.{key} needs mean and std lists of equal length"
                               + (f" ({want}, one per action name)" if want else ""))
-        if any(float(v) <= 0 for v in std):
+        if any(v <= 0 for v in std):
             raise ConfigError(f"{source}: stats.{key}.std must be positive")
-        stats[key] = ([float(v) for v in mean], [float(v) for v in std])
+        stats[key] = (mean, std)
     cams = data.get("cameras")
     if cams is not None and (not isinstance(cams, list) or not all(isinstance(c, str) for c in cams)):
         raise ConfigError(f"{source}: cameras must be a list of names")
-    return RobotSidecar(space, kind, data.get("state_names"), cams, stats, source)
+    state_names = data.get("state_names")
+    if state_names is not None and (not isinstance(state_names, list) or
+                                    not all(isinstance(n, str) for n in state_names)):
+        raise ConfigError(f"{source}: state_names must be a list of names")
+    return RobotSidecar(space, kind, state_names, cams, stats, source)
+
+
+def _object(data: dict[str, Any], key: str, source: str) -> dict[str, Any]:
+    value = data.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {key} must be a JSON object, got {preview(value)}; see docs/PI0.md")
+    return value
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
