@@ -9,6 +9,7 @@ it reads as `absolute_joint_position` with every dimension a joint (what every o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,8 +108,8 @@ class ActionSpace:
             raise ConfigError("action_space lower limits must be below upper limits")
         if np.any(self.max_velocity <= 0) or np.any(self.max_acceleration <= 0):
             raise ConfigError("action_space velocity and acceleration limits must be positive")
-        if self.action_period_s <= 0:
-            raise ConfigError("action_space.action_period_s must be positive")
+        if not (math.isfinite(self.action_period_s) and self.action_period_s > 0):  # NaN compares False
+            raise ConfigError(f"action_space.action_period_s must be a positive finite number of seconds, got {self.action_period_s!r}")
         if self.kind not in ACTION_KINDS:
             raise ConfigError(f"action_space.kind {self.kind!r} is not one of {list(ACTION_KINDS)}")
         roles = self.dim_roles

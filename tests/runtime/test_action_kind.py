@@ -68,3 +68,16 @@ def test_every_kind_parses_and_defaults_its_roles():
         assert space.kind == kind
         assert space.dim_roles == (("ee",) * 3 if kind.endswith("ee_pose") else ("joint",) * 3)
     assert sim_action_space().describe() == "absolute_joint_position (absolute joint positions, joint: shoulder, elbow)"
+
+
+@pytest.mark.parametrize("period", [float("nan"), float("inf"), 0.0, -0.01])
+def test_an_action_period_that_is_not_a_positive_finite_number_is_refused(period: float) -> None:
+    """NaN compared False with `<= 0` and passed (a NaN period reached the scheduler's time arithmetic)."""
+    space = sim_action_space()
+    with pytest.raises(ConfigError, match="action_period_s"):
+        ActionSpace.from_dict(space.to_dict() | {"action_period_s": period})
+
+
+def test_control_a_positive_action_period_is_taken() -> None:
+    space = sim_action_space()
+    assert ActionSpace.from_dict(space.to_dict() | {"action_period_s": 0.02}).action_period_s == 0.02
