@@ -25,7 +25,7 @@ State machine (the STATUS word; nothing below ever waits inside a cycle):
 - Keep-alives (which never feed the motion watchdog) go only to a firmware confirmed not armed.
 - The parent process dying (`edge-vla run` killed with SIGKILL: the OOM killer, `systemctl kill -s KILL`, a crash
   in a native library) takes the inference worker and the operator socket with it: the loop sees it within one
-  cycle (getppid() no longer the parent's pid; PR_SET_PDEATHSIG says so at once), makes the stop a SIGTERM
+  cycle (getppid() no longer the parent's pid), makes the stop a SIGTERM
   makes (category 1 if moving, as a dead worker), disarms and exits, rather than living on as an orphan holding
   the port, the CAN socket and the shared memory.
 """
@@ -47,7 +47,7 @@ from edge_vla.onboard.errors import StartupError
 from edge_vla.onboard.following import TrackingCheck, TrackingLimits
 from edge_vla.onboard.linkops import OK, PENDING, Commands
 from edge_vla.onboard.operator import ARM_OK, check_bench_mode
-from edge_vla.onboard.rt import DeadlineClock, RealtimeConfig, apply_realtime, set_parent_death_signal
+from edge_vla.onboard.rt import DeadlineClock, RealtimeConfig, apply_realtime
 from edge_vla.onboard.safety import SafetyLayer, SafetyLimits
 from edge_vla.onboard.scheduler import RtcScheduler, Scheduler, Trajectory, make_scheduler, start_ramp_s
 from edge_vla.onboard.telemetry import CycleStats, Telemetry, summarize
@@ -71,8 +71,6 @@ STOP_WORKER_FAILED = 2.0  # the inference worker ended on an error (a camera unp
 WORKER_FAILED_REASON = "the inference worker stopped on an error (a camera failure or a bug; the run says which)"
 # The parent process died without asking for a stop (SIGKILL, a crash): nothing infers or serves operators again.
 PARENT_DIED_REASON = "the parent process (pid {pid}) died: no inference worker and no operator socket are left"
-# PR_SET_PDEATHSIG's signal: its own, not SIGTERM, because it also comes when only the parent's starting thread ends.
-PARENT_DEATH_SIGNAL = signal.SIGUSR2
 
 # The link carries joint-position setpoints (firmware_bridge SETPOINT), so the loop executes one action kind.
 EXECUTABLE_ACTION_KINDS = ("absolute_joint_position",)
@@ -168,7 +166,6 @@ class ControlLoop:
         self._last_keepalive = 0.0
         self._exit_deadline: float | None = None
         self.parent_pid = parent_pid
-        self.parent_signalled = False  # PR_SET_PDEATHSIG's signal came (set by the handler, read by the loop)
         # arming / stopping sub-state
         self._clear_seq: int | None = None
         self._arm_seq: int | None = None
@@ -313,12 +310,8 @@ class ControlLoop:
         return self.parent_pid is not None and os.getppid() != self.parent_pid
 
     def _parent_died(self) -> bool:
-        """Every cycle (a getppid() call): a dead parent sends no chunk and no stop request, ever again. Also the
-        backstop for the signal: a parent dead before the prctl, a kernel without it."""
-        if self.parent_signalled and not self.orphaned():
-            log.info("the thread that started the control process ended; its process (pid %s) lives on: running on",
-                     self.parent_pid)
-        self.parent_signalled = False
+        """Every cycle (one getppid() call): a dead parent sends no chunk and no stop request, ever again. A process,
+        not a thread, is watched: a runner started from a short-lived thread runs on when that thread ends."""
         if not self.orphaned():
             return False
         reason = PARENT_DIED_REASON.format(pid=self.parent_pid)
@@ -865,8 +858,6 @@ def control_main(config: ControlConfig, bus: sh.SharedBus, conn: Any = None, log
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    if parent_pid is not None:
-        _watch_parent(loop)
     result: dict[str, Any]
     try:
         result = loop.run()
@@ -875,19 +866,6 @@ def control_main(config: ControlConfig, bus: sh.SharedBus, conn: Any = None, log
         result = {**loop.summary(), "error": f"{type(exc).__name__}: {exc}"}
     if conn is not None:
         _send_summary(conn, result)
-
-
-def _watch_parent(loop: ControlLoop) -> None:
-    """PR_SET_PDEATHSIG: the kernel signals this process when its parent dies. The handler only raises a flag (the
-    signal also comes when just the parent's starting thread ends); the loop's per-cycle getppid() check decides,
-    and covers a parent that died before the prctl (the loop's first cycle sees it)."""
-    def on_parent_signal(_signum: int, _frame: Any) -> None:
-        loop.parent_signalled = True
-
-    signal.signal(PARENT_DEATH_SIGNAL, on_parent_signal)  # before the prctl: the signal's default would kill us
-    why_not = set_parent_death_signal(PARENT_DEATH_SIGNAL)
-    if why_not is not None:
-        log.warning("PR_SET_PDEATHSIG unavailable (%s): the parent's death is seen by the loop's own check", why_not)
 
 
 def _send_summary(conn: Any, result: dict[str, Any]) -> None:

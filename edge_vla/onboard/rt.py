@@ -20,7 +20,6 @@ from edge_vla.errors import ConfigError
 log = logging.getLogger(__name__)
 
 _MCL_CURRENT, _MCL_FUTURE = 1, 2
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -219,21 +218,6 @@ def name_thread(tid: int, name: str) -> None:
     """Thread `tid` of this process gets the kernel name `name` (top -H, ps -L, /proc/PID/task/TID/comm; 15 bytes)."""
     with contextlib.suppress(OSError):  # only a label: a kernel without it changes nothing else
         Path(f"/proc/self/task/{tid}/comm").write_bytes(name.encode()[:15])
-
-
-def set_parent_death_signal(signum: int) -> str | None:
-    """Ask the kernel to send `signum` to this process when its parent dies (prctl PR_SET_PDEATHSIG); None when
-    set, else why not (not Linux: the caller's own check of the parent pid is then the only one).
-
-    The kernel ties the signal to the parent *thread* that forked this process: it also comes when only that
-    thread ends while its process lives on, so the handler must check that the parent is really gone."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0:
-            return None
-        return os.strerror(ctypes.get_errno())
-    except (OSError, AttributeError) as exc:
-        return str(exc)
 
 
 def _mlockall() -> str:

@@ -16,9 +16,8 @@ The parent's SIGINT/SIGTERM handlers (installed by the CLI) call `request_stop()
 then makes a category-1 stop, disarms and exits; `close()` waits for that, and only kills the child if
 it does not exit (the firmware watchdog then stops the motors). If this process dies without a word (SIGKILL: the
 OOM killer, `systemctl kill -s KILL`, a crash in a native library) the control process sees it within one cycle,
-makes the same stop, disarms and exits, rather than living on as an orphan holding the port. The thread that calls
-`start()` forks it, and PR_SET_PDEATHSIG (one of its two checks) fires when that *thread* ends: the control process
-checks that this process is really gone before stopping, so a runner may be started from a short-lived thread.
+makes the same stop, disarms and exits, rather than living on as an orphan holding the port. It watches this
+process, not the thread that called `start()`, so a runner may be started from a short-lived thread.
 
 If the inference worker ends on an error (a camera unplugged: its read raises, or it gives no usable frame), no
 chunk will come again: the worker's thread asks the control process to stop (a worker_dead fault, category 1)
