@@ -27,6 +27,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 import transformers.modeling_utils as modeling_utils  # noqa: E402
+from pi0_tiny import TINY  # noqa: E402
 
 from edge_vla.errors import CheckpointError  # noqa: E402
 from edge_vla.export.pi0 import train as pi0_train  # noqa: E402
@@ -35,14 +36,6 @@ from edge_vla.export.train import TrainConfig  # noqa: E402
 from edge_vla.sim import dataset  # noqa: E402
 from edge_vla.sim.dataset import Dataset  # noqa: E402
 
-# The reduced sim π0 at test widths (tests/export/test_pi0_distill.py's TINY): a step takes well under a second.
-TINY = {"vlm_config": {"text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                                       "num_attention_heads": 2, "head_dim": 16},
-                       "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                         "num_attention_heads": 2, "patch_size": 16},
-                       "projection_dim": 32},
-        "dit_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "head_dim": 16}}
 STATE, WEIGHTS, OPTIMIZER, PROBE = "train_state.json", "model.safetensors", "optimizer.pt", "goal_probe.pt"
 
 

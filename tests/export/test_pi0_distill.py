@@ -12,6 +12,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+from pi0_tiny import TINY  # noqa: E402
+
 from edge_vla import cli  # noqa: E402
 from edge_vla.export.checkpoint import load_checkpoint  # noqa: E402
 from edge_vla.export.distill import ObsPool, _teacher_path  # noqa: E402
@@ -35,15 +37,6 @@ from edge_vla.export.pi0.train import (  # noqa: E402
 )
 from edge_vla.export.teacher import FlowTeacher, Teacher  # noqa: E402
 from edge_vla.sim import dataset  # noqa: E402
-
-# The reduced sim π0's structure at test widths: 64 px frames, patch 16 (16 image tokens), 2 + 2 Gemma layers.
-TINY = {"vlm_config": {"text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                                       "num_attention_heads": 2, "head_dim": 16},
-                       "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                         "num_attention_heads": 2, "patch_size": 16},
-                       "projection_dim": 32},
-        "dit_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "head_dim": 16}}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -21,18 +21,12 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+from pi0_tiny import TINY
+
 from edge_vla.cli import main
 from edge_vla.sim import dataset
 
 EDGE_VLA = str(Path(sys.executable).parent / "edge-vla")
-# A reduced π0 small enough to initialise in a second (tests/export/test_pi0_distill.py's TINY).
-TINY = {"vlm_config": {"text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                                       "num_attention_heads": 2, "head_dim": 16},
-                       "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                         "num_attention_heads": 2, "patch_size": 16},
-                       "projection_dim": 32},
-        "dit_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "head_dim": 16}}
 OLD_STATE = ("train_state.json", "optimizer.pt", "goal_probe.pt")
 
 
