@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import signal
 import stat
 import sys
@@ -99,7 +100,19 @@ def main(args: argparse.Namespace) -> int:
                          precision=args.ov_precision)
     mapper = ObservationMapper(parse_obs_map(args.obs_map, policy.config.num_cameras), policy.config, args.prompt)
     server = PolicyServer(policy, mapper, options)
+    raise_descriptor_limit()
     return asyncio.run(_serve(server))
+
+
+def raise_descriptor_limit(ceiling: int = 65536) -> None:
+    """The soft RLIMIT_NOFILE up to the hard one (at most `ceiling`), as Go's runtime does for every program:
+    a systemd service starts at 1024 soft (524288 hard), and every connection is a descriptor. The server's
+    own bounds (idle handshakes, clients) still keep it far below; this is headroom against a flood."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = ceiling if hard == resource.RLIM_INFINITY else min(hard, ceiling)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        log.info("descriptor limit raised from %d to %d", soft, target)
 
 
 async def _serve(server: PolicyServer) -> int:

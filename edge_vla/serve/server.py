@@ -39,6 +39,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import resource
 import threading
 import time
 from collections import deque
@@ -135,6 +136,55 @@ class _GuardedConnection(ServerConnection):
             self.transport.abort()
 
 
+MAX_LISTEN_BACKLOG = 1024
+ACCEPT_WARNING_INTERVAL_S = 5.0
+
+
+def listen_backlog() -> int:
+    """The listen backlog: how many connections the kernel completes before the event loop accepts them.
+
+    asyncio's default, 100, overflowed under a few hundred connects arriving while the loop was busy: a client
+    whose final ACK the kernel drops believes it is connected and waits seconds for a SYN-ACK retransmission.
+    But asyncio also accepts up to `backlog` connections in one go before any of them can be closed as idle,
+    so the backlog must leave room in the descriptor limit: a quarter of it, 16 to 1024 (the kernel caps it
+    at net.core.somaxconn as well)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_LISTEN_BACKLOG
+    return max(16, min(MAX_LISTEN_BACKLOG, soft // 4))
+
+
+class _AcceptErrorLog:
+    """The event loop's exception handler for one error it logs with a traceback for every failed accept():
+    out of file descriptors (or kernel memory), asyncio pauses accepting for a second, but a flood made it log
+    a 20-line traceback per queued connection, hundreds a second (a test's stderr pipe filled and blocked the
+    server). One warning line every ACCEPT_WARNING_INTERVAL_S instead, with the count; anything else goes to
+    the handler that was there before."""
+
+    def __init__(self, previous: Any) -> None:
+        self._previous = previous
+        self._suppressed = 0
+        self._last = -float("inf")
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if not (context.get("message", "").startswith("socket.accept() out of system resource")
+                and isinstance(exc, OSError)):
+            if self._previous is not None:
+                self._previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        now = time.monotonic()
+        if now - self._last < ACCEPT_WARNING_INTERVAL_S:
+            self._suppressed += 1
+            return
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        log.warning("cannot accept connections for a second: %s (descriptor limit %d; %d more such errors since "
+                    "the last warning); idle connections are being closed", exc.strerror, soft, self._suppressed)
+        self._last, self._suppressed = now, 0
+
+
 class _Handshaking:
     """The connections still sending their HTTP request, oldest first, at most `limit` (event loop only).
     When full, the oldest is closed with a 503 saying why: an honest client sends its request as soon as it
@@ -216,6 +266,8 @@ class PolicyServer:
     # --- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         lim = self.options.limits
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_AcceptErrorLog(loop.get_exception_handler()))
         try:
             self._server = await serve(
                 self._handle, self.options.host, self.options.port,
@@ -226,6 +278,7 @@ class PolicyServer:
                 compression=None,  # no permessage-deflate: no decompression bombs, and openpi-client asks for none
                 max_queue=1,  # one frame buffered per connection, then TCP back-pressure: openpi-client never pipelines,
                 #   and 4 would let each connection pin ~5 x the message cap
+                backlog=listen_backlog(),
             )
         except OSError as exc:
             raise ServeError(f"cannot listen on {self.options.host}:{self.options.port} ({exc}); is another server "

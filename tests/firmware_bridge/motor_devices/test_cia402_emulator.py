@@ -102,11 +102,13 @@ def test_heartbeat_consumer_watches_only_after_the_first_heartbeat_and_acts_on_e
     net.send_message(0x77F, b"\x05\x00")  # two bytes: not a heartbeat
     time.sleep(0.15)
     assert e.snapshot(3)["consumer"] == "unknown"
+    # Taken before the send: the emulator's thread may receive the frame before send_message returns, so a
+    # timestamp taken after it could be later than the heartbeat's arrival (a flaky 49.96 ms in CI).
+    sent_before = time.monotonic()
     net.send_message(0x77F, b"\x05")
-    last = time.monotonic()
     assert wait_for(lambda: bool(e.events_of("heartbeat_expired")), 2.0)
     expired = e.events_of("heartbeat_expired")[0]
-    assert expired.detail["since_last"] >= 0.050 and expired.t - last >= 0.050
+    assert expired.detail["since_last"] >= 0.050 and expired.t - sent_before >= 0.050
     assert wait_for(lambda: e.snapshot(3)["state"] == SOD, 2.0)
     snap = e.snapshot(3)
     assert snap["nmt"] == "PRE-OPERATIONAL" and not snap["torque"]
