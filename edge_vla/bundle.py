@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import shutil
-import stat
 import tarfile
 import tempfile
 from collections.abc import Callable, Mapping
@@ -35,6 +34,7 @@ from edge_vla.action_space import ActionSpace
 from edge_vla.atomic import atomic_write
 from edge_vla.config import VLAConfig
 from edge_vla.errors import BundleError, ConfigError
+from edge_vla.files import Wording, read_bounded
 from edge_vla.runtime.contract import Contract
 from edge_vla.safe_tar import extract_plain, plain_members
 
@@ -200,34 +200,27 @@ def read_manifest(root: Path) -> dict[str, Any]:
     return read_manifest_bytes(root)[1]
 
 
+# The manifest keeps its own wording: each refusal says the file is not a bundle manifest, and what to do.
+_MANIFEST_WORDING = Wording(
+    cannot_read="cannot read {path} ({strerror}); check the bundle's permissions, or copy it again",
+    not_regular="{path} is {kind}, not a regular file: not an edge-vla bundle manifest; re-export the bundle, or "
+                "copy it again",
+    too_large="{path} is {size:,} bytes, more than the {limit:,}-byte limit of a bundle manifest (an exported one is "
+              "tens of kB): not an edge-vla bundle manifest; re-export the bundle")
+
+
 def read_manifest_bytes(root: Path) -> tuple[bytes, dict[str, Any]]:
     """manifest.json's bytes, read once, and the manifest parsed and checked from exactly those bytes.
 
-    Read from one open file: only a regular file, of at most MAX_MANIFEST_BYTES, is read (checked on what was
-    opened, so nothing put in its place after a check is read instead)."""
+    Read from one open file (edge_vla.files.read_bounded): only a regular file, of at most MAX_MANIFEST_BYTES, is
+    read (checked on what was opened, so nothing put in its place after a check is read instead)."""
     mpath = root / MANIFEST
-    # O_NONBLOCK: a FIFO put there opens at once (and is refused below) instead of blocking the load forever.
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(mpath, flags)
-    except FileNotFoundError:
-        _no_manifest(root)
-    except OSError as exc:
-        raise BundleError(f"cannot read {mpath} ({exc.strerror}); check the bundle's permissions, or copy it "
-                          "again") from exc
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):  # checked on the fd: before fdopen, which refuses a directory itself
-            raise BundleError(f"{mpath} is a {_file_kind(st.st_mode)}, not a regular file: not an edge-vla bundle "
-                              "manifest; re-export the bundle, or copy it again")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(MAX_MANIFEST_BYTES + 1)  # +1: a file that grew past the limit since fstat is refused too
-    finally:
-        os.close(fd)
-    if max(st.st_size, len(data)) > MAX_MANIFEST_BYTES:
-        raise BundleError(f"{mpath} is {max(st.st_size, len(data)):,} bytes, more than the {MAX_MANIFEST_BYTES:,}-"
-                          "byte limit of a bundle manifest (an exported one is tens of kB): not an edge-vla bundle "
-                          "manifest; re-export the bundle")
+        data = read_bounded(mpath, MAX_MANIFEST_BYTES, "bundle manifest", BundleError, wording=_MANIFEST_WORDING)
+    except BundleError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            _no_manifest(root)
+        raise
     return data, parse_manifest(data, mpath)
 
 
@@ -236,12 +229,6 @@ def _no_manifest(root: Path) -> NoReturn:
         raise BundleError(f"{root} is a training checkpoint, not a bundle: export it first "
                           f"(`edge-vla export {root} -o BUNDLE`), then give BUNDLE")
     raise BundleError(f"{root} has no {MANIFEST}: not an edge-vla bundle, or an incomplete copy")
-
-
-def _file_kind(mode: int) -> str:
-    kinds = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "fifo"), (stat.S_ISCHR, "character device"),
-             (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
-    return next((name for test, name in kinds if test(mode)), f"file of type {stat.S_IFMT(mode):o}")
 
 
 def parse_manifest(data: bytes, mpath: Path) -> dict[str, Any]:

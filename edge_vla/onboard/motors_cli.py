@@ -18,6 +18,7 @@ from typing import Any
 
 from edge_vla.atomic import atomic_write
 from edge_vla.cli_flags import with_epilog
+from edge_vla.files import one_line
 from firmware_bridge.motors.base import MotorError
 from firmware_bridge.motors.configure import (
     DEFAULT_SCAN_TIMEOUT_MS,
@@ -134,7 +135,7 @@ def main(args: argparse.Namespace) -> int:
     except MotorError as exc:  # ConfigureError, a malformed URL, a missing SDK
         if not args.json:
             raise  # edge_vla.cli prints it as one line on stderr, exit status 1
-        print(json.dumps({"ok": False, "error": _one_line(exc)}))
+        print(json.dumps({"ok": False, "error": one_line(exc)}))
         return 1
 
 
@@ -225,7 +226,3 @@ def _emit(args: argparse.Namespace, report: dict[str, Any], lines: list[str]) ->
     else:
         for line in lines:
             print(line)
-
-
-def _one_line(text: Any) -> str:
-    return " ".join(str(text).split())

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edge_vla.errors import ConfigError
+from edge_vla.files import file_kind
 from edge_vla.onboard import shared as sh
 from edge_vla.onboard.errors import OnboardError
 
@@ -548,14 +549,8 @@ def not_a_socket(path: str | os.PathLike[str]) -> str | None:
         return None
     if stat.S_ISSOCK(st.st_mode):
         return None
-    return (f"{path} exists and is {_file_kind(st.st_mode)}, not a control socket; edge-vla replaces only a stale "
+    return (f"{path} exists and is {file_kind(st.st_mode)}, not a control socket; edge-vla replaces only a stale "
             "socket there: pass another --control-socket")
-
-
-def _file_kind(mode: int) -> str:
-    kinds = [(stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symlink"),
-             (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
-    return next((name for test, name in kinds if test(mode)), "not a socket")
 
 
 def _peer_uid(conn: socket.socket) -> int | str:

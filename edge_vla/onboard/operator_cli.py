@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from edge_vla.cli_flags import DeprecatedAlias, with_epilog
+from edge_vla.files import one_line
 from edge_vla.onboard.operator import DEFAULT_SOCKET, SOCKET_ENV, OperatorError, SocketOperator
 
 EXIT_STATUSES = """exit status:
@@ -56,7 +57,7 @@ def _json_usage_errors(parser: argparse.ArgumentParser) -> None:
 
     def error(message: str) -> NoReturn:
         if "--json" in seen:
-            print(json.dumps({"ok": False, "error": _one_line(f"{parser.prog}: {message}")}))
+            print(json.dumps({"ok": False, "error": one_line(f"{parser.prog}: {message}")}))
             raise SystemExit(2)
         argparse.ArgumentParser.error(parser, message)
 
@@ -72,10 +73,6 @@ def _positive_seconds(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
-
-
-def _one_line(text: Any) -> str:
-    return " ".join(str(text).split())  # an error from the socket must not break the one-line contract
 
 
 def format_status(s: dict[str, Any]) -> str:
@@ -99,17 +96,17 @@ def _status_of(reply: dict[str, Any], cmd: str, path: str) -> dict[str, Any]:
     """The status dict in a reply, checked enough to print: OperatorError if the server refused or garbled it."""
     status = reply if cmd == "status" else reply.get("status")
     if cmd == "status" and reply.get("ok") is False:  # a status is answered with the status itself, or refused
-        raise OperatorError(f"the control loop refused {cmd!r}: {_one_line(reply.get('error'))}")
+        raise OperatorError(f"the control loop refused {cmd!r}: {one_line(reply.get('error'))}")
     if cmd != "status" and not isinstance(reply.get("ok"), bool):
         raise OperatorError(f"the reply to {cmd!r} from {path} has no \"ok\": is that an edge-vla control socket?")
     if not isinstance(status, dict):
         if cmd != "status" and reply["ok"] is False:  # refused before reaching the loop (busy, malformed)
-            raise OperatorError(f"{cmd} failed: {_one_line(reply.get('error'))}")
+            raise OperatorError(f"{cmd} failed: {one_line(reply.get('error'))}")
         raise OperatorError(f"the reply to {cmd!r} from {path} has no status: is that an edge-vla control socket?")
     try:
         format_status(status)
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
-        raise OperatorError(f"the status from {path} is malformed ({type(exc).__name__}: {_one_line(exc)}): is "
+        raise OperatorError(f"the status from {path} is malformed ({type(exc).__name__}: {one_line(exc)}): is "
                             "that an edge-vla control socket of this version?") from None
     return status
 
@@ -123,12 +120,12 @@ def main(args: argparse.Namespace) -> int:
     except OperatorError as exc:
         if not args.json:
             raise  # edge_vla.cli prints it as one line on stderr, exit status 1
-        print(json.dumps({"ok": False, "error": _one_line(exc)}))
+        print(json.dumps({"ok": False, "error": one_line(exc)}))
         return 1
     if args.json:
         print(json.dumps(reply, indent=2))
     elif cmd == "status":
         print(format_status(status))
     else:
-        print(("ok" if reply["ok"] else f"failed: {_one_line(reply.get('error'))}") + "\n" + format_status(status))
+        print(("ok" if reply["ok"] else f"failed: {one_line(reply.get('error'))}") + "\n" + format_status(status))
     return 0 if cmd == "status" or reply["ok"] else 1

@@ -15,15 +15,14 @@ Operators edit it on the robot; `edge-vla install` keeps their edits (see instal
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 from edge_vla.errors import ConfigError
+from edge_vla.files import read_bounded
 from edge_vla.onboard.following import TrackingLimits
 from edge_vla.onboard.watchdog import DEFAULT_LINK_LOSS_CATEGORY
 
@@ -134,21 +133,10 @@ MAX_CONFIG_BYTES = 1 << 20  # a robot.env is a few hundred bytes; anything near 
 
 
 def _read_config_text(path: Path) -> str:
-    """The file's text, or one ConfigError line. Opened without blocking and checked to be a regular file first: a
-    FIFO (or a device) at --robot-config would otherwise block `edge-vla run` until some writer comes."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-    except OSError as exc:
-        raise ConfigError(f"cannot read robot config {path}: {exc.strerror or exc}") from exc
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(f"robot config {path} is not a regular file; give the path of the KEY=VALUE file "
-                              f"(default {CONFIG_PATH})")
-        if info.st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"robot config {path} is {info.st_size / 2**20:.1f} MiB, too large for a KEY=VALUE file "
-                              f"(at most {MAX_CONFIG_BYTES >> 20} MiB); is it the right file?")
-        data = f.read(MAX_CONFIG_BYTES + 1)
+    """The file's text, or one ConfigError line. Read by edge_vla.files.read_bounded: a FIFO (or a device) at
+    --robot-config is refused at once instead of blocking `edge-vla run` until some writer comes."""
+    data = read_bounded(path, MAX_CONFIG_BYTES, "robot config", ConfigError,
+                        fix=f"give the path of the KEY=VALUE file (default {CONFIG_PATH})")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -30,6 +30,7 @@ from typing import Any
 from edge_vla.atomic import atomic_write
 from edge_vla.bundle import MANIFEST, SIGNATURE
 from edge_vla.errors import BundleError, ConfigError
+from edge_vla.files import file_kind, read_bounded
 from edge_vla.optional import require
 
 SIG_FORMAT = "edge-vla-signature"
@@ -56,29 +57,11 @@ def _raw_public(pub: Any) -> bytes:
     return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def _file_kind(mode: int) -> str:
-    kinds = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-             stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
-    return kinds.get(stat.S_IFMT(mode), "not a plain file")
-
-
 def read_small_file(path: Path, what: str, error: type[Exception] = ConfigError) -> bytes:
-    """The bytes of the key or signature file `path`, refusing (with `error`) anything but a regular
-    file of at most MAX_KEY_OR_SIGNATURE_BYTES. O_NONBLOCK: opening a FIFO must not wait for a writer."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise error(f"cannot read {what} {path}: {exc.strerror}") from exc
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise error(f"{what} {path} is not a regular file ({_file_kind(st.st_mode)}); "
-                        "replace it with the key or signature file itself")
-        data = f.read(MAX_KEY_OR_SIGNATURE_BYTES + 1)  # bounded: the file may grow after fstat
-    if len(data) > MAX_KEY_OR_SIGNATURE_BYTES:
-        raise error(f"{what} {path} is too large ({max(st.st_size, len(data))} bytes; a key or signature is "
-                    f"under {MAX_KEY_OR_SIGNATURE_BYTES}): not a key or signature file")
-    return data
+    """The bytes of the key or signature file `path`, refusing (with `error`) anything but a regular file of at
+    most MAX_KEY_OR_SIGNATURE_BYTES (a symlink is followed: what is read is its target)."""
+    return read_bounded(path, MAX_KEY_OR_SIGNATURE_BYTES, what, error,
+                        fix="replace it with the key or signature file itself")
 
 
 def load_private_key(path: str | os.PathLike[str]) -> Any:
@@ -240,7 +223,7 @@ def trusted_keys_from_dir(directory: str | os.PathLike[str] = "/etc/edge-vla/tru
         except OSError as exc:
             raise BundleError(f"cannot read trusted key {key} ({exc.strerror}); remove it or fix it") from exc
         if not stat.S_ISREG(st.st_mode):
-            raise BundleError(f"trusted key {key} is not a regular file ({_file_kind(st.st_mode)}); remove it")
+            raise BundleError(f"trusted key {key} is not a regular file ({file_kind(st.st_mode)}); remove it")
         _check_trust_anchor(key, st)
     return keys
 

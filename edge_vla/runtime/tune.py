@@ -30,7 +30,6 @@ gate, a backend that does not load) gives one warning and the untuned rule. `edg
 from __future__ import annotations
 
 import argparse
-import errno
 import getpass
 import hashlib
 import json
@@ -38,7 +37,6 @@ import logging
 import math
 import os
 import platform
-import stat
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -51,6 +49,7 @@ import numpy as np
 
 from edge_vla.bundle import MANIFEST, Bundle, write_json_atomic
 from edge_vla.errors import EdgeVlaError
+from edge_vla.files import Wording, read_bounded
 from edge_vla.runtime.backend import Backend
 from edge_vla.runtime.compare import THRESHOLDS, Metrics
 from edge_vla.runtime.contract import OBSERVATION_ROLES, Contract, GraphContract
@@ -283,23 +282,14 @@ def read_record(bundle: Bundle, cpuinfo: str | None = None, env: Mapping[str, st
     return Lookup(choice, path, None, dirs, record)
 
 
+# Said after "ignoring the tune record PATH: ". Symlinks are not followed: tune writes regular files, so a link there
+# was put by something else.
+_RECORD_WORDING = Wording(subject="it")
+
+
 def _load_json(path: Path) -> Any:
-    # O_NONBLOCK: a FIFO put in its place opens at once (and is refused below) instead of blocking the load;
-    # O_NOFOLLOW: tune writes regular files, so a link there was put by something else.
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise _Bad("it is a symbolic link, not a record written by edge-vla tune") from exc
-        raise _Bad(f"it cannot be read ({exc.strerror})") from exc
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _Bad("it is not a regular file")
-        data = f.read(MAX_RECORD_BYTES + 1)
-    if len(data) > MAX_RECORD_BYTES:
-        raise _Bad(f"it is {max(st.st_size, len(data))} bytes, more than the {MAX_RECORD_BYTES}-byte limit of a record")
+    data = read_bounded(path, MAX_RECORD_BYTES, "tune record", _Bad, follow_symlinks=False,
+                        fix="not a record written by edge-vla tune", wording=_RECORD_WORDING)
     try:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nesting too deep to parse

@@ -11,9 +11,7 @@ import contextlib
 import json
 import logging
 import math
-import os
 import re
-import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 
 from edge_vla.bundle import sha256_file
 from edge_vla.errors import CheckpointError, EdgeVlaError
+from edge_vla.files import one_line, read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -40,40 +39,23 @@ MAX_STEPS = 64
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # safetensors' names; π0 is loaded in float32
 _SIZE_FIELD = re.compile(r"size|dim|^num_|layers$|heads$")
 _FINITE_CHUNK = 1 << 24  # elements per isfinite() pass: bounds the temporary mask on a full-size tensor
+_SAVED_FIX = "give the file save_pretrained wrote"
 
 
-def read_json_file(path: Path, max_bytes: int, error: type[EdgeVlaError] = CheckpointError) -> Any:
+def read_json_file(path: Path, max_bytes: int, error: type[EdgeVlaError] = CheckpointError,
+                   what: str = "π0 checkpoint file", fix: str = _SAVED_FIX) -> Any:
     """A JSON document from a regular file of at most `max_bytes`; anything else is one `error` naming the file.
 
-    Opened non-blocking and checked with fstat, so a FIFO (which blocks an ordinary open until a writer comes) or a
-    link to /dev/zero (which never ends) is refused at once; a document nested past the parser's recursion limit
-    is an error too, not a traceback."""
-    raw = read_bounded(path, max_bytes, error)
+    Read by edge_vla.files.read_bounded, so a FIFO (which blocks an ordinary open until a writer comes) or a link to
+    /dev/zero (which never ends) is refused at once; a document nested past the parser's recursion limit is an
+    error too, not a traceback."""
+    raw = read_bounded(path, max_bytes, what, error, fix=fix)
     try:
         return json.loads(raw.decode("utf-8"))
     except RecursionError:
         raise error(f"{path} is not valid JSON (nested too deeply)") from None
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise error(f"{path} is not valid JSON ({exc})") from None
-
-
-def read_bounded(path: Path, max_bytes: int, error: type[EdgeVlaError] = CheckpointError) -> bytes:
-    """The bytes of a regular file of at most `max_bytes` (see read_json_file)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        raise error(f"{path} cannot be read ({exc.strerror})") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise error(f"{path} is not a regular file (a FIFO, device or directory); give the file itself")
-        if st.st_size > max_bytes:
-            raise error(f"{path} is {st.st_size} bytes, more than the {max_bytes} such a file can need; it is not "
-                        "the file it should be")
-        raw = f.read(max_bytes + 1)
-    if len(raw) > max_bytes:  # grew while read
-        raise error(f"{path} is more than {max_bytes} bytes; it is not the file it should be")
-    return raw
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -208,7 +190,7 @@ class Pi0Source:
             raise CheckpointError(f"reading {self.tokenizer_json} needs the tokenizers library ({exc}); install "
                                   "it with: pip install 'edge-vla[pi0-export]'") from exc
         # Read here, bounded (a 3 GB file took 3.5 GB and 10 s to be called unreadable), then parsed from memory.
-        raw = read_bounded(self.tokenizer_json, MAX_TOKENIZER_BYTES)
+        raw = read_bounded(self.tokenizer_json, MAX_TOKENIZER_BYTES, "tokenizer", CheckpointError, fix=_SAVED_FIX)
         try:
             return Tokenizer.from_str(raw.decode("utf-8"))
         except Exception as exc:  # the Rust side raises plain Exception for unreadable, truncated or foreign JSON
@@ -390,10 +372,9 @@ def _names(keys: Iterable[str]) -> str:
     return f"({shown}{f', and {len(names) - _NAMES_SHOWN} more' if len(names) > _NAMES_SHOWN else ''})"
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception's message on one line (transformers' and tokenizers' messages span several)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (transformers' and tokenizers' messages span several), or its type."""
+    return one_line(exc, limit=300) or type(exc).__name__
 
 
 @contextlib.contextmanager

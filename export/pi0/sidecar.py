@@ -59,7 +59,7 @@ def load_sidecar(path: str | Path) -> RobotSidecar:
         raise ConfigError(f"sidecar {path} does not exist")
     # Bounded and non-blocking: `--sidecar` naming a FIFO blocked forever, one naming /dev/zero read until memory
     # ran out, a document nested too deeply was a RecursionError traceback.
-    data = read_json_file(path, MAX_SIDECAR_BYTES, ConfigError)
+    data = read_json_file(path, MAX_SIDECAR_BYTES, ConfigError, "sidecar", "give the sidecar JSON file itself")
     return parse_sidecar(data, str(path))
 
 
