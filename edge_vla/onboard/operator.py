@@ -338,19 +338,47 @@ class ControlSocketServer:
         self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         self._remove_stale_socket()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o777 & ~self.mode)  # never a moment with wider permissions than `mode`
         try:
-            sock.bind(str(self.path))
-        finally:
-            os.umask(old)
-        os.chmod(self.path, self.mode)
-        sock.listen(_LISTEN_BACKLOG)
+            self._bind_and_publish(sock)
+        except BaseException:
+            sock.close()
+            raise
         sock.setblocking(False)
         self._sock = sock
         self._thread = threading.Thread(target=self._serve, name="edge-vla-control-socket", daemon=True)
         self._thread.start()
         log.info("operator control socket at %s (mode %o)", self.path, self.mode)
         return self
+
+    def _bind_and_publish(self, sock: socket.socket) -> None:
+        """Bind, listen, and only then let the path appear. bind() creates the path and listen() comes after: a
+        client in between was refused (ECONNREFUSED: "not running here"), and a second start probing it then
+        removed it as stale. So: bind a temporary name in the same directory, listen, and link the path to it;
+        link() fails where something appeared at the path meanwhile (another start), which is refused."""
+        temp = self.path.parent / f".{os.getpid()}-{threading.get_ident() % 10000}"
+        old = os.umask(0o777 & ~self.mode)  # never a moment with wider permissions than `mode`
+        try:
+            try:
+                sock.bind(str(temp))
+            except OSError as exc:
+                if exc.errno is not None:  # errno None: "AF_UNIX path too long" for the temporary name alone
+                    raise
+                sock.bind(str(self.path))  # as before: the path appears a moment before the socket listens
+                os.chmod(self.path, self.mode)
+                sock.listen(_LISTEN_BACKLOG)
+                return
+        finally:
+            os.umask(old)
+        try:
+            os.chmod(temp, self.mode)
+            sock.listen(_LISTEN_BACKLOG)
+            try:
+                os.link(temp, self.path)
+            except FileExistsError:
+                raise OperatorError(f"another edge-vla is serving {self.path}; stop it first (one robot, one "
+                                    "loop)") from None
+        finally:
+            temp.unlink(missing_ok=True)
 
     def _remove_stale_socket(self) -> None:
         """Clear the path for bind(): remove a socket nobody answers on (left by a process that died); refuse
