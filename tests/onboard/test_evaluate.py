@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from onboard_helpers import expert_clamps_allowed
+
 from edge_vla.cli import main as cli_main
 from edge_vla.onboard.evaluate import OnboardEvalConfig, compare
 
@@ -21,7 +23,8 @@ def test_onboard_episodes_reuse_one_loop_and_pair_with_offline(tmp_path, capsys)
     # One control process for both episodes: two operator stops (the bench's), nothing else tripped.
     assert [t["kind"] for t in control["trips"]] == ["operator_stop", "operator_stop"]
     assert not control["armed_at_exit"]
-    assert control["clamps"]["acceleration"] + control["clamps"]["velocity"] <= 5  # a few for missed deadlines
+    clamps = control["clamps"]["acceleration"] + control["clamps"]["velocity"]
+    assert clamps <= expert_clamps_allowed(control), (control["clamps"], control["missed_deadlines"])
     printed = capsys.readouterr().out
     assert "paired:" in printed and "onboard loop:" in printed
 

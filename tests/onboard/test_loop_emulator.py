@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from onboard_helpers import give_pty_to_service, robot_users, service_run_dir, wait_for
+from onboard_helpers import expert_clamps_allowed, give_pty_to_service, robot_users, service_run_dir, wait_for
 
 from edge_vla.action_space import sim_action_space
 from edge_vla.onboard.cameras import SimCamera
@@ -63,9 +63,10 @@ def test_closed_loop_reaches_and_ends_disarmed(emulator, tmp_path) -> None:
     assert s is not None and not s["armed_at_exit"] and s["final_state"] == "stopped"
     assert [t["kind"] for t in s["trips"]] == ["operator_stop"]
     assert s["chunks"]["adopted"] > 0 and s["cycles"] > 50
-    # Issue 13: the expert's motion needs (almost) no clamping: a few allowed for missed deadlines on a loaded
-    # box; holding the pre-homing pose until the first chunk, or an anchored hand-over, gave 10 and more.
-    assert s["clamps"]["velocity"] + s["clamps"]["acceleration"] <= 5, s["clamps"]
+    # Issue 13: the expert's motion needs (almost) no clamping; holding the pre-homing pose until the first chunk,
+    # or an anchored hand-over, gave 10 and more in a run that met its deadlines (skipped ones add their own).
+    clamps = s["clamps"]["velocity"] + s["clamps"]["acceleration"]
+    assert clamps <= expert_clamps_allowed(s), (s["clamps"], s["missed_deadlines"])
     ev = _events(emulator)
     assert ev.index("armed") < ev.index("stop_cat1") < ev.index("disarmed")
     assert "heartbeat_timeout" not in ev

@@ -47,8 +47,10 @@ def test_damiao_cut_bus_the_motor_hears_nothing_and_its_timeout_expires(damiao) 
     drive(dev, 0.3, 10, CYCLE_S)  # control: fed by the host, enabled, no expiry
     assert e.snapshot(1)["enabled"] and not e.events_of("timeout_expired")
     frames = e.counters()["frames"]
-    e.cut_bus(True)
+    # Taken before the cut: the emulator process applies it before cut_bus() returns, so a time taken after the
+    # call, by a test thread descheduled meanwhile (a loaded 2-core box), can be later than the expiry it bounds.
     cut_at = time.monotonic()
+    e.cut_bus(True)
     with pytest.raises(FaultLatchedError):  # the host keeps sending; nothing arrives, nothing answers
         for _ in range(20):
             dev.poll_state()
@@ -104,8 +106,8 @@ def test_cia402_cut_bus_the_drive_hears_nothing_and_its_heartbeat_consumer_expir
     drive_drives(dev, 0.3, 10, CYCLE_S)  # control: fed by the host's heartbeat, Operation Enabled, no expiry
     assert e.snapshot(1)["state"] == "OPERATION ENABLED" and not e.events_of("heartbeat_expired")
     beats = e.snapshot(1)["heartbeats"]
+    cut_at = time.monotonic()  # before the cut, as in the Damiao test above
     e.cut_bus(True)
-    cut_at = time.monotonic()
     assert wait_for(lambda: bool(e.events_of("heartbeat_expired")), 2.0)
     expired = e.events_of("heartbeat_expired")[0]
     assert expired.detail["since_last"] >= 2 * PERIOD_MS / 1000 and expired.t >= cut_at
