@@ -43,8 +43,15 @@ def emulator():  # type: ignore[no-untyped-def]
         yield e
 
 
+# The SDK waits 2 x latency_ms + 2 ms for a reply (34 ms at its 16 ms default); an emulator process descheduled on a
+# loaded 2-core box missed that once in CI ("servo id 1 did not answer the sync read"). Real servos answer in
+# microseconds; the dynamixel tests give the emulator the same 100 ms.
+LATENCY_MS = 100
+
+
 def device(e: EmulatorProcess, **kw: object) -> FeetechDevice:
-    return open_device(f"feetech://{e.port}?ids=1-3", joint_limits=LIMITS, **kw)  # type: ignore[return-value]
+    url = f"feetech://{e.port}?ids=1-3&latency_ms={LATENCY_MS}"
+    return open_device(url, joint_limits=LIMITS, **kw)  # type: ignore[return-value]
 
 
 def cycle(dev: FeetechDevice, target: float, n: int) -> np.ndarray:
@@ -150,7 +157,7 @@ def test_scs_servos_are_refused_at_open_in_one_line() -> None:
     big_endian_scs0009 = 0x0405  # model 1284 stored big-endian reads as 1029 little-endian
     with EmulatorProcess([ServoConfig(servo_id=1, return_delay=0, model_number=big_endian_scs0009)]) as e:
         with pytest.raises(MotorBusError) as err:
-            open_device(f"feetech://{e.port}?ids=1", joint_limits=[(-1, 1)])
+            open_device(f"feetech://{e.port}?ids=1&latency_ms={LATENCY_MS}", joint_limits=[(-1, 1)])
         assert "\n" not in str(err.value) and "SCS-series servo (SCS0009)" in str(err.value)
 
 
@@ -159,12 +166,14 @@ def test_lerobot_calibration_homing_offset_is_checked_not_applied_twice() -> Non
            for i in IDS}
     motors = parse_lerobot_calibration(json.dumps(cal))
     with EmulatorProcess(servos(homing_offset=-300)) as e:
-        with open_device(f"feetech://{e.port}?ids=1-3", joint_limits=LIMITS, lerobot_calibration=motors) as dev:
+        with open_device(f"feetech://{e.port}?ids=1-3&latency_ms={LATENCY_MS}", joint_limits=LIMITS,
+                         lerobot_calibration=motors) as dev:
             dev.arm()
             # the servo reports 2048 with its offset applied: LeRobot's DEGREES gives 0 at mid-range, and so do we
             assert np.allclose(dev.poll_state().positions, (2048 - 2048) * TICK, atol=1e-3)
         e.set_register(2, emu.HOMING_OFFSET, 12)
-        with open_device(f"feetech://{e.port}?ids=1-3", joint_limits=LIMITS, lerobot_calibration=motors) as dev, \
+        with open_device(f"feetech://{e.port}?ids=1-3&latency_ms={LATENCY_MS}", joint_limits=LIMITS,
+                         lerobot_calibration=motors) as dev, \
                 pytest.raises(ArmRefusedError, match="m2.*Homing Offset 12 but the LeRobot calibration says -300"):
             dev.arm()
 

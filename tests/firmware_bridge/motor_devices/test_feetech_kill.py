@@ -51,7 +51,7 @@ def bus():  # type: ignore[no-untyped-def]
 
 
 def _start_moving(bus: BusEmulator, mode: str) -> subprocess.Popen[str]:
-    proc = run_host(HOST, f"feetech://{bus.port}?ids=1-3", mode)
+    proc = run_host(HOST, f"feetech://{bus.port}?ids=1-3&latency_ms=100", mode)  # a reply may be late on a loaded box
     wait_line(proc, "armed", 20.0)
     assert bus.wait_for(lambda: all(abs(bus.servo(i).velocity) > 200 for i in IDS), 5.0), "never moved"
     return proc
