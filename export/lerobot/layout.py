@@ -67,6 +67,32 @@ class VideoSegment:
 
 
 @dataclass(frozen=True)
+class FrameShape:
+    """The frame size a video feature declares in info.json: `shape` as written, and the (height, width, channels)
+    it can mean. LeRobot writes [height, width, channels]; older conversions (e.g. lerobot/pusht) are channel-first,
+    which `names` says (as LeRobot's dataset_to_policy_features reads it); without such names either is taken."""
+
+    declared: tuple[int, int, int]            # features[key]["shape"] as written
+    names: Any                                 # features[key]["names"] as written
+    accepts: frozenset[tuple[int, int, int]]
+
+    @classmethod
+    def of(cls, feature: dict[str, Any]) -> FrameShape | None:
+        shape, names = feature.get("shape"), feature.get("names")
+        if shape is None:
+            return None
+        a, b, c = shape  # checked by _check_info: three positive whole numbers
+        hwc, chw = (a, b, c), (b, c, a)
+        axes = [str(n).lower() for n in names] if isinstance(names, list) and len(names) == 3 else []
+        accepts = ({hwc} if axes and axes[2] in _CHANNELS else {chw} if axes and axes[0] in _CHANNELS
+                   else {hwc, chw})
+        return cls(hwc, names, frozenset(accepts))
+
+
+_CHANNELS = ("channel", "channels")
+
+
+@dataclass(frozen=True)
 class EpisodeInfo:
     index: int
     length: int
@@ -93,6 +119,10 @@ class DatasetMeta:
     @property
     def image_keys(self) -> list[str]:
         return [k for k, f in self.features.items() if f.get("dtype") == "image"]
+
+    def frame_shape(self, key: str) -> FrameShape | None:
+        """What info.json declares for video feature `key`'s frames; None when it declares no shape."""
+        return FrameShape.of(self.features[key])
 
     def dim(self, key: str) -> int:
         shape = self.features[key].get("shape") or [1]
@@ -290,6 +320,9 @@ def _check_info(path: Path, info: dict[str, Any]) -> None:
                                       and all(type(n) is int and n > 0 for n in shape)):
             raise LeRobotDatasetError(f"{path}: feature {key!r} shape must be a list of positive whole numbers, got "
                                       f"{shape!r}; {_REDO}")
+        if feature.get("dtype") == "video" and shape is not None and len(shape) != 3:
+            raise LeRobotDatasetError(f"{path}: video feature {key!r} shape must be 3 positive whole numbers ([height, "
+                                      f"width, channels]), got {shape!r}; {_REDO}")
     for key in ("data_path", "video_path"):
         if info.get(key) is not None and not isinstance(info[key], str):
             raise LeRobotDatasetError(f"{path}: {key!r} must be a string, got {info[key]!r}; {_REDO}")

@@ -263,7 +263,8 @@ def _read_episode(meta: DatasetMeta, ep: EpisodeInfo, spec: SourceSpec, cameras:
             raise LeRobotDatasetError(f"episode {ep.index} has no video entry for camera {cam!r} in the episode "
                                       "metadata; the dataset is incomplete")
         images.append(decode_segment(ep.videos[cam], rows["timestamp"][frames].tolist(), cam, ep.index,
-                                     transform=lambda img: resize_nearest(img, image_size)))
+                                     transform=lambda img: resize_nearest(img, image_size),
+                                     frame_shape=meta.frame_shape(cam)))
     tasks = np.array([_task(meta, int(t), ep) for t in rows["task_index"][frames]])
     return {
         "images": np.ascontiguousarray(np.stack(images, axis=1)),

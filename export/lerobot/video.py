@@ -16,7 +16,7 @@ import numpy as np
 from edge_vla.optional import require
 
 from .errors import LeRobotDatasetError
-from .layout import VideoSegment
+from .layout import FrameShape, VideoSegment
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,12 @@ def _unsupported(path: Path, name: str | None) -> LeRobotDatasetError:
 
 def decode_segment(segment: VideoSegment, timestamps: Sequence[float], camera: str, episode: int,
                    transform: Callable[[np.ndarray], np.ndarray] | None = None,
-                   tolerance_s: float = TOLERANCE_S) -> np.ndarray:
+                   tolerance_s: float = TOLERANCE_S, frame_shape: FrameShape | None = None) -> np.ndarray:
     """uint8 RGB frames [len(timestamps), H, W, 3] (after `transform`) at the episode's `timestamps`.
 
     Seeks once to the keyframe before the first wanted frame and decodes forward, as LeRobot's PyAV path
-    does; every frame must be found within `tolerance_s` of segment.start + timestamp."""
+    does; every frame must be found within `tolerance_s` of segment.start + timestamp, and (before `transform`
+    resizes it) be the size `frame_shape` declares."""
     av = require("av")
     check_decodable(segment.path, camera)
     want = np.asarray(timestamps, dtype=np.float64) + segment.start
@@ -118,6 +119,8 @@ def decode_segment(segment: VideoSegment, timestamps: Sequence[float], camera: s
                 img = None
                 while k < len(order) and abs(want[order[k]] - ts) <= tolerance_s:
                     if img is None:
+                        if frame_shape is not None and (frame.height, frame.width, 3) not in frame_shape.accepts:
+                            raise _wrong_size(segment.path, camera, episode, frame_shape, frame.height, frame.width)
                         img = frame.to_ndarray(format="rgb24")
                         img = transform(img) if transform else img
                     out[order[k]] = img
@@ -131,6 +134,15 @@ def decode_segment(segment: VideoSegment, timestamps: Sequence[float], camera: s
     if missing:
         raise _missing_frames(segment.path, camera, episode, want, missing, last_seen, declared_end, tolerance_s)
     return np.stack(out)  # type: ignore[arg-type]
+
+
+def _wrong_size(path: Path, camera: str, episode: int, declared: FrameShape, height: int,
+                width: int) -> LeRobotDatasetError:
+    return LeRobotDatasetError(
+        f"episode {episode}, camera {camera!r}: {path} decodes to {height}x{width}x3 frames (height x width x RGB "
+        f"channels) but meta/info.json declares shape {list(declared.declared)} (names {repr(declared.names)[:80]}) "
+        "for this camera; the video was re-encoded or replaced, or the metadata is wrong: re-download the video, or "
+        f"correct features[{camera!r}].shape in meta/info.json")
 
 
 def _past_the_end(segment: VideoSegment, camera: str, episode: int, first: float,
