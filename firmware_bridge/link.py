@@ -74,6 +74,12 @@ ACK_MEMORY = 1024  # answers kept for ack_result()
 # How far (in firmware sequence numbers) a frame may arrive behind the newest one of another stream: an urgent CAN
 # FAULT overtakes what sits in the controller's TX queue (its 4 KiB buffer holds fewer than 300 frames).
 REORDER_LIMIT = 512
+# How much faster than this host's clock the firmware's clock may run, for judging a STATE's firmware time "from the
+# future" (not our controller's). 5%, far above the crystal tolerance the clock estimate assumes (FirmwareClock): a
+# port clocked from its MCU's internal RC oscillator (+-1% trimmed, a few % over temperature) must never have its own
+# STATEs refused (that would stop the robot); a frame of another boot or controller is minutes to days ahead.
+FIRMWARE_CLOCK_FAST = 0.05
+FIRMWARE_TIME_SLACK_US = 500_000  # and this much on top (rounding, a firmware timer's granularity, a slow HELLO)
 
 
 class FirmwareClock:
@@ -136,6 +142,15 @@ class Link(Controller):
         self._acks: OrderedDict[int, Ack] = OrderedDict()
         self._stale_run = 0
         self._wrong_joint_frames = 0  # STATE / SAFETY_CONFIG frames dropped for a joint count other than caps'
+        # Our controller's firmware time, which STATE frames of another controller or a replay do not follow (see
+        # _state_time): no STATE of ours is older than the newest one taken (STATE.time_us never goes back), and none
+        # is further ahead of the SAFETY_CONFIG answering hello() than host time since the HELLO went out allows.
+        self._state_time_floor_us: int | None = None
+        self._time_anchor: tuple[int, float] | None = None  # (that SAFETY_CONFIG's time_us, when the HELLO went out)
+        self._hello_sent = 0.0
+        self._hello_safety: tuple[int, int] | None = None  # (seq, time_us) of the last SAFETY_CONFIG in hello()
+        self._future_states = 0  # STATE frames dropped for a firmware time our controller cannot have reached
+        self._bad_capabilities = ""  # why the last malformed CAPABILITIES during hello() was dropped
         self._decoders: dict[int, framing.StreamDecoder] = {}
         self._sent_at: OrderedDict[int, float] = OrderedDict()
         self._inbox: deque[Message] = deque(maxlen=inbox_size)
@@ -188,7 +203,10 @@ class Link(Controller):
         self._hello_pending = True
         self._session = None
         self.firmware_clock.reset()
+        self._state_time_floor_us = self._time_anchor = self._hello_safety = None  # its clock may have restarted
+        self._bad_capabilities = ""
         try:
+            self._hello_sent = time.monotonic()  # before the HELLO: the firmware's answer is stamped after it
             seq = self._awaiting_session = self._send(Hello(), expect_reply=False)
             self._sent_since_hello = 0
             deadline = time.monotonic() + timeout
@@ -214,6 +232,11 @@ class Link(Controller):
                             f"firmware on {self.transport.description} refused HELLO ({msg.reason}); it does not "
                             f"speak protocol {PROTOCOL_MAJOR}.x: update the firmware or use a matching host version")
                 if time.monotonic() >= deadline:
+                    if caps is None and self._bad_capabilities:  # it answered, with a frame no firmware should send
+                        raise IncompatibleProtocolError(
+                            f"firmware on {self.transport.description} answered HELLO with a malformed CAPABILITIES "
+                            f"({self._bad_capabilities}), dropped: its joint table and the frame disagree. Fix the "
+                            "firmware (PROTOCOL.md, CAPABILITIES: 16 + 32 bytes per joint, at most 16 joints)")
                     what = ("HELLO" if caps is None else "SAFETY_CONFIG after CAPABILITIES" if caps.safety is None
                             else "SESSION after SAFETY_CONFIG")
                     raise LinkTimeoutError(self._no_answer(what, timeout))
@@ -361,6 +384,11 @@ class Link(Controller):
                 f"{caps.protocol_minor}, this host needs {PROTOCOL_MAJOR}.{MIN_FIRMWARE_MINOR} or a newer "
                 f"{PROTOCOL_MAJOR}.x (1.0 firmware clears latched faults on ARM; 1.1 firmware re-arms on a replayed "
                 "session start): flash a matching firmware or install a matching edge-vla")
+        if caps.joint_count == 0:  # every safety check is over joints: over none, each would hold vacuously
+            raise IncompatibleProtocolError(
+                f"firmware on {self.transport.description}: the controller declares 0 joints, so there is nothing to "
+                "drive and nothing its safety limits could check; refused before any motion. Fix the firmware's joint "
+                "table (the joint count its port passes to fw_init)")
         self.capabilities = caps
         log.info("firmware %s, protocol %d.%d, %d joints (%s)", ".".join(map(str, caps.firmware_version)),
                  caps.protocol_major, caps.protocol_minor, caps.joint_count, ", ".join(caps.joint_names))
@@ -471,8 +499,10 @@ class Link(Controller):
         self.stats.reads_at_budget = self.transport.reads_at_budget
 
     def _decode(self, block: bytes, now: float, stream: int = 0) -> Message | None:
+        raw_type: int | None = None
         try:
             raw = framing.decode_raw(block)
+            raw_type = raw.type
             if raw.version != PROTOCOL_MAJOR and raw.type == MsgType.CAPABILITIES and len(raw.payload) >= 2:
                 foreign = (f"firmware on {self.transport.description} speaks protocol {raw.payload[0]}.{raw.payload[1]}, "
                            f"this host speaks {PROTOCOL_MAJOR}.{PROTOCOL_MINOR}")
@@ -490,15 +520,22 @@ class Link(Controller):
             kind = {"crc": "crc_errors", "framing": "framing_errors"}.get(exc.kind, "bad_messages")
             setattr(self.stats, kind, getattr(self.stats, kind) + 1)
             log.debug("dropped frame from %s: %s", self.transport.description, exc)
+            if self._hello_pending and raw_type == MsgType.CAPABILITIES:
+                self._bad_capabilities = str(exc)
             return None
         if self._hello_pending and isinstance(msg, Capabilities):  # a new session: every stream starts again
             self._last_rx_seq.clear()
             self._newest_rx_seq = None
-        verdict = self._window(raw.seq, stream)
+        verdict = self._state_time(msg, now) if isinstance(msg, State) else "new"
+        if verdict == "future":
+            self.stats.bad_messages += 1
+            return None
+        if verdict == "new":
+            verdict = self._window(raw.seq, stream)
         if verdict == "duplicate":
             self.stats.duplicates += 1
             return None
-        if verdict == "stale":
+        if verdict in ("stale", "old"):
             self.stats.stale += 1
             self._stale_run += 1
             if self._stale_run == 64:
@@ -529,6 +566,30 @@ class Link(Controller):
                 return "duplicate"  # the same number on another stream
             if REORDER_LIMIT < behind < 0x8000:
                 return "stale"
+        return "new"
+
+    def _state_time(self, msg: State, now: float) -> str:
+        """'new', 'old' or 'future': whether a STATE's firmware time is one our controller can have sent, judged
+        before its sequence number enters the window and its time the clock estimate. A STATE carries no session, so
+        this is what tells a STATE of another controller (a second one on the port/node) or a replay (of an earlier
+        session, numbered "ahead" once the firmware's u16 numbering came round) from ours: taken, one numbered ahead
+        made all our later frames stale (`latest_state` froze), and one from the future pulled the clock estimate.
+        'old': older than a STATE already taken (counted as stale, like a replay by number). 'future': further ahead
+        of hello()'s SAFETY_CONFIG than host time since the HELLO allows (counted in bad_messages)."""
+        t_us = msg.firmware_time_us
+        if self._state_time_floor_us is not None and t_us < self._state_time_floor_us:
+            return "old"
+        if self._time_anchor is not None:
+            anchor_us, hello_sent = self._time_anchor
+            ahead_s = (t_us - anchor_us - FIRMWARE_TIME_SLACK_US) / 1e6 - (now - hello_sent) * (1 + FIRMWARE_CLOCK_FAST)
+            if ahead_s > 0:
+                self._future_states += 1
+                level = logging.WARNING if self._future_states % 1000 == 1 else logging.DEBUG
+                log.log(level, "dropped a STATE from %s whose firmware time is %.3f s ahead of what the controller "
+                        "answering hello() can have reached (%d such frames so far): a frame of another controller "
+                        "or of another boot; check that only one controller answers on this port/node",
+                        self.transport.description, ahead_s, self._future_states)
+                return "future"
         return "new"
 
     def _count_drops(self, seq: int) -> None:
@@ -574,15 +635,24 @@ class Link(Controller):
 
     def _on_message(self, msg: Message, now: float, seq: int) -> None:
         if isinstance(msg, State):
+            self._state_time_floor_us = msg.firmware_time_us  # not older than the floor: _state_time checked it
             fw_t = msg.firmware_time_us / 1e6
             self._latest = JointState(msg.positions, msg.velocities, msg.efforts, msg.fault_bits, msg.mode, fw_t,
                                       now, msg.ack_seq, self.firmware_clock.observe(fw_t, now), msg.status, seq)
             self._rtt(msg.ack_seq, now)
         elif isinstance(msg, SafetyConfig):
             self.firmware_clock.observe(msg.firmware_time_us / 1e6, now)
+            if self._awaiting_session is not None:
+                self._hello_safety = (seq, msg.firmware_time_us)
         elif isinstance(msg, Session):
             if self._awaiting_session is not None and msg.hello_seq == self._awaiting_session:
                 self._session = msg.session or None
+                # The SAFETY_CONFIG numbered just before it answers the same HELLO (the firmware sends CAPABILITIES,
+                # SAFETY_CONFIG and SESSION back to back), so it was stamped after the HELLO went out: our
+                # controller's STATEs are judged from it (_state_time). An older one (another node's HELLO) is not.
+                if self._hello_safety is not None and (seq - self._hello_safety[0]) & 0xFFFF == 1:
+                    self._state_time_floor_us = self._hello_safety[1]
+                    self._time_anchor = (self._hello_safety[1], self._hello_sent)
             elif self._session is not None:  # the answer to someone else's HELLO: that session replaced ours
                 self._session = None
                 log.warning("the firmware on %s started a session for a HELLO this host did not send (another node on "
@@ -642,6 +712,7 @@ class Link(Controller):
         self._backoff = self._backoff0
         self._last_rx_seq.clear()
         self._newest_rx_seq = None
+        self._state_time_floor_us = self._time_anchor = None
         self._session = None  # the firmware may have rebooted: a new HELLO (and its session) first
         for d in self._decoders.values():
             d.reset()

@@ -522,6 +522,9 @@ static void handle_frame(fw_t *fw, uint8_t version, uint8_t type, uint16_t seq, 
     case FW_MSG_ARM:
         if (len != 0 && len != 4) break;
         if (!session_ok(fw, seq, type, p, len)) return; /* first: a foreign frame learns nothing of our state */
+        /* no joints configured (fw_init with 0: a port's mistake): every check below is over joints, so each would
+         * hold vacuously; there is nothing to arm */
+        if (fw->n_joints == 0u) { send_ack(fw, FW_MSG_NACK, seq, type, FW_NACK_BAD_JOINT_COUNT); return; }
         if (fw->mode == FW_MODE_STOPPING) { send_ack(fw, FW_MSG_NACK, seq, type, FW_NACK_BUSY); return; }
         /* arming never clears a fault: that is CLEAR_FAULTS, an explicit operator act */
         if (fw->faults & FW_TRIP_FAULTS) { send_ack(fw, FW_MSG_NACK, seq, type, FW_NACK_FAULTS_LATCHED); return; }
