@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_vla.files import read_bounded
 from edge_vla.optional import require
 
 from .errors import LeRobotDatasetError
@@ -359,19 +360,26 @@ def _parse_json(text: bytes, where: str) -> Any:
                                   "dataset") from None
 
 
+# Metadata is read whole, so with a bound: a multi-GB (even sparse) file was read into memory before any check.
+# Far above real datasets' (LeRobot's largest hub datasets: info.json a few KB, episodes_stats.jsonl tens of MB).
+MAX_META_JSON_BYTES = 64 * 1024 * 1024
+MAX_META_JSONL_BYTES = 512 * 1024 * 1024
+
+
+def _read_meta_bytes(path: Path, max_bytes: int) -> bytes:
+    return read_bounded(path, max_bytes, "LeRobot metadata file", LeRobotDatasetError,
+                        fix="re-download or re-write the dataset")
+
+
 def _read_json(path: Path) -> Any:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise LeRobotDatasetError(f"{path} is not readable JSON ({exc}); re-download or re-write the dataset") from exc
-    return _parse_json(raw, str(path))
+    return _parse_json(_read_meta_bytes(path, MAX_META_JSON_BYTES), str(path))
 
 
 def _read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     if not path.is_file():
         raise LeRobotDatasetError(f"{path} is missing; a v2.1 dataset needs meta/episodes.jsonl and meta/tasks.jsonl")
     rows = []
-    for n, line in enumerate(path.read_bytes().splitlines(), 1):
+    for n, line in enumerate(_read_meta_bytes(path, MAX_META_JSONL_BYTES).splitlines(), 1):
         if line.strip():
             row = _parse_json(line, f"{path} line {n}")
             if not isinstance(row, dict):
