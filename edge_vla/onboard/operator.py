@@ -356,29 +356,35 @@ class ControlSocketServer:
         removed it as stale. So: bind a temporary name in the same directory, listen, and link the path to it;
         link() fails where something appeared at the path meanwhile (another start), which is refused."""
         temp = self.path.parent / f".{os.getpid()}-{threading.get_ident() % 10000}"
+        bound = self._bind(sock, temp)
+        try:
+            os.chmod(bound, self.mode)
+            sock.listen(_LISTEN_BACKLOG)
+            if bound == temp:
+                try:
+                    os.link(temp, self.path)
+                except FileExistsError:
+                    raise OperatorError(f"another edge-vla is serving {self.path}; stop it first (one robot, one "
+                                        "loop)") from None
+        finally:
+            if bound == temp:
+                temp.unlink(missing_ok=True)
+
+    def _bind(self, sock: socket.socket, temp: Path) -> Path:
+        """Bind `temp`, or the path itself where only the temporary name is too long for AF_UNIX (107 bytes; the
+        path then appears a moment before the socket listens, as it always did). Returns what was bound."""
         old = os.umask(0o777 & ~self.mode)  # never a moment with wider permissions than `mode`
         try:
             try:
                 sock.bind(str(temp))
+                return temp
             except OSError as exc:
-                if exc.errno is not None:  # errno None: "AF_UNIX path too long" for the temporary name alone
+                if exc.errno is not None:  # errno None: "AF_UNIX path too long"
                     raise
-                sock.bind(str(self.path))  # as before: the path appears a moment before the socket listens
-                os.chmod(self.path, self.mode)
-                sock.listen(_LISTEN_BACKLOG)
-                return
+            sock.bind(str(self.path))
+            return self.path
         finally:
             os.umask(old)
-        try:
-            os.chmod(temp, self.mode)
-            sock.listen(_LISTEN_BACKLOG)
-            try:
-                os.link(temp, self.path)
-            except FileExistsError:
-                raise OperatorError(f"another edge-vla is serving {self.path}; stop it first (one robot, one "
-                                    "loop)") from None
-        finally:
-            temp.unlink(missing_ok=True)
 
     def _remove_stale_socket(self) -> None:
         """Clear the path for bind(): remove a socket nobody answers on (left by a process that died); refuse
